@@ -1,0 +1,3 @@
+"""mpisplit: split learning (SplitNN) across MPI ranks."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from mpisplit.cli import main
+
+sys.exit(main())

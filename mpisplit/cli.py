@@ -1,0 +1,101 @@
+"""Command line: ``mpisplit train | topology | data prepare``.
+
+The entry point only parses, builds, runs and closes. Input errors (config, data, world size)
+are found before any MPI traffic: every rank finds the same error, rank 0 prints it, and every
+rank exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mpisplit.config import ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpisplit", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train (run under mpiexec -n N)")
+    _config_arguments(train)
+    train.set_defaults(handler=_train)
+
+    topology = commands.add_parser("topology", help="print the rank → role table")
+    _config_arguments(topology)
+    topology.add_argument("--ntasks", action="store_true",
+                          help="print only the number of MPI ranks the config needs")
+    topology.set_defaults(handler=_topology)
+
+    data = commands.add_parser("data", help="dataset tools")
+    data_commands = data.add_subparsers(required=True, metavar="ACTION")
+    prepare = data_commands.add_parser("prepare", help="build a sharded HDF5 dataset")
+    from mpisplit.prepare import add_prepare_arguments
+
+    add_prepare_arguments(prepare)
+    prepare.set_defaults(handler=_prepare)
+    return parser
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override config values (same validation as the file)")
+
+
+def _bad_input(err: Exception, rank: int = 0) -> int:
+    if rank == 0:
+        print(f"mpisplit: {err}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mpi4py import MPI
+
+    from mpisplit import engine
+    from mpisplit.data import DataError
+    from mpisplit.failure import abort_on_failure
+
+    comm = MPI.COMM_WORLD
+    try:
+        run = engine.prepare(load_config(args.config, args.overrides), comm.Get_size())
+    except (ConfigError, DataError) as err:
+        return _bad_input(err, comm.Get_rank())
+    label = run.topology.of(comm.Get_rank()).label
+    abort_on_failure(comm, label, lambda: engine.train(run, comm))
+    return 0
+
+
+def _topology(args: argparse.Namespace) -> int:
+    from mpisplit.topology import plan
+
+    try:
+        topology = plan(load_config(args.config, args.overrides))
+    except ConfigError as err:
+        return _bad_input(err)
+    print(topology.world_size if args.ntasks else topology.table())
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from mpisplit.prepare import prepare_dataset, spec_from_args
+
+    try:
+        path = prepare_dataset(spec_from_args(args))
+    except ValueError as err:
+        return _bad_input(err)
+    print(f"prepared {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

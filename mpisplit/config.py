@@ -1,0 +1,262 @@
+"""Run configuration: YAML → frozen, typed, validated dataclasses.
+
+The YAML file is the single source of truth for a run. Every key is declared here with a
+one-line docstring; unknown keys, wrong types and impossible values are rejected with a
+``ConfigError`` that names the key and says how to fix it, before any MPI traffic happens.
+Command-line overrides (``section.key=value``) go through exactly the same path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix."""
+
+
+SchemeName = Literal[
+    "vanilla", "ushaped", "vertical", "multitask", "multihop", "splitfed", "spatiotemporal",
+    "centralized", "fedavg", "syncsgd",
+]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SchemeConfig:
+    name: SchemeName = "vanilla"
+    """Which split-learning configuration (or baseline) to run."""
+    clients: int = 1
+    """Number of data-holding client ranks."""
+    client_order: Literal["sequential", "parallel"] = "parallel"
+    """sequential: round-robin with weight hand-over; parallel: all clients at once."""
+    turn_steps: int = 0
+    """Sequential mode: batches per client turn (0 = one pass over the client's shard)."""
+
+    def __post_init__(self) -> None:
+        _require(self.clients >= 1, "scheme.clients", f"must be >= 1, got {self.clients}")
+        _require(self.turn_steps >= 0, "scheme.turn_steps", "must be >= 0 (0 = one epoch)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    name: str = "mlp"
+    """Model in the zoo (see ``mpisplit.models.ZOO``)."""
+    cuts: tuple[str | int, ...] = ("fc2",)
+    """Layer names or indices where the model is cut; segment i ends before cut i."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the zoo builder (e.g. hidden sizes); checked against its signature."""
+    seed: int = 0
+    """Seed of the initial weights (each layer is seeded on its own, so parts built on
+    different ranks equal the whole model built in one process)."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.cuts) >= 1, "model.cuts", "needs at least one cut layer")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    path: str = "data/breast_cancer-3c"
+    """Directory made by ``mpisplit data prepare``."""
+    batch_size: int = 32
+    """Samples per batch on each client."""
+    prefetch: int = 2
+    """Batches read ahead from HDF5 on a background thread (0 = read inline)."""
+    shuffle: bool = True
+    """Block-shuffle each epoch (deterministic by train.seed and epoch)."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.prefetch >= 0, "data.prefetch", f"must be >= 0, got {self.prefetch}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    epochs: int = 1
+    """Passes over each client's shard."""
+    max_steps: int = 0
+    """Stop each client after this many steps (0 = no limit)."""
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    """Optimizer of every model part."""
+    lr: float = 0.05
+    """Learning rate."""
+    momentum: float = 0.0
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    """L2 penalty / decoupled weight decay."""
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    """Learning-rate schedule, stepped once per optimizer step."""
+    step_size: int = 100
+    """``step`` schedule: steps between decays."""
+    gamma: float = 0.5
+    """``step`` schedule: decay factor."""
+    seed: int = 0
+    """Seed of data order and any randomness in training."""
+    eval_every: int = 0
+    """Evaluate on the held-out test data every N client steps (0 = only at the end)."""
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _require(self.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(self.momentum >= 0, "train.momentum", f"must be >= 0, got {self.momentum}")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _require(self.step_size >= 1, "train.step_size", "must be >= 1")
+        _require(0 < self.gamma <= 1, "train.gamma", f"must be in (0, 1], got {self.gamma}")
+        _require(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = only at the end)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TransportConfig:
+    timeout_s: float = 120.0
+    """A rank waiting longer than this for a peer aborts the whole job, naming the peer."""
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    """Where model parts run; auto = cuda when available."""
+
+    def __post_init__(self) -> None:
+        _require(self.timeout_s > 0, "transport.timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: resolved config, per-rank metrics, summary."""
+    log_every: int = 10
+    """Steps between progress lines and metric records."""
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"
+    """Rank 0's progress display: auto = a bar on a terminal, plain lines otherwise."""
+
+    def __post_init__(self) -> None:
+        _require(self.log_every >= 1, "run.log_every", f"must be >= 1, got {self.log_every}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    scheme: SchemeConfig = field(default_factory=SchemeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form, written as the run's resolved config."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Reads a YAML config, applies ``section.key=value`` overrides, validates everything."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Returns a copy of ``data`` with each ``section.key=value`` (value parsed as YAML) set."""
+    result = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not section or not name:
+            raise ConfigError(f"override '{item}': expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        target = result.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"override '{item}': section '{section}' is not a mapping")
+        target[name] = value
+    return result
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key (valid keys in {where}: {', '.join(fields)})"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Checks ``value`` against a type hint, converting lists to tuples and ints to floats."""
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in get_args(hint):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (item_hint, _ellipsis) = get_args(hint)
+        return tuple(_coerce(item_hint, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in get_args(hint))
+    return getattr(hint, "__name__", str(hint))

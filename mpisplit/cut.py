@@ -1,0 +1,56 @@
+"""The cut-layer exchange wired into autograd, so training code holds no hand-written comm.
+
+Below the cut, ``send_forward(h, ...)`` ships the activation and returns an *anchor*: calling
+``anchor.backward()`` receives the gradient at the cut and continues back-propagation through
+the local layers. Above the cut, ``recv_forward(...)`` returns the activation as a leaf that
+requires grad; when back-propagation reaches it, its gradient is sent back to the sender.
+Chaining the two gives U-shaped and multi-hop schemes with the same two calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, Transport
+
+
+class _SendActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, activation: torch.Tensor, transport: Transport, dest: int,
+                step: int) -> torch.Tensor:
+        transport.send(activation, dest, Kind.ACTIVATION, step=step)
+        ctx.transport, ctx.dest, ctx.device = transport, dest, activation.device
+        return activation.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _anchor_grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        gradient = ctx.transport.recv(Kind.GRADIENT, ctx.dest).tensor
+        return gradient.to(ctx.device, non_blocking=True), None, None, None
+
+
+def send_forward(activation: torch.Tensor, transport: Transport, dest: int,
+                 step: int = 0) -> torch.Tensor:
+    """Sends the cut activation; ``.backward()`` on the result pulls the cut gradient."""
+    return _SendActivation.apply(activation, transport, dest, step)
+
+
+def recv_forward(transport: Transport, source: int = ANY_SOURCE, *,
+                 device: torch.device | None = None, train: bool = True,
+                 kind: Kind = Kind.ACTIVATION) -> tuple[torch.Tensor, Message]:
+    """Receives a cut activation; in training its gradient goes back to its sender."""
+    message = transport.recv(kind, source)
+    activation = message.tensor.to(device) if device is not None else message.tensor
+    if train and not message.flags & Flag.EVAL:
+        activation.requires_grad_(True)
+        sender, step = message.source, message.step
+        activation.register_hook(
+            lambda grad: transport.send(grad, sender, Kind.GRADIENT, step=step)
+        )
+    return activation, message
+
+
+def send_eval(activation: torch.Tensor, transport: Transport, dest: int, step: int = 0) -> None:
+    """Forward-only traffic (evaluation): no gradient comes back."""
+    transport.send(activation.detach(), dest, Kind.ACTIVATION, step=step, flags=Flag.EVAL)

@@ -1,0 +1,215 @@
+"""Builds a run from a validated config and runs this rank's part of the scheme.
+
+``prepare`` does every check that can fail (topology vs world size, dataset, model, cuts)
+without any MPI traffic, so bad input ends every rank with the same clear error. ``train``
+then sets up the run directory, transport, tracing and metrics, hands a ``RankContext`` to the
+scheme, and assembles ``summary.json`` on rank 0 from what every rank reports.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mpisplit import schemes
+from mpisplit.config import Config, ConfigError
+from mpisplit.data import read_meta, shard_path
+from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan, segment_bounds
+from mpisplit.runlog import MetricsLog, setup_logging, write_resolved_config, write_summary
+from mpisplit.segment import Segment
+from mpisplit.topology import Placement, Topology, check_world_size, plan
+from mpisplit.tracing import Tracer
+from mpisplit.transport import Transport
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything derived from the config before any rank talks to another."""
+
+    config: Config
+    topology: Topology
+    meta: dict[str, Any]
+    layers: LayerPlan
+    bounds: list[tuple[int, int]]
+
+
+def prepare(cfg: Config, world_size: int) -> RunPlan:
+    scheme = schemes.get(cfg.scheme.name)
+    topology = plan(cfg)
+    check_world_size(topology, world_size)
+    meta = read_meta(Path(cfg.data.path))
+    if meta["clients"] != cfg.scheme.clients:
+        raise ConfigError(
+            f"scheme.clients: {cfg.scheme.clients} clients, but {cfg.data.path} was prepared "
+            f"for {meta['clients']} (re-run mpisplit data prepare --clients "
+            f"{cfg.scheme.clients}, or set scheme.clients={meta['clients']})"
+        )
+    layers = layer_plan(cfg.model, meta["feature_shape"], meta["num_classes"])
+    cuts = cut_indices(layers, cfg.model.cuts)
+    if len(cuts) != scheme.CUTS:
+        raise ConfigError(
+            f"model.cuts: scheme {cfg.scheme.name} needs exactly {scheme.CUTS} cut(s), "
+            f"got {len(cuts)}"
+        )
+    return RunPlan(cfg, topology, meta, layers, segment_bounds(len(layers), cuts))
+
+
+@dataclass
+class EvalResult:
+    step: int
+    client: int
+    loss: float
+    accuracy: float
+    count: int
+
+
+@dataclass
+class RankResult:
+    """What a scheme reports for this rank; rank 0 merges them into the summary."""
+
+    steps: int = 0
+    samples: int = 0
+    final_evals: list[EvalResult] = field(default_factory=list)
+
+
+@dataclass
+class RankContext:
+    """This rank's view of the run, handed to the scheme."""
+
+    run: RunPlan
+    me: Placement
+    comm: MPI.Comm
+    transport: Transport
+    tracer: Tracer
+    metrics: MetricsLog
+    run_dir: Path
+    device: torch.device
+
+    @property
+    def config(self) -> Config:
+        return self.run.config
+
+    @property
+    def topology(self) -> Topology:
+        return self.run.topology
+
+    def build_segment(self, index: int, total_steps: int) -> Segment:
+        start, stop = self.run.bounds[index]
+        module = build_layers(self.run.layers, start, stop, self.config.model.seed)
+        return Segment.create(module.to(self.device), self.config.train, total_steps)
+
+    def shard(self, kind: str, index: int | None = None, *, test: bool = False) -> Path:
+        return shard_path(Path(self.config.data.path), kind, index, test=test)
+
+
+def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
+    """Runs this rank's role; returns the summary on rank 0 (None elsewhere)."""
+    cfg = run.config
+    me = run.topology.of(comm.Get_rank())
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    logger = setup_logging(me.rank, me.label)
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if me.rank == 0:
+        write_resolved_config(run_dir, cfg.to_dict())
+    scheme = schemes.get(cfg.scheme.name)
+    tracer = Tracer(me.rank, me.label, enabled=False)
+    transport = Transport(
+        comm, roles=[p.role.value for p in run.topology.placements],
+        timeout_s=cfg.transport.timeout_s, tracer=tracer, allowed=scheme.ALLOWED,
+    )
+    header = {"rank": me.rank, "role": me.label, "host": socket.gethostname(),
+              "node": os.environ.get("MPISPLIT_NODE", socket.gethostname())}
+    metrics = MetricsLog(run_dir, me.rank, header, flush_every=cfg.run.log_every)
+    ctx = RankContext(run, me, comm, transport, tracer, metrics, run_dir, _device(cfg))
+    start = time.perf_counter()
+    try:
+        result = scheme.run(ctx)
+        wall = time.perf_counter() - start
+        metrics.write({"event": "end", "steps": result.steps, "wall_s": wall,
+                       "bytes_sent": transport.traffic.total_sent,
+                       "bytes_received": transport.traffic.total_received})
+        summary = _summarize(ctx, result, wall, header["node"])
+        if summary is not None:
+            write_summary(run_dir, summary)
+            _log_final(logger, summary)
+        return summary
+    finally:
+        metrics.close()
+        tracer.write(run_dir)
+        transport.close()
+
+
+def _device(cfg: Config) -> torch.device:
+    wanted = cfg.transport.device
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(wanted)
+
+
+_NODE_BYTES = 64
+
+
+def _summarize(ctx: RankContext, result: RankResult, wall: float, node: str) -> dict[str, Any] | None:
+    """Gathers every rank's counters and final evaluations (raw buffers) onto rank 0."""
+    comm, traffic = ctx.comm, ctx.transport.traffic
+    size, root = comm.Get_size(), 0
+    counters = np.array([result.steps, result.samples, traffic.total_sent,
+                         traffic.total_received, wall], np.float64)
+    all_counters = np.zeros((size, counters.size), np.float64) if ctx.me.rank == root else None
+    comm.Gather(counters, all_counters, root)
+    name = np.zeros(_NODE_BYTES, np.uint8)
+    encoded = node.encode()[:_NODE_BYTES]
+    name[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    all_names = np.zeros((size, _NODE_BYTES), np.uint8) if ctx.me.rank == root else None
+    comm.Gather(name, all_names, root)
+    rows = np.array([[e.step, e.client, e.loss, e.accuracy, e.count] for e in result.final_evals],
+                    np.float64).reshape(-1, 5)
+    counts = np.zeros(size, np.int64) if ctx.me.rank == root else None
+    comm.Gather(np.array([rows.size], np.int64), counts, root)
+    gathered = np.zeros(int(counts.sum()) if counts is not None else 0, np.float64)
+    comm.Gatherv(rows.reshape(-1), [gathered, counts] if ctx.me.rank == root else None, root)
+    if ctx.me.rank != root:
+        return None
+    evals = gathered.reshape(-1, 5)
+    total = evals[:, 4].sum()
+    cfg = ctx.config
+    samples = int(all_counters[:, 1].sum())
+    return {
+        "scheme": cfg.scheme.name,
+        "client_order": cfg.scheme.client_order,
+        "world_size": size,
+        "roles": [p.label for p in ctx.topology.placements],
+        "nodes": [bytes(n).rstrip(b"\0").decode() for n in all_names],
+        "steps": int(all_counters[:, 0].max()),
+        "steps_per_rank": [int(s) for s in all_counters[:, 0]],
+        "train_samples": samples,
+        "wall_time_s": round(wall, 4),
+        "samples_per_s": round(samples / max(wall, 1e-9), 2),
+        "test_accuracy": float((evals[:, 3] * evals[:, 4]).sum() / total) if total else None,
+        "test_loss": float((evals[:, 2] * evals[:, 4]).sum() / total) if total else None,
+        "test_by_client": [
+            {"client": int(c), "step": int(s), "loss": float(loss), "accuracy": float(a),
+             "samples": int(n)} for s, c, loss, a, n in evals
+        ],
+        "bytes_sent_per_rank": [int(b) for b in all_counters[:, 2]],
+        "bytes_received_per_rank": [int(b) for b in all_counters[:, 3]],
+    }
+
+
+def _log_final(logger: Any, summary: dict[str, Any]) -> None:
+    acc = summary["test_accuracy"]
+    logger.info(
+        "done: %d steps in %.2f s (%.1f samples/s); test accuracy %s, test loss %s",
+        summary["steps"], summary["wall_time_s"], summary["samples_per_s"],
+        "n/a" if acc is None else f"{acc:.4f}",
+        "n/a" if summary["test_loss"] is None else f"{summary['test_loss']:.4f}",
+    )

@@ -1,0 +1,40 @@
+"""A failure on any rank ends the whole job quickly, with one clear message.
+
+Expected errors (bad config or data, a stalled peer, a forbidden send) print one line naming
+rank, host, role and cause; anything else prints its traceback first. Then the rank calls
+``Abort`` on the job's communicator, which takes every other rank down with it: nobody is
+left blocked in MPI waiting for a peer that will never answer.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+from mpi4py import MPI
+
+from mpisplit.config import ConfigError
+from mpisplit.data import DataError
+from mpisplit.transport import PeerTimeout, PolicyViolation
+
+T = TypeVar("T")
+EXPECTED = (ConfigError, DataError, PeerTimeout, PolicyViolation)
+EXIT_FAILURE = 3
+
+
+def abort_on_failure(comm: MPI.Comm, label: str, body: Callable[[], T]) -> T:
+    """Runs ``body``; on any exception reports it and aborts the job with exit status 3."""
+    try:
+        return body()
+    except BaseException as err:  # noqa: BLE001 - every failure must end the whole job
+        if not isinstance(err, EXPECTED):
+            traceback.print_exc()
+        rank = comm.Get_rank()
+        cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        print(f"mpisplit: rank {rank} ({label}) on {socket.gethostname()} failed: {cause}",
+              file=sys.stderr, flush=True)
+        comm.Abort(EXIT_FAILURE)
+        raise  # unreachable after Abort; keeps type checkers honest

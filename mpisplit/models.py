@@ -1,0 +1,173 @@
+"""Model zoo and cutting models into per-rank segments.
+
+A zoo entry returns a *layer plan*: an ordered list of ``(name, factory)`` pairs. Nothing is
+instantiated until a rank asks for its own segment, so the server never holds client weights
+and vice versa. Each layer is initialised under its own seed (model seed, layer index), which
+makes a segment built on one rank identical to the same layers of the whole model built in one
+process: the correctness oracle for every scheme.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from math import prod
+
+import torch
+from torch import nn
+
+from mpisplit.config import ConfigError, ModelConfig
+
+LayerPlan = list[tuple[str, Callable[[], nn.Module]]]
+
+
+def mlp(
+    *, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (64, 32),
+    dropout: float = 0.0,
+) -> LayerPlan:
+    """Fully connected network for tabular (EHR-like) records."""
+    plan: LayerPlan = []
+    width = prod(input_shape)
+    if len(input_shape) > 1:
+        plan.append(("flatten", nn.Flatten))
+    for i, size in enumerate(hidden, start=1):
+        plan.append((f"fc{i}", _factory(nn.Linear, width, size)))
+        plan.append((f"relu{i}", nn.ReLU))
+        if dropout > 0:
+            plan.append((f"dropout{i}", _factory(nn.Dropout, dropout)))
+        width = size
+    plan.append(("head", _factory(nn.Linear, width, num_classes)))
+    return plan
+
+
+def cnn(
+    *, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (16, 32),
+    hidden: int = 64,
+) -> LayerPlan:
+    """Small convolutional network for images (e.g. 8×8 digits)."""
+    in_channels, height, width = input_shape
+    plan: LayerPlan = []
+    for i, out_channels in enumerate(channels, start=1):
+        plan.append((f"conv{i}", _factory(nn.Conv2d, in_channels, out_channels, 3, padding=1)))
+        plan.append((f"relu{i}", nn.ReLU))
+        in_channels = out_channels
+    plan.append(("pool", _factory(nn.AdaptiveAvgPool2d, (max(height // 2, 1), max(width // 2, 1)))))
+    plan.append(("flatten", nn.Flatten))
+    features = in_channels * max(height // 2, 1) * max(width // 2, 1)
+    plan.append(("fc", _factory(nn.Linear, features, hidden)))
+    plan.append(("relu_fc", nn.ReLU))
+    plan.append(("head", _factory(nn.Linear, hidden, num_classes)))
+    return plan
+
+
+class ResidualBlock(nn.Module):
+    """Two 3×3 convolutions with an identity (or 1×1 projection) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        needs_projection = stride != 1 or in_channels != out_channels
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                          nn.BatchNorm2d(out_channels))
+            if needs_projection else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet(
+    *, input_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (16, 32, 64),
+    blocks_per_stage: int = 1,
+) -> LayerPlan:
+    """ResNet-style network for benchmarks; every residual block is a cuttable layer."""
+    in_channels = input_shape[0]
+    plan: LayerPlan = [
+        ("stem", _factory(nn.Conv2d, in_channels, widths[0], 3, padding=1, bias=False)),
+        ("stem_bn", _factory(nn.BatchNorm2d, widths[0])),
+        ("stem_relu", nn.ReLU),
+    ]
+    channels = widths[0]
+    for stage, width in enumerate(widths, start=1):
+        for block in range(1, blocks_per_stage + 1):
+            stride = 2 if stage > 1 and block == 1 else 1
+            plan.append((f"block{stage}_{block}", _factory(ResidualBlock, channels, width, stride)))
+            channels = width
+    plan.append(("pool", _factory(nn.AdaptiveAvgPool2d, 1)))
+    plan.append(("flatten", nn.Flatten))
+    plan.append(("head", _factory(nn.Linear, channels, num_classes)))
+    return plan
+
+
+ZOO: dict[str, Callable[..., LayerPlan]] = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
+
+
+def _factory(cls: Callable[..., nn.Module], *args: object, **kwargs: object) -> Callable[[], nn.Module]:
+    return lambda: cls(*args, **kwargs)
+
+
+def layer_plan(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> LayerPlan:
+    """The zoo plan for ``cfg``; unknown models and options are config errors."""
+    builder = ZOO.get(cfg.name)
+    if builder is None:
+        raise ConfigError(f"model.name: unknown model '{cfg.name}' (zoo: {', '.join(ZOO)})")
+    accepted = set(inspect.signature(builder).parameters) - {"input_shape", "num_classes"}
+    for key in cfg.options:
+        if key not in accepted:
+            raise ConfigError(
+                f"model.options.{key}: not an option of {cfg.name} "
+                f"(options: {', '.join(sorted(accepted))})"
+            )
+    try:
+        return builder(input_shape=tuple(input_shape), num_classes=num_classes, **cfg.options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.options: {cfg.name} rejected them: {err}") from None
+
+
+def cut_indices(plan: LayerPlan, cuts: Sequence[str | int], key: str = "model.cuts") -> list[int]:
+    """Resolves cut names or indices to strictly increasing layer indices in 1..len(plan)-1."""
+    names = [name for name, _ in plan]
+    indices = []
+    for i, cut in enumerate(cuts):
+        if isinstance(cut, str):
+            if cut not in names:
+                raise ConfigError(
+                    f"{key}[{i}]: '{cut}' is not a layer of this model (layers: {', '.join(names)})"
+                )
+            index = names.index(cut)
+        else:
+            index = cut
+        if not 1 <= index < len(plan):
+            raise ConfigError(
+                f"{key}[{i}]: cut {cut!r} leaves a segment empty; use a layer after "
+                f"'{names[0]}' (indices 1..{len(plan) - 1})"
+            )
+        if indices and index <= indices[-1]:
+            raise ConfigError(f"{key}[{i}]: cuts must be in increasing layer order")
+        indices.append(index)
+    return indices
+
+
+def segment_bounds(plan_length: int, cuts: Sequence[int]) -> list[tuple[int, int]]:
+    """Half-open layer ranges of the segments between cuts."""
+    edges = [0, *cuts, plan_length]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def build_layers(plan: LayerPlan, start: int, stop: int, seed: int) -> nn.Sequential:
+    """Instantiates layers ``start..stop-1`` of ``plan``, each under its own seed."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    for index in range(start, stop):
+        name, factory = plan[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1_000_003 + index)
+            layers[name] = factory()
+    return nn.Sequential(layers)

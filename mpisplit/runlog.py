@@ -1,0 +1,91 @@
+"""What a run leaves behind and shows: per-rank metrics, the summary, rank 0's progress."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+
+def setup_logging(rank: int, label: str) -> logging.Logger:
+    """One logger per process with a ``[rank R role]`` prefix; only rank 0 speaks at INFO."""
+    logger = logging.getLogger("mpisplit")
+    logger.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[rank {rank} {label}] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
+    return logger
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_resolved_config(run_dir: Path, config: dict[str, Any]) -> None:
+    write_atomically(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+class MetricsLog:
+    """``metrics-rank<R>.jsonl``: one JSON object per step or evaluation, buffered."""
+
+    def __init__(self, run_dir: Path, rank: int, header: dict[str, Any], flush_every: int) -> None:
+        self._file: TextIO = open(run_dir / f"metrics-rank{rank}.jsonl", "w")  # noqa: SIM115
+        self._flush_every = flush_every
+        self._pending = 0
+        self._start = time.perf_counter()
+        self.write({"event": "start", **header})
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps({"time": round(self.elapsed(), 6), **record}) + "\n")
+        self._pending += 1
+        if self._pending >= self._flush_every:
+            self._file.flush()
+            self._pending = 0
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Progress:
+    """Rank 0's display: a bar on a terminal, a plain line every ``every`` steps otherwise."""
+
+    def __init__(self, total: int, mode: str, every: int, logger: logging.Logger,
+                 stream: TextIO = sys.stderr) -> None:
+        self.total = max(total, 1)
+        self.every = every
+        self.logger = logger
+        self.stream = stream
+        self.mode = ("bar" if stream.isatty() else "lines") if mode == "auto" else mode
+        self._start = time.perf_counter()
+
+    def update(self, step: int, loss: float | None) -> None:
+        if self.mode == "none" or (step % self.every and step != self.total):
+            return
+        rate = step / max(time.perf_counter() - self._start, 1e-9)
+        loss_text = "" if loss is None else f" loss {loss:.4f}"
+        if self.mode == "bar":
+            filled = int(30 * step / self.total)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total}"
+                              f"{loss_text} {rate:.1f} steps/s")
+            if step >= self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        else:
+            self.logger.info("step %d/%d%s (%.1f steps/s)", step, self.total, loss_text, rate)

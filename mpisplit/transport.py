@@ -1,0 +1,234 @@
+"""Tensor transport over MPI: raw buffers, self-describing headers, deadlines, a send policy.
+
+Wire format. Every message starts with a 16-word int64 header (kind, dtype, shape, step,
+flags, payload size) sent on a dedicated header communicator, tagged with the message kind.
+Payloads up to ``INLINE_LIMIT`` bytes travel inside the header message (one message, one
+latency); larger payloads follow as one raw message on a second communicator, received
+straight into the destination tensor (no copy). Shapes and dtypes may change from message to
+message without pickling; nothing on this path is ever pickled.
+
+Deadlines. Every wait polls a nonblocking request or probe against a deadline, so a peer that
+stalls raises ``PeerTimeout`` naming it instead of hanging the job.
+
+Policy. A transport built with ``allowed`` refuses any (sender role, receiver role, kind) the
+scheme did not declare, so raw inputs or labels cannot leave a rank by accident.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from typing import TypeVar
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mpisplit.tracing import Tracer
+
+ANY_SOURCE = MPI.ANY_SOURCE
+HEADER_WORDS = 16
+HEADER_BYTES = HEADER_WORDS * 8
+MAX_DIMS = 8
+INLINE_LIMIT = 64 * 1024
+_MAGIC = 0x5EC7
+_SPIN_POLLS = 200
+_MAX_SLEEP_S = 1e-3
+
+T = TypeVar("T")
+
+
+class Kind(IntEnum):
+    """What a message carries; also its MPI tag. The privacy policy is written in kinds."""
+
+    ACTIVATION = 1
+    GRADIENT = 2
+    LABELS = 3
+    WEIGHTS = 4
+    CONTROL = 5
+
+
+class Flag(IntFlag):
+    NONE = 0
+    EVAL = 1
+    """Evaluation traffic: forward only, no gradient comes back."""
+    LAST = 2
+    """Marks the end of an evaluation pass (empty tensor)."""
+    DONE = 4
+    """The sender has finished all its steps (empty tensor)."""
+
+
+_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16,
+    torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool,
+)
+_DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
+
+
+class PeerTimeout(RuntimeError):
+    """A peer did not answer within the transport deadline."""
+
+
+class PolicyViolation(RuntimeError):
+    """A send the scheme does not allow (e.g. labels towards a server in U-shaped learning)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    tensor: torch.Tensor
+    source: int
+    kind: Kind
+    step: int
+    flags: Flag
+
+
+class Traffic:
+    """Messages and bytes (header included: what MPI really moves) per peer and kind."""
+
+    def __init__(self, size: int) -> None:
+        shape = (size, len(Kind) + 1)
+        self.sent_bytes = np.zeros(shape, np.int64)
+        self.recv_bytes = np.zeros(shape, np.int64)
+        self.sent_messages = np.zeros(shape, np.int64)
+        self.recv_messages = np.zeros(shape, np.int64)
+
+    @property
+    def total_sent(self) -> int:
+        return int(self.sent_bytes.sum())
+
+    @property
+    def total_received(self) -> int:
+        return int(self.recv_bytes.sum())
+
+
+class Transport:
+    """Point-to-point tensor messages among the ranks of one communicator."""
+
+    def __init__(
+        self,
+        comm: MPI.Comm,
+        *,
+        roles: Sequence[str],
+        timeout_s: float,
+        tracer: Tracer,
+        allowed: frozenset[tuple[str, str, Kind]] | None = None,
+    ) -> None:
+        self._headers = comm.Dup()
+        self._payloads = comm.Dup()
+        self.rank = comm.Get_rank()
+        self.roles = tuple(roles)
+        self.timeout_s = timeout_s
+        self.tracer = tracer
+        self.allowed = allowed
+        self.traffic = Traffic(comm.Get_size())
+        self._send_scratch = np.empty(HEADER_BYTES + INLINE_LIMIT, np.uint8)
+        self._recv_scratch = np.empty(HEADER_BYTES + INLINE_LIMIT, np.uint8)
+
+    def close(self) -> None:
+        self._headers.Free()
+        self._payloads.Free()
+
+    def send(self, tensor: torch.Tensor, dest: int, kind: Kind, *, step: int = 0,
+             flags: Flag = Flag.NONE) -> None:
+        """Sends ``tensor`` to ``dest``; returns once its buffer may be reused."""
+        self._check_policy(dest, kind)
+        payload = _host_bytes(tensor)
+        nbytes = payload.size
+        header = self._send_scratch[:HEADER_BYTES].view(np.int64)
+        header[:] = 0
+        header[:8] = (_MAGIC, kind, _DTYPE_CODE[tensor.dtype], tensor.dim(), flags, step, nbytes,
+                      int(nbytes <= INLINE_LIMIT))
+        header[8:8 + tensor.dim()] = tensor.shape
+        with self.tracer.span(f"send {kind.name.lower()}", "comm", peer=dest, bytes=nbytes,
+                              step=step, shape=list(tensor.shape)):
+            if nbytes <= INLINE_LIMIT:
+                self._send_scratch[HEADER_BYTES:HEADER_BYTES + nbytes] = payload
+                message = self._send_scratch[:HEADER_BYTES + nbytes]
+                self._wait_request(self._headers.Isend(message, dest, kind), dest, kind, "send")
+            else:
+                requests = [self._headers.Isend(self._send_scratch[:HEADER_BYTES], dest, kind),
+                            self._payloads.Isend(payload, dest, kind)]
+                self._wait_request(requests, dest, kind, "send")
+        wire = HEADER_BYTES + nbytes
+        self.traffic.sent_bytes[dest, kind] += wire
+        self.traffic.sent_messages[dest, kind] += 1 if nbytes <= INLINE_LIMIT else 2
+
+    def recv(self, kind: Kind, source: int = ANY_SOURCE, *, deadline: bool = True) -> Message:
+        """Receives the next ``kind`` message from ``source`` (any source by default).
+
+        With ``deadline=False`` the wait is unbounded; use it only where another rank is
+        already waiting on the same peer with a deadline (so a stall is still detected).
+        """
+        status = MPI.Status()
+        with self.tracer.span(f"wait {kind.name.lower()}", "wait", peer=source):
+            probe = self._poll(lambda: self._headers.Improbe(source, kind, status),
+                               source, kind, "receive", deadline)
+        size = status.Get_count(MPI.BYTE)
+        source = status.Get_source()
+        if size > self._recv_scratch.size:
+            self._recv_scratch = np.empty(size, np.uint8)
+        probe.Recv([self._recv_scratch, size, MPI.BYTE])
+        header = self._recv_scratch[:HEADER_BYTES].view(np.int64)
+        magic, _kind, dtype_code, ndim, flags, step, nbytes, inline = (int(v) for v in header[:8])
+        if magic != _MAGIC:
+            raise RuntimeError(f"rank {self.rank}: corrupt message header from rank {source}")
+        shape = tuple(int(v) for v in header[8:8 + ndim])
+        tensor = torch.empty(shape, dtype=_DTYPES[dtype_code])
+        target = _byte_view(tensor)
+        with self.tracer.span(f"recv {kind.name.lower()}", "comm", peer=source, bytes=nbytes,
+                              step=step, shape=list(shape)):
+            if inline:
+                target[:] = self._recv_scratch[HEADER_BYTES:HEADER_BYTES + nbytes]
+            else:
+                request = self._payloads.Irecv([target, nbytes, MPI.BYTE], source, kind)
+                self._wait_request(request, source, kind, "receive")
+        self.traffic.recv_bytes[source, kind] += HEADER_BYTES + nbytes
+        self.traffic.recv_messages[source, kind] += 1 if inline else 2
+        return Message(tensor, source, kind, step, Flag(flags))
+
+    def _check_policy(self, dest: int, kind: Kind) -> None:
+        if self.allowed is None:
+            return
+        route = (self.roles[self.rank], self.roles[dest], kind)
+        if route not in self.allowed:
+            raise PolicyViolation(
+                f"rank {self.rank} ({route[0]}) may not send {kind.name} to rank {dest} "
+                f"({route[1]}) under this scheme"
+            )
+
+    def _wait_request(self, requests: MPI.Request | list[MPI.Request], peer: int, kind: Kind,
+                      what: str) -> None:
+        pending = requests if isinstance(requests, list) else [requests]
+        self._poll(lambda: True if MPI.Request.Testall(pending) else None, peer, kind, what, True)
+
+    def _poll(self, attempt: Callable[[], T | None], peer: int, kind: Kind, what: str,
+              deadline: bool) -> T:
+        """Spins briefly, then backs off to short sleeps, until ``attempt`` succeeds."""
+        limit = time.monotonic() + self.timeout_s
+        polls = 0
+        while (result := attempt()) is None:
+            polls += 1
+            if polls > _SPIN_POLLS:
+                if deadline and time.monotonic() > limit:
+                    who = "any rank" if peer == ANY_SOURCE else f"rank {peer} ({self.roles[peer]})"
+                    raise PeerTimeout(
+                        f"rank {self.rank} ({self.roles[self.rank]}) waited {self.timeout_s:g} s "
+                        f"to {what} {kind.name} with {who}: no answer (transport.timeout_s)"
+                    )
+                time.sleep(min(_MAX_SLEEP_S, 1e-6 * (polls - _SPIN_POLLS)))
+        return result
+
+
+def _byte_view(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's memory as a flat uint8 array (shared, not copied)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def _host_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """Contiguous host bytes of ``tensor``; copies only if it is on a device or strided."""
+    host = tensor.detach()
+    if host.device.type != "cpu":
+        host = host.to("cpu")
+    return _byte_view(host.contiguous())
