@@ -131,6 +131,8 @@ class RunConfig:
     """Steps between progress lines and metric records."""
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     """Rank 0's progress display: auto = a bar on a terminal, plain lines otherwise."""
+    save_model: bool = True
+    """Each rank saves its own trained part as ``model-rank<R>.pt`` (parts stay with owners)."""
 
     def __post_init__(self) -> None:
         _require(self.log_every >= 1, "run.log_every", f"must be >= 1, got {self.log_every}")

@@ -54,7 +54,7 @@ def prepare(cfg: Config, world_size: int) -> RunPlan:
         )
     layers = layer_plan(cfg.model, meta["feature_shape"], meta["num_classes"])
     cuts = cut_indices(layers, cfg.model.cuts)
-    if len(cuts) != scheme.CUTS:
+    if scheme.CUTS is not None and len(cuts) != scheme.CUTS:
         raise ConfigError(
             f"model.cuts: scheme {cfg.scheme.name} needs exactly {scheme.CUTS} cut(s), "
             f"got {len(cuts)}"
@@ -78,6 +78,8 @@ class RankResult:
     steps: int = 0
     samples: int = 0
     final_evals: list[EvalResult] = field(default_factory=list)
+    segment: Segment | None = None
+    """The part this rank trained, saved as ``model-rank<R>.pt`` when ``run.save_model``."""
 
 
 @dataclass
@@ -101,8 +103,10 @@ class RankContext:
     def topology(self) -> Topology:
         return self.run.topology
 
-    def build_segment(self, index: int, total_steps: int) -> Segment:
-        start, stop = self.run.bounds[index]
+    def build_segment(self, index: int, total_steps: int, *, through: int | None = None) -> Segment:
+        """Segment ``index`` (or segments ``index..through`` joined) with its optimizer."""
+        start = self.run.bounds[index][0]
+        stop = self.run.bounds[index if through is None else through][1]
         module = build_layers(self.run.layers, start, stop, self.config.model.seed)
         return Segment.create(module.to(self.device), self.config.train, total_steps)
 
@@ -137,6 +141,8 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
         metrics.write({"event": "end", "steps": result.steps, "wall_s": wall,
                        "bytes_sent": transport.traffic.total_sent,
                        "bytes_received": transport.traffic.total_received})
+        if cfg.run.save_model and result.segment is not None:
+            torch.save(result.segment.module.state_dict(), run_dir / f"model-rank{me.rank}.pt")
         summary = _summarize(ctx, result, wall, header["node"])
         if summary is not None:
             write_summary(run_dir, summary)

@@ -62,6 +62,7 @@ def _server_and_clients(cfg: Config) -> RoleCounts:
 
 LAYOUTS: dict[str, Callable[[Config], RoleCounts]] = {
     "vanilla": _server_and_clients,
+    "centralized": lambda cfg: [(Role.SERVER, 1)],
 }
 
 

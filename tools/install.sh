@@ -25,4 +25,7 @@ case "$mpi" in
   *) echo "install.sh: MPISPLIT_MPI must be 'wheel' or 'system', got '$mpi'" >&2; exit 2 ;;
 esac
 "${pip[@]}" -e "$root[$extras]"
-echo "mpisplit installed in $venv (MPI: $mpi)"
+# The PMPI profiling library (tools/pmpi) is built against the MPI that mpi4py loads.
+command -v cmake >/dev/null 2>&1 || "${pip[@]}" cmake
+PATH=$venv/bin:$PATH PYTHON=$py bash "$root/tools/pmpi/build.sh" >/dev/null
+echo "mpisplit installed in $venv (MPI: $mpi; PMPI library in $root/build)"

@@ -12,7 +12,7 @@ from types import ModuleType
 
 from mpisplit.config import ConfigError
 
-AVAILABLE = ("vanilla",)
+AVAILABLE = ("vanilla", "centralized")
 
 
 def get(name: str) -> ModuleType:

@@ -88,7 +88,7 @@ def send_eval_pass(ctx: RankContext, segment: Segment, reader: ShardReader, dest
 
 
 @dataclass
-class _EvalTally:
+class EvalTally:
     loss: float = 0.0
     correct: int = 0
     count: int = 0
@@ -97,6 +97,29 @@ class _EvalTally:
         self.loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         self.correct += int((logits.argmax(dim=1) == labels).sum())
         self.count += len(labels)
+
+    def result(self, step: int, client: int) -> EvalResult:
+        count = max(self.count, 1)
+        return EvalResult(step, client, self.loss / count, self.correct / count, self.count)
+
+
+def evaluate_locally(ctx: RankContext, module: nn.Module, reader: ShardReader, step: int,
+                     client: int) -> EvalResult:
+    """Test metrics of a model that ends in logits, computed on this rank (labels local)."""
+    tally = EvalTally()
+    module.eval()
+    with torch.no_grad(), ctx.tracer.span("eval"):
+        for batch in reader.epoch(0):
+            tally.add(module(batch.features.to(ctx.device)), batch.labels.to(ctx.device))
+    module.train()
+    return record_eval(ctx, tally.result(step, client))
+
+
+def record_eval(ctx: RankContext, result: EvalResult) -> EvalResult:
+    ctx.metrics.write({"event": "eval", **vars(result)})
+    log.info("eval client %d at step %d: accuracy %.4f, loss %.4f",
+             result.client, result.step, result.accuracy, result.loss)
+    return result
 
 
 @dataclass
@@ -127,12 +150,8 @@ def serve_clients(
         activation, message = recv_forward(transport, device=ctx.device)
         source = message.source
         if message.flags & Flag.LAST:
-            tally = tallies.pop(source, _EvalTally())
-            result = EvalResult(message.step, client_index[source], tally.loss / max(tally.count, 1),
-                                tally.correct / max(tally.count, 1), tally.count)
-            ctx.metrics.write({"event": "eval", **vars(result)})
-            log.info("eval client %d at step %d: accuracy %.4f, loss %.4f",
-                           result.client, result.step, result.accuracy, result.loss)
+            tally = tallies.pop(source, EvalTally())
+            result = record_eval(ctx, tally.result(message.step, client_index[source]))
             if message.flags & Flag.DONE:
                 report.final_evals.append(result)
         if message.flags & Flag.DONE:
@@ -144,7 +163,7 @@ def serve_clients(
         if message.flags & Flag.EVAL:
             segment.module.eval()
             with torch.no_grad():
-                tallies.setdefault(source, _EvalTally()).add(segment.module(activation), labels)
+                tallies.setdefault(source, EvalTally()).add(segment.module(activation), labels)
             segment.module.train()
             continue
         with ctx.tracer.span("forward", step=report.steps):

@@ -45,8 +45,9 @@ def run(ctx: RankContext) -> RankResult:
 def _serve(ctx: RankContext) -> RankResult:
     plans = exchange_step_plans(ctx, 0, 0)
     total = int(plans[:, 0].sum())
-    report = serve_clients(ctx, ctx.build_segment(1, total), total)
-    return RankResult(steps=report.steps, final_evals=report.final_evals)
+    segment = ctx.build_segment(1, total)
+    report = serve_clients(ctx, segment, total)
+    return RankResult(steps=report.steps, final_evals=report.final_evals, segment=segment)
 
 
 def _train_client(ctx: RankContext) -> RankResult:
@@ -105,4 +106,4 @@ def _train_client(ctx: RankContext) -> RankResult:
         else:
             transport.send(torch.empty(0), server, Kind.ACTIVATION, flags=Flag.DONE)
     return RankResult(steps=sum(length for k, length in turns if k == me.index),
-                      samples=samples)
+                      samples=samples, segment=segment)

@@ -1,0 +1,455 @@
+"""On-disk layout of prepared datasets, and a streaming, prefetching reader for one shard.
+
+Layout (``schema_version`` 1)
+-----------------------------
+A prepared dataset is a directory written by ``mpisplit data prepare`` holding ``meta.json``::
+
+    {"dataset": name, "num_classes": int, "feature_shape": [...],
+     "partition": "iid" | "dirichlet" | "vertical", "alpha": float | null, "seed": int,
+     "clients": K, "parties": [group names] (vertical only),
+     "party_feature_shapes": [[...], ...] (vertical only), "schema_version": 1,
+     "train_samples": [rows per train shard], "test_samples": n}
+
+Horizontal partitions (``iid``, ``dirichlet``) over K clients::
+
+    client-<k>.h5   k = 0..K-1, the training rows of client k
+    test.h5         the held-out test set, shared by all clients
+
+Vertical partition: P parties hold different feature groups of the same patients::
+
+    party-<p>.h5, test-party-<p>.h5   features of group p (meta "parties"[p]) + ids, no labels
+    labels.h5, test-labels.h5          ids + labels only, opened only by the label holder
+
+Every ``.h5`` file stores rows along axis 0, chunked in blocks of at most a few hundred rows:
+
+    features  float32 [N, *feature_shape]   (absent from labels files)
+    ids       int64   [N]  row number in the source dataset: a globally unique patient id
+    labels    int64   [N]  (absent from party files)
+
+and the attrs ``dataset``, ``num_classes``, ``feature_shape`` (empty for labels files) and
+``schema_version``. Vertical files each store their rows in a different shuffled order and
+parties may each miss a few ids, so parties intersect their ids (:func:`intersect_ids`) and
+read in that common order (:func:`align_rows` and ``ShardReader(rows=...)``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import h5py
+import numpy as np
+import torch
+
+SCHEMA_VERSION = 1
+META_FILE = "meta.json"
+FIELD_DTYPES: dict[str, type[np.generic]] = {
+    "features": np.float32,
+    "ids": np.int64,
+    "labels": np.int64,
+}
+_READABLE_FIELDS = ("features", "labels")
+_META_KEYS = (
+    "dataset",
+    "num_classes",
+    "feature_shape",
+    "partition",
+    "alpha",
+    "seed",
+    "clients",
+    "schema_version",
+    "train_samples",
+    "test_samples",
+)
+_PREPARE_HINT = "create it with `mpisplit data prepare --dataset NAME --out DIR`"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One mini-batch; ``features`` is an empty [b, 0] tensor when features were not read."""
+
+    features: torch.Tensor
+    labels: torch.Tensor | None
+    ids: torch.Tensor
+
+
+class DataError(ValueError):
+    """A prepared dataset is missing, corrupt or inconsistent; the message names the file."""
+
+
+def shard_path(root: Path, kind: str, index: int | None = None, *, test: bool = False) -> Path:
+    """Path of one shard file: the only place that knows the file names.
+
+    ``kind`` is "client" (the shared ``test.h5`` when ``test``, so ``index`` is then ignored),
+    "party" (``index`` = party number) or "labels" (no ``index``).
+    """
+    root = Path(root)
+    if kind == "labels":
+        if index is not None:
+            raise ValueError(f"shard_path: 'labels' files take no index, got {index}")
+        return root / ("test-labels.h5" if test else "labels.h5")
+    if kind == "client" and test:
+        return root / "test.h5"
+    if kind not in ("client", "party"):
+        raise ValueError(f"shard_path: unknown kind {kind!r}; expected client, party or labels")
+    if index is None or index < 0:
+        raise ValueError(f"shard_path: {kind} files need an index >= 0, got {index}")
+    return root / f"{'test-' if test else ''}{kind}-{index}.h5"
+
+
+def read_meta(root: Path) -> dict[str, Any]:
+    """Load and check ``meta.json`` so callers can trust its keys."""
+    path = Path(root) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(
+            f"{path}: not found, so {root} is no prepared dataset; {_PREPARE_HINT}"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable or invalid JSON ({exc}); {_PREPARE_HINT}") from exc
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object; {_PREPARE_HINT}")
+    missing = [key for key in _META_KEYS if key not in meta]
+    if meta.get("partition") == "vertical" and "parties" not in meta:
+        missing.append("parties")
+    if missing:
+        raise DataError(f"{path}: missing keys {missing}; {_PREPARE_HINT}")
+    if meta["schema_version"] != SCHEMA_VERSION:
+        raise DataError(
+            f"{path}: schema_version {meta['schema_version']}, this mpisplit reads "
+            f"{SCHEMA_VERSION}; re-create it with `mpisplit data prepare`"
+        )
+    return meta
+
+
+def read_ids(path: Path) -> np.ndarray:
+    """All ids of one shard file, e.g. to intersect them with the other vertical parties."""
+    path = Path(path)
+    with _open_h5(path) as file:
+        ids = _dataset(file, path, "ids")
+        try:
+            return ids[...]
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read 'ids' (corrupted file?): {exc}") from exc
+
+
+def intersect_ids(id_sets: Sequence[np.ndarray]) -> np.ndarray:
+    """Sorted ids present in every set: the rows all vertical parties can train on."""
+    if not id_sets:
+        raise ValueError("intersect_ids: need at least one id set")
+    return functools.reduce(np.intersect1d, id_sets)
+
+
+def align_rows(
+    ids: np.ndarray, common_ids: np.ndarray, *, source: str | Path = "ids"
+) -> np.ndarray:
+    """Row indices into a file whose ids are ``ids``, such that ``ids[rows] == common_ids``.
+
+    ``source`` (usually the file) is named in the DataError raised for a missing or
+    duplicated id.
+    """
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    duplicated = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
+    if len(duplicated):
+        raise DataError(f"{source}: id {duplicated[0]} occurs more than once")
+    positions = np.searchsorted(sorted_ids, common_ids)
+    found = np.zeros(len(common_ids), dtype=bool)
+    if len(ids):
+        found = sorted_ids[np.minimum(positions, len(ids) - 1)] == common_ids
+    if not found.all():
+        missing = common_ids[~found]
+        raise DataError(
+            f"{source}: {len(missing)} of the common ids are missing, e.g. {missing[0]}"
+        )
+    return order[positions]
+
+
+def check_finite(batch: Batch, source: str | Path = "batch") -> None:
+    """Fail fast on NaN/inf features, naming the file and row id, before they poison training.
+
+    Expects a CPU batch, as the reader yields; numpy is used because it is far cheaper than
+    torch's thread pool for this per-batch check.
+    """
+    finite = np.isfinite(batch.features.numpy())
+    if not finite.all():
+        row = int(np.argmin(finite.reshape(len(finite), -1).all(axis=1)))
+        raise DataError(f"{source}: features of id {int(batch.ids[row])} contain NaN or inf")
+
+
+class ShardReader:
+    """Streams the batches of one shard file with bounded memory.
+
+    Batches are contiguous blocks of ``batch_size`` rows (or of ``rows``, when given), so reads
+    are slices. Shuffling permutes the block order and the rows within each block, as a pure
+    function of (seed, epoch, number of rows, batch_size): vertical parties reading aligned
+    ``rows`` with the same seed therefore get the same ids in every batch. The last, partial
+    block always comes last and is kept unless ``drop_last``.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        batch_size: int,
+        fields: Sequence[str] = ("features", "labels"),
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        prefetch: int = 2,
+        rows: np.ndarray | None = None,
+    ) -> None:
+        _check_reader_args(batch_size, fields, seed, prefetch)
+        self.path = Path(path)
+        self.batch_size = batch_size
+        self._fields = tuple(fields)
+        self._shuffle = shuffle
+        self._seed = seed
+        self._drop_last = drop_last
+        self._prefetch = prefetch
+        self._prefetcher: _Prefetcher | None = None
+        self._file = _open_h5(self.path)
+        try:
+            self._columns, size, self.feature_shape = _validate_shard(
+                self._file, self.path, self._fields
+            )
+            self._rows = None if rows is None else _checked_rows(rows, size, self.path)
+        except BaseException:
+            self._file.close()
+            raise
+        self.num_samples = size if rows is None else len(self._rows)
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        full, partial = divmod(self.num_samples, self.batch_size)
+        return full + int(partial > 0 and not self._drop_last)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The batches of one epoch; starting an epoch abandons the previous epoch's iterator."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._check_open()
+        self._stop_prefetch()
+        batches = self._batches(epoch)
+        if self._prefetch == 0:
+            return batches
+        self._prefetcher = _Prefetcher(batches, self._prefetch, f"prefetch-{self.path.name}")
+        return iter(self._prefetcher)
+
+    def close(self) -> None:
+        """Stop prefetching and close the file; safe to call twice."""
+        self._stop_prefetch()
+        self._file.close()
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _batches(self, epoch: int) -> Iterator[Batch]:
+        for start, stop, permutation in self._plan(epoch):
+            batch = self._read(start, stop, permutation)
+            if "features" in self._fields:
+                check_finite(batch, self.path)
+            yield batch
+
+    def _plan(self, epoch: int) -> Iterator[tuple[int, int, np.ndarray | None]]:
+        """(start, stop, within-block permutation) of each batch, in epoch order."""
+        full = self.num_samples // self.batch_size
+        rng = np.random.default_rng([self._seed, epoch]) if self._shuffle else None
+        blocks = rng.permutation(full) if rng is not None else np.arange(full)
+        if len(self) > full:
+            blocks = np.append(blocks, full)
+        for block in blocks:
+            start = int(block) * self.batch_size
+            stop = min(start + self.batch_size, self.num_samples)
+            yield start, stop, rng.permutation(stop - start) if rng is not None else None
+
+    def _read(self, start: int, stop: int, permutation: np.ndarray | None) -> Batch:
+        """Read one block; h5py needs increasing indices, so ``rows`` are sorted, then reordered."""
+        self._check_open()
+        index: slice | np.ndarray = slice(start, stop)
+        order = permutation
+        if self._rows is not None:
+            wanted = self._rows[start:stop]
+            if permutation is not None:
+                wanted = wanted[permutation]
+            index = np.sort(wanted)
+            order = np.searchsorted(index, wanted)
+        try:
+            arrays = {name: column[index] for name, column in self._columns.items()}
+        except OSError as exc:
+            raise DataError(f"{self.path}: cannot read rows (corrupted file?): {exc}") from exc
+        if order is not None:
+            arrays = {name: array[order] for name, array in arrays.items()}
+        return _to_batch(arrays)
+
+    def _check_open(self) -> None:
+        if not self._file:
+            raise RuntimeError(f"{self.path}: the reader is closed")
+
+    def _stop_prefetch(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+
+class _Failure(NamedTuple):
+    error: BaseException
+
+
+_DONE = object()
+_CLOSED = object()
+
+
+class _Prefetcher:
+    """Runs a batch iterator on its own thread, at most ``depth`` batches ahead of the consumer.
+
+    All reads of the file happen on this thread while it runs; ``close`` stops it and drains
+    the queue, so closing mid-epoch never leaves the thread blocked on a full queue.
+    """
+
+    def __init__(self, batches: Iterator[Batch], depth: int, name: str) -> None:
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._produce, args=(batches,), name=name, daemon=True
+        )
+        self._thread.start()
+
+    def _produce(self, batches: Iterator[Batch]) -> None:
+        try:
+            for batch in batches:
+                if self._stop.is_set():
+                    return
+                self._queue.put(batch)
+        except BaseException as error:  # handed over to the consumer, which re-raises it
+            self._queue.put(_Failure(error))
+        else:
+            self._queue.put(_DONE)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if item is _CLOSED:
+                raise RuntimeError("epoch iterator used after a newer epoch started or close()")
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item  # type: ignore[misc]
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            self._drain()
+            self._thread.join(timeout=0.01)
+        self._drain()
+        self._queue.put(_CLOSED)
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+
+
+def _check_reader_args(batch_size: int, fields: Sequence[str], seed: int, prefetch: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    unknown = [field for field in fields if field not in _READABLE_FIELDS]
+    if unknown or len(set(fields)) != len(fields):
+        raise ValueError(f"fields must be distinct names from {_READABLE_FIELDS}, got {fields}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+
+
+def _open_h5(path: Path) -> h5py.File:
+    """Open read-only, turning h5py's low-level errors into a DataError."""
+    if not path.is_file():
+        raise DataError(f"{path}: shard file not found; {_PREPARE_HINT}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(
+            f"{path}: not a readable HDF5 file (truncated or corrupted?): {exc}"
+        ) from exc
+
+
+def _dataset(file: h5py.File, path: Path, name: str) -> h5py.Dataset:
+    """The named dataset, checked for presence, dtype and rank."""
+    try:
+        column = file.get(name)
+    except (OSError, KeyError) as exc:
+        raise DataError(f"{path}: cannot read dataset '{name}' (corrupted file?): {exc}") from exc
+    if not isinstance(column, h5py.Dataset):
+        raise DataError(f"{path}: missing dataset '{name}'")
+    expected = np.dtype(FIELD_DTYPES[name])
+    if column.dtype != expected:
+        raise DataError(f"{path}: dataset '{name}' has dtype {column.dtype}, expected {expected}")
+    bad_rank = column.ndim == 0 if name == "features" else column.ndim != 1
+    if bad_rank:
+        raise DataError(f"{path}: dataset '{name}' has bad shape {column.shape}")
+    return column
+
+
+def _validate_shard(
+    file: h5py.File, path: Path, fields: tuple[str, ...]
+) -> tuple[dict[str, h5py.Dataset], int, tuple[int, ...]]:
+    """Check the schema for the requested fields; returns (datasets, rows, feature_shape)."""
+    try:
+        columns = {name: _dataset(file, path, name) for name in ("ids", *fields)}
+        version = file.attrs.get("schema_version")
+        feature_shape = file.attrs.get("feature_shape")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read metadata (corrupted file?): {exc}") from exc
+    lengths = {name: len(column) for name, column in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"{path}: datasets differ in length: {lengths}")
+    if version != SCHEMA_VERSION:
+        raise DataError(
+            f"{path}: schema_version {version}, expected {SCHEMA_VERSION}; "
+            "re-create the dataset with `mpisplit data prepare`"
+        )
+    if feature_shape is None:
+        raise DataError(f"{path}: missing attr 'feature_shape'")
+    feature_shape = tuple(int(dim) for dim in feature_shape)
+    if "features" in columns and columns["features"].shape[1:] != feature_shape:
+        raise DataError(
+            f"{path}: features have shape {columns['features'].shape[1:]} per row, "
+            f"but attr feature_shape is {feature_shape}"
+        )
+    return columns, lengths["ids"], feature_shape
+
+
+def _checked_rows(rows: np.ndarray, size: int, path: Path) -> np.ndarray:
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"{path}: rows must be a 1-D integer array, got {rows.dtype} {rows.shape}")
+    if len(rows) and (rows.min() < 0 or rows.max() >= size):
+        raise ValueError(f"{path}: rows must lie in [0, {size}), got {rows.min()}..{rows.max()}")
+    if len(np.unique(rows)) != len(rows):
+        raise ValueError(f"{path}: rows must not repeat")
+    return rows.astype(np.int64)
+
+
+def _to_batch(arrays: dict[str, np.ndarray]) -> Batch:
+    ids = torch.from_numpy(arrays["ids"])
+    features = arrays.get("features")
+    labels = arrays.get("labels")
+    return Batch(
+        features=torch.from_numpy(features) if features is not None else torch.empty(len(ids), 0),
+        labels=torch.from_numpy(labels) if labels is not None else None,
+        ids=ids,
+    )

@@ -1,0 +1,61 @@
+"""Centralized baseline: one rank trains the whole model on every client's shard.
+
+Shards are visited in the same round-robin turns as sequential split learning, so this is
+also the single-process oracle that split schemes are compared with on accuracy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+
+from mpisplit.data import ShardReader
+from mpisplit.engine import RankContext, RankResult
+from mpisplit.runlog import Progress
+from mpisplit.schemes.common import (
+    evaluate_locally,
+    log,
+    planned_steps,
+    test_reader,
+    training_batches,
+    turn_schedule,
+)
+
+CUTS = None
+ALLOWED: frozenset = frozenset()
+
+
+def run(ctx: RankContext) -> RankResult:
+    cfg = ctx.config
+    with contextlib.ExitStack() as stack:
+        readers = [
+            stack.enter_context(ShardReader(
+                ctx.shard("client", k), batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle,
+                seed=cfg.train.seed + k, prefetch=cfg.data.prefetch))
+            for k in range(cfg.scheme.clients)
+        ]
+        tests = stack.enter_context(test_reader(ctx))
+        steps = [planned_steps(len(reader), cfg.train) for reader in readers]
+        lengths = [cfg.scheme.turn_steps or len(reader) for reader in readers]
+        total = sum(steps)
+        segment = ctx.build_segment(0, total, through=len(ctx.run.bounds) - 1)
+        batches = [training_batches(reader, cfg.train) for reader in readers]
+        progress = Progress(total, cfg.run.progress, cfg.run.log_every, log)
+        step = samples = 0
+        for client, length in turn_schedule(steps, lengths):
+            for _ in range(length):
+                batch = next(batches[client])
+                with ctx.tracer.span("step", step=step):
+                    logits = segment.module(batch.features.to(ctx.device))
+                    loss = nn.functional.cross_entropy(logits, batch.labels.to(ctx.device))
+                    loss.backward()
+                    segment.step()
+                step += 1
+                samples += len(batch.labels)
+                ctx.metrics.write({"step": step, "loss": float(loss.detach()), "client": client})
+                progress.update(step, float(loss.detach()))
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
+                    evaluate_locally(ctx, segment.module, tests, step, client=0)
+        final = evaluate_locally(ctx, segment.module, tests, step, client=0)
+    return RankResult(steps=step, samples=samples, final_evals=[final], segment=segment)

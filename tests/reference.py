@@ -1,0 +1,59 @@
+"""An independent single-process PyTorch run: the oracle the split schemes must equal.
+
+It shares only the data reader and the per-layer initialisation with the engine; the training
+loop, optimizer and loss are written here from plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mpisplit.config import ModelConfig
+from mpisplit.data import ShardReader, read_meta
+from mpisplit.models import build_layers, layer_plan
+
+
+def train_reference(
+    data: Path, model: ModelConfig, turns: Sequence[tuple[int, int]], *, optimizer: str,
+    lr: float, batch_size: int, seed: int, momentum: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Trains the whole model on ``turns`` = [(client, batches), ...] in that order."""
+    meta = read_meta(data)
+    plan = layer_plan(model, meta["feature_shape"], meta["num_classes"])
+    net = build_layers(plan, 0, len(plan), model.seed)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    else:
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+    streams = {}
+    for client, count in turns:
+        if client not in streams:
+            reader = ShardReader(data / f"client-{client}.h5", batch_size=batch_size,
+                                 seed=seed + client, prefetch=0)
+            streams[client] = _endless(reader)
+        for _ in range(count):
+            batch = next(streams[client])
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(batch.features), batch.labels).backward()
+            opt.step()
+    return net.state_dict()
+
+
+def _endless(reader: ShardReader):
+    epoch = 0
+    while True:
+        yield from reader.epoch(epoch)
+        epoch += 1
+
+
+def merged_parts(run_dir: Path, ranks: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The union of the parts the given ranks saved (each rank saved only its own)."""
+    merged: dict[str, torch.Tensor] = {}
+    for rank in ranks:
+        part = torch.load(run_dir / f"model-rank{rank}.pt", weights_only=True)
+        assert not set(part) & set(merged), "two ranks hold the same layer"
+        merged.update(part)
+    return merged

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs mpisplit, prepares the bundled breast cancer data for three hospitals and runs
+# the default job: vanilla split learning on local MPI ranks (1 server + 3 clients).
+# Extra arguments are config overrides, e.g. `bash tools/quickstart.sh train.epochs=5`.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${MPISPLIT_VENV:-$root/.venv}
+config=configs/vanilla-breast-cancer.yaml
+cd "$root"
+bash tools/install.sh
+bin=$venv/bin
+[ -f data/breast_cancer-3c/meta.json ] ||
+  "$bin/mpisplit" data prepare --dataset breast_cancer --clients 3 --out data/breast_cancer-3c
+ranks=$("$bin/mpisplit" topology "$config" --ntasks "$@")
+OMP_NUM_THREADS=1 "$bin/mpiexec" -n "$ranks" "$bin/mpisplit" train "$config" "$@"
