@@ -152,3 +152,17 @@ def test_nothing_is_pickled(comm: MPI.Comm) -> None:
     finally:
         MPI.pickle.__init__(pickle.dumps, pickle.loads)
     assert "str" in calls or comm.rank != 0
+
+
+def test_message_over_two_gib(comm: MPI.Comm) -> None:
+    """Counts beyond 2**31 bytes travel in one message (MPI-4 large counts via mpi4py)."""
+    transport = make_transport(comm, timeout_s=120.0)
+    size = (2 << 30) + 4096
+    if comm.rank == 1:
+        payload = torch.zeros(size, dtype=torch.uint8)
+        payload[-1] = 7
+        transport.send(payload, 0, Kind.ACTIVATION)
+    elif comm.rank == 0:
+        received = transport.recv(Kind.ACTIVATION, 1).tensor
+        assert received.numel() == size and int(received[-1]) == 7 and int(received[0]) == 0
+    transport.close()
