@@ -227,7 +227,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin is Literal:
         choices = get_args(hint)
         if value not in choices:
-            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+            options = ", ".join(map(str, choices))
+            raise ConfigError(f"{key}: must be one of {options}, got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):
         for option in get_args(hint):

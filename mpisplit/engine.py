@@ -164,7 +164,9 @@ def _device(cfg: Config) -> torch.device:
 _NODE_BYTES = 64
 
 
-def _summarize(ctx: RankContext, result: RankResult, wall: float, node: str) -> dict[str, Any] | None:
+def _summarize(
+    ctx: RankContext, result: RankResult, wall: float, node: str
+) -> dict[str, Any] | None:
     """Gathers every rank's counters and final evaluations (raw buffers) onto rank 0."""
     comm, traffic = ctx.comm, ctx.transport.traffic
     size, root = comm.Get_size(), 0

@@ -110,7 +110,9 @@ def resnet(
 ZOO: dict[str, Callable[..., LayerPlan]] = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
 
 
-def _factory(cls: Callable[..., nn.Module], *args: object, **kwargs: object) -> Callable[[], nn.Module]:
+def _factory(
+    cls: Callable[..., nn.Module], *args: object, **kwargs: object
+) -> Callable[[], nn.Module]:
     return lambda: cls(*args, **kwargs)
 
 

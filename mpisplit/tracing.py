@@ -46,8 +46,10 @@ class Tracer:
         if not self.enabled:
             return None
         meta = [
-            {"name": "process_name", "ph": "M", "pid": self.rank, "args": {"name": f"rank {self.rank} {self.label}"}},
-            {"name": "process_sort_index", "ph": "M", "pid": self.rank, "args": {"sort_index": self.rank}},
+            {"name": "process_name", "ph": "M", "pid": self.rank,
+             "args": {"name": f"rank {self.rank} {self.label}"}},
+            {"name": "process_sort_index", "ph": "M", "pid": self.rank,
+             "args": {"sort_index": self.rank}},
         ]
         path = run_dir / f"trace-rank{self.rank}.json"
         tmp = path.with_suffix(f".tmp{os.getpid()}")

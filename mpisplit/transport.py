@@ -16,8 +16,10 @@ scheme did not declare, so raw inputs or labels cannot leave a rank by accident.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import TypeVar
@@ -34,10 +36,11 @@ HEADER_BYTES = HEADER_WORDS * 8
 MAX_DIMS = 8
 INLINE_LIMIT = 64 * 1024
 _MAGIC = 0x5EC7
-_SPIN_POLLS = 200
+_SPIN_S = 0.05
 _MAX_SLEEP_S = 1e-3
 
 T = TypeVar("T")
+_NO_SPAN = nullcontext()
 
 
 class Kind(IntEnum):
@@ -125,6 +128,7 @@ class Transport:
         self.traffic = Traffic(comm.Get_size())
         self._send_scratch = np.empty(HEADER_BYTES + INLINE_LIMIT, np.uint8)
         self._recv_scratch = np.empty(HEADER_BYTES + INLINE_LIMIT, np.uint8)
+        self._status = MPI.Status()
 
     def close(self) -> None:
         self._headers.Free()
@@ -141,8 +145,7 @@ class Transport:
         header[:8] = (_MAGIC, kind, _DTYPE_CODE[tensor.dtype], tensor.dim(), flags, step, nbytes,
                       int(nbytes <= INLINE_LIMIT))
         header[8:8 + tensor.dim()] = tensor.shape
-        with self.tracer.span(f"send {kind.name.lower()}", "comm", peer=dest, bytes=nbytes,
-                              step=step, shape=list(tensor.shape)):
+        with self._span("send", kind, dest, nbytes, step, tensor.shape):
             if nbytes <= INLINE_LIMIT:
                 self._send_scratch[HEADER_BYTES:HEADER_BYTES + nbytes] = payload
                 message = self._send_scratch[:HEADER_BYTES + nbytes]
@@ -155,14 +158,17 @@ class Transport:
         self.traffic.sent_bytes[dest, kind] += wire
         self.traffic.sent_messages[dest, kind] += 1 if nbytes <= INLINE_LIMIT else 2
 
-    def recv(self, kind: Kind, source: int = ANY_SOURCE, *, deadline: bool = True) -> Message:
+    def recv(self, kind: Kind, source: int = ANY_SOURCE, *, deadline: bool = True,
+             out: torch.Tensor | None = None) -> Message:
         """Receives the next ``kind`` message from ``source`` (any source by default).
 
         With ``deadline=False`` the wait is unbounded; use it only where another rank is
         already waiting on the same peer with a deadline (so a stall is still detected).
+        ``out`` is a buffer to receive into when the message has its shape and dtype (the
+        steady state of a fixed-shape exchange); otherwise a new tensor is allocated.
         """
-        status = MPI.Status()
-        with self.tracer.span(f"wait {kind.name.lower()}", "wait", peer=source):
+        status = self._status
+        with self._span("wait", kind, source):
             probe = self._poll(lambda: self._headers.Improbe(source, kind, status),
                                source, kind, "receive", deadline)
         size = status.Get_count(MPI.BYTE)
@@ -171,14 +177,16 @@ class Transport:
             self._recv_scratch = np.empty(size, np.uint8)
         probe.Recv([self._recv_scratch, size, MPI.BYTE])
         header = self._recv_scratch[:HEADER_BYTES].view(np.int64)
-        magic, _kind, dtype_code, ndim, flags, step, nbytes, inline = (int(v) for v in header[:8])
+        magic, _kind, dtype_code, ndim, flags, step, nbytes, inline = header[:8].tolist()
         if magic != _MAGIC:
             raise RuntimeError(f"rank {self.rank}: corrupt message header from rank {source}")
-        shape = tuple(int(v) for v in header[8:8 + ndim])
-        tensor = torch.empty(shape, dtype=_DTYPES[dtype_code])
+        shape = tuple(header[8:8 + ndim].tolist())
+        dtype = _DTYPES[dtype_code]
+        reusable = (out is not None and out.shape == shape and out.dtype == dtype
+                    and out.device.type == "cpu" and out.is_contiguous())
+        tensor = out if reusable else torch.empty(shape, dtype=dtype)
         target = _byte_view(tensor)
-        with self.tracer.span(f"recv {kind.name.lower()}", "comm", peer=source, bytes=nbytes,
-                              step=step, shape=list(shape)):
+        with self._span("recv", kind, source, nbytes, step, shape):
             if inline:
                 target[:] = self._recv_scratch[HEADER_BYTES:HEADER_BYTES + nbytes]
             else:
@@ -187,6 +195,15 @@ class Transport:
         self.traffic.recv_bytes[source, kind] += HEADER_BYTES + nbytes
         self.traffic.recv_messages[source, kind] += 1 if inline else 2
         return Message(tensor, source, kind, step, Flag(flags))
+
+    def _span(self, what: str, kind: Kind, peer: int, nbytes: int = 0, step: int = 0,
+              shape: Sequence[int] = ()) -> AbstractContextManager[object]:
+        """A trace span for one message phase; free when tracing is off."""
+        if not self.tracer.enabled:
+            return _NO_SPAN
+        category = "wait" if what == "wait" else "comm"
+        return self.tracer.span(f"{what} {kind.name.lower()}", category, peer=peer,
+                                bytes=nbytes, step=step, shape=list(shape), kind=kind.name)
 
     def _check_policy(self, dest: int, kind: Kind) -> None:
         if self.allowed is None:
@@ -205,19 +222,27 @@ class Transport:
 
     def _poll(self, attempt: Callable[[], T | None], peer: int, kind: Kind, what: str,
               deadline: bool) -> T:
-        """Spins briefly, then backs off to short sleeps, until ``attempt`` succeeds."""
-        limit = time.monotonic() + self.timeout_s
-        polls = 0
+        """Polls ``attempt`` until it succeeds, against the transport deadline.
+
+        The first ``_SPIN_S`` seconds poll with a yield between attempts (low latency, and
+        oversubscribed ranks still get the core); longer waits sleep up to 1 ms per poll.
+        """
+        result = attempt()
+        if result is not None:
+            return result
+        start = time.monotonic()
         while (result := attempt()) is None:
-            polls += 1
-            if polls > _SPIN_POLLS:
-                if deadline and time.monotonic() > limit:
-                    who = "any rank" if peer == ANY_SOURCE else f"rank {peer} ({self.roles[peer]})"
-                    raise PeerTimeout(
-                        f"rank {self.rank} ({self.roles[self.rank]}) waited {self.timeout_s:g} s "
-                        f"to {what} {kind.name} with {who}: no answer (transport.timeout_s)"
-                    )
-                time.sleep(min(_MAX_SLEEP_S, 1e-6 * (polls - _SPIN_POLLS)))
+            waited = time.monotonic() - start
+            if waited < _SPIN_S:
+                os.sched_yield()
+                continue
+            if deadline and waited > self.timeout_s:
+                who = "any rank" if peer == ANY_SOURCE else f"rank {peer} ({self.roles[peer]})"
+                raise PeerTimeout(
+                    f"rank {self.rank} ({self.roles[self.rank]}) waited {self.timeout_s:g} s "
+                    f"to {what} {kind.name} with {who}: no answer (transport.timeout_s)"
+                )
+            time.sleep(_MAX_SLEEP_S)
         return result
 
 

@@ -21,7 +21,8 @@ def test_vanilla_is_one_server_then_clients(clients: int) -> None:
 def test_world_size_mismatch_names_every_factor() -> None:
     topology = plan(config_from_dict({"scheme": {"clients": 2}}))
     check_world_size(topology, 3)
-    with pytest.raises(ConfigError, match=r"1 server \+ 2 clients = 3 MPI ranks, but the job has 5"):
+    expected = r"1 server \+ 2 clients = 3 MPI ranks, but the job has 5"
+    with pytest.raises(ConfigError, match=expected):
         check_world_size(topology, 5)
 
 

@@ -23,7 +23,9 @@ def _train(ranks: int, data: Path, run_dir: Path, *overrides: str) -> dict:
 
 
 @pytest.mark.parametrize(("optimizer", "lr"), [("sgd", 0.05), ("adam", 0.01)])
-def test_one_client_equals_single_process(optimizer: str, lr: float, dataset, tmp_path: Path) -> None:
+def test_one_client_equals_single_process(
+    optimizer: str, lr: float, dataset, tmp_path: Path
+) -> None:
     data = dataset("breast_cancer", clients=1)
     summary = _train(2, data, tmp_path, "scheme.clients=1", "train.max_steps=50",
                      "train.epochs=5", f"train.optimizer={optimizer}", f"train.lr={lr}",
@@ -72,7 +74,8 @@ def test_parallel_three_clients_on_four_ranks(dataset, tmp_path: Path) -> None:
         steps = [r for r in records if "step" in r and "event" not in r]
         assert all({"time", "bytes_sent", "bytes_received"} <= r.keys() for r in steps)
         assert records[-1]["bytes_sent"] == summary["bytes_sent_per_rank"][rank] > 0
-    server_steps = [json.loads(x) for x in (tmp_path / "metrics-rank0.jsonl").read_text().splitlines()]
+    server_lines = (tmp_path / "metrics-rank0.jsonl").read_text().splitlines()
+    server_steps = [json.loads(line) for line in server_lines]
     assert all("loss" in r for r in server_steps if "step" in r and "event" not in r)
     evals = [r for r in server_steps if r.get("event") == "eval"]
     assert len(evals) >= 3  # intermediate evaluations plus one final per client

@@ -128,7 +128,8 @@ def test_policy_refuses_undeclared_routes(comm: MPI.Comm) -> None:
 def test_silent_peer_times_out_naming_it(comm: MPI.Comm) -> None:
     transport = make_transport(comm, timeout_s=0.5)
     if comm.rank == 0:
-        with pytest.raises(PeerTimeout, match=r"rank 0 \(server\) waited 0.5 s .* rank 1 \(client\)"):
+        expected = r"rank 0 \(server\) waited 0.5 s .* rank 1 \(client\)"
+        with pytest.raises(PeerTimeout, match=expected):
             transport.recv(Kind.GRADIENT, 1)
     transport.close()
 

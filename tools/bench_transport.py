@@ -1,0 +1,142 @@
+"""Cut-exchange transport benchmark: mpisplit vs raw mpi4py buffers vs pickle vs gloo.
+
+Run on two ranks:  mpiexec -n 2 python tools/bench_transport.py [--json out.json]
+
+Each method ping-pongs the same float32 tensor between the ranks (warm-up discarded, a barrier
+before each timing, several repeats, the median kept). Rank 0 prints one table with the
+latency per one-way message, the bandwidth, and the ratios of mpisplit against each baseline
+measured in the same run; ``--json`` writes the same numbers as data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from mpi4py import MPI
+
+from mpisplit.tracing import Tracer
+from mpisplit.transport import Kind, Transport
+
+SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+
+
+def _iterations(nbytes: int) -> int:
+    return max(5, min(1000, (256 << 20) // max(nbytes, 1) // 4))
+
+
+def time_pingpong(comm: MPI.Comm, exchange: Callable[[], None], iterations: int,
+                  repeats: int) -> list[float]:
+    """Seconds per one-way message for each repeat (round trips / 2)."""
+    for _ in range(max(2, iterations // 10)):
+        exchange()
+    samples = []
+    for _ in range(repeats):
+        comm.Barrier()
+        start = time.perf_counter()
+        for _ in range(iterations):
+            exchange()
+        samples.append((time.perf_counter() - start) / iterations / 2)
+    return samples
+
+
+def methods(comm: MPI.Comm, tensor: torch.Tensor) -> dict[str, Callable[[], None]]:
+    rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
+    transport = Transport(comm, roles=["a", "b"], timeout_s=120,
+                          tracer=Tracer(rank, "bench", enabled=False))
+    raw = tensor.numpy()
+    reply = torch.empty_like(tensor)
+
+    def mpisplit() -> None:
+        if rank == 0:
+            transport.send(tensor, peer, Kind.ACTIVATION)
+            transport.recv(Kind.GRADIENT, peer, out=reply)
+        else:
+            received = transport.recv(Kind.ACTIVATION, peer, out=reply).tensor
+            transport.send(received, peer, Kind.GRADIENT)
+
+    def raw_mpi4py() -> None:
+        if rank == 0:
+            comm.Send(raw, peer, 1)
+            comm.Recv(reply.numpy(), peer, 2)
+        else:
+            comm.Recv(reply.numpy(), peer, 1)
+            comm.Send(reply.numpy(), peer, 2)
+
+    def pickled() -> None:
+        if rank == 0:
+            comm.send(tensor, peer, 1)
+            comm.recv(source=peer, tag=2)
+        else:
+            comm.send(comm.recv(source=peer, tag=1), peer, 2)
+
+    def gloo() -> None:
+        if rank == 0:
+            dist.send(tensor, peer)
+            dist.recv(reply, peer)
+        else:
+            dist.recv(reply, peer)
+            dist.send(reply, peer)
+
+    return {"mpisplit": mpisplit, "mpi4py_raw": raw_mpi4py, "mpi4py_pickle": pickled,
+            "gloo": gloo}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != 2:
+        raise SystemExit("bench_transport: run with exactly 2 ranks (mpiexec -n 2)")
+    torch.set_num_threads(1)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000 if comm.rank == 0 else 0))
+    os.environ["MASTER_PORT"] = str(comm.bcast(os.environ["MASTER_PORT"], root=0))
+    dist.init_process_group("gloo", rank=comm.Get_rank(), world_size=2)
+    results = []
+    for nbytes in SIZES:
+        tensor = torch.rand(nbytes // 4)
+        row: dict[str, float | int] = {"bytes": nbytes}
+        for name, exchange in methods(comm, tensor).items():
+            samples = time_pingpong(comm, exchange, _iterations(nbytes), args.repeats)
+            row[f"{name}_s"] = statistics.median(samples)
+            row[f"{name}_spread"] = (max(samples) - min(samples)) / statistics.median(samples)
+        results.append(row)
+    dist.destroy_process_group()
+    if comm.Get_rank() == 0:
+        _report(results, args.json)
+
+
+def _report(results: list[dict], json_path: str | None) -> None:
+    print(f"{'size':>8} {'mpisplit':>10} {'raw':>10} {'MB/s':>8} "
+          f"{'vs raw':>7} {'vs pickle':>9} {'vs gloo':>8}")
+    for row in results:
+        ours = row["mpisplit_s"]
+        row["ratio_vs_raw_bandwidth"] = row["mpi4py_raw_s"] / ours
+        row["ratio_vs_raw_latency"] = ours / row["mpi4py_raw_s"]
+        row["speedup_vs_pickle"] = row["mpi4py_pickle_s"] / ours
+        row["speedup_vs_gloo"] = row["gloo_s"] / ours
+        print(f"{_size(row['bytes']):>8} {ours * 1e6:>8.1f}us {row['mpi4py_raw_s'] * 1e6:>8.1f}us "
+              f"{row['bytes'] / ours / 1e6:>8.0f} {row['ratio_vs_raw_bandwidth']:>6.2f}x "
+              f"{row['speedup_vs_pickle']:>8.2f}x {row['speedup_vs_gloo']:>7.2f}x")
+    print("vs raw: raw time / mpisplit time (1.0 = as fast as raw mpi4py buffers); "
+          "vs pickle, vs gloo: how many times faster mpisplit is")
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump({"benchmark": "transport", "results": results}, out, indent=2)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
+
+
+if __name__ == "__main__":
+    main()
