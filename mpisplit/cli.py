@@ -8,12 +8,15 @@ rank exits with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mpisplit.config import ConfigError, load_config
 
 EXIT_BAD_INPUT = 2
+PMPI_ACTIVE = "MPISPLIT_PMPI_ACTIVE"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train (run under mpiexec -n N)")
     _config_arguments(train)
+    train.add_argument("--pmpi", action="store_true",
+                       help="record every MPI call with the PMPI library (pmpi-rank<R>.json "
+                            "in the run directory)")
     train.set_defaults(handler=_train)
 
     topology = commands.add_parser("topology", help="print the rank → role table")
@@ -59,6 +65,8 @@ def _bad_input(err: Exception, rank: int = 0) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.pmpi and PMPI_ACTIVE not in os.environ:
+        return _reexec_with_pmpi(args)
     from mpi4py import MPI
 
     from mpisplit import engine
@@ -73,6 +81,20 @@ def _train(args: argparse.Namespace) -> int:
     label = run.topology.of(comm.Get_rank()).label
     abort_on_failure(comm, label, lambda: engine.train(run, comm))
     return 0
+
+
+def _reexec_with_pmpi(args: argparse.Namespace) -> int:
+    """Restarts this rank with the PMPI library preloaded (before MPI is initialised)."""
+    from mpisplit.pmpi import preload_env
+
+    try:
+        run_dir = Path(load_config(args.config, args.overrides).run.dir)
+        env = preload_env(run_dir, {**os.environ, PMPI_ACTIVE: "1"})
+    except (ConfigError, FileNotFoundError) as err:
+        return _bad_input(err)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = ["-m", "mpisplit", "train", "--pmpi", args.config, *args.overrides]
+    os.execve(sys.executable, [sys.executable, *command], env)
 
 
 def _topology(args: argparse.Namespace) -> int:

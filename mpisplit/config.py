@@ -131,6 +131,9 @@ class RunConfig:
     """Steps between progress lines and metric records."""
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     """Rank 0's progress display: auto = a bar on a terminal, plain lines otherwise."""
+    trace: bool = False
+    """Write a Chrome-trace timeline per rank (``trace-rank<R>.json``): compute phases and
+    every message (post, wait, transfer)."""
     save_model: bool = True
     """Each rank saves its own trained part as ``model-rank<R>.pt`` (parts stay with owners)."""
 

@@ -125,7 +125,7 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
     if me.rank == 0:
         write_resolved_config(run_dir, cfg.to_dict())
     scheme = schemes.get(cfg.scheme.name)
-    tracer = Tracer(me.rank, me.label, enabled=False)
+    tracer = Tracer(me.rank, me.label, enabled=cfg.run.trace)
     transport = Transport(
         comm, roles=[p.role.value for p in run.topology.placements],
         timeout_s=cfg.transport.timeout_s, tracer=tracer, allowed=scheme.ALLOWED,
