@@ -60,8 +60,21 @@ def _server_and_clients(cfg: Config) -> RoleCounts:
     return [(Role.SERVER, 1), (Role.CLIENT, cfg.scheme.clients)]
 
 
+def _chain(cfg: Config) -> RoleCounts:
+    """Multi-hop: one relay per inner segment, so len(model.cuts) - 1 relays."""
+    if len(cfg.model.cuts) < 2:
+        raise ConfigError(
+            f"model.cuts: multihop needs at least 2 cuts (client → relay → server), "
+            f"got {len(cfg.model.cuts)}"
+        )
+    return [(Role.SERVER, 1), (Role.RELAY, len(cfg.model.cuts) - 1),
+            (Role.CLIENT, cfg.scheme.clients)]
+
+
 LAYOUTS: dict[str, Callable[[Config], RoleCounts]] = {
     "vanilla": _server_and_clients,
+    "ushaped": _server_and_clients,
+    "multihop": _chain,
     "centralized": lambda cfg: [(Role.SERVER, 1)],
 }
 

@@ -12,7 +12,7 @@ from types import ModuleType
 
 from mpisplit.config import ConfigError
 
-AVAILABLE = ("vanilla", "centralized")
+AVAILABLE = ("vanilla", "ushaped", "multihop", "centralized")
 
 
 def get(name: str) -> ModuleType:

@@ -5,6 +5,7 @@ Each scheme module composes these; none of them contains a scheme-specific branc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,13 +15,13 @@ import torch
 from torch import nn
 
 from mpisplit.config import TrainConfig
-from mpisplit.cut import recv_forward, send_eval
+from mpisplit.cut import recv_forward, send_eval, send_forward
 from mpisplit.data import Batch, ShardReader
-from mpisplit.engine import EvalResult, RankContext
+from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.runlog import Progress
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import Flag, Kind, Transport
+from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, Transport
 
 log = logging.getLogger("mpisplit")
 
@@ -77,14 +78,31 @@ def send_eval_pass(ctx: RankContext, segment: Segment, reader: ShardReader, dest
                    step: int, *, final: bool) -> None:
     """Forwards the whole test set through ``segment`` to ``dest``, then an end marker."""
     transport = ctx.transport
-    segment.module.eval()
-    with torch.no_grad(), ctx.tracer.span("eval"):
+    with evaluating(segment.module), ctx.tracer.span("eval"):
         for batch in reader.epoch(0):
             send_eval(segment.module(batch.features.to(ctx.device)), transport, dest, step)
             transport.send(batch.labels, dest, Kind.LABELS, step=step, flags=Flag.EVAL)
-    segment.module.train()
     end = Flag.EVAL | Flag.LAST | (Flag.DONE if final else Flag.NONE)
-    transport.send(torch.empty(0), dest, Kind.ACTIVATION, step=step, flags=end)
+    send_marker(ctx, dest, step, end)
+
+
+def send_marker(ctx: RankContext, dest: int, step: int, flags: Flag) -> None:
+    """An end-of-evaluation / done marker; it carries the client index, because behind a
+    relay the receiver cannot tell the client from the message source. It is a float tensor
+    like any activation (the cut code may mark it as requiring grad; no gradient flows)."""
+    marker = torch.tensor([float(ctx.me.index)])
+    ctx.transport.send(marker, dest, Kind.ACTIVATION, step=step, flags=flags)
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """Eval mode without autograd, back to training mode afterwards."""
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train()
 
 
 @dataclass
@@ -141,30 +159,24 @@ def serve_clients(
     client. The loop ends when every client has said it is done.
     """
     transport: Transport = ctx.transport
-    clients = ctx.topology.ranks(Role.CLIENT)
-    client_index = {rank: k for k, rank in enumerate(clients)}
-    progress = Progress(total_steps, ctx.config.run.progress, ctx.config.run.log_every,
-                        log)
-    active, tallies, report = set(clients), {}, ServeReport()
-    while active:
+    client_index = {rank: k for k, rank in enumerate(ctx.topology.ranks(Role.CLIENT))}
+    progress = make_progress(ctx, total_steps)
+    remaining, tallies, report = len(client_index), {}, ServeReport()
+    while remaining:
         activation, message = recv_forward(transport, device=ctx.device)
         source = message.source
-        if message.flags & Flag.LAST:
-            tally = tallies.pop(source, EvalTally())
-            result = record_eval(ctx, tally.result(message.step, client_index[source]))
-            if message.flags & Flag.DONE:
-                report.final_evals.append(result)
-        if message.flags & Flag.DONE:
-            active.discard(source)
-            continue
-        if message.flags & Flag.LAST:
+        if message.flags & (Flag.LAST | Flag.DONE):
+            if message.flags & Flag.LAST:
+                tally = tallies.pop(source, EvalTally())
+                result = record_eval(ctx, tally.result(message.step, int(activation[0])))
+                if message.flags & Flag.DONE:
+                    report.final_evals.append(result)
+            remaining -= bool(message.flags & Flag.DONE)
             continue
         labels = transport.recv(Kind.LABELS, source).tensor.to(ctx.device)
         if message.flags & Flag.EVAL:
-            segment.module.eval()
-            with torch.no_grad():
+            with evaluating(segment.module):
                 tallies.setdefault(source, EvalTally()).add(segment.module(activation), labels)
-            segment.module.train()
             continue
         with ctx.tracer.span("forward", step=report.steps):
             loss = loss_fn(segment.module(activation), labels)
@@ -175,7 +187,7 @@ def serve_clients(
         report.steps += 1
         loss_value = float(loss.detach())
         ctx.metrics.write({"step": report.steps, "loss": loss_value,
-                           "client": client_index[source], **_traffic(transport)})
+                           "client": client_index.get(source), **_traffic(transport)})
         progress.update(report.steps, loss_value)
     return report
 
@@ -185,5 +197,205 @@ def _traffic(transport: Transport) -> dict[str, int]:
             "bytes_received": transport.traffic.total_received}
 
 
-def record_client_step(ctx: RankContext, step: int) -> None:
-    ctx.metrics.write({"step": step, **_traffic(ctx.transport)})
+def record_client_step(ctx: RankContext, step: int, loss: float | None = None) -> None:
+    record = {"step": step, **_traffic(ctx.transport)}
+    if loss is not None:
+        record["loss"] = loss
+    ctx.metrics.write(record)
+
+
+def make_progress(ctx: RankContext, total_steps: int) -> Progress:
+    return Progress(total_steps, ctx.config.run.progress, ctx.config.run.log_every, log)
+
+
+def record_traffic_by_kind(ctx: RankContext) -> None:
+    """Bytes received per message kind: evidence of what reached this rank (e.g. no labels)."""
+    received = ctx.transport.traffic.recv_bytes.sum(axis=0)
+    ctx.metrics.write({"event": "traffic_by_kind",
+                       "bytes_received": {kind.name: int(received[kind]) for kind in Kind}})
+
+
+def relay_activations(ctx: RankContext, segment: Segment, total_steps: int,
+                      next_hop: int | None) -> int:
+    """The loop of a rank in the middle of the model: receive a cut activation from any
+    sender, run ``segment``, send the result on, and on the way back pass the gradient to
+    the sender and step. Returns the training steps taken.
+
+    ``next_hop=None`` sends the result back to its sender (the U-shaped server: the loss
+    and labels stay with the client). Otherwise it goes to ``next_hop`` towards the loss
+    holder (a multi-hop relay), with the labels and end markers; an evaluation pass is then
+    relayed without interleaving, so the receiver tallies it as one client's.
+    """
+    transport = ctx.transport
+    progress = make_progress(ctx, total_steps)
+    remaining, source, steps = len(ctx.topology.ranks(Role.CLIENT)), ANY_SOURCE, 0
+    while remaining:
+        activation, message = recv_forward(transport, source, device=ctx.device)
+        dest = message.source if next_hop is None else next_hop
+        if message.flags & (Flag.LAST | Flag.DONE):
+            if next_hop is not None:
+                transport.send(activation, dest, Kind.ACTIVATION, step=message.step,
+                               flags=message.flags)
+            remaining -= bool(message.flags & Flag.DONE)
+            source = ANY_SOURCE
+            continue
+        if message.flags & Flag.EVAL:
+            with evaluating(segment.module):
+                send_eval(segment.module(activation), transport, dest, message.step)
+            if next_hop is not None:
+                _pass_labels(transport, message, dest)
+                source = message.source
+            continue
+        with ctx.tracer.span("forward", step=steps):
+            anchor = send_forward(segment.module(activation), transport, dest, message.step)
+        if next_hop is not None:
+            _pass_labels(transport, message, dest)
+        with ctx.tracer.span("backward", step=steps):
+            anchor.backward()
+        with ctx.tracer.span("optimizer", step=steps):
+            segment.step()
+        steps += 1
+        ctx.metrics.write({"step": steps, **_traffic(transport)})
+        progress.update(steps, None)
+    return steps
+
+
+def _pass_labels(transport: Transport, message: Message, dest: int) -> None:
+    labels = transport.recv(Kind.LABELS, message.source)
+    transport.send(labels.tensor, dest, Kind.LABELS, step=labels.step, flags=labels.flags)
+
+
+@dataclass(frozen=True)
+class TurnPlan:
+    """Which turns this client trains, and how long its parts' schedule is."""
+
+    turns: list[tuple[int, int]]
+    me: int
+    schedule_steps: int
+    """Sequential: every client's steps (the parts travel); parallel: this client's."""
+
+    @property
+    def my_steps(self) -> int:
+        return sum(length for k, length in self.turns if k == self.me)
+
+    @property
+    def evaluates_final(self) -> bool:
+        """Parallel clients each evaluate; in sequential order the last turn's client does."""
+        return self.turns[-1][0] == self.me if self.turns else True
+
+
+def plan_turns(ctx: RankContext, reader: ShardReader) -> TurnPlan:
+    """Exchanges step plans (collective) and derives this client's turns."""
+    cfg, me = ctx.config, ctx.me
+    plans = exchange_step_plans(ctx, planned_steps(len(reader), cfg.train), len(reader))
+    clients = ctx.topology.ranks(Role.CLIENT)
+    steps = [int(plans[rank, 0]) for rank in clients]
+    if cfg.scheme.client_order == "sequential":
+        lengths = [cfg.scheme.turn_steps or int(plans[rank, 1]) for rank in clients]
+        return TurnPlan(turn_schedule(steps, lengths), me.index, sum(steps))
+    return TurnPlan([(me.index, steps[me.index])], me.index, steps[me.index])
+
+
+@dataclass
+class ClientReport:
+    steps: int = 0
+    samples: int = 0
+    final_evals: list[EvalResult] = field(default_factory=list)
+
+
+def run_client_turns(
+    ctx: RankContext,
+    plan: TurnPlan,
+    reader: ShardReader,
+    segments: Sequence[Segment],
+    train_step: Callable[[Batch, int], float | None],
+    evaluate: Callable[[int, bool], EvalResult | None],
+    first_hop: int,
+) -> ClientReport:
+    """A client's turns: hand-over of ``segments`` in, ``train_step(batch, model_step)``
+    per batch (returns the loss where the client has it), periodic ``evaluate(step,
+    final=False)``, hand-over out. At the end the final turn's client calls
+    ``evaluate(step, True)`` (which must tell ``first_hop`` it is done); the others just
+    send ``first_hop`` a done marker.
+    """
+    cfg, transport = ctx.config, ctx.transport
+    clients = ctx.topology.ranks(Role.CLIENT)
+    batches = training_batches(reader, cfg.train)
+    left, model_steps, report = plan.my_steps, 0, ClientReport()
+    for turn, (client, length) in enumerate(plan.turns):
+        if client != plan.me:
+            continue
+        previous = plan.turns[turn - 1][0] if turn > 0 else plan.me
+        if previous != plan.me:
+            model_steps = _receive_parts(transport, clients[previous], segments)
+        for _ in range(length):
+            batch = next(batches)
+            loss = train_step(batch, model_steps)
+            model_steps += 1
+            report.samples += len(batch.labels)
+            record_client_step(ctx, model_steps, loss)
+            left -= 1
+            final_step = plan.evaluates_final and left == 0
+            if cfg.train.eval_every and model_steps % cfg.train.eval_every == 0 \
+                    and not final_step:
+                evaluate(model_steps, False)
+        following = plan.turns[turn + 1][0] if turn + 1 < len(plan.turns) else plan.me
+        if following != plan.me:
+            for segment in segments:
+                transport.send(segment.state_bytes(), clients[following], Kind.WEIGHTS,
+                               step=model_steps)
+    report.steps = plan.my_steps
+    if plan.evaluates_final:
+        result = evaluate(model_steps, True)
+        report.final_evals = [] if result is None else [result]
+    else:
+        send_marker(ctx, first_hop, model_steps, Flag.DONE)
+    return report
+
+
+def _receive_parts(transport: Transport, source: int, segments: Sequence[Segment]) -> int:
+    """Loads the handed-over parts; returns the model step they had reached."""
+    step = 0
+    for segment in segments:
+        handed = transport.recv(Kind.WEIGHTS, source, deadline=False)
+        segment.load_state_bytes(handed.tensor)
+        step = handed.step
+    return step
+
+
+def train_lower_client(ctx: RankContext, first_hop: int,
+                       after_step: Callable[[int], None] | None = None) -> RankResult:
+    """A client that holds segment 0 and sends cut activations with labels to ``first_hop``
+    (the server, or the first relay); ``after_step(model_step)`` runs after each step."""
+    transport = ctx.transport
+    reader = client_reader(ctx)
+    with reader, test_reader(ctx) as tests:
+        plan = plan_turns(ctx, reader)
+        segment = ctx.build_segment(0, plan.schedule_steps)
+
+        def train_step(batch: Batch, step: int) -> None:
+            with ctx.tracer.span("forward", step=step):
+                activation = segment.module(batch.features.to(ctx.device))
+            anchor = send_forward(activation, transport, first_hop, step)
+            transport.send(batch.labels, first_hop, Kind.LABELS, step=step)
+            with ctx.tracer.span("backward", step=step):
+                anchor.backward()
+            with ctx.tracer.span("optimizer", step=step):
+                segment.step()
+            if after_step is not None:
+                after_step(step + 1)
+
+        def evaluate(step: int, final: bool) -> None:
+            send_eval_pass(ctx, segment, tests, first_hop, step, final=final)
+
+        report = run_client_turns(ctx, plan, reader, [segment], train_step, evaluate,
+                                  first_hop)
+    return RankResult(steps=report.steps, samples=report.samples, segment=segment)
+
+
+def client_reader(ctx: RankContext) -> ShardReader:
+    """This client's training shard, shuffled by its own seed."""
+    cfg = ctx.config
+    return ShardReader(ctx.shard("client", ctx.me.index), batch_size=cfg.data.batch_size,
+                       shuffle=cfg.data.shuffle, seed=cfg.train.seed + ctx.me.index,
+                       prefetch=cfg.data.prefetch)

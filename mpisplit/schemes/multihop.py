@@ -1,0 +1,51 @@
+"""Multi-hop split learning: the model is a chain client → relay(s) → server.
+
+With ``len(model.cuts)`` cuts there are ``len(model.cuts) - 1`` relays; relay i holds segment
+i + 1, the server the last segment and the loss. Every rank builds only its own segment. Each
+hop serves activations in arrival order and returns the gradient to the rank the activation
+came from. Labels travel hop by hop with the activations (relays never read them); a relay
+passes an evaluation pass on without interleaving other traffic, so the server tallies it
+as the client named in its end marker. ``client_order`` works as in vanilla.
+"""
+
+from __future__ import annotations
+
+from mpisplit.engine import RankContext, RankResult
+from mpisplit.schemes.common import (
+    exchange_step_plans,
+    relay_activations,
+    serve_clients,
+    train_lower_client,
+)
+from mpisplit.topology import Role
+from mpisplit.transport import Kind
+
+CUTS = None
+ALLOWED = frozenset({
+    ("client", "relay", Kind.ACTIVATION),
+    ("client", "relay", Kind.LABELS),
+    ("relay", "relay", Kind.ACTIVATION),
+    ("relay", "relay", Kind.LABELS),
+    ("relay", "server", Kind.ACTIVATION),
+    ("relay", "server", Kind.LABELS),
+    ("server", "relay", Kind.GRADIENT),
+    ("relay", "relay", Kind.GRADIENT),
+    ("relay", "client", Kind.GRADIENT),
+    ("client", "client", Kind.WEIGHTS),
+})
+
+
+def run(ctx: RankContext) -> RankResult:
+    relays = ctx.topology.ranks(Role.RELAY)
+    if ctx.me.role == Role.CLIENT:
+        return train_lower_client(ctx, relays[0])
+    total = int(exchange_step_plans(ctx, 0, 0)[:, 0].sum())
+    if ctx.me.role == Role.SERVER:
+        segment = ctx.build_segment(len(ctx.run.bounds) - 1, total)
+        report = serve_clients(ctx, segment, total)
+        return RankResult(steps=report.steps, final_evals=report.final_evals, segment=segment)
+    index = ctx.me.index
+    segment = ctx.build_segment(index + 1, total)
+    next_hop = relays[index + 1] if index + 1 < len(relays) else ctx.topology.ranks(Role.SERVER)[0]
+    steps = relay_activations(ctx, segment, total, next_hop)
+    return RankResult(steps=steps, segment=segment)

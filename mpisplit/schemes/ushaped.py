@@ -1,0 +1,114 @@
+"""U-shaped split learning: the client holds the head (segment 0) and the tail with the loss
+(segment 2), the server only the middle (segment 1), so labels never leave the client.
+
+Forward goes client → server → client, gradients client → server → client. The server reads
+no data and its transport policy has no LABELS route at all. Clients evaluate themselves
+(they hold the labels): test activations go through the middle without autograd and come
+back flagged EVAL. ``client_order`` works as in vanilla; in sequential order both client
+segments are handed over.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+from mpisplit.cut import recv_forward, send_eval, send_forward
+from mpisplit.data import Batch, ShardReader
+from mpisplit.engine import EvalResult, RankContext, RankResult
+from mpisplit.schemes.common import (
+    EvalTally,
+    client_reader,
+    evaluating,
+    exchange_step_plans,
+    plan_turns,
+    record_eval,
+    record_traffic_by_kind,
+    relay_activations,
+    run_client_turns,
+    send_marker,
+    test_reader,
+)
+from mpisplit.segment import Segment
+from mpisplit.topology import Role
+from mpisplit.transport import Flag, Kind
+
+CUTS = 2
+ALLOWED = frozenset({
+    ("client", "server", Kind.ACTIVATION),
+    ("server", "client", Kind.ACTIVATION),
+    ("client", "server", Kind.GRADIENT),
+    ("server", "client", Kind.GRADIENT),
+    ("client", "client", Kind.WEIGHTS),
+})
+
+
+def run(ctx: RankContext) -> RankResult:
+    if ctx.me.role == Role.SERVER:
+        return _serve(ctx)
+    return _train_client(ctx)
+
+
+def _serve(ctx: RankContext) -> RankResult:
+    total = int(exchange_step_plans(ctx, 0, 0)[:, 0].sum())
+    segment = ctx.build_segment(1, total)
+    steps = relay_activations(ctx, segment, total, next_hop=None)
+    record_traffic_by_kind(ctx)
+    return RankResult(steps=steps, segment=segment)
+
+
+def _train_client(ctx: RankContext) -> RankResult:
+    transport = ctx.transport
+    server = ctx.topology.ranks(Role.SERVER)[0]
+    reader = client_reader(ctx)
+    with reader, test_reader(ctx) as tests:
+        plan = plan_turns(ctx, reader)
+        head = ctx.build_segment(0, plan.schedule_steps)
+        tail = ctx.build_segment(2, plan.schedule_steps)
+
+        def train_step(batch: Batch, step: int) -> float:
+            with ctx.tracer.span("forward", step=step):
+                anchor = send_forward(head.module(batch.features.to(ctx.device)), transport,
+                                      server, step)
+                middle, _ = recv_forward(transport, server, device=ctx.device)
+                loss = nn.functional.cross_entropy(tail.module(middle),
+                                                   batch.labels.to(ctx.device))
+            with ctx.tracer.span("backward", step=step):
+                loss.backward()
+                anchor.backward()
+            with ctx.tracer.span("optimizer", step=step):
+                head.step()
+                tail.step()
+            return float(loss.detach())
+
+        def evaluate(step: int, final: bool) -> EvalResult:
+            result = _evaluate_split(ctx, head, tail, tests, server, step)
+            if final:
+                send_marker(ctx, server, step, Flag.DONE)
+            return result
+
+        report = run_client_turns(ctx, plan, reader, [head, tail], train_step, evaluate,
+                                  server)
+    parts = _joined(head, tail)
+    return RankResult(steps=report.steps, samples=report.samples,
+                      final_evals=report.final_evals, segment=parts)
+
+
+def _evaluate_split(ctx: RankContext, head: Segment, tail: Segment, tests: ShardReader,
+                    server: int, step: int) -> EvalResult:
+    """Test metrics through head → server middle → tail; labels stay here."""
+    tally = EvalTally()
+    with evaluating(head.module), evaluating(tail.module), ctx.tracer.span("eval"):
+        for batch in tests.epoch(0):
+            send_eval(head.module(batch.features.to(ctx.device)), ctx.transport, server, step)
+            middle, _ = recv_forward(ctx.transport, server, device=ctx.device, train=False)
+            tally.add(tail.module(middle), batch.labels.to(ctx.device))
+    return record_eval(ctx, tally.result(step, ctx.me.index))
+
+
+def _joined(head: Segment, tail: Segment) -> Segment:
+    """Both client parts as one module, so ``model-rank<R>.pt`` holds all of them."""
+    module = nn.Sequential(OrderedDict([*head.module.named_children(),
+                                        *tail.module.named_children()]))
+    return Segment(module, head.optimizer, head.scheduler)
