@@ -38,10 +38,21 @@ class SchemeConfig:
     """sequential: round-robin with weight hand-over; parallel: all clients at once."""
     turn_steps: int = 0
     """Sequential mode: batches per client turn (0 = one pass over the client's shard)."""
+    fedavg_every: int = 1
+    """splitfed, fedavg: local steps between sample-weighted averages of the client weights
+    (and, in splitfed v1, of the server's per-client copies); a last average follows the end."""
+    splitfed_variant: Literal["v1", "v2"] = "v1"
+    """splitfed: v1 = one server copy per client, averaged with the clients'; v2 = one shared
+    server model updated client by client in ``server_order``."""
+    server_order: Literal["fixed", "random"] = "fixed"
+    """splitfed v2: the order the server serves clients in each round; fixed = client index
+    order (deterministic), random = reshuffled every round from train.seed."""
 
     def __post_init__(self) -> None:
         _require(self.clients >= 1, "scheme.clients", f"must be >= 1, got {self.clients}")
         _require(self.turn_steps >= 0, "scheme.turn_steps", "must be >= 0 (0 = one epoch)")
+        _require(self.fedavg_every >= 1, "scheme.fedavg_every",
+                 f"must be >= 1, got {self.fedavg_every}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -75,12 +75,16 @@ LAYOUTS: dict[str, Callable[[Config], RoleCounts]] = {
     "vanilla": _server_and_clients,
     "ushaped": _server_and_clients,
     "multihop": _chain,
+    "fedavg": lambda cfg: [(Role.CLIENT, cfg.scheme.clients)],
+    "syncsgd": lambda cfg: [(Role.CLIENT, cfg.scheme.clients)],
     "centralized": lambda cfg: [(Role.SERVER, 1)],
 }
 
 
 def plan(cfg: Config) -> Topology:
-    """The rank layout ``cfg`` asks for: server(s) first, then relays, then clients."""
+    """The rank layout ``cfg`` asks for: server(s) first, then relays, then clients.
+
+    The federated baselines (fedavg, syncsgd) have no server: rank 0 is client 0."""
     layout = LAYOUTS.get(cfg.scheme.name)
     if layout is None:
         raise ConfigError(

@@ -57,3 +57,16 @@ def merged_parts(run_dir: Path, ranks: Sequence[int]) -> dict[str, torch.Tensor]
         assert not set(part) & set(merged), "two ranks hold the same layer"
         merged.update(part)
     return merged
+
+
+def client_batches(data: Path, client: int, *, batch_size: int, seed: int):
+    """Client ``client``'s training batches, epoch after epoch, as the engine reads them."""
+    reader = ShardReader(data / f"client-{client}.h5", batch_size=batch_size,
+                         seed=seed + client, prefetch=0)
+    return _endless(reader), reader.num_samples
+
+
+def initial_model(data: Path, model: ModelConfig) -> torch.nn.Sequential:
+    meta = read_meta(data)
+    plan = layer_plan(model, meta["feature_shape"], meta["num_classes"])
+    return build_layers(plan, 0, len(plan), model.seed)

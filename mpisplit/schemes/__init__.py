@@ -12,7 +12,7 @@ from types import ModuleType
 
 from mpisplit.config import ConfigError
 
-AVAILABLE = ("vanilla", "ushaped", "multihop", "centralized")
+AVAILABLE = ("vanilla", "ushaped", "multihop", "centralized", "fedavg", "syncsgd")
 
 
 def get(name: str) -> ModuleType:

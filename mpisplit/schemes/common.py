@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from mpi4py import MPI
 from torch import nn
 
 from mpisplit.config import TrainConfig
@@ -161,9 +162,9 @@ def serve_clients(
     transport: Transport = ctx.transport
     client_index = {rank: k for k, rank in enumerate(ctx.topology.ranks(Role.CLIENT))}
     progress = make_progress(ctx, total_steps)
-    remaining, tallies, report = len(client_index), {}, ServeReport()
-    while remaining:
-        activation, message = recv_forward(transport, device=ctx.device)
+    active, tallies, report = set(client_index), {}, ServeReport()
+    while active:
+        activation, message = recv_forward(transport, device=ctx.device, senders=sorted(active))
         source = message.source
         if message.flags & (Flag.LAST | Flag.DONE):
             if message.flags & Flag.LAST:
@@ -171,7 +172,8 @@ def serve_clients(
                 result = record_eval(ctx, tally.result(message.step, int(activation[0])))
                 if message.flags & Flag.DONE:
                     report.final_evals.append(result)
-            remaining -= bool(message.flags & Flag.DONE)
+            if message.flags & Flag.DONE:
+                active.discard(source)
             continue
         labels = transport.recv(Kind.LABELS, source).tensor.to(ctx.device)
         if message.flags & Flag.EVAL:
@@ -236,7 +238,8 @@ def relay_activations(ctx: RankContext, segment: Segment, total_steps: int,
             if next_hop is not None:
                 transport.send(activation, dest, Kind.ACTIVATION, step=message.step,
                                flags=message.flags)
-            remaining -= bool(message.flags & Flag.DONE)
+            if message.flags & Flag.DONE:
+                active.discard(source)
             source = ANY_SOURCE
             continue
         if message.flags & Flag.EVAL:
@@ -399,3 +402,81 @@ def client_reader(ctx: RankContext) -> ShardReader:
     return ShardReader(ctx.shard("client", ctx.me.index), batch_size=cfg.data.batch_size,
                        shuffle=cfg.data.shuffle, seed=cfg.train.seed + ctx.me.index,
                        prefetch=cfg.data.prefetch)
+
+
+def client_comm(ctx: RankContext) -> MPI.Comm | None:
+    """A clients-only communicator (None on other ranks); collective over ``ctx.comm``."""
+    is_client = ctx.me.role == Role.CLIENT
+    comm = ctx.comm.Split(0 if is_client else MPI.UNDEFINED, ctx.me.rank)
+    return comm if is_client else None
+
+
+def sample_weight(comm: MPI.Comm, samples: int) -> float:
+    """This member's share of all samples on ``comm``: its FedAvg weight."""
+    total = np.array([samples], np.float64)
+    comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
+    return samples / total[0]
+
+
+def average_parameters(comm: MPI.Comm, module: nn.Module, weight: float) -> None:
+    """Replaces the parameters by their ``weight``-ed sum over ``comm`` (one raw Allreduce)."""
+    params = list(module.parameters())
+    with torch.no_grad():
+        flat = (torch.nn.utils.parameters_to_vector(params) * weight).to("cpu", torch.float64)
+        buffer = flat.numpy()
+        comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(buffer).to(params[0]), params)
+
+
+@dataclass(frozen=True)
+class AveragingPlan:
+    """When FedAvg-style averages happen, agreed by every member from the same step plans:
+    after every ``every``-th step that all members reach, then once more after each member's
+    last step unless that point already was the last one for everybody."""
+
+    every: int
+    common: int
+    at_end: bool
+
+    @classmethod
+    def of(cls, steps: Sequence[int], every: int) -> AveragingPlan:
+        common = min(steps)
+        return cls(every, common, max(steps) != common or common % every != 0)
+
+    def due(self, step: int, last: int) -> int:
+        """How many averages follow ``step`` for a member whose last step is ``last``."""
+        periodic = step <= self.common and step % self.every == 0
+        return int(periodic) + int(self.at_end and step == last)
+
+
+def train_whole_model(ctx: RankContext, segment: Segment, reader: ShardReader,
+                      tests: ShardReader, after_step: Callable[[int], None]) -> int:
+    """Local training of a whole model on this client's shard (federated baselines);
+    ``after_step(step)`` runs after each optimizer step. Returns the samples trained on."""
+    cfg = ctx.config
+    total = planned_steps(len(reader), cfg.train)
+    progress = make_progress(ctx, total)
+    samples = 0
+    for step, batch in enumerate(training_batches(reader, cfg.train), start=1):
+        with ctx.tracer.span("step", step=step):
+            logits = segment.module(batch.features.to(ctx.device))
+            loss = nn.functional.cross_entropy(logits, batch.labels.to(ctx.device))
+            loss.backward()
+            segment.step()
+        after_step(step)
+        samples += len(batch.labels)
+        finish_local_step(ctx, tests, segment.module, progress, step, total,
+                          float(loss.detach()))
+    return samples
+
+
+def finish_local_step(ctx: RankContext, tests: ShardReader, module: nn.Module,
+                      progress: Progress, step: int, total: int, loss: float) -> None:
+    """Metrics, and on client 0 progress and the periodic test evaluation."""
+    record_client_step(ctx, step, loss)
+    if ctx.me.index != 0:
+        return
+    progress.update(step, loss)
+    every = ctx.config.train.eval_every
+    if every and step % every == 0 and step != total:
+        evaluate_locally(ctx, module, tests, step, client=0)

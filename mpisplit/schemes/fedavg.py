@@ -1,0 +1,45 @@
+"""Federated averaging baseline: every client rank trains the whole model on its own shard,
+and every ``scheme.fedavg_every`` local steps the weights are averaged, weighted by the
+clients' sample counts (one raw-buffer Allreduce). There is no server: the K ranks are the
+K clients, and client 0 (rank 0) reports the test metrics of the averaged model.
+"""
+
+from __future__ import annotations
+
+from mpisplit.engine import RankContext, RankResult
+from mpisplit.schemes.common import (
+    AveragingPlan,
+    average_parameters,
+    client_comm,
+    client_reader,
+    evaluate_locally,
+    exchange_step_plans,
+    planned_steps,
+    sample_weight,
+    test_reader,
+    train_whole_model,
+)
+
+CUTS = None
+ALLOWED: frozenset = frozenset()
+
+
+def run(ctx: RankContext) -> RankResult:
+    cfg = ctx.config
+    with client_reader(ctx) as reader, test_reader(ctx) as tests:
+        steps = planned_steps(len(reader), cfg.train)
+        plans = exchange_step_plans(ctx, steps, len(reader))
+        segment = ctx.build_segment(0, steps, through=len(ctx.run.bounds) - 1)
+        comm = client_comm(ctx)
+        weight = sample_weight(comm, reader.num_samples)
+        averaging = AveragingPlan.of(plans[:, 0].tolist(), cfg.scheme.fedavg_every)
+
+        def after_step(step: int) -> None:
+            for _ in range(averaging.due(step, steps)):
+                average_parameters(comm, segment.module, weight)
+
+        samples = train_whole_model(ctx, segment, reader, tests, after_step)
+        finals = [evaluate_locally(ctx, segment.module, tests, steps, 0)] if ctx.me.index == 0 \
+            else []
+        comm.Free()
+    return RankResult(steps=steps, samples=samples, final_evals=finals, segment=segment)
