@@ -9,6 +9,7 @@ Chaining the two gives U-shaped and multi-hop schemes with the same two calls.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,9 +39,13 @@ def send_forward(activation: torch.Tensor, transport: Transport, dest: int,
 
 def recv_forward(transport: Transport, source: int = ANY_SOURCE, *,
                  device: torch.device | None = None, train: bool = True,
-                 kind: Kind = Kind.ACTIVATION) -> tuple[torch.Tensor, Message]:
-    """Receives a cut activation; in training its gradient goes back to its sender."""
-    message = transport.recv(kind, source)
+                 kind: Kind = Kind.ACTIVATION,
+                 senders: Sequence[int] = ()) -> tuple[torch.Tensor, Message]:
+    """Receives a cut activation; in training its gradient goes back to its sender.
+
+    ``senders``: the ranks an any-source receive waits on (named if they fall silent).
+    """
+    message = transport.recv(kind, source, senders=senders)
     activation = message.tensor.to(device) if device is not None else message.tensor
     if train and not message.flags & Flag.EVAL:
         activation.requires_grad_(True)

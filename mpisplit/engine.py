@@ -131,7 +131,7 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
         timeout_s=cfg.transport.timeout_s, tracer=tracer, allowed=scheme.ALLOWED,
     )
     header = {"rank": me.rank, "role": me.label, "host": socket.gethostname(),
-              "node": os.environ.get("MPISPLIT_NODE", socket.gethostname())}
+              "pid": os.getpid(), "node": os.environ.get("MPISPLIT_NODE", socket.gethostname())}
     metrics = MetricsLog(run_dir, me.rank, header, flush_every=cfg.run.log_every)
     ctx = RankContext(run, me, comm, transport, tracer, metrics, run_dir, _device(cfg))
     start = time.perf_counter()

@@ -3,7 +3,8 @@
 Expected errors (bad config or data, a stalled peer, a forbidden send) print one line naming
 rank, host, role and cause; anything else prints its traceback first. Then the rank calls
 ``Abort`` on the job's communicator, which takes every other rank down with it: nobody is
-left blocked in MPI waiting for a peer that will never answer.
+left blocked in MPI waiting for a peer that will never answer. A job of one rank simply exits
+with the same status.
 """
 
 from __future__ import annotations
@@ -36,5 +37,7 @@ def abort_on_failure(comm: MPI.Comm, label: str, body: Callable[[], T]) -> T:
         cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
         print(f"mpisplit: rank {rank} ({label}) on {socket.gethostname()} failed: {cause}",
               file=sys.stderr, flush=True)
+        if comm.Get_size() == 1:
+            raise SystemExit(EXIT_FAILURE) from None
         comm.Abort(EXIT_FAILURE)
         raise  # unreachable after Abort; keeps type checkers honest

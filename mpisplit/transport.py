@@ -159,18 +159,19 @@ class Transport:
         self.traffic.sent_messages[dest, kind] += 1 if nbytes <= INLINE_LIMIT else 2
 
     def recv(self, kind: Kind, source: int = ANY_SOURCE, *, deadline: bool = True,
-             out: torch.Tensor | None = None) -> Message:
+             out: torch.Tensor | None = None, senders: Sequence[int] = ()) -> Message:
         """Receives the next ``kind`` message from ``source`` (any source by default).
 
         With ``deadline=False`` the wait is unbounded; use it only where another rank is
         already waiting on the same peer with a deadline (so a stall is still detected).
         ``out`` is a buffer to receive into when the message has its shape and dtype (the
         steady state of a fixed-shape exchange); otherwise a new tensor is allocated.
+        ``senders`` names the ranks an any-source receive is waiting on, for the timeout error.
         """
         status = self._status
         with self._span("wait", kind, source):
             probe = self._poll(lambda: self._headers.Improbe(source, kind, status),
-                               source, kind, "receive", deadline)
+                               senders or [source], kind, "receive", deadline)
         size = status.Get_count(MPI.BYTE)
         source = status.Get_source()
         if size > self._recv_scratch.size:
@@ -218,10 +219,11 @@ class Transport:
     def _wait_request(self, requests: MPI.Request | list[MPI.Request], peer: int, kind: Kind,
                       what: str) -> None:
         pending = requests if isinstance(requests, list) else [requests]
-        self._poll(lambda: True if MPI.Request.Testall(pending) else None, peer, kind, what, True)
+        self._poll(lambda: True if MPI.Request.Testall(pending) else None, [peer], kind, what,
+                   True)
 
-    def _poll(self, attempt: Callable[[], T | None], peer: int, kind: Kind, what: str,
-              deadline: bool) -> T:
+    def _poll(self, attempt: Callable[[], T | None], peers: Sequence[int], kind: Kind,
+              what: str, deadline: bool) -> T:
         """Polls ``attempt`` until it succeeds, against the transport deadline.
 
         The first ``_SPIN_S`` seconds poll with a yield between attempts (low latency, and
@@ -237,7 +239,8 @@ class Transport:
                 os.sched_yield()
                 continue
             if deadline and waited > self.timeout_s:
-                who = "any rank" if peer == ANY_SOURCE else f"rank {peer} ({self.roles[peer]})"
+                who = ", ".join("any rank" if peer == ANY_SOURCE else
+                                f"rank {peer} ({self.roles[peer]})" for peer in peers)
                 raise PeerTimeout(
                     f"rank {self.rank} ({self.roles[self.rank]}) waited {self.timeout_s:g} s "
                     f"to {what} {kind.name} with {who}: no answer (transport.timeout_s)"

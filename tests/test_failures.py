@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
-from tests.conftest import run_mpi
+from tests.conftest import ROOT, mpiexec, run_mpi
 
 CONFIG = "configs/vanilla-breast-cancer.yaml"
 LIMIT_S = 30
@@ -56,3 +63,48 @@ def test_rank_failing_mid_training_ends_the_job(dataset, tmp_path: Path) -> None
     assert elapsed < LIMIT_S
     assert "rank 2 (client1)" in result.stderr and "failed: DataError" in result.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def _start_long_run(dataset, run_dir: Path, *extra: str) -> subprocess.Popen:
+    data = dataset("breast_cancer", clients=3)
+    command = [mpiexec(), "-n", "4", sys.executable, "-m", "mpisplit", "train", CONFIG,
+               f"data.path={data}", f"run.dir={run_dir}", "run.progress=none",
+               "train.epochs=500", "run.log_every=1", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT)
+
+
+def _pid_once_training(run_dir: Path, rank: int, process: subprocess.Popen) -> int:
+    """Waits until ``rank`` has trained a few steps and returns its process id."""
+    metrics = run_dir / f"metrics-rank{rank}.jsonl"
+    deadline = time.monotonic() + LIMIT_S
+    while time.monotonic() < deadline and process.poll() is None:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if len(lines) > 5:
+            return json.loads(lines[0])["pid"]
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"rank {rank} never started training: {process.communicate()[1][-2000:]}")
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGSTOP"])
+def test_killed_or_stalled_client_ends_the_job(signal_name: str, dataset, tmp_path: Path) -> None:
+    """SIGKILL: the launcher takes the job down. SIGSTOP (a stall): the server's deadline
+    fires, names the silent peer, and the abort takes every rank down."""
+    process = _start_long_run(dataset, tmp_path, "transport.timeout_s=3")
+    try:
+        pid = _pid_once_training(tmp_path, 2, process)
+        os.kill(pid, getattr(signal, signal_name))
+        start = time.monotonic()
+        _, stderr = process.communicate(timeout=LIMIT_S)
+        elapsed = time.monotonic() - start
+    finally:
+        process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert process.returncode != 0
+    assert elapsed < LIMIT_S
+    if signal_name == "SIGSTOP":
+        assert "rank 0 (server)" in stderr and "failed: PeerTimeout" in stderr
+        assert "with rank 2 (client)" in stderr  # the silent one, named
