@@ -184,6 +184,16 @@ def check_finite(batch: Batch, source: str | Path = "batch") -> None:
         raise DataError(f"{source}: features of id {int(batch.ids[row])} contain NaN or inf")
 
 
+def check_labels(batch: Batch, num_classes: int, source: str | Path = "batch") -> None:
+    """Fail fast on labels outside ``0..num_classes-1``, which the loss would reject later."""
+    labels = batch.labels.numpy()
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(f"{source}: label {int(labels[row])} of id {int(batch.ids[row])} is "
+                        f"outside 0..{num_classes - 1}")
+
+
 class ShardReader:
     """Streams the batches of one shard file with bounded memory.
 
@@ -225,6 +235,7 @@ class ShardReader:
             self._file.close()
             raise
         self.num_samples = size if rows is None else len(self._rows)
+        self._num_classes = int(self._file.attrs.get("num_classes", 0))
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -259,6 +270,8 @@ class ShardReader:
             batch = self._read(start, stop, permutation)
             if "features" in self._fields:
                 check_finite(batch, self.path)
+            if "labels" in self._fields:
+                check_labels(batch, self._num_classes, self.path)
             yield batch
 
     def _plan(self, epoch: int) -> Iterator[tuple[int, int, np.ndarray | None]]:
