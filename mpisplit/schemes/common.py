@@ -149,23 +149,38 @@ class ServeReport:
 
 def serve_clients(
     ctx: RankContext,
-    segment: Segment,
+    segment: Segment | Callable[[int], Segment],
     total_steps: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
+    *,
+    order: Sequence[int] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> ServeReport:
     """The server's loop: serve cut activations from any client in arrival order.
 
     Training activations get a forward, loss and backward (the gradient goes back to the
     sender through the cut hook) and one optimizer step. Evaluation passes are tallied per
     client. The loop ends when every client has said it is done.
+
+    ``segment`` may be a function of the sender's rank (one upper model per client);
+    ``order`` fixes the sender of each training step (arrival order after it runs out);
+    ``after_step(source)`` runs after each training step.
     """
     transport: Transport = ctx.transport
-    client_index = {rank: k for k, rank in enumerate(ctx.topology.ranks(Role.CLIENT))}
+    clients = ctx.topology.ranks(Role.CLIENT)
+    client_index = {rank: k for k, rank in enumerate(clients)}
+    last_relay = ctx.topology.ranks(Role.RELAY)[-1:]
+    segment_for = segment if callable(segment) else lambda _source: segment
+    senders = iter(order or ())
+    expected = next(senders, ANY_SOURCE)
     progress = make_progress(ctx, total_steps)
-    active, tallies, report = set(client_index), {}, ServeReport()
+    active, tallies, report = set(range(len(clients))), {}, ServeReport()
     while active:
-        activation, message = recv_forward(transport, device=ctx.device, senders=sorted(active))
+        feeders = last_relay or sorted(clients[k] for k in active)
+        activation, message = recv_forward(transport, expected, device=ctx.device,
+                                           senders=feeders)
         source = message.source
+        module = segment_for(source).module
         if message.flags & (Flag.LAST | Flag.DONE):
             if message.flags & Flag.LAST:
                 tally = tallies.pop(source, EvalTally())
@@ -173,19 +188,22 @@ def serve_clients(
                 if message.flags & Flag.DONE:
                     report.final_evals.append(result)
             if message.flags & Flag.DONE:
-                active.discard(source)
+                active.discard(int(activation[0]))
             continue
         labels = transport.recv(Kind.LABELS, source).tensor.to(ctx.device)
         if message.flags & Flag.EVAL:
-            with evaluating(segment.module):
-                tallies.setdefault(source, EvalTally()).add(segment.module(activation), labels)
+            with evaluating(module):
+                tallies.setdefault(source, EvalTally()).add(module(activation), labels)
             continue
         with ctx.tracer.span("forward", step=report.steps):
-            loss = loss_fn(segment.module(activation), labels)
+            loss = loss_fn(module(activation), labels)
         with ctx.tracer.span("backward", step=report.steps):
             loss.backward()
         with ctx.tracer.span("optimizer", step=report.steps):
-            segment.step()
+            segment_for(source).step()
+        if after_step is not None:
+            after_step(source)
+        expected = next(senders, ANY_SOURCE)
         report.steps += 1
         loss_value = float(loss.detach())
         ctx.metrics.write({"step": report.steps, "loss": loss_value,
@@ -238,8 +256,7 @@ def relay_activations(ctx: RankContext, segment: Segment, total_steps: int,
             if next_hop is not None:
                 transport.send(activation, dest, Kind.ACTIVATION, step=message.step,
                                flags=message.flags)
-            if message.flags & Flag.DONE:
-                active.discard(source)
+            remaining -= bool(message.flags & Flag.DONE)
             source = ANY_SOURCE
             continue
         if message.flags & Flag.EVAL:
@@ -367,9 +384,10 @@ def _receive_parts(transport: Transport, source: int, segments: Sequence[Segment
 
 
 def train_lower_client(ctx: RankContext, first_hop: int,
-                       after_step: Callable[[int], None] | None = None) -> RankResult:
+                       after_step: Callable[[Segment, int], None] | None = None) -> RankResult:
     """A client that holds segment 0 and sends cut activations with labels to ``first_hop``
-    (the server, or the first relay); ``after_step(model_step)`` runs after each step."""
+    (the server, or the first relay); ``after_step(segment, model_step)`` runs after each
+    step."""
     transport = ctx.transport
     reader = client_reader(ctx)
     with reader, test_reader(ctx) as tests:
@@ -386,7 +404,7 @@ def train_lower_client(ctx: RankContext, first_hop: int,
             with ctx.tracer.span("optimizer", step=step):
                 segment.step()
             if after_step is not None:
-                after_step(step + 1)
+                after_step(segment, step + 1)
 
         def evaluate(step: int, final: bool) -> None:
             send_eval_pass(ctx, segment, tests, first_hop, step, final=final)
