@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
                             "in the run directory)")
     train.set_defaults(handler=_train)
 
+    audit = commands.add_parser(
+        "audit", help="check what crossed between ranks against what the scheme allows")
+    audit.add_argument("run_dir", help="run directory of a finished run")
+    audit.set_defaults(handler=_audit)
+
     topology = commands.add_parser("topology", help="print the rank → role table")
     _config_arguments(topology)
     topology.add_argument("--ntasks", action="store_true",
@@ -95,6 +100,15 @@ def _reexec_with_pmpi(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     command = ["-m", "mpisplit", "train", "--pmpi", args.config, *args.overrides]
     os.execve(sys.executable, [sys.executable, *command], env)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from mpisplit.audit import main as audit_main
+
+    try:
+        return audit_main(args)
+    except (ConfigError, OSError, ValueError) as err:
+        return _bad_input(err)
 
 
 def _topology(args: argparse.Namespace) -> int:

@@ -140,7 +140,8 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
         wall = time.perf_counter() - start
         metrics.write({"event": "end", "steps": result.steps, "wall_s": wall,
                        "bytes_sent": transport.traffic.total_sent,
-                       "bytes_received": transport.traffic.total_received})
+                       "bytes_received": transport.traffic.total_received,
+                       "sent_routes": transport.traffic.sent_routes()})
         if cfg.run.save_model and result.segment is not None:
             torch.save(result.segment.module.state_dict(), run_dir / f"model-rank{me.rank}.pt")
         summary = _summarize(ctx, result, wall, header["node"])

@@ -97,6 +97,14 @@ class Traffic:
         self.sent_messages = np.zeros(shape, np.int64)
         self.recv_messages = np.zeros(shape, np.int64)
 
+    def sent_routes(self) -> dict[int, dict[str, int]]:
+        """Bytes sent per destination and kind (non-zero only): the evidence for audits."""
+        return {
+            int(peer): {Kind(kind).name: int(self.sent_bytes[peer, kind])
+                        for kind in Kind if self.sent_bytes[peer, kind]}
+            for peer in np.flatnonzero(self.sent_bytes.sum(axis=1))
+        }
+
     @property
     def total_sent(self) -> int:
         return int(self.sent_bytes.sum())
