@@ -135,6 +135,24 @@ class TransportConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class PrivacyConfig:
+    noise_std: float = 0.0
+    """Standard deviation of Gaussian noise added to each cut activation a client sends."""
+    clip_norm: float = 0.0
+    """Clip each sample's cut activation to this L2 norm before the noise (0 = off)."""
+    nopeek_weight: float = 0.0
+    """Weight of the NoPeek penalty: distance correlation of raw inputs and cut activations."""
+    seed: int = 0
+    """Seed of the noise (each client offsets it by its index)."""
+
+    def __post_init__(self) -> None:
+        _require(self.noise_std >= 0, "privacy.noise_std", f"must be >= 0, got {self.noise_std}")
+        _require(self.clip_norm >= 0, "privacy.clip_norm", f"must be >= 0, got {self.clip_norm}")
+        _require(self.nopeek_weight >= 0, "privacy.nopeek_weight",
+                 f"must be >= 0, got {self.nopeek_weight}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RunConfig:
     dir: str = "runs/default"
     """Run directory: resolved config, per-rank metrics, summary."""
@@ -159,6 +177,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -80,6 +80,9 @@ class RankResult:
     final_evals: list[EvalResult] = field(default_factory=list)
     segment: Segment | None = None
     """The part this rank trained, saved as ``model-rank<R>.pt`` when ``run.save_model``."""
+    leakage: float | None = None
+    """Distance correlation between this client's test inputs and the cut activations that
+    left for them (clients that send cut activations only)."""
 
 
 @dataclass
@@ -171,8 +174,9 @@ def _summarize(
     """Gathers every rank's counters and final evaluations (raw buffers) onto rank 0."""
     comm, traffic = ctx.comm, ctx.transport.traffic
     size, root = comm.Get_size(), 0
+    leakage = np.nan if result.leakage is None else result.leakage
     counters = np.array([result.steps, result.samples, traffic.total_sent,
-                         traffic.total_received, wall], np.float64)
+                         traffic.total_received, wall, leakage], np.float64)
     all_counters = np.zeros((size, counters.size), np.float64) if ctx.me.rank == root else None
     comm.Gather(counters, all_counters, root)
     name = np.zeros(_NODE_BYTES, np.uint8)
@@ -209,9 +213,15 @@ def _summarize(
             {"client": int(c), "step": int(s), "loss": float(loss), "accuracy": float(a),
              "samples": int(n)} for s, c, loss, a, n in evals
         ],
+        "leakage_distance_correlation": _mean_or_none(all_counters[:, 5]),
         "bytes_sent_per_rank": [int(b) for b in all_counters[:, 2]],
         "bytes_received_per_rank": [int(b) for b in all_counters[:, 3]],
     }
+
+
+def _mean_or_none(values: np.ndarray) -> float | None:
+    present = values[~np.isnan(values)]
+    return float(present.mean()) if present.size else None
 
 
 def _log_final(logger: Any, summary: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from mpisplit.config import TrainConfig
 from mpisplit.cut import recv_forward, send_eval, send_forward
 from mpisplit.data import Batch, ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult
+from mpisplit.privacy import distance_correlation, nopeek_penalty, protect
 from mpisplit.runlog import Progress
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
@@ -75,14 +76,56 @@ def test_reader(ctx: RankContext, kind: str = "client") -> ShardReader:
                        shuffle=False, prefetch=0)
 
 
-def send_eval_pass(ctx: RankContext, segment: Segment, reader: ShardReader, dest: int,
-                   step: int, *, final: bool) -> None:
-    """Forwards the whole test set through ``segment`` to ``dest``, then an end marker."""
+class CutSender:
+    """Everything a client's cut activation goes through before it leaves: the configured
+    defences (clipping, noise, NoPeek), and the leakage measure on test data."""
+
+    LEAKAGE_SAMPLES = 1000
+
+    def __init__(self, ctx: RankContext) -> None:
+        self.ctx = ctx
+        self.privacy = ctx.config.privacy
+        self.noise = torch.Generator().manual_seed(self.privacy.seed + ctx.me.index)
+        self.leakage: float | None = None
+
+    def train(self, activation: torch.Tensor, inputs: torch.Tensor, dest: int,
+              step: int) -> torch.Tensor:
+        """Sends the defended activation; ``.backward()`` on the result completes this
+        client's back-propagation (cut gradient plus the NoPeek penalty)."""
+        sent = protect(activation, self.privacy, self.noise)
+        anchor = send_forward(sent, self.ctx.transport, dest, step)
+        penalty = nopeek_penalty(inputs, activation, self.privacy)
+        return anchor if penalty is None else anchor + penalty
+
+    def evaluate(self, activation: torch.Tensor, dest: int, step: int) -> torch.Tensor:
+        """Sends a forward-only activation (defended like training traffic)."""
+        sent = protect(activation, self.privacy, self.noise)
+        send_eval(sent, self.ctx.transport, dest, step)
+        return sent
+
+    def measure_leakage(self, inputs: list[torch.Tensor], sent: list[torch.Tensor]) -> None:
+        """Distance correlation between test inputs and what left for them."""
+        x = torch.cat(inputs)[: self.LEAKAGE_SAMPLES].double()
+        z = torch.cat(sent)[: self.LEAKAGE_SAMPLES].double()
+        self.leakage = float(distance_correlation(x, z.cpu()))
+
+
+def send_eval_pass(ctx: RankContext, sender: CutSender, segment: Segment, reader: ShardReader,
+                   dest: int, step: int, *, final: bool) -> None:
+    """Forwards the whole test set through ``segment`` to ``dest``, then an end marker; the
+    final pass also measures leakage."""
     transport = ctx.transport
+    inputs, sent = [], []
     with evaluating(segment.module), ctx.tracer.span("eval"):
         for batch in reader.epoch(0):
-            send_eval(segment.module(batch.features.to(ctx.device)), transport, dest, step)
+            features = batch.features.to(ctx.device)
+            activation = sender.evaluate(segment.module(features), dest, step)
             transport.send(batch.labels, dest, Kind.LABELS, step=step, flags=Flag.EVAL)
+            if final:
+                inputs.append(batch.features)
+                sent.append(activation)
+    if final:
+        sender.measure_leakage(inputs, sent)
     end = Flag.EVAL | Flag.LAST | (Flag.DONE if final else Flag.NONE)
     send_marker(ctx, dest, step, end)
 
@@ -393,11 +436,13 @@ def train_lower_client(ctx: RankContext, first_hop: int,
     with reader, test_reader(ctx) as tests:
         plan = plan_turns(ctx, reader)
         segment = ctx.build_segment(0, plan.schedule_steps)
+        sender = CutSender(ctx)
 
         def train_step(batch: Batch, step: int) -> None:
             with ctx.tracer.span("forward", step=step):
-                activation = segment.module(batch.features.to(ctx.device))
-            anchor = send_forward(activation, transport, first_hop, step)
+                features = batch.features.to(ctx.device)
+                activation = segment.module(features)
+            anchor = sender.train(activation, features, first_hop, step)
             transport.send(batch.labels, first_hop, Kind.LABELS, step=step)
             with ctx.tracer.span("backward", step=step):
                 anchor.backward()
@@ -407,11 +452,12 @@ def train_lower_client(ctx: RankContext, first_hop: int,
                 after_step(segment, step + 1)
 
         def evaluate(step: int, final: bool) -> None:
-            send_eval_pass(ctx, segment, tests, first_hop, step, final=final)
+            send_eval_pass(ctx, sender, segment, tests, first_hop, step, final=final)
 
         report = run_client_turns(ctx, plan, reader, [segment], train_step, evaluate,
                                   first_hop)
-    return RankResult(steps=report.steps, samples=report.samples, segment=segment)
+    return RankResult(steps=report.steps, samples=report.samples, segment=segment,
+                      leakage=sender.leakage)
 
 
 def client_reader(ctx: RankContext) -> ShardReader:

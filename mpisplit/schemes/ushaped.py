@@ -14,10 +14,11 @@ from collections import OrderedDict
 
 from torch import nn
 
-from mpisplit.cut import recv_forward, send_eval, send_forward
+from mpisplit.cut import recv_forward
 from mpisplit.data import Batch, ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.schemes.common import (
+    CutSender,
     EvalTally,
     client_reader,
     evaluating,
@@ -66,11 +67,12 @@ def _train_client(ctx: RankContext) -> RankResult:
         plan = plan_turns(ctx, reader)
         head = ctx.build_segment(0, plan.schedule_steps)
         tail = ctx.build_segment(2, plan.schedule_steps)
+        sender = CutSender(ctx)
 
         def train_step(batch: Batch, step: int) -> float:
             with ctx.tracer.span("forward", step=step):
-                anchor = send_forward(head.module(batch.features.to(ctx.device)), transport,
-                                      server, step)
+                features = batch.features.to(ctx.device)
+                anchor = sender.train(head.module(features), features, server, step)
                 middle, _ = recv_forward(transport, server, device=ctx.device)
                 loss = nn.functional.cross_entropy(tail.module(middle),
                                                    batch.labels.to(ctx.device))
@@ -83,7 +85,7 @@ def _train_client(ctx: RankContext) -> RankResult:
             return float(loss.detach())
 
         def evaluate(step: int, final: bool) -> EvalResult:
-            result = _evaluate_split(ctx, head, tail, tests, server, step)
+            result = _evaluate_split(ctx, sender, head, tail, tests, server, step, final)
             if final:
                 send_marker(ctx, server, step, Flag.DONE)
             return result
@@ -92,18 +94,24 @@ def _train_client(ctx: RankContext) -> RankResult:
                                   server)
     parts = _joined(head, tail)
     return RankResult(steps=report.steps, samples=report.samples,
-                      final_evals=report.final_evals, segment=parts)
+                      final_evals=report.final_evals, segment=parts, leakage=sender.leakage)
 
 
-def _evaluate_split(ctx: RankContext, head: Segment, tail: Segment, tests: ShardReader,
-                    server: int, step: int) -> EvalResult:
-    """Test metrics through head → server middle → tail; labels stay here."""
+def _evaluate_split(ctx: RankContext, sender: CutSender, head: Segment, tail: Segment,
+                    tests: ShardReader, server: int, step: int, final: bool) -> EvalResult:
+    """Test metrics through head → server middle → tail; labels stay here. The final
+    evaluation also measures leakage."""
     tally = EvalTally()
+    inputs, sent = [], []
     with evaluating(head.module), evaluating(tail.module), ctx.tracer.span("eval"):
         for batch in tests.epoch(0):
-            send_eval(head.module(batch.features.to(ctx.device)), ctx.transport, server, step)
+            features = batch.features.to(ctx.device)
+            sent.append(sender.evaluate(head.module(features), server, step))
+            inputs.append(batch.features)
             middle, _ = recv_forward(ctx.transport, server, device=ctx.device, train=False)
             tally.add(tail.module(middle), batch.labels.to(ctx.device))
+    if final:
+        sender.measure_leakage(inputs, sent)
     return record_eval(ctx, tally.result(step, ctx.me.index))
 
 

@@ -1,0 +1,52 @@
+"""Defences against leakage through the cut layer, and the leakage measure.
+
+A client may clip each sample's cut activation to a maximum L2 norm and add Gaussian noise
+before it leaves (both differentiable, so training goes on through them), and may add the
+NoPeek penalty: the distance correlation between its raw inputs and its cut activations,
+which training then pushes down. The same distance correlation, measured on test data, is
+the leakage figure in the run summary (0: independent, 1: one determines the other).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mpisplit.config import PrivacyConfig
+
+
+def distance_correlation(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Sample distance correlation (Székely et al.) of two batches, differentiable in both."""
+    a = _double_centred(x.reshape(len(x), -1))
+    b = _double_centred(z.reshape(len(z), -1))
+    dcov_xz = (a * b).mean()
+    dvar = (a * a).mean() * (b * b).mean()
+    if dvar <= 0:
+        return dcov_xz.new_zeros(())
+    return torch.sqrt(torch.clamp(dcov_xz, min=0) / torch.sqrt(dvar))
+
+
+def _double_centred(rows: torch.Tensor) -> torch.Tensor:
+    distances = torch.cdist(rows, rows)
+    return (distances - distances.mean(dim=0, keepdim=True) - distances.mean(dim=1, keepdim=True)
+            + distances.mean())
+
+
+def protect(activation: torch.Tensor, cfg: PrivacyConfig,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """The cut activation as it may leave the client: norm-clipped, then noised."""
+    if cfg.clip_norm > 0:
+        norms = activation.reshape(len(activation), -1).norm(dim=1).clamp(min=1e-12)
+        scale = (cfg.clip_norm / norms).clamp(max=1.0)
+        activation = activation * scale.reshape(-1, *([1] * (activation.dim() - 1)))
+    if cfg.noise_std > 0:
+        noise = torch.randn(activation.shape, generator=generator, dtype=activation.dtype)
+        activation = activation + cfg.noise_std * noise.to(activation.device)
+    return activation
+
+
+def nopeek_penalty(inputs: torch.Tensor, activation: torch.Tensor,
+                   cfg: PrivacyConfig) -> torch.Tensor | None:
+    """The NoPeek term added to the client's loss, or None when disabled."""
+    if cfg.nopeek_weight <= 0:
+        return None
+    return cfg.nopeek_weight * distance_correlation(inputs, activation)
