@@ -1,4 +1,4 @@
-"""Command line: ``mpisplit train | topology | data prepare``.
+"""Command line: ``mpisplit train | topology | data prepare | prof report | resources``.
 
 The entry point only parses, builds, runs and closes. Input errors (config, data, world size)
 are found before any MPI traffic: every rank finds the same error, rank 0 prints it, and every
@@ -54,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
 
     add_prepare_arguments(prepare)
     prepare.set_defaults(handler=_prepare)
+
+    from mpisplit.prof.commands import add_report_arguments, add_resources_arguments
+
+    prof = commands.add_parser("prof", help="profiling of traced runs")
+    prof_commands = prof.add_subparsers(required=True, metavar="ACTION")
+    add_report_arguments(prof_commands.add_parser("report", help="timeline, bytes, PNGs"))
+    add_resources_arguments(
+        commands.add_parser("resources", help="per-client FLOPs and bytes by scheme"))
     return parser
 
 

@@ -107,7 +107,87 @@ def resnet(
     return plan
 
 
-ZOO: dict[str, Callable[..., LayerPlan]] = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
+VGG16 = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+
+
+def vgg_block(in_channels: int, widths: Sequence[int]) -> nn.Sequential:
+    """3×3 conv + BatchNorm + ReLU per width, then a 2×2 max pool (halves the image)."""
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(width), nn.ReLU()]
+        in_channels = width
+    return nn.Sequential(*layers, nn.MaxPool2d(2))
+
+
+def vgg(
+    *, input_shape: Sequence[int], num_classes: int,
+    blocks: Sequence[Sequence[int]] = VGG16,
+) -> LayerPlan:
+    """VGG-style network for 32×32 images (VGG-16 by default, CIFAR variant: one linear head
+    on the 1×1×512 output); every pooled block is a cuttable layer ``block1..block5``."""
+    in_channels, height, width = input_shape
+    plan: LayerPlan = []
+    for i, widths in enumerate(blocks, start=1):
+        plan.append((f"block{i}", _factory(vgg_block, in_channels, tuple(widths))))
+        in_channels, height, width = widths[-1], height // 2, width // 2
+    plan.append(("flatten", nn.Flatten))
+    plan.append(("head", _factory(nn.Linear, in_channels * height * width, num_classes)))
+    return plan
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50 block: 1×1 reduce, 3×3 (carries the stride), 1×1 expand ×4, shortcut."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        out_channels = width * self.expansion
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+        )
+        needs_projection = stride != 1 or in_channels != out_channels
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                          nn.BatchNorm2d(out_channels))
+            if needs_projection else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet50(
+    *, input_shape: Sequence[int], num_classes: int,
+    stages: Sequence[int] = (3, 4, 6, 3),
+) -> LayerPlan:
+    """Bottleneck ResNet-50 for 32×32 images (CIFAR stem: one 3×3 conv, no max pool);
+    every bottleneck block is a cuttable layer ``block<stage>_<n>``."""
+    plan: LayerPlan = [
+        ("stem", _factory(nn.Conv2d, input_shape[0], 64, 3, padding=1, bias=False)),
+        ("stem_bn", _factory(nn.BatchNorm2d, 64)),
+        ("stem_relu", nn.ReLU),
+    ]
+    channels = 64
+    for stage, blocks in enumerate(stages, start=1):
+        width = 64 * 2 ** (stage - 1)
+        for block in range(1, blocks + 1):
+            stride = 2 if stage > 1 and block == 1 else 1
+            plan.append((f"block{stage}_{block}", _factory(Bottleneck, channels, width, stride)))
+            channels = width * Bottleneck.expansion
+    plan.append(("pool", _factory(nn.AdaptiveAvgPool2d, 1)))
+    plan.append(("flatten", nn.Flatten))
+    plan.append(("head", _factory(nn.Linear, channels, num_classes)))
+    return plan
+
+
+ZOO: dict[str, Callable[..., LayerPlan]] = {
+    "mlp": mlp, "cnn": cnn, "resnet": resnet, "vgg": vgg, "resnet50": resnet50,
+}
 
 
 def _factory(

@@ -1,0 +1,46 @@
+"""Arguments and handlers of ``mpisplit prof report`` and ``mpisplit resources``.
+
+Kept free of heavy imports: the command-line parser is built in every process, also in
+``mpisplit train --pmpi`` before it re-executes itself with the PMPI library preloaded, and
+importing the transport (mpi4py) there would initialise MPI twice in one rank and hang it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="run directory of a run.trace=true run")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the report (default: RUN_DIR)")
+    parser.set_defaults(handler=_report)
+
+
+def add_resources_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="zoo model (e.g. vgg, resnet50)")
+    parser.add_argument("--cut", required=True, help="first layer of the server's part")
+    parser.add_argument("--input-shape", required=True,
+                        type=lambda s: tuple(int(v) for v in s.split(",")),
+                        help="sample shape, comma separated (3,32,32)")
+    parser.add_argument("--classes", type=int, required=True)
+    parser.add_argument("--samples", type=int, required=True, help="training samples in all")
+    parser.add_argument("--clients", type=int, action="append", required=True,
+                        help="client count (repeat for several)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.set_defaults(handler=_resources)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from mpisplit.prof.report import main
+
+    return main(args)
+
+
+def _resources(args: argparse.Namespace) -> int:
+    from mpisplit.resources import main
+
+    return main(args)

@@ -1,0 +1,117 @@
+"""PNG figures of a profile (matplotlib, Agg: no display needed on a cluster node)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from mpisplit.prof import intervals as iv  # noqa: E402
+from mpisplit.prof.analysis import States  # noqa: E402
+
+_UNITS = ("B", "KB", "MB", "GB", "TB")
+COLORS = {"compute": "#3a9a5b", "comm": "#2f6db5", "wait": "#e0823a", "idle": "#d9d9d9"}
+
+
+def rank_labels(labels: dict[int, str]) -> list[str]:
+    return [f"{rank} {label}" for rank, label in sorted(labels.items())]
+
+
+def timeline(path: Path, all_states: dict[int, States], labels: dict[int, str],
+             wall: float, zoom: tuple[float, float] | None) -> Path:
+    """Ranks as rows, whole run on top and, when given, a zoom on a few steady-state steps
+    below (single steps are invisible at the scale of the whole run)."""
+    panels = [(0.0, wall, "whole run")]
+    if zoom is not None:
+        panels.append((*zoom, "steady state (zoom)"))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 1.2 + 1.6 * len(panels)
+                                                      + 0.35 * len(labels) * len(panels)),
+                             squeeze=False)
+    for ax, (lo, hi, title) in zip(axes[:, 0], panels, strict=True):
+        _timeline_panel(ax, all_states, labels, lo, hi)
+        ax.set_title(title, fontsize=10, loc="left")
+    handles = [Patch(color=COLORS[k], label=k) for k in ("compute", "comm", "wait")]
+    handles.append(Patch(facecolor="white", edgecolor="#999999", label="idle"))
+    fig.legend(handles=handles, loc="upper right", ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _timeline_panel(ax: Axes, all_states: dict[int, States], labels: dict[int, str],
+                    lo: float, hi: float) -> None:
+    ranks = sorted(all_states)
+    for row, rank in enumerate(ranks):
+        st = all_states[rank]
+        for state in ("compute", "comm", "wait"):
+            spans = iv.clip(getattr(st, state), lo, hi)
+            if len(spans):
+                ax.broken_barh([((a - lo) * 1e3, (b - a) * 1e3) for a, b in spans],
+                               (row - 0.4, 0.8), facecolors=COLORS[state], linewidth=0)
+    ax.set_xlim(0, (hi - lo) * 1e3)
+    ax.set_ylim(len(ranks) - 0.5, -0.5)
+    ax.set_yticks(range(len(ranks)), rank_labels({r: labels[r] for r in ranks}))
+    ax.set_xlabel(f"time (ms) from {lo * 1e3:.0f} ms" if lo else "time (ms)")
+    ax.grid(axis="x", alpha=0.3)
+
+
+def bytes_heatmap(path: Path, sent: np.ndarray, labels: dict[int, str]) -> Path:
+    """Sender × receiver bytes with the value in every cell."""
+    size = len(sent)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * size, 1.8 + 0.9 * size))
+    image = ax.imshow(sent, cmap="Blues")
+    names = rank_labels(labels)
+    ax.set_xticks(range(size), names, rotation=30, ha="right")
+    ax.set_yticks(range(size), names)
+    ax.set_xlabel("receiver rank")
+    ax.set_ylabel("sender rank")
+    threshold = sent.max() / 2 if sent.size else 0
+    for a in range(size):
+        for b in range(size):
+            ax.text(b, a, human_bytes(int(sent[a, b])), ha="center", va="center", fontsize=9,
+                    color="white" if sent[a, b] > threshold else "black")
+    ax.set_title("bytes sent (payload + headers)", fontsize=10)
+    fig.colorbar(image, ax=ax, label="bytes", shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def breakdown_bars(path: Path, fractions: dict[int, dict[str, float]],
+                   labels: dict[int, str]) -> Path:
+    """Stacked bars of the state fractions per rank."""
+    ranks = sorted(fractions)
+    fig, ax = plt.subplots(figsize=(2.5 + 1.2 * len(ranks), 4))
+    bottom = np.zeros(len(ranks))
+    for state in ("compute", "comm", "wait", "idle"):
+        values = np.array([fractions[r][f"{state}_fraction"] for r in ranks])
+        ax.bar(range(len(ranks)), values, bottom=bottom, color=COLORS[state], label=state,
+               width=0.6)
+        for x, (v, b) in enumerate(zip(values, bottom, strict=True)):
+            if v > 0.04:
+                ax.text(x, b + v / 2, f"{v:.0%}", ha="center", va="center", fontsize=8)
+        bottom += values
+    ax.set_xticks(range(len(ranks)), rank_labels({r: labels[r] for r in ranks}))
+    ax.set_ylabel("fraction of run wall time")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1, 1), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units (1 KB = 1000 B), like network rates."""
+    exponent = min(int(math.log10(n)) // 3, 4) if n >= 1000 else 0
+    value = n / 1000 ** exponent
+    return f"{value:.0f} B" if exponent == 0 else f"{value:.1f} {_UNITS[exponent]}"

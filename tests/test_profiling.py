@@ -1,0 +1,111 @@
+"""``mpisplit prof report`` on a real traced 3-rank run, and the interval arithmetic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from mpisplit.pmpi import library_path, read_reports
+from mpisplit.prof import intervals as iv
+from mpisplit.prof.trace import load
+from tests.conftest import ROOT, run_mpi
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def profiled(dataset, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """A traced, PMPI-recorded vanilla run (1 server, 2 clients) and its report."""
+    if library_path() is None:
+        pytest.fail("PMPI library not built: tools/install.sh builds it")
+    run_dir = tmp_path_factory.mktemp("run")
+    out = run_dir / "report"
+    data = dataset("breast_cancer", clients=2)
+    result = run_mpi(3, "train", "--pmpi", "configs/vanilla-breast-cancer.yaml",
+                     "scheme.clients=2", f"data.path={data}", f"run.dir={run_dir}",
+                     f"train.max_steps={STEPS}", "run.trace=true", "run.progress=none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = subprocess.run([sys.executable, "-m", "mpisplit", "prof", "report", str(run_dir),
+                             "--out", str(out)], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "PMPI vs trace" in report.stdout and "DISAGREE" not in report.stdout
+    return run_dir, out, json.loads((out / "profile.json").read_text())
+
+
+def test_bytes_matrix_is_what_was_sent(profiled) -> None:
+    run_dir, _, profile = profiled
+    sent = np.array(profile["bytes"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sent.sum(axis=1).tolist() == summary["bytes_sent_per_rank"]
+    assert sent.sum(axis=0).tolist() == summary["bytes_received_per_rank"]
+    for report in read_reports(run_dir):
+        row = np.zeros(len(sent), np.int64)
+        for peer, counts in report["peers"].items():
+            row[int(peer)] = counts["sent_bytes"]
+        assert row.tolist() == sent[report["rank"]].tolist(), f"rank {report['rank']}"
+    assert all(row["agree"] for row in profile["pmpi"])
+    assert sent[1, 2] == sent[2, 1] == 0 and np.all(np.diag(sent) == 0)
+    assert {(b["sender"], b["receiver"]) for b in profile["bandwidth"]} == {
+        (0, 1), (0, 2), (1, 0), (2, 0)}
+    assert all(b["mb_per_s"] > 0 for b in profile["bandwidth"])
+
+
+def test_fractions_and_statistics(profiled) -> None:
+    _, _, profile = profiled
+    for rank, row in profile["breakdown"].items():
+        fractions = [row[f"{k}_fraction"] for k in ("compute", "comm", "wait", "idle")]
+        assert sum(fractions) == pytest.approx(1.0, abs=1e-9), rank
+        assert min(fractions) >= 0 and row["compute_s"] > 0
+    assert profile["steps"]["0"]["steps"] == 2 * STEPS
+    assert profile["steps"]["1"]["steps"] == profile["steps"]["2"]["steps"] == STEPS
+    for stats in profile["steps"].values():
+        assert 0 < stats["median_s"] <= stats["p95_s"]
+    bubble = profile["bubble"]
+    assert bubble["rank"] == 0 and 0 <= bubble["bubble_fraction"] <= 1
+    assert all(0 <= f <= 1 for f in profile["comm_overlap_fraction"].values())
+
+
+def test_merged_timeline_is_causal(profiled) -> None:
+    """After alignment no message is received before it was sent."""
+    run_dir, out, _ = profiled
+    timeline = load(run_dir)
+    assert len(timeline.matches) > 4 * STEPS
+    for m in timeline.matches:
+        assert m.recv.end >= m.send.start - 1e-9
+    merged = json.loads((out / "trace-merged.json").read_text())["traceEvents"]
+    assert {e["pid"] for e in merged if e["ph"] == "X"} == {0, 1, 2}
+    assert sum(e["ph"] == "s" for e in merged) == len(timeline.matches)
+
+
+@pytest.mark.parametrize("name", ["timeline.png", "bytes.png", "breakdown.png"])
+def test_pictures(profiled, name: str) -> None:
+    _, out, _ = profiled
+    path = out / name
+    assert path.stat().st_size > 10_000
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert height >= 300 and width >= 400
+
+
+def test_interval_arithmetic() -> None:
+    a = iv.union([(0, 2), (1, 3), (5, 6), (5.5, 5.7), (7, 7)])
+    assert a.tolist() == [[0, 3], [5, 6]]
+    b = iv.union([(2.5, 5.2)])
+    assert iv.intersect(a, b).tolist() == [[2.5, 3], [5, 5.2]]
+    assert iv.subtract(a, b).tolist() == [[0, 2.5], [5.2, 6]]
+    assert iv.length(iv.clip(a, 1, 5.5)) == pytest.approx(2.5)
+    assert iv.length(iv.join(a, b)) == pytest.approx(6)
+
+
+def test_parser_does_not_initialise_mpi() -> None:
+    """``train --pmpi`` builds the parser, then re-executes itself with the PMPI library:
+    MPI initialised before that (e.g. by importing the transport) hangs the rank."""
+    code = ("import sys; from mpisplit.cli import _parser; _parser(); "
+            "sys.exit('mpi4py.MPI' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60, cwd=ROOT).returncode == 0
