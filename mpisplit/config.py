@@ -53,6 +53,9 @@ class SchemeConfig:
         _require(self.turn_steps >= 0, "scheme.turn_steps", "must be >= 0 (0 = one epoch)")
         _require(self.fedavg_every >= 1, "scheme.fedavg_every",
                  f"must be >= 1, got {self.fedavg_every}")
+        _require(self.name != "splitfed" or self.client_order == "parallel",
+                 "scheme.client_order", "splitfed trains its clients in parallel (their lower "
+                 "weights are averaged, never handed over); set client_order: parallel")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

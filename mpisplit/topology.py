@@ -74,6 +74,7 @@ def _chain(cfg: Config) -> RoleCounts:
 LAYOUTS: dict[str, Callable[[Config], RoleCounts]] = {
     "vanilla": _server_and_clients,
     "ushaped": _server_and_clients,
+    "splitfed": _server_and_clients,
     "multihop": _chain,
     "fedavg": lambda cfg: [(Role.CLIENT, cfg.scheme.clients)],
     "syncsgd": lambda cfg: [(Role.CLIENT, cfg.scheme.clients)],

@@ -12,7 +12,9 @@ from types import ModuleType
 
 from mpisplit.config import ConfigError
 
-AVAILABLE = ("vanilla", "ushaped", "multihop", "centralized", "fedavg", "syncsgd")
+AVAILABLE = (
+    "vanilla", "ushaped", "multihop", "splitfed", "centralized", "fedavg", "syncsgd",
+)
 
 
 def get(name: str) -> ModuleType:
