@@ -72,13 +72,14 @@ def breakdown(timeline: Timeline, all_states: dict[int, States]) -> dict[int, di
 
 
 def bytes_matrix(timeline: Timeline) -> tuple[np.ndarray, np.ndarray]:
-    """(bytes, messages) sent from row rank to column rank, headers included."""
-    size = len(timeline.ranks)
+    """(bytes, messages) sent from row rank to column rank, headers included; sized to
+    every rank seen, so a rank whose trace is missing still gets its column."""
+    sends = [(r.rank, s) for r in timeline.ranks for s in r.messages("send")]
+    size = 1 + max([r.rank for r in timeline.ranks] + [s.peer for _, s in sends])
     sent, count = np.zeros((size, size), np.int64), np.zeros((size, size), np.int64)
-    for r in timeline.ranks:
-        for span in r.messages("send"):
-            sent[r.rank, span.peer] += span.args["bytes"] + HEADER_BYTES
-            count[r.rank, span.peer] += 1
+    for rank, span in sends:
+        sent[rank, span.peer] += span.args["bytes"] + HEADER_BYTES
+        count[rank, span.peer] += 1
     return sent, count
 
 

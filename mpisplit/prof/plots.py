@@ -68,7 +68,7 @@ def bytes_heatmap(path: Path, sent: np.ndarray, labels: dict[int, str]) -> Path:
     size = len(sent)
     fig, ax = plt.subplots(figsize=(2.2 + 1.1 * size, 1.8 + 0.9 * size))
     image = ax.imshow(sent, cmap="Blues")
-    names = rank_labels(labels)
+    names = [f"{rank} {labels.get(rank, '(no trace)')}" for rank in range(size)]
     ax.set_xticks(range(size), names, rotation=30, ha="right")
     ax.set_yticks(range(size), names)
     ax.set_xlabel("receiver rank")

@@ -43,10 +43,6 @@ class RankTrace:
     spans: list[Span]
     meta: list[dict[str, Any]] = field(default_factory=list)
 
-    @property
-    def role(self) -> str:
-        return self.label.rstrip("0123456789")
-
     def messages(self, what: str) -> list[Span]:
         """``send`` or ``recv`` comm spans, in start order."""
         return sorted((s for s in self.spans if s.cat == "comm" and s.name.startswith(what)),
