@@ -132,9 +132,14 @@ class TransportConfig:
     """A rank waiting longer than this for a peer aborts the whole job, naming the peer."""
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     """Where model parts run; auto = cuda when available."""
+    microbatches: int = 1
+    """Split each batch into this many microbatches whose cut exchanges overlap (GPipe-style
+    pipelining); gradients accumulate, so the update equals the unsplit batch's."""
 
     def __post_init__(self) -> None:
         _require(self.timeout_s > 0, "transport.timeout_s", f"must be > 0, got {self.timeout_s}")
+        _require(self.microbatches >= 1, "transport.microbatches",
+                 f"must be >= 1, got {self.microbatches}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

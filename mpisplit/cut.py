@@ -20,21 +20,25 @@ from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, Transport
 class _SendActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, activation: torch.Tensor, transport: Transport, dest: int,
-                step: int) -> torch.Tensor:
-        transport.send(activation, dest, Kind.ACTIVATION, step=step)
+                step: int, flags: Flag, aux: int) -> torch.Tensor:
+        ctx.pending = transport.isend(activation.detach(), dest, Kind.ACTIVATION, step=step,
+                                      flags=flags, aux=aux)
         ctx.transport, ctx.dest, ctx.device = transport, dest, activation.device
         return activation.new_zeros(())
 
     @staticmethod
     def backward(ctx: Any, _anchor_grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        ctx.pending.wait()
         gradient = ctx.transport.recv(Kind.GRADIENT, ctx.dest).tensor
-        return gradient.to(ctx.device, non_blocking=True), None, None, None
+        return gradient.to(ctx.device, non_blocking=True), None, None, None, None, None
 
 
-def send_forward(activation: torch.Tensor, transport: Transport, dest: int,
-                 step: int = 0) -> torch.Tensor:
-    """Sends the cut activation; ``.backward()`` on the result pulls the cut gradient."""
-    return _SendActivation.apply(activation, transport, dest, step)
+def send_forward(activation: torch.Tensor, transport: Transport, dest: int, step: int = 0, *,
+                 flags: Flag = Flag.NONE, aux: int = 0) -> torch.Tensor:
+    """Starts sending the cut activation and returns at once, so the sender can compute the
+    next microbatch while it travels; ``.backward()`` on the result completes the send and
+    pulls the cut gradient."""
+    return _SendActivation.apply(activation, transport, dest, step, flags, aux)
 
 
 def recv_forward(transport: Transport, source: int = ANY_SOURCE, *,

@@ -33,7 +33,8 @@ from mpisplit.tracing import Tracer
 ANY_SOURCE = MPI.ANY_SOURCE
 HEADER_WORDS = 16
 HEADER_BYTES = HEADER_WORDS * 8
-MAX_DIMS = 8
+_META_WORDS = 9
+MAX_DIMS = HEADER_WORDS - _META_WORDS
 INLINE_LIMIT = 64 * 1024
 _MAGIC = 0x5EC7
 _SPIN_S = 0.05
@@ -61,6 +62,8 @@ class Flag(IntFlag):
     """Marks the end of an evaluation pass (empty tensor)."""
     DONE = 4
     """The sender has finished all its steps (empty tensor)."""
+    MORE = 8
+    """More microbatches of the same step follow; the receiver accumulates before stepping."""
 
 
 _DTYPES: tuple[torch.dtype, ...] = (
@@ -85,6 +88,26 @@ class Message:
     kind: Kind
     step: int
     flags: Flag
+    aux: int
+    """Scheme-defined integer (e.g. the full batch size a microbatch belongs to)."""
+
+
+class PendingSend:
+    """A nonblocking send in flight: holds its buffers until ``wait`` completes it."""
+
+    def __init__(self, transport: Transport, requests: list[MPI.Request], buffers: tuple,
+                 dest: int, kind: Kind) -> None:
+        self._transport = transport
+        self._requests = requests
+        self._buffers = buffers
+        self._dest = dest
+        self._kind = kind
+
+    def wait(self) -> None:
+        if self._requests:
+            with self._transport._span("wait", self._kind, self._dest):
+                self._transport._wait_request(self._requests, self._dest, self._kind, "send")
+            self._requests, self._buffers = [], ()
 
 
 class Traffic:
@@ -143,28 +166,47 @@ class Transport:
         self._payloads.Free()
 
     def send(self, tensor: torch.Tensor, dest: int, kind: Kind, *, step: int = 0,
-             flags: Flag = Flag.NONE) -> None:
+             flags: Flag = Flag.NONE, aux: int = 0) -> None:
         """Sends ``tensor`` to ``dest``; returns once its buffer may be reused."""
+        with self._span("send", kind, dest, _nbytes(tensor), step, tensor.shape):
+            self._post(tensor, dest, kind, step, flags, aux, self._send_scratch).wait()
+
+    def isend(self, tensor: torch.Tensor, dest: int, kind: Kind, *, step: int = 0,
+              flags: Flag = Flag.NONE, aux: int = 0) -> PendingSend:
+        """Starts sending ``tensor``; the caller overlaps work and calls ``wait`` later.
+
+        The tensor must not be modified until then (the pending send keeps it alive)."""
+        with self._span("send", kind, dest, _nbytes(tensor), step, tensor.shape):
+            return self._post(tensor, dest, kind, step, flags, aux, None)
+
+    def _post(self, tensor: torch.Tensor, dest: int, kind: Kind, step: int, flags: Flag,
+              aux: int, scratch: np.ndarray | None) -> PendingSend:
+        """Posts header (with small payloads inline) and large payload as nonblocking sends.
+
+        ``scratch`` is the reusable message buffer of a blocking send; nonblocking sends get
+        their own small header buffer, since several may be in flight."""
         self._check_policy(dest, kind)
+        if tensor.dim() > MAX_DIMS:
+            raise ValueError(f"transport: tensors of at most {MAX_DIMS} dimensions, got "
+                             f"shape {tuple(tensor.shape)}")
         payload = _host_bytes(tensor)
         nbytes = payload.size
-        header = self._send_scratch[:HEADER_BYTES].view(np.int64)
-        header[:] = 0
-        header[:8] = (_MAGIC, kind, _DTYPE_CODE[tensor.dtype], tensor.dim(), flags, step, nbytes,
-                      int(nbytes <= INLINE_LIMIT))
-        header[8:8 + tensor.dim()] = tensor.shape
-        with self._span("send", kind, dest, nbytes, step, tensor.shape):
-            if nbytes <= INLINE_LIMIT:
-                self._send_scratch[HEADER_BYTES:HEADER_BYTES + nbytes] = payload
-                message = self._send_scratch[:HEADER_BYTES + nbytes]
-                self._wait_request(self._headers.Isend(message, dest, kind), dest, kind, "send")
-            else:
-                requests = [self._headers.Isend(self._send_scratch[:HEADER_BYTES], dest, kind),
-                            self._payloads.Isend(payload, dest, kind)]
-                self._wait_request(requests, dest, kind, "send")
-        wire = HEADER_BYTES + nbytes
-        self.traffic.sent_bytes[dest, kind] += wire
-        self.traffic.sent_messages[dest, kind] += 1 if nbytes <= INLINE_LIMIT else 2
+        inline = nbytes <= INLINE_LIMIT
+        size = HEADER_BYTES + (nbytes if inline else 0)
+        message = scratch[:size] if scratch is not None else np.empty(size, np.uint8)
+        header = message[:HEADER_BYTES].view(np.int64)
+        header[:_META_WORDS] = (_MAGIC, kind, _DTYPE_CODE[tensor.dtype], tensor.dim(), flags,
+                                step, nbytes, int(inline), aux)
+        header[_META_WORDS:_META_WORDS + tensor.dim()] = tensor.shape
+        requests = []
+        if inline:
+            message[HEADER_BYTES:] = payload
+        requests.append(self._headers.Isend(message, dest, kind))
+        if not inline:
+            requests.append(self._payloads.Isend(payload, dest, kind))
+        self.traffic.sent_bytes[dest, kind] += HEADER_BYTES + nbytes
+        self.traffic.sent_messages[dest, kind] += len(requests)
+        return PendingSend(self, requests, (message, payload), dest, kind)
 
     def recv(self, kind: Kind, source: int = ANY_SOURCE, *, deadline: bool = True,
              out: torch.Tensor | None = None, senders: Sequence[int] = ()) -> Message:
@@ -186,10 +228,11 @@ class Transport:
             self._recv_scratch = np.empty(size, np.uint8)
         probe.Recv([self._recv_scratch, size, MPI.BYTE])
         header = self._recv_scratch[:HEADER_BYTES].view(np.int64)
-        magic, _kind, dtype_code, ndim, flags, step, nbytes, inline = header[:8].tolist()
+        magic, _kind, dtype_code, ndim, flags, step, nbytes, inline, aux = \
+            header[:_META_WORDS].tolist()
         if magic != _MAGIC:
             raise RuntimeError(f"rank {self.rank}: corrupt message header from rank {source}")
-        shape = tuple(header[8:8 + ndim].tolist())
+        shape = tuple(header[_META_WORDS:_META_WORDS + ndim].tolist())
         dtype = _DTYPES[dtype_code]
         reusable = (out is not None and out.shape == shape and out.dtype == dtype
                     and out.device.type == "cpu" and out.is_contiguous())
@@ -203,7 +246,7 @@ class Transport:
                 self._wait_request(request, source, kind, "receive")
         self.traffic.recv_bytes[source, kind] += HEADER_BYTES + nbytes
         self.traffic.recv_messages[source, kind] += 1 if inline else 2
-        return Message(tensor, source, kind, step, Flag(flags))
+        return Message(tensor, source, kind, step, Flag(flags), aux)
 
     def _span(self, what: str, kind: Kind, peer: int, nbytes: int = 0, step: int = 0,
               shape: Sequence[int] = ()) -> AbstractContextManager[object]:
@@ -255,6 +298,10 @@ class Transport:
                 )
             time.sleep(_MAX_SLEEP_S)
         return result
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _byte_view(tensor: torch.Tensor) -> np.ndarray:

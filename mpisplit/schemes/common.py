@@ -71,6 +71,29 @@ def turn_schedule(steps: Sequence[int], turn_lengths: Sequence[int]) -> list[tup
     return turns
 
 
+@dataclass(frozen=True)
+class Microbatch:
+    features: torch.Tensor
+    labels: torch.Tensor
+    flags: Flag
+    """``Flag.MORE`` on all but the last microbatch of a step."""
+
+
+def microbatches(batch: Batch, count: int) -> list[Microbatch]:
+    """Splits a batch into up to ``count`` microbatches for the pipelined cut exchange."""
+    pairs = list(zip(batch.features.tensor_split(count), batch.labels.tensor_split(count),
+                     strict=True))
+    pairs = [(x, y) for x, y in pairs if len(y)]
+    return [Microbatch(x, y, Flag.MORE if i < len(pairs) - 1 else Flag.NONE)
+            for i, (x, y) in enumerate(pairs)]
+
+
+def microbatch_share(labels: torch.Tensor, message: Message) -> float:
+    """Weight of a microbatch's mean loss, so that the accumulated gradient equals the
+    gradient of the whole batch's mean loss (``message.aux`` = whole batch size)."""
+    return len(labels) / message.aux if message.aux else 1.0
+
+
 def test_reader(ctx: RankContext, kind: str = "client") -> ShardReader:
     return ShardReader(ctx.shard(kind, test=True), batch_size=ctx.config.data.batch_size,
                        shuffle=False, prefetch=0)
@@ -88,12 +111,12 @@ class CutSender:
         self.noise = torch.Generator().manual_seed(self.privacy.seed + ctx.me.index)
         self.leakage: float | None = None
 
-    def train(self, activation: torch.Tensor, inputs: torch.Tensor, dest: int,
-              step: int) -> torch.Tensor:
+    def train(self, activation: torch.Tensor, inputs: torch.Tensor, dest: int, step: int, *,
+              flags: Flag = Flag.NONE, aux: int = 0) -> torch.Tensor:
         """Sends the defended activation; ``.backward()`` on the result completes this
         client's back-propagation (cut gradient plus the NoPeek penalty)."""
         sent = protect(activation, self.privacy, self.noise)
-        anchor = send_forward(sent, self.ctx.transport, dest, step)
+        anchor = send_forward(sent, self.ctx.transport, dest, step, flags=flags, aux=aux)
         penalty = nopeek_penalty(inputs, activation, self.privacy)
         return anchor if penalty is None else anchor + penalty
 
@@ -239,9 +262,12 @@ def serve_clients(
                 tallies.setdefault(source, EvalTally()).add(module(activation), labels)
             continue
         with ctx.tracer.span("forward", step=report.steps):
-            loss = loss_fn(module(activation), labels)
+            loss = loss_fn(module(activation), labels) * microbatch_share(labels, message)
         with ctx.tracer.span("backward", step=report.steps):
             loss.backward()
+        if message.flags & Flag.MORE:  # accumulate the step's microbatches, then step
+            expected = source
+            continue
         with ctx.tracer.span("optimizer", step=report.steps):
             segment_for(source).step()
         if after_step is not None:
@@ -309,12 +335,18 @@ def relay_activations(ctx: RankContext, segment: Segment, total_steps: int,
                 _pass_labels(transport, message, dest)
                 source = message.source
             continue
+        more = message.flags & Flag.MORE
         with ctx.tracer.span("forward", step=steps):
-            anchor = send_forward(segment.module(activation), transport, dest, message.step)
+            anchor = send_forward(segment.module(activation), transport, dest, message.step,
+                                  flags=more, aux=message.aux)
         if next_hop is not None:
             _pass_labels(transport, message, dest)
         with ctx.tracer.span("backward", step=steps):
             anchor.backward()
+        if more:  # gradients accumulate until the step's last microbatch
+            source = message.source
+            continue
+        source = ANY_SOURCE
         with ctx.tracer.span("optimizer", step=steps):
             segment.step()
         steps += 1
@@ -439,13 +471,20 @@ def train_lower_client(ctx: RankContext, first_hop: int,
         sender = CutSender(ctx)
 
         def train_step(batch: Batch, step: int) -> None:
-            with ctx.tracer.span("forward", step=step):
-                features = batch.features.to(ctx.device)
-                activation = segment.module(features)
-            anchor = sender.train(activation, features, first_hop, step)
-            transport.send(batch.labels, first_hop, Kind.LABELS, step=step)
+            anchors, label_sends = [], []
+            for part in microbatches(batch, ctx.config.transport.microbatches):
+                with ctx.tracer.span("forward", step=step):
+                    features = part.features.to(ctx.device)
+                    activation = segment.module(features)
+                anchors.append(sender.train(activation, features, first_hop, step,
+                                            flags=part.flags, aux=len(batch.labels)))
+                label_sends.append(transport.isend(part.labels, first_hop, Kind.LABELS,
+                                                   step=step))
             with ctx.tracer.span("backward", step=step):
-                anchor.backward()
+                for anchor in anchors:
+                    anchor.backward()
+            for pending in label_sends:
+                pending.wait()
             with ctx.tracer.span("optimizer", step=step):
                 segment.step()
             if after_step is not None:

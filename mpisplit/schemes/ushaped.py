@@ -23,6 +23,7 @@ from mpisplit.schemes.common import (
     client_reader,
     evaluating,
     exchange_step_plans,
+    microbatches,
     plan_turns,
     record_eval,
     record_traffic_by_kind,
@@ -70,19 +71,28 @@ def _train_client(ctx: RankContext) -> RankResult:
         sender = CutSender(ctx)
 
         def train_step(batch: Batch, step: int) -> float:
+            parts = microbatches(batch, ctx.config.transport.microbatches)
+            anchors = []
             with ctx.tracer.span("forward", step=step):
-                features = batch.features.to(ctx.device)
-                anchor = sender.train(head.module(features), features, server, step)
-                middle, _ = recv_forward(transport, server, device=ctx.device)
-                loss = nn.functional.cross_entropy(tail.module(middle),
-                                                   batch.labels.to(ctx.device))
-            with ctx.tracer.span("backward", step=step):
-                loss.backward()
-                anchor.backward()
+                for part in parts:
+                    features = part.features.to(ctx.device)
+                    anchors.append(sender.train(head.module(features), features, server, step,
+                                                flags=part.flags, aux=len(batch.labels)))
+            total = 0.0
+            for part, anchor in zip(parts, anchors, strict=True):
+                with ctx.tracer.span("forward", step=step):
+                    middle, _ = recv_forward(transport, server, device=ctx.device)
+                    loss = nn.functional.cross_entropy(tail.module(middle),
+                                                       part.labels.to(ctx.device))
+                    loss = loss * (len(part.labels) / len(batch.labels))
+                with ctx.tracer.span("backward", step=step):
+                    loss.backward()
+                    anchor.backward()
+                total += float(loss.detach())
             with ctx.tracer.span("optimizer", step=step):
                 head.step()
                 tail.step()
-            return float(loss.detach())
+            return total
 
         def evaluate(step: int, final: bool) -> EvalResult:
             result = _evaluate_split(ctx, sender, head, tail, tests, server, step, final)
