@@ -9,6 +9,7 @@ scheme, and assembles ``summary.json`` on rank 0 from what every rank reports.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import time
 from dataclasses import dataclass, field
@@ -144,7 +145,8 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
         metrics.write({"event": "end", "steps": result.steps, "wall_s": wall,
                        "bytes_sent": transport.traffic.total_sent,
                        "bytes_received": transport.traffic.total_received,
-                       "sent_routes": transport.traffic.sent_routes()})
+                       "sent_routes": transport.traffic.sent_routes(),
+                       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         if cfg.run.save_model and result.segment is not None:
             torch.save(result.segment.module.state_dict(), run_dir / f"model-rank{me.rank}.pt")
         summary = _summarize(ctx, result, wall, header["node"])

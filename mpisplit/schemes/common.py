@@ -424,7 +424,8 @@ def run_client_turns(
         if previous != plan.me:
             model_steps = _receive_parts(transport, clients[previous], segments)
         for _ in range(length):
-            batch = next(batches)
+            with ctx.tracer.span("data", step=model_steps):
+                batch = next(batches)
             loss = train_step(batch, model_steps)
             model_steps += 1
             report.samples += len(batch.labels)

@@ -1,0 +1,216 @@
+"""Training benchmarks: every figure is a ratio against a baseline measured in the same run.
+
+    python tools/bench_training.py pipeline      # M = 1 vs 4 vs 8 microbatches, 2-stage split
+    python tools/bench_training.py split         # split (2 ranks) vs centralized (1 rank)
+    python tools/bench_training.py tracing       # run.trace=true vs false
+    python tools/bench_training.py clients       # server busy fraction for K = 1, 2, 4 clients
+    python tools/bench_training.py memory        # peak RSS per rank vs shard size and M
+
+Each subcommand launches real ``mpiexec`` jobs on a synthetic dataset (prepared once in
+``--work``), repeats every configuration ``--repeats`` times interleaved, keeps the median
+steady-state step time (from the ranks' metrics, warm-up steps dropped), prints a table and
+writes JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WARMUP_STEPS = 5
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {}
+
+# A 2-stage MLP with balanced stages: the client holds two 1024-wide layers, the server the
+# other two and the head.
+BALANCED = ["model.name=mlp", "model.options={hidden: [1024, 1024, 1024, 1024]}",
+            "model.cuts=[fc3]", "train.optimizer=sgd", "train.lr=0.01", "train.eval_every=0",
+            "run.progress=none", "run.save_model=false", "data.prefetch=2"]
+
+
+def benchmark(fn: Callable[[argparse.Namespace], list[dict]]) -> Callable:
+    BENCHMARKS[fn.__name__] = fn
+    return fn
+
+
+def mpiexec() -> str:
+    local = Path(sys.executable).with_name("mpiexec")
+    return str(local) if local.exists() else "mpiexec"
+
+
+def prepare(work: Path, clients: int, samples: int, width: int = 1024) -> Path:
+    out = work / f"synthetic-{clients}c-{samples}-{width}"
+    if not (out / "meta.json").exists():
+        subprocess.run([sys.executable, "-m", "mpisplit", "data", "prepare", "--dataset",
+                        "synthetic", "--samples", str(samples), "--shape", str(width),
+                        "--classes", "10", "--clients", str(clients), "--out", str(out)],
+                       check=True, capture_output=True, timeout=600)
+    return out
+
+
+def train(ranks: int, data: Path, run_dir: Path, overrides: Sequence[str],
+          scheme: str = "vanilla", clients: int = 1, threads: int = 1) -> Path:
+    """One real training job (``threads`` torch threads per rank); returns its run dir."""
+    command = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpisplit", "train",
+               str(ROOT / "configs/vanilla-breast-cancer.yaml"), f"scheme.name={scheme}",
+               f"scheme.clients={clients}", f"data.path={data}", f"run.dir={run_dir}",
+               *BALANCED, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    if result.returncode:
+        raise SystemExit(f"benchmark job failed:\n{result.stderr[-3000:]}")
+    return run_dir
+
+
+def steady_step_s(run_dir: Path, rank: int = 0) -> float:
+    """Median time between consecutive steps of ``rank``, after the warm-up."""
+    times = [r["time"] for r in _records(run_dir, rank) if "step" in r and "event" not in r]
+    gaps = [b - a for a, b in zip(times[WARMUP_STEPS:], times[WARMUP_STEPS + 1:], strict=False)]
+    return statistics.median(gaps)
+
+
+def _records(run_dir: Path, rank: int) -> list[dict]:
+    lines = (run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def repeated(args: argparse.Namespace, variants: dict[str, Callable[[Path], float]]) -> dict:
+    """Runs each variant ``args.repeats`` times, interleaved; median and spread per variant."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for repeat in range(args.repeats):
+        for name, run in variants.items():
+            samples[name].append(run(args.work / f"run-{name}-{repeat}"))
+    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+            for name, v in samples.items()}
+
+
+@benchmark
+def pipeline(args: argparse.Namespace) -> list[dict]:
+    """Step time of a balanced 2-stage split at M = 1, 4, 8; bubble vs the GPipe estimate."""
+    from mpisplit.prof import analysis, trace
+
+    data = prepare(args.work, 1, 8192)
+    steps = ["train.max_steps=40", "data.batch_size=512", "run.trace=true"]
+    bubbles: dict[int, list[float]] = {}
+
+    def run(m: int) -> Callable[[Path], float]:
+        def once(run_dir: Path) -> float:
+            train(2, data, run_dir, [*steps, f"transport.microbatches={m}"])
+            timeline = trace.load(run_dir)
+            server = timeline.ranks[0]
+            measured = analysis.bubble(server, analysis.states(server))
+            bubbles.setdefault(m, []).append(measured["bubble_fraction"])
+            return steady_step_s(run_dir)
+        return once
+
+    stats = repeated(args, {f"M={m}": run(m) for m in (1, 4, 8)})
+    base = stats["M=1"]["median"]
+    return [{"microbatches": m, "step_s": stats[f"M={m}"]["median"],
+             "speedup_vs_M1": base / stats[f"M={m}"]["median"],
+             "bubble_measured": statistics.median(bubbles[m]),
+             "bubble_gpipe_estimate": (2 - 1) / (m + 2 - 1)} for m in (1, 4, 8)]
+
+
+@benchmark
+def split(args: argparse.Namespace) -> list[dict]:
+    """Samples/s of pipelined split training (2 ranks, 1 thread each) vs one process with
+    the same model and 2 threads."""
+    data = prepare(args.work, 1, 8192)
+    steps = ["train.max_steps=40", "data.batch_size=512"]
+
+    stats = repeated(args, {
+        "centralized_2_threads": lambda d: steady_step_s(
+            train(1, data, d, steps, scheme="centralized", threads=2)),
+        "split_M4": lambda d: steady_step_s(train(2, data, d, [*steps,
+                                                               "transport.microbatches=4"])),
+    })
+    ratio = stats["centralized_2_threads"]["median"] / stats["split_M4"]["median"]
+    return [{"variant": k, "step_s": v["median"]} for k, v in stats.items()] + [
+        {"variant": "split / centralized samples/s", "ratio": ratio}]
+
+
+@benchmark
+def tracing(args: argparse.Namespace) -> list[dict]:
+    """Step time with tracing on vs off (target: at most 3% slower)."""
+    data = prepare(args.work, 1, 8192)
+    steps = ["train.max_steps=40", "data.batch_size=256"]
+    stats = repeated(args, {
+        "off": lambda d: steady_step_s(train(2, data, d, steps)),
+        "on": lambda d: steady_step_s(train(2, data, d, [*steps, "run.trace=true"])),
+    })
+    return [{"tracing": k, "step_s": v["median"]} for k, v in stats.items()] + [
+        {"tracing": "overhead", "ratio": stats["on"]["median"] / stats["off"]["median"] - 1}]
+
+
+@benchmark
+def clients(args: argparse.Namespace) -> list[dict]:
+    """Parallel vanilla with K clients: the server's busy fraction and samples/s."""
+    from mpisplit.prof import analysis, trace
+
+    rows = []
+    for k in args.clients:
+        data = prepare(args.work, k, 2048 * k)
+        run_dir = train(k + 1, data, args.work / f"clients-{k}",
+                        ["train.max_steps=30", "data.batch_size=256", "run.trace=true"],
+                        clients=k)
+        server = trace.load(run_dir).ranks[0]
+        measured = analysis.bubble(server, analysis.states(server))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rows.append({"clients": k, "server_busy_fraction": 1 - measured["bubble_fraction"],
+                     "samples_per_s": summary["samples_per_s"], "cores": os.cpu_count()})
+    return rows
+
+
+@benchmark
+def memory(args: argparse.Namespace) -> list[dict]:
+    """Peak RSS of the job (max over ranks) as the client's shard grows, and as M grows."""
+    rows = []
+    for samples in (4096, 65536):
+        data = prepare(args.work, 1, samples)
+        run_dir = train(2, data, args.work / f"mem-{samples}",
+                        ["train.max_steps=30", "data.batch_size=256"])
+        rows.append({"shard_samples": samples, "shard_mb": samples * 1024 * 4 / 2**20,
+                     "peak_rss_mb": _peak_rss_mb(run_dir)})
+    data = prepare(args.work, 1, 4096)
+    for m in (1, 8):
+        run_dir = train(2, data, args.work / f"mem-m{m}",
+                        ["train.max_steps=30", "data.batch_size=256",
+                         f"transport.microbatches={m}"])
+        rows.append({"microbatches": m, "peak_rss_mb": _peak_rss_mb(run_dir)})
+    return rows
+
+
+def _peak_rss_mb(run_dir: Path) -> float:
+    """Peak RSS (MiB) over the ranks, from each rank's own getrusage at exit."""
+    return max(r["max_rss_mb"] for rank in range(2)
+               for r in _records(run_dir, rank) if r.get("event") == "end")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", choices=sorted(BENCHMARKS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--work", type=Path, default=None, help="scratch directory")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        args.work = args.work or Path(scratch)
+        args.work.mkdir(parents=True, exist_ok=True)
+        rows = BENCHMARKS[args.name](args)
+    for row in rows:
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in row.items()))
+    if args.json:
+        args.json.write_text(json.dumps({"benchmark": args.name, "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
