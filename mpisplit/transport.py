@@ -17,6 +17,7 @@ scheme did not declare, so raw inputs or labels cannot leave a rank by accident.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -37,6 +38,7 @@ _META_WORDS = 9
 MAX_DIMS = HEADER_WORDS - _META_WORDS
 INLINE_LIMIT = 64 * 1024
 _MAGIC = 0x5EC7
+_PROGRESS_TAG = 0x7FFF  # never sent: probing it only runs the progress engine
 _SPIN_S = 0.05
 _MAX_SLEEP_S = 1e-3
 
@@ -108,6 +110,7 @@ class PendingSend:
             with self._transport._span("wait", self._kind, self._dest):
                 self._transport._wait_request(self._requests, self._dest, self._kind, "send")
             self._requests, self._buffers = [], ()
+            self._transport._progress.finished()
 
 
 class Traffic:
@@ -160,8 +163,10 @@ class Transport:
         self._send_scratch = np.empty(HEADER_BYTES + INLINE_LIMIT, np.uint8)
         self._recv_scratch = np.empty(HEADER_BYTES + INLINE_LIMIT, np.uint8)
         self._status = MPI.Status()
+        self._progress = _Progress(self._payloads)
 
     def close(self) -> None:
+        self._progress.stop()
         self._headers.Free()
         self._payloads.Free()
 
@@ -206,6 +211,8 @@ class Transport:
             requests.append(self._payloads.Isend(payload, dest, kind))
         self.traffic.sent_bytes[dest, kind] += HEADER_BYTES + nbytes
         self.traffic.sent_messages[dest, kind] += len(requests)
+        if scratch is None:
+            self._progress.started()
         return PendingSend(self, requests, (message, payload), dest, kind)
 
     def recv(self, kind: Kind, source: int = ANY_SOURCE, *, deadline: bool = True,
@@ -298,6 +305,60 @@ class Transport:
                 )
             time.sleep(_MAX_SLEEP_S)
         return result
+
+
+class _Progress:
+    """Drives MPI progress while nonblocking sends are in flight and the rank computes.
+
+    Most MPI libraries move a large message only inside MPI calls; without this, a payload
+    posted before a microbatch's forward would wait for the end of that forward, and the
+    pipelined exchange would not overlap. A daemon thread pokes the library (an ``Iprobe``,
+    which runs the progress engine) every few microseconds, only while sends are pending;
+    torch releases the GIL while it computes. It needs ``MPI_THREAD_MULTIPLE``.
+    """
+
+    _POKE_S = 20e-6
+
+    def __init__(self, comm: MPI.Comm) -> None:
+        self._comm = comm
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self.enabled = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+
+    def started(self) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            self._pending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mpi-progress",
+                                                daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def finished(self) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            self._pending = max(self._pending - 1, 0)
+            if not self._pending:
+                self._wake.clear()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._wake.wait()
+            if not self._stopped:
+                self._comm.Iprobe(MPI.ANY_SOURCE, _PROGRESS_TAG)
+                time.sleep(self._POKE_S)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
