@@ -47,6 +47,13 @@ class SchemeConfig:
     server_order: Literal["fixed", "random"] = "fixed"
     """splitfed v2: the order the server serves clients in each round; fixed = client index
     order (deterministic), random = reshuffled every round from train.seed."""
+    join: Literal["concat", "sum", "mean"] = "concat"
+    """vertical: how the server joins the parties' cut outputs: concat (along the feature or
+    channel axis; the server's first weighted layer is widened to the joined width), sum, or
+    mean (these two need equal cut-output shapes)."""
+    label_holder: Literal["server", "party0"] = "server"
+    """vertical: who opens labels.h5 and computes the loss; party0 keeps the labels at party
+    0 (the server sends it the logits and gets their gradient back)."""
 
     def __post_init__(self) -> None:
         _require(self.clients >= 1, "scheme.clients", f"must be >= 1, got {self.clients}")

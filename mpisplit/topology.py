@@ -75,6 +75,7 @@ LAYOUTS: dict[str, Callable[[Config], RoleCounts]] = {
     "vanilla": _server_and_clients,
     "ushaped": _server_and_clients,
     "splitfed": _server_and_clients,
+    "vertical": _server_and_clients,
     "multihop": _chain,
     "fedavg": lambda cfg: [(Role.CLIENT, cfg.scheme.clients)],
     "syncsgd": lambda cfg: [(Role.CLIENT, cfg.scheme.clients)],

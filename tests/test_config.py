@@ -92,7 +92,9 @@ def test_cut_must_exist_and_data_must_match(dataset) -> None:
 def test_every_shipped_config_validates(path: Path, dataset) -> None:
     cfg = load_config(path)
     name = Path(cfg.data.path).name.rsplit("-", 1)[0]
-    prepared = dataset(name, clients=cfg.scheme.clients)
+    name, vertical, _ = name.partition("-vertical")  # NAME-vertical-<K>c: feature groups
+    options = {"partition": "vertical"} if vertical else {}
+    prepared = dataset(name, clients=cfg.scheme.clients, **options)
     cfg = load_config(path, [f"data.path={prepared}"])
     run = prepare(cfg, plan(cfg).world_size)
     assert isinstance(run.config, Config)

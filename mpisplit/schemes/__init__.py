@@ -13,7 +13,7 @@ from types import ModuleType
 from mpisplit.config import ConfigError
 
 AVAILABLE = (
-    "vanilla", "ushaped", "multihop", "splitfed", "centralized", "fedavg", "syncsgd",
+    "vanilla", "ushaped", "multihop", "splitfed", "vertical", "centralized", "fedavg", "syncsgd",
 )
 
 

@@ -1,0 +1,503 @@
+"""Vertical split learning: K parties hold different feature groups of the same patients.
+
+Each party runs its own lower network (the zoo model's layers below the cut, built for that
+party's feature shape, seeded with ``model.seed + party``) on its own columns. The server joins
+the parties' cut outputs (``scheme.join``: concatenation along the feature/channel axis, sum,
+or mean) and runs the layers above the cut. Under ``concat`` the server's first weighted
+layer (Linear or Conv2d) is widened to take the joined width; the rest of the zoo plan is
+unchanged. Shapes are worked out on the meta device, so no rank builds another's weights.
+
+Traffic is collective, on a communicator of the server and the parties split from
+``ctx.comm``: one ``Gatherv`` brings every party's cut output to the server, one ``Scatterv``
+returns each party its slice of the gradient. The bytes are counted in the transport's
+traffic as ACTIVATION / GRADIENT routes, so the summary and ``mpisplit audit`` see them.
+
+Alignment: parties' files list the patients in different orders and each may miss some.
+At setup every member contributes the ids of the files it reads (one raw-buffer
+``Allgatherv``), the server logs how many rows each party drops, and everybody reads only the
+intersection, through ``align_rows`` and ``ShardReader(rows=...)`` with the same seed, so
+every batch holds the same patients in the same order on every party.
+
+Labels (``scheme.label_holder``): ``server`` opens ``labels.h5`` and computes the loss;
+``party0`` keeps them at party 0: the server sends it the logits and gets their gradient
+back (transport routes server → client ACTIVATION, client → server GRADIENT), and party 0
+evaluates. The server then never opens a labels file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mpisplit.config import Config, ConfigError
+from mpisplit.cut import recv_forward, send_eval, send_forward
+from mpisplit.data import Batch, ShardReader, align_rows, intersect_ids, read_ids
+from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
+from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan
+from mpisplit.privacy import nopeek_penalty, protect
+from mpisplit.schemes.common import (
+    EvalTally,
+    evaluating,
+    log,
+    make_progress,
+    planned_steps,
+    record_client_step,
+    record_eval,
+    training_batches,
+)
+from mpisplit.segment import Segment
+from mpisplit.topology import Role
+from mpisplit.transport import Kind
+
+CUTS = 1
+ALLOWED = frozenset({
+    # The cut traffic itself is collective (Gatherv/Scatterv), accounted under these routes.
+    ("client", "server", Kind.ACTIVATION),
+    ("server", "client", Kind.GRADIENT),
+    # label_holder: party0 — logits to party 0, their gradient back.
+    ("server", "client", Kind.ACTIVATION),
+    ("client", "server", Kind.GRADIENT),
+})
+SERVER = 0
+"""The server's rank in the vertical communicator (the root of every collective)."""
+
+
+# --- model: per-party lower networks, the server's joined upper part --------------------
+
+def party_plan(cfg: Config, meta: dict, party: int) -> LayerPlan:
+    """The zoo plan built for one party's feature shape."""
+    return layer_plan(cfg.model, meta["party_feature_shapes"][party], meta["num_classes"])
+
+
+def party_seed(cfg: Config, party: int) -> int:
+    """Party p's lower layers are seeded with ``model.seed + p`` (so parties differ)."""
+    return cfg.model.seed + party
+
+
+def cut_shape(plan: LayerPlan, cut: int, input_shape: Sequence[int]) -> tuple[int, ...]:
+    """Per-sample shape of the output of layers ``0..cut-1``, computed on the meta device."""
+    with torch.device("meta"):
+        lower = nn.Sequential(*(factory() for _, factory in plan[:cut]))
+        return tuple(lower(torch.zeros(1, *input_shape)).shape[1:])
+
+
+def joined_shape(join: str, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+    """Per-sample shape after the join; concat joins along the first (feature) axis."""
+    rest = {shape[1:] for shape in shapes}
+    if join == "concat":
+        if len(rest) > 1:
+            raise ConfigError(f"scheme.join: concat needs the parties' cut outputs to agree "
+                              f"beyond the first axis, got {list(shapes)}")
+        return (sum(shape[0] for shape in shapes), *shapes[0][1:])
+    if len(set(shapes)) > 1:
+        raise ConfigError(f"scheme.join: {join} needs equal cut-output shapes from every "
+                          f"party, got {list(shapes)}; use join: concat")
+    return shapes[0]
+
+
+def server_plan(run: RunPlan, cut: int, joined: tuple[int, ...]) -> LayerPlan:
+    """The zoo plan whose first weighted layer above the cut takes the joined width."""
+    plan = list(run.layers)
+    single = cut_shape(plan, cut, run.meta["feature_shape"])
+    if joined[0] != single[0]:
+        first = next((i for i in range(cut, len(plan)) if _has_weights(plan[i][1])), None)
+        if first is None:
+            raise ConfigError("model.cuts: the server's part has no weighted layer to take "
+                              "the joined cut outputs")
+        name, factory = plan[first]
+        plan[first] = (name, _widened(factory, joined[0], single[0], name))
+    _check_server_part(plan, cut, joined, run.meta["num_classes"])
+    return plan
+
+
+def _has_weights(factory: Callable[[], nn.Module]) -> bool:
+    with torch.device("meta"):
+        return any(True for _ in factory().parameters())
+
+
+def _widened(factory: Callable[[], nn.Module], joined: int, single: int,
+             name: str) -> Callable[[], nn.Module]:
+    """A factory of the same layer with its input width scaled by ``joined / single``."""
+    with torch.device("meta"):
+        layer = factory()
+    if isinstance(layer, nn.Linear):
+        width = _scaled(layer.in_features, joined, single, name)
+        return lambda: nn.Linear(width, layer.out_features, bias=layer.bias is not None)
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1:
+        width = _scaled(layer.in_channels, joined, single, name)
+        return lambda: nn.Conv2d(width, layer.out_channels, layer.kernel_size, layer.stride,
+                                 layer.padding, layer.dilation, bias=layer.bias is not None)
+    raise ConfigError(f"model.cuts: join concat widens the server's first weighted layer "
+                      f"'{name}', which must be Linear or Conv2d, not {type(layer).__name__}")
+
+
+def _scaled(width: int, joined: int, single: int, name: str) -> int:
+    if width * joined % single:
+        raise ConfigError(f"model.cuts: cannot widen '{name}' ({width} inputs) from a cut "
+                          f"width of {single} to the joined width {joined}")
+    return width * joined // single
+
+
+def _check_server_part(plan: LayerPlan, cut: int, joined: tuple[int, ...],
+                       classes: int) -> None:
+    with torch.device("meta"):
+        upper = nn.Sequential(*(factory() for _, factory in plan[cut:]))
+        try:
+            out = upper(torch.zeros(1, *joined))
+        except RuntimeError as err:
+            raise ConfigError(f"model.cuts: the server's layers cannot take the joined cut "
+                              f"outputs of shape {joined}: {err}") from None
+    if tuple(out.shape[1:]) != (classes,):
+        raise ConfigError(f"model.cuts: the server's part ends in {tuple(out.shape[1:])}, "
+                          f"not {classes} logits")
+
+
+def join(how: str, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The server's join of the parties' cut outputs (part p from party p)."""
+    if how == "concat":
+        return torch.cat(list(parts), dim=1)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total / len(parts) if how == "mean" else total
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What every rank derives from the config alone (no traffic): cut, shapes, plans."""
+
+    cut: int
+    cut_shapes: list[tuple[int, ...]]
+    server_plan: LayerPlan
+
+    @classmethod
+    def of(cls, run: RunPlan) -> Layout:
+        cfg, meta = run.config, run.meta
+        if meta.get("partition") != "vertical":
+            raise ConfigError(f"data.path: scheme vertical needs a dataset prepared with "
+                              f"--partition vertical; {cfg.data.path} is {meta.get('partition')}")
+        shapes, cut = [], run.bounds[0][1]
+        for party, features in enumerate(meta["party_feature_shapes"]):
+            plan = party_plan(cfg, meta, party)
+            (party_cut,) = cut_indices(plan, cfg.model.cuts)
+            shapes.append(cut_shape(plan, party_cut, features))
+        joined = joined_shape(cfg.scheme.join, shapes)
+        return cls(cut, shapes, server_plan(run, cut, joined))
+
+    @property
+    def widths(self) -> list[int]:
+        """Floats per sample each party sends."""
+        return [prod(shape) for shape in self.cut_shapes]
+
+
+# --- alignment -----------------------------------------------------------------------
+
+def common_ids(comm: MPI.Comm, mine: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The ids every contributing member holds (members with ``None`` read no file), and
+    each member's contribution size (-1: none). One Allgather, one raw Allgatherv."""
+    count = np.array([-1 if mine is None else len(mine)], np.int64)
+    counts = np.zeros(comm.Get_size(), np.int64)
+    comm.Allgather(count, counts)
+    sizes = np.maximum(counts, 0)
+    everyone = np.zeros(int(sizes.sum()), np.int64)
+    sendbuf = np.zeros(0, np.int64) if mine is None else np.ascontiguousarray(mine, np.int64)
+    comm.Allgatherv(sendbuf, [everyone, sizes])
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    sets = [everyone[offsets[r]:offsets[r + 1]] for r in range(len(counts)) if counts[r] >= 0]
+    return intersect_ids(sets), counts
+
+
+def batch_sizes(rows: int, batch_size: int) -> list[int]:
+    """One epoch's batch sizes as ``ShardReader`` yields them (partial block last), so the
+    server knows each Gatherv's size without reading any data."""
+    full, partial = divmod(rows, batch_size)
+    return [batch_size] * full + ([partial] if partial else [])
+
+
+@dataclass
+class Split:
+    """One split (train or test) as this rank sees it."""
+
+    common: np.ndarray
+    sizes: list[int]
+    features: ShardReader | None
+    labels: ShardReader | None
+
+    def batches(self, stream: Callable[[ShardReader], Iterator[Batch]]) -> Iterator[
+            tuple[Batch | None, Batch | None]]:
+        """Aligned (features, labels) batches; None for what this rank does not read."""
+        features = stream(self.features) if self.features else None
+        labels = stream(self.labels) if self.labels else None
+        while True:
+            pair = (next(features, None) if features else None,
+                    next(labels, None) if labels else None)
+            if all(part is None for part in pair) and (features or labels):
+                return
+            yield pair
+
+    def close(self) -> None:
+        for reader in (self.features, self.labels):
+            if reader is not None:
+                reader.close()
+
+
+def open_split(ctx: RankContext, comm: MPI.Comm, *, test: bool) -> Split:
+    """Intersects the ids (collective), logs what is dropped, opens aligned readers."""
+    cfg, me = ctx.config, ctx.me
+    holder = _holds_labels(ctx)
+    feature_path = ctx.shard("party", me.index, test=test) if me.role == Role.CLIENT else None
+    label_path = ctx.shard("labels", test=test) if holder else None
+    owned = [read_ids(path) for path in (feature_path, label_path) if path is not None]
+    common, counts = common_ids(comm, intersect_ids(owned) if owned else None)
+    _report_alignment(ctx, common, counts, test)
+    if not len(common):
+        raise ValueError(f"{cfg.data.path}: the parties have no patient id in common")
+
+    def reader(path: Path, field: str, ids: np.ndarray) -> ShardReader:
+        return ShardReader(path, batch_size=cfg.data.batch_size, fields=(field,),
+                           shuffle=cfg.data.shuffle and not test, seed=cfg.train.seed,
+                           prefetch=0 if test else cfg.data.prefetch,
+                           rows=align_rows(ids, common, source=path))
+
+    features = reader(feature_path, "features", owned[0]) if feature_path else None
+    labels = reader(label_path, "labels", owned[-1]) if label_path else None
+    return Split(common, batch_sizes(len(common), cfg.data.batch_size), features, labels)
+
+
+def _report_alignment(ctx: RankContext, common: np.ndarray, counts: np.ndarray,
+                      test: bool) -> None:
+    if ctx.me.role != Role.SERVER:
+        return
+    labels = ctx.topology.placements
+    dropped = {labels[r].label: int(n - len(common)) for r, n in enumerate(counts) if n >= 0}
+    split = "test" if test else "train"
+    log.info("vertical %s: %d ids common to all parties; rows dropped: %s", split,
+             len(common), ", ".join(f"{who} {n}" for who, n in dropped.items()))
+    ctx.metrics.write({"event": "alignment", "split": split, "common": len(common),
+                       "dropped": dropped})
+
+
+def _holds_labels(ctx: RankContext) -> bool:
+    if ctx.config.scheme.label_holder == "server":
+        return ctx.me.role == Role.SERVER
+    return ctx.me.role == Role.CLIENT and ctx.me.index == 0
+
+
+# --- the cut as collectives ------------------------------------------------------------
+
+class CutCollective:
+    """Gatherv of the parties' cut outputs onto the server, Scatterv of the gradient slices
+    back, as raw float32 buffers; the bytes go into the transport's traffic counters."""
+
+    def __init__(self, ctx: RankContext, comm: MPI.Comm, widths: Sequence[int]) -> None:
+        self.ctx, self.comm, self.widths = ctx, comm, list(widths)
+        self.traffic = ctx.transport.traffic
+        self.server = ctx.topology.ranks(Role.SERVER)[0]
+        self.parties = ctx.topology.ranks(Role.CLIENT)
+
+    def _layout(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        counts = np.array([0] + [batch * w for w in self.widths], np.int64)
+        return counts, np.concatenate([[0], np.cumsum(counts)[:-1]])
+
+    def gather(self, activation: torch.Tensor | None, batch: int) -> np.ndarray | None:
+        """Party: sends ``activation``; server (None): returns every party's, flat."""
+        counts, displs = self._layout(batch)
+        if activation is None:
+            out = np.empty(int(counts.sum()), np.float32)
+            self.comm.Gatherv(np.empty(0, np.float32), [out, counts, displs, MPI.FLOAT], SERVER)
+            self._count(self.traffic.recv_bytes, Kind.ACTIVATION, counts)
+            return out
+        sent = _host_floats(activation)
+        self.comm.Gatherv(sent, None, SERVER)
+        self.traffic.sent_bytes[self.server, Kind.ACTIVATION] += sent.nbytes
+        return None
+
+    def scatter(self, gradient: np.ndarray | None, batch: int,
+                shape: Sequence[int] = ()) -> torch.Tensor | None:
+        """Server: sends each party its slice; party (None): returns its gradient."""
+        counts, displs = self._layout(batch)
+        if gradient is not None:
+            self.comm.Scatterv([np.ascontiguousarray(gradient, np.float32), counts, displs,
+                                MPI.FLOAT], np.empty(0, np.float32), SERVER)
+            self._count(self.traffic.sent_bytes, Kind.GRADIENT, counts)
+            return None
+        out = np.empty(int(np.prod((batch, *shape))), np.float32)
+        self.comm.Scatterv(None, out, SERVER)
+        self.traffic.recv_bytes[self.server, Kind.GRADIENT] += out.nbytes
+        return torch.from_numpy(out).view(batch, *shape)
+
+    def _count(self, table: np.ndarray, kind: Kind, counts: np.ndarray) -> None:
+        for party, count in zip(self.parties, counts[1:], strict=True):
+            table[party, kind] += int(count) * 4
+
+
+def _host_floats(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy()
+
+
+# --- roles ---------------------------------------------------------------------------
+
+def run(ctx: RankContext) -> RankResult:
+    layout = Layout.of(ctx.run)
+    is_member = ctx.me.role in (Role.SERVER, Role.CLIENT)
+    comm = ctx.comm.Split(0 if is_member else MPI.UNDEFINED, ctx.me.rank)
+    if comm.Get_rank() == SERVER and ctx.me.role != Role.SERVER:
+        raise RuntimeError("vertical: the server must be rank 0 of the vertical communicator")
+    cut = CutCollective(ctx, comm, layout.widths)
+    with contextlib.ExitStack() as stack:
+        train = open_split(ctx, comm, test=False)
+        stack.callback(train.close)
+        test = open_split(ctx, comm, test=True)
+        stack.callback(test.close)
+        steps = planned_steps(len(train.sizes), ctx.config.train)
+        role = _Server(ctx, layout, cut, steps) if ctx.me.role == Role.SERVER \
+            else _Party(ctx, layout, cut, steps)
+        result = _drive(ctx, role, train, test, steps)
+    comm.Free()
+    return result
+
+
+class _Role(Protocol):
+    """One side of a vertical step; ``_drive`` runs the same loop on every rank."""
+
+    segment: Segment
+
+    def train_step(self, step: int, size: int, features: Batch | None,
+                   labels: Batch | None) -> float | None:
+        """One training step; returns the loss where this rank computes it."""
+
+    def eval_batch(self, step: int, size: int, features: Batch | None, labels: Batch | None,
+                   tally: EvalTally) -> None:
+        """One test batch; the label holder adds it to ``tally``."""
+
+
+def _drive(ctx: RankContext, role: _Role, train: Split, test: Split, steps: int) -> RankResult:
+    """Training steps with periodic and final evaluation, in lockstep on every rank."""
+    cfg, holder = ctx.config, _holds_labels(ctx)
+    progress = make_progress(ctx, steps) if ctx.me.role == Role.SERVER else None
+    pairs = train.batches(lambda reader: training_batches(reader, cfg.train))
+    samples, final = 0, None
+    for step in range(1, steps + 1):
+        size = train.sizes[(step - 1) % len(train.sizes)]
+        loss = role.train_step(step, size, *next(pairs, (None, None)))
+        samples += size
+        record_client_step(ctx, step, loss)
+        if progress is not None:
+            progress.update(step, loss)
+        last = step == steps
+        if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+            final = _evaluate(ctx, role, test, step, holder)
+    finals = [final] if holder and final is not None else []
+    counted = samples if ctx.me.role == Role.SERVER else 0
+    return RankResult(steps=steps, samples=counted, final_evals=finals, segment=role.segment)
+
+
+def _evaluate(ctx: RankContext, role: _Role, test: Split, step: int,
+              holder: bool) -> EvalResult | None:
+    tally = EvalTally()
+    with evaluating(role.segment.module), ctx.tracer.span("eval"):
+        for size, pair in zip(test.sizes, test.batches(lambda reader: reader.epoch(0)),
+                              strict=False):
+            role.eval_batch(step, size, *pair, tally)
+    return record_eval(ctx, tally.result(step, 0)) if holder else None
+
+
+class _Server:
+    def __init__(self, ctx: RankContext, layout: Layout, cut: CutCollective, steps: int):
+        self.ctx, self.layout, self.cut = ctx, layout, cut
+        module = build_layers(layout.server_plan, layout.cut, len(layout.server_plan),
+                              ctx.config.model.seed)
+        self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
+        self.party0 = ctx.topology.ranks(Role.CLIENT)[0]
+
+    def _joined(self, size: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = torch.from_numpy(self.cut.gather(None, size)).to(self.ctx.device)
+        flat.requires_grad_(train)
+        pieces = flat.split([size * w for w in self.layout.widths])
+        parts = [p.view(size, *shape) for p, shape in zip(pieces, self.layout.cut_shapes,
+                                                          strict=True)]
+        return flat, join(self.ctx.config.scheme.join, parts)
+
+    def train_step(self, step: int, size: int, features: Batch | None,
+                   labels: Batch | None) -> float | None:
+        ctx = self.ctx
+        with ctx.tracer.span("forward", step=step):
+            flat, joined = self._joined(size, train=True)
+            logits = self.segment.module(joined)
+            if labels is not None:
+                target = labels.labels.to(ctx.device)
+                loss = nn.functional.cross_entropy(logits, target)
+            else:
+                loss = send_forward(logits, ctx.transport, self.party0, step)
+        with ctx.tracer.span("backward", step=step):
+            loss.backward()
+            self.cut.scatter(flat.grad.cpu().numpy(), size)
+        with ctx.tracer.span("optimizer", step=step):
+            self.segment.step()
+        return float(loss.detach()) if labels is not None else None
+
+    def eval_batch(self, step: int, size: int, features: Batch | None, labels: Batch | None,
+                   tally: EvalTally) -> None:
+        _, joined = self._joined(size, train=False)
+        logits = self.segment.module(joined)
+        if labels is not None:
+            tally.add(logits, labels.labels.to(self.ctx.device))
+        else:
+            send_eval(logits, self.ctx.transport, self.party0, step)
+
+
+class _Party:
+    def __init__(self, ctx: RankContext, layout: Layout, cut: CutCollective, steps: int):
+        self.ctx, self.layout, self.cut = ctx, layout, cut
+        party = ctx.me.index
+        plan = party_plan(ctx.config, ctx.run.meta, party)
+        module = build_layers(plan, 0, layout.cut, party_seed(ctx.config, party))
+        self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
+        self.shape = layout.cut_shapes[party]
+        self.server = ctx.topology.ranks(Role.SERVER)[0]
+        self.noise = torch.Generator().manual_seed(ctx.config.privacy.seed + party)
+
+    def train_step(self, step: int, size: int, features: Batch | None,
+                   labels: Batch | None) -> float | None:
+        ctx, privacy = self.ctx, self.ctx.config.privacy
+        with ctx.tracer.span("forward", step=step):
+            inputs = features.features.to(ctx.device)
+            activation = self.segment.module(inputs)
+            sent = protect(activation, privacy, self.noise)
+            self.cut.gather(sent, size)
+        loss = self._loss(labels) if labels is not None else None
+        with ctx.tracer.span("backward", step=step):
+            gradient = self.cut.scatter(None, size, self.shape).to(ctx.device)
+            penalty = nopeek_penalty(inputs, activation, privacy)
+            outputs = [sent] + ([penalty] if penalty is not None else [])
+            grads = [gradient] + ([None] if penalty is not None else [])
+            torch.autograd.backward(outputs, grads)
+        with ctx.tracer.span("optimizer", step=step):
+            self.segment.step()
+        return loss
+
+    def _loss(self, labels: Batch) -> float:
+        """Party 0 holding the labels: the loss on the server's logits; its gradient goes
+        back to the server through the cut hook."""
+        logits, _ = recv_forward(self.ctx.transport, self.server, device=self.ctx.device)
+        loss = nn.functional.cross_entropy(logits, labels.labels.to(self.ctx.device))
+        loss.backward()
+        return float(loss.detach())
+
+    def eval_batch(self, step: int, size: int, features: Batch | None, labels: Batch | None,
+                   tally: EvalTally) -> None:
+        activation = self.segment.module(features.features.to(self.ctx.device))
+        self.cut.gather(protect(activation, self.ctx.config.privacy, self.noise), size)
+        if labels is not None:
+            logits, _ = recv_forward(self.ctx.transport, self.server, device=self.ctx.device,
+                                     train=False)
+            tally.add(logits, labels.labels.to(self.ctx.device))

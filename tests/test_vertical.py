@@ -1,0 +1,163 @@
+"""Vertical split learning under real ``mpiexec``: equals the whole vertically-joined model
+trained in one process on the same aligned batches, for every join; labels can stay at
+party 0, and then the server has no labels file at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mpisplit.config import ConfigError, ModelConfig, config_from_dict
+from mpisplit.data import ShardReader, align_rows, intersect_ids, read_ids
+from mpisplit.engine import prepare
+from mpisplit.models import build_layers, layer_plan
+from mpisplit.schemes.vertical import Layout, joined_shape
+from tests.conftest import MPIEXEC_TIMEOUT_S, ROOT, mpiexec, run_mpi
+
+CONFIG = "configs/vertical-breast-cancer.yaml"
+MODEL = ModelConfig(cuts=("fc2",))
+PARTIES, STEPS, LR, MOMENTUM, BATCH, SEED = 3, 30, 0.05, 0.9, 16, 0
+CUT = 2  # fc1, relu1 at each party
+ARGS = ("run.progress=none", f"train.max_steps={STEPS}", "train.eval_every=0")
+
+
+@pytest.fixture(scope="module")
+def data(dataset) -> Path:
+    """Each party misses 5 % of the patients, so the intersection is smaller than any."""
+    return dataset("breast_cancer", clients=PARTIES, partition="vertical", drop_fraction=0.05)
+
+
+def _aligned_batches(data: Path) -> tuple[Iterator, int]:
+    """(party features..., labels) per batch, on the ids common to every file."""
+    paths = [data / f"party-{p}.h5" for p in range(PARTIES)] + [data / "labels.h5"]
+    ids = [read_ids(path) for path in paths]
+    common = intersect_ids(ids)
+    readers = [ShardReader(path, batch_size=BATCH, fields=(field,), seed=SEED, prefetch=0,
+                           rows=align_rows(own, common))
+               for path, own, field in zip(paths, ids, ["features"] * PARTIES + ["labels"],
+                                           strict=True)]
+
+    def endless() -> Iterator:
+        epoch = 0
+        while True:
+            yield from zip(*(reader.epoch(epoch) for reader in readers), strict=True)
+            epoch += 1
+
+    return endless(), len(common)
+
+
+def _seeded(index: int, layer: nn.Module | type, *args: int) -> nn.Module:
+    torch.manual_seed(MODEL.seed * 1_000_003 + index)
+    return layer(*args)
+
+
+def _reference(data: Path, join: str) -> tuple[list[dict], dict]:
+    """The whole joined model in one process: party p's fc1 (seed model.seed + p), the
+    join, the server's fc2 (taking 3 × 64 inputs under concat) and head."""
+    plan = layer_plan(MODEL, (10,), 2)
+    parties = [build_layers(plan, 0, CUT, MODEL.seed + p) for p in range(PARTIES)]
+    width = 64 * (PARTIES if join == "concat" else 1)
+    server = nn.Sequential(OrderedDict(fc2=_seeded(2, nn.Linear, width, 32), relu2=nn.ReLU(),
+                                       head=_seeded(4, nn.Linear, 32, 2)))
+    params = [p for m in (*parties, server) for p in m.parameters()]
+    opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+    batches, _ = _aligned_batches(data)
+    for _ in range(STEPS):
+        *features, labels = next(batches)
+        outputs = [party(batch.features) for party, batch in zip(parties, features, strict=True)]
+        if join == "concat":
+            joined = torch.cat(outputs, dim=1)
+        else:
+            joined = outputs[0] + outputs[1] + outputs[2]
+            joined = joined / PARTIES if join == "mean" else joined
+        opt.zero_grad()
+        nn.functional.cross_entropy(server(joined), labels.labels).backward()
+        opt.step()
+    return [party.state_dict() for party in parties], server.state_dict()
+
+
+def _assert_parts(run_dir: Path, data: Path, join: str) -> None:
+    parties, server = _reference(data, join)
+    for rank, expected in enumerate([server, *parties]):
+        actual = torch.load(run_dir / f"model-rank{rank}.pt", weights_only=True)
+        assert actual.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-5,
+                                       msg=f"rank {rank} {key}")
+
+
+def _records(run_dir: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / f"metrics-rank{rank}.jsonl").open()]
+
+
+@pytest.mark.parametrize("join", ["concat", "sum", "mean"])
+def test_equals_the_joined_model_in_one_process(join: str, data: Path, tmp_path: Path) -> None:
+    result = run_mpi(PARTIES + 1, "train", CONFIG, f"data.path={data}", f"run.dir={tmp_path}",
+                     f"scheme.join={join}", *ARGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_parts(tmp_path, data, join)
+    alignment = next(r for r in _records(tmp_path, 0)
+                     if r.get("event") == "alignment" and r["split"] == "train")
+    _, common = _aligned_batches(data)
+    assert alignment["common"] == common
+    assert all(alignment["dropped"][f"client{p}"] > 0 for p in range(PARTIES))
+    assert "ids common to all parties" in result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps_per_rank"] == [STEPS] * (PARTIES + 1)
+    assert summary["bytes_received_per_rank"][0] > 0  # the Gatherv traffic is accounted
+
+
+def test_labels_stay_at_party0(data: Path, tmp_path: Path) -> None:
+    """MPMD: the server rank gets a copy of the dataset without any labels file, so opening
+    one would fail; party 0 computes the loss and reports the test metrics."""
+    blind = tmp_path / "server-data"
+    blind.mkdir()
+    for path in data.iterdir():
+        if "labels" not in path.name:
+            (blind / path.name).symlink_to(path)
+    run_dir = tmp_path / "run"
+    common = ["-m", "mpisplit", "train", CONFIG, f"run.dir={run_dir}", "scheme.join=mean",
+              "scheme.label_holder=party0", *ARGS]
+    command = [mpiexec(), "-n", "1", sys.executable, *common, f"data.path={blind}", ":",
+               "-n", str(PARTIES), sys.executable, *common, f"data.path={data}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=MPIEXEC_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_parts(run_dir, data, "mean")
+    server, party0 = _records(run_dir, 0), _records(run_dir, 1)
+    assert not any("loss" in r for r in server if "step" in r and "event" not in r)
+    assert sum("loss" in r for r in party0) >= STEPS
+    routes = next(r for r in server if r.get("event") == "end")["sent_routes"]
+    assert set(routes["1"]) == {"ACTIVATION", "GRADIENT"}  # logits to party 0, cut gradients
+    assert set(routes["2"]) == {"GRADIENT"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test_accuracy"] is not None
+
+
+def test_join_shapes_are_checked_before_any_traffic(dataset) -> None:
+    """Digits left/right halves through the CNN cut before its pool: concat widens the
+    server's fc to both parties' channels; sum and mean keep it; unequal shapes are errors."""
+    digits = dataset("digits", clients=2, partition="vertical")
+    widths = {}
+    for join in ("concat", "sum"):
+        cfg = config_from_dict({"scheme": {"name": "vertical", "clients": 2, "join": join},
+                                "model": {"name": "cnn", "cuts": ["pool"]},
+                                "data": {"path": str(digits)}})
+        layout = Layout.of(prepare(cfg, 3))
+        assert layout.cut_shapes == [(32, 8, 4), (32, 8, 4)]
+        widths[join] = dict(layout.server_plan)["fc"]().in_features
+    assert widths == {"concat": 2 * 32 * 16, "sum": 32 * 16}
+    with pytest.raises(ConfigError, match="scheme.join: sum needs equal cut-output shapes"):
+        joined_shape("sum", [(64,), (32,)])
+    with pytest.raises(ConfigError, match="scheme.join: concat needs"):
+        joined_shape("concat", [(32, 8, 4), (32, 8, 8)])
