@@ -84,7 +84,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from mpisplit import engine
     from mpisplit.data import DataError
-    from mpisplit.failure import abort_on_failure
+    from mpisplit.failure import EXIT_PREEMPTED, Preempted, abort_on_failure
 
     comm = MPI.COMM_WORLD
     try:
@@ -92,7 +92,12 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, DataError) as err:
         return _bad_input(err, comm.Get_rank())
     label = run.topology.of(comm.Get_rank()).label
-    abort_on_failure(comm, label, lambda: engine.train(run, comm))
+    try:
+        abort_on_failure(comm, label, lambda: engine.train(run, comm))
+    except Preempted as stop:
+        print(f"mpisplit: rank {comm.Get_rank()} ({label}) stopped by {stop.signal_name}; "
+              f"metrics written to {run.config.run.dir}", file=sys.stderr, flush=True)
+        os._exit(EXIT_PREEMPTED)  # peers stop on their own; no MPI_Finalize handshake
     return 0
 
 

@@ -23,6 +23,7 @@ from mpi4py import MPI
 from mpisplit import schemes
 from mpisplit.config import Config, ConfigError
 from mpisplit.data import read_meta, shard_path
+from mpisplit.failure import Preempted, preemptible
 from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan, segment_bounds
 from mpisplit.runlog import MetricsLog, setup_logging, write_resolved_config, write_summary
 from mpisplit.segment import Segment
@@ -140,7 +141,12 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
     ctx = RankContext(run, me, comm, transport, tracer, metrics, run_dir, _device(cfg))
     start = time.perf_counter()
     try:
-        result = scheme.run(ctx)
+        try:
+            with preemptible():
+                result = scheme.run(ctx)
+        except Preempted as stop:
+            _record_preemption(ctx, stop, time.perf_counter() - start)
+            raise
         wall = time.perf_counter() - start
         metrics.write({"event": "end", "steps": result.steps, "wall_s": wall,
                        "bytes_sent": transport.traffic.total_sent,
@@ -158,6 +164,22 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
         metrics.close()
         tracer.write(run_dir)
         transport.close()
+
+
+def _record_preemption(ctx: RankContext, stop: Preempted, wall: float) -> None:
+    """Leaves the metrics (and, on rank 0, a summary marked preempted) before exiting.
+
+    No collective is attempted: every rank gets the signal and stops on its own."""
+    ctx.metrics.write({"event": "preempted", "signal": stop.signal_name, "wall_s": wall,
+                       "last_step": ctx.metrics.last_step,
+                       "bytes_sent": ctx.transport.traffic.total_sent,
+                       "bytes_received": ctx.transport.traffic.total_received})
+    if ctx.me.rank == 0:
+        write_summary(ctx.run_dir, {
+            "scheme": ctx.config.scheme.name, "world_size": ctx.topology.world_size,
+            "preempted": True, "signal": stop.signal_name, "wall_time_s": round(wall, 4),
+            "steps": ctx.metrics.last_step,
+        })
 
 
 def _device(cfg: Config) -> torch.device:

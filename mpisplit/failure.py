@@ -9,10 +9,12 @@ with the same status.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from mpi4py import MPI
@@ -24,12 +26,39 @@ from mpisplit.transport import PeerTimeout, PolicyViolation
 T = TypeVar("T")
 EXPECTED = (ConfigError, DataError, PeerTimeout, PolicyViolation)
 EXIT_FAILURE = 3
+EXIT_PREEMPTED = 4
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class Preempted(BaseException):
+    """The scheduler asked this rank to stop (Slurm's ``--signal`` or a time limit)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signal_name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def preemptible() -> Iterator[None]:
+    """Turns SIGUSR1 and SIGTERM into ``Preempted`` in the main thread for the duration, so
+    the run can write what it has and exit instead of being killed mid-write."""
+    def handler(signum: int, _frame: object) -> None:
+        raise Preempted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in PREEMPTION_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def abort_on_failure(comm: MPI.Comm, label: str, body: Callable[[], T]) -> T:
     """Runs ``body``; on any exception reports it and aborts the job with exit status 3."""
     try:
         return body()
+    except Preempted:
+        raise
     except BaseException as err:  # noqa: BLE001 - every failure must end the whole job
         if not isinstance(err, EXPECTED):
             traceback.print_exc()

@@ -47,12 +47,14 @@ class MetricsLog:
         self._flush_every = flush_every
         self._pending = 0
         self._start = time.perf_counter()
+        self.last_step = 0
         self.write({"event": "start", **header})
 
     def elapsed(self) -> float:
         return time.perf_counter() - self._start
 
     def write(self, record: dict[str, Any]) -> None:
+        self.last_step = record.get("step", self.last_step)
         self._file.write(json.dumps({"time": round(self.elapsed(), 6), **record}) + "\n")
         self._pending += 1
         if self._pending >= self._flush_every:

@@ -108,3 +108,22 @@ def test_killed_or_stalled_client_ends_the_job(signal_name: str, dataset, tmp_pa
     if signal_name == "SIGSTOP":
         assert "rank 0 (server)" in stderr and "failed: PeerTimeout" in stderr
         assert "with rank 2 (client)" in stderr  # the silent one, named
+
+
+def test_preemption_signal_stops_every_rank_cleanly(dataset, tmp_path: Path) -> None:
+    """Slurm's --signal reaches the launcher, which forwards it: every rank writes its
+    metrics, rank 0 a summary marked preempted, and the job exits with status 4."""
+    process = _start_long_run(dataset, tmp_path)
+    try:
+        _pid_once_training(tmp_path, 2, process)
+        process.send_signal(signal.SIGUSR1)
+        _, stderr = process.communicate(timeout=LIMIT_S)
+    finally:
+        process.kill()
+    assert process.returncode == 4, stderr[-2000:]
+    assert stderr.count("stopped by SIGUSR1; metrics written") == 4
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["preempted"] and summary["signal"] == "SIGUSR1" and summary["steps"] > 0
+    for rank in range(4):
+        last = (tmp_path / f"metrics-rank{rank}.jsonl").read_text().splitlines()[-1]
+        assert json.loads(last)["event"] == "preempted"
