@@ -61,6 +61,14 @@ def cnn(
     return plan
 
 
+def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    """Identity, or a strided 1×1 projection where the block changes shape."""
+    if stride == 1 and in_channels == out_channels:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                         nn.BatchNorm2d(out_channels))
+
+
 class ResidualBlock(nn.Module):
     """Two 3×3 convolutions with an identity (or 1×1 projection) shortcut."""
 
@@ -73,12 +81,7 @@ class ResidualBlock(nn.Module):
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(out_channels),
         )
-        needs_projection = stride != 1 or in_channels != out_channels
-        self.shortcut = (
-            nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                          nn.BatchNorm2d(out_channels))
-            if needs_projection else nn.Identity()
-        )
+        self.shortcut = _shortcut(in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.shortcut(x))
@@ -150,12 +153,7 @@ class Bottleneck(nn.Module):
             nn.BatchNorm2d(width), nn.ReLU(),
             nn.Conv2d(width, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
         )
-        needs_projection = stride != 1 or in_channels != out_channels
-        self.shortcut = (
-            nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                          nn.BatchNorm2d(out_channels))
-            if needs_projection else nn.Identity()
-        )
+        self.shortcut = _shortcut(in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.shortcut(x))
