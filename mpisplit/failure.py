@@ -10,9 +10,11 @@ with the same status.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -27,6 +29,8 @@ T = TypeVar("T")
 EXPECTED = (ConfigError, DataError, PeerTimeout, PolicyViolation)
 EXIT_FAILURE = 3
 EXIT_PREEMPTED = 4
+_IO_GRACE_S = 0.3
+"""Lets the launcher forward the failure line before Abort tears its I/O down."""
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -68,5 +72,6 @@ def abort_on_failure(comm: MPI.Comm, label: str, body: Callable[[], T]) -> T:
               file=sys.stderr, flush=True)
         if comm.Get_size() == 1:
             raise SystemExit(EXIT_FAILURE) from None
+        time.sleep(_IO_GRACE_S)
         comm.Abort(EXIT_FAILURE)
-        raise  # unreachable after Abort; keeps type checkers honest
+        os._exit(EXIT_FAILURE)  # Abort may return before the launcher kills this process

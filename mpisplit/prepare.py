@@ -22,7 +22,6 @@ from typing import Any
 
 import h5py
 import numpy as np
-from sklearn.datasets import load_breast_cancer, load_digits
 
 from mpisplit.data import FIELD_DTYPES, META_FILE, SCHEMA_VERSION, shard_path
 
@@ -215,6 +214,8 @@ class _Table:
 
 
 def _load_table(name: str) -> _Table:
+    from sklearn.datasets import load_breast_cancer, load_digits  # slow import: only here
+
     if name == "breast_cancer":
         data = load_breast_cancer()
         return _Table(data.data, data.target.astype(np.int64), 2, standardize=True)
