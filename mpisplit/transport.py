@@ -173,7 +173,7 @@ class Transport:
     def send(self, tensor: torch.Tensor, dest: int, kind: Kind, *, step: int = 0,
              flags: Flag = Flag.NONE, aux: int = 0) -> None:
         """Sends ``tensor`` to ``dest``; returns once its buffer may be reused."""
-        with self._span("send", kind, dest, _nbytes(tensor), step, tensor.shape):
+        with self._span("send", kind, dest, _nbytes(tensor), step, tensor.shape, tensor.dtype):
             self._post(tensor, dest, kind, step, flags, aux, self._send_scratch).wait()
 
     def isend(self, tensor: torch.Tensor, dest: int, kind: Kind, *, step: int = 0,
@@ -181,7 +181,7 @@ class Transport:
         """Starts sending ``tensor``; the caller overlaps work and calls ``wait`` later.
 
         The tensor must not be modified until then (the pending send keeps it alive)."""
-        with self._span("send", kind, dest, _nbytes(tensor), step, tensor.shape):
+        with self._span("send", kind, dest, _nbytes(tensor), step, tensor.shape, tensor.dtype):
             return self._post(tensor, dest, kind, step, flags, aux, None)
 
     def _post(self, tensor: torch.Tensor, dest: int, kind: Kind, step: int, flags: Flag,
@@ -245,7 +245,7 @@ class Transport:
                     and out.device.type == "cpu" and out.is_contiguous())
         tensor = out if reusable else torch.empty(shape, dtype=dtype)
         target = _byte_view(tensor)
-        with self._span("recv", kind, source, nbytes, step, shape):
+        with self._span("recv", kind, source, nbytes, step, shape, dtype):
             if inline:
                 target[:] = self._recv_scratch[HEADER_BYTES:HEADER_BYTES + nbytes]
             else:
@@ -256,13 +256,15 @@ class Transport:
         return Message(tensor, source, kind, step, Flag(flags), aux)
 
     def _span(self, what: str, kind: Kind, peer: int, nbytes: int = 0, step: int = 0,
-              shape: Sequence[int] = ()) -> AbstractContextManager[object]:
-        """A trace span for one message phase; free when tracing is off."""
+              shape: Sequence[int] = (), dtype: torch.dtype | None = None,
+              ) -> AbstractContextManager[object]:
+        """A trace span for one message phase (its tag is the kind); free when tracing is off."""
         if not self.tracer.enabled:
             return _NO_SPAN
         category = "wait" if what == "wait" else "comm"
         return self.tracer.span(f"{what} {kind.name.lower()}", category, peer=peer,
-                                bytes=nbytes, step=step, shape=list(shape), kind=kind.name)
+                                bytes=nbytes, step=step, shape=list(shape), kind=kind.name,
+                                tag=int(kind), dtype=str(dtype).removeprefix("torch."))
 
     def _check_policy(self, dest: int, kind: Kind) -> None:
         if self.allowed is None:

@@ -1,0 +1,241 @@
+#!/usr/bin/env bash
+# Shared helper of the mpisplit Slurm job scripts (jobscripts/*.sbatch). See README.md.
+#
+# Sourced by a job script:   . "$MPISPLIT_JOBSCRIPTS/common.sh"   then
+#   mpisplit_setup                    threads, paths, launcher choice
+#   mpisplit_check_ntasks CFG ARGS..  `mpisplit topology --ntasks` must equal the job's tasks
+#   mpisplit_launch [LAUNCH OPTS] -- CMD...
+#                                     run CMD as one MPI job over the allocation, forwarding
+#                                     the pre-emption signal; returns CMD's status
+# Executed per MPI rank (the launch line wraps each rank in it):
+#   common.sh task CMD...             MPISPLIT_NODE, GPU binding, threads; then exec CMD
+#
+# Settings (environment, all optional):
+#   MPISPLIT_LAUNCHER   srun | mpiexec (default srun; a heterogeneous job always uses srun)
+#   MPISPLIT_SRUN_MPI   srun's --mpi= type. Default: pmix when `srun --mpi=list` offers it,
+#                       else srun's own default (the site's MpiDefault). Set pmi2 where the
+#                       pmix plugin is listed but unusable (e.g. Debian without libpmix-dev).
+#   MPISPLIT_MPIEXEC    the mpiexec to use (default: mpiexec on PATH)
+#   MPISPLIT            how to run the CLI (default: `mpisplit` on PATH, else
+#                       `$MPISPLIT_PYTHON -m mpisplit`, MPISPLIT_PYTHON default python3)
+#   MPISPLIT_RUNS       base directory for run dirs that the scripts name (default runs)
+#   MPISPLIT_GPU_BIND   local (default): a rank that sees several GPUs in CUDA_VISIBLE_DEVICES
+#                       keeps the one at index (local rank mod count); none: leave as is
+#   MPISPLIT_REQUEUE    1 (default): after the pre-emption signal (USR1) has been forwarded
+#                       and the job step has ended, requeue this job (`scontrol requeue`)
+#   MPISPLIT_SHM_CLEANUP 1 (default): on a restart, remove our stale /dev/shm/mpich_* segments
+#   OMP_NUM_THREADS     default: SLURM_CPUS_PER_TASK, else 1
+
+_mpisplit_log() { echo "mpisplit-job: $*" >&2; }
+_mpisplit_die() { _mpisplit_log "error: $*"; exit 2; }
+
+# ---------------------------------------------------------------- per-rank wrapper
+_mpisplit_task() {
+  # Node name of this rank: Slurm's node name (all "nodes" of a test cluster may share a
+  # hostname), else the host. The engine records MPISPLIT_NODE in its metrics.
+  export MPISPLIT_NODE=${SLURMD_NODENAME:-$(hostname -s)}
+  local threads=${MPISPLIT_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads} MKL_NUM_THREADS=${MKL_NUM_THREADS:-$threads}
+  # Local rank: srun sets SLURM_LOCALID, hydra MPI_LOCALRANKID, Open MPI its own.
+  local lrank=${SLURM_LOCALID:-${MPI_LOCALRANKID:-${OMPI_COMM_WORLD_LOCAL_RANK:-}}}
+  if [ "${MPISPLIT_GPU_BIND:-local}" = local ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ] \
+      && [ -n "$lrank" ] && [[ $CUDA_VISIBLE_DEVICES == *,* ]]; then
+    local gpus
+    IFS=, read -r -a gpus <<<"$CUDA_VISIBLE_DEVICES"
+    export CUDA_VISIBLE_DEVICES=${gpus[$((lrank % ${#gpus[@]}))]}
+  fi
+  # A requeued job reuses its job id, so srun's PMI names the ranks' key space
+  # "<job>.<step>" again, and MPICH derives its shared-memory segment name from it: a
+  # segment left in /dev/shm by the killed first run would be attached to and hang the
+  # restart. Remove such stale segments (ours, mapped by no process) first.
+  if [ "${SLURM_RESTART_COUNT:-0}" != 0 ] && [ "${SLURM_LOCALID:-}" = 0 ] \
+      && [ "${MPISPLIT_SHM_CLEANUP:-1}" = 1 ]; then
+    _mpisplit_clean_shm
+  fi
+  exec "$@"
+}
+
+_mpisplit_clean_shm() {
+  local f mapped
+  mapped=$(grep -hos '/dev/shm/mpich_[^ ]*' /proc/[0-9]*/maps 2>/dev/null | sort -u)
+  for f in /dev/shm/mpich_shm_* /dev/shm/mpich_vci_*; do
+    [ -f "$f" ] && [ -O "$f" ] || continue
+    printf '%s\n' "$mapped" | grep -qxF "$f" && continue
+    rm -f "$f" && echo "mpisplit-job: removed stale $f" >&2
+  done
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then   # executed, not sourced
+  [ "${1:-}" = task ] || { echo "usage: $0 task CMD..." >&2; exit 2; }
+  shift
+  _mpisplit_task "$@"
+fi
+
+# ---------------------------------------------------------------- job-level helpers
+MPISPLIT_JOBSCRIPTS=${MPISPLIT_JOBSCRIPTS:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
+
+mpisplit_setup() {
+  set -o pipefail
+  export PYTHONUNBUFFERED=1
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+  export MKL_NUM_THREADS=${MKL_NUM_THREADS:-$OMP_NUM_THREADS}
+  if [ -z "${MPISPLIT:-}" ]; then
+    if command -v mpisplit >/dev/null 2>&1; then MPISPLIT=$(command -v mpisplit)
+    else MPISPLIT="${MPISPLIT_PYTHON:-python3} -m mpisplit"; fi
+  fi
+  MPISPLIT_RUNS=${MPISPLIT_RUNS:-runs}
+  MPISPLIT_LAUNCHER=${MPISPLIT_LAUNCHER:-srun}
+  case $MPISPLIT_LAUNCHER in
+    srun|mpiexec) ;;
+    *) _mpisplit_die "MPISPLIT_LAUNCHER must be srun or mpiexec, not '$MPISPLIT_LAUNCHER'" ;;
+  esac
+  _mpisplit_log "job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}:" \
+    "launcher $MPISPLIT_LAUNCHER, OMP_NUM_THREADS=$OMP_NUM_THREADS, CLI '$MPISPLIT'"
+}
+
+# Total tasks of the allocation (all components of a heterogeneous job).
+mpisplit_job_ntasks() {
+  if [ -n "${SLURM_HET_SIZE:-}" ]; then
+    local g n total=0
+    for ((g = 0; g < SLURM_HET_SIZE; g++)); do
+      n=SLURM_NTASKS_HET_GROUP_$g
+      total=$((total + ${!n:-0}))
+    done
+    echo "$total"
+  else
+    echo "${SLURM_NTASKS:-${SLURM_NPROCS:-}}"
+  fi
+}
+
+# mpisplit_check_ntasks CONFIG [overrides...]: fail clearly when the job's task count is not
+# what the config's topology needs. Sets MPISPLIT_NTASKS.
+mpisplit_check_ntasks() {
+  local need have out
+  out=$($MPISPLIT topology "$@" --ntasks 2>&1) || _mpisplit_die "cannot read the topology of $*: $out"
+  need=$(printf '%s\n' "$out" | tail -n 1)
+  [[ $need =~ ^[0-9]+$ ]] || _mpisplit_die "mpisplit topology --ntasks printed '$out'"
+  have=$(mpisplit_job_ntasks)
+  if [ -z "$have" ]; then
+    _mpisplit_die "the config needs $need MPI ranks but this job does not say how many tasks" \
+      "it has; submit with --ntasks=$need (or --ntasks-per-node)"
+  fi
+  if [ "$need" != "$have" ]; then
+    _mpisplit_die "ntasks mismatch: config '$1' (with overrides: ${*:2}) needs $need MPI ranks" \
+      "(see \`mpisplit topology $1\`), but this job has $have Slurm tasks" \
+      "(SLURM_NTASKS); submit with --ntasks=$need or change the config"
+  fi
+  MPISPLIT_NTASKS=$need
+  _mpisplit_log "ntasks check: config needs $need ranks, job has $have"
+}
+
+# srun's --mpi option (empty: srun's default).
+mpisplit_srun_mpi() {
+  if [ -n "${MPISPLIT_SRUN_MPI+x}" ]; then
+    [ -n "$MPISPLIT_SRUN_MPI" ] && echo "--mpi=$MPISPLIT_SRUN_MPI"
+    return 0
+  fi
+  if srun --mpi=list 2>&1 | grep -qw pmix; then echo "--mpi=pmix"; fi
+}
+
+# Expand SLURM_JOB_NODELIST + SLURM_TASKS_PER_NODE ("2(x2),1") into hydra hostfile lines.
+mpisplit_hostfile() {
+  local out=$1 hosts counts spec c r i=0 h
+  mapfile -t hosts < <(scontrol show hostnames "${SLURM_JOB_NODELIST:?}")
+  counts=()
+  IFS=, read -r -a spec <<<"${SLURM_TASKS_PER_NODE:-}"
+  for c in "${spec[@]}"; do
+    if [[ $c =~ ^([0-9]+)\(x([0-9]+)\)$ ]]; then
+      for ((r = 0; r < BASH_REMATCH[2]; r++)); do counts+=("${BASH_REMATCH[1]}"); done
+    else
+      counts+=("$c")
+    fi
+  done
+  : >"$out"
+  if [[ ${SLURM_DISTRIBUTION:-} == cyclic* ]]; then
+    # One slot per node: hydra wraps around the list, rank r on node r mod #nodes --
+    # srun's cyclic distribution. (A host listed twice would count as two nodes.)
+    printf '%s:1\n' "${hosts[@]}" >"$out"
+    return 0
+  fi
+  for h in "${hosts[@]}"; do
+    echo "$h:${counts[$i]:-1}" >>"$out"
+    i=$((i + 1))
+  done
+}
+
+# mpisplit_launch [srun-only options, e.g. --het-group=0,1] -- CMD...
+mpisplit_launch() {
+  local opts=() launcher=$MPISPLIT_LAUNCHER
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do opts+=("$1"); shift; done
+  [ "${1:-}" = -- ] && shift
+  local task=("$MPISPLIT_JOBSCRIPTS/common.sh" task)
+  if [ -n "${SLURM_HET_SIZE:-}" ] && [ "$launcher" != srun ]; then
+    _mpisplit_log "a heterogeneous job launches with srun --het-group (not $launcher)"
+    launcher=srun
+  fi
+  local cmd
+  if [ "$launcher" = srun ]; then
+    local mpi
+    mpi=$(mpisplit_srun_mpi)
+    cmd=(srun $mpi --kill-on-bad-exit=1 "${opts[@]}")
+    [ -n "${SLURM_CPUS_PER_TASK:-}" ] && cmd+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  else
+    local hostfile=${TMPDIR:-/tmp}/mpisplit-hosts.${SLURM_JOB_ID:-$$}
+    mpisplit_hostfile "$hostfile"
+    cmd=("${MPISPLIT_MPIEXEC:-mpiexec}" -f "$hostfile" -n "${MPISPLIT_NTASKS:-$(mpisplit_job_ntasks)}")
+  fi
+  cmd+=("${task[@]}" "$@")
+  _mpisplit_log "launch: ${cmd[*]}"
+
+  _MPISPLIT_SIGNALLED=
+  "${cmd[@]}" &
+  _MPISPLIT_STEP_PID=$!
+  _MPISPLIT_STEP_LAUNCHER=$launcher
+  trap '_mpisplit_forward USR1' USR1
+  trap '_mpisplit_forward TERM' TERM
+  local rc
+  while kill -0 "$_MPISPLIT_STEP_PID" 2>/dev/null; do
+    wait "$_MPISPLIT_STEP_PID" 2>/dev/null
+  done
+  wait "$_MPISPLIT_STEP_PID" 2>/dev/null
+  rc=$?
+  trap - USR1 TERM
+  if [ "$_MPISPLIT_SIGNALLED" = USR1 ] && [ "${MPISPLIT_REQUEUE:-1}" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    _mpisplit_log "pre-empted (USR1); job step ended with status $rc; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" || _mpisplit_log "scontrol requeue failed"
+    sleep 30 &   # the requeue ends this script; do not report a status before it does
+    wait $!
+  fi
+  [ "$launcher" = mpiexec ] && rm -f "$hostfile"
+  return $rc
+}
+
+# Forward a signal the batch shell got (--signal=B:USR1@T, or TERM on requeue/cancel) to the
+# launched job step. srun and mpiexec both pass it on to the ranks.
+_mpisplit_forward() {
+  local sig=$1
+  [ -n "$_MPISPLIT_SIGNALLED" ] && [ "$_MPISPLIT_SIGNALLED" = "$sig" ] && return 0
+  _MPISPLIT_SIGNALLED=$sig
+  _mpisplit_log "got SIG$sig; forwarding it to the job step (pid $_MPISPLIT_STEP_PID, $_MPISPLIT_STEP_LAUNCHER)"
+  if [ "$_MPISPLIT_STEP_LAUNCHER" = srun ]; then
+    kill -s "$sig" "$_MPISPLIT_STEP_PID" 2>/dev/null || true
+  else
+    # hydra's proxies run as a job step: signal the steps' processes directly.
+    scancel --signal="$sig" "$SLURM_JOB_ID" 2>/dev/null || kill -s "$sig" "$_MPISPLIT_STEP_PID" 2>/dev/null || true
+  fi
+}
+
+# Resolve CONFIG from the arguments: the first argument if it is a file name (not k=v),
+# else the script's default. Sets MPISPLIT_CONFIG and MPISPLIT_ARGS (the overrides).
+mpisplit_args() {
+  local default=$1
+  shift
+  if [ $# -gt 0 ] && [[ $1 != *=* ]]; then
+    MPISPLIT_CONFIG=$1
+    shift
+  else
+    MPISPLIT_CONFIG=$default
+  fi
+  MPISPLIT_ARGS=("$@")
+  [ -f "$MPISPLIT_CONFIG" ] || _mpisplit_die "config '$MPISPLIT_CONFIG' not found (cwd $(pwd))"
+}
