@@ -20,9 +20,9 @@ from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, Transport
 class _SendActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, activation: torch.Tensor, transport: Transport, dest: int,
-                step: int, flags: Flag, aux: int) -> torch.Tensor:
+                step: int, flags: Flag, aux: int, microbatch: int) -> torch.Tensor:
         ctx.pending = transport.isend(activation.detach(), dest, Kind.ACTIVATION, step=step,
-                                      flags=flags, aux=aux)
+                                      flags=flags, aux=aux, microbatch=microbatch)
         ctx.transport, ctx.dest, ctx.device = transport, dest, activation.device
         return activation.new_zeros(())
 
@@ -30,15 +30,15 @@ class _SendActivation(torch.autograd.Function):
     def backward(ctx: Any, _anchor_grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         ctx.pending.wait()
         gradient = ctx.transport.recv(Kind.GRADIENT, ctx.dest).tensor
-        return gradient.to(ctx.device, non_blocking=True), None, None, None, None, None
+        return gradient.to(ctx.device, non_blocking=True), None, None, None, None, None, None
 
 
 def send_forward(activation: torch.Tensor, transport: Transport, dest: int, step: int = 0, *,
-                 flags: Flag = Flag.NONE, aux: int = 0) -> torch.Tensor:
+                 flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> torch.Tensor:
     """Starts sending the cut activation and returns at once, so the sender can compute the
     next microbatch while it travels; ``.backward()`` on the result completes the send and
     pulls the cut gradient."""
-    return _SendActivation.apply(activation, transport, dest, step, flags, aux)
+    return _SendActivation.apply(activation, transport, dest, step, flags, aux, microbatch)
 
 
 def recv_forward(transport: Transport, source: int = ANY_SOURCE, *,
@@ -53,9 +53,10 @@ def recv_forward(transport: Transport, source: int = ANY_SOURCE, *,
     activation = message.tensor.to(device) if device is not None else message.tensor
     if train and not message.flags & Flag.EVAL:
         activation.requires_grad_(True)
-        sender, step = message.source, message.step
+        sender, step, microbatch = message.source, message.step, message.microbatch
         activation.register_hook(
-            lambda grad: transport.send(grad, sender, Kind.GRADIENT, step=step)
+            lambda grad: transport.send(grad, sender, Kind.GRADIENT, step=step,
+                                        microbatch=microbatch)
         )
     return activation, message
 

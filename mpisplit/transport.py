@@ -34,7 +34,7 @@ from mpisplit.tracing import Tracer
 ANY_SOURCE = MPI.ANY_SOURCE
 HEADER_WORDS = 16
 HEADER_BYTES = HEADER_WORDS * 8
-_META_WORDS = 9
+_META_WORDS = 10
 MAX_DIMS = HEADER_WORDS - _META_WORDS
 INLINE_LIMIT = 64 * 1024
 _MAGIC = 0x5EC7
@@ -92,6 +92,8 @@ class Message:
     flags: Flag
     aux: int
     """Scheme-defined integer (e.g. the full batch size a microbatch belongs to)."""
+    microbatch: int
+    """Index of the microbatch within its step (0 when the batch is not split)."""
 
 
 class PendingSend:
@@ -171,21 +173,24 @@ class Transport:
         self._payloads.Free()
 
     def send(self, tensor: torch.Tensor, dest: int, kind: Kind, *, step: int = 0,
-             flags: Flag = Flag.NONE, aux: int = 0) -> None:
+             flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> None:
         """Sends ``tensor`` to ``dest``; returns once its buffer may be reused."""
-        with self._span("send", kind, dest, _nbytes(tensor), step, tensor.shape, tensor.dtype):
-            self._post(tensor, dest, kind, step, flags, aux, self._send_scratch).wait()
+        with self._span("send", kind, dest, _nbytes(tensor), step, tensor.shape, tensor.dtype,
+                        microbatch):
+            self._post(tensor, dest, kind, step, flags, aux, microbatch,
+                       self._send_scratch).wait()
 
     def isend(self, tensor: torch.Tensor, dest: int, kind: Kind, *, step: int = 0,
-              flags: Flag = Flag.NONE, aux: int = 0) -> PendingSend:
+              flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> PendingSend:
         """Starts sending ``tensor``; the caller overlaps work and calls ``wait`` later.
 
         The tensor must not be modified until then (the pending send keeps it alive)."""
-        with self._span("send", kind, dest, _nbytes(tensor), step, tensor.shape, tensor.dtype):
-            return self._post(tensor, dest, kind, step, flags, aux, None)
+        with self._span("send", kind, dest, _nbytes(tensor), step, tensor.shape, tensor.dtype,
+                        microbatch):
+            return self._post(tensor, dest, kind, step, flags, aux, microbatch, None)
 
     def _post(self, tensor: torch.Tensor, dest: int, kind: Kind, step: int, flags: Flag,
-              aux: int, scratch: np.ndarray | None) -> PendingSend:
+              aux: int, microbatch: int, scratch: np.ndarray | None) -> PendingSend:
         """Posts header (with small payloads inline) and large payload as nonblocking sends.
 
         ``scratch`` is the reusable message buffer of a blocking send; nonblocking sends get
@@ -201,7 +206,7 @@ class Transport:
         message = scratch[:size] if scratch is not None else np.empty(size, np.uint8)
         header = message[:HEADER_BYTES].view(np.int64)
         header[:_META_WORDS] = (_MAGIC, kind, _DTYPE_CODE[tensor.dtype], tensor.dim(), flags,
-                                step, nbytes, int(inline), aux)
+                                step, nbytes, int(inline), aux, microbatch)
         header[_META_WORDS:_META_WORDS + tensor.dim()] = tensor.shape
         requests = []
         if inline:
@@ -235,7 +240,7 @@ class Transport:
             self._recv_scratch = np.empty(size, np.uint8)
         probe.Recv([self._recv_scratch, size, MPI.BYTE])
         header = self._recv_scratch[:HEADER_BYTES].view(np.int64)
-        magic, _kind, dtype_code, ndim, flags, step, nbytes, inline, aux = \
+        magic, _kind, dtype_code, ndim, flags, step, nbytes, inline, aux, microbatch = \
             header[:_META_WORDS].tolist()
         if magic != _MAGIC:
             raise RuntimeError(f"rank {self.rank}: corrupt message header from rank {source}")
@@ -245,7 +250,7 @@ class Transport:
                     and out.device.type == "cpu" and out.is_contiguous())
         tensor = out if reusable else torch.empty(shape, dtype=dtype)
         target = _byte_view(tensor)
-        with self._span("recv", kind, source, nbytes, step, shape, dtype):
+        with self._span("recv", kind, source, nbytes, step, shape, dtype, microbatch):
             if inline:
                 target[:] = self._recv_scratch[HEADER_BYTES:HEADER_BYTES + nbytes]
             else:
@@ -253,18 +258,19 @@ class Transport:
                 self._wait_request(request, source, kind, "receive")
         self.traffic.recv_bytes[source, kind] += HEADER_BYTES + nbytes
         self.traffic.recv_messages[source, kind] += 1 if inline else 2
-        return Message(tensor, source, kind, step, Flag(flags), aux)
+        return Message(tensor, source, kind, step, Flag(flags), aux, microbatch)
 
     def _span(self, what: str, kind: Kind, peer: int, nbytes: int = 0, step: int = 0,
               shape: Sequence[int] = (), dtype: torch.dtype | None = None,
-              ) -> AbstractContextManager[object]:
+              microbatch: int = 0) -> AbstractContextManager[object]:
         """A trace span for one message phase (its tag is the kind); free when tracing is off."""
         if not self.tracer.enabled:
             return _NO_SPAN
         category = "wait" if what == "wait" else "comm"
         return self.tracer.span(f"{what} {kind.name.lower()}", category, peer=peer,
                                 bytes=nbytes, step=step, shape=list(shape), kind=kind.name,
-                                tag=int(kind), dtype=str(dtype).removeprefix("torch."))
+                                tag=int(kind), dtype=str(dtype).removeprefix("torch."),
+                                microbatch=microbatch)
 
     def _check_policy(self, dest: int, kind: Kind) -> None:
         if self.allowed is None:

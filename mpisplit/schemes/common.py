@@ -112,11 +112,12 @@ class CutSender:
         self.leakage: float | None = None
 
     def train(self, activation: torch.Tensor, inputs: torch.Tensor, dest: int, step: int, *,
-              flags: Flag = Flag.NONE, aux: int = 0) -> torch.Tensor:
+              flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> torch.Tensor:
         """Sends the defended activation; ``.backward()`` on the result completes this
         client's back-propagation (cut gradient plus the NoPeek penalty)."""
         sent = protect(activation, self.privacy, self.noise)
-        anchor = send_forward(sent, self.ctx.transport, dest, step, flags=flags, aux=aux)
+        anchor = send_forward(sent, self.ctx.transport, dest, step, flags=flags, aux=aux,
+                              microbatch=microbatch)
         penalty = nopeek_penalty(inputs, activation, self.privacy)
         return anchor if penalty is None else anchor + penalty
 
@@ -338,7 +339,7 @@ def relay_activations(ctx: RankContext, segment: Segment, total_steps: int,
         more = message.flags & Flag.MORE
         with ctx.tracer.span("forward", step=steps):
             anchor = send_forward(segment.module(activation), transport, dest, message.step,
-                                  flags=more, aux=message.aux)
+                                  flags=more, aux=message.aux, microbatch=message.microbatch)
         if next_hop is not None:
             _pass_labels(transport, message, dest)
         with ctx.tracer.span("backward", step=steps):
@@ -473,14 +474,15 @@ def train_lower_client(ctx: RankContext, first_hop: int,
 
         def train_step(batch: Batch, step: int) -> None:
             anchors, label_sends = [], []
-            for part in microbatches(batch, ctx.config.transport.microbatches):
-                with ctx.tracer.span("forward", step=step):
+            for index, part in enumerate(microbatches(batch, ctx.config.transport.microbatches)):
+                with ctx.tracer.span("forward", step=step, microbatch=index):
                     features = part.features.to(ctx.device)
                     activation = segment.module(features)
                 anchors.append(sender.train(activation, features, first_hop, step,
-                                            flags=part.flags, aux=len(batch.labels)))
+                                            flags=part.flags, aux=len(batch.labels),
+                                            microbatch=index))
                 label_sends.append(transport.isend(part.labels, first_hop, Kind.LABELS,
-                                                   step=step))
+                                                   step=step, microbatch=index))
             with ctx.tracer.span("backward", step=step):
                 for anchor in anchors:
                     anchor.backward()

@@ -74,10 +74,11 @@ def _train_client(ctx: RankContext) -> RankResult:
             parts = microbatches(batch, ctx.config.transport.microbatches)
             anchors = []
             with ctx.tracer.span("forward", step=step):
-                for part in parts:
+                for index, part in enumerate(parts):
                     features = part.features.to(ctx.device)
                     anchors.append(sender.train(head.module(features), features, server, step,
-                                                flags=part.flags, aux=len(batch.labels)))
+                                                flags=part.flags, aux=len(batch.labels),
+                                                microbatch=index))
             total = 0.0
             for part, anchor in zip(parts, anchors, strict=True):
                 with ctx.tracer.span("forward", step=step):
