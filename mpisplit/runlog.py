@@ -54,15 +54,29 @@ class MetricsLog:
         return time.perf_counter() - self._start
 
     def write(self, record: dict[str, Any]) -> None:
+        """Appends a record; every ``flush_every`` records also carry the resident memory
+        (so long runs show whether memory grows) and go to disk."""
         self.last_step = record.get("step", self.last_step)
-        self._file.write(json.dumps({"time": round(self.elapsed(), 6), **record}) + "\n")
         self._pending += 1
-        if self._pending >= self._flush_every:
+        flush = self._pending >= self._flush_every
+        if flush:
+            record = {**record, "rss_mb": round(_resident_mb(), 1)}
+        self._file.write(json.dumps({"time": round(self.elapsed(), 6), **record}) + "\n")
+        if flush:
             self._file.flush()
             self._pending = 0
 
     def close(self) -> None:
         self._file.close()
+
+
+def _resident_mb() -> float:
+    """Current resident set size (Linux /proc; 0 where it is not available)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
 
 
 class Progress:

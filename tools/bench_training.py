@@ -5,6 +5,7 @@
     python tools/bench_training.py tracing       # run.trace=true vs false
     python tools/bench_training.py clients       # server busy fraction for K = 1, 2, 4 clients
     python tools/bench_training.py memory        # peak RSS per rank vs shard size and M
+    python tools/bench_training.py soak          # 12,000 steps: memory and step time over time
 
 Each subcommand launches real ``mpiexec`` jobs on a synthetic dataset (prepared once in
 ``--work``), repeats every configuration ``--repeats`` times interleaved, keeps the median
@@ -184,6 +185,31 @@ def memory(args: argparse.Namespace) -> list[dict]:
                         ["train.max_steps=30", "data.batch_size=256",
                          f"transport.microbatches={m}"])
         rows.append({"microbatches": m, "peak_rss_mb": _peak_rss_mb(run_dir)})
+    return rows
+
+
+@benchmark
+def soak(args: argparse.Namespace) -> list[dict]:
+    """A long run (12,000 steps at small size): memory and step time early vs late."""
+    data = prepare(args.work, 1, 4096, width=32)
+    run_dir = train(2, data, args.work / "soak",
+                    ["model.options={hidden: [64, 32]}", "model.cuts=[fc2]",
+                     "data.batch_size=16", "train.epochs=1000", "train.max_steps=12000",
+                     "run.log_every=100"])
+    rows = []
+    for rank in range(2):
+        records = [r for r in _records(run_dir, rank) if "rss_mb" in r and "step" in r]
+        early = [r for r in records if 1000 <= r["step"] <= 2000]
+        late = [r for r in records if r["step"] >= 11000]
+        times = [r["time"] for r in _records(run_dir, rank) if "step" in r and "event" not in r]
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        rows.append({
+            "rank": rank, "steps": len(times),
+            "rss_mb_at_1k_2k": statistics.median(r["rss_mb"] for r in early),
+            "rss_mb_after_11k": statistics.median(r["rss_mb"] for r in late),
+            "step_ms_1k_2k": 1e3 * statistics.median(gaps[1000:2000]),
+            "step_ms_last_1k": 1e3 * statistics.median(gaps[-1000:]),
+        })
     return rows
 
 

@@ -110,6 +110,8 @@ class CutSender:
         self.privacy = ctx.config.privacy
         self.noise = torch.Generator().manual_seed(self.privacy.seed + ctx.me.index)
         self.leakage: float | None = None
+        self._sample: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._sampled = 0
 
     def train(self, activation: torch.Tensor, inputs: torch.Tensor, dest: int, step: int, *,
               flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> torch.Tensor:
@@ -121,17 +123,24 @@ class CutSender:
         penalty = nopeek_penalty(inputs, activation, self.privacy)
         return anchor if penalty is None else anchor + penalty
 
-    def evaluate(self, activation: torch.Tensor, dest: int, step: int) -> torch.Tensor:
-        """Sends a forward-only activation (defended like training traffic)."""
+    def evaluate(self, activation: torch.Tensor, inputs: torch.Tensor, dest: int, step: int, *,
+                 final: bool) -> None:
+        """Sends a forward-only activation (defended like training traffic); in the final
+        evaluation, keeps the first ``LEAKAGE_SAMPLES`` (input, sent) pairs for the leakage
+        measure, so memory does not grow with the test set."""
         sent = protect(activation, self.privacy, self.noise)
         send_eval(sent, self.ctx.transport, dest, step)
-        return sent
+        if final and self._sampled < self.LEAKAGE_SAMPLES:
+            keep = self.LEAKAGE_SAMPLES - self._sampled
+            self._sample.append((inputs[:keep].cpu(), sent[:keep].detach().cpu()))
+            self._sampled += len(self._sample[-1][0])
 
-    def measure_leakage(self, inputs: list[torch.Tensor], sent: list[torch.Tensor]) -> None:
+    def measure_leakage(self) -> None:
         """Distance correlation between test inputs and what left for them."""
-        x = torch.cat(inputs)[: self.LEAKAGE_SAMPLES].double()
-        z = torch.cat(sent)[: self.LEAKAGE_SAMPLES].double()
-        self.leakage = float(distance_correlation(x, z.cpu()))
+        x = torch.cat([x for x, _ in self._sample]).double()
+        z = torch.cat([z for _, z in self._sample]).double()
+        self.leakage = float(distance_correlation(x, z))
+        self._sample, self._sampled = [], 0
 
 
 def send_eval_pass(ctx: RankContext, sender: CutSender, segment: Segment, reader: ShardReader,
@@ -139,17 +148,13 @@ def send_eval_pass(ctx: RankContext, sender: CutSender, segment: Segment, reader
     """Forwards the whole test set through ``segment`` to ``dest``, then an end marker; the
     final pass also measures leakage."""
     transport = ctx.transport
-    inputs, sent = [], []
     with evaluating(segment.module), ctx.tracer.span("eval"):
         for batch in reader.epoch(0):
             features = batch.features.to(ctx.device)
-            activation = sender.evaluate(segment.module(features), dest, step)
+            sender.evaluate(segment.module(features), features, dest, step, final=final)
             transport.send(batch.labels, dest, Kind.LABELS, step=step, flags=Flag.EVAL)
-            if final:
-                inputs.append(batch.features)
-                sent.append(activation)
     if final:
-        sender.measure_leakage(inputs, sent)
+        sender.measure_leakage()
     end = Flag.EVAL | Flag.LAST | (Flag.DONE if final else Flag.NONE)
     send_marker(ctx, dest, step, end)
 

@@ -113,16 +113,14 @@ def _evaluate_split(ctx: RankContext, sender: CutSender, head: Segment, tail: Se
     """Test metrics through head → server middle → tail; labels stay here. The final
     evaluation also measures leakage."""
     tally = EvalTally()
-    inputs, sent = [], []
     with evaluating(head.module), evaluating(tail.module), ctx.tracer.span("eval"):
         for batch in tests.epoch(0):
             features = batch.features.to(ctx.device)
-            sent.append(sender.evaluate(head.module(features), server, step))
-            inputs.append(batch.features)
+            sender.evaluate(head.module(features), features, server, step, final=final)
             middle, _ = recv_forward(ctx.transport, server, device=ctx.device, train=False)
             tally.add(tail.module(middle), batch.labels.to(ctx.device))
     if final:
-        sender.measure_leakage(inputs, sent)
+        sender.measure_leakage()
     return record_eval(ctx, tally.result(step, ctx.me.index))
 
 
