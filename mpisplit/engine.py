@@ -131,14 +131,15 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
         write_resolved_config(run_dir, cfg.to_dict())
     scheme = schemes.get(cfg.scheme.name)
     tracer = Tracer(me.rank, me.label, enabled=cfg.run.trace)
+    device = _device(cfg)
     transport = Transport(
         comm, roles=[p.role.value for p in run.topology.placements],
-        timeout_s=cfg.transport.timeout_s, tracer=tracer, allowed=scheme.ALLOWED,
+        timeout_s=cfg.transport.timeout_s, tracer=tracer, allowed=scheme.ALLOWED, device=device,
     )
     header = {"rank": me.rank, "role": me.label, "host": socket.gethostname(),
               "pid": os.getpid(), "node": os.environ.get("MPISPLIT_NODE", socket.gethostname())}
     metrics = MetricsLog(run_dir, me.rank, header, flush_every=cfg.run.log_every)
-    ctx = RankContext(run, me, comm, transport, tracer, metrics, run_dir, _device(cfg))
+    ctx = RankContext(run, me, comm, transport, tracer, metrics, run_dir, device)
     start = time.perf_counter()
     try:
         try:

@@ -167,3 +167,21 @@ def test_message_over_two_gib(comm: MPI.Comm) -> None:
         received = transport.recv(Kind.ACTIVATION, 1).tensor
         assert received.numel() == size and int(received[-1]) == 7 and int(received[0]) == 0
     transport.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cuda_aware", [False, True])
+def test_device_tensors_round_trip(comm: MPI.Comm, cuda_aware: bool,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device buffers go straight to a CUDA-aware MPI, or are staged through host memory."""
+    monkeypatch.setenv("MPISPLIT_CUDA_AWARE", "1" if cuda_aware else "0")
+    transport = make_transport(comm, device=torch.device("cuda"))
+    assert transport.cuda_aware is cuda_aware
+    tensor = torch.arange(3 << 20, dtype=torch.float32, device="cuda")
+    if comm.rank == 1:
+        transport.send(tensor, 0, Kind.ACTIVATION)
+    elif comm.rank == 0:
+        received = transport.recv(Kind.ACTIVATION, 1).tensor
+        assert received.device.type == ("cuda" if cuda_aware else "cpu")
+        assert torch.equal(received.to("cuda"), tensor)
+    transport.close()
