@@ -54,6 +54,12 @@ class SchemeConfig:
     label_holder: Literal["server", "party0"] = "server"
     """vertical: who opens labels.h5 and computes the loss; party0 keeps the labels at party
     0 (the server sends it the logits and gets their gradient back)."""
+    joint_epochs: int = 1
+    """spatiotemporal: passes over each site's shard in the joint phase (sites and server
+    train together, as vanilla parallel); replaces train.epochs for this scheme."""
+    detached_epochs: int = 0
+    """spatiotemporal: passes of the server alone over the sites' cached cut outputs after
+    the sites have frozen their layers and left (0 = no detached phase)."""
 
     def __post_init__(self) -> None:
         _require(self.clients >= 1, "scheme.clients", f"must be >= 1, got {self.clients}")
@@ -63,6 +69,13 @@ class SchemeConfig:
         _require(self.name != "splitfed" or self.client_order == "parallel",
                  "scheme.client_order", "splitfed trains its clients in parallel (their lower "
                  "weights are averaged, never handed over); set client_order: parallel")
+        _require(self.joint_epochs >= 0, "scheme.joint_epochs",
+                 f"must be >= 0, got {self.joint_epochs}")
+        _require(self.detached_epochs >= 0, "scheme.detached_epochs",
+                 f"must be >= 0 (0 = no detached phase), got {self.detached_epochs}")
+        _require(self.name != "spatiotemporal" or self.client_order == "parallel",
+                 "scheme.client_order", "spatiotemporal sites train in parallel, each with its "
+                 "own layer (never handed over); set client_order: parallel")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -76,6 +76,7 @@ LAYOUTS: dict[str, Callable[[Config], RoleCounts]] = {
     "ushaped": _server_and_clients,
     "splitfed": _server_and_clients,
     "vertical": _server_and_clients,
+    "spatiotemporal": _server_and_clients,
     "multihop": _chain,
     "fedavg": lambda cfg: [(Role.CLIENT, cfg.scheme.clients)],
     "syncsgd": lambda cfg: [(Role.CLIENT, cfg.scheme.clients)],
