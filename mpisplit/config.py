@@ -155,11 +155,17 @@ class TransportConfig:
     microbatches: int = 1
     """Split each batch into this many microbatches whose cut exchanges overlap (GPipe-style
     pipelining); gradients accumulate, so the update equals the unsplit batch's."""
+    compression: Literal["none", "fp16", "bf16", "int8", "topk"] = "none"
+    """Wire encoding of cut activations and gradients (lossy except none)."""
+    topk_ratio: float = 0.1
+    """``topk`` compression: fraction of the entries sent."""
 
     def __post_init__(self) -> None:
         _require(self.timeout_s > 0, "transport.timeout_s", f"must be > 0, got {self.timeout_s}")
         _require(self.microbatches >= 1, "transport.microbatches",
                  f"must be >= 1, got {self.microbatches}")
+        _require(0 < self.topk_ratio <= 1, "transport.topk_ratio",
+                 f"must be in (0, 1], got {self.topk_ratio}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -10,26 +10,47 @@ Chaining the two gives U-shaped and multi-hop schemes with the same two calls.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, Transport
+from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, PendingSend, Transport
+
+
+def post_cut(transport: Transport, tensor: torch.Tensor, dest: int, kind: Kind,
+             **meta: Any) -> list[PendingSend]:
+    """Starts sending a cut tensor, compressed into the transport's wire parts."""
+    return [transport.isend(part, dest, kind, **meta)
+            for part in transport.compressor.encode(tensor.detach())]
+
+
+def receive_cut(transport: Transport, kind: Kind, source: int = ANY_SOURCE,
+                senders: Sequence[int] = ()) -> Message:
+    """Receives one cut tensor (all its wire parts) and decodes it. End and done markers
+    travel as one uncompressed message."""
+    first = transport.recv(kind, source, senders=senders)
+    if first.flags & (Flag.LAST | Flag.DONE):
+        return first
+    rest = [transport.recv(kind, first.source).tensor
+            for _ in range(transport.compressor.parts - 1)]
+    return replace(first, tensor=transport.compressor.decode([first.tensor, *rest]))
 
 
 class _SendActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, activation: torch.Tensor, transport: Transport, dest: int,
                 step: int, flags: Flag, aux: int, microbatch: int) -> torch.Tensor:
-        ctx.pending = transport.isend(activation.detach(), dest, Kind.ACTIVATION, step=step,
-                                      flags=flags, aux=aux, microbatch=microbatch)
+        ctx.pending = post_cut(transport, activation, dest, Kind.ACTIVATION, step=step,
+                               flags=flags, aux=aux, microbatch=microbatch)
         ctx.transport, ctx.dest, ctx.device = transport, dest, activation.device
         return activation.new_zeros(())
 
     @staticmethod
     def backward(ctx: Any, _anchor_grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        ctx.pending.wait()
-        gradient = ctx.transport.recv(Kind.GRADIENT, ctx.dest).tensor
+        for pending in ctx.pending:
+            pending.wait()
+        gradient = receive_cut(ctx.transport, Kind.GRADIENT, ctx.dest).tensor
         return gradient.to(ctx.device, non_blocking=True), None, None, None, None, None, None
 
 
@@ -49,18 +70,23 @@ def recv_forward(transport: Transport, source: int = ANY_SOURCE, *,
 
     ``senders``: the ranks an any-source receive waits on (named if they fall silent).
     """
-    message = transport.recv(kind, source, senders=senders)
+    message = receive_cut(transport, kind, source, senders)
     activation = message.tensor.to(device) if device is not None else message.tensor
     if train and not message.flags & Flag.EVAL:
         activation.requires_grad_(True)
         sender, step, microbatch = message.source, message.step, message.microbatch
-        activation.register_hook(
-            lambda grad: transport.send(grad, sender, Kind.GRADIENT, step=step,
-                                        microbatch=microbatch)
-        )
+
+        def send_gradient(grad: torch.Tensor) -> None:
+            for pending in post_cut(transport, grad, sender, Kind.GRADIENT, step=step,
+                                    microbatch=microbatch):
+                pending.wait()
+
+        activation.register_hook(send_gradient)
     return activation, message
 
 
 def send_eval(activation: torch.Tensor, transport: Transport, dest: int, step: int = 0) -> None:
     """Forward-only traffic (evaluation): no gradient comes back."""
-    transport.send(activation.detach(), dest, Kind.ACTIVATION, step=step, flags=Flag.EVAL)
+    for pending in post_cut(transport, activation, dest, Kind.ACTIVATION, step=step,
+                            flags=Flag.EVAL):
+        pending.wait()

@@ -21,6 +21,7 @@ import torch
 from mpi4py import MPI
 
 from mpisplit import schemes
+from mpisplit.compression import make_compressor
 from mpisplit.config import Config, ConfigError
 from mpisplit.data import read_meta, shard_path
 from mpisplit.failure import Preempted, preemptible
@@ -135,6 +136,7 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
     transport = Transport(
         comm, roles=[p.role.value for p in run.topology.placements],
         timeout_s=cfg.transport.timeout_s, tracer=tracer, allowed=scheme.ALLOWED, device=device,
+        compressor=make_compressor(cfg.transport.compression, cfg.transport.topk_ratio),
     )
     header = {"rank": me.rank, "role": me.label, "host": socket.gethostname(),
               "pid": os.getpid(), "node": os.environ.get("MPISPLIT_NODE", socket.gethostname())}

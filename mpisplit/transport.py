@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpisplit.compression import Compressor
 from mpisplit.tracing import Tracer
 
 ANY_SOURCE = MPI.ANY_SOURCE
@@ -155,8 +156,11 @@ class Transport:
         tracer: Tracer,
         allowed: frozenset[tuple[str, str, Kind]] | None = None,
         device: torch.device | None = None,
+        compressor: Compressor | None = None,
     ) -> None:
         self.device = device or torch.device("cpu")
+        self.compressor = compressor or Compressor()
+        """How cut activations and gradients are encoded on the wire (``mpisplit.cut``)."""
         self.cuda_aware = self.device.type == "cuda" and cuda_aware_mpi()
         self._headers = comm.Dup()
         self._payloads = comm.Dup()
