@@ -294,6 +294,11 @@ class Transport:
                 f"({route[1]}) under this scheme"
             )
 
+    def barrier(self) -> None:
+        """Every rank of the communicator meets here, under the transport deadline (a
+        blocking ``Barrier`` would hang on a stalled rank)."""
+        self._wait_request(self._headers.Ibarrier(), ANY_SOURCE, Kind.CONTROL, "synchronise")
+
     def _wait_request(self, requests: MPI.Request | list[MPI.Request], peer: int, kind: Kind,
                       what: str) -> None:
         pending = requests if isinstance(requests, list) else [requests]

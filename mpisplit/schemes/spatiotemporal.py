@@ -163,8 +163,10 @@ def _serve(ctx: RankContext) -> RankResult:
 def phase_boundary(ctx: RankContext) -> None:
     """One barrier, entered by each site after its ``DONE`` and by the server once every
     site is done. Without it the server's any-source joint loop could take a finished site's
-    hand-over for an evaluation batch; it carries no data and comes before the hand-over."""
-    ctx.comm.Barrier()
+    hand-over for an evaluation batch; it carries no data and comes before the hand-over.
+    It runs under the transport deadline, so a site that finishes long before the others
+    needs ``transport.timeout_s`` above that gap."""
+    ctx.transport.barrier()
 
 
 def detached_steps(ctx: RankContext) -> int:
