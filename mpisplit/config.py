@@ -27,6 +27,9 @@ SchemeName = Literal[
     "centralized", "fedavg", "syncsgd",
 ]
 
+TASKS = ("class", "parity", "binary")
+"""The multitask scheme's tasks (see ``mpisplit.schemes.multitask.task_target``)."""
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SchemeConfig:
@@ -60,6 +63,10 @@ class SchemeConfig:
     detached_epochs: int = 0
     """spatiotemporal: passes of the server alone over the sites' cached cut outputs after
     the sites have frozen their layers and left (0 = no detached phase)."""
+    tasks: tuple[str, ...] = ("class",)
+    """multitask: one task server (and head) per entry, all derived from the dataset's one
+    label: class (the label), parity (label % 2), binary (label >= num_classes / 2).
+    Parallel client order only."""
 
     def __post_init__(self) -> None:
         _require(self.clients >= 1, "scheme.clients", f"must be >= 1, got {self.clients}")
@@ -76,6 +83,15 @@ class SchemeConfig:
         _require(self.name != "spatiotemporal" or self.client_order == "parallel",
                  "scheme.client_order", "spatiotemporal sites train in parallel, each with its "
                  "own layer (never handed over); set client_order: parallel")
+        _require(self.name != "multitask" or self.client_order == "parallel",
+                 "scheme.client_order", "multitask trains its clients in parallel; set "
+                 "client_order: parallel")
+        _require(len(self.tasks) >= 1 and len(set(self.tasks)) == len(self.tasks),
+                 "scheme.tasks", f"needs at least one task, each at most once; got "
+                 f"{list(self.tasks)}")
+        _require(set(self.tasks) <= set(TASKS), "scheme.tasks",
+                 f"unknown task(s) {sorted(set(self.tasks) - set(TASKS))} "
+                 f"(tasks: {', '.join(TASKS)})")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -72,6 +72,8 @@ class EvalResult:
     loss: float
     accuracy: float
     count: int
+    task: int = 0
+    """Which task's head was evaluated (multitask; 0 elsewhere)."""
 
 
 @dataclass
@@ -193,6 +195,8 @@ def _device(cfg: Config) -> torch.device:
 
 
 _NODE_BYTES = 64
+_EVAL_COLUMNS = 6
+"""step, client, loss, accuracy, count, task: one row per final evaluation."""
 
 
 def _summarize(
@@ -211,15 +215,15 @@ def _summarize(
     name[:len(encoded)] = np.frombuffer(encoded, np.uint8)
     all_names = np.zeros((size, _NODE_BYTES), np.uint8) if ctx.me.rank == root else None
     comm.Gather(name, all_names, root)
-    rows = np.array([[e.step, e.client, e.loss, e.accuracy, e.count] for e in result.final_evals],
-                    np.float64).reshape(-1, 5)
+    rows = np.array([[e.step, e.client, e.loss, e.accuracy, e.count, e.task]
+                     for e in result.final_evals], np.float64).reshape(-1, _EVAL_COLUMNS)
     counts = np.zeros(size, np.int64) if ctx.me.rank == root else None
     comm.Gather(np.array([rows.size], np.int64), counts, root)
     gathered = np.zeros(int(counts.sum()) if counts is not None else 0, np.float64)
     comm.Gatherv(rows.reshape(-1), [gathered, counts] if ctx.me.rank == root else None, root)
     if ctx.me.rank != root:
         return None
-    evals = gathered.reshape(-1, 5)
+    evals = gathered.reshape(-1, _EVAL_COLUMNS)
     total = evals[:, 4].sum()
     cfg = ctx.config
     samples = int(all_counters[:, 1].sum())
@@ -238,12 +242,31 @@ def _summarize(
         "test_loss": float((evals[:, 2] * evals[:, 4]).sum() / total) if total else None,
         "test_by_client": [
             {"client": int(c), "step": int(s), "loss": float(loss), "accuracy": float(a),
-             "samples": int(n)} for s, c, loss, a, n in evals
+             "samples": int(n), "task": int(t)} for s, c, loss, a, n, t in evals
         ],
+        "test_by_task": _by_task(evals, cfg.scheme.tasks if cfg.scheme.name == "multitask"
+                                 else ("class",)),
         "leakage_distance_correlation": _mean_or_none(all_counters[:, 5]),
         "bytes_sent_per_rank": [int(b) for b in all_counters[:, 2]],
         "bytes_received_per_rank": [int(b) for b in all_counters[:, 3]],
     }
+
+
+def _by_task(evals: np.ndarray, tasks: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Sample-weighted test metrics per task: the figure to read for multitask, where
+    ``test_accuracy`` mixes the tasks' heads."""
+    by_task = []
+    for index, name in enumerate(tasks):
+        rows = evals[evals[:, 5] == index]
+        total = rows[:, 4].sum()
+        if total:
+            by_task.append({
+                "task": name,
+                "accuracy": float((rows[:, 3] * rows[:, 4]).sum() / total),
+                "loss": float((rows[:, 2] * rows[:, 4]).sum() / total),
+                "samples": int(total),
+            })
+    return by_task
 
 
 def _mean_or_none(values: np.ndarray) -> float | None:

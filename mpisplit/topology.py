@@ -71,6 +71,11 @@ def _chain(cfg: Config) -> RoleCounts:
             (Role.CLIENT, cfg.scheme.clients)]
 
 
+def _task_servers(cfg: Config) -> RoleCounts:
+    """Multi-task: one server per task (server t holds head t), then the clients."""
+    return [(Role.SERVER, len(cfg.scheme.tasks)), (Role.CLIENT, cfg.scheme.clients)]
+
+
 LAYOUTS: dict[str, Callable[[Config], RoleCounts]] = {
     "vanilla": _server_and_clients,
     "ushaped": _server_and_clients,
@@ -78,6 +83,7 @@ LAYOUTS: dict[str, Callable[[Config], RoleCounts]] = {
     "vertical": _server_and_clients,
     "spatiotemporal": _server_and_clients,
     "multihop": _chain,
+    "multitask": _task_servers,
     "fedavg": lambda cfg: [(Role.CLIENT, cfg.scheme.clients)],
     "syncsgd": lambda cfg: [(Role.CLIENT, cfg.scheme.clients)],
     "centralized": lambda cfg: [(Role.SERVER, 1)],

@@ -13,8 +13,8 @@ from types import ModuleType
 from mpisplit.config import ConfigError
 
 AVAILABLE = (
-    "vanilla", "ushaped", "multihop", "splitfed", "vertical", "spatiotemporal", "centralized",
-    "fedavg", "syncsgd",
+    "vanilla", "ushaped", "multihop", "multitask", "splitfed", "vertical", "spatiotemporal",
+    "centralized", "fedavg", "syncsgd",
 )
 
 

@@ -117,11 +117,22 @@ class CutSender:
               flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> torch.Tensor:
         """Sends the defended activation; ``.backward()`` on the result completes this
         client's back-propagation (cut gradient plus the NoPeek penalty)."""
+        return self.train_fanout(activation, inputs, [dest], step, flags=flags, aux=aux,
+                                 microbatch=microbatch)[0]
+
+    def train_fanout(self, activation: torch.Tensor, inputs: torch.Tensor,
+                     dests: Sequence[int], step: int, *, flags: Flag = Flag.NONE, aux: int = 0,
+                     microbatch: int = 0) -> list[torch.Tensor]:
+        """Sends one defended activation to every rank in ``dests`` (multi-task heads);
+        ``torch.autograd.backward`` on the anchors sums their cut gradients. All receivers
+        get the same noise draw, and the NoPeek penalty is counted once, not per receiver."""
         sent = protect(activation, self.privacy, self.noise)
-        anchor = send_forward(sent, self.ctx.transport, dest, step, flags=flags, aux=aux,
-                              microbatch=microbatch)
+        anchors = [send_forward(sent, self.ctx.transport, dest, step, flags=flags, aux=aux,
+                                microbatch=microbatch) for dest in dests]
         penalty = nopeek_penalty(inputs, activation, self.privacy)
-        return anchor if penalty is None else anchor + penalty
+        if penalty is not None:
+            anchors[0] = anchors[0] + penalty
+        return anchors
 
     def evaluate(self, activation: torch.Tensor, inputs: torch.Tensor, dest: int, step: int, *,
                  final: bool) -> None:
@@ -144,15 +155,18 @@ class CutSender:
 
 
 def send_eval_pass(ctx: RankContext, sender: CutSender, segment: Segment, reader: ShardReader,
-                   dest: int, step: int, *, final: bool) -> None:
+                   dest: int, step: int, *, final: bool,
+                   labels: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Forwards the whole test set through ``segment`` to ``dest``, then an end marker; the
-    final pass also measures leakage."""
+    final pass also measures leakage. ``labels`` maps the dataset's labels to what ``dest``
+    scores (a multitask server's task labels)."""
     transport = ctx.transport
     with evaluating(segment.module), ctx.tracer.span("eval"):
         for batch in reader.epoch(0):
             features = batch.features.to(ctx.device)
             sender.evaluate(segment.module(features), features, dest, step, final=final)
-            transport.send(batch.labels, dest, Kind.LABELS, step=step, flags=Flag.EVAL)
+            targets = batch.labels if labels is None else labels(batch.labels)
+            transport.send(targets, dest, Kind.LABELS, step=step, flags=Flag.EVAL)
     if final:
         sender.measure_leakage()
     end = Flag.EVAL | Flag.LAST | (Flag.DONE if final else Flag.NONE)
@@ -189,9 +203,10 @@ class EvalTally:
         self.correct += int((logits.argmax(dim=1) == labels).sum())
         self.count += len(labels)
 
-    def result(self, step: int, client: int) -> EvalResult:
+    def result(self, step: int, client: int, task: int = 0) -> EvalResult:
         count = max(self.count, 1)
-        return EvalResult(step, client, self.loss / count, self.correct / count, self.count)
+        return EvalResult(step, client, self.loss / count, self.correct / count, self.count,
+                          task)
 
 
 def evaluate_locally(ctx: RankContext, module: nn.Module, reader: ShardReader, step: int,
@@ -227,6 +242,7 @@ def serve_clients(
     *,
     order: Sequence[int] | None = None,
     after_step: Callable[[int], None] | None = None,
+    task: int = 0,
 ) -> ServeReport:
     """The server's loop: serve cut activations from any client in arrival order.
 
@@ -236,7 +252,8 @@ def serve_clients(
 
     ``segment`` may be a function of the sender's rank (one upper model per client);
     ``order`` fixes the sender of each training step (arrival order after it runs out);
-    ``after_step(source)`` runs after each training step.
+    ``after_step(source)`` runs after each training step; ``task`` labels the evaluations
+    (a multitask server's task index).
     """
     transport: Transport = ctx.transport
     clients = ctx.topology.ranks(Role.CLIENT)
@@ -256,7 +273,7 @@ def serve_clients(
         if message.flags & (Flag.LAST | Flag.DONE):
             if message.flags & Flag.LAST:
                 tally = tallies.pop(source, EvalTally())
-                result = record_eval(ctx, tally.result(message.step, int(activation[0])))
+                result = record_eval(ctx, tally.result(message.step, int(activation[0]), task))
                 if message.flags & Flag.DONE:
                     report.final_evals.append(result)
             if message.flags & Flag.DONE:
@@ -465,12 +482,21 @@ def _receive_parts(transport: Transport, source: int, segments: Sequence[Segment
     return step
 
 
-def train_lower_client(ctx: RankContext, first_hop: int,
-                       after_step: Callable[[Segment, int], None] | None = None) -> RankResult:
+def train_lower_client(ctx: RankContext, first_hop: int | Sequence[int],
+                       after_step: Callable[[Segment, int], None] | None = None, *,
+                       labels: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                       ) -> RankResult:
     """A client that holds segment 0 and sends cut activations with labels to ``first_hop``
     (the server, or the first relay); ``after_step(segment, model_step)`` runs after each
-    step."""
+    step.
+
+    Several ``first_hop`` ranks (multitask heads) each get the same cut activation, with the
+    labels mapped by ``labels[i]`` for hop i; each microbatch back-propagates the sum of their
+    gradients in one pass, so the lower part steps once on the summed losses.
+    """
     transport = ctx.transport
+    hops = [first_hop] if isinstance(first_hop, int) else list(first_hop)
+    label_maps = list(labels) if labels is not None else [_same] * len(hops)
     reader = client_reader(ctx)
     with reader, test_reader(ctx) as tests:
         plan = plan_turns(ctx, reader)
@@ -483,14 +509,15 @@ def train_lower_client(ctx: RankContext, first_hop: int,
                 with ctx.tracer.span("forward", step=step, microbatch=index):
                     features = part.features.to(ctx.device)
                     activation = segment.module(features)
-                anchors.append(sender.train(activation, features, first_hop, step,
-                                            flags=part.flags, aux=len(batch.labels),
-                                            microbatch=index))
-                label_sends.append(transport.isend(part.labels, first_hop, Kind.LABELS,
-                                                   step=step, microbatch=index))
+                anchors.append(sender.train_fanout(activation, features, hops, step,
+                                                   flags=part.flags, aux=len(batch.labels),
+                                                   microbatch=index))
+                label_sends += [transport.isend(label_map(part.labels), hop, Kind.LABELS,
+                                                step=step, microbatch=index)
+                                for hop, label_map in zip(hops, label_maps, strict=True)]
             with ctx.tracer.span("backward", step=step):
-                for anchor in anchors:
-                    anchor.backward()
+                for group in anchors:  # microbatch order: gradients arrive in that order
+                    torch.autograd.backward(group)
             for pending in label_sends:
                 pending.wait()
             with ctx.tracer.span("optimizer", step=step):
@@ -499,12 +526,17 @@ def train_lower_client(ctx: RankContext, first_hop: int,
                 after_step(segment, step + 1)
 
         def evaluate(step: int, final: bool) -> None:
-            send_eval_pass(ctx, sender, segment, tests, first_hop, step, final=final)
+            for hop, label_map in zip(hops, label_maps, strict=True):
+                send_eval_pass(ctx, sender, segment, tests, hop, step, final=final,
+                               labels=label_map)
 
-        report = run_client_turns(ctx, plan, reader, [segment], train_step, evaluate,
-                                  first_hop)
+        report = run_client_turns(ctx, plan, reader, [segment], train_step, evaluate, hops[0])
     return RankResult(steps=report.steps, samples=report.samples, segment=segment,
                       leakage=sender.leakage)
+
+
+def _same(labels: torch.Tensor) -> torch.Tensor:
+    return labels
 
 
 def client_reader(ctx: RankContext) -> ShardReader:

@@ -1,0 +1,75 @@
+"""Multi-task split learning: the clients' shared lower layers feed one head per task.
+
+Task server t (rank t) holds the upper segment with its own head, sized for task t, and the
+loss of that task. A client forwards its lower part once per batch, sends the cut activation
+and that task's labels to every task server, and back-propagates the sum of the heads'
+gradients in one pass: one optimizer step on the summed losses. Every task is derived from
+the dataset's one label set (``task_target``), so any prepared dataset serves. Clients train
+in parallel; each evaluates on every task server, and the summary has ``test_by_task``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mpisplit.engine import RankContext, RankResult
+from mpisplit.models import build_layers, layer_plan
+from mpisplit.schemes.common import exchange_step_plans, serve_clients, train_lower_client
+from mpisplit.segment import Segment
+from mpisplit.topology import Role
+from mpisplit.transport import Kind
+
+CUTS = 1
+ALLOWED = frozenset({
+    ("client", "server", Kind.ACTIVATION),
+    ("client", "server", Kind.LABELS),
+    ("server", "client", Kind.GRADIENT),
+})
+
+LabelMap = Callable[[torch.Tensor], torch.Tensor]
+
+
+def task_target(task: str, num_classes: int) -> tuple[LabelMap, int]:
+    """A task's labels as a function of the dataset's labels, and its head's output count.
+
+    ``class`` is the label itself, ``parity`` is label % 2, ``binary`` is the upper half of
+    the classes (label >= num_classes / 2: for digits, "digit >= 5", 5 classes on each side).
+    """
+    if task == "parity":
+        return (lambda labels: labels % 2), 2
+    if task == "binary":
+        return (lambda labels: (labels >= num_classes / 2).long()), 2
+    return (lambda labels: labels), num_classes
+
+
+def run(ctx: RankContext) -> RankResult:
+    if ctx.me.role == Role.SERVER:
+        return _serve(ctx)
+    return _train_client(ctx)
+
+
+def _serve(ctx: RankContext) -> RankResult:
+    plans = exchange_step_plans(ctx, 0, 0)
+    total = int(plans[:, 0].sum())
+    segment = task_segment(ctx, ctx.me.index, total)
+    report = serve_clients(ctx, segment, total, task=ctx.me.index)
+    return RankResult(steps=report.steps, final_evals=report.final_evals, segment=segment)
+
+
+def task_segment(ctx: RankContext, task: int, total_steps: int) -> Segment:
+    """The upper segment with task ``task``'s head: the zoo model built for that task's
+    output count, with the usual per-layer seeds (a reference rebuilds it the same way)."""
+    cfg, meta = ctx.config, ctx.run.meta
+    _, classes = task_target(cfg.scheme.tasks[task], meta["num_classes"])
+    layers = layer_plan(cfg.model, meta["feature_shape"], classes)
+    start, stop = ctx.run.bounds[1]
+    module = build_layers(layers, start, stop, cfg.model.seed)
+    return Segment.create(module.to(ctx.device), cfg.train, total_steps)
+
+
+def _train_client(ctx: RankContext) -> RankResult:
+    num_classes = ctx.run.meta["num_classes"]
+    maps = [task_target(task, num_classes)[0] for task in ctx.config.scheme.tasks]
+    return train_lower_client(ctx, ctx.topology.ranks(Role.SERVER), labels=maps)
