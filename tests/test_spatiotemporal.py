@@ -113,7 +113,8 @@ def test_three_sites_server_silent_in_detached_phase(dataset, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("cut", ["relu1", "relu2", "head"])
-def test_site_must_be_one_weighted_layer_and_activation(cut: str) -> None:
-    cfg = load_config(CONFIG, [f"model.cuts=[{cut}]"])
+def test_site_must_be_one_weighted_layer_and_activation(cut: str, dataset) -> None:
+    data = dataset("breast_cancer", clients=3)
+    cfg = load_config(CONFIG, [f"model.cuts=[{cut}]", f"data.path={data}"])
     with pytest.raises(ConfigError, match="one weighted layer plus its activation"):
         check_site_segment(prepare(cfg, 4))
