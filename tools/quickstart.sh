@@ -11,5 +11,5 @@ bash tools/install.sh
 bin=$venv/bin
 [ -f data/breast_cancer-3c/meta.json ] ||
   "$bin/mpisplit" data prepare --dataset breast_cancer --clients 3 --out data/breast_cancer-3c
-ranks=$("$bin/mpisplit" topology "$config" --ntasks "$@")
+ranks=$("$bin/mpisplit" topology --ntasks "$config" "$@")
 OMP_NUM_THREADS=1 "$bin/mpiexec" -n "$ranks" "$bin/mpisplit" train "$config" "$@"
