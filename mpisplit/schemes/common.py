@@ -27,6 +27,14 @@ from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, Transport
 
 log = logging.getLogger("mpisplit")
 
+LABELS_AT_SERVER = frozenset({
+    ("client", "server", Kind.ACTIVATION),
+    ("client", "server", Kind.LABELS),
+    ("server", "client", Kind.GRADIENT),
+})
+"""The routes of every scheme in which clients send cut activations with labels to a server
+and get the cut gradient back (vanilla adds the hand-over of weights between clients)."""
+
 
 def planned_steps(batches_per_epoch: int, train: TrainConfig) -> int:
     steps = batches_per_epoch * train.epochs

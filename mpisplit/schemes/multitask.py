@@ -16,17 +16,17 @@ import torch
 
 from mpisplit.engine import RankContext, RankResult
 from mpisplit.models import build_layers, layer_plan
-from mpisplit.schemes.common import exchange_step_plans, serve_clients, train_lower_client
+from mpisplit.schemes.common import (
+    LABELS_AT_SERVER,
+    exchange_step_plans,
+    serve_clients,
+    train_lower_client,
+)
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import Kind
 
 CUTS = 1
-ALLOWED = frozenset({
-    ("client", "server", Kind.ACTIVATION),
-    ("client", "server", Kind.LABELS),
-    ("server", "client", Kind.GRADIENT),
-})
+ALLOWED = LABELS_AT_SERVER
 
 LabelMap = Callable[[torch.Tensor], torch.Tensor]
 

@@ -41,6 +41,7 @@ from mpisplit.data import ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.privacy import protect
 from mpisplit.schemes.common import (
+    LABELS_AT_SERVER,
     EvalTally,
     evaluating,
     exchange_step_plans,
@@ -55,11 +56,7 @@ from mpisplit.topology import Role
 from mpisplit.transport import Kind
 
 CUTS = 1
-ALLOWED = frozenset({
-    ("client", "server", Kind.ACTIVATION),
-    ("client", "server", Kind.LABELS),
-    ("server", "client", Kind.GRADIENT),
-})
+ALLOWED = LABELS_AT_SERVER
 
 
 def run(ctx: RankContext) -> RankResult:

@@ -17,6 +17,7 @@ import numpy as np
 
 from mpisplit.engine import RankContext, RankResult
 from mpisplit.schemes.common import (
+    LABELS_AT_SERVER,
     AveragingPlan,
     average_parameters,
     client_comm,
@@ -27,14 +28,9 @@ from mpisplit.schemes.common import (
 )
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import Kind
 
 CUTS = 1
-ALLOWED = frozenset({
-    ("client", "server", Kind.ACTIVATION),
-    ("client", "server", Kind.LABELS),
-    ("server", "client", Kind.GRADIENT),
-})
+ALLOWED = LABELS_AT_SERVER
 
 
 def run(ctx: RankContext) -> RankResult:

@@ -10,17 +10,17 @@ server serves cut activations in arrival order, so a slow client never blocks th
 from __future__ import annotations
 
 from mpisplit.engine import RankContext, RankResult
-from mpisplit.schemes.common import exchange_step_plans, serve_clients, train_lower_client
+from mpisplit.schemes.common import (
+    LABELS_AT_SERVER,
+    exchange_step_plans,
+    serve_clients,
+    train_lower_client,
+)
 from mpisplit.topology import Role
 from mpisplit.transport import Kind
 
 CUTS = 1
-ALLOWED = frozenset({
-    ("client", "server", Kind.ACTIVATION),
-    ("client", "server", Kind.LABELS),
-    ("server", "client", Kind.GRADIENT),
-    ("client", "client", Kind.WEIGHTS),
-})
+ALLOWED = LABELS_AT_SERVER | {("client", "client", Kind.WEIGHTS)}
 
 
 def run(ctx: RankContext) -> RankResult:
