@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mpisplit.config import ConfigError, load_config
+from mpisplit.config import Config, ConfigError, load_config
 
 EXIT_BAD_INPUT = 2
 PMPI_ACTIVE = "MPISPLIT_PMPI_ACTIVE"
@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--pmpi", action="store_true",
                        help="record every MPI call with the PMPI library (pmpi-rank<R>.json "
                             "in the run directory)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the latest committed checkpoint (automatic in a "
+                            "requeued Slurm job)")
     train.set_defaults(handler=_train)
 
     audit = commands.add_parser(
@@ -88,17 +91,27 @@ def _train(args: argparse.Namespace) -> int:
 
     comm = MPI.COMM_WORLD
     try:
-        run = engine.prepare(load_config(args.config, args.overrides), comm.Get_size())
+        config = load_config(args.config, args.overrides)
+        run = engine.prepare(config, comm.Get_size(), resume=_resuming(args, config))
     except (ConfigError, DataError) as err:
         return _bad_input(err, comm.Get_rank())
     label = run.topology.of(comm.Get_rank()).label
     try:
         abort_on_failure(comm, label, lambda: engine.train(run, comm))
-    except Preempted as stop:
-        print(f"mpisplit: rank {comm.Get_rank()} ({label}) stopped by {stop.signal_name}; "
-              f"metrics written to {run.config.run.dir}", file=sys.stderr, flush=True)
-        os._exit(EXIT_PREEMPTED)  # peers stop on their own; no MPI_Finalize handshake
+    except Preempted:
+        os._exit(EXIT_PREEMPTED)  # said so and met the others; skip the MPI_Finalize handshake
     return 0
+
+
+def _resuming(args: argparse.Namespace, config: Config) -> bool:
+    """``--resume``, or a requeued Slurm job (``SLURM_RESTART_COUNT`` > 0) that has a
+    committed checkpoint to continue from."""
+    if args.resume:
+        return True
+    from mpisplit.checkpoint import checkpoint_dir, latest_committed
+
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    return requeued and latest_committed(checkpoint_dir(config)) is not None
 
 
 def _reexec_with_pmpi(args: argparse.Namespace) -> int:
@@ -111,7 +124,8 @@ def _reexec_with_pmpi(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as err:
         return _bad_input(err)
     run_dir.mkdir(parents=True, exist_ok=True)
-    command = ["-m", "mpisplit", "train", "--pmpi", args.config, *args.overrides]
+    command = ["-m", "mpisplit", "train", "--pmpi", *(["--resume"] if args.resume else []),
+               args.config, *args.overrides]
     os.execve(sys.executable, [sys.executable, *command], env)
 
 

@@ -220,6 +220,48 @@ class RunConfig:
         _require(self.log_every >= 1, "run.log_every", f"must be >= 1, got {self.log_every}")
 
 
+CHECKPOINTABLE = (
+    "vanilla, ushaped and multihop with scheme.client_order: sequential; splitfed with "
+    "splitfed_variant: v2 and server_order: fixed; vertical"
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckpointConfig:
+    every_steps: int = 0
+    """Steps between the points where all ranks meet to checkpoint (0 = no checkpoints). A
+    pre-emption signal (SIGUSR1, SIGTERM) makes the run checkpoint at the next such point
+    and exit with status 4, so keep the interval shorter than the signal's warning time."""
+    every_s: float = 0
+    """If > 0, a meeting point writes a checkpoint only once this many seconds have passed
+    since the last one (by rank 0's clock); the meetings still follow ``every_steps``."""
+    keep: int = 2
+    """Committed checkpoints kept; older ones are deleted after each commit."""
+    dir: str = ""
+    """Where checkpoints go (default: ``<run.dir>/checkpoints``)."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps",
+                 f"must be >= 0 (0 = no checkpoints), got {self.every_steps}")
+        _require(self.every_s >= 0, "checkpoint.every_s", f"must be >= 0, got {self.every_s}")
+        _require(self.every_s == 0 or self.every_steps > 0, "checkpoint.every_s",
+                 "needs checkpoint.every_steps > 0 (the steps at which ranks meet)")
+        _require(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
+
+
+def check_checkpointable(scheme: SchemeConfig) -> None:
+    """Coordinated checkpoints need every rank to agree on what step N means, so the step
+    order must be deterministic."""
+    ok = (scheme.name in ("vanilla", "ushaped", "multihop")
+          and (scheme.client_order == "sequential" or scheme.clients == 1)) \
+        or (scheme.name == "splitfed" and scheme.splitfed_variant == "v2"
+            and scheme.server_order == "fixed") \
+        or scheme.name == "vertical"
+    _require(ok, "checkpoint.every_steps", f"coordinated checkpoints need a deterministic step "
+             f"order ({CHECKPOINTABLE}); scheme {scheme.name} with client_order "
+             f"{scheme.client_order} has none")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     scheme: SchemeConfig = field(default_factory=SchemeConfig)
@@ -229,6 +271,11 @@ class Config:
     transport: TransportConfig = field(default_factory=TransportConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.checkpoint.every_steps:
+            check_checkpointable(self.scheme)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, written as the run's resolved config."""

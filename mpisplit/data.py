@@ -35,6 +35,7 @@ read in that common order (:func:`align_rows` and ``ShardReader(rows=...)``).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import queue
 import threading
@@ -242,13 +243,14 @@ class ShardReader:
         full, partial = divmod(self.num_samples, self.batch_size)
         return full + int(partial > 0 and not self._drop_last)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """The batches of one epoch; starting an epoch abandons the previous epoch's iterator."""
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        """The batches of one epoch after the first ``skip`` (not read; a resumed run
+        continues mid-epoch); starting an epoch abandons the previous epoch's iterator."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self._check_open()
         self._stop_prefetch()
-        batches = self._batches(epoch)
+        batches = self._batches(epoch, skip)
         if self._prefetch == 0:
             return batches
         self._prefetcher = _Prefetcher(batches, self._prefetch, f"prefetch-{self.path.name}")
@@ -265,8 +267,8 @@ class ShardReader:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _batches(self, epoch: int) -> Iterator[Batch]:
-        for start, stop, permutation in self._plan(epoch):
+    def _batches(self, epoch: int, skip: int) -> Iterator[Batch]:
+        for start, stop, permutation in itertools.islice(self._plan(epoch), skip, None):
             batch = self._read(start, stop, permutation)
             if "features" in self._fields:
                 check_finite(batch, self.path)

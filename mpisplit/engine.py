@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from mpi4py import MPI
 
 from mpisplit import schemes
+from mpisplit.checkpoint import Checkpointer, Manifest, find_resume_point
 from mpisplit.compression import make_compressor
 from mpisplit.config import Config, ConfigError
 from mpisplit.data import read_meta, shard_path
@@ -42,9 +44,11 @@ class RunPlan:
     meta: dict[str, Any]
     layers: LayerPlan
     bounds: list[tuple[int, int]]
+    resume: Manifest | None = None
+    """The committed checkpoint this run continues from."""
 
 
-def prepare(cfg: Config, world_size: int) -> RunPlan:
+def prepare(cfg: Config, world_size: int, *, resume: bool = False) -> RunPlan:
     scheme = schemes.get(cfg.scheme.name)
     topology = plan(cfg)
     check_world_size(topology, world_size)
@@ -62,7 +66,8 @@ def prepare(cfg: Config, world_size: int) -> RunPlan:
             f"model.cuts: scheme {cfg.scheme.name} needs exactly {scheme.CUTS} cut(s), "
             f"got {len(cuts)}"
         )
-    return RunPlan(cfg, topology, meta, layers, segment_bounds(len(layers), cuts))
+    return RunPlan(cfg, topology, meta, layers, segment_bounds(len(layers), cuts),
+                   find_resume_point(cfg, topology, resume))
 
 
 @dataclass
@@ -102,6 +107,7 @@ class RankContext:
     metrics: MetricsLog
     run_dir: Path
     device: torch.device
+    checkpoints: Checkpointer
 
     @property
     def config(self) -> Config:
@@ -142,12 +148,16 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
     )
     header = {"rank": me.rank, "role": me.label, "host": socket.gethostname(),
               "pid": os.getpid(), "node": os.environ.get("MPISPLIT_NODE", socket.gethostname())}
-    metrics = MetricsLog(run_dir, me.rank, header, flush_every=cfg.run.log_every)
-    ctx = RankContext(run, me, comm, transport, tracer, metrics, run_dir, device)
+    metrics = MetricsLog(run_dir, me.rank, header, flush_every=cfg.run.log_every,
+                         append=run.resume is not None)
+    if run.resume is not None:
+        metrics.write({"event": "resumed", "step": run.resume.step})
+    checkpoints = Checkpointer(comm, cfg, run.topology, run.resume)
+    ctx = RankContext(run, me, comm, transport, tracer, metrics, run_dir, device, checkpoints)
     start = time.perf_counter()
     try:
         try:
-            with preemptible():
+            with preemptible(checkpoints.request_stop if checkpoints.enabled else None):
                 result = scheme.run(ctx)
         except Preempted as stop:
             _record_preemption(ctx, stop, time.perf_counter() - start)
@@ -169,22 +179,34 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
         metrics.close()
         tracer.write(run_dir)
         transport.close()
+        checkpoints.close()
+
+
+_EXIT_GRACE_S = 5.0
 
 
 def _record_preemption(ctx: RankContext, stop: Preempted, wall: float) -> None:
-    """Leaves the metrics (and, on rank 0, a summary marked preempted) before exiting.
+    """Leaves the metrics (and, on rank 0, a summary marked preempted), says so, and waits
+    briefly for the other ranks, so that no rank's exit cuts short another's writes.
 
-    No collective is attempted: every rank gets the signal and stops on its own."""
+    Without checkpoints every rank stops wherever the signal found it; with them, all stop
+    together after committing the checkpoint ``stop.checkpoint``."""
     ctx.metrics.write({"event": "preempted", "signal": stop.signal_name, "wall_s": wall,
-                       "last_step": ctx.metrics.last_step,
+                       "last_step": ctx.metrics.last_step, "checkpoint": stop.checkpoint,
                        "bytes_sent": ctx.transport.traffic.total_sent,
                        "bytes_received": ctx.transport.traffic.total_received})
+    ctx.metrics.close()
     if ctx.me.rank == 0:
         write_summary(ctx.run_dir, {
             "scheme": ctx.config.scheme.name, "world_size": ctx.topology.world_size,
-            "preempted": True, "signal": stop.signal_name, "wall_time_s": round(wall, 4),
-            "steps": ctx.metrics.last_step,
+            "preempted": True, "signal": stop.signal_name, "checkpoint": stop.checkpoint,
+            "wall_time_s": round(wall, 4), "steps": ctx.metrics.last_step,
         })
+    saved = f"checkpoint at step {stop.checkpoint} committed" if stop.checkpoint \
+        else "metrics written"
+    print(f"mpisplit: rank {ctx.me.rank} ({ctx.me.label}) stopped by {stop.signal_name}; "
+          f"{saved} in {ctx.run_dir}", file=sys.stderr, flush=True)
+    ctx.checkpoints.meet_before_exit(_EXIT_GRACE_S)
 
 
 def _device(cfg: Config) -> torch.device:

@@ -35,19 +35,24 @@ PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class Preempted(BaseException):
-    """The scheduler asked this rank to stop (Slurm's ``--signal`` or a time limit)."""
+    """The scheduler asked this rank to stop (Slurm's ``--signal`` or a time limit);
+    ``checkpoint`` is the step of the checkpoint committed on the way out, if any."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, checkpoint: int | None = None) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signal_name = signal.Signals(signum).name
+        self.checkpoint = checkpoint
 
 
 @contextlib.contextmanager
-def preemptible() -> Iterator[None]:
-    """Turns SIGUSR1 and SIGTERM into ``Preempted`` in the main thread for the duration, so
-    the run can write what it has and exit instead of being killed mid-write."""
+def preemptible(defer: Callable[[int], None] | None = None) -> Iterator[None]:
+    """For the duration, SIGUSR1 and SIGTERM either raise ``Preempted`` in the main thread at
+    once, so the run can write what it has and exit instead of being killed mid-write, or,
+    with ``defer``, are handed to it (the checkpointer stops at its next checkpoint)."""
     def handler(signum: int, _frame: object) -> None:
-        raise Preempted(signum)
+        if defer is None:
+            raise Preempted(signum)
+        defer(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in PREEMPTION_SIGNALS}
     try:

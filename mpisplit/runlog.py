@@ -42,8 +42,11 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 class MetricsLog:
     """``metrics-rank<R>.jsonl``: one JSON object per step or evaluation, buffered."""
 
-    def __init__(self, run_dir: Path, rank: int, header: dict[str, Any], flush_every: int) -> None:
-        self._file: TextIO = open(run_dir / f"metrics-rank{rank}.jsonl", "w")  # noqa: SIM115
+    def __init__(self, run_dir: Path, rank: int, header: dict[str, Any], flush_every: int, *,
+                 append: bool = False) -> None:
+        """``append``: a resumed run continues the file of the run it resumes."""
+        path = run_dir / f"metrics-rank{rank}.jsonl"
+        self._file: TextIO = open(path, "a" if append else "w")  # noqa: SIM115
         self._flush_every = flush_every
         self._pending = 0
         self._start = time.perf_counter()

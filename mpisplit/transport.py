@@ -307,29 +307,40 @@ class Transport:
 
     def _poll(self, attempt: Callable[[], T | None], peers: Sequence[int], kind: Kind,
               what: str, deadline: bool) -> T:
-        """Polls ``attempt`` until it succeeds, against the transport deadline.
+        return poll(attempt, self.timeout_s if deadline else None,
+                    lambda: self.timed_out(peers, kind, what))
 
-        The first ``_SPIN_S`` seconds poll with a yield between attempts (low latency, and
-        oversubscribed ranks still get the core); longer waits sleep up to 1 ms per poll.
-        """
-        result = attempt()
-        if result is not None:
-            return result
-        start = time.monotonic()
-        while (result := attempt()) is None:
-            waited = time.monotonic() - start
-            if waited < _SPIN_S:
-                os.sched_yield()
-                continue
-            if deadline and waited > self.timeout_s:
-                who = ", ".join("any rank" if peer == ANY_SOURCE else
-                                f"rank {peer} ({self.roles[peer]})" for peer in peers)
-                raise PeerTimeout(
-                    f"rank {self.rank} ({self.roles[self.rank]}) waited {self.timeout_s:g} s "
-                    f"to {what} {kind.name} with {who}: no answer (transport.timeout_s)"
-                )
-            time.sleep(_MAX_SLEEP_S)
+    def timed_out(self, peers: Sequence[int], kind: Kind, what: str) -> PeerTimeout:
+        """The error for ``peers`` that did not answer within the deadline."""
+        who = ", ".join("any rank" if peer == ANY_SOURCE else
+                        f"rank {peer} ({self.roles[peer]})" for peer in peers)
+        return PeerTimeout(
+            f"rank {self.rank} ({self.roles[self.rank]}) waited {self.timeout_s:g} s "
+            f"to {what} {kind.name} with {who}: no answer (transport.timeout_s)"
+        )
+
+
+def poll(attempt: Callable[[], T | None], timeout_s: float | None,
+         timed_out: Callable[[], Exception]) -> T:
+    """Polls ``attempt`` until it returns a result; after ``timeout_s`` (None: never) raises
+    ``timed_out()``. Never blocks inside MPI, so a stalled peer cannot hang the caller.
+
+    The first ``_SPIN_S`` seconds poll with a yield between attempts (low latency, and
+    oversubscribed ranks still get the core); longer waits sleep up to 1 ms per poll.
+    """
+    result = attempt()
+    if result is not None:
         return result
+    start = time.monotonic()
+    while (result := attempt()) is None:
+        waited = time.monotonic() - start
+        if waited < _SPIN_S:
+            os.sched_yield()
+            continue
+        if timeout_s is not None and waited > timeout_s:
+            raise timed_out()
+        time.sleep(_MAX_SLEEP_S)
+    return result
 
 
 class _Progress:

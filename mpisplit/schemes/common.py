@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
+from mpisplit.checkpoint import pack, unpack
 from mpisplit.config import TrainConfig
 from mpisplit.cut import recv_forward, send_eval, send_forward
 from mpisplit.data import Batch, ShardReader
@@ -41,17 +43,18 @@ def planned_steps(batches_per_epoch: int, train: TrainConfig) -> int:
     return min(steps, train.max_steps) if train.max_steps else steps
 
 
-def training_batches(reader: ShardReader, train: TrainConfig) -> Iterator[Batch]:
-    """The batches a client trains on, epoch after epoch, up to ``train.max_steps``."""
-    budget = planned_steps(len(reader), train)
-    epoch = 0
-    while budget:
-        for batch in reader.epoch(epoch):
+def training_batches(reader: ShardReader, train: TrainConfig, skip: int = 0) -> Iterator[Batch]:
+    """The batches a client trains on, epoch after epoch, up to ``train.max_steps``, after
+    the first ``skip`` (those a resumed run trained on before its checkpoint)."""
+    budget = planned_steps(len(reader), train) - skip
+    epoch, offset = divmod(skip, len(reader))
+    while budget > 0:
+        for batch in reader.epoch(epoch, offset):
             yield batch
             budget -= 1
             if not budget:
                 return
-        epoch += 1
+        epoch, offset = epoch + 1, 0
 
 
 def exchange_step_plans(ctx: RankContext, steps: int, epoch_length: int) -> np.ndarray:
@@ -251,6 +254,8 @@ def serve_clients(
     order: Sequence[int] | None = None,
     after_step: Callable[[int], None] | None = None,
     task: int = 0,
+    round_size: int = 1,
+    until: int | None = None,
 ) -> ServeReport:
     """The server's loop: serve cut activations from any client in arrival order.
 
@@ -262,21 +267,33 @@ def serve_clients(
     ``order`` fixes the sender of each training step (arrival order after it runs out);
     ``after_step(source)`` runs after each training step; ``task`` labels the evaluations
     (a multitask server's task index).
+
+    Checkpoints follow the clients' steps: one per ``round_size`` training steps (splitfed
+    v2 serves every client once per round), before step ``until`` (default: the end).
     """
     transport: Transport = ctx.transport
     clients = ctx.topology.ranks(Role.CLIENT)
     client_index = {rank: k for k, rank in enumerate(clients)}
     last_relay = ctx.topology.ranks(Role.RELAY)[-1:]
     segment_for = segment if callable(segment) else lambda _source: segment
-    senders = iter(order or ())
+    owned = [] if callable(segment) else [segment]
+    checkpoints, until = ctx.checkpoints, total_steps if until is None else until
+    report = ServeReport(steps=checkpoints.resume_step * round_size)
+    if (saved := checkpoints.restore()) is not None:
+        unpack(saved, owned)
+    senders = iter((order or ())[report.steps:])
     expected = next(senders, ANY_SOURCE)
     progress = make_progress(ctx, total_steps)
-    active, tallies, report = set(range(len(clients))), {}, ServeReport()
+    active, tallies = set(range(len(clients))), {}
+    silence = SilenceWatch(ctx) if ctx.config.scheme.client_order == "parallel" \
+        and not last_relay else None
     while active:
         feeders = last_relay or sorted(clients[k] for k in active)
         activation, message = recv_forward(transport, expected, device=ctx.device,
                                            senders=feeders)
         source = message.source
+        if silence is not None:
+            silence.heard(source, feeders)
         module = segment_for(source).module
         if message.flags & (Flag.LAST | Flag.DONE):
             if message.flags & Flag.LAST:
@@ -309,7 +326,27 @@ def serve_clients(
         ctx.metrics.write({"step": report.steps, "loss": loss_value,
                            "client": client_index.get(source), **_traffic(transport)})
         progress.update(report.steps, loss_value)
+        if report.steps % round_size == 0:
+            checkpoints.reached(report.steps // round_size, lambda: pack(owned), until)
     return report
+
+
+class SilenceWatch:
+    """Parallel clients talk to the server all the time, so one that stays silent for
+    ``transport.timeout_s`` while the others talk has stalled: a receive from any client
+    would never time out while the others keep it busy."""
+
+    def __init__(self, ctx: RankContext) -> None:
+        self.transport = ctx.transport
+        self.last: dict[int, float] = {}
+        self.start = time.monotonic()
+
+    def heard(self, source: int, feeders: Sequence[int]) -> None:
+        now = time.monotonic()
+        self.last[source] = now
+        stalest = min(feeders, key=lambda rank: self.last.get(rank, self.start))
+        if now - self.last.get(stalest, self.start) > self.transport.timeout_s:
+            raise self.transport.timed_out([stalest], Kind.ACTIVATION, "receive")
 
 
 def _traffic(transport: Transport) -> dict[str, int]:
@@ -346,9 +383,12 @@ def relay_activations(ctx: RankContext, segment: Segment, total_steps: int,
     holder (a multi-hop relay), with the labels and end markers; an evaluation pass is then
     relayed without interleaving, so the receiver tallies it as one client's.
     """
-    transport = ctx.transport
+    transport, checkpoints = ctx.transport, ctx.checkpoints
     progress = make_progress(ctx, total_steps)
-    remaining, source, steps = len(ctx.topology.ranks(Role.CLIENT)), ANY_SOURCE, 0
+    steps = checkpoints.resume_step
+    if (saved := checkpoints.restore()) is not None:
+        unpack(saved, [segment])
+    remaining, source = len(ctx.topology.ranks(Role.CLIENT)), ANY_SOURCE
     while remaining:
         activation, message = recv_forward(transport, source, device=ctx.device)
         dest = message.source if next_hop is None else next_hop
@@ -383,6 +423,7 @@ def relay_activations(ctx: RankContext, segment: Segment, total_steps: int,
         steps += 1
         ctx.metrics.write({"step": steps, **_traffic(transport)})
         progress.update(steps, None)
+        checkpoints.reached(steps, lambda: pack([segment]), total_steps)
     return steps
 
 
@@ -399,10 +440,26 @@ class TurnPlan:
     me: int
     schedule_steps: int
     """Sequential: every client's steps (the parts travel); parallel: this client's."""
+    until: int
+    """The first step at which the ranks no longer all meet for checkpoints: the end of the
+    schedule in sequential order, the fewest steps of any client in parallel."""
 
     @property
     def my_steps(self) -> int:
         return sum(length for k, length in self.turns if k == self.me)
+
+    def spans(self) -> Iterator[tuple[int, int, int]]:
+        """``(client, first, last)`` of each turn, in the model's steps: sequential turns
+        continue the step count of the parts they receive."""
+        position = 0
+        for client, length in self.turns:
+            yield client, position + 1, position + length
+            position += length
+
+    def my_steps_through(self, step: int) -> int:
+        """How many batches this client has trained on by the model's ``step``."""
+        return sum(max(0, min(last, step) - first + 1)
+                   for client, first, last in self.spans() if client == self.me)
 
     @property
     def evaluates_final(self) -> bool:
@@ -418,8 +475,8 @@ def plan_turns(ctx: RankContext, reader: ShardReader) -> TurnPlan:
     steps = [int(plans[rank, 0]) for rank in clients]
     if cfg.scheme.client_order == "sequential":
         lengths = [cfg.scheme.turn_steps or int(plans[rank, 1]) for rank in clients]
-        return TurnPlan(turn_schedule(steps, lengths), me.index, sum(steps))
-    return TurnPlan([(me.index, steps[me.index])], me.index, steps[me.index])
+        return TurnPlan(turn_schedule(steps, lengths), me.index, sum(steps), sum(steps))
+    return TurnPlan([(me.index, steps[me.index])], me.index, steps[me.index], min(steps))
 
 
 @dataclass
@@ -434,6 +491,7 @@ def run_client_turns(
     plan: TurnPlan,
     reader: ShardReader,
     segments: Sequence[Segment],
+    sender: CutSender,
     train_step: Callable[[Batch, int], float | None],
     evaluate: Callable[[int, bool], EvalResult | None],
     first_hop: int,
@@ -443,51 +501,59 @@ def run_client_turns(
     final=False)``, hand-over out. At the end the final turn's client calls
     ``evaluate(step, True)`` (which must tell ``first_hop`` it is done); the others just
     send ``first_hop`` a done marker.
+
+    Checkpoints: after each step, and for the steps of other clients' turns while this one
+    waits; a resumed run starts after the checkpoint's step, with the same data position.
     """
-    cfg, transport = ctx.config, ctx.transport
+    cfg, transport, checkpoints = ctx.config, ctx.transport, ctx.checkpoints
     clients = ctx.topology.ranks(Role.CLIENT)
-    batches = training_batches(reader, cfg.train)
-    left, model_steps, report = plan.my_steps, 0, ClientReport()
-    for turn, (client, length) in enumerate(plan.turns):
+    report = ClientReport(steps=plan.my_steps)
+    resumed = checkpoints.resume_step
+    if (saved := checkpoints.restore()) is not None:
+        report.samples = unpack(saved, segments, [sender.noise])["samples"]
+
+    def state() -> dict:
+        return pack(segments, [sender.noise], samples=report.samples)
+
+    batches = training_batches(reader, cfg.train, skip=plan.my_steps_through(resumed))
+    final_step = plan.schedule_steps if plan.evaluates_final else None
+    spans = list(plan.spans())
+    for turn, (client, first, last) in enumerate(spans):
         if client != plan.me:
+            for point in checkpoints.points(first, last, plan.until):
+                checkpoints.reached(point, state, plan.until, idle=True)
             continue
-        previous = plan.turns[turn - 1][0] if turn > 0 else plan.me
-        if previous != plan.me:
-            model_steps = _receive_parts(transport, clients[previous], segments)
-        for _ in range(length):
-            with ctx.tracer.span("data", step=model_steps):
+        if last < resumed:
+            continue
+        previous = spans[turn - 1][0] if turn > 0 else plan.me
+        if first > resumed and previous != plan.me:
+            _receive_parts(transport, clients[previous], segments)
+        for step in range(max(first, resumed + 1), last + 1):
+            with ctx.tracer.span("data", step=step - 1):
                 batch = next(batches)
-            loss = train_step(batch, model_steps)
-            model_steps += 1
+            loss = train_step(batch, step - 1)
             report.samples += len(batch.labels)
-            record_client_step(ctx, model_steps, loss)
-            left -= 1
-            final_step = plan.evaluates_final and left == 0
-            if cfg.train.eval_every and model_steps % cfg.train.eval_every == 0 \
-                    and not final_step:
-                evaluate(model_steps, False)
-        following = plan.turns[turn + 1][0] if turn + 1 < len(plan.turns) else plan.me
+            record_client_step(ctx, step, loss)
+            checkpoints.reached(step, state, plan.until)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != final_step:
+                evaluate(step, False)
+        following = spans[turn + 1][0] if turn + 1 < len(spans) else plan.me
         if following != plan.me:
             for segment in segments:
                 transport.send(segment.state_bytes(), clients[following], Kind.WEIGHTS,
-                               step=model_steps)
-    report.steps = plan.my_steps
+                               step=last)
     if plan.evaluates_final:
-        result = evaluate(model_steps, True)
+        result = evaluate(plan.schedule_steps, True)
         report.final_evals = [] if result is None else [result]
     else:
-        send_marker(ctx, first_hop, model_steps, Flag.DONE)
+        send_marker(ctx, first_hop, plan.schedule_steps, Flag.DONE)
     return report
 
 
-def _receive_parts(transport: Transport, source: int, segments: Sequence[Segment]) -> int:
-    """Loads the handed-over parts; returns the model step they had reached."""
-    step = 0
+def _receive_parts(transport: Transport, source: int, segments: Sequence[Segment]) -> None:
+    """Loads the handed-over parts."""
     for segment in segments:
-        handed = transport.recv(Kind.WEIGHTS, source, deadline=False)
-        segment.load_state_bytes(handed.tensor)
-        step = handed.step
-    return step
+        segment.load_state_bytes(transport.recv(Kind.WEIGHTS, source, deadline=False).tensor)
 
 
 def train_lower_client(ctx: RankContext, first_hop: int | Sequence[int],
@@ -538,7 +604,8 @@ def train_lower_client(ctx: RankContext, first_hop: int | Sequence[int],
                 send_eval_pass(ctx, sender, segment, tests, hop, step, final=final,
                                labels=label_map)
 
-        report = run_client_turns(ctx, plan, reader, [segment], train_step, evaluate, hops[0])
+        report = run_client_turns(ctx, plan, reader, [segment], sender, train_step, evaluate,
+                                  hops[0])
     return RankResult(steps=report.steps, samples=report.samples, segment=segment,
                       leakage=sender.leakage)
 

@@ -64,7 +64,8 @@ def _serve(ctx: RankContext, steps: list[int], weights: list[float],
     cfg, clients, total = ctx.config, ctx.topology.ranks(Role.CLIENT), sum(steps)
     if cfg.scheme.splitfed_variant == "v2":
         shared = ctx.build_segment(1, total)
-        report = serve_clients(ctx, shared, total, order=_rounds(ctx, clients, steps))
+        report = serve_clients(ctx, shared, total, order=_rounds(ctx, clients, steps),
+                               round_size=len(clients), until=min(steps))
         return RankResult(steps=report.steps, final_evals=report.final_evals, segment=shared)
     copies = {rank: ctx.build_segment(1, steps[k]) for k, rank in enumerate(clients)}
     done = {rank: 0 for rank in clients}

@@ -101,8 +101,8 @@ def _train_client(ctx: RankContext) -> RankResult:
                 send_marker(ctx, server, step, Flag.DONE)
             return result
 
-        report = run_client_turns(ctx, plan, reader, [head, tail], train_step, evaluate,
-                                  server)
+        report = run_client_turns(ctx, plan, reader, [head, tail], sender, train_step,
+                                  evaluate, server)
     parts = _joined(head, tail)
     return RankResult(steps=report.steps, samples=report.samples,
                       final_evals=report.final_evals, segment=parts, leakage=sender.leakage)

@@ -38,6 +38,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
+from mpisplit.checkpoint import pack, unpack
 from mpisplit.config import Config, ConfigError
 from mpisplit.cut import recv_forward, send_eval, send_forward
 from mpisplit.data import Batch, ShardReader, align_rows, intersect_ids, read_ids
@@ -370,6 +371,8 @@ class _Role(Protocol):
     """One side of a vertical step; ``_drive`` runs the same loop on every rank."""
 
     segment: Segment
+    generators: list[torch.Generator]
+    """Random state that checkpoints keep (a party's privacy noise)."""
 
     def train_step(self, step: int, size: int, features: Batch | None,
                    labels: Batch | None) -> float | None:
@@ -381,18 +384,23 @@ class _Role(Protocol):
 
 
 def _drive(ctx: RankContext, role: _Role, train: Split, test: Split, steps: int) -> RankResult:
-    """Training steps with periodic and final evaluation, in lockstep on every rank."""
-    cfg, holder = ctx.config, _holds_labels(ctx)
+    """Training steps with periodic and final evaluation, in lockstep on every rank (which
+    makes every step a possible checkpoint)."""
+    cfg, holder, checkpoints = ctx.config, _holds_labels(ctx), ctx.checkpoints
     progress = make_progress(ctx, steps) if ctx.me.role == Role.SERVER else None
-    pairs = train.batches(lambda reader: training_batches(reader, cfg.train))
-    samples, final = 0, None
-    for step in range(1, steps + 1):
+    resumed, samples, final = checkpoints.resume_step, 0, None
+    if (saved := checkpoints.restore()) is not None:
+        samples = unpack(saved, [role.segment], role.generators)["samples"]
+    pairs = train.batches(lambda reader: training_batches(reader, cfg.train, skip=resumed))
+    for step in range(resumed + 1, steps + 1):
         size = train.sizes[(step - 1) % len(train.sizes)]
         loss = role.train_step(step, size, *next(pairs, (None, None)))
         samples += size
         record_client_step(ctx, step, loss)
         if progress is not None:
             progress.update(step, loss)
+        checkpoints.reached(step, lambda done=samples: pack([role.segment], role.generators,
+                                                            samples=done), steps)
         last = step == steps
         if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
             final = _evaluate(ctx, role, test, step, holder)
@@ -417,6 +425,7 @@ class _Server:
         module = build_layers(layout.server_plan, layout.cut, len(layout.server_plan),
                               ctx.config.model.seed)
         self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
+        self.generators: list[torch.Generator] = []
         self.party0 = ctx.topology.ranks(Role.CLIENT)[0]
 
     def _joined(self, size: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -465,6 +474,7 @@ class _Party:
         self.shape = layout.cut_shapes[party]
         self.server = ctx.topology.ranks(Role.SERVER)[0]
         self.noise = torch.Generator().manual_seed(ctx.config.privacy.seed + party)
+        self.generators = [self.noise]
 
     def train_step(self, step: int, size: int, features: Batch | None,
                    labels: Batch | None) -> float | None:

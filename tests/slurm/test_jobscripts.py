@@ -16,6 +16,7 @@ plugin); the mpiexec tests use hydra, which starts its proxies with srun.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -219,13 +220,14 @@ def test_preempted_job_is_requeued_and_finishes(slurm, data, tmp_path: Path) -> 
     assert job.summary()["world_size"] == 4
 
 
-def test_usr1_is_forwarded_and_the_job_requeues_itself(slurm, data,
-                                                       tmp_path: Path) -> None:
+def test_usr1_checkpoints_requeues_and_the_job_resumes(slurm, data, tmp_path: Path) -> None:
     """The pre-emption warning (--signal=B:USR1@120, sent here by hand): common.sh forwards
-    it to the job step (hydra's, via scancel), then requeues the job, which completes."""
-    path = f"data.path={data[config_clients(VANILLA)]}"
-    job = Submitted(slurm, "multi-node.sbatch", tmp_path, VANILLA, path, "train.epochs=3",
-                    "train.eval_every=0", env={"MPISPLIT_LAUNCHER": "mpiexec"})
+    it to the job step (hydra's, via scancel); the ranks checkpoint and stop; the script
+    requeues the job, whose second run resumes from that checkpoint and completes."""
+    path = f"data.path={data[config_clients(SEQUENTIAL)]}"
+    job = Submitted(slurm, "multi-node.sbatch", tmp_path, SEQUENTIAL, path, "train.epochs=20",
+                    "train.eval_every=0", "checkpoint.every_steps=20",
+                    env={"MPISPLIT_LAUNCHER": "mpiexec"})
     _wait_for_training(job)
     slurm.run("scancel", "--batch", "--signal=USR1", job.id)
     job.assert_completed()
@@ -235,6 +237,10 @@ def test_usr1_is_forwarded_and_the_job_requeues_itself(slurm, data,
     assert "got SIGUSR1; forwarding it to the job step" in out
     assert f"requeueing job {job.id}" in out
     assert "(restart 1)" in out
+    stopped = re.search(r"stopped by SIGUSR1; checkpoint at step (\d+) committed", out)
+    assert stopped, out[-3000:]
+    metrics = (job.run_dir() / "metrics-rank0.jsonl").read_text()
+    assert f'"event": "resumed", "step": {stopped.group(1)}}}' in metrics
     first, second = job.hosts()
     assert job.summary()["nodes"] == [first, second, first, second]
 

@@ -1,0 +1,251 @@
+"""Coordinated checkpoints: each rank saves only its own state; a checkpoint counts once every
+rank has confirmed it.
+
+Layout under ``checkpoint.dir``: ``step-<N>/rank-<R>.pt`` per rank, each written atomically
+(temporary file, fsync, rename), then ``step-<N>/COMMITTED``, a JSON manifest that rank 0
+writes the same way only after every rank has confirmed its file. Resume reads the newest
+directory with a manifest, so a crash in the middle of a checkpoint leaves the previous one
+in use.
+
+The schemes call ``reached(step, ...)`` after each training step, in the same order on every
+rank (a rank with nothing to do at that step, such as a client waiting for its turn, calls it
+for the steps it sits out). Every ``every_steps``-th step the ranks meet on a communicator of
+their own, under the transport deadline, and decide together whether to write (the schedule,
+or rank 0's clock) and whether to stop (a pre-emption signal on any rank): the stop happens
+right after that checkpoint is committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mpisplit.config import Config, ConfigError, check_checkpointable
+from mpisplit.failure import Preempted
+from mpisplit.segment import Segment
+from mpisplit.topology import Topology
+from mpisplit.transport import PeerTimeout, poll
+
+log = logging.getLogger("mpisplit")
+
+MANIFEST = "COMMITTED"
+_STEP_DIR = re.compile(r"step-(\d+)$")
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.run.dir) / "checkpoints")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A committed checkpoint: which step, and the run shape that wrote it."""
+
+    path: Path
+    step: int
+    scheme: str
+    roles: list[str]
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        data = json.loads((path / MANIFEST).read_text())
+        return cls(path, data["step"], data["scheme"], data["roles"])
+
+    def rank_file(self, rank: int) -> Path:
+        return self.path / f"rank-{rank:05d}.pt"
+
+
+def latest_committed(directory: Path) -> Manifest | None:
+    """The newest checkpoint with a manifest (uncommitted directories are ignored)."""
+    committed = sorted((int(m.group(1)), d) for d in directory.glob("step-*")
+                       if (m := _STEP_DIR.search(d.name)) and (d / MANIFEST).is_file())
+    return Manifest.read(committed[-1][1]) if committed else None
+
+
+def find_resume_point(cfg: Config, topology: Topology, resume: bool) -> Manifest | None:
+    """The checkpoint to resume from, checked against this run's shape (no MPI traffic)."""
+    directory = checkpoint_dir(cfg)
+    found = latest_committed(directory) if directory.is_dir() else None
+    if not resume:
+        if found is not None and cfg.checkpoint.every_steps:
+            raise ConfigError(
+                f"checkpoint.dir: {directory} already holds a committed checkpoint (step "
+                f"{found.step}); pass --resume to continue from it, or use another run.dir")
+        return None
+    check_checkpointable(cfg.scheme)
+    if found is None:
+        raise ConfigError(f"--resume: no committed checkpoint in {directory}")
+    roles = [p.label for p in topology.placements]
+    if found.scheme != cfg.scheme.name or found.roles != roles:
+        raise ConfigError(
+            f"--resume: the checkpoint at step {found.step} in {directory} was written by a "
+            f"{len(found.roles)}-rank {found.scheme} run ({', '.join(found.roles)}); this run "
+            f"is a {len(roles)}-rank {cfg.scheme.name} run ({', '.join(roles)})")
+    return found
+
+
+def pack(segments: Sequence[Segment], generators: Sequence[torch.Generator] = (),
+         **counters: int) -> dict[str, Any]:
+    """A rank's state: its segments (weights, optimizer, schedule), its random generators
+    (e.g. the privacy noise) and the counters its loop keeps."""
+    return {"segments": [segment.state_dict() for segment in segments],
+            "generators": [generator.get_state() for generator in generators],
+            "counters": counters}
+
+
+def unpack(state: dict[str, Any], segments: Sequence[Segment],
+           generators: Sequence[torch.Generator] = ()) -> dict[str, int]:
+    """Loads what ``pack`` saved into ``segments`` and ``generators``; returns the counters."""
+    for segment, saved in zip(segments, state["segments"], strict=True):
+        segment.load_state_dict(saved)
+    for generator, saved in zip(generators, state["generators"], strict=True):
+        generator.set_state(saved)
+    return state["counters"]
+
+
+class Checkpointer:
+    """This rank's side of the coordinated checkpoints (a no-op when they are off)."""
+
+    def __init__(self, comm: MPI.Comm, cfg: Config, topology: Topology,
+                 resume: Manifest | None) -> None:
+        self._comm = comm.Dup()
+        self._rank = comm.Get_rank()
+        self._every = cfg.checkpoint.every_steps
+        self._every_s = cfg.checkpoint.every_s
+        self._keep = cfg.checkpoint.keep
+        self._timeout_s = cfg.transport.timeout_s
+        self._dir = checkpoint_dir(cfg)
+        self._manifest = {"scheme": cfg.scheme.name,
+                          "roles": [p.label for p in topology.placements]}
+        self._resume = resume
+        self._last_write = time.monotonic()
+        self._stop_signal = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self._every > 0
+
+    @property
+    def resume_step(self) -> int:
+        return self._resume.step if self._resume else 0
+
+    def request_stop(self, signum: int) -> None:
+        """Signal handler side: stop after the next checkpoint (safe at any point)."""
+        self._stop_signal = signum
+
+    def restore(self) -> dict[str, Any] | None:
+        """This rank's saved state (None on a fresh run); also restores torch's RNG."""
+        if self._resume is None:
+            return None
+        path = self._resume.rank_file(self._rank)
+        try:
+            state = torch.load(path, weights_only=True)
+        except (OSError, RuntimeError, EOFError) as err:
+            raise ConfigError(f"--resume: cannot read {path}: {err}") from None
+        torch.set_rng_state(state.pop("torch_rng"))
+        return state
+
+    def points(self, first: int, last: int, until: int) -> list[int]:
+        """The meeting steps in ``first..last`` (inclusive) before ``until``."""
+        if not self._every:
+            return []
+        start = max(first, self.resume_step + 1)
+        return list(range(-(-start // self._every) * self._every, min(last, until - 1) + 1,
+                          self._every))
+
+    def reached(self, step: int, state: Callable[[], dict[str, Any]], until: int, *,
+                idle: bool = False) -> None:
+        """Called after ``step`` on every rank; at meeting steps, agrees, writes and commits.
+
+        ``until`` is the first step at which no rank meets any more (the run's end, or the
+        last step every rank reaches); ``idle`` ranks wait for the others without a deadline.
+        Raises ``Preempted`` after the commit when any rank got a pre-emption signal.
+        """
+        if not self._every or step % self._every or step >= until or step <= self.resume_step:
+            return
+        skip = self._rank == 0 and self._every_s > 0 \
+            and time.monotonic() - self._last_write < self._every_s
+        agreed = np.array([self._stop_signal, int(skip)], np.int64)
+        self._wait(self._comm.Iallreduce(MPI.IN_PLACE, agreed, MPI.MAX), step, idle)
+        stop_signal, write = int(agreed[0]), not agreed[1]
+        if write or stop_signal:
+            self._write(step, state())
+            self._wait(self._comm.Ibarrier(), step, idle)  # every rank's file is on disk
+            if self._rank == 0:
+                self._commit(step)
+        if stop_signal:
+            raise Preempted(stop_signal, checkpoint=step)
+
+    def meet_before_exit(self, grace_s: float) -> None:
+        """Waits (at most ``grace_s``) until every rank is about to exit, so that nobody's
+        exit status cuts short another rank's last writes."""
+        request = self._comm.Ibarrier()
+        try:
+            poll(lambda: True if request.Test() else None, grace_s, lambda: TimeoutError())
+        except TimeoutError:
+            log.warning("not every rank reached the exit within %g s", grace_s)
+
+    def close(self) -> None:
+        self._comm.Free()
+
+    def _wait(self, request: MPI.Request, step: int, idle: bool) -> None:
+        def timed_out() -> PeerTimeout:
+            return PeerTimeout(f"rank {self._rank} waited {self._timeout_s:g} s at the "
+                               f"checkpoint meeting of step {step}: not every rank arrived "
+                               f"(transport.timeout_s)")
+
+        poll(lambda: True if request.Test() else None, None if idle else self._timeout_s,
+             timed_out)
+
+    def _write(self, step: int, state: dict[str, Any]) -> None:
+        directory = self._dir / f"step-{step:08d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / f"rank-{self._rank:05d}.pt"
+        tmp = target.with_name(f".{target.name}.tmp")
+        with open(tmp, "wb") as out:
+            torch.save({**state, "step": step, "torch_rng": torch.get_rng_state()}, out)
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(target)
+        self._last_write = time.monotonic()
+
+    def _commit(self, step: int) -> None:
+        directory = self._dir / f"step-{step:08d}"
+        tmp = directory / f".{MANIFEST}.tmp"
+        with open(tmp, "w") as out:
+            json.dump({"step": step, **self._manifest}, out)
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(directory / MANIFEST)
+        _fsync_dir(directory)
+        log.info("checkpoint at step %d committed in %s", step, directory)
+        self._prune(step)
+
+    def _prune(self, newest: int) -> None:
+        """Drops committed checkpoints beyond ``keep`` and uncommitted older ones."""
+        steps = sorted((int(m.group(1)), d) for d in self._dir.glob("step-*")
+                       if (m := _STEP_DIR.search(d.name)))
+        committed = [d for s, d in steps if (d / MANIFEST).is_file()]
+        kept = set(committed[-self._keep:])
+        for s, d in steps:
+            if s < newest and d not in kept:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,203 @@
+"""Coordinated checkpoints: a run killed at a random point and resumed ends bit-identical to
+an uninterrupted one; each party's files hold only its own part; bad resumes are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mpisplit.checkpoint import MANIFEST, find_resume_point, latest_committed
+from mpisplit.config import ConfigError, load_config
+from mpisplit.topology import plan
+from tests.conftest import ROOT, mpiexec, run_mpi
+
+LIMIT_S = 120
+RANKS = 4
+QUICK = ("run.progress=none", "run.log_every=1", "train.epochs=4")
+"""log_every=1: every record reaches disk at once, so the test sees each rank's pid."""
+
+SCHEMES = {
+    "vanilla": ("configs/vanilla-sequential-breast-cancer.yaml", 3,
+                ("train.optimizer=adam", "train.lr=0.001", "train.schedule=cosine",
+                 "privacy.noise_std=0.1", "transport.microbatches=2")),
+    "ushaped": ("configs/ushaped-breast-cancer.yaml", 3, ("scheme.client_order=sequential",)),
+    "vertical": ("configs/vertical-breast-cancer.yaml", 3, ()),
+    "splitfed": ("configs/splitfed-breast-cancer.yaml", 3,
+                 ("scheme.splitfed_variant=v2", "scheme.fedavg_every=5")),
+}
+EVERY = 10
+NONE = SimpleNamespace(step=0)
+
+
+def _data(dataset, scheme: str) -> Path:
+    clients = SCHEMES[scheme][1]
+    if scheme == "vertical":
+        return dataset("breast_cancer", clients=clients, partition="vertical")
+    return dataset("breast_cancer", clients=clients)
+
+
+def _args(dataset, scheme: str, run_dir: Path) -> list[str]:
+    config, _, extra = SCHEMES[scheme]
+    return [config, f"data.path={_data(dataset, scheme)}", f"run.dir={run_dir}",
+            f"checkpoint.every_steps={EVERY}", *QUICK, *extra]
+
+
+def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    command = [mpiexec(), "-n", str(RANKS), sys.executable, "-m", "mpisplit", "train", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=ROOT)
+
+
+def _wait_for_commits(run_dir: Path, count: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + LIMIT_S
+    while (latest_committed(run_dir / "checkpoints") or NONE).step < count * EVERY:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{count} checkpoints never committed: "
+                                 f"{process.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+
+
+def _pid(run_dir: Path, rank: int) -> int:
+    return json.loads((run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines()[0])["pid"]
+
+
+def _parameters(run_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
+    return {rank: torch.load(run_dir / f"model-rank{rank}.pt") for rank in range(RANKS)}
+
+
+def _assert_identical(expected: Path, actual: Path) -> None:
+    for rank, reference in _parameters(expected).items():
+        resumed = _parameters(actual)[rank]
+        assert reference.keys() == resumed.keys()
+        for name, tensor in reference.items():
+            assert torch.equal(tensor, resumed[name]), f"rank {rank} {name} differs"
+
+
+def _resumed_at(run_dir: Path, rank: int = 0) -> list[int]:
+    lines = (run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines()
+    return [record["step"] for record in map(json.loads, lines)
+            if record.get("event") == "resumed"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory) -> dict[str, Path]:
+    """One uninterrupted run per scheme, the reference for the resumed ones."""
+    runs = {}
+    for scheme in SCHEMES:
+        run_dir = tmp_path_factory.mktemp(f"full-{scheme}")
+        result = run_mpi(RANKS, "train", *_args(dataset, scheme, run_dir), timeout=LIMIT_S)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[scheme] = run_dir
+    return runs
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_killed_run_resumes_bit_identical(scheme: str, dataset, uninterrupted,
+                                          tmp_path: Path) -> None:
+    """SIGKILL a random rank after a random number of checkpoints; leave a half-written newer
+    checkpoint behind (a crash mid-checkpoint); resume ends with every rank's parameters
+    bit-identical to the uninterrupted run. Vertical resumes as a requeued Slurm job would
+    (``SLURM_RESTART_COUNT``), the others with ``--resume``."""
+    chooser = random.Random()
+    commits, victim = chooser.randint(1, 3), chooser.randrange(RANKS)
+    args = _args(dataset, scheme, tmp_path)
+    process = _start(args)
+    _wait_for_commits(tmp_path, commits, process)
+    os.kill(_pid(tmp_path, victim), signal.SIGKILL)
+    process.communicate(timeout=LIMIT_S)
+    assert process.returncode != 0, f"the run ended before rank {victim} was killed"
+    committed = latest_committed(tmp_path / "checkpoints")
+    assert committed is not None
+    partial = tmp_path / "checkpoints" / f"step-{committed.step + EVERY:08d}"
+    partial.mkdir(exist_ok=True)
+    (partial / "rank-00000.pt").write_bytes(b"half a checkpoint")
+
+    requeued = scheme == "vertical"
+    resume = [] if requeued else ["--resume"]
+    env = {"SLURM_RESTART_COUNT": "1"} if requeued else None
+    resumed = _start([*resume, *args], env)
+    _, stderr = resumed.communicate(timeout=LIMIT_S)
+    assert resumed.returncode == 0, stderr[-2000:]
+    assert _resumed_at(tmp_path) == [committed.step], (commits, victim)
+    _assert_identical(uninterrupted[scheme], tmp_path)
+
+
+def test_each_party_checkpoint_holds_only_its_own_part(uninterrupted) -> None:
+    """A rank's checkpoint holds exactly the parameters of the part it trains (the same names
+    as its model-rank<R>.pt), so the server's files never hold client weights."""
+    run_dir = uninterrupted["vanilla"]
+    committed = latest_committed(run_dir / "checkpoints")
+    owned = {}
+    for rank in range(RANKS):
+        state = torch.load(committed.rank_file(rank), weights_only=True)
+        names = {name for segment in state["segments"] for name in segment["module"]}
+        assert names == set(torch.load(run_dir / f"model-rank{rank}.pt"))
+        owned[rank] = names
+    assert not owned[0] & owned[1]
+
+
+def test_preemption_signal_checkpoints_then_resume_finishes_identically(
+        dataset, uninterrupted, tmp_path: Path) -> None:
+    """SIGUSR1 (Slurm's pre-emption warning): every rank stops after committing the same
+    checkpoint, exit status 4; the resumed run ends bit-identical."""
+    args = _args(dataset, "vanilla", tmp_path)
+    process = _start(args)
+    _wait_for_commits(tmp_path, 1, process)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=LIMIT_S)
+    assert process.returncode == 4, stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["preempted"] and summary["checkpoint"] > 0
+    assert stderr.count(f"stopped by SIGUSR1; checkpoint at step {summary['checkpoint']} "
+                        "committed in") == RANKS
+    assert latest_committed(tmp_path / "checkpoints").step == summary["checkpoint"]
+
+    resumed = run_mpi(RANKS, "train", "--resume", *args, timeout=LIMIT_S)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_identical(uninterrupted["vanilla"], tmp_path)
+
+
+def test_resume_with_another_topology_is_refused(dataset, uninterrupted) -> None:
+    """The vanilla checkpoint (server + 3 clients) resumed as server + 2 clients."""
+    run_dir = uninterrupted["vanilla"]
+    result = run_mpi(3, "train", "--resume", "configs/vanilla-sequential-breast-cancer.yaml",
+                     f"data.path={dataset('breast_cancer', clients=2)}", "scheme.clients=2",
+                     f"run.dir={run_dir}", *QUICK, timeout=LIMIT_S)
+    assert result.returncode == 2
+    assert "was written by a 4-rank vanilla run (server, client0, client1, client2); this " \
+           "run is a 3-rank vanilla run" in result.stderr
+
+
+def _config(tmp_path: Path, *extra: str):
+    return load_config(ROOT / "configs/vanilla-sequential-breast-cancer.yaml",
+                       [f"run.dir={tmp_path}", *extra])
+
+
+def test_resume_without_a_checkpoint_and_fresh_run_over_one_are_refused(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, "checkpoint.every_steps=5")
+    with pytest.raises(ConfigError, match="--resume: no committed checkpoint in"):
+        find_resume_point(cfg, plan(cfg), resume=True)
+    committed = tmp_path / "checkpoints" / "step-00000005"
+    committed.mkdir(parents=True)
+    (committed / MANIFEST).write_text(json.dumps(
+        {"step": 5, "scheme": "vanilla", "roles": ["server", "client0", "client1", "client2"]}))
+    with pytest.raises(ConfigError, match="already holds a committed checkpoint .step 5."):
+        find_resume_point(cfg, plan(cfg), resume=False)
+    assert find_resume_point(cfg, plan(cfg), resume=True).step == 5
+
+
+def test_checkpoints_need_a_deterministic_step_order(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="checkpoint.every_steps: coordinated checkpoints "
+                                          "need a deterministic step order"):
+        _config(tmp_path, "checkpoint.every_steps=5", "scheme.client_order=parallel")
