@@ -8,7 +8,9 @@ Command-line overrides (``section.key=value``) go through exactly the same path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -380,6 +382,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        with contextlib.suppress(ValueError):
+            if math.isfinite(number := float(value)):
+                return number
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if hint is int and isinstance(value, bool):

@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+import torch
 from mpi4py import MPI
 
 from mpisplit.config import ConfigError
@@ -26,12 +27,26 @@ from mpisplit.data import DataError
 from mpisplit.transport import PeerTimeout, PolicyViolation
 
 T = TypeVar("T")
-EXPECTED = (ConfigError, DataError, PeerTimeout, PolicyViolation)
 EXIT_FAILURE = 3
 EXIT_PREEMPTED = 4
 _IO_GRACE_S = 0.3
 """Lets the launcher forward the failure line before Abort tears its I/O down."""
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: the run stops before it reaches any weights."""
+
+
+def check_loss(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """Returns ``loss`` if finite; otherwise stops the run, naming the step."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise NonFiniteLoss(f"the loss is {float(loss.detach())} at step {step}; stopped before "
+                            f"it reached any weights (lower train.lr, or check the data)")
+    return loss
+
+
+EXPECTED = (ConfigError, DataError, PeerTimeout, PolicyViolation, NonFiniteLoss)
 
 
 class Preempted(BaseException):

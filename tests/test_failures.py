@@ -65,6 +65,20 @@ def test_rank_failing_mid_training_ends_the_job(dataset, tmp_path: Path) -> None
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+@pytest.mark.parametrize("config", [CONFIG, "configs/ushaped-breast-cancer.yaml"])
+def test_diverging_loss_stops_at_its_step(config: str, dataset, tmp_path: Path) -> None:
+    """A learning rate of 1e30 makes the loss NaN within a few steps; whoever computes the
+    loss (the server; the client in U-shaped) stops the job there, naming the step."""
+    data = dataset("breast_cancer", clients=3)
+    start = time.monotonic()
+    result = run_mpi(4, "train", config, "run.progress=none", f"data.path={data}",
+                     f"run.dir={tmp_path}", "train.lr=1e30", timeout=LIMIT_S + 30)
+    assert result.returncode == 3
+    assert time.monotonic() - start < LIMIT_S
+    assert "failed: NonFiniteLoss: the loss is nan at step" in result.stderr, result.stderr[-1500:]
+    assert not (tmp_path / "summary.json").exists()
+
+
 def _start_long_run(dataset, run_dir: Path, *extra: str) -> subprocess.Popen:
     data = dataset("breast_cancer", clients=3)
     command = [mpiexec(), "-n", "4", sys.executable, "-m", "mpisplit", "train", CONFIG,

@@ -12,6 +12,7 @@ from torch import nn
 
 from mpisplit.data import ShardReader
 from mpisplit.engine import RankContext, RankResult
+from mpisplit.failure import check_loss
 from mpisplit.runlog import Progress
 from mpisplit.schemes.common import (
     evaluate_locally,
@@ -48,7 +49,8 @@ def run(ctx: RankContext) -> RankResult:
                 batch = next(batches[client])
                 with ctx.tracer.span("step", step=step):
                     logits = segment.module(batch.features.to(ctx.device))
-                    loss = nn.functional.cross_entropy(logits, batch.labels.to(ctx.device))
+                    loss = check_loss(nn.functional.cross_entropy(
+                        logits, batch.labels.to(ctx.device)), step + 1)
                     loss.backward()
                     segment.step()
                 step += 1

@@ -21,6 +21,7 @@ from mpisplit.config import TrainConfig
 from mpisplit.cut import recv_forward, send_eval, send_forward
 from mpisplit.data import Batch, ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult
+from mpisplit.failure import check_loss
 from mpisplit.privacy import distance_correlation, nopeek_penalty, protect
 from mpisplit.runlog import Progress
 from mpisplit.segment import Segment
@@ -310,7 +311,8 @@ def serve_clients(
                 tallies.setdefault(source, EvalTally()).add(module(activation), labels)
             continue
         with ctx.tracer.span("forward", step=report.steps):
-            loss = loss_fn(module(activation), labels) * microbatch_share(labels, message)
+            loss = check_loss(loss_fn(module(activation), labels), report.steps + 1) \
+                * microbatch_share(labels, message)
         with ctx.tracer.span("backward", step=report.steps):
             loss.backward()
         if message.flags & Flag.MORE:  # accumulate the step's microbatches, then step
@@ -678,7 +680,8 @@ def train_whole_model(ctx: RankContext, segment: Segment, reader: ShardReader,
     for step, batch in enumerate(training_batches(reader, cfg.train), start=1):
         with ctx.tracer.span("step", step=step):
             logits = segment.module(batch.features.to(ctx.device))
-            loss = nn.functional.cross_entropy(logits, batch.labels.to(ctx.device))
+            loss = check_loss(nn.functional.cross_entropy(logits, batch.labels.to(ctx.device)),
+                              step)
             loss.backward()
             segment.step()
         after_step(step)

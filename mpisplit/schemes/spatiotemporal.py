@@ -39,6 +39,7 @@ from mpisplit.config import ConfigError
 from mpisplit.cut import recv_forward, send_eval
 from mpisplit.data import ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
+from mpisplit.failure import check_loss
 from mpisplit.privacy import protect
 from mpisplit.schemes.common import (
     LABELS_AT_SERVER,
@@ -201,8 +202,8 @@ def train_detached(ctx: RankContext, segment: Segment, sites: list[SiteData],
         for index in detached_order(len(labels), cfg.data.batch_size, cfg.train.seed, epoch):
             index = index.to(features.device)
             with ctx.tracer.span("detached", step=step):
-                loss = nn.functional.cross_entropy(segment.module(features[index]),
-                                                   labels[index])
+                loss = check_loss(nn.functional.cross_entropy(segment.module(features[index]),
+                                                              labels[index]), step + 1)
                 loss.backward()
                 segment.step()
             step += 1

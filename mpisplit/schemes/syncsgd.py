@@ -14,6 +14,7 @@ from torch import nn
 
 from mpisplit.data import Batch
 from mpisplit.engine import RankContext, RankResult
+from mpisplit.failure import check_loss
 from mpisplit.schemes.common import (
     client_reader,
     evaluate_locally,
@@ -43,7 +44,7 @@ def run(ctx: RankContext) -> RankResult:
             batch = next(batches, None)
             size = 0 if batch is None else len(batch.labels)
             with ctx.tracer.span("step", step=step):
-                loss = _local_gradients(ctx, segment, batch)
+                loss = _local_gradients(ctx, segment, batch, step)
                 _average_gradients(ctx.comm, segment.module, size)
                 segment.step()
             samples += size
@@ -53,14 +54,15 @@ def run(ctx: RankContext) -> RankResult:
     return RankResult(steps=rounds, samples=samples, final_evals=finals, segment=segment)
 
 
-def _local_gradients(ctx: RankContext, segment: Segment, batch: Batch | None) -> float:
+def _local_gradients(ctx: RankContext, segment: Segment, batch: Batch | None,
+                     step: int) -> float:
     """Mean-loss gradients of this rank's batch (zero without a batch); returns the loss."""
     if batch is None:
         for param in segment.module.parameters():
             param.grad = torch.zeros_like(param)
         return float("nan")
     logits = segment.module(batch.features.to(ctx.device))
-    loss = nn.functional.cross_entropy(logits, batch.labels.to(ctx.device))
+    loss = check_loss(nn.functional.cross_entropy(logits, batch.labels.to(ctx.device)), step)
     loss.backward()
     return float(loss.detach())
 

@@ -17,6 +17,7 @@ from torch import nn
 from mpisplit.cut import recv_forward
 from mpisplit.data import Batch, ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult
+from mpisplit.failure import check_loss
 from mpisplit.schemes.common import (
     CutSender,
     EvalTally,
@@ -83,8 +84,8 @@ def _train_client(ctx: RankContext) -> RankResult:
             for part, anchor in zip(parts, anchors, strict=True):
                 with ctx.tracer.span("forward", step=step):
                     middle, _ = recv_forward(transport, server, device=ctx.device)
-                    loss = nn.functional.cross_entropy(tail.module(middle),
-                                                       part.labels.to(ctx.device))
+                    loss = check_loss(nn.functional.cross_entropy(
+                        tail.module(middle), part.labels.to(ctx.device)), step + 1)
                     loss = loss * (len(part.labels) / len(batch.labels))
                 with ctx.tracer.span("backward", step=step):
                     loss.backward()

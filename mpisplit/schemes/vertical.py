@@ -43,6 +43,7 @@ from mpisplit.config import Config, ConfigError
 from mpisplit.cut import recv_forward, send_eval, send_forward
 from mpisplit.data import Batch, ShardReader, align_rows, intersect_ids, read_ids
 from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
+from mpisplit.failure import check_loss
 from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan
 from mpisplit.privacy import nopeek_penalty, protect
 from mpisplit.schemes.common import (
@@ -444,7 +445,7 @@ class _Server:
             logits = self.segment.module(joined)
             if labels is not None:
                 target = labels.labels.to(ctx.device)
-                loss = nn.functional.cross_entropy(logits, target)
+                loss = check_loss(nn.functional.cross_entropy(logits, target), step)
             else:
                 loss = send_forward(logits, ctx.transport, self.party0, step)
         with ctx.tracer.span("backward", step=step):
@@ -484,7 +485,7 @@ class _Party:
             activation = self.segment.module(inputs)
             sent = protect(activation, privacy, self.noise)
             self.cut.gather(sent, size)
-        loss = self._loss(labels) if labels is not None else None
+        loss = self._loss(labels, step) if labels is not None else None
         with ctx.tracer.span("backward", step=step):
             gradient = self.cut.scatter(None, size, self.shape).to(ctx.device)
             penalty = nopeek_penalty(inputs, activation, privacy)
@@ -495,11 +496,12 @@ class _Party:
             self.segment.step()
         return loss
 
-    def _loss(self, labels: Batch) -> float:
+    def _loss(self, labels: Batch, step: int) -> float:
         """Party 0 holding the labels: the loss on the server's logits; its gradient goes
         back to the server through the cut hook."""
         logits, _ = recv_forward(self.ctx.transport, self.server, device=self.ctx.device)
-        loss = nn.functional.cross_entropy(logits, labels.labels.to(self.ctx.device))
+        loss = check_loss(nn.functional.cross_entropy(logits, labels.labels.to(self.ctx.device)),
+                          step)
         loss.backward()
         return float(loss.detach())
 
