@@ -227,22 +227,29 @@ def _summarize(
     """Gathers every rank's counters and final evaluations (raw buffers) onto rank 0."""
     comm, traffic = ctx.comm, ctx.transport.traffic
     size, root = comm.Get_size(), 0
+
+    def gather(request: MPI.Request) -> None:
+        """Rank 0 arrives last (it serves until every client is done), so only it waits
+        under the deadline; a rank that never arrives ends the job from there."""
+        ctx.transport.complete(request, "summary gather", deadline=ctx.me.rank == root)
+
     leakage = np.nan if result.leakage is None else result.leakage
     counters = np.array([result.steps, result.samples, traffic.total_sent,
                          traffic.total_received, wall, leakage], np.float64)
     all_counters = np.zeros((size, counters.size), np.float64) if ctx.me.rank == root else None
-    comm.Gather(counters, all_counters, root)
+    gather(comm.Igather(counters, all_counters, root))
     name = np.zeros(_NODE_BYTES, np.uint8)
     encoded = node.encode()[:_NODE_BYTES]
     name[:len(encoded)] = np.frombuffer(encoded, np.uint8)
     all_names = np.zeros((size, _NODE_BYTES), np.uint8) if ctx.me.rank == root else None
-    comm.Gather(name, all_names, root)
+    gather(comm.Igather(name, all_names, root))
     rows = np.array([[e.step, e.client, e.loss, e.accuracy, e.count, e.task]
                      for e in result.final_evals], np.float64).reshape(-1, _EVAL_COLUMNS)
     counts = np.zeros(size, np.int64) if ctx.me.rank == root else None
-    comm.Gather(np.array([rows.size], np.int64), counts, root)
+    gather(comm.Igather(np.array([rows.size], np.int64), counts, root))
     gathered = np.zeros(int(counts.sum()) if counts is not None else 0, np.float64)
-    comm.Gatherv(rows.reshape(-1), [gathered, counts] if ctx.me.rank == root else None, root)
+    gather(comm.Igatherv(rows.reshape(-1), [gathered, counts] if ctx.me.rank == root else None,
+                         root))
     if ctx.me.rank != root:
         return None
     evals = gathered.reshape(-1, _EVAL_COLUMNS)

@@ -299,6 +299,17 @@ class Transport:
         blocking ``Barrier`` would hang on a stalled rank)."""
         self._wait_request(self._headers.Ibarrier(), ANY_SOURCE, Kind.CONTROL, "synchronise")
 
+    def complete(self, request: MPI.Request, what: str, *, deadline: bool = True) -> None:
+        """Completes a nonblocking collective, under the deadline unless ``deadline=False``
+        (a blocking collective would hang every rank on one stalled rank)."""
+        def timed_out() -> PeerTimeout:
+            return PeerTimeout(f"rank {self.rank} ({self.roles[self.rank]}) waited "
+                               f"{self.timeout_s:g} s in the {what}: not every rank arrived "
+                               f"(transport.timeout_s)")
+
+        poll(lambda: True if request.Test() else None, self.timeout_s if deadline else None,
+             timed_out)
+
     def _wait_request(self, requests: MPI.Request | list[MPI.Request], peer: int, kind: Kind,
                       what: str) -> None:
         pending = requests if isinstance(requests, list) else [requests]

@@ -79,9 +79,10 @@ def test_diverging_loss_stops_at_its_step(config: str, dataset, tmp_path: Path) 
     assert not (tmp_path / "summary.json").exists()
 
 
-def _start_long_run(dataset, run_dir: Path, *extra: str) -> subprocess.Popen:
-    data = dataset("breast_cancer", clients=3)
-    command = [mpiexec(), "-n", "4", sys.executable, "-m", "mpisplit", "train", CONFIG,
+def _start_long_run(dataset, run_dir: Path, *extra: str, config: str = CONFIG,
+                    partition: str | None = None) -> subprocess.Popen:
+    data = dataset("breast_cancer", clients=3, **({"partition": partition} if partition else {}))
+    command = [mpiexec(), "-n", "4", sys.executable, "-m", "mpisplit", "train", config,
                f"data.path={data}", f"run.dir={run_dir}", "run.progress=none",
                "train.epochs=500", "run.log_every=1", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -122,6 +123,26 @@ def test_killed_or_stalled_client_ends_the_job(signal_name: str, dataset, tmp_pa
     if signal_name == "SIGSTOP":
         assert "rank 0 (server)" in stderr and "failed: PeerTimeout" in stderr, stderr[-1500:]
         assert "with rank 2 (client)" in stderr  # the silent one, named
+
+
+def test_stalled_party_ends_a_vertical_job(dataset, tmp_path: Path) -> None:
+    """Vertical steps are collectives: the others wait for the stalled party under the
+    deadline instead of blocking in MPI, and the job ends."""
+    process = _start_long_run(dataset, tmp_path, "transport.timeout_s=3",
+                              config="configs/vertical-breast-cancer.yaml", partition="vertical")
+    try:
+        pid = _pid_once_training(tmp_path, 2, process)
+        os.kill(pid, signal.SIGSTOP)
+        start = time.monotonic()
+        _, stderr = process.communicate(timeout=LIMIT_S)
+        elapsed = time.monotonic() - start
+    finally:
+        process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert process.returncode != 0
+    assert elapsed < LIMIT_S
+    assert "failed: PeerTimeout" in stderr and "in the cut exchange" in stderr, stderr[-1500:]
 
 
 def test_preemption_signal_stops_every_rank_cleanly(dataset, tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ def exchange_step_plans(ctx: RankContext, steps: int, epoch_length: int) -> np.n
     """Every rank's (planned steps, batches per epoch); raw-buffer Allgather, once per run."""
     mine = np.array([steps, epoch_length], np.int64)
     everyone = np.zeros((ctx.comm.Get_size(), 2), np.int64)
-    ctx.comm.Allgather(mine, everyone)
+    ctx.transport.complete(ctx.comm.Iallgather(mine, everyone), "exchange of step plans")
     return everyone
 
 
@@ -631,20 +631,22 @@ def client_comm(ctx: RankContext) -> MPI.Comm | None:
     return comm if is_client else None
 
 
-def sample_weight(comm: MPI.Comm, samples: int) -> float:
+def sample_weight(ctx: RankContext, comm: MPI.Comm, samples: int) -> float:
     """This member's share of all samples on ``comm``: its FedAvg weight."""
     total = np.array([samples], np.float64)
-    comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
+    ctx.transport.complete(comm.Iallreduce(MPI.IN_PLACE, total, op=MPI.SUM), "sample count sum")
     return samples / total[0]
 
 
-def average_parameters(comm: MPI.Comm, module: nn.Module, weight: float) -> None:
+def average_parameters(ctx: RankContext, comm: MPI.Comm, module: nn.Module, weight: float,
+                       plan: AveragingPlan) -> None:
     """Replaces the parameters by their ``weight``-ed sum over ``comm`` (one raw Allreduce)."""
     params = list(module.parameters())
     with torch.no_grad():
         flat = (torch.nn.utils.parameters_to_vector(params) * weight).to("cpu", torch.float64)
         buffer = flat.numpy()
-        comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+        ctx.transport.complete(comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM),
+                               "weight average", deadline=plan.lockstep)
         torch.nn.utils.vector_to_parameters(torch.from_numpy(buffer).to(params[0]), params)
 
 
@@ -657,11 +659,16 @@ class AveragingPlan:
     every: int
     common: int
     at_end: bool
+    lockstep: bool
+    """Every member has the same steps, so members reach each average together (it is
+    then waited for under the deadline; otherwise the ones that finish first wait for the
+    others' remaining steps)."""
 
     @classmethod
     def of(cls, steps: Sequence[int], every: int) -> AveragingPlan:
         common = min(steps)
-        return cls(every, common, max(steps) != common or common % every != 0)
+        return cls(every, common, max(steps) != common or common % every != 0,
+                   max(steps) == common)
 
     def due(self, step: int, last: int) -> int:
         """How many averages follow ``step`` for a member whose last step is ``last``."""

@@ -31,12 +31,12 @@ def run(ctx: RankContext) -> RankResult:
         plans = exchange_step_plans(ctx, steps, len(reader))
         segment = ctx.build_segment(0, steps, through=len(ctx.run.bounds) - 1)
         comm = client_comm(ctx)
-        weight = sample_weight(comm, reader.num_samples)
+        weight = sample_weight(ctx, comm, reader.num_samples)
         averaging = AveragingPlan.of(plans[:, 0].tolist(), cfg.scheme.fedavg_every)
 
         def after_step(step: int) -> None:
             for _ in range(averaging.due(step, steps)):
-                average_parameters(comm, segment.module, weight)
+                average_parameters(ctx, comm, segment.module, weight, averaging)
 
         samples = train_whole_model(ctx, segment, reader, tests, after_step)
         finals = [evaluate_locally(ctx, segment.module, tests, steps, 0)] if ctx.me.index == 0 \

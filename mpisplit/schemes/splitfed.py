@@ -44,7 +44,7 @@ def run(ctx: RankContext) -> RankResult:
 
     def after_step(segment: Segment, step: int) -> None:
         for _ in range(averaging.due(step, steps[ctx.me.index])):
-            average_parameters(comm, segment.module, weights[ctx.me.index])
+            average_parameters(ctx, comm, segment.module, weights[ctx.me.index], averaging)
 
     result = train_lower_client(ctx, ctx.topology.ranks(Role.SERVER)[0], after_step)
     comm.Free()

@@ -26,6 +26,7 @@ from mpisplit.schemes.common import (
     training_batches,
 )
 from mpisplit.segment import Segment
+from mpisplit.transport import Transport
 
 CUTS = None
 ALLOWED: frozenset = frozenset()
@@ -45,7 +46,7 @@ def run(ctx: RankContext) -> RankResult:
             size = 0 if batch is None else len(batch.labels)
             with ctx.tracer.span("step", step=step):
                 loss = _local_gradients(ctx, segment, batch, step)
-                _average_gradients(ctx.comm, segment.module, size)
+                _average_gradients(ctx.transport, ctx.comm, segment.module, size)
                 segment.step()
             samples += size
             finish_local_step(ctx, tests, segment.module, progress, step, rounds, loss)
@@ -67,13 +68,14 @@ def _local_gradients(ctx: RankContext, segment: Segment, batch: Batch | None,
     return float(loss.detach())
 
 
-def _average_gradients(comm: MPI.Comm, module: nn.Module, batch_size: int) -> None:
+def _average_gradients(transport: Transport, comm: MPI.Comm, module: nn.Module,
+                       batch_size: int) -> None:
     """Batch-size-weighted mean of every rank's gradients, in place (one raw Allreduce)."""
     params = list(module.parameters())
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads]).to("cpu", torch.float64) * batch_size
     buffer = np.append(flat.numpy(), float(batch_size))
-    comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+    transport.complete(comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM), "gradient average")
     mean = torch.from_numpy(buffer[:-1] / buffer[-1])
     offset = 0
     for param in params:

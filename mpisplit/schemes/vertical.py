@@ -315,11 +315,12 @@ class CutCollective:
         counts, displs = self._layout(batch)
         if activation is None:
             out = np.empty(int(counts.sum()), np.float32)
-            self.comm.Gatherv(np.empty(0, np.float32), [out, counts, displs, MPI.FLOAT], SERVER)
+            self._complete(self.comm.Igatherv(np.empty(0, np.float32),
+                                              [out, counts, displs, MPI.FLOAT], SERVER))
             self._count(self.traffic.recv_bytes, Kind.ACTIVATION, counts)
             return out
         sent = _host_floats(activation)
-        self.comm.Gatherv(sent, None, SERVER)
+        self._complete(self.comm.Igatherv(sent, None, SERVER))
         self.traffic.sent_bytes[self.server, Kind.ACTIVATION] += sent.nbytes
         return None
 
@@ -328,14 +329,18 @@ class CutCollective:
         """Server: sends each party its slice; party (None): returns its gradient."""
         counts, displs = self._layout(batch)
         if gradient is not None:
-            self.comm.Scatterv([np.ascontiguousarray(gradient, np.float32), counts, displs,
-                                MPI.FLOAT], np.empty(0, np.float32), SERVER)
+            self._complete(self.comm.Iscatterv(
+                [np.ascontiguousarray(gradient, np.float32), counts, displs, MPI.FLOAT],
+                np.empty(0, np.float32), SERVER))
             self._count(self.traffic.sent_bytes, Kind.GRADIENT, counts)
             return None
         out = np.empty(int(np.prod((batch, *shape))), np.float32)
-        self.comm.Scatterv(None, out, SERVER)
+        self._complete(self.comm.Iscatterv(None, out, SERVER))
         self.traffic.recv_bytes[self.server, Kind.GRADIENT] += out.nbytes
         return torch.from_numpy(out).view(batch, *shape)
+
+    def _complete(self, request: MPI.Request) -> None:
+        self.ctx.transport.complete(request, "cut exchange")
 
     def _count(self, table: np.ndarray, kind: Kind, counts: np.ndarray) -> None:
         for party, count in zip(self.parties, counts[1:], strict=True):
