@@ -298,7 +298,11 @@ def _holds_labels(ctx: RankContext) -> bool:
 
 class CutCollective:
     """Gatherv of the parties' cut outputs onto the server, Scatterv of the gradient slices
-    back, as raw float32 buffers; the bytes go into the transport's traffic counters."""
+    back, as raw float32 buffers; the bytes go into the transport's traffic counters.
+
+    Both are posted nonblocking and completed later (``Posted.wait``, under the deadline),
+    so a pipelined step can post every microbatch's exchange in the same order on every
+    rank, as collectives require, and compute while they travel."""
 
     def __init__(self, ctx: RankContext, comm: MPI.Comm, widths: Sequence[int]) -> None:
         self.ctx, self.comm, self.widths = ctx, comm, list(widths)
@@ -310,41 +314,55 @@ class CutCollective:
         counts = np.array([0] + [batch * w for w in self.widths], np.int64)
         return counts, np.concatenate([[0], np.cumsum(counts)[:-1]])
 
-    def gather(self, activation: torch.Tensor | None, batch: int) -> np.ndarray | None:
-        """Party: sends ``activation``; server (None): returns every party's, flat."""
+    def gather(self, activation: torch.Tensor | None, batch: int) -> Posted:
+        """Party: sends ``activation``; server (None): receives every party's, flat."""
         counts, displs = self._layout(batch)
         if activation is None:
             out = np.empty(int(counts.sum()), np.float32)
-            self._complete(self.comm.Igatherv(np.empty(0, np.float32),
-                                              [out, counts, displs, MPI.FLOAT], SERVER))
+            request = self.comm.Igatherv(np.empty(0, np.float32),
+                                         [out, counts, displs, MPI.FLOAT], SERVER)
             self._count(self.traffic.recv_bytes, Kind.ACTIVATION, counts)
-            return out
+            return Posted(self.ctx, request, out)
         sent = _host_floats(activation)
-        self._complete(self.comm.Igatherv(sent, None, SERVER))
         self.traffic.sent_bytes[self.server, Kind.ACTIVATION] += sent.nbytes
-        return None
+        return Posted(self.ctx, self.comm.Igatherv(sent, None, SERVER), sent)
 
     def scatter(self, gradient: np.ndarray | None, batch: int,
-                shape: Sequence[int] = ()) -> torch.Tensor | None:
-        """Server: sends each party its slice; party (None): returns its gradient."""
+                shape: Sequence[int] = ()) -> Posted:
+        """Server: sends each party its slice; party (None): receives its gradient."""
         counts, displs = self._layout(batch)
         if gradient is not None:
-            self._complete(self.comm.Iscatterv(
-                [np.ascontiguousarray(gradient, np.float32), counts, displs, MPI.FLOAT],
-                np.empty(0, np.float32), SERVER))
+            sent = np.ascontiguousarray(gradient, np.float32)
+            request = self.comm.Iscatterv([sent, counts, displs, MPI.FLOAT],
+                                          np.empty(0, np.float32), SERVER)
             self._count(self.traffic.sent_bytes, Kind.GRADIENT, counts)
-            return None
+            return Posted(self.ctx, request, sent)
         out = np.empty(int(np.prod((batch, *shape))), np.float32)
-        self._complete(self.comm.Iscatterv(None, out, SERVER))
         self.traffic.recv_bytes[self.server, Kind.GRADIENT] += out.nbytes
-        return torch.from_numpy(out).view(batch, *shape)
-
-    def _complete(self, request: MPI.Request) -> None:
-        self.ctx.transport.complete(request, "cut exchange")
+        return Posted(self.ctx, self.comm.Iscatterv(None, out, SERVER), out)
 
     def _count(self, table: np.ndarray, kind: Kind, counts: np.ndarray) -> None:
         for party, count in zip(self.parties, counts[1:], strict=True):
             table[party, kind] += int(count) * 4
+
+
+@dataclass
+class Posted:
+    """A posted cut collective and its buffer (which must live until it completes)."""
+
+    ctx: RankContext
+    request: MPI.Request
+    buffer: np.ndarray
+
+    def wait(self) -> np.ndarray:
+        self.ctx.transport.complete(self.request, "cut exchange")
+        return self.buffer
+
+
+def microbatch_sizes(batch: int, count: int) -> list[int]:
+    """How a batch of ``batch`` rows splits into (up to) ``count`` microbatches; every rank
+    derives the same split from the batch size alone."""
+    return [len(part) for part in torch.arange(batch).tensor_split(count) if len(part)]
 
 
 def _host_floats(tensor: torch.Tensor) -> np.ndarray:
@@ -434,8 +452,9 @@ class _Server:
         self.generators: list[torch.Generator] = []
         self.party0 = ctx.topology.ranks(Role.CLIENT)[0]
 
-    def _joined(self, size: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = torch.from_numpy(self.cut.gather(None, size)).to(self.ctx.device)
+    def _joined(self, flat: np.ndarray, size: int,
+                train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = torch.from_numpy(flat).to(self.ctx.device)
         flat.requires_grad_(train)
         pieces = flat.split([size * w for w in self.layout.widths])
         parts = [p.view(size, *shape) for p, shape in zip(pieces, self.layout.cut_shapes,
@@ -444,25 +463,36 @@ class _Server:
 
     def train_step(self, step: int, size: int, features: Batch | None,
                    labels: Batch | None) -> float | None:
+        """Microbatch by microbatch as the parties' cut outputs arrive; each gradient slice
+        goes back as soon as it is ready, and the update comes once, after the last."""
         ctx = self.ctx
-        with ctx.tracer.span("forward", step=step):
-            flat, joined = self._joined(size, train=True)
-            logits = self.segment.module(joined)
-            if labels is not None:
-                target = labels.labels.to(ctx.device)
-                loss = check_loss(nn.functional.cross_entropy(logits, target), step)
-            else:
-                loss = send_forward(logits, ctx.transport, self.party0, step)
-        with ctx.tracer.span("backward", step=step):
-            loss.backward()
-            self.cut.scatter(flat.grad.cpu().numpy(), size)
+        sizes = microbatch_sizes(size, ctx.config.transport.microbatches)
+        gathers = [self.cut.gather(None, n) for n in sizes]
+        targets = labels.labels.to(ctx.device).split(sizes) if labels is not None else None
+        scatters, total = [], 0.0
+        for index, (n, gathered) in enumerate(zip(sizes, gathers, strict=True)):
+            with ctx.tracer.span("forward", step=step, microbatch=index):
+                flat, joined = self._joined(gathered.wait(), n, train=True)
+                logits = self.segment.module(joined)
+                if targets is not None:
+                    loss = check_loss(nn.functional.cross_entropy(logits, targets[index]),
+                                      step) * (n / size)
+                    total += float(loss.detach())
+                else:
+                    loss = send_forward(logits, ctx.transport, self.party0, step, aux=size,
+                                        microbatch=index)
+            with ctx.tracer.span("backward", step=step, microbatch=index):
+                loss.backward()
+                scatters.append(self.cut.scatter(flat.grad.cpu().numpy(), n))
+        for scattered in scatters:
+            scattered.wait()
         with ctx.tracer.span("optimizer", step=step):
             self.segment.step()
-        return float(loss.detach()) if labels is not None else None
+        return total if labels is not None else None
 
     def eval_batch(self, step: int, size: int, features: Batch | None, labels: Batch | None,
                    tally: EvalTally) -> None:
-        _, joined = self._joined(size, train=False)
+        _, joined = self._joined(self.cut.gather(None, size).wait(), size, train=False)
         logits = self.segment.module(joined)
         if labels is not None:
             tally.add(logits, labels.labels.to(self.ctx.device))
@@ -484,36 +514,47 @@ class _Party:
 
     def train_step(self, step: int, size: int, features: Batch | None,
                    labels: Batch | None) -> float | None:
+        """Forwards every microbatch, posting its cut output as soon as it exists, then
+        back-propagates each gradient slice as it arrives; one update after the last."""
         ctx, privacy = self.ctx, self.ctx.config.privacy
-        with ctx.tracer.span("forward", step=step):
-            inputs = features.features.to(ctx.device)
-            activation = self.segment.module(inputs)
-            sent = protect(activation, privacy, self.noise)
-            self.cut.gather(sent, size)
-        loss = self._loss(labels, step) if labels is not None else None
-        with ctx.tracer.span("backward", step=step):
-            gradient = self.cut.scatter(None, size, self.shape).to(ctx.device)
-            penalty = nopeek_penalty(inputs, activation, privacy)
-            outputs = [sent] + ([penalty] if penalty is not None else [])
-            grads = [gradient] + ([None] if penalty is not None else [])
-            torch.autograd.backward(outputs, grads)
+        sizes = microbatch_sizes(size, ctx.config.transport.microbatches)
+        forwards = []
+        for index, inputs in enumerate(features.features.to(ctx.device).split(sizes)):
+            with ctx.tracer.span("forward", step=step, microbatch=index):
+                activation = self.segment.module(inputs)
+                sent = protect(activation, privacy, self.noise)
+                forwards.append((inputs, activation, sent, self.cut.gather(sent, len(inputs))))
+        scatters = [self.cut.scatter(None, n, self.shape) for n in sizes]
+        targets = labels.labels.split(sizes) if labels is not None else None
+        total = 0.0
+        for index, ((inputs, activation, sent, gathered), scattered) in enumerate(
+                zip(forwards, scatters, strict=True)):
+            if targets is not None:
+                total += self._loss(targets[index], step, len(inputs) / size)
+            with ctx.tracer.span("backward", step=step, microbatch=index):
+                gathered.wait()
+                gradient = torch.from_numpy(scattered.wait()).view(len(inputs), *self.shape)
+                penalty = nopeek_penalty(inputs, activation, privacy)
+                outputs = [sent] + ([penalty] if penalty is not None else [])
+                grads = [gradient.to(ctx.device)] + ([None] if penalty is not None else [])
+                torch.autograd.backward(outputs, grads)
         with ctx.tracer.span("optimizer", step=step):
             self.segment.step()
-        return loss
+        return total if targets is not None else None
 
-    def _loss(self, labels: Batch, step: int) -> float:
-        """Party 0 holding the labels: the loss on the server's logits; its gradient goes
-        back to the server through the cut hook."""
+    def _loss(self, labels: torch.Tensor, step: int, share: float) -> float:
+        """Party 0 holding the labels: the loss on the server's logits (weighted by the
+        microbatch's share of the batch); its gradient goes back through the cut hook."""
         logits, _ = recv_forward(self.ctx.transport, self.server, device=self.ctx.device)
-        loss = check_loss(nn.functional.cross_entropy(logits, labels.labels.to(self.ctx.device)),
-                          step)
+        loss = check_loss(nn.functional.cross_entropy(logits, labels.to(self.ctx.device)),
+                          step) * share
         loss.backward()
         return float(loss.detach())
 
     def eval_batch(self, step: int, size: int, features: Batch | None, labels: Batch | None,
                    tally: EvalTally) -> None:
         activation = self.segment.module(features.features.to(self.ctx.device))
-        self.cut.gather(protect(activation, self.ctx.config.privacy, self.noise), size)
+        self.cut.gather(protect(activation, self.ctx.config.privacy, self.noise), size).wait()
         if labels is not None:
             logits, _ = recv_forward(self.ctx.transport, self.server, device=self.ctx.device,
                                      train=False)
