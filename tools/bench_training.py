@@ -120,6 +120,30 @@ def pipeline(args: argparse.Namespace) -> list[dict]:
 
 
 @benchmark
+def vertical(args: argparse.Namespace) -> list[dict]:
+    """Step time of vertical split learning (digits' two feature groups at two parties, the
+    balanced MLP; 3 ranks) at M = 1, 4, 8: the pipelined Gatherv/Scatterv exchange."""
+    data = args.work / "digits-vertical-2c"
+    if not (data / "meta.json").exists():
+        subprocess.run([sys.executable, "-m", "mpisplit", "data", "prepare", "--dataset",
+                        "digits", "--partition", "vertical", "--clients", "2", "--out",
+                        str(data)], check=True, capture_output=True, timeout=600)
+    steps = ["train.max_steps=40", "data.batch_size=512", "train.epochs=100"]
+
+    def run(m: int) -> Callable[[Path], float]:
+        def once(run_dir: Path) -> float:
+            train(3, data, run_dir, [*steps, f"transport.microbatches={m}"],
+                  scheme="vertical", clients=2)
+            return steady_step_s(run_dir)
+        return once
+
+    stats = repeated(args, {f"M={m}": run(m) for m in (1, 4, 8)})
+    base = stats["M=1"]["median"]
+    return [{"microbatches": m, "step_s": stats[f"M={m}"]["median"],
+             "speedup_vs_M1": base / stats[f"M={m}"]["median"]} for m in (1, 4, 8)]
+
+
+@benchmark
 def split(args: argparse.Namespace) -> list[dict]:
     """Samples/s of pipelined split training (2 ranks, 1 thread each) vs one process with
     the same model and 2 threads."""
