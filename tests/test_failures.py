@@ -103,14 +103,13 @@ def _pid_once_training(run_dir: Path, rank: int, process: subprocess.Popen) -> i
     raise AssertionError(f"rank {rank} never started training: {process.communicate()[1][-2000:]}")
 
 
-@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGSTOP"])
-def test_killed_or_stalled_client_ends_the_job(signal_name: str, dataset, tmp_path: Path) -> None:
-    """SIGKILL: the launcher takes the job down. SIGSTOP (a stall): the server's deadline
-    fires, names the silent peer, and the abort takes every rank down."""
-    process = _start_long_run(dataset, tmp_path, "transport.timeout_s=3")
+def _signal_rank_2_and_wait_for_the_end(process: subprocess.Popen, run_dir: Path,
+                                        signum: int) -> str:
+    """Sends ``signum`` to rank 2 once it trains; the job must fail within ``LIMIT_S``.
+    Returns its stderr."""
+    pid = _pid_once_training(run_dir, 2, process)
     try:
-        pid = _pid_once_training(tmp_path, 2, process)
-        os.kill(pid, getattr(signal, signal_name))
+        os.kill(pid, signum)
         start = time.monotonic()
         _, stderr = process.communicate(timeout=LIMIT_S)
         elapsed = time.monotonic() - start
@@ -120,6 +119,15 @@ def test_killed_or_stalled_client_ends_the_job(signal_name: str, dataset, tmp_pa
             os.kill(pid, signal.SIGKILL)
     assert process.returncode != 0
     assert elapsed < LIMIT_S
+    return stderr
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGSTOP"])
+def test_killed_or_stalled_client_ends_the_job(signal_name: str, dataset, tmp_path: Path) -> None:
+    """SIGKILL: the launcher takes the job down. SIGSTOP (a stall): the server's deadline
+    fires, names the silent peer, and the abort takes every rank down."""
+    process = _start_long_run(dataset, tmp_path, "transport.timeout_s=3")
+    stderr = _signal_rank_2_and_wait_for_the_end(process, tmp_path, getattr(signal, signal_name))
     if signal_name == "SIGSTOP":
         assert "rank 0 (server)" in stderr and "failed: PeerTimeout" in stderr, stderr[-1500:]
         assert "with rank 2 (client)" in stderr  # the silent one, named
@@ -130,18 +138,7 @@ def test_stalled_party_ends_a_vertical_job(dataset, tmp_path: Path) -> None:
     deadline instead of blocking in MPI, and the job ends."""
     process = _start_long_run(dataset, tmp_path, "transport.timeout_s=3",
                               config="configs/vertical-breast-cancer.yaml", partition="vertical")
-    try:
-        pid = _pid_once_training(tmp_path, 2, process)
-        os.kill(pid, signal.SIGSTOP)
-        start = time.monotonic()
-        _, stderr = process.communicate(timeout=LIMIT_S)
-        elapsed = time.monotonic() - start
-    finally:
-        process.kill()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    assert process.returncode != 0
-    assert elapsed < LIMIT_S
+    stderr = _signal_rank_2_and_wait_for_the_end(process, tmp_path, signal.SIGSTOP)
     assert "failed: PeerTimeout" in stderr and "in the cut exchange" in stderr, stderr[-1500:]
 
 
