@@ -22,7 +22,8 @@
 #   MPISPLIT_GPU_BIND   local (default): a rank that sees several GPUs in CUDA_VISIBLE_DEVICES
 #                       keeps the one at index (local rank mod count); none: leave as is
 #   MPISPLIT_REQUEUE    1 (default): after the pre-emption signal (USR1) has been forwarded
-#                       and the job step has ended, requeue this job (`scontrol requeue`)
+#                       and the job step has ended unfinished, requeue this job (`scontrol
+#                       requeue`); the requeued run resumes from its last checkpoint
 #   MPISPLIT_SHM_CLEANUP 1 (default): on a restart, remove our stale /dev/shm/mpich_* segments
 #   OMP_NUM_THREADS     default: SLURM_CPUS_PER_TASK, else 1
 
@@ -200,7 +201,9 @@ mpisplit_launch() {
   wait "$_MPISPLIT_STEP_PID" 2>/dev/null
   rc=$?
   trap - USR1 TERM
-  if [ "$_MPISPLIT_SIGNALLED" = USR1 ] && [ "${MPISPLIT_REQUEUE:-1}" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  if [ "$_MPISPLIT_SIGNALLED" = USR1 ] && [ "$rc" = 0 ]; then
+    _mpisplit_log "pre-emption warning (USR1), but the run finished first; not requeued"
+  elif [ "$_MPISPLIT_SIGNALLED" = USR1 ] && [ "${MPISPLIT_REQUEUE:-1}" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
     _mpisplit_log "pre-empted (USR1); job step ended with status $rc; requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" || _mpisplit_log "scontrol requeue failed"
     sleep 30 &   # the requeue ends this script; do not report a status before it does
