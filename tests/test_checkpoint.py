@@ -32,8 +32,8 @@ SCHEMES = {
                  "privacy.noise_std=0.1", "transport.microbatches=2")),
     "ushaped": ("configs/ushaped-breast-cancer.yaml", 3, ("scheme.client_order=sequential",)),
     "vertical": ("configs/vertical-breast-cancer.yaml", 3, ()),
-    "splitfed": ("configs/splitfed-breast-cancer.yaml", 3,
-                 ("scheme.splitfed_variant=v2", "scheme.fedavg_every=5")),
+    "splitfed": ("configs/splitfed-breast-cancer.yaml", 3,  # 10 rounds an epoch: 12 epochs
+                 ("scheme.splitfed_variant=v2", "scheme.fedavg_every=5", "train.epochs=12")),
 }
 EVERY = 10
 NONE = SimpleNamespace(step=0)

@@ -232,7 +232,7 @@ EXTENDED = """
         # for it is unreliable), so the buffer matches the message exactly
         comm.Isendrecv(B(9), dest=0, sendtag=16, recvbuf=B(6), source=0, recvtag=16).Wait()
         t = comm.Irecv(B(64), source=MPI.ANY_SOURCE, tag=17)
-        while MPI.Request.Testsome([t]) is None:
+        while not MPI.Request.Testsome([t]):            # [] until it completes
             pass
         w = comm.Irecv(B(64), source=0, tag=18)
         assert MPI.Request.Waitany([w]) == 0
