@@ -102,19 +102,24 @@ class PendingSend:
     """A nonblocking send in flight: holds its buffers until ``wait`` completes it."""
 
     def __init__(self, transport: Transport, requests: list[MPI.Request], buffers: tuple,
-                 dest: int, kind: Kind) -> None:
+                 dest: int, kind: Kind, *, progressed: bool) -> None:
         self._transport = transport
         self._requests = requests
         self._buffers = buffers
         self._dest = dest
         self._kind = kind
+        self._progressed = progressed
+        """Counted by the progress thread (a nonblocking send), so ``wait`` must uncount it."""
+        if progressed:
+            transport._progress.started()
 
     def wait(self) -> None:
         if self._requests:
             with self._transport._span("wait", self._kind, self._dest):
                 self._transport._wait_request(self._requests, self._dest, self._kind, "send")
             self._requests, self._buffers = [], ()
-            self._transport._progress.finished()
+            if self._progressed:
+                self._transport._progress.finished()
 
 
 class Traffic:
@@ -224,9 +229,8 @@ class Transport:
             requests.append(self._payloads.Isend(payload, dest, kind))
         self.traffic.sent_bytes[dest, kind] += HEADER_BYTES + nbytes
         self.traffic.sent_messages[dest, kind] += len(requests)
-        if scratch is None:
-            self._progress.started()
-        return PendingSend(self, requests, (message, payload), dest, kind)
+        return PendingSend(self, requests, (message, payload), dest, kind,
+                           progressed=scratch is None)
 
     def recv(self, kind: Kind, source: int = ANY_SOURCE, *, deadline: bool = True,
              out: torch.Tensor | None = None, senders: Sequence[int] = ()) -> Message:

@@ -155,6 +155,23 @@ def test_nothing_is_pickled(comm: MPI.Comm) -> None:
     assert "str" in calls or comm.rank != 0
 
 
+def test_blocking_send_does_not_uncount_a_pending_isend(comm: MPI.Comm) -> None:
+    """The progress thread keeps driving an isend in flight while a blocking send to the
+    same peer starts and completes in between."""
+    transport = make_transport(comm)
+    if comm.rank == 0:
+        pending = transport.isend(torch.ones(4), 1, Kind.ACTIVATION)
+        transport.send(torch.ones(2), 1, Kind.LABELS)
+        if transport._progress.enabled:
+            assert transport._progress._pending == 1
+        pending.wait()
+        assert transport._progress._pending == 0
+    elif comm.rank == 1:
+        transport.recv(Kind.ACTIVATION, 0)
+        transport.recv(Kind.LABELS, 0)
+    transport.close()
+
+
 def test_message_over_two_gib(comm: MPI.Comm) -> None:
     """Counts beyond 2**31 bytes travel in one message (MPI-4 large counts via mpi4py)."""
     transport = make_transport(comm, timeout_s=120.0)
