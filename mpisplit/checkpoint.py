@@ -56,11 +56,12 @@ class Manifest:
     step: int
     scheme: str
     roles: list[str]
+    settings: dict[str, Any]
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
         data = json.loads((path / MANIFEST).read_text())
-        return cls(path, data["step"], data["scheme"], data["roles"])
+        return cls(path, data["step"], data["scheme"], data["roles"], data["settings"])
 
     def rank_file(self, rank: int) -> Path:
         return self.path / f"rank-{rank:05d}.pt"
@@ -71,6 +72,16 @@ def latest_committed(directory: Path) -> Manifest | None:
     committed = sorted((int(m.group(1)), d) for d in directory.glob("step-*")
                        if (m := _STEP_DIR.search(d.name)) and (d / MANIFEST).is_file())
     return Manifest.read(committed[-1][1]) if committed else None
+
+
+def resume_settings(cfg: Config) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint: they fix the step plan,
+    the data order and every update (paths, logging and the transport may change)."""
+    plain = cfg.to_dict()
+    settings = {f"{section}.{key}": value for section in ("scheme", "model", "train", "privacy")
+                for key, value in plain[section].items()}
+    settings |= {f"data.{key}": plain["data"][key] for key in ("batch_size", "shuffle")}
+    return json.loads(json.dumps(settings))
 
 
 def find_resume_point(cfg: Config, topology: Topology, resume: bool) -> Manifest | None:
@@ -92,7 +103,26 @@ def find_resume_point(cfg: Config, topology: Topology, resume: bool) -> Manifest
             f"--resume: the checkpoint at step {found.step} in {directory} was written by a "
             f"{len(found.roles)}-rank {found.scheme} run ({', '.join(found.roles)}); this run "
             f"is a {len(roles)}-rank {cfg.scheme.name} run ({', '.join(roles)})")
+    changed = sorted(key for key, value in resume_settings(cfg).items()
+                     if found.settings.get(key) != value)
+    if changed:
+        raise ConfigError(
+            f"--resume: {', '.join(changed)} differ from the checkpoint at step {found.step} "
+            f"(was {', '.join(repr(found.settings.get(key)) for key in changed)})")
     return found
+
+
+def check_same_resume_point(comm: MPI.Comm, resume: Manifest | None) -> None:
+    """Every rank must resume from the same checkpoint (a filesystem whose ranks see
+    different directory contents would otherwise split the run). One raw Allgather."""
+    mine = np.array([resume.step if resume else -1], np.int64)
+    everyone = np.zeros(comm.Get_size(), np.int64)
+    comm.Allgather(mine, everyone)
+    if len(set(everyone.tolist())) > 1:
+        seen = ", ".join(f"rank {r}: {'none' if s < 0 else f'step {s}'}"
+                         for r, s in enumerate(everyone.tolist()))
+        raise ConfigError(f"--resume: the ranks see different checkpoints ({seen}); is the "
+                          f"checkpoint directory on a filesystem every node sees alike?")
 
 
 def pack(segments: Sequence[Segment], generators: Sequence[torch.Generator] = (),
@@ -127,10 +157,12 @@ class Checkpointer:
         self._timeout_s = cfg.transport.timeout_s
         self._dir = checkpoint_dir(cfg)
         self._manifest = {"scheme": cfg.scheme.name,
-                          "roles": [p.label for p in topology.placements]}
+                          "roles": [p.label for p in topology.placements],
+                          "settings": resume_settings(cfg)}
         self._resume = resume
         self._last_write = time.monotonic()
         self._stop_signal = 0
+        self._step, self._until = 0, None
 
     @property
     def enabled(self) -> bool:
@@ -141,8 +173,11 @@ class Checkpointer:
         return self._resume.step if self._resume else 0
 
     def request_stop(self, signum: int) -> None:
-        """Signal handler side: stop after the next checkpoint (safe at any point)."""
+        """Signal handler side: stop after the next checkpoint, or at once (like a run
+        without checkpoints) when no meeting is left."""
         self._stop_signal = signum
+        if self._until is not None and self._step + self._every >= self._until:
+            raise Preempted(signum)
 
     def restore(self) -> dict[str, Any] | None:
         """This rank's saved state (None on a fresh run); also restores torch's RNG."""
@@ -154,6 +189,9 @@ class Checkpointer:
         except (OSError, RuntimeError, EOFError) as err:
             raise ConfigError(f"--resume: cannot read {path}: {err}") from None
         torch.set_rng_state(state.pop("torch_rng"))
+        cuda_rng = state.pop("cuda_rng")
+        if cuda_rng:
+            torch.cuda.set_rng_state_all(cuda_rng)
         return state
 
     def points(self, first: int, last: int, until: int) -> list[int]:
@@ -172,6 +210,7 @@ class Checkpointer:
         last step every rank reaches); ``idle`` ranks wait for the others without a deadline.
         Raises ``Preempted`` after the commit when any rank got a pre-emption signal.
         """
+        self._step, self._until = step, until
         if not self._every or step % self._every or step >= until or step <= self.resume_step:
             return
         skip = self._rank == 0 and self._every_s > 0 \
@@ -185,6 +224,7 @@ class Checkpointer:
             if self._rank == 0:
                 self._commit(step)
         if stop_signal:
+            self._wait(self._comm.Ibarrier(), step, idle)  # the commit is on disk
             raise Preempted(stop_signal, checkpoint=step)
 
     def meet_before_exit(self, grace_s: float) -> None:
@@ -214,7 +254,9 @@ class Checkpointer:
         target = directory / f"rank-{self._rank:05d}.pt"
         tmp = target.with_name(f".{target.name}.tmp")
         with open(tmp, "wb") as out:
-            torch.save({**state, "step": step, "torch_rng": torch.get_rng_state()}, out)
+            cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+            torch.save({**state, "step": step, "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": cuda_rng}, out)
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(target)

@@ -86,6 +86,7 @@ def _train(args: argparse.Namespace) -> int:
     from mpi4py import MPI
 
     from mpisplit import engine
+    from mpisplit.checkpoint import check_same_resume_point
     from mpisplit.data import DataError
     from mpisplit.failure import EXIT_PREEMPTED, Preempted, abort_on_failure
 
@@ -93,6 +94,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.overrides)
         run = engine.prepare(config, comm.Get_size(), resume=_resuming(args, config))
+        check_same_resume_point(comm, run.resume)
     except (ConfigError, DataError) as err:
         return _bad_input(err, comm.Get_rank())
     label = run.topology.of(comm.Get_rank()).label

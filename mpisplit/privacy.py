@@ -9,6 +9,7 @@ the leakage figure in the run summary (0: independent, 1: one determines the oth
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mpisplit.config import PrivacyConfig
@@ -42,6 +43,23 @@ def protect(activation: torch.Tensor, cfg: PrivacyConfig,
         noise = torch.randn(activation.shape, generator=generator, dtype=activation.dtype)
         activation = activation + cfg.noise_std * noise.to(activation.device)
     return activation
+
+
+class EvaluationNoise:
+    """The noise generator of evaluation passes, reseeded from (seed, sender, step) at each
+    one: evaluations never advance the training noise, and a resumed run draws the same."""
+
+    def __init__(self, seed: int, sender: int) -> None:
+        self._seed, self._sender = seed, sender
+        self._step: int | None = None
+        self._generator = torch.Generator()
+
+    def at(self, step: int) -> torch.Generator:
+        if step != self._step:
+            entropy = np.random.SeedSequence([self._seed, self._sender, step])
+            self._generator.manual_seed(int(entropy.generate_state(1, np.uint64)[0] >> 1))
+            self._step = step
+        return self._generator
 
 
 def nopeek_penalty(inputs: torch.Tensor, activation: torch.Tensor,

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mpisplit.checkpoint import MANIFEST, find_resume_point, latest_committed
+from mpisplit.checkpoint import MANIFEST, find_resume_point, latest_committed, resume_settings
 from mpisplit.config import ConfigError, load_config
 from mpisplit.topology import plan
 from tests.conftest import ROOT, mpiexec, run_mpi
@@ -29,7 +29,7 @@ QUICK = ("run.progress=none", "run.log_every=1", "train.epochs=4")
 SCHEMES = {
     "vanilla": ("configs/vanilla-sequential-breast-cancer.yaml", 3,
                 ("train.optimizer=adam", "train.lr=0.001", "train.schedule=cosine",
-                 "privacy.noise_std=0.1", "transport.microbatches=2")),
+                 "privacy.noise_std=0.1", "transport.microbatches=2", "train.eval_every=10")),
     "ushaped": ("configs/ushaped-breast-cancer.yaml", 3, ("scheme.client_order=sequential",)),
     "vertical": ("configs/vertical-breast-cancer.yaml", 3, ()),
     "splitfed": ("configs/splitfed-breast-cancer.yaml", 3,  # 10 rounds an epoch: 12 epochs
@@ -184,17 +184,23 @@ def _config(tmp_path: Path, *extra: str):
                        [f"run.dir={tmp_path}", *extra])
 
 
-def test_resume_without_a_checkpoint_and_fresh_run_over_one_are_refused(tmp_path: Path) -> None:
+def test_resume_without_a_checkpoint_or_with_other_settings_is_refused(tmp_path: Path) -> None:
+    """So is a fresh run over committed checkpoints."""
     cfg = _config(tmp_path, "checkpoint.every_steps=5")
     with pytest.raises(ConfigError, match="--resume: no committed checkpoint in"):
         find_resume_point(cfg, plan(cfg), resume=True)
     committed = tmp_path / "checkpoints" / "step-00000005"
     committed.mkdir(parents=True)
     (committed / MANIFEST).write_text(json.dumps(
-        {"step": 5, "scheme": "vanilla", "roles": ["server", "client0", "client1", "client2"]}))
+        {"step": 5, "scheme": "vanilla", "roles": ["server", "client0", "client1", "client2"],
+         "settings": resume_settings(cfg)}))
     with pytest.raises(ConfigError, match="already holds a committed checkpoint .step 5."):
         find_resume_point(cfg, plan(cfg), resume=False)
     assert find_resume_point(cfg, plan(cfg), resume=True).step == 5
+    changed = _config(tmp_path, "checkpoint.every_steps=5", "train.lr=0.5", "data.batch_size=8")
+    with pytest.raises(ConfigError, match=r"--resume: data.batch_size, train.lr differ from the "
+                                          r"checkpoint at step 5 \(was 16, 0.05\)"):
+        find_resume_point(changed, plan(changed), resume=True)
 
 
 def test_checkpoints_need_a_deterministic_step_order(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from mpisplit.cut import recv_forward, send_eval, send_forward
 from mpisplit.data import Batch, ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
-from mpisplit.privacy import distance_correlation, nopeek_penalty, protect
+from mpisplit.privacy import EvaluationNoise, distance_correlation, nopeek_penalty, protect
 from mpisplit.runlog import Progress
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
@@ -121,6 +121,7 @@ class CutSender:
         self.ctx = ctx
         self.privacy = ctx.config.privacy
         self.noise = torch.Generator().manual_seed(self.privacy.seed + ctx.me.index)
+        self.eval_noise = EvaluationNoise(self.privacy.seed, ctx.me.index)
         self.leakage: float | None = None
         self._sample: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._sampled = 0
@@ -151,7 +152,7 @@ class CutSender:
         """Sends a forward-only activation (defended like training traffic); in the final
         evaluation, keeps the first ``LEAKAGE_SAMPLES`` (input, sent) pairs for the leakage
         measure, so memory does not grow with the test set."""
-        sent = protect(activation, self.privacy, self.noise)
+        sent = protect(activation, self.privacy, self.eval_noise.at(step))
         send_eval(sent, self.ctx.transport, dest, step)
         if final and self._sampled < self.LEAKAGE_SAMPLES:
             keep = self.LEAKAGE_SAMPLES - self._sampled

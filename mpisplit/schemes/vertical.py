@@ -45,7 +45,7 @@ from mpisplit.data import Batch, ShardReader, align_rows, intersect_ids, read_id
 from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
 from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan
-from mpisplit.privacy import nopeek_penalty, protect
+from mpisplit.privacy import EvaluationNoise, nopeek_penalty, protect
 from mpisplit.schemes.common import (
     EvalTally,
     evaluating,
@@ -510,6 +510,7 @@ class _Party:
         self.shape = layout.cut_shapes[party]
         self.server = ctx.topology.ranks(Role.SERVER)[0]
         self.noise = torch.Generator().manual_seed(ctx.config.privacy.seed + party)
+        self.eval_noise = EvaluationNoise(ctx.config.privacy.seed, party)
         self.generators = [self.noise]
 
     def train_step(self, step: int, size: int, features: Batch | None,
@@ -554,7 +555,8 @@ class _Party:
     def eval_batch(self, step: int, size: int, features: Batch | None, labels: Batch | None,
                    tally: EvalTally) -> None:
         activation = self.segment.module(features.features.to(self.ctx.device))
-        self.cut.gather(protect(activation, self.ctx.config.privacy, self.noise), size).wait()
+        sent = protect(activation, self.ctx.config.privacy, self.eval_noise.at(step))
+        self.cut.gather(sent, size).wait()
         if labels is not None:
             logits, _ = recv_forward(self.ctx.transport, self.server, device=self.ctx.device,
                                      train=False)
