@@ -90,6 +90,13 @@ def _resumed_at(run_dir: Path, rank: int = 0) -> list[int]:
             if record.get("event") == "resumed"]
 
 
+def _steps_evaluated_after_resume(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics-rank0.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    start = max(i for i, r in enumerate(records) if r.get("event") == "resumed")
+    return [r["step"] for r in records[start:] if r.get("event") == "eval"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(dataset, tmp_path_factory) -> dict[str, Path]:
     """One uninterrupted run per scheme, the reference for the resumed ones."""
@@ -131,6 +138,8 @@ def test_killed_run_resumes_bit_identical(scheme: str, dataset, uninterrupted,
     assert resumed.returncode == 0, stderr[-2000:]
     assert _resumed_at(tmp_path) == [committed.step], (commits, victim)
     _assert_identical(uninterrupted[scheme], tmp_path)
+    if scheme == "vanilla":  # evaluates every 10 steps: the one at the checkpoint is redone
+        assert committed.step in _steps_evaluated_after_resume(tmp_path)
 
 
 def test_each_party_checkpoint_holds_only_its_own_part(uninterrupted) -> None:

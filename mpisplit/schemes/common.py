@@ -520,6 +520,11 @@ def run_client_turns(
 
     batches = training_batches(reader, cfg.train, skip=plan.my_steps_through(resumed))
     final_step = plan.schedule_steps if plan.evaluates_final else None
+
+    def evaluation_due(step: int) -> bool:
+        return bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 \
+            and step != final_step
+
     spans = list(plan.spans())
     for turn, (client, first, last) in enumerate(spans):
         if client != plan.me:
@@ -531,6 +536,8 @@ def run_client_turns(
         previous = spans[turn - 1][0] if turn > 0 else plan.me
         if first > resumed and previous != plan.me:
             _receive_parts(transport, clients[previous], segments)
+        if first <= resumed and evaluation_due(resumed):  # it came after the checkpoint
+            evaluate(resumed, False)
         for step in range(max(first, resumed + 1), last + 1):
             with ctx.tracer.span("data", step=step - 1):
                 batch = next(batches)
@@ -538,7 +545,7 @@ def run_client_turns(
             report.samples += len(batch.labels)
             record_client_step(ctx, step, loss)
             checkpoints.reached(step, state, plan.until)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != final_step:
+            if evaluation_due(step):
                 evaluate(step, False)
         following = spans[turn + 1][0] if turn + 1 < len(spans) else plan.me
         if following != plan.me:

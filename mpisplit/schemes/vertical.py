@@ -416,6 +416,8 @@ def _drive(ctx: RankContext, role: _Role, train: Split, test: Split, steps: int)
     if (saved := checkpoints.restore()) is not None:
         samples = unpack(saved, [role.segment], role.generators)["samples"]
     pairs = train.batches(lambda reader: training_batches(reader, cfg.train, skip=resumed))
+    if resumed and cfg.train.eval_every and resumed % cfg.train.eval_every == 0:
+        _evaluate(ctx, role, test, resumed, holder)  # it came after the checkpoint
     for step in range(resumed + 1, steps + 1):
         size = train.sizes[(step - 1) % len(train.sizes)]
         loss = role.train_step(step, size, *next(pairs, (None, None)))
