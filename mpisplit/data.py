@@ -42,11 +42,13 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import h5py
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 META_FILE = "meta.json"
@@ -460,6 +462,10 @@ def _checked_rows(rows: np.ndarray, size: int, path: Path) -> np.ndarray:
 
 
 def _to_batch(arrays: dict[str, np.ndarray]) -> Batch:
+    # torch is imported here, not at the top: the CLI's topology and prepare commands load
+    # this module and should not pay torch's import time (over a second).
+    import torch
+
     ids = torch.from_numpy(arrays["ids"])
     features = arrays.get("features")
     labels = arrays.get("labels")

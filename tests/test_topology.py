@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from mpisplit.config import ConfigError, config_from_dict
 from mpisplit.topology import Role, check_world_size, plan
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("clients", [1, 3, 7])
@@ -28,3 +32,14 @@ def test_world_size_mismatch_names_every_factor() -> None:
 
 def test_centralized_runs_on_one_rank() -> None:
     assert plan(config_from_dict({"scheme": {"name": "centralized", "clients": 3}})).world_size == 1
+
+
+def test_topology_command_does_not_load_torch() -> None:
+    """Job scripts call it before every launch; torch's import alone takes over a second."""
+    code = ("import sys; from mpisplit.cli import main; "
+            "main(['topology', '--ntasks', 'configs/vanilla-breast-cancer.yaml']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "4"
