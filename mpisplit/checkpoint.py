@@ -203,16 +203,17 @@ class Checkpointer:
                           self._every))
 
     def reached(self, step: int, state: Callable[[], dict[str, Any]], until: int, *,
-                idle: bool = False) -> None:
+                idle: bool = False) -> bool:
         """Called after ``step`` on every rank; at meeting steps, agrees, writes and commits.
 
         ``until`` is the first step at which no rank meets any more (the run's end, or the
         last step every rank reaches); ``idle`` ranks wait for the others without a deadline.
         Raises ``Preempted`` after the commit when any rank got a pre-emption signal.
+        Returns whether the ranks met.
         """
         self._step, self._until = step, until
         if not self._every or step % self._every or step >= until or step <= self.resume_step:
-            return
+            return False
         skip = self._rank == 0 and self._every_s > 0 \
             and time.monotonic() - self._last_write < self._every_s
         agreed = np.array([self._stop_signal, int(skip)], np.int64)
@@ -226,6 +227,7 @@ class Checkpointer:
         if stop_signal:
             self._wait(self._comm.Ibarrier(), step, idle)  # the commit is on disk
             raise Preempted(stop_signal, checkpoint=step)
+        return True
 
     def meet_before_exit(self, grace_s: float) -> None:
         """Waits (at most ``grace_s``) until every rank is about to exit, so that nobody's

@@ -330,7 +330,9 @@ def serve_clients(
                            "client": client_index.get(source), **_traffic(transport)})
         progress.update(report.steps, loss_value)
         if report.steps % round_size == 0:
-            checkpoints.reached(report.steps // round_size, lambda: pack(owned), until)
+            met = checkpoints.reached(report.steps // round_size, lambda: pack(owned), until)
+            if met and silence is not None:
+                silence.restart()  # the clients were writing checkpoints, not stalled
     return report
 
 
@@ -342,6 +344,10 @@ class SilenceWatch:
     def __init__(self, ctx: RankContext) -> None:
         self.transport = ctx.transport
         self.last: dict[int, float] = {}
+        self.start = time.monotonic()
+
+    def restart(self) -> None:
+        self.last.clear()
         self.start = time.monotonic()
 
     def heard(self, source: int, feeders: Sequence[int]) -> None:
