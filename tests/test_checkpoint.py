@@ -23,27 +23,28 @@ from tests.conftest import ROOT, mpiexec, run_mpi
 
 LIMIT_S = 120
 RANKS = 4
+"""Of the vanilla run (server + 3 clients), which the single-scheme tests use."""
 QUICK = ("run.progress=none", "run.log_every=1", "train.epochs=4")
 """log_every=1: every record reaches disk at once, so the test sees each rank's pid."""
 
-SCHEMES = {
-    "vanilla": ("configs/vanilla-sequential-breast-cancer.yaml", 3,
+SCHEMES = {  # scheme: (config, ranks, overrides); every one has 3 clients
+    "vanilla": ("configs/vanilla-sequential-breast-cancer.yaml", 4,
                 ("train.optimizer=adam", "train.lr=0.001", "train.schedule=cosine",
                  "privacy.noise_std=0.1", "transport.microbatches=2", "train.eval_every=10")),
-    "ushaped": ("configs/ushaped-breast-cancer.yaml", 3, ("scheme.client_order=sequential",)),
-    "vertical": ("configs/vertical-breast-cancer.yaml", 3, ()),
-    "splitfed": ("configs/splitfed-breast-cancer.yaml", 3,  # 10 rounds an epoch: 12 epochs
+    "ushaped": ("configs/ushaped-breast-cancer.yaml", 4, ("scheme.client_order=sequential",)),
+    "vertical": ("configs/vertical-breast-cancer.yaml", 4, ()),
+    "splitfed": ("configs/splitfed-breast-cancer.yaml", 4,  # 10 rounds an epoch: 12 epochs
                  ("scheme.splitfed_variant=v2", "scheme.fedavg_every=5", "train.epochs=12")),
+    "multihop": ("configs/multihop-breast-cancer.yaml", 6, ("scheme.client_order=sequential",)),
 }
 EVERY = 10
 NONE = SimpleNamespace(step=0)
 
 
 def _data(dataset, scheme: str) -> Path:
-    clients = SCHEMES[scheme][1]
     if scheme == "vertical":
-        return dataset("breast_cancer", clients=clients, partition="vertical")
-    return dataset("breast_cancer", clients=clients)
+        return dataset("breast_cancer", clients=3, partition="vertical")
+    return dataset("breast_cancer", clients=3)
 
 
 def _args(dataset, scheme: str, run_dir: Path) -> list[str]:
@@ -52,8 +53,8 @@ def _args(dataset, scheme: str, run_dir: Path) -> list[str]:
             f"checkpoint.every_steps={EVERY}", *QUICK, *extra]
 
 
-def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    command = [mpiexec(), "-n", str(RANKS), sys.executable, "-m", "mpisplit", "train", *args]
+def _start(args: list[str], ranks: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    command = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpisplit", "train", *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=ROOT)
 
@@ -72,16 +73,17 @@ def _pid(run_dir: Path, rank: int) -> int:
     return json.loads((run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines()[0])["pid"]
 
 
-def _parameters(run_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
-    return {rank: torch.load(run_dir / f"model-rank{rank}.pt") for rank in range(RANKS)}
+def _parameters(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {path.name: torch.load(path) for path in run_dir.glob("model-rank*.pt")}
 
 
 def _assert_identical(expected: Path, actual: Path) -> None:
-    for rank, reference in _parameters(expected).items():
-        resumed = _parameters(actual)[rank]
-        assert reference.keys() == resumed.keys()
+    references, resumed = _parameters(expected), _parameters(actual)
+    assert references.keys() == resumed.keys() and references
+    for part, reference in references.items():
+        assert reference.keys() == resumed[part].keys()
         for name, tensor in reference.items():
-            assert torch.equal(tensor, resumed[name]), f"rank {rank} {name} differs"
+            assert torch.equal(tensor, resumed[part][name]), f"{part} {name} differs"
 
 
 def _resumed_at(run_dir: Path, rank: int = 0) -> list[int]:
@@ -103,7 +105,8 @@ def uninterrupted(dataset, tmp_path_factory) -> dict[str, Path]:
     runs = {}
     for scheme in SCHEMES:
         run_dir = tmp_path_factory.mktemp(f"full-{scheme}")
-        result = run_mpi(RANKS, "train", *_args(dataset, scheme, run_dir), timeout=LIMIT_S)
+        result = run_mpi(SCHEMES[scheme][1], "train", *_args(dataset, scheme, run_dir),
+                         timeout=LIMIT_S)
         assert result.returncode == 0, result.stderr[-2000:]
         runs[scheme] = run_dir
     return runs
@@ -116,10 +119,10 @@ def test_killed_run_resumes_bit_identical(scheme: str, dataset, uninterrupted,
     checkpoint behind (a crash mid-checkpoint); resume ends with every rank's parameters
     bit-identical to the uninterrupted run. Vertical resumes as a requeued Slurm job would
     (``SLURM_RESTART_COUNT``), the others with ``--resume``."""
-    chooser = random.Random()
-    commits, victim = chooser.randint(1, 3), chooser.randrange(RANKS)
+    chooser, ranks = random.Random(), SCHEMES[scheme][1]
+    commits, victim = chooser.randint(1, 3), chooser.randrange(ranks)
     args = _args(dataset, scheme, tmp_path)
-    process = _start(args)
+    process = _start(args, ranks)
     _wait_for_commits(tmp_path, commits, process)
     os.kill(_pid(tmp_path, victim), signal.SIGKILL)
     process.communicate(timeout=LIMIT_S)
@@ -133,7 +136,7 @@ def test_killed_run_resumes_bit_identical(scheme: str, dataset, uninterrupted,
     requeued = scheme == "vertical"
     resume = [] if requeued else ["--resume"]
     env = {"SLURM_RESTART_COUNT": "1"} if requeued else None
-    resumed = _start([*resume, *args], env)
+    resumed = _start([*resume, *args], ranks, env)
     _, stderr = resumed.communicate(timeout=LIMIT_S)
     assert resumed.returncode == 0, stderr[-2000:]
     assert _resumed_at(tmp_path) == [committed.step], (commits, victim)
@@ -161,7 +164,7 @@ def test_preemption_signal_checkpoints_then_resume_finishes_identically(
     """SIGUSR1 (Slurm's pre-emption warning): every rank stops after committing the same
     checkpoint, exit status 4; the resumed run ends bit-identical."""
     args = _args(dataset, "vanilla", tmp_path)
-    process = _start(args)
+    process = _start(args, RANKS)
     _wait_for_commits(tmp_path, 1, process)
     process.send_signal(signal.SIGUSR1)
     _, stderr = process.communicate(timeout=LIMIT_S)
