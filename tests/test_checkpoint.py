@@ -219,3 +219,15 @@ def test_checkpoints_need_a_deterministic_step_order(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="checkpoint.every_steps: coordinated checkpoints "
                                           "need a deterministic step order"):
         _config(tmp_path, "checkpoint.every_steps=5", "scheme.client_order=parallel")
+
+
+@pytest.mark.parametrize(("every_s", "written"), [(3600.0, False), (0.001, True)])
+def test_every_s_decides_whether_a_meeting_writes(every_s: float, written: bool, dataset,
+                                                  tmp_path: Path) -> None:
+    """Ranks meet every 10 steps; with every_s an hour none of the meetings of a short run
+    writes, with every_s a millisecond each does (the newest ``keep`` are kept)."""
+    result = run_mpi(RANKS, "train", *_args(dataset, "vertical", tmp_path),
+                     f"checkpoint.every_s={every_s}", timeout=LIMIT_S)
+    assert result.returncode == 0, result.stderr[-2000:]
+    committed = list((tmp_path / "checkpoints").glob(f"step-*/{MANIFEST}"))
+    assert len(committed) == (2 if written else 0)
