@@ -36,7 +36,7 @@ from mpisplit.config import Config, ConfigError, check_checkpointable
 from mpisplit.failure import Preempted
 from mpisplit.segment import Segment
 from mpisplit.topology import Topology
-from mpisplit.transport import PeerTimeout, poll
+from mpisplit.transport import Transport, poll
 
 log = logging.getLogger("mpisplit")
 
@@ -147,14 +147,14 @@ def unpack(state: dict[str, Any], segments: Sequence[Segment],
 class Checkpointer:
     """This rank's side of the coordinated checkpoints (a no-op when they are off)."""
 
-    def __init__(self, comm: MPI.Comm, cfg: Config, topology: Topology,
+    def __init__(self, comm: MPI.Comm, transport: Transport, cfg: Config, topology: Topology,
                  resume: Manifest | None) -> None:
         self._comm = comm.Dup()
+        self._transport = transport
         self._rank = comm.Get_rank()
         self._every = cfg.checkpoint.every_steps
         self._every_s = cfg.checkpoint.every_s
         self._keep = cfg.checkpoint.keep
-        self._timeout_s = cfg.transport.timeout_s
         self._dir = checkpoint_dir(cfg)
         self._manifest = {"scheme": cfg.scheme.name,
                           "roles": [p.label for p in topology.placements],
@@ -242,13 +242,8 @@ class Checkpointer:
         self._comm.Free()
 
     def _wait(self, request: MPI.Request, step: int, idle: bool) -> None:
-        def timed_out() -> PeerTimeout:
-            return PeerTimeout(f"rank {self._rank} waited {self._timeout_s:g} s at the "
-                               f"checkpoint meeting of step {step}: not every rank arrived "
-                               f"(transport.timeout_s)")
-
-        poll(lambda: True if request.Test() else None, None if idle else self._timeout_s,
-             timed_out)
+        self._transport.complete(request, f"checkpoint meeting of step {step}",
+                                 deadline=not idle)
 
     def _write(self, step: int, state: dict[str, Any]) -> None:
         directory = self._dir / f"step-{step:08d}"

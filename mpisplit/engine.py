@@ -152,7 +152,7 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
                          append=run.resume is not None)
     if run.resume is not None:
         metrics.write({"event": "resumed", "step": run.resume.step})
-    checkpoints = Checkpointer(comm, cfg, run.topology, run.resume)
+    checkpoints = Checkpointer(comm, transport, cfg, run.topology, run.resume)
     ctx = RankContext(run, me, comm, transport, tracer, metrics, run_dir, device, checkpoints)
     start = time.perf_counter()
     try:

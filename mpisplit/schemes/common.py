@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +57,11 @@ def training_batches(reader: ShardReader, train: TrainConfig, skip: int = 0) -> 
             if not budget:
                 return
         epoch, offset = epoch + 1, 0
+
+
+def clients_total_steps(ctx: RankContext) -> int:
+    """A non-client rank's side of the step-plan exchange: every client's steps, summed."""
+    return int(exchange_step_plans(ctx, 0, 0)[:, 0].sum())
 
 
 def exchange_step_plans(ctx: RankContext, steps: int, epoch_length: int) -> np.ndarray:
@@ -341,21 +347,34 @@ class SilenceWatch:
     ``transport.timeout_s`` while the others talk has stalled: a receive from any client
     would never time out while the others keep it busy."""
 
+    CHECKS_PER_TIMEOUT = 4
+    """The scan over all clients runs this often per timeout, not per message."""
+
     def __init__(self, ctx: RankContext) -> None:
         self.transport = ctx.transport
         self.last: dict[int, float] = {}
-        self.start = time.monotonic()
+        self.restart()
 
     def restart(self) -> None:
         self.last.clear()
-        self.start = time.monotonic()
+        self.start = self.next_check = time.monotonic()
 
     def heard(self, source: int, feeders: Sequence[int]) -> None:
         now = time.monotonic()
         self.last[source] = now
+        if now < self.next_check:
+            return
+        self.next_check = now + self.transport.timeout_s / self.CHECKS_PER_TIMEOUT
         stalest = min(feeders, key=lambda rank: self.last.get(rank, self.start))
         if now - self.last.get(stalest, self.start) > self.transport.timeout_s:
             raise self.transport.timed_out([stalest], Kind.ACTIVATION, "receive")
+
+
+def serve_with(ctx: RankContext, segment: Segment, total_steps: int, **options: Any
+               ) -> RankResult:
+    """``serve_clients`` with one upper ``segment``, reported as this rank's result."""
+    report = serve_clients(ctx, segment, total_steps, **options)
+    return RankResult(steps=report.steps, final_evals=report.final_evals, segment=segment)
 
 
 def _traffic(transport: Transport) -> dict[str, int]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from mpisplit.engine import RankContext, RankResult
 from mpisplit.schemes.common import (
-    exchange_step_plans,
+    clients_total_steps,
     relay_activations,
-    serve_clients,
+    serve_with,
     train_lower_client,
 )
 from mpisplit.topology import Role
@@ -39,11 +39,9 @@ def run(ctx: RankContext) -> RankResult:
     relays = ctx.topology.ranks(Role.RELAY)
     if ctx.me.role == Role.CLIENT:
         return train_lower_client(ctx, relays[0])
-    total = int(exchange_step_plans(ctx, 0, 0)[:, 0].sum())
+    total = clients_total_steps(ctx)
     if ctx.me.role == Role.SERVER:
-        segment = ctx.build_segment(len(ctx.run.bounds) - 1, total)
-        report = serve_clients(ctx, segment, total)
-        return RankResult(steps=report.steps, final_evals=report.final_evals, segment=segment)
+        return serve_with(ctx, ctx.build_segment(len(ctx.run.bounds) - 1, total), total)
     index = ctx.me.index
     segment = ctx.build_segment(index + 1, total)
     next_hop = relays[index + 1] if index + 1 < len(relays) else ctx.topology.ranks(Role.SERVER)[0]

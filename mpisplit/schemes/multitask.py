@@ -18,8 +18,8 @@ from mpisplit.engine import RankContext, RankResult
 from mpisplit.models import build_layers, layer_plan
 from mpisplit.schemes.common import (
     LABELS_AT_SERVER,
-    exchange_step_plans,
-    serve_clients,
+    clients_total_steps,
+    serve_with,
     train_lower_client,
 )
 from mpisplit.segment import Segment
@@ -51,11 +51,8 @@ def run(ctx: RankContext) -> RankResult:
 
 
 def _serve(ctx: RankContext) -> RankResult:
-    plans = exchange_step_plans(ctx, 0, 0)
-    total = int(plans[:, 0].sum())
-    segment = task_segment(ctx, ctx.me.index, total)
-    report = serve_clients(ctx, segment, total, task=ctx.me.index)
-    return RankResult(steps=report.steps, final_evals=report.final_evals, segment=segment)
+    total = clients_total_steps(ctx)
+    return serve_with(ctx, task_segment(ctx, ctx.me.index, total), total, task=ctx.me.index)
 
 
 def task_segment(ctx: RankContext, task: int, total_steps: int) -> Segment:

@@ -44,8 +44,8 @@ from mpisplit.privacy import protect
 from mpisplit.schemes.common import (
     LABELS_AT_SERVER,
     EvalTally,
+    clients_total_steps,
     evaluating,
-    exchange_step_plans,
     make_progress,
     record_eval,
     serve_clients,
@@ -146,8 +146,7 @@ class SiteData:
 
 
 def _serve(ctx: RankContext) -> RankResult:
-    plans = exchange_step_plans(ctx, 0, 0)
-    joint_steps = int(plans[:, 0].sum())
+    joint_steps = clients_total_steps(ctx)
     segment = ctx.build_segment(1, joint_steps + detached_steps(ctx))
     report = serve_clients(ctx, segment, joint_steps)
     phase_boundary(ctx)

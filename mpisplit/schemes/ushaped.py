@@ -22,8 +22,8 @@ from mpisplit.schemes.common import (
     CutSender,
     EvalTally,
     client_reader,
+    clients_total_steps,
     evaluating,
-    exchange_step_plans,
     microbatches,
     plan_turns,
     record_eval,
@@ -54,7 +54,7 @@ def run(ctx: RankContext) -> RankResult:
 
 
 def _serve(ctx: RankContext) -> RankResult:
-    total = int(exchange_step_plans(ctx, 0, 0)[:, 0].sum())
+    total = clients_total_steps(ctx)
     segment = ctx.build_segment(1, total)
     steps = relay_activations(ctx, segment, total, next_hop=None)
     record_traffic_by_kind(ctx)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from mpisplit.engine import RankContext, RankResult
 from mpisplit.schemes.common import (
     LABELS_AT_SERVER,
-    exchange_step_plans,
-    serve_clients,
+    clients_total_steps,
+    serve_with,
     train_lower_client,
 )
 from mpisplit.topology import Role
@@ -30,11 +30,8 @@ def run(ctx: RankContext) -> RankResult:
 
 
 def _serve(ctx: RankContext) -> RankResult:
-    plans = exchange_step_plans(ctx, 0, 0)
-    total = int(plans[:, 0].sum())
-    segment = ctx.build_segment(1, total)
-    report = serve_clients(ctx, segment, total)
-    return RankResult(steps=report.steps, final_evals=report.final_evals, segment=segment)
+    total = clients_total_steps(ctx)
+    return serve_with(ctx, ctx.build_segment(1, total), total)
 
 
 def _train_client(ctx: RankContext) -> RankResult:
