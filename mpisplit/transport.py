@@ -243,7 +243,7 @@ class Transport:
         ``senders`` names the ranks an any-source receive is waiting on, for the timeout error.
         """
         status = self._status
-        with self._span("wait", kind, source):
+        with self._span("wait", kind, source) as waited:
             probe = self._poll(lambda: self._headers.Improbe(source, kind, status),
                                senders or [source], kind, "receive", deadline)
         size = status.Get_count(MPI.BYTE)
@@ -258,6 +258,9 @@ class Transport:
             raise RuntimeError(f"rank {self.rank}: corrupt message header from rank {source}")
         shape = tuple(header[_META_WORDS:_META_WORDS + ndim].tolist())
         dtype = _DTYPES[dtype_code]
+        if waited is not None:  # tracing: the wait span learns what it waited for
+            waited.update(peer=source, bytes=nbytes, step=step, shape=list(shape),
+                          dtype=str(dtype).removeprefix("torch."), microbatch=microbatch)
         reusable = (out is not None and out.shape == shape and out.dtype == dtype
                     and out.device.type == "cpu" and out.is_contiguous())
         if self.cuda_aware and not inline:  # straight into device memory
@@ -301,18 +304,29 @@ class Transport:
     def barrier(self) -> None:
         """Every rank of the communicator meets here, under the transport deadline (a
         blocking ``Barrier`` would hang on a stalled rank)."""
-        self._wait_request(self._headers.Ibarrier(), ANY_SOURCE, Kind.CONTROL, "synchronise")
+        self.complete(self._headers.Ibarrier(), "barrier")
 
-    def complete(self, request: MPI.Request, what: str, *, deadline: bool = True) -> None:
+    def complete(self, request: MPI.Request, what: str, *, deadline: bool = True,
+                 kind: Kind = Kind.CONTROL, sent: int = 0, received: int = 0,
+                 step: int = 0) -> None:
         """Completes a nonblocking collective, under the deadline unless ``deadline=False``
-        (a blocking collective would hang every rank on one stalled rank)."""
+        (a blocking collective would hang every rank on one stalled rank).
+
+        ``sent`` and ``received`` are the bytes this rank contributes to and gets from the
+        collective (its buffers, not the MPI library's wire traffic, which depends on its
+        algorithm); with ``kind`` and ``step`` they label the trace span."""
         def timed_out() -> PeerTimeout:
             return PeerTimeout(f"rank {self.rank} ({self.roles[self.rank]}) waited "
                                f"{self.timeout_s:g} s in the {what}: not every rank arrived "
                                f"(transport.timeout_s)")
 
-        poll(lambda: True if request.Test() else None, self.timeout_s if deadline else None,
-             timed_out)
+        span = (self.tracer.span(f"collective {what}", "collective", kind=kind.name,
+                                 tag=int(kind), bytes_sent=sent, bytes_received=received,
+                                 step=step)
+                if self.tracer.enabled else _NO_SPAN)
+        with span:
+            poll(lambda: True if request.Test() else None, self.timeout_s if deadline else None,
+                 timed_out)
 
     def _wait_request(self, requests: MPI.Request | list[MPI.Request], peer: int, kind: Kind,
                       what: str) -> None:
