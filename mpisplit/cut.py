@@ -10,7 +10,6 @@ Chaining the two gives U-shaped and multi-hop schemes with the same two calls.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ def receive_cut(transport: Transport, kind: Kind, source: int = ANY_SOURCE,
         return first
     rest = [transport.recv(kind, first.source).tensor
             for _ in range(transport.compressor.parts - 1)]
-    return replace(first, tensor=transport.compressor.decode([first.tensor, *rest]))
+    return first._replace(tensor=transport.compressor.decode([first.tensor, *rest]))
 
 
 class _SendActivation(torch.autograd.Function):

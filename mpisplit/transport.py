@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -75,6 +75,11 @@ _DTYPES: tuple[torch.dtype, ...] = (
     torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool,
 )
 _DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
+_META = struct.Struct(f"={_META_WORDS}q")
+_SHAPE = tuple(struct.Struct(f"={ndim}q") for ndim in range(MAX_DIMS + 1))
+# Every flag combination, built once: an ``IntFlag`` constructed per message would cost as
+# much as the rest of a small receive.
+_FLAGS = tuple(Flag(value) for value in range(2 * max(Flag)))
 
 
 class PeerTimeout(RuntimeError):
@@ -85,8 +90,7 @@ class PolicyViolation(RuntimeError):
     """A send the scheme does not allow (e.g. labels towards a server in U-shaped learning)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     tensor: torch.Tensor
     source: int
     kind: Kind
@@ -101,25 +105,37 @@ class Message:
 class PendingSend:
     """A nonblocking send in flight: holds its buffers until ``wait`` completes it."""
 
-    def __init__(self, transport: Transport, requests: list[MPI.Request], buffers: tuple,
-                 dest: int, kind: Kind, *, progressed: bool) -> None:
+    def __init__(self, transport: Transport, requests: list[MPI.Request], keep: object,
+                 message: _MessageBuffer | None, dest: int, kind: Kind) -> None:
         self._transport = transport
         self._requests = requests
-        self._buffers = buffers
+        self._keep = keep
+        """The tensor whose memory MPI reads (alive until the send completes)."""
+        self._message = message
+        """The pooled header buffer, returned to the pool on completion."""
         self._dest = dest
         self._kind = kind
-        self._progressed = progressed
-        """Counted by the progress thread (a nonblocking send), so ``wait`` must uncount it."""
-        if progressed:
-            transport._progress.started()
+        transport._progress.started()
 
     def wait(self) -> None:
         if self._requests:
             with self._transport._span("wait", self._kind, self._dest):
                 self._transport._wait_request(self._requests, self._dest, self._kind, "send")
-            self._requests, self._buffers = [], ()
-            if self._progressed:
-                self._transport._progress.finished()
+            self._requests, self._keep = [], None
+            if self._message is not None:
+                self._transport._pool.append(self._message)
+                self._message = None
+            self._transport._progress.finished()
+
+
+class _MessageBuffer:
+    """A reusable header (+ inline payload) buffer and its address, for ``memmove``."""
+
+    __slots__ = ("array", "address")
+
+    def __init__(self, size: int) -> None:
+        self.array = np.empty(size, np.uint8)
+        self.address = self.array.ctypes.data
 
 
 class Traffic:
@@ -175,8 +191,11 @@ class Transport:
         self.tracer = tracer
         self.allowed = allowed
         self.traffic = Traffic(comm.Get_size())
-        self._send_scratch = np.empty(HEADER_BYTES + INLINE_LIMIT, np.uint8)
-        self._recv_scratch = np.empty(HEADER_BYTES + INLINE_LIMIT, np.uint8)
+        self._message_size = HEADER_BYTES + INLINE_LIMIT
+        self._send_buffer = _MessageBuffer(self._message_size)
+        self._recv_buffer = _MessageBuffer(self._message_size)
+        self._pool: list[_MessageBuffer] = []
+        """Header buffers of completed nonblocking sends, reused by the next ones."""
         self._status = MPI.Status()
         self._progress = _Progress(self._payloads)
 
@@ -187,11 +206,23 @@ class Transport:
 
     def send(self, tensor: torch.Tensor, dest: int, kind: Kind, *, step: int = 0,
              flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> None:
-        """Sends ``tensor`` to ``dest``; returns once its buffer may be reused."""
-        with self._span("send", kind, dest, _nbytes(tensor), step, tensor.shape, tensor.dtype,
-                        microbatch):
-            self._post(tensor, dest, kind, step, flags, aux, microbatch,
-                       self._send_scratch).wait()
+        """Sends ``tensor`` to ``dest``; returns once its buffer may be reused.
+
+        The steady-state path (no tracing, a small host tensor) is one header message built
+        in a reused buffer: no allocation, no torch-to-numpy conversion, one ``Isend``."""
+        if self.tracer.enabled:
+            with self._span("send", kind, dest, _nbytes(tensor), step, tensor.shape,
+                            tensor.dtype, microbatch):
+                self._send(tensor, dest, kind, step, flags, aux, microbatch)
+        else:
+            self._send(tensor, dest, kind, step, flags, aux, microbatch)
+
+    def _send(self, tensor: torch.Tensor, dest: int, kind: Kind, step: int, flags: Flag,
+              aux: int, microbatch: int) -> None:
+        requests, _keep = self._post(tensor, dest, kind, step, flags, aux, microbatch,
+                                     self._send_buffer)
+        if not MPI.Request.Testall(requests):
+            self._wait_request(requests, dest, kind, "send")
 
     def isend(self, tensor: torch.Tensor, dest: int, kind: Kind, *, step: int = 0,
               flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> PendingSend:
@@ -200,37 +231,46 @@ class Transport:
         The tensor must not be modified until then (the pending send keeps it alive)."""
         with self._span("send", kind, dest, _nbytes(tensor), step, tensor.shape, tensor.dtype,
                         microbatch):
-            return self._post(tensor, dest, kind, step, flags, aux, microbatch, None)
+            message = self._pool.pop() if self._pool else _MessageBuffer(self._message_size)
+            requests, keep = self._post(tensor, dest, kind, step, flags, aux, microbatch,
+                                        message)
+            return PendingSend(self, requests, keep, message, dest, kind)
 
     def _post(self, tensor: torch.Tensor, dest: int, kind: Kind, step: int, flags: Flag,
-              aux: int, microbatch: int, scratch: np.ndarray | None) -> PendingSend:
-        """Posts header (with small payloads inline) and large payload as nonblocking sends.
-
-        ``scratch`` is the reusable message buffer of a blocking send; nonblocking sends get
-        their own small header buffer, since several may be in flight."""
-        self._check_policy(dest, kind)
-        if tensor.dim() > MAX_DIMS:
+              aux: int, microbatch: int,
+              message: _MessageBuffer) -> tuple[list[MPI.Request], object]:
+        """Posts the header (with a small payload inline) and a large payload as
+        nonblocking sends; returns the requests and what must stay alive until they end."""
+        if self.allowed is not None:
+            self._check_policy(dest, kind)
+        ndim = tensor.dim()
+        if ndim > MAX_DIMS:
             raise ValueError(f"transport: tensors of at most {MAX_DIMS} dimensions, got "
                              f"shape {tuple(tensor.shape)}")
-        nbytes = _nbytes(tensor)
+        nbytes = tensor.numel() * tensor.element_size()
         inline = nbytes <= INLINE_LIMIT
-        payload = _device_bytes(tensor) if self.cuda_aware and not inline else _host_bytes(tensor)
-        size = HEADER_BYTES + (nbytes if inline else 0)
-        message = scratch[:size] if scratch is not None else np.empty(size, np.uint8)
-        header = message[:HEADER_BYTES].view(np.int64)
-        header[:_META_WORDS] = (_MAGIC, kind, _DTYPE_CODE[tensor.dtype], tensor.dim(), flags,
-                                step, nbytes, int(inline), aux, microbatch)
-        header[_META_WORDS:_META_WORDS + tensor.dim()] = tensor.shape
-        requests = []
+        buffer = message.array
+        _META.pack_into(buffer, 0, _MAGIC, kind, _DTYPE_CODE[tensor.dtype], ndim, flags, step,
+                        nbytes, inline, aux, microbatch)
+        _SHAPE[ndim].pack_into(buffer, _META.size, *tensor.shape)
         if inline:
-            message[HEADER_BYTES:] = payload
-        requests.append(self._headers.Isend(message, dest, kind))
-        if not inline:
-            requests.append(self._payloads.Isend(payload, dest, kind))
+            keep = _host(tensor)
+            if nbytes:
+                ctypes.memmove(message.address + HEADER_BYTES, keep.data_ptr(), nbytes)
+            requests = [self._headers.Isend([buffer, HEADER_BYTES + nbytes, MPI.BYTE], dest,
+                                            kind)]
+        else:
+            if self.cuda_aware:
+                keep = _device_bytes(tensor)
+                payload = keep
+            else:
+                keep = _host(tensor)
+                payload = MPI.buffer.fromaddress(keep.data_ptr(), nbytes)
+            requests = [self._headers.Isend([buffer, HEADER_BYTES, MPI.BYTE], dest, kind),
+                        self._payloads.Isend([payload, nbytes, MPI.BYTE], dest, kind)]
         self.traffic.sent_bytes[dest, kind] += HEADER_BYTES + nbytes
         self.traffic.sent_messages[dest, kind] += len(requests)
-        return PendingSend(self, requests, (message, payload), dest, kind,
-                           progressed=scratch is None)
+        return requests, keep
 
     def recv(self, kind: Kind, source: int = ANY_SOURCE, *, deadline: bool = True,
              out: torch.Tensor | None = None, senders: Sequence[int] = ()) -> Message:
@@ -244,40 +284,45 @@ class Transport:
         """
         status = self._status
         with self._span("wait", kind, source) as waited:
-            probe = self._poll(lambda: self._headers.Improbe(source, kind, status),
-                               senders or [source], kind, "receive", deadline)
+            probe = self._headers.Improbe(source, kind, status)
+            if probe is None:
+                probe = self._poll(lambda: self._headers.Improbe(source, kind, status),
+                                   senders or [source], kind, "receive", deadline)
         size = status.Get_count(MPI.BYTE)
         source = status.Get_source()
-        if size > self._recv_scratch.size:
-            self._recv_scratch = np.empty(size, np.uint8)
-        probe.Recv([self._recv_scratch, size, MPI.BYTE])
-        header = self._recv_scratch[:HEADER_BYTES].view(np.int64)
+        if size > self._recv_buffer.array.size:
+            self._recv_buffer = _MessageBuffer(size)
+        scratch = self._recv_buffer
+        probe.Recv([scratch.array, size, MPI.BYTE])
         magic, _kind, dtype_code, ndim, flags, step, nbytes, inline, aux, microbatch = \
-            header[:_META_WORDS].tolist()
+            _META.unpack_from(scratch.array)
         if magic != _MAGIC:
             raise RuntimeError(f"rank {self.rank}: corrupt message header from rank {source}")
-        shape = tuple(header[_META_WORDS:_META_WORDS + ndim].tolist())
+        shape = _SHAPE[ndim].unpack_from(scratch.array, _META.size)
         dtype = _DTYPES[dtype_code]
         if waited is not None:  # tracing: the wait span learns what it waited for
             waited.update(peer=source, bytes=nbytes, step=step, shape=list(shape),
                           dtype=str(dtype).removeprefix("torch."), microbatch=microbatch)
-        reusable = (out is not None and out.shape == shape and out.dtype == dtype
-                    and out.device.type == "cpu" and out.is_contiguous())
         if self.cuda_aware and not inline:  # straight into device memory
             tensor = torch.empty(shape, dtype=dtype, device=self.device)
-            target = _device_bytes(tensor)
+        elif (out is not None and out.dtype == dtype and out.shape == shape
+              and not out.is_cuda and out.is_contiguous()):
+            tensor = out
         else:
-            tensor = out if reusable else torch.empty(shape, dtype=dtype)
-            target = _byte_view(tensor)
+            tensor = torch.empty(shape, dtype=dtype)
         with self._span("recv", kind, source, nbytes, step, shape, dtype, microbatch):
             if inline:
-                target[:] = self._recv_scratch[HEADER_BYTES:HEADER_BYTES + nbytes]
+                if nbytes:
+                    ctypes.memmove(tensor.data_ptr(), scratch.address + HEADER_BYTES, nbytes)
             else:
+                target = (_device_bytes(tensor) if tensor.is_cuda
+                          else MPI.buffer.fromaddress(tensor.data_ptr(), nbytes))
                 request = self._payloads.Irecv([target, nbytes, MPI.BYTE], source, kind)
-                self._wait_request(request, source, kind, "receive")
+                if not request.Test():
+                    self._wait_request(request, source, kind, "receive")
         self.traffic.recv_bytes[source, kind] += HEADER_BYTES + nbytes
         self.traffic.recv_messages[source, kind] += 1 if inline else 2
-        return Message(tensor, source, kind, step, Flag(flags), aux, microbatch)
+        return Message(tensor, source, kind, step, _FLAGS[flags], aux, microbatch)
 
     def _span(self, what: str, kind: Kind, peer: int, nbytes: int = 0, step: int = 0,
               shape: Sequence[int] = (), dtype: torch.dtype | None = None,
@@ -430,11 +475,6 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _byte_view(tensor: torch.Tensor) -> np.ndarray:
-    """The tensor's memory as a flat uint8 array (shared, not copied)."""
-    return tensor.reshape(-1).view(torch.uint8).numpy()
-
-
 def _device_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """A device tensor's bytes for a CUDA-aware MPI (which reads them through the CUDA array
     interface); the stream is synchronised first so MPI never sees unfinished kernels."""
@@ -459,9 +499,9 @@ def cuda_aware_mpi() -> bool:
     return bool(query())
 
 
-def _host_bytes(tensor: torch.Tensor) -> np.ndarray:
-    """Contiguous host bytes of ``tensor``; copies only if it is on a device or strided."""
+def _host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in contiguous host memory; copies only if it is on a device or strided."""
     host = tensor.detach()
-    if host.device.type != "cpu":
+    if host.is_cuda:
         host = host.to("cpu")
-    return _byte_view(host.contiguous())
+    return host if host.is_contiguous() else host.contiguous()
