@@ -65,6 +65,10 @@ class SchemeConfig:
     detached_epochs: int = 0
     """spatiotemporal: passes of the server alone over the sites' cached cut outputs after
     the sites have frozen their layers and left (0 = no detached phase)."""
+    site_timeout_s: float = 60.0
+    """spatiotemporal: a site that sends nothing for this long while other sites talk (or
+    for transport.timeout_s when none talks) is dropped from the rest of the run with one
+    warning line, instead of ending the job. Must be below transport.timeout_s."""
     tasks: tuple[str, ...] = ("class",)
     """multitask: one task server (and head) per entry, all derived from the dataset's one
     label: class (the label), parity (label % 2), binary (label >= num_classes / 2).
@@ -82,6 +86,8 @@ class SchemeConfig:
                  f"must be >= 0, got {self.joint_epochs}")
         _require(self.detached_epochs >= 0, "scheme.detached_epochs",
                  f"must be >= 0 (0 = no detached phase), got {self.detached_epochs}")
+        _require(self.site_timeout_s > 0, "scheme.site_timeout_s",
+                 f"must be > 0, got {self.site_timeout_s}")
         _require(self.name != "spatiotemporal" or self.client_order == "parallel",
                  "scheme.client_order", "spatiotemporal sites train in parallel, each with its "
                  "own layer (never handed over); set client_order: parallel")
@@ -278,6 +284,12 @@ class Config:
     def __post_init__(self) -> None:
         if self.checkpoint.every_steps:
             check_checkpointable(self.scheme)
+        _require(self.scheme.name != "spatiotemporal"
+                 or self.scheme.site_timeout_s < self.transport.timeout_s,
+                 "scheme.site_timeout_s", f"{self.scheme.site_timeout_s:g} s must be below "
+                 f"transport.timeout_s ({self.transport.timeout_s:g} s): a site stalled longer "
+                 f"than transport.timeout_s times out on waking, so the server must have "
+                 f"dropped it by then")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, written as the run's resolved config."""

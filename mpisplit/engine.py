@@ -93,6 +93,10 @@ class RankResult:
     leakage: float | None = None
     """Distance correlation between this client's test inputs and the cut activations that
     left for them (clients that send cut activations only)."""
+    members: MPI.Comm | None = None
+    """The ranks still in the run at its end, where the scheme dropped some (silent
+    spatio-temporal sites): the summary is gathered over them alone, and a dropped rank
+    (``MPI.COMM_NULL``) takes no part. None: every rank."""
 
 
 @dataclass
@@ -224,33 +228,36 @@ _EVAL_COLUMNS = 6
 def _summarize(
     ctx: RankContext, result: RankResult, wall: float, node: str
 ) -> dict[str, Any] | None:
-    """Gathers every rank's counters and final evaluations (raw buffers) onto rank 0."""
-    comm, traffic = ctx.comm, ctx.transport.traffic
-    size, root = comm.Get_size(), 0
+    """Gathers every member's counters and final evaluations (raw buffers) onto rank 0."""
+    comm = ctx.comm if result.members is None else result.members
+    if comm == MPI.COMM_NULL:
+        return None
+    traffic, size, root = ctx.transport.traffic, comm.Get_size(), 0
+    is_root = comm.Get_rank() == root
+    world_ranks = comm.Get_group().Translate_ranks(list(range(size)), ctx.comm.Get_group())
 
     def gather(request: MPI.Request) -> None:
         """Rank 0 arrives last (it serves until every client is done), so only it waits
         under the deadline; a rank that never arrives ends the job from there."""
-        ctx.transport.complete(request, "summary gather", deadline=ctx.me.rank == root)
+        ctx.transport.complete(request, "summary gather", deadline=is_root)
 
     leakage = np.nan if result.leakage is None else result.leakage
     counters = np.array([result.steps, result.samples, traffic.total_sent,
                          traffic.total_received, wall, leakage], np.float64)
-    all_counters = np.zeros((size, counters.size), np.float64) if ctx.me.rank == root else None
+    all_counters = np.zeros((size, counters.size), np.float64) if is_root else None
     gather(comm.Igather(counters, all_counters, root))
     name = np.zeros(_NODE_BYTES, np.uint8)
     encoded = node.encode()[:_NODE_BYTES]
     name[:len(encoded)] = np.frombuffer(encoded, np.uint8)
-    all_names = np.zeros((size, _NODE_BYTES), np.uint8) if ctx.me.rank == root else None
+    all_names = np.zeros((size, _NODE_BYTES), np.uint8) if is_root else None
     gather(comm.Igather(name, all_names, root))
     rows = np.array([[e.step, e.client, e.loss, e.accuracy, e.count, e.task]
                      for e in result.final_evals], np.float64).reshape(-1, _EVAL_COLUMNS)
-    counts = np.zeros(size, np.int64) if ctx.me.rank == root else None
+    counts = np.zeros(size, np.int64) if is_root else None
     gather(comm.Igather(np.array([rows.size], np.int64), counts, root))
     gathered = np.zeros(int(counts.sum()) if counts is not None else 0, np.float64)
-    gather(comm.Igatherv(rows.reshape(-1), [gathered, counts] if ctx.me.rank == root else None,
-                         root))
-    if ctx.me.rank != root:
+    gather(comm.Igatherv(rows.reshape(-1), [gathered, counts] if is_root else None, root))
+    if not is_root:
         return None
     evals = gathered.reshape(-1, _EVAL_COLUMNS)
     total = evals[:, 4].sum()
@@ -259,8 +266,9 @@ def _summarize(
     return {
         "scheme": cfg.scheme.name,
         "client_order": cfg.scheme.client_order,
-        "world_size": size,
-        "roles": [p.label for p in ctx.topology.placements],
+        "world_size": ctx.comm.Get_size(),
+        "roles": [ctx.topology.of(rank).label for rank in world_ranks],
+        "dropped": [p.label for p in ctx.topology.placements if p.rank not in world_ranks],
         "nodes": [bytes(n).rstrip(b"\0").decode() for n in all_names],
         "steps": int(all_counters[:, 0].max()),
         "steps_per_rank": [int(s) for s in all_counters[:, 0]],

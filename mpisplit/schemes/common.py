@@ -27,7 +27,7 @@ from mpisplit.privacy import EvaluationNoise, distance_correlation, nopeek_penal
 from mpisplit.runlog import Progress
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, Transport
+from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, PeerTimeout, Transport
 
 log = logging.getLogger("mpisplit")
 
@@ -264,6 +264,8 @@ def serve_clients(
     task: int = 0,
     round_size: int = 1,
     until: int | None = None,
+    after_done: Callable[[torch.Tensor, Message], None] | None = None,
+    dropping: Dropping | None = None,
 ) -> ServeReport:
     """The server's loop: serve cut activations from any client in arrival order.
 
@@ -278,6 +280,11 @@ def serve_clients(
 
     Checkpoints follow the clients' steps: one per ``round_size`` training steps (splitfed
     v2 serves every client once per round), before step ``until`` (default: the end).
+
+    ``after_done(activation, message)`` takes the one message a client sends after its
+    DONE marker (a spatio-temporal site's hand-over; it receives the rest from that source),
+    and the loop also waits for those. With ``dropping``, a client that falls silent is
+    dropped from the rest of the loop instead of ending the job (see ``Dropping``).
     """
     transport: Transport = ctx.transport
     clients = ctx.topology.ranks(Role.CLIENT)
@@ -293,15 +300,40 @@ def serve_clients(
     expected = next(senders, ANY_SOURCE)
     progress = make_progress(ctx, total_steps)
     active, tallies = set(range(len(clients))), {}
-    silence = SilenceWatch(ctx) if ctx.config.scheme.client_order == "parallel" \
-        and not last_relay else None
+    finished: set[int] = set()  # past their DONE marker, their last message still to come
+    silence = SilenceWatch(dropping.after_s if dropping else transport.timeout_s) \
+        if ctx.config.scheme.client_order == "parallel" and not last_relay else None
+
+    def drop(ranks: Sequence[int]) -> None:
+        if dropping is None:
+            raise transport.timed_out(ranks, Kind.ACTIVATION, "receive")
+        for rank in ranks:
+            active.discard(client_index[rank])
+            finished.discard(client_index[rank])
+            tallies.pop(rank, None)
+            dropping.drop(rank)
+
     while active:
         feeders = last_relay or sorted(clients[k] for k in active)
-        activation, message = recv_forward(transport, expected, device=ctx.device,
-                                           senders=feeders)
+        try:
+            activation, message = recv_forward(transport, expected, device=ctx.device,
+                                               senders=feeders)
+        except PeerTimeout:
+            if dropping is None or expected != ANY_SOURCE:
+                raise
+            drop(feeders)  # none of them said anything for transport.timeout_s
+            continue
         source = message.source
-        if silence is not None:
-            silence.heard(source, feeders)
+        if dropping is not None and dropping.dropped(source):
+            continue  # a dropped client that came back: it is no longer served
+        if silence is not None and (silent := silence.heard(source, feeders)):
+            drop(silent)
+        index = client_index.get(source)
+        if index in finished:
+            after_done(activation, message)
+            finished.discard(index)
+            active.discard(index)
+            continue
         module = segment_for(source).module
         if message.flags & (Flag.LAST | Flag.DONE):
             if message.flags & Flag.LAST:
@@ -310,7 +342,10 @@ def serve_clients(
                 if message.flags & Flag.DONE:
                     report.final_evals.append(result)
             if message.flags & Flag.DONE:
-                active.discard(int(activation[0]))
+                if after_done is None:
+                    active.discard(int(activation[0]))
+                else:
+                    finished.add(int(activation[0]))
             continue
         labels = transport.recv(Kind.LABELS, source).tensor.to(ctx.device)
         if message.flags & Flag.EVAL:
@@ -344,14 +379,14 @@ def serve_clients(
 
 class SilenceWatch:
     """Parallel clients talk to the server all the time, so one that stays silent for
-    ``transport.timeout_s`` while the others talk has stalled: a receive from any client
-    would never time out while the others keep it busy."""
+    ``limit_s`` while the others talk has stalled: a receive from any client would never
+    time out while the others keep it busy."""
 
     CHECKS_PER_TIMEOUT = 4
-    """The scan over all clients runs this often per timeout, not per message."""
+    """The scan over all clients runs this often per limit, not per message."""
 
-    def __init__(self, ctx: RankContext) -> None:
-        self.transport = ctx.transport
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
         self.last: dict[int, float] = {}
         self.restart()
 
@@ -359,15 +394,30 @@ class SilenceWatch:
         self.last.clear()
         self.start = self.next_check = time.monotonic()
 
-    def heard(self, source: int, feeders: Sequence[int]) -> None:
+    def heard(self, source: int, feeders: Sequence[int]) -> list[int]:
+        """Records a message from ``source``; returns the feeders silent for longer than
+        the limit (empty between scans)."""
         now = time.monotonic()
         self.last[source] = now
         if now < self.next_check:
-            return
-        self.next_check = now + self.transport.timeout_s / self.CHECKS_PER_TIMEOUT
-        stalest = min(feeders, key=lambda rank: self.last.get(rank, self.start))
-        if now - self.last.get(stalest, self.start) > self.transport.timeout_s:
-            raise self.transport.timed_out([stalest], Kind.ACTIVATION, "receive")
+            return []
+        self.next_check = now + self.limit_s / self.CHECKS_PER_TIMEOUT
+        return [rank for rank in feeders
+                if now - self.last.get(rank, self.start) > self.limit_s]
+
+
+@dataclass
+class Dropping:
+    """A server that goes on without clients that fall silent (spatio-temporal sites).
+
+    A client silent for ``after_s`` while others talk, or for ``transport.timeout_s`` when
+    none talks, is handed to ``drop(rank)`` once and is no longer waited for; what it sends
+    later is received and ignored (``dropped(rank)``). A client that stalls in the middle
+    of a pipelined step (``transport.microbatches`` > 1) still ends the job."""
+
+    after_s: float
+    drop: Callable[[int], None]
+    dropped: Callable[[int], bool]
 
 
 def serve_with(ctx: RankContext, segment: Segment, total_steps: int, **options: Any

@@ -2,37 +2,57 @@
 hidden layer (the privacy-preserving layer); the server holds every other layer and the loss.
 
 Spatial split: in the **joint phase** (``scheme.joint_epochs`` passes over each site's
-shard) the sites train in parallel exactly as vanilla parallel split learning, and the server
-serves their cut outputs in arrival order, so a slow or absent site never stops it.
+shard) the sites train in parallel exactly as vanilla parallel split learning. The server
+takes whatever arrives first from any site still in the run (one any-source queue), so a
+slow site never holds up the others.
 
-Temporal split: after the joint phase each site freezes its layer and hands its data over
-once, then leaves the data path. In the **detached phase** the server trains its layers alone
-for ``scheme.detached_epochs`` passes over the cached cut outputs, contacting no site.
+Temporal split: as soon as a site has finished its joint phase it freezes its layer, hands
+its data over once and leaves the data path; nobody waits for anybody at that point. In the
+**detached phase** the server trains its layers alone for ``scheme.detached_epochs`` passes
+over the cached cut outputs, contacting no site.
 
-What a site sends, in order (all to the server; the server sends only GRADIENT, and only
-in the joint phase):
+An **absent** site is one that sends nothing for ``scheme.site_timeout_s`` while other
+sites talk (or for ``transport.timeout_s`` when none talks). The server drops it: one
+warning line names it, it gets a notice (``CONTROL``: the dropped ranks), and it is no
+longer waited for in the joint phase, the hand-over or the summary; what it sends later is
+ignored. A dropped site that comes back finds the notice when its own wait for the server
+times out, and leaves without training further or joining the summary. MPI still needs
+every process to end before the job ends: one that never comes back must be killed, and the
+launcher reports that; under MPICH's ``mpiexec`` a site killed mid-run ends the whole job.
+
+What a site sends, in order (all to the server; the server sends GRADIENT in the joint
+phase and one CONTROL message at the very end):
 
 1. joint phase: per training step the cut activation and its labels (the gradient comes
    back); every ``train.eval_every`` steps and once at the end an evaluation pass over the
    test set (forward-only activations and labels, then an end marker, the last one ``DONE``);
-2. hand-over, after one barrier with the server (``phase_boundary``), computed with the
-   frozen layer and no autograd: the cut outputs of its whole training shard in file order
-   (one ``ACTIVATION`` message, ``EVAL`` flag, defended like any cut activation) and their
-   labels (one ``LABELS`` message), then the same for the test set. Nothing more; the site
-   only joins the engine's end-of-run collectives.
+2. hand-over, right after that ``DONE``, computed with the frozen layer and no autograd: the
+   cut outputs of its whole training shard in file order (one ``ACTIVATION`` message,
+   ``EVAL`` flag, defended like any cut activation) and their labels (one ``LABELS``
+   message), then the same for the test set. Nothing more: the site waits, without a
+   deadline, for the server's roster.
 
-The server then trains on the sites' training outputs concatenated in site order, shuffled
-per detached epoch with ``train.seed + epoch`` into ``data.batch_size`` batches, and reports
-test accuracy per site on that site's test outputs through the detached model.
+The server then trains on the handed-over training outputs concatenated in site order,
+shuffled per detached epoch with ``train.seed + epoch`` into ``data.batch_size`` batches, and
+reports test accuracy per site on that site's test outputs through the detached model. After
+its training it sends each site still in the run the roster (the dropped ranks), so that the
+members agree on who takes part in the summary.
+
+Evidence in the metrics: each site writes a ``handover`` record (its byte counters and the
+SHA-256 of its frozen layer); the server writes one per hand-over (bytes to and from that
+site) and, after the detached phase, a ``site_traffic`` record per site with the same
+counters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
+from mpi4py import MPI
 from torch import nn
 
 from mpisplit.config import ConfigError
@@ -43,9 +63,11 @@ from mpisplit.failure import check_loss
 from mpisplit.privacy import protect
 from mpisplit.schemes.common import (
     LABELS_AT_SERVER,
+    Dropping,
     EvalTally,
     clients_total_steps,
     evaluating,
+    log,
     make_progress,
     record_eval,
     serve_clients,
@@ -54,10 +76,10 @@ from mpisplit.schemes.common import (
 )
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import Kind
+from mpisplit.transport import Kind, Message, PeerTimeout, Transport
 
 CUTS = 1
-ALLOWED = LABELS_AT_SERVER
+ALLOWED = LABELS_AT_SERVER | {("server", "client", Kind.CONTROL)}  # the roster
 
 
 def run(ctx: RankContext) -> RankResult:
@@ -87,21 +109,79 @@ def check_site_segment(run: RunPlan) -> None:
         )
 
 
+# --- membership ----------------------------------------------------------------------------
+
+def _send_roster(transport: Transport, dropped: list[int], rank: int) -> None:
+    """The server's word on who left the run (a notice to a dropped site, the final roster
+    to the others): the dropped ranks."""
+    transport.send(torch.tensor(dropped, dtype=torch.int64), rank, Kind.CONTROL)
+
+
+def _receive_roster(ctx: RankContext, server: int, *, deadline: bool) -> list[int]:
+    return ctx.transport.recv(Kind.CONTROL, server, deadline=deadline).tensor.tolist()
+
+
+def survivors(ctx: RankContext, dropped: list[int]) -> MPI.Comm | None:
+    """The communicator of the ranks still in the run (None when nobody was dropped);
+    collective over those ranks only, so a dropped site cannot hold it up."""
+    if not dropped:
+        return None
+    return ctx.comm.Create_group(ctx.comm.Get_group().Excl(sorted(dropped)))
+
+
 # --- site --------------------------------------------------------------------------------
 
 def _site(ctx: RankContext) -> RankResult:
-    """Joint phase (vanilla parallel client, ``joint_epochs`` passes), then the hand-over."""
+    """Joint phase (vanilla parallel client, ``joint_epochs`` passes), then the hand-over,
+    then the roster."""
     server = ctx.topology.ranks(Role.SERVER)[0]
-    result = train_lower_client(_joint_context(ctx), server)
+    try:
+        result = train_lower_client(_joint_context(ctx), server)
+    except PeerTimeout as stalled:
+        return _leave_if_dropped(ctx, server, stalled)
     segment = result.segment
     assert segment is not None
     segment.module.requires_grad_(False)  # frozen: nothing may change the layer from here
-    phase_boundary(ctx)
     noise = torch.Generator().manual_seed(ctx.config.privacy.seed + ctx.me.index + 1)
     for reader in (_train_shard(ctx), test_reader(ctx)):
         with reader:
             _hand_over(ctx, segment, reader, server, result.steps, noise)
-    return result
+    ctx.metrics.write({"event": "handover", "layer_sha256": layer_digest(segment.module),
+                       "bytes_sent": ctx.transport.traffic.total_sent,
+                       "bytes_received": ctx.transport.traffic.total_received})
+    # The server sends it after its detached phase, however long; like the summary gather,
+    # this wait needs no deadline of its own.
+    dropped = _receive_roster(ctx, server, deadline=False)
+    if ctx.me.rank in dropped:  # silent too long while handing over
+        return _left(ctx, result)
+    return dataclasses.replace(result, members=survivors(ctx, dropped))
+
+
+def _leave_if_dropped(ctx: RankContext, server: int, stalled: PeerTimeout) -> RankResult:
+    """The server stopped answering: if it dropped this site its notice is waiting, and the
+    site leaves; otherwise the timeout stands."""
+    try:
+        dropped = _receive_roster(ctx, server, deadline=True)
+    except PeerTimeout:
+        raise stalled from None
+    if ctx.me.rank not in dropped:
+        raise stalled
+    return _left(ctx, RankResult(steps=ctx.metrics.last_step))
+
+
+def _left(ctx: RankContext, result: RankResult) -> RankResult:
+    log.warning("the server dropped this site after it fell silent (scheme.site_timeout_s); "
+                "it leaves the run without joining the summary")
+    return dataclasses.replace(result, members=MPI.COMM_NULL)
+
+
+def layer_digest(module: nn.Module) -> str:
+    """SHA-256 of the layer's tensors' bytes in state-dict order: evidence, kept in the
+    metrics, that the frozen layer did not change after the hand-over."""
+    digest = hashlib.sha256()
+    for tensor in module.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _joint_context(ctx: RankContext) -> RankContext:
@@ -145,41 +225,80 @@ class SiteData:
     test_y: torch.Tensor
 
 
+class Sites:
+    """The server's side of the sites' membership: their hand-overs, in whatever order they
+    arrive, and the ones dropped for silence."""
+
+    def __init__(self, ctx: RankContext) -> None:
+        self.ctx = ctx
+        self.ranks = ctx.topology.ranks(Role.CLIENT)
+        self.data: dict[int, SiteData] = {}
+        self.dropped: list[int] = []
+
+    def take(self, train_x: torch.Tensor, message: Message) -> None:
+        """A site's hand-over, from its first message (the training outputs) on."""
+        transport, source, device = self.ctx.transport, message.source, self.ctx.device
+        train_y = transport.recv(Kind.LABELS, source).tensor.to(device)
+        test_x, _ = recv_forward(transport, source, device=device, train=False)
+        test_y = transport.recv(Kind.LABELS, source).tensor.to(device)
+        site = self.ranks.index(source)
+        self.data[site] = SiteData(train_x, train_y, test_x, test_y)
+        self.ctx.metrics.write({"event": "handover", "client": site, **self._traffic(source)})
+
+    def drop(self, rank: int) -> None:
+        """One warning line, a notice to the site, and it is out of the run."""
+        site = self.ranks.index(rank)
+        log.warning("site %d (rank %d) sent nothing for over scheme.site_timeout_s = %g s: "
+                    "dropped, the run goes on without it", site, rank,
+                    self.ctx.config.scheme.site_timeout_s)
+        self.dropped.append(rank)
+        self.ctx.metrics.write({"event": "dropped", "client": site})
+        _send_roster(self.ctx.transport, self.dropped, rank)
+
+    def is_dropped(self, rank: int) -> bool:
+        return rank in self.dropped
+
+    def handed_over(self) -> list[tuple[int, SiteData]]:
+        """(site, data) of every site that handed over, in site order (arrival order must
+        not change the detached phase)."""
+        if not self.data:
+            raise PeerTimeout("rank 0 (server): every site was dropped; there is nothing to "
+                              "train on (scheme.site_timeout_s)")
+        return sorted(self.data.items())
+
+    def finish(self) -> MPI.Comm | None:
+        """After the server's training: each site's counters for the record, then the roster
+        to every site still in the run; returns the survivors' communicator."""
+        for site, rank in enumerate(self.ranks):
+            self.ctx.metrics.write({"event": "site_traffic", "client": site,
+                                    **self._traffic(rank)})
+        for rank in self.ranks:
+            if rank not in self.dropped:
+                _send_roster(self.ctx.transport, self.dropped, rank)
+        return survivors(self.ctx, self.dropped)
+
+    def _traffic(self, rank: int) -> dict[str, int]:
+        traffic = self.ctx.transport.traffic
+        return {"sent_to_site": int(traffic.sent_bytes[rank].sum()),
+                "received_from_site": int(traffic.recv_bytes[rank].sum())}
+
+
 def _serve(ctx: RankContext) -> RankResult:
     joint_steps = clients_total_steps(ctx)
     segment = ctx.build_segment(1, joint_steps + detached_steps(ctx))
-    report = serve_clients(ctx, segment, joint_steps)
-    phase_boundary(ctx)
-    sites = [_receive_site(ctx, rank) for rank in ctx.topology.ranks(Role.CLIENT)]
-    steps = train_detached(ctx, segment, sites, report.steps)
-    evals = [_evaluate_site(ctx, segment.module, site, steps, k)
-             for k, site in enumerate(sites)]
-    return RankResult(steps=steps, final_evals=evals, segment=segment)
-
-
-def phase_boundary(ctx: RankContext) -> None:
-    """One barrier, entered by each site after its ``DONE`` and by the server once every
-    site is done. Without it the server's any-source joint loop could take a finished site's
-    hand-over for an evaluation batch; it carries no data and comes before the hand-over.
-    It runs under the transport deadline, so a site that finishes long before the others
-    needs ``transport.timeout_s`` above that gap."""
-    ctx.transport.barrier()
+    sites = Sites(ctx)
+    dropping = Dropping(ctx.config.scheme.site_timeout_s, sites.drop, sites.is_dropped)
+    report = serve_clients(ctx, segment, joint_steps, after_done=sites.take, dropping=dropping)
+    handed = sites.handed_over()
+    steps = train_detached(ctx, segment, [data for _, data in handed], report.steps)
+    evals = [_evaluate_site(ctx, segment.module, data, steps, site) for site, data in handed]
+    return RankResult(steps=steps, final_evals=evals, segment=segment, members=sites.finish())
 
 
 def detached_steps(ctx: RankContext) -> int:
     """Optimizer steps of the detached phase (the schedule length must include them)."""
     samples = sum(ctx.run.meta["train_samples"])
     return ctx.config.scheme.detached_epochs * math.ceil(samples / ctx.config.data.batch_size)
-
-
-def _receive_site(ctx: RankContext, rank: int) -> SiteData:
-    """The hand-over of one site, in the order it sends it (training, then test)."""
-    parts = []
-    for _ in range(2):
-        outputs, _ = recv_forward(ctx.transport, rank, device=ctx.device, train=False)
-        labels = ctx.transport.recv(Kind.LABELS, rank).tensor.to(ctx.device)
-        parts += [outputs, labels]
-    return SiteData(*parts)
 
 
 def detached_order(samples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
