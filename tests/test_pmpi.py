@@ -364,6 +364,34 @@ def test_three_ranks_subcommunicator_translation(pmpi_lib, tmp_path):
         assert c["MPI_Barrier"] == (1, 0)
 
 
+PEER_TIME = """
+    import time
+    import numpy as np
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    comm.Barrier()
+    if rank == 1:   # blocked ~0.3 s on rank 0, then ~0.3 s on rank 2
+        comm.Recv(np.empty(8, np.uint8), source=0, tag=1)
+        comm.Irecv(np.empty(8, np.uint8), source=MPI.ANY_SOURCE, tag=2).Wait()
+    else:
+        time.sleep(0.3 if rank == 0 else 0.6)
+        comm.Send(np.ones(8, np.uint8), dest=1, tag=1 if rank == 0 else 2)
+"""
+
+
+def test_per_peer_time(pmpi_lib, tmp_path):
+    """A peer's time is the time in the calls that moved its messages: the blocking Recv
+    waits for rank 0, the Wait completing the any-source Irecv waits for rank 2."""
+    r0, r1, r2 = _run_py(pmpi_lib, 3, PEER_TIME, tmp_path)
+    waited = {int(p): v["time_s"] for p, v in r1["peers"].items()}
+    assert sorted(waited) == [0, 2]
+    assert 0.25 < waited[0] < 0.5 and 0.25 < waited[2] < 0.5, waited
+    for sender in (r0, r2):  # an 8-byte eager send does not wait for the receiver
+        assert 0 <= sender["peers"]["1"]["time_s"] < 0.1
+
+
 THREADS = """
     import threading
     import numpy as np

@@ -7,7 +7,8 @@
  * each to PMPI_X and records per rank:
  *   - per call name: number of calls, bytes, wall time spent inside the call;
  *   - per peer (rank in MPI_COMM_WORLD): messages and bytes sent and received
- *     by point-to-point operations.
+ *     by point-to-point operations, and the wall time inside the calls that
+ *     moved them.
  * At MPI_Finalize it writes pmpi-rank<R>.json into $MPISPLIT_PMPI_DIR (default:
  * the current directory).  See tools/pmpi/README.md for the JSON format.
  *
@@ -88,6 +89,7 @@ typedef struct {
 
 typedef struct {
     uint64_t sent_messages, sent_bytes, recv_messages, recv_bytes;
+    double time_s;
 } peerstat_t;
 
 /* All of the following is guarded by g_lock (except where noted). */
@@ -124,19 +126,22 @@ static inline void st_call(int id, uint64_t bytes, double t)
     g_calls[id].time_s += t;
 }
 
-static inline void st_sent(int peer, uint64_t bytes)
+/* t: the part of the call's wall time spent on this message (see README "peers"). */
+static inline void st_sent(int peer, uint64_t bytes, double t)
 {
     if (g_peers && peer >= 0 && peer < g_size) {
         g_peers[peer].sent_messages++;
         g_peers[peer].sent_bytes += bytes;
+        g_peers[peer].time_s += t;
     }
 }
 
-static inline void st_recv(int peer, uint64_t bytes)
+static inline void st_recv(int peer, uint64_t bytes, double t)
 {
     if (g_peers && peer >= 0 && peer < g_size) {
         g_peers[peer].recv_messages++;
         g_peers[peer].recv_bytes += bytes;
+        g_peers[peer].time_s += t;
     }
 }
 
@@ -427,8 +432,8 @@ __attribute__((unused)) static void track_recv_posted(MPI_Request req, int call,
 }
 
 /* A request that was `saved` before the completion call has completed with
- * status `st`.  Caller holds g_lock. */
-static void complete_req(MPI_Request saved, const MPI_Status *st)
+ * status `st`; `t` is its share of the completion call's time.  Caller holds g_lock. */
+static void complete_req(MPI_Request saved, const MPI_Status *st, double t)
 {
     if (saved == MPI_REQUEST_NULL) return;
     ent_t *e = tab_find(&g_reqs, req_key(saved));
@@ -437,13 +442,13 @@ static void complete_req(MPI_Request saved, const MPI_Status *st)
         /* only the source may be taken from this status, and only if unknown */
         int peer = e->peer;
         if (peer < 0 && st) peer = world_rank(e->comm, st->MPI_SOURCE);
-        st_recv(peer, e->bytes);
+        st_recv(peer, e->bytes, t);
         g_calls[e->call].bytes += e->bytes;
     } else if ((e->flags & F_RECV) && (e->flags & F_ACTIVE) && st && !status_cancelled(st)) {
         uint64_t b = status_bytes(st);
         int peer = e->peer;
         if (peer < 0 && (e->flags & F_HAS_COMM)) peer = world_rank(e->comm, st->MPI_SOURCE);
-        if (st->MPI_SOURCE != MPI_PROC_NULL) st_recv(peer, b);
+        if (st->MPI_SOURCE != MPI_PROC_NULL) st_recv(peer, b, t);
         g_calls[e->call].bytes += b;
     }
     if (e->flags & F_PERSIST) {
@@ -454,13 +459,13 @@ static void complete_req(MPI_Request saved, const MPI_Status *st)
     }
 }
 
-static void start_req(MPI_Request req)
+static void start_req(MPI_Request req, double t)
 {
     ent_t *e = tab_find(&g_reqs, req_key(req));
     if (!e) return;
     e->flags |= F_ACTIVE;
     if (e->flags & F_PSEND) {
-        st_sent(e->peer, e->bytes);
+        st_sent(e->peer, e->bytes, t);
         g_calls[e->call].bytes += e->bytes;
     }
 }
@@ -535,10 +540,10 @@ static void write_report(int finalized, double wall)
         if (!s->sent_messages && !s->recv_messages) continue;
         fprintf(f,
                 "%s\n  \"%d\":{\"sent_messages\":%llu,\"sent_bytes\":%llu,"
-                "\"recv_messages\":%llu,\"recv_bytes\":%llu}",
+                "\"recv_messages\":%llu,\"recv_bytes\":%llu,\"time_s\":%.9f}",
                 first ? "" : ",", p, (unsigned long long)s->sent_messages,
                 (unsigned long long)s->sent_bytes, (unsigned long long)s->recv_messages,
-                (unsigned long long)s->recv_bytes);
+                (unsigned long long)s->recv_bytes, s->time_s);
         first = 0;
     }
     fputs("}}\n", f);
@@ -643,7 +648,7 @@ int MPI_Finalize(void)
         }                                                                         \
         lock();                                                                   \
         st_call(ID_##NAME, b, dt_);                                               \
-        if (rc == MPI_SUCCESS && dest != MPI_PROC_NULL) st_sent(peer, b);         \
+        if (rc == MPI_SUCCESS && dest != MPI_PROC_NULL) st_sent(peer, b, dt_);         \
         unlock();                                                                 \
         return rc;                                                                \
     }
@@ -662,7 +667,7 @@ int MPI_Finalize(void)
         }                                                                          \
         lock();                                                                    \
         st_call(ID_##NAME, b, dt_);                                                \
-        if (rc == MPI_SUCCESS && dest != MPI_PROC_NULL) st_sent(peer, b);          \
+        if (rc == MPI_SUCCESS && dest != MPI_PROC_NULL) st_sent(peer, b, dt_);          \
         unlock();                                                                  \
         return rc;                                                                 \
     }
@@ -711,7 +716,7 @@ int MPI_Finalize(void)
         }                                                                           \
         lock();                                                                     \
         st_call(ID_##NAME, b, dt_);                                                 \
-        if (got) st_recv(peer, b);                                                  \
+        if (got) st_recv(peer, b, dt_);                                             \
         unlock();                                                                   \
         return rc;                                                                  \
     }
@@ -749,7 +754,7 @@ int MPI_Finalize(void)
             tab_del(&g_msgs, e);                                                    \
         }                                                                           \
         st_call(ID_##NAME, b, dt_);                                                 \
-        if (got) st_recv(peer, b);                                                  \
+        if (got) st_recv(peer, b, dt_);                                             \
         unlock();                                                                   \
         return rc;                                                                  \
     }
@@ -792,8 +797,8 @@ int MPI_Finalize(void)
         int rpeer = got ? world_rank(comm, st->MPI_SOURCE) : -1;                    \
         lock();                                                                     \
         st_call(ID_##NAME, sb + rb, dt_);                                           \
-        if (sent) st_sent(speer, sb);                                               \
-        if (got) st_recv(rpeer, rb);                                                \
+        if (sent) st_sent(speer, sb, dt_ / (sent + got));                           \
+        if (got) st_recv(rpeer, rb, dt_ / (sent + got));                            \
         unlock();                                                                   \
         return rc;                                                                  \
     }
@@ -814,8 +819,8 @@ int MPI_Finalize(void)
         int rpeer = got ? world_rank(comm, st->MPI_SOURCE) : -1;                    \
         lock();                                                                     \
         st_call(ID_##NAME, sb + rb, dt_);                                           \
-        if (sent) st_sent(speer, sb);                                               \
-        if (got) st_recv(rpeer, rb);                                                \
+        if (sent) st_sent(speer, sb, dt_ / (sent + got));                           \
+        if (got) st_recv(rpeer, rb, dt_ / (sent + got));                            \
         unlock();                                                                   \
         return rc;                                                                  \
     }
@@ -835,7 +840,7 @@ int MPI_Finalize(void)
         int rpeer = (ok && source != MPI_ANY_SOURCE) ? world_rank(comm, source) : -1; \
         lock();                                                                     \
         st_call(ID_##NAME, sb, dt_);                                                \
-        if (sent) st_sent(speer, sb);                                               \
+        if (sent) st_sent(speer, sb, dt_);                                          \
         if (ok && source != MPI_PROC_NULL)                                          \
             track_recv_posted(*request, ID_##NAME, comm, rpeer, rb_);               \
         unlock();                                                                   \
@@ -856,7 +861,7 @@ int MPI_Finalize(void)
         int rpeer = (ok && source != MPI_ANY_SOURCE) ? world_rank(comm, source) : -1; \
         lock();                                                                     \
         st_call(ID_##NAME, sb, dt_);                                                \
-        if (sent) st_sent(speer, sb);                                               \
+        if (sent) st_sent(speer, sb, dt_);                                          \
         if (ok && source != MPI_PROC_NULL)                                          \
             track_recv_posted(*request, ID_##NAME, comm, rpeer, rb_);               \
         unlock();                                                                   \
@@ -1013,7 +1018,7 @@ int MPI_Wait(MPI_Request *request, MPI_Status *status)
     TIMED(PMPI_Wait(request, st));
     lock();
     st_call(ID_MPI_Wait, 0, dt_);
-    if (rc == MPI_SUCCESS && maybe_tracked()) complete_req(saved, st);
+    if (rc == MPI_SUCCESS && maybe_tracked()) complete_req(saved, st, dt_);
     unlock();
     return rc;
 }
@@ -1026,7 +1031,7 @@ int MPI_Test(MPI_Request *request, int *flag, MPI_Status *status)
     TIMED(PMPI_Test(request, flag, st));
     lock();
     st_call(ID_MPI_Test, 0, dt_);
-    if (rc == MPI_SUCCESS && *flag && maybe_tracked()) complete_req(saved, st);
+    if (rc == MPI_SUCCESS && *flag && maybe_tracked()) complete_req(saved, st, dt_);
     unlock();
     return rc;
 }
@@ -1040,7 +1045,8 @@ int MPI_Waitany(int count, MPI_Request array_of_requests[], int *indx, MPI_Statu
     TIMED(PMPI_Waitany(count, array_of_requests, indx, st));
     lock();
     st_call(ID_MPI_Waitany, 0, dt_);
-    if (need && rc == MPI_SUCCESS && *indx != MPI_UNDEFINED) complete_req(saved[*indx], st);
+    if (need && rc == MPI_SUCCESS && *indx != MPI_UNDEFINED)
+        complete_req(saved[*indx], st, dt_);
     unlock();
     if (saved && saved != sbuf) free(saved);
     return rc;
@@ -1057,19 +1063,20 @@ int MPI_Testany(int count, MPI_Request array_of_requests[], int *indx, int *flag
     lock();
     st_call(ID_MPI_Testany, 0, dt_);
     if (need && rc == MPI_SUCCESS && *flag && *indx != MPI_UNDEFINED)
-        complete_req(saved[*indx], st);
+        complete_req(saved[*indx], st, dt_);
     unlock();
     if (saved && saved != sbuf) free(saved);
     return rc;
 }
 
 /* Waitall/Testall: on MPI_ERR_IN_STATUS only entries whose MPI_ERROR is
- * MPI_SUCCESS have completed. */
-static void complete_all(int n, const MPI_Request *saved, const MPI_Status *st, int rc)
+ * MPI_SUCCESS have completed.  The call's time `t` is shared evenly by its requests. */
+static void complete_all(int n, const MPI_Request *saved, const MPI_Status *st, int rc,
+                         double t)
 {
     for (int i = 0; i < n; i++) {
         if (rc == MPI_SUCCESS || (rc == MPI_ERR_IN_STATUS && st[i].MPI_ERROR == MPI_SUCCESS))
-            complete_req(saved[i], &st[i]);
+            complete_req(saved[i], &st[i], t / n);
     }
 }
 
@@ -1083,7 +1090,7 @@ int MPI_Waitall(int count, MPI_Request array_of_requests[], MPI_Status *array_of
     TIMED(PMPI_Waitall(count, array_of_requests, st));
     lock();
     st_call(ID_MPI_Waitall, 0, dt_);
-    if (need) complete_all(count, saved, st, rc);
+    if (need) complete_all(count, saved, st, rc, dt_);
     unlock();
     if (saved && saved != sbuf) free(saved);
     if (need && st != array_of_statuses && st != stbuf) free(st);
@@ -1101,7 +1108,7 @@ int MPI_Testall(int count, MPI_Request array_of_requests[], int *flag,
     TIMED(PMPI_Testall(count, array_of_requests, flag, st));
     lock();
     st_call(ID_MPI_Testall, 0, dt_);
-    if (need && (rc != MPI_SUCCESS || *flag)) complete_all(count, saved, st, rc);
+    if (need && (rc != MPI_SUCCESS || *flag)) complete_all(count, saved, st, rc, dt_);
     unlock();
     if (saved && saved != sbuf) free(saved);
     if (need && st != array_of_statuses && st != stbuf) free(st);
@@ -1109,12 +1116,12 @@ int MPI_Testall(int count, MPI_Request array_of_requests[], int *flag,
 }
 
 static void complete_some(int outcount, const int *indices, const MPI_Request *saved,
-                          const MPI_Status *st, int rc)
+                          const MPI_Status *st, int rc, double t)
 {
     if (outcount == MPI_UNDEFINED) return;
     for (int k = 0; k < outcount; k++) {
         if (rc == MPI_SUCCESS || (rc == MPI_ERR_IN_STATUS && st[k].MPI_ERROR == MPI_SUCCESS))
-            complete_req(saved[indices[k]], &st[k]);
+            complete_req(saved[indices[k]], &st[k], t / outcount);
     }
 }
 
@@ -1130,7 +1137,7 @@ int MPI_Waitsome(int incount, MPI_Request array_of_requests[], int *outcount,
     lock();
     st_call(ID_MPI_Waitsome, 0, dt_);
     if (need && (rc == MPI_SUCCESS || rc == MPI_ERR_IN_STATUS))
-        complete_some(*outcount, array_of_indices, saved, st, rc);
+        complete_some(*outcount, array_of_indices, saved, st, rc, dt_);
     unlock();
     if (saved && saved != sbuf) free(saved);
     if (need && st != array_of_statuses && st != stbuf) free(st);
@@ -1149,7 +1156,7 @@ int MPI_Testsome(int incount, MPI_Request array_of_requests[], int *outcount,
     lock();
     st_call(ID_MPI_Testsome, 0, dt_);
     if (need && (rc == MPI_SUCCESS || rc == MPI_ERR_IN_STATUS))
-        complete_some(*outcount, array_of_indices, saved, st, rc);
+        complete_some(*outcount, array_of_indices, saved, st, rc, dt_);
     unlock();
     if (saved && saved != sbuf) free(saved);
     if (need && st != array_of_statuses && st != stbuf) free(st);
@@ -1166,7 +1173,7 @@ int MPI_Start(MPI_Request *request)
     TIMED(PMPI_Start(request));
     lock();
     st_call(ID_MPI_Start, 0, dt_);
-    if (rc == MPI_SUCCESS && maybe_tracked()) start_req(r);
+    if (rc == MPI_SUCCESS && maybe_tracked()) start_req(r, dt_);
     unlock();
     return rc;
 }
@@ -1177,7 +1184,7 @@ int MPI_Startall(int count, MPI_Request array_of_requests[])
     lock();
     st_call(ID_MPI_Startall, 0, dt_);
     if (rc == MPI_SUCCESS && maybe_tracked())
-        for (int i = 0; i < count; i++) start_req(array_of_requests[i]);
+        for (int i = 0; i < count; i++) start_req(array_of_requests[i], dt_ / count);
     unlock();
     return rc;
 }
