@@ -95,6 +95,18 @@ def _assert_parts(run_dir: Path, data: Path, join: str) -> None:
                                        msg=f"rank {rank} {key}")
 
 
+def run_with_server_data(config: str, server_data: Path, data: Path, others: int,
+                         *overrides: str) -> subprocess.CompletedProcess[str]:
+    """MPMD under ``mpiexec``: rank 0 (the server) trains with ``data.path=server_data``,
+    the ``others`` ranks after it with ``data``; same hard timeout as ``run_mpi``."""
+    common = [sys.executable, "-m", "mpisplit", "train", config, *overrides]
+    command = [mpiexec(), "-n", "1", *common, f"data.path={server_data}", ":",
+               "-n", str(others), *common, f"data.path={data}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=MPIEXEC_TIMEOUT_S)
+
+
 def _records(run_dir: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in (run_dir / f"metrics-rank{rank}.jsonl").open()]
 
@@ -125,13 +137,8 @@ def test_labels_stay_at_party0(data: Path, tmp_path: Path) -> None:
         if "labels" not in path.name:
             (blind / path.name).symlink_to(path)
     run_dir = tmp_path / "run"
-    common = ["-m", "mpisplit", "train", CONFIG, f"run.dir={run_dir}", "scheme.join=mean",
-              "scheme.label_holder=party0", *ARGS]
-    command = [mpiexec(), "-n", "1", sys.executable, *common, f"data.path={blind}", ":",
-               "-n", str(PARTIES), sys.executable, *common, f"data.path={data}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT,
-                            timeout=MPIEXEC_TIMEOUT_S)
+    result = run_with_server_data(CONFIG, blind, data, PARTIES, f"run.dir={run_dir}",
+                                  "scheme.join=mean", "scheme.label_holder=party0", *ARGS)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_parts(run_dir, data, "mean")
     server, party0 = _records(run_dir, 0), _records(run_dir, 1)
