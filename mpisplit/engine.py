@@ -151,7 +151,8 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
         compressor=make_compressor(cfg.transport.compression, cfg.transport.topk_ratio),
     )
     header = {"rank": me.rank, "role": me.label, "host": socket.gethostname(),
-              "pid": os.getpid(), "node": os.environ.get("MPISPLIT_NODE", socket.gethostname())}
+              "pid": os.getpid(), "node": os.environ.get("MPISPLIT_NODE", socket.gethostname()),
+              "threads": torch.get_num_threads()}
     metrics = MetricsLog(run_dir, me.rank, header, flush_every=cfg.run.log_every,
                          append=run.resume is not None)
     if run.resume is not None:
