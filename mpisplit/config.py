@@ -221,11 +221,16 @@ class RunConfig:
     trace: bool = False
     """Write a Chrome-trace timeline per rank (``trace-rank<R>.json``): compute phases and
     every message (post, wait, transfer)."""
+    count_flops: bool = False
+    """Run the clients' forward and backward passes under ``FlopCounterMode`` and record
+    each pass's FLOPs in its trace span (slower; for checking ``mpisplit resources``)."""
     save_model: bool = True
     """Each rank saves its own trained part as ``model-rank<R>.pt`` (parts stay with owners)."""
 
     def __post_init__(self) -> None:
         _require(self.log_every >= 1, "run.log_every", f"must be >= 1, got {self.log_every}")
+        _require(self.trace or not self.count_flops, "run.count_flops",
+                 "records FLOPs in the trace: set run.trace: true as well")
 
 
 CHECKPOINTABLE = (

@@ -13,7 +13,8 @@ import pytest
 
 from mpisplit.pmpi import library_path, read_reports
 from mpisplit.prof import intervals as iv
-from mpisplit.prof.trace import load
+from mpisplit.prof.report import build, render
+from mpisplit.prof.trace import RankTrace, Span, Timeline, load
 from tests.conftest import ROOT, run_mpi
 
 STEPS = 12
@@ -55,6 +56,7 @@ def test_bytes_matrix_is_what_was_sent(profiled) -> None:
     assert {(b["sender"], b["receiver"]) for b in profile["bandwidth"]} == {
         (0, 1), (0, 2), (1, 0), (2, 0)}
     assert all(b["mb_per_s"] > 0 for b in profile["bandwidth"])
+    assert sorted(profile["collective_bytes"]) == ["0", "1", "2"]  # step plans, summary
 
 
 def test_fractions_and_statistics(profiled) -> None:
@@ -91,6 +93,29 @@ def test_pictures(profiled, name: str) -> None:
     assert path.stat().st_size > 10_000
     height, width, _ = matplotlib.image.imread(path).shape
     assert height >= 300 and width >= 400
+
+
+def test_collectives_are_communication() -> None:
+    """Time inside a collective is comm, not compute, even inside a compute span; its bytes
+    go to the per-rank, per-kind collective table, not the point-to-point matrix."""
+    def collective(name: str, start: float, end: float, kind: str, nbytes: int) -> Span:
+        return Span(f"collective {name}", "collective", start, end,
+                    {"kind": kind, "bytes_sent": nbytes, "bytes_received": nbytes, "step": 0})
+
+    spans = [Span("backward", "compute", 0.0, 10.0, {"step": 0}),
+             collective("weight average", 2.0, 5.0, "WEIGHTS", 400),
+             collective("gradient average", 6.0, 7.0, "GRADIENT", 100),
+             collective("weight average", 12.0, 13.0, "WEIGHTS", 400)]
+    timeline = Timeline([RankTrace(0, "client0", spans)], [], {0: 0.0}, {0: 0.0})
+    profile, states = build(timeline)
+    assert states[0].comm.tolist() == [[2, 5], [6, 7], [12, 13]]
+    row = profile["breakdown"][0]
+    assert (row["compute_s"], row["comm_s"], row["idle_s"]) == (6, 5, 2)
+    assert profile["collective_bytes"] == {0: {
+        "WEIGHTS": {"sent": 800, "received": 800, "calls": 2},
+        "GRADIENT": {"sent": 100, "received": 100, "calls": 1}}}
+    assert profile["bytes"] == [[0]]
+    assert "collective bytes per rank and kind" in render(profile)
 
 
 def test_interval_arithmetic() -> None:

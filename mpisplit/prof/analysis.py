@@ -5,11 +5,15 @@ rank to last span end of any rank, the same window for every rank):
 
 * **breakdown**: every instant of a rank is in exactly one state, the innermost wins:
   ``wait`` (a ``wait`` span: blocked until a message arrives), else ``comm`` (inside a
-  send/recv: moving bytes), else ``compute`` (inside a compute span), else ``idle`` (no span:
-  Python between phases, data loading, evaluation bookkeeping, before start/after finish).
-  The four fractions sum to 1.
+  send/recv: moving bytes, or inside a collective: weight averages, gradient allreduce,
+  the vertical cut's gather/scatter, barriers), else ``compute`` (inside a compute span,
+  data reads included), else ``idle`` (no span: Python between phases, evaluation
+  bookkeeping, before start/after finish). The four fractions sum to 1.
 * **bytes**: ``bytes[a][b]`` = Σ over a's sends to b of payload + ``HEADER_BYTES``, what MPI
-  moves (the transport counts the same, and so does the PMPI library).
+  moves (the transport counts the same, and so does the PMPI library). Point-to-point only.
+* **collective bytes**: per rank and kind, the bytes the rank contributed to collectives and
+  got back from them (its buffers, not the MPI library's wire traffic, which depends on the
+  algorithm), and how many it completed.
 * **bandwidth** of link a→b: its bytes over the time the link was busy, the union of a's
   send spans to b and b's recv spans from a.
 * **overlap** of rank r: the fraction of r's ``comm`` time during which at least one other
@@ -53,7 +57,7 @@ def states(rank: RankTrace) -> States:
         return iv.union([(s.start, s.end) for s in rank.spans if s.cat == cat])
 
     wait = of("wait")
-    comm = iv.subtract(of("comm"), wait)
+    comm = iv.subtract(iv.join(of("comm"), of("collective")), wait)
     compute = iv.subtract(of("compute"), iv.join(comm, wait))
     return States(compute, comm, wait)
 
@@ -81,6 +85,21 @@ def bytes_matrix(timeline: Timeline) -> tuple[np.ndarray, np.ndarray]:
         sent[rank, span.peer] += span.args["bytes"] + HEADER_BYTES
         count[rank, span.peer] += 1
     return sent, count
+
+
+def collective_bytes(timeline: Timeline) -> dict[int, dict[str, dict[str, int]]]:
+    """Per rank and kind: bytes sent to and received from collectives, and their count."""
+    out: dict[int, dict[str, dict[str, int]]] = {}
+    for r in timeline.ranks:
+        for span in r.spans:
+            if span.cat != "collective":
+                continue
+            row = out.setdefault(r.rank, {}).setdefault(
+                span.args["kind"], {"sent": 0, "received": 0, "calls": 0})
+            row["sent"] += span.args["bytes_sent"]
+            row["received"] += span.args["bytes_received"]
+            row["calls"] += 1
+    return out
 
 
 def bandwidth(timeline: Timeline, sent: np.ndarray) -> list[dict[str, float]]:

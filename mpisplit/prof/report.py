@@ -30,6 +30,7 @@ def build(timeline: Timeline) -> tuple[dict[str, Any], dict[int, analysis.States
         "breakdown": analysis.breakdown(timeline, all_states),
         "bytes": sent.tolist(),
         "messages": messages.tolist(),
+        "collective_bytes": analysis.collective_bytes(timeline),
         "bandwidth": analysis.bandwidth(timeline, sent),
         "comm_overlap_fraction": overlap,
         "bubble": analysis.bubble(by_rank[server], all_states[server]),
@@ -99,6 +100,7 @@ def render(profile: dict[str, Any]) -> str:
                      f"{timing:>28}")
     lines += ["", "bytes sent (row: sender, column: receiver), payload + headers:"]
     lines += ["  " + " ".join(f"{v:>12}" for v in row) for row in profile["bytes"]]
+    lines += _render_collectives(profile["collective_bytes"], labels)
     lines += ["", "links:"]
     lines += [f"  {b['sender']} -> {b['receiver']}: {plots.human_bytes(b['bytes']):>9} in "
               f"{b['busy_s'] * 1e3:.1f} ms busy = {b['mb_per_s']:.1f} MB/s"
@@ -111,6 +113,19 @@ def render(profile: dict[str, Any]) -> str:
                       f"{bubble['window_end_s']:.3f} s"]
     lines += _render_pmpi(profile.get("pmpi"))
     return "\n".join(lines)
+
+
+def _render_collectives(table: dict[int, dict[str, dict[str, int]]],
+                        labels: dict[int, str]) -> list[str]:
+    if not table:
+        return []
+    lines = ["", "collective bytes per rank and kind (contributed / got back, calls):"]
+    for rank, kinds in table.items():
+        for kind, row in sorted(kinds.items()):
+            lines.append(f"  {rank} {labels[rank]:<10} {kind:<11}"
+                         f"{plots.human_bytes(row['sent']):>10} /"
+                         f"{plots.human_bytes(row['received']):>10}  {row['calls']:>6}")
+    return lines
 
 
 def _render_pmpi(rows: list[dict[str, Any]] | None) -> list[str]:

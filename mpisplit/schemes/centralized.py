@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import contextlib
 
-from torch import nn
-
 from mpisplit.data import ShardReader
 from mpisplit.engine import RankContext, RankResult
-from mpisplit.failure import check_loss
 from mpisplit.runlog import Progress
 from mpisplit.schemes.common import (
     evaluate_locally,
     log,
+    next_batch,
     planned_steps,
     test_reader,
     training_batches,
     turn_schedule,
+    whole_model_gradients,
 )
 
 CUTS = None
@@ -46,17 +45,14 @@ def run(ctx: RankContext) -> RankResult:
         step = samples = 0
         for client, length in turn_schedule(steps, lengths):
             for _ in range(length):
-                batch = next(batches[client])
-                with ctx.tracer.span("step", step=step):
-                    logits = segment.module(batch.features.to(ctx.device))
-                    loss = check_loss(nn.functional.cross_entropy(
-                        logits, batch.labels.to(ctx.device)), step + 1)
-                    loss.backward()
+                batch = next_batch(ctx, batches[client], step)
+                loss = whole_model_gradients(ctx, segment, batch, step)
+                with ctx.tracer.span("optimizer", step=step):
                     segment.step()
                 step += 1
                 samples += len(batch.labels)
-                ctx.metrics.write({"step": step, "loss": float(loss.detach()), "client": client})
-                progress.update(step, float(loss.detach()))
+                ctx.metrics.write({"step": step, "loss": loss, "client": client})
+                progress.update(step, loss)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
                     evaluate_locally(ctx, segment.module, tests, step, client=0)
         final = evaluate_locally(ctx, segment.module, tests, step, client=0)

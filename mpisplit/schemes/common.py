@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from mpisplit.checkpoint import pack, unpack
 from mpisplit.config import TrainConfig
@@ -614,8 +615,7 @@ def run_client_turns(
         if first <= resumed and evaluation_due(resumed):  # it came after the checkpoint
             evaluate(resumed, False)
         for step in range(max(first, resumed + 1), last + 1):
-            with ctx.tracer.span("data", step=step - 1):
-                batch = next(batches)
+            batch = next_batch(ctx, batches, step - 1)
             loss = train_step(batch, step - 1)
             report.samples += len(batch.labels)
             record_client_step(ctx, step, loss)
@@ -665,7 +665,7 @@ def train_lower_client(ctx: RankContext, first_hop: int | Sequence[int],
         def train_step(batch: Batch, step: int) -> None:
             anchors, label_sends = [], []
             for index, part in enumerate(microbatches(batch, ctx.config.transport.microbatches)):
-                with ctx.tracer.span("forward", step=step, microbatch=index):
+                with compute_span(ctx, "forward", step=step, microbatch=index):
                     features = part.features.to(ctx.device)
                     activation = segment.module(features)
                 anchors.append(sender.train_fanout(activation, features, hops, step,
@@ -674,7 +674,7 @@ def train_lower_client(ctx: RankContext, first_hop: int | Sequence[int],
                 label_sends += [transport.isend(label_map(part.labels), hop, Kind.LABELS,
                                                 step=step, microbatch=index)
                                 for hop, label_map in zip(hops, label_maps, strict=True)]
-            with ctx.tracer.span("backward", step=step):
+            with compute_span(ctx, "backward", step=step):
                 for group in anchors:  # microbatch order: gradients arrive in that order
                     torch.autograd.backward(group)
             for pending in label_sends:
@@ -717,19 +717,23 @@ def client_comm(ctx: RankContext) -> MPI.Comm | None:
 def sample_weight(ctx: RankContext, comm: MPI.Comm, samples: int) -> float:
     """This member's share of all samples on ``comm``: its FedAvg weight."""
     total = np.array([samples], np.float64)
-    ctx.transport.complete(comm.Iallreduce(MPI.IN_PLACE, total, op=MPI.SUM), "sample count sum")
+    ctx.transport.complete(comm.Iallreduce(MPI.IN_PLACE, total, op=MPI.SUM), "sample count sum",
+                           kind=Kind.WEIGHTS, sent=total.nbytes, received=total.nbytes)
     return samples / total[0]
 
 
 def average_parameters(ctx: RankContext, comm: MPI.Comm, module: nn.Module, weight: float,
-                       plan: AveragingPlan) -> None:
-    """Replaces the parameters by their ``weight``-ed sum over ``comm`` (one raw Allreduce)."""
+                       plan: AveragingPlan, step: int = 0) -> None:
+    """Replaces the parameters by their ``weight``-ed sum over ``comm`` (one raw Allreduce
+    in the parameters' own dtype: one model's bytes in and out per member). ``step`` (the
+    index of the step it follows) labels the trace span."""
     params = list(module.parameters())
     with torch.no_grad():
-        flat = (torch.nn.utils.parameters_to_vector(params) * weight).to("cpu", torch.float64)
+        flat = (torch.nn.utils.parameters_to_vector(params) * weight).to("cpu")
         buffer = flat.numpy()
         ctx.transport.complete(comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM),
-                               "weight average", deadline=plan.lockstep)
+                               "weight average", deadline=plan.lockstep, kind=Kind.WEIGHTS,
+                               sent=buffer.nbytes, received=buffer.nbytes, step=step)
         torch.nn.utils.vector_to_parameters(torch.from_numpy(buffer).to(params[0]), params)
 
 
@@ -759,6 +763,39 @@ class AveragingPlan:
         return int(periodic) + int(self.at_end and step == last)
 
 
+@contextlib.contextmanager
+def compute_span(ctx: RankContext, name: str, **args: Any) -> Iterator[None]:
+    """A client's compute phase as a trace span; with ``run.count_flops`` the phase runs
+    under ``FlopCounterMode`` and the span records its FLOPs (what ``mpisplit resources``
+    predicts: matrix products and convolutions)."""
+    with ctx.tracer.span(name, **args) as recorded:
+        if not ctx.config.run.count_flops:
+            yield
+            return
+        with FlopCounterMode(display=False) as counter:
+            yield
+        recorded["flops"] = counter.get_total_flops()
+
+
+def next_batch(ctx: RankContext, batches: Iterator[Batch], step: int) -> Batch:
+    """The next training batch; the time it takes (the reader's prefetch fell behind) is the
+    step's "data" span."""
+    with ctx.tracer.span("data", step=step):
+        return next(batches)
+
+
+def whole_model_gradients(ctx: RankContext, segment: Segment, batch: Batch, step: int) -> float:
+    """Mean-loss gradients of the whole model on one batch (the baselines), as "forward"
+    and "backward" spans of step index ``step``; returns the loss."""
+    with compute_span(ctx, "forward", step=step):
+        logits = segment.module(batch.features.to(ctx.device))
+        loss = check_loss(nn.functional.cross_entropy(logits, batch.labels.to(ctx.device)),
+                          step + 1)
+    with compute_span(ctx, "backward", step=step):
+        loss.backward()
+    return float(loss.detach())
+
+
 def train_whole_model(ctx: RankContext, segment: Segment, reader: ShardReader,
                       tests: ShardReader, after_step: Callable[[int], None]) -> int:
     """Local training of a whole model on this client's shard (federated baselines);
@@ -766,18 +803,16 @@ def train_whole_model(ctx: RankContext, segment: Segment, reader: ShardReader,
     cfg = ctx.config
     total = planned_steps(len(reader), cfg.train)
     progress = make_progress(ctx, total)
+    batches = training_batches(reader, cfg.train)
     samples = 0
-    for step, batch in enumerate(training_batches(reader, cfg.train), start=1):
-        with ctx.tracer.span("step", step=step):
-            logits = segment.module(batch.features.to(ctx.device))
-            loss = check_loss(nn.functional.cross_entropy(logits, batch.labels.to(ctx.device)),
-                              step)
-            loss.backward()
+    for step in range(1, total + 1):
+        batch = next_batch(ctx, batches, step - 1)
+        loss = whole_model_gradients(ctx, segment, batch, step - 1)
+        with ctx.tracer.span("optimizer", step=step - 1):
             segment.step()
         after_step(step)
         samples += len(batch.labels)
-        finish_local_step(ctx, tests, segment.module, progress, step, total,
-                          float(loss.detach()))
+        finish_local_step(ctx, tests, segment.module, progress, step, total, loss)
     return samples
 
 

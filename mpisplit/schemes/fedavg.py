@@ -36,7 +36,7 @@ def run(ctx: RankContext) -> RankResult:
 
         def after_step(step: int) -> None:
             for _ in range(averaging.due(step, steps)):
-                average_parameters(ctx, comm, segment.module, weight, averaging)
+                average_parameters(ctx, comm, segment.module, weight, averaging, step - 1)
 
         samples = train_whole_model(ctx, segment, reader, tests, after_step)
         finals = [evaluate_locally(ctx, segment.module, tests, steps, 0)] if ctx.me.index == 0 \

@@ -7,26 +7,24 @@ A client whose shard is used up joins the remaining steps with a zero-weight con
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpisplit.data import Batch
 from mpisplit.engine import RankContext, RankResult
-from mpisplit.failure import check_loss
 from mpisplit.schemes.common import (
     client_reader,
     evaluate_locally,
     exchange_step_plans,
     finish_local_step,
     make_progress,
+    next_batch,
     planned_steps,
     test_reader,
     training_batches,
+    whole_model_gradients,
 )
-from mpisplit.segment import Segment
-from mpisplit.transport import Transport
+from mpisplit.transport import Kind, Transport
 
 CUTS = None
 ALLOWED: frozenset = frozenset()
@@ -42,11 +40,16 @@ def run(ctx: RankContext) -> RankResult:
         progress = make_progress(ctx, rounds)
         samples = 0
         for step in range(1, rounds + 1):
-            batch = next(batches, None)
-            size = 0 if batch is None else len(batch.labels)
-            with ctx.tracer.span("step", step=step):
-                loss = _local_gradients(ctx, segment, batch, step)
-                _average_gradients(ctx.transport, ctx.comm, segment.module, size)
+            if step <= mine:
+                batch = next_batch(ctx, batches, step - 1)
+                size = len(batch.labels)
+                loss = whole_model_gradients(ctx, segment, batch, step - 1)
+            else:  # shard used up: a zero-weight contribution
+                size, loss = 0, float("nan")
+                for param in segment.module.parameters():
+                    param.grad = torch.zeros_like(param)
+            _average_gradients(ctx.transport, ctx.comm, segment.module, size, step - 1)
+            with ctx.tracer.span("optimizer", step=step - 1):
                 segment.step()
             samples += size
             finish_local_step(ctx, tests, segment.module, progress, step, rounds, loss)
@@ -55,28 +58,17 @@ def run(ctx: RankContext) -> RankResult:
     return RankResult(steps=rounds, samples=samples, final_evals=finals, segment=segment)
 
 
-def _local_gradients(ctx: RankContext, segment: Segment, batch: Batch | None,
-                     step: int) -> float:
-    """Mean-loss gradients of this rank's batch (zero without a batch); returns the loss."""
-    if batch is None:
-        for param in segment.module.parameters():
-            param.grad = torch.zeros_like(param)
-        return float("nan")
-    logits = segment.module(batch.features.to(ctx.device))
-    loss = check_loss(nn.functional.cross_entropy(logits, batch.labels.to(ctx.device)), step)
-    loss.backward()
-    return float(loss.detach())
-
-
 def _average_gradients(transport: Transport, comm: MPI.Comm, module: nn.Module,
-                       batch_size: int) -> None:
-    """Batch-size-weighted mean of every rank's gradients, in place (one raw Allreduce)."""
+                       batch_size: int, step: int) -> None:
+    """Batch-size-weighted mean of every rank's gradients, in place (one raw Allreduce in
+    the parameters' dtype, the batch size as its last element)."""
     params = list(module.parameters())
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads]).to("cpu", torch.float64) * batch_size
-    buffer = np.append(flat.numpy(), float(batch_size))
-    transport.complete(comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM), "gradient average")
-    mean = torch.from_numpy(buffer[:-1] / buffer[-1])
+    flat = torch.cat([*(g.reshape(-1) for g in grads), grads[0].new_ones(1)]).cpu() * batch_size
+    buffer = flat.numpy()
+    transport.complete(comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM), "gradient average",
+                       kind=Kind.GRADIENT, sent=buffer.nbytes, received=buffer.nbytes, step=step)
+    mean = flat[:-1] / flat[-1]
     offset = 0
     for param in params:
         count = param.numel()

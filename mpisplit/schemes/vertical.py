@@ -322,10 +322,11 @@ class CutCollective:
             request = self.comm.Igatherv(np.empty(0, np.float32),
                                          [out, counts, displs, MPI.FLOAT], SERVER)
             self._count(self.traffic.recv_bytes, Kind.ACTIVATION, counts)
-            return Posted(self.ctx, request, out)
+            return Posted(self.ctx, request, out, Kind.ACTIVATION, received=out.nbytes)
         sent = _host_floats(activation)
         self.traffic.sent_bytes[self.server, Kind.ACTIVATION] += sent.nbytes
-        return Posted(self.ctx, self.comm.Igatherv(sent, None, SERVER), sent)
+        return Posted(self.ctx, self.comm.Igatherv(sent, None, SERVER), sent, Kind.ACTIVATION,
+                      sent=sent.nbytes)
 
     def scatter(self, gradient: np.ndarray | None, batch: int,
                 shape: Sequence[int] = ()) -> Posted:
@@ -336,10 +337,11 @@ class CutCollective:
             request = self.comm.Iscatterv([sent, counts, displs, MPI.FLOAT],
                                           np.empty(0, np.float32), SERVER)
             self._count(self.traffic.sent_bytes, Kind.GRADIENT, counts)
-            return Posted(self.ctx, request, sent)
+            return Posted(self.ctx, request, sent, Kind.GRADIENT, sent=sent.nbytes)
         out = np.empty(int(np.prod((batch, *shape))), np.float32)
         self.traffic.recv_bytes[self.server, Kind.GRADIENT] += out.nbytes
-        return Posted(self.ctx, self.comm.Iscatterv(None, out, SERVER), out)
+        return Posted(self.ctx, self.comm.Iscatterv(None, out, SERVER), out, Kind.GRADIENT,
+                      received=out.nbytes)
 
     def _count(self, table: np.ndarray, kind: Kind, counts: np.ndarray) -> None:
         for party, count in zip(self.parties, counts[1:], strict=True):
@@ -348,14 +350,19 @@ class CutCollective:
 
 @dataclass
 class Posted:
-    """A posted cut collective and its buffer (which must live until it completes)."""
+    """A posted cut collective and its buffer (which must live until it completes); the
+    kind and this rank's bytes in and out label its trace span."""
 
     ctx: RankContext
     request: MPI.Request
     buffer: np.ndarray
+    kind: Kind
+    sent: int = 0
+    received: int = 0
 
     def wait(self) -> np.ndarray:
-        self.ctx.transport.complete(self.request, "cut exchange")
+        self.ctx.transport.complete(self.request, "cut exchange", kind=self.kind,
+                                    sent=self.sent, received=self.received)
         return self.buffer
 
 
