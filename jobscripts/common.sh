@@ -12,12 +12,16 @@
 #
 # Settings (environment, all optional):
 #   MPISPLIT_LAUNCHER   srun | mpiexec (default srun; a heterogeneous job always uses srun)
-#   MPISPLIT_SRUN_MPI   srun's --mpi= type. Default: pmix when `srun --mpi=list` offers it,
-#                       else srun's own default (the site's MpiDefault). Set pmi2 where the
-#                       pmix plugin is listed but unusable (e.g. Debian without libpmix-dev).
+#   MPISPLIT_SRUN_MPI   srun's --mpi= type (empty: srun's own default, the site's MpiDefault).
+#                       Default: chosen by mpisplit_srun_mpi -- pmix when `srun --mpi=list`
+#                       offers it and mpi4py's MPI library speaks PMIx (Open MPI, or an MPICH
+#                       configured with PMIx), else pmi2 when offered (MPICH, Intel MPI),
+#                       else srun's default.
 #   MPISPLIT_MPIEXEC    the mpiexec to use (default: mpiexec on PATH)
 #   MPISPLIT            how to run the CLI (default: `mpisplit` on PATH, else
 #                       `$MPISPLIT_PYTHON -m mpisplit`, MPISPLIT_PYTHON default python3)
+#   MPISPLIT_PYTHON     the Python with mpi4py, asked which MPI library it loads (default:
+#                       the interpreter of the `mpisplit` entry point, else python3)
 #   MPISPLIT_RUNS       base directory for run dirs that the scripts name (default runs)
 #   MPISPLIT_GPU_BIND   local (default): a rank that sees several GPUs in CUDA_VISIBLE_DEVICES
 #                       keeps the one at index (local rank mod count); none: leave as is
@@ -25,7 +29,10 @@
 #                       and the job step has ended unfinished, requeue this job (`scontrol
 #                       requeue`); the requeued run resumes from its last checkpoint
 #   MPISPLIT_SHM_CLEANUP 1 (default): on a restart, remove our stale /dev/shm/mpich_* segments
-#   OMP_NUM_THREADS     default: SLURM_CPUS_PER_TASK, else 1
+#   MPISPLIT_THREADS    threads per rank (OMP_NUM_THREADS, MKL_NUM_THREADS, and torch's
+#                       intra-op threads). Default: SLURM_CPUS_PER_TASK -- it wins over an
+#                       OMP_NUM_THREADS inherited from the submitting shell -- else that
+#                       OMP_NUM_THREADS, else 1
 
 _mpisplit_log() { echo "mpisplit-job: $*" >&2; }
 _mpisplit_die() { _mpisplit_log "error: $*"; exit 2; }
@@ -35,8 +42,7 @@ _mpisplit_task() {
   # Node name of this rank: Slurm's node name (all "nodes" of a test cluster may share a
   # hostname), else the host. The engine records MPISPLIT_NODE in its metrics.
   export MPISPLIT_NODE=${SLURMD_NODENAME:-$(hostname -s)}
-  local threads=${MPISPLIT_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads} MKL_NUM_THREADS=${MKL_NUM_THREADS:-$threads}
+  _mpisplit_threads
   # Local rank: srun sets SLURM_LOCALID, hydra MPI_LOCALRANKID, Open MPI its own.
   local lrank=${SLURM_LOCALID:-${MPI_LOCALRANKID:-${OMPI_COMM_WORLD_LOCAL_RANK:-}}}
   if [ "${MPISPLIT_GPU_BIND:-local}" = local ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ] \
@@ -45,6 +51,10 @@ _mpisplit_task() {
     IFS=, read -r -a gpus <<<"$CUDA_VISIBLE_DEVICES"
     export CUDA_VISIBLE_DEVICES=${gpus[$((lrank % ${#gpus[@]}))]}
   fi
+  # srun's pmi2 and hydra set PMI_RANK; srun's pmix PMIX_RANK; SLURM_PROCID is srun's task.
+  _mpisplit_log "rank ${PMI_RANK:-${PMIX_RANK:-${OMPI_COMM_WORLD_RANK:-${SLURM_PROCID:-?}}}}" \
+    "on $MPISPLIT_NODE (local ${lrank:-?}): OMP_NUM_THREADS=$OMP_NUM_THREADS" \
+    "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset}"
   # A requeued job reuses its job id, so srun's PMI names the ranks' key space
   # "<job>.<step>" again, and MPICH derives its shared-memory segment name from it: a
   # segment left in /dev/shm by the killed first run would be attached to and hang the
@@ -54,6 +64,14 @@ _mpisplit_task() {
     _mpisplit_clean_shm
   fi
   exec "$@"
+}
+
+# Threads per rank: MPISPLIT_THREADS, else the job's SLURM_CPUS_PER_TASK (sbatch exports the
+# submitter's environment, so an OMP_NUM_THREADS set there must not win over the request),
+# else OMP_NUM_THREADS, else 1. The engine passes OMP_NUM_THREADS to torch.set_num_threads.
+_mpisplit_threads() {
+  local threads=${MPISPLIT_THREADS:-${SLURM_CPUS_PER_TASK:-${OMP_NUM_THREADS:-1}}}
+  export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
 }
 
 _mpisplit_clean_shm() {
@@ -78,8 +96,7 @@ MPISPLIT_JOBSCRIPTS=${MPISPLIT_JOBSCRIPTS:-$(cd "$(dirname "${BASH_SOURCE[0]}")"
 mpisplit_setup() {
   set -o pipefail
   export PYTHONUNBUFFERED=1
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
-  export MKL_NUM_THREADS=${MKL_NUM_THREADS:-$OMP_NUM_THREADS}
+  _mpisplit_threads
   if [ -z "${MPISPLIT:-}" ]; then
     if command -v mpisplit >/dev/null 2>&1; then MPISPLIT=$(command -v mpisplit)
     else MPISPLIT="${MPISPLIT_PYTHON:-python3} -m mpisplit"; fi
@@ -129,13 +146,50 @@ mpisplit_check_ntasks() {
   _mpisplit_log "ntasks check: config needs $need ranks, job has $have"
 }
 
-# srun's --mpi option (empty: srun's default).
+# The Python interpreter that runs the engine (and so has its mpi4py).
+_mpisplit_python() {
+  if [ -n "${MPISPLIT_PYTHON:-}" ]; then echo "$MPISPLIT_PYTHON"; return 0; fi
+  local first=${MPISPLIT%% *} line=
+  # An entry point installed by pip starts with "#!<its environment's python>".
+  [ -f "$first" ] && IFS= read -r line <"$first"
+  if [[ $line =~ ^#!(/[^[:space:]]*python[^[:space:]]*)$ ]]; then echo "${BASH_REMATCH[1]}"
+  elif [[ $first == *python* ]]; then echo "$first"
+  else echo python3; fi
+}
+
+# The MPI library mpi4py loads: MPI.Get_library_version() without MPI_Init (empty if unknown).
+mpisplit_mpi_library() {
+  "$(_mpisplit_python)" -c 'import mpi4py; mpi4py.rc.initialize = False
+from mpi4py import MPI; print(MPI.Get_library_version())' 2>/dev/null
+}
+
+# srun's --mpi option (empty: srun's default); logs the choice and why. srun offering a type
+# does not mean the MPI library speaks it: Open MPI talks PMIx, MPICH and Intel MPI PMI-1/2
+# (PMIx only when built with it), and a listed pmix plugin may not even load.
 mpisplit_srun_mpi() {
+  local type why
   if [ -n "${MPISPLIT_SRUN_MPI+x}" ]; then
-    [ -n "$MPISPLIT_SRUN_MPI" ] && echo "--mpi=$MPISPLIT_SRUN_MPI"
-    return 0
+    type=$MPISPLIT_SRUN_MPI why="set by MPISPLIT_SRUN_MPI"
+  else
+    local offered library name
+    offered=$(srun --mpi=list 2>&1 | awk '/^[[:space:]]+[a-z0-9_]+$/ {print $1}' | tr '\n' ' ')
+    library=$(mpisplit_mpi_library)
+    name=$(printf '%s\n' "$library" | head -n 1 | tr -s ' \t' ' ')
+    if [[ " $offered " == *" pmix "* ]] \
+        && { [[ $library == *"Open MPI"* ]] || printf '%s' "$library" | grep -Eqi 'with-pmix|with-pmi=pmix'; }; then
+      type=pmix why="srun offers: ${offered% }; MPI library '$name' speaks PMIx"
+    elif [[ " $offered " == *" pmi2 "* ]]; then
+      type=pmi2 why="srun offers: ${offered% }; MPI library '${name:-(could not ask mpi4py)}' is not PMIx-based"
+    else
+      type= why="srun offers: ${offered% }; no pmi2, and no pmix that the MPI library speaks"
+    fi
   fi
-  if srun --mpi=list 2>&1 | grep -qw pmix; then echo "--mpi=pmix"; fi
+  if [ -n "$type" ]; then
+    _mpisplit_log "launching with srun --mpi=$type ($why)"
+    echo "--mpi=$type"
+  else
+    _mpisplit_log "launching with srun's default MPI type, no --mpi ($why)"
+  fi
 }
 
 # Expand SLURM_JOB_NODELIST + SLURM_TASKS_PER_NODE ("2(x2),1") into hydra hostfile lines.
@@ -179,6 +233,11 @@ mpisplit_launch() {
     local mpi
     mpi=$(mpisplit_srun_mpi)
     cmd=(srun $mpi --kill-on-bad-exit=1 "${opts[@]}")
+    # The batch shell runs in component 0 of a heterogeneous job and holds its GPUs: srun
+    # would hand that CUDA_VISIBLE_DEVICES to every rank. Slurm sets it itself for the ranks
+    # of components that request GPUs; the others must not inherit component 0's.
+    [ -n "${SLURM_HET_SIZE:-}" ] \
+      && cmd=(env -u CUDA_VISIBLE_DEVICES -u GPU_DEVICE_ORDINAL -u ROCR_VISIBLE_DEVICES "${cmd[@]}")
     [ -n "${SLURM_CPUS_PER_TASK:-}" ] && cmd+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
   else
     local hostfile=${TMPDIR:-/tmp}/mpisplit-hosts.${SLURM_JOB_ID:-$$}

@@ -1,12 +1,19 @@
 """A real Slurm cluster on this machine for the job-script tier (``pytest tests/slurm``).
 
 The session fixture ``slurm`` installs Slurm (``tools/slurm/install.sh``: apt-get, as root),
-starts munged + slurmctld + slurmd n1, n2 under a temporary directory
+starts munged + slurmctld + slurmd for CPU nodes n1..n4 (partition ``debug``) and the GPU
+node g1 (partition ``gpu``, one GPU GRES backed by /dev/null: Slurm allocates it and sets
+CUDA_VISIBLE_DEVICES, there is no real GPU) under a temporary directory
 (``tools/slurm/cluster.sh``), hands the tests a :class:`Cluster`, and stops it all at the end.
 
 Where Slurm cannot be installed (not root, no apt-get, no network) the tier is skipped with
 the reason -- unless ``MPISPLIT_REQUIRE_SLURM=1`` (or ``CI``) is set: then it fails, so CI can
 never skip it silently.
+
+Time limits: installing (apt-get) and starting the cluster happen in the setup of the first
+test that uses ``slurm``, and stopping it in the teardown of the last; pytest-timeout's
+per-test limit covers setup and teardown, so those two tests get the install, start and
+stop budgets added to it (a slow package mirror must not fail the tier).
 """
 
 from __future__ import annotations
@@ -35,18 +42,47 @@ FINAL_STATES = {
 }
 INSTALL_TIMEOUT_S = 600
 START_TIMEOUT_S = 90
+STOP_TIMEOUT_S = 120
 NODES = 4
+"""CPU nodes n1..n4 in partition ``debug``; the GPU node g1 (partition ``gpu``) comes on top."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slurm: needs the local Slurm test cluster")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: the items that will run, in order
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.slurm)
+    users = [item for item in items if "slurm" in getattr(item, "fixturenames", ())]
+    base = _timeout(config)
+    if not users or not base:
+        return
+    first, last = users[0], users[-1]
+    extra = {id(first): INSTALL_TIMEOUT_S + START_TIMEOUT_S}
+    extra[id(last)] = extra.get(id(last), 0) + STOP_TIMEOUT_S
+    for item in {id(first): first, id(last): last}.values():
+        marker = item.get_closest_marker("timeout")
+        own = base
+        if marker is not None:
+            own = float(marker.args[0] if marker.args else marker.kwargs.get("timeout", base))
+        # Prepended: get_closest_marker (what pytest-timeout reads) finds it first.
+        item.add_marker(pytest.mark.timeout(own + extra[id(item)]), append=False)
+
+
+def _timeout(config: pytest.Config) -> float:
+    """pytest-timeout's per-test limit in seconds, looked up as the plugin does (option,
+    PYTEST_TIMEOUT, ini); 0 when there is none or the plugin is not installed."""
+    try:
+        value = config.getoption("timeout", None)
+        if value is None:
+            value = os.environ.get("PYTEST_TIMEOUT") or config.getini("timeout") or 0
+        return float(value)
+    except (ValueError, TypeError):
+        return 0.0
 
 
 def _required() -> bool:
@@ -188,10 +224,10 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
     directory = tmp_path_factory.mktemp("slurm")
     env = {**os.environ,
            "MPISPLIT_SLURM_PORT": str(_free_port(20000)),
-           "MPISPLIT_SLURM_NODE_PORT": str(_free_port(30000, 2)),
+           "MPISPLIT_SLURM_NODE_PORT": str(_free_port(30000, NODES + 1)),
            "MPISPLIT_SLURM_TIMEOUT": str(START_TIMEOUT_S - 10),
-           # n1, n2 as every site layout needs; n3, n4 so that vertical.sbatch can put each
-           # of the 4 ranks of configs/vertical-breast-cancer.yaml on a node of its own.
+           # n1, n2 as the multi-node scripts need; n3, n4 so that vertical.sbatch can put
+           # each of the 4 ranks of configs/vertical-breast-cancer.yaml on a node of its own.
            "MPISPLIT_SLURM_NODES": str(NODES)}
     cluster_sh = ["bash", str(TOOLS / "cluster.sh")]
     start = subprocess.run([*cluster_sh, "start", str(directory)], capture_output=True,
@@ -203,6 +239,6 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
         yield Cluster(directory)
     finally:
         stop = subprocess.run([*cluster_sh, "stop", str(directory)], capture_output=True,
-                              text=True, timeout=120, env=env)
+                              text=True, timeout=STOP_TIMEOUT_S, env=env)
         if stop.returncode != 0:
             print(f"cluster.sh stop failed:\n{stop.stdout}{stop.stderr}", file=sys.stderr)

@@ -24,11 +24,11 @@ echo done >"$DONE"
 """
 
 
-def test_cluster_nodes_idle_and_gpu_partition_is_n2(slurm) -> None:
-    nodes = slurm.run("sinfo", "-h", "-N", "-o", "%N %P %c %t").stdout.split("\n")
+def test_cluster_nodes_idle_and_gpu_partition_is_g1(slurm) -> None:
+    nodes = slurm.run("sinfo", "-h", "-N", "-o", "%N %P %c %t %G").stdout.split("\n")
     rows = {tuple(line.split()) for line in nodes if line.strip()}
-    assert ("n1", "debug*", "4", "idle") in rows and ("n2", "debug*", "4", "idle") in rows
-    assert {row[0] for row in rows if row[1] == "gpu"} == {"n2"}
+    cpu = {(f"n{i}", "debug*", "4", "idle", "(null)") for i in (1, 2, 3, 4)}
+    assert rows == cpu | {("g1", "gpu", "4", "idle", "gpu:1")}, rows
 
 
 def test_two_node_batch_job_runs_on_both_nodes(slurm, tmp_path: Path) -> None:

@@ -7,16 +7,19 @@ ranks ran on the nodes the script asked for (summary.json ``nodes``, recorded pe
 ``MPISPLIT_NODE``, which jobscripts/common.sh sets to ``SLURMD_NODENAME`` -- every "node"
 here shares one hostname).
 
-Launch on this one-machine cluster: Debian's srun lists ``pmix`` but its plugin cannot load
-without libpmix-dev (and two slurmd on one host would share PMIx's /tmp dirs), so the
-srun tests set ``MPISPLIT_SRUN_MPI=pmi2`` (MPICH's PMI client talks to Slurm's pmi2
-plugin); the mpiexec tests use hydra, which starts its proxies with srun.
+Launch: the srun jobs use common.sh's automatic ``srun --mpi`` choice, and the tests assert
+which type it took from the job log. Here mpi4py runs on the MPICH wheel (PMI-1/2, not
+PMIx), so that is pmi2 -- although Debian's srun also lists pmix (whose plugin cannot even
+load here); the pmix branch (Open MPI) is not exercised by this tier. The mpiexec tests use
+hydra, which starts its proxies with srun.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,21 +28,24 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
-try:
-    import mpisplit.cli  # noqa: F401
-
-    ENGINE = True
-except ImportError:
-    ENGINE = False
-
-pytestmark = pytest.mark.skipif(not ENGINE, reason="engine CLI not available")
-
 JOBSCRIPTS = ROOT / "jobscripts"
 CONFIGS = ROOT / "configs"
 VANILLA = "configs/vanilla-breast-cancer.yaml"
 SEQUENTIAL = "configs/vanilla-sequential-breast-cancer.yaml"
 JOB_TIMEOUT_S = 240
 TINY = ("train.epochs=1", "train.eval_every=0", "run.log_every=1000")
+RANK_LINE = re.compile(r"mpisplit-job: rank (\d+) on (\S+) \(local \S+\): "
+                       r"OMP_NUM_THREADS=(\d+) CUDA_VISIBLE_DEVICES=(\S+)")
+
+
+def _expected_srun_mpi() -> str:
+    """The --mpi type common.sh must pick here: pmix for a PMIx-based MPI (Open MPI), pmi2
+    for MPICH (srun here offers both)."""
+    library = subprocess.run(
+        [sys.executable, "-c", "import mpi4py; mpi4py.rc.initialize = False\n"
+         "from mpi4py import MPI; print(MPI.Get_library_version())"],
+        capture_output=True, text=True, timeout=60, check=True).stdout
+    return "pmix" if "Open MPI" in library else "pmi2"
 
 
 def config_clients(config: str) -> int:
@@ -53,7 +59,7 @@ class Submitted:
                  options: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.slurm, self.script, self.runs = slurm, script, runs
         runs.mkdir(parents=True, exist_ok=True)
-        self.env = {"MPISPLIT_RUNS": str(runs), "MPISPLIT_SRUN_MPI": "pmi2", **(env or {})}
+        self.env = {"MPISPLIT_RUNS": str(runs), **(env or {})}
         self.id = slurm.submit(JOBSCRIPTS / script, *args, env=self.env, options=options,
                                output=runs / "%x-%j.out")
         self._state: str | None = None
@@ -83,6 +89,21 @@ class Submitted:
         assert path.exists(), f"no {path}\n{self.slurm.describe(self.id)}"
         return json.loads(path.read_text())
 
+    def metrics_headers(self, name: str | None = None) -> list[dict]:
+        """The first record ("start") of each rank's metrics-rank<R>.jsonl, by rank."""
+        files = sorted(self.run_dir(name).glob("metrics-rank*.jsonl"),
+                       key=lambda f: int(f.stem.removeprefix("metrics-rank")))
+        return [json.loads(f.read_text().splitlines()[0]) for f in files]
+
+    def rank_lines(self) -> dict[int, tuple[str, int, str]]:
+        """common.sh's per-rank line: rank -> (node, OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES)."""
+        return {int(m[1]): (m[2], int(m[3]), m[4])
+                for m in RANK_LINE.finditer(self.slurm.output(self.id))}
+
+    def assert_srun_mpi(self, expected: str) -> None:
+        out = self.slurm.output(self.id)
+        assert f"mpisplit-job: launching with srun --mpi={expected} (" in out, out[-3000:]
+
 
 @pytest.fixture(scope="module")
 def data(dataset) -> dict[int, Path]:
@@ -102,11 +123,14 @@ def jobs(slurm, data: dict[int, Path], tmp_path_factory) -> dict[str, Submitted]
         "multi-mpiexec": Submitted(slurm, "multi-node.sbatch", base / "multi-mpiexec",
                                    VANILLA, path3, *TINY, env={"MPISPLIT_LAUNCHER": "mpiexec"}),
         "het": Submitted(slurm, "hetjob.sbatch", base / "het", VANILLA, path3, *TINY),
-        # Tasks 1 and 2 of the 2 cuts x 2 configs grid: (head, parallel), (fc2, sequential).
+        # The script's own grid: its default cuts x configs over its default --array.
         "sweep": Submitted(slurm, "sweep.sbatch", base / "sweep", path3, *TINY,
-                           options=("--array=1-2",),
-                           env={"MPISPLIT_SWEEP_CUTS": "fc2 head",
-                                "MPISPLIT_SWEEP_CONFIGS": f"{VANILLA} {SEQUENTIAL}"}),
+                           "train.max_steps=4"),
+        # The submitting shell's OMP_NUM_THREADS=1 (as tools/test.sh exports) must not win
+        # over --cpus-per-task=2.
+        "threads": Submitted(slurm, "multi-node.sbatch", base / "threads", VANILLA, path3,
+                             *TINY, "train.max_steps=4", options=("--cpus-per-task=2",),
+                             env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
     }
     yield submitted
     for job in submitted.values():
@@ -120,6 +144,7 @@ def test_single_node(jobs: dict[str, Submitted]) -> None:
     (record,) = job.slurm.records(job.id)
     assert summary["world_size"] == 4
     assert summary["nodes"] == [record["NodeList"]] * 4
+    job.assert_srun_mpi(_expected_srun_mpi())
 
 
 @pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
@@ -135,6 +160,27 @@ def test_multi_node_spreads_clients(jobs: dict[str, Submitted], launcher: str) -
     out = job.slurm.output(job.id)
     assert f"launcher {launcher}" in out
     assert "ntasks check: config needs 4 ranks, job has 4" in out
+    if launcher == "srun":
+        job.assert_srun_mpi(_expected_srun_mpi())
+    else:
+        assert "launching with srun" not in out
+    assert {rank: node for rank, (node, _, _) in job.rank_lines().items()} \
+        == dict(enumerate(summary["nodes"]))
+
+
+def test_cpus_per_task_sets_torch_threads(jobs: dict[str, Submitted]) -> None:
+    job = jobs["threads"]
+    job.assert_completed()
+    (record,) = job.slurm.records(job.id)
+    assert record["NumCPUs"] == "8", record
+    headers = job.metrics_headers()
+    assert [h["rank"] for h in headers] == [0, 1, 2, 3]
+    assert [h["threads"] for h in headers] == [2, 2, 2, 2], headers
+    assert [threads for _, threads, _ in job.rank_lines().values()] == [2, 2, 2, 2]
+
+
+def _partition_nodes(slurm, partition: str) -> set[str]:
+    return set(slurm.run("sinfo", "-h", "-N", "-p", partition, "-o", "%N").stdout.split())
 
 
 def test_hetjob_server_on_gpu_partition(jobs: dict[str, Submitted]) -> None:
@@ -142,56 +188,71 @@ def test_hetjob_server_on_gpu_partition(jobs: dict[str, Submitted]) -> None:
     job.assert_completed()
     records = job.slurm.records(job.id)
     assert [r["Partition"] for r in records] == ["gpu", "debug"]
+    assert "gpu:1" in records[0].get("TresPerNode", ""), records[0]
     summary = job.summary(f"mpisplit-het-{job.id}")
-    # One MPI job over both components: rank 0 (server) on the gpu partition's node.
+    # One MPI job over both components: rank 0 (server) on the gpu partition's node, the
+    # clients on CPU nodes (the partitions do not overlap).
+    gpu, debug = _partition_nodes(job.slurm, "gpu"), _partition_nodes(job.slurm, "debug")
+    assert gpu and not gpu & debug
     assert summary["world_size"] == 4
     assert summary["roles"][0] == "server"
-    assert summary["nodes"][0] == "n2"
-    debug = set(job.slurm.run("sinfo", "-h", "-N", "-p", "debug", "-o", "%N").stdout.split())
+    assert summary["nodes"][0] in gpu
     assert set(summary["nodes"][1:]) <= debug
+    # Slurm gave the server rank its GPU (index 0 of g1's one GPU; no real device here);
+    # the clients did not inherit the batch shell's CUDA_VISIBLE_DEVICES.
+    ranks = job.rank_lines()
+    assert sorted(ranks) == [0, 1, 2, 3], job.slurm.output(job.id)[-3000:]
+    assert ranks[0][2] == "0"
+    assert [ranks[r][2] for r in (1, 2, 3)] == ["unset"] * 3
+    job.assert_srun_mpi(_expected_srun_mpi())
 
 
 def test_sweep_array_runs_each_task_in_its_own_dir(jobs: dict[str, Submitted]) -> None:
+    """sweep.sbatch as shipped: --array=0-3 over cuts (fc2, head) x (vanilla, SplitFed)."""
     job = jobs["sweep"]
     job.assert_completed()
-    expected = {1: ("head", "parallel"), 2: ("fc2", "sequential")}
-    for task, (cut, order) in expected.items():
+    records = job.slurm.records(job.id)
+    assert sorted(int(r["ArrayTaskId"]) for r in records) == [0, 1, 2, 3], records
+    expected = {0: ("fc2", "vanilla"), 1: ("head", "vanilla"),
+                2: ("fc2", "splitfed"), 3: ("head", "splitfed")}
+    for task, (cut, scheme) in expected.items():
         run = job.run_dir(f"sweep-{job.id}/{task}")
         summary = job.summary(f"sweep-{job.id}/{task}")
         config = yaml.safe_load((run / "config.yaml").read_text())
-        assert config["model"]["cuts"] == [cut]
-        assert summary["client_order"] == order
+        assert config["model"]["cuts"] == [cut], task
+        assert summary["scheme"] == scheme, task
         assert len(summary["nodes"]) == 4
 
 
-def _optional_config(name: str) -> str:
-    config = f"configs/{name}"
-    if not (ROOT / config).exists():
-        pytest.skip(f"{config} not in the checkout yet")
-    return config
-
-
 def test_ushaped(slurm, dataset, tmp_path: Path) -> None:
-    config = _optional_config("ushaped-breast-cancer.yaml")
+    config = "configs/ushaped-breast-cancer.yaml"
     path = dataset("breast_cancer", clients=config_clients(config))
     job = Submitted(slurm, "ushaped.sbatch", tmp_path, config, f"data.path={path}", *TINY)
     job.assert_completed()
     summary = job.summary()
-    assert sorted(set(summary["nodes"])) == job.hosts()
+    # 2 nodes x 2 ranks, cyclic (as multi-node.sbatch): server and client1 on the first.
+    first, second = job.hosts()
+    assert summary["nodes"] == [first, second, first, second], summary
+    assert summary["scheme"] == "ushaped" and summary["roles"][0] == "server"
 
 
 def test_vertical_one_rank_per_node(slurm, dataset, tmp_path: Path) -> None:
-    config = _optional_config("vertical-breast-cancer.yaml")
+    """vertical.sbatch with its own header (--nodes=4 --ntasks-per-node=1)."""
+    config = "configs/vertical-breast-cancer.yaml"
     path = dataset("breast_cancer", clients=config_clients(config), partition="vertical")
     args = (config, f"data.path={path}", *TINY)
     ntasks = int(slurm.run("mpisplit", "topology", *args, "--ntasks").stdout.split()[-1])
-    nodes = int(slurm.run("sinfo", "-h", "-p", "debug", "-o", "%D").stdout.split()[0])
-    if ntasks > nodes:
-        pytest.skip(f"{config} needs {ntasks} nodes; the test cluster has {nodes}")
-    job = Submitted(slurm, "vertical.sbatch", tmp_path, *args, options=(f"--nodes={ntasks}",))
+    header = re.search(r"^#SBATCH --nodes=(\d+)$", (JOBSCRIPTS / "vertical.sbatch").read_text(),
+                       re.MULTILINE)
+    assert header and int(header[1]) == ntasks, "vertical.sbatch's --nodes != the config's ranks"
+    nodes = len(_partition_nodes(slurm, "debug"))
+    assert ntasks <= nodes, f"{config} needs {ntasks} nodes; the test cluster has {nodes}"
+    job = Submitted(slurm, "vertical.sbatch", tmp_path, *args)
     job.assert_completed()
     summary = job.summary()
-    assert sorted(summary["nodes"]) == job.hosts() and len(job.hosts()) == ntasks
+    hosts = job.hosts()
+    assert len(hosts) == ntasks
+    assert summary["nodes"] == hosts, summary  # rank i on the job's i-th node
 
 
 def _wait_for_training(job: Submitted, timeout: float = 120) -> None:
