@@ -5,23 +5,35 @@ Computation is counted on the real model parts (the zoo's layer plan cut where a
 cut it) with ``torch.utils.flop_counter.FlopCounterMode``, forward + backward, on meta
 tensors (shapes only: ResNet-50 costs no arithmetic). It counts matrix products and
 convolutions (2 FLOPs per multiply-add); normalisation, activations and the optimizer are
-not counted. Per client: n = samples / clients samples per epoch, b = ceil(n / batch) batches,
-E epochs, H = ``HEADER_BYTES`` per message (the transport's header, so real runs compare).
+not counted. A run with ``run.count_flops: true`` records the same count per trace span.
 
-* **split** (vanilla, round-robin): per batch the client sends the cut activation and the
-  labels (int64) and receives the cut gradient, one message each; per epoch it receives
-  the client part's weights from the previous client and hands them to the next (steady
-  state: one hand-over in and one out per epoch; weights and buffers only — mpisplit also
-  hands over optimizer state, one more copy of the weights with momentum, two with Adam).
-  The client computes its part only.
-* **splitfed**: the same cut traffic; per round (an epoch) the client uploads its part to
-  the averaging server and downloads the average. The client computes its part only.
-* **fedavg**: per round (an epoch of local training) the client downloads the whole model
-  and uploads its update, and computes the whole model.
-* **syncsgd** (large-batch synchronous SGD): every batch, a ring allreduce of the gradient
-  (P = parameter bytes) over the clients; each rank sends and receives 2(K-1)/K·P ≈ 2·P per
-  step, counted as 2·P each way (an ``MPI_Allreduce``: no mpisplit header). The client
-  computes the whole model.
+Communication is what mpisplit's schemes move while training (evaluation passes are not
+counted), counted the way a trace counts it, so a traced run can be compared with it:
+
+* a point-to-point message costs its payload plus H = ``HEADER_BYTES`` (the transport's
+  header), as in the bytes matrix of ``mpisplit prof report``;
+* a collective costs the bytes a rank contributes and the bytes it gets back (its own
+  buffers, no header): an averaging Allreduce is one copy of the averaged parameters sent
+  and one received per member, whatever the MPI library's algorithm puts on the wire.
+
+Per client: n = samples / clients samples per epoch, b = ceil(n / batch) batches per
+epoch, E epochs, s = b·E steps, K clients; an averaging point every ``average_every`` steps
+(default: once per epoch) and a last one after the end, a = ceil(s / average_every)
+averages.
+
+* **split** (vanilla, sequential: one client trains a turn of one epoch, then hands its
+  part to the next): per batch the client sends the cut activation and the labels (int64)
+  and receives the cut gradient, one message each. The K·E turns need K·E − 1 hand-overs,
+  each the client segment serialised as the engine sends it (weights, optimizer state and
+  schedule, ``Segment.state_bytes``): (K·E − 1)/K in and out per client on average. The
+  client computes its part only.
+* **splitfed**: the same cut traffic; a averages of the client part's parameters with an
+  Allreduce among the clients (no averaging server). The client computes its part only.
+* **fedavg**: a averages of the whole model's parameters (Allreduce), plus one Allreduce of
+  the sample count (8 bytes) for the weights. The client computes the whole model.
+* **syncsgd** (large-batch synchronous SGD): every step one Allreduce of the gradients with
+  the batch size appended (parameter bytes + one element). The client computes the whole
+  model.
 """
 
 from __future__ import annotations
@@ -37,11 +49,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mpisplit.config import ModelConfig
-from mpisplit.models import build_layers, cut_indices, layer_plan
+from mpisplit.config import ModelConfig, TrainConfig
+from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan
+from mpisplit.segment import Segment
 from mpisplit.transport import HEADER_BYTES
 
 LABEL_BYTES = 8
+SAMPLE_COUNT_BYTES = 8
 SCHEMES = ("split", "splitfed", "fedavg", "syncsgd")
 
 
@@ -55,6 +69,12 @@ class Workload:
     clients: int
     epochs: int
     batch_size: int
+    average_every: int = 0
+    """Steps between SplitFed/FedAvg averages (``scheme.fedavg_every``); 0 = one epoch."""
+    optimizer: str = "sgd"
+    """The optimizer whose state a split-learning hand-over carries (``train.optimizer``)."""
+    momentum: float = 0.0
+    """SGD momentum (``train.momentum``): a momentum buffer is handed over too."""
 
     @property
     def samples_per_client(self) -> float:
@@ -63,6 +83,14 @@ class Workload:
     @property
     def batches_per_epoch(self) -> int:
         return math.ceil(self.samples_per_client / self.batch_size)
+
+    @property
+    def steps(self) -> int:
+        return self.batches_per_epoch * self.epochs
+
+    @property
+    def averages(self) -> int:
+        return math.ceil(self.steps / (self.average_every or self.batches_per_epoch))
 
 
 @dataclass(frozen=True)
@@ -73,9 +101,10 @@ class ModelCosts:
     model_flops_per_sample: float
     cut_bytes_per_sample: int
     cut_shape: tuple[int, ...]
-    client_state_bytes: int
-    model_state_bytes: int
+    handover_bytes: int
+    client_param_bytes: int
     model_param_bytes: int
+    param_element_bytes: int
     params: int
     client_params: int
 
@@ -93,13 +122,32 @@ class ClientCost:
         return self.bytes_sent + self.bytes_received
 
 
-def model_parts(work: Workload) -> tuple[nn.Sequential, nn.Sequential]:
-    """(client part, whole model), built on the meta device (no memory, no init cost)."""
+def plan_and_cut(work: Workload) -> tuple[LayerPlan, int]:
+    """The zoo's layer plan and the index of the first layer of the server's part."""
     plan = layer_plan(ModelConfig(name=work.model, cuts=(work.cut,)), work.input_shape,
                       work.classes)
     (cut,) = cut_indices(plan, [work.cut], key="--cut")
+    return plan, cut
+
+
+def model_parts(work: Workload) -> tuple[nn.Sequential, nn.Sequential]:
+    """(client part, whole model), built on the meta device (no memory, no init cost)."""
+    plan, cut = plan_and_cut(work)
     with torch.device("meta"):
         return build_layers(plan, 0, cut, 0), build_layers(plan, 0, len(plan), 0)
+
+
+def handover_bytes(work: Workload) -> int:
+    """Payload of one hand-over: the client segment serialised by the engine's own code,
+    after a step so that the optimizer state exists (built on the CPU: client parts are
+    small)."""
+    plan, cut = plan_and_cut(work)
+    train = TrainConfig(optimizer=work.optimizer, momentum=work.momentum)
+    segment = Segment.create(build_layers(plan, 0, cut, 0), train, work.steps)
+    for param in segment.module.parameters():
+        param.grad = torch.zeros_like(param)
+    segment.step()
+    return segment.state_bytes().numel()
 
 
 def train_flops(module: nn.Module, input_shape: Sequence[int], batch: int) -> float:
@@ -111,10 +159,6 @@ def train_flops(module: nn.Module, input_shape: Sequence[int], batch: int) -> fl
         out = module(x)
         out.backward(torch.ones_like(out))
     return float(counter.get_total_flops())
-
-
-def state_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 def param_bytes(module: nn.Module) -> int:
@@ -130,9 +174,10 @@ def model_costs(work: Workload) -> ModelCosts:
         model_flops_per_sample=train_flops(whole, work.input_shape, batch) / batch,
         cut_bytes_per_sample=cut.numel() * cut.element_size(),
         cut_shape=tuple(cut.shape[1:]),
-        client_state_bytes=state_bytes(client),
-        model_state_bytes=state_bytes(whole),
+        handover_bytes=handover_bytes(work),
+        client_param_bytes=param_bytes(client),
         model_param_bytes=param_bytes(whole),
+        param_element_bytes=next(whole.parameters()).element_size(),
         params=sum(p.numel() for p in whole.parameters()),
         client_params=sum(p.numel() for p in client.parameters()),
     )
@@ -154,18 +199,24 @@ def per_client(work: Workload, costs: ModelCosts) -> list[ClientCost]:
     client_flops = costs.client_flops_per_sample * samples
     model_flops = costs.model_flops_per_sample * samples
     cut = cut_traffic(work, costs)
-    part = work.epochs * (costs.client_state_bytes + HEADER_BYTES)
-    whole = work.epochs * (costs.model_state_bytes + HEADER_BYTES)
-    allreduce = work.epochs * work.batches_per_epoch * 2 * costs.model_param_bytes
     up = cut["activations"] + cut["labels"]
+    handovers = (work.clients * work.epochs - 1) / work.clients
+    handover = handovers * (costs.handover_bytes + HEADER_BYTES)
+    client_average = work.averages * costs.client_param_bytes
+    model_average = work.averages * costs.model_param_bytes
+    gradients = work.steps * (costs.model_param_bytes + costs.param_element_bytes)
     return [
-        ClientCost("split", client_flops, up + part, cut["gradients"] + part,
-                   {**cut, "handover_in": part, "handover_out": part}),
-        ClientCost("splitfed", client_flops, up + part, cut["gradients"] + part,
-                   {**cut, "upload": part, "download": part}),
-        ClientCost("fedavg", model_flops, whole, whole, {"upload": whole, "download": whole}),
-        ClientCost("syncsgd", model_flops, allreduce, allreduce,
-                   {"allreduce_sent": allreduce, "allreduce_received": allreduce}),
+        ClientCost("split", client_flops, up + handover, cut["gradients"] + handover,
+                   {**cut, "handover_in": handover, "handover_out": handover}),
+        ClientCost("splitfed", client_flops, up + client_average,
+                   cut["gradients"] + client_average,
+                   {**cut, "average_sent": client_average, "average_received": client_average}),
+        ClientCost("fedavg", model_flops, model_average + SAMPLE_COUNT_BYTES,
+                   model_average + SAMPLE_COUNT_BYTES,
+                   {"average_sent": model_average, "average_received": model_average,
+                    "sample_count": SAMPLE_COUNT_BYTES}),
+        ClientCost("syncsgd", model_flops, gradients, gradients,
+                   {"allreduce_sent": gradients, "allreduce_received": gradients}),
     ]
 
 
@@ -200,7 +251,8 @@ def main(args: argparse.Namespace) -> int:
     results = []
     for clients in args.clients:
         work = Workload(args.model, args.cut, args.input_shape, args.classes, args.samples,
-                        clients, args.epochs, args.batch_size)
+                        clients, args.epochs, args.batch_size, args.average_every,
+                        args.optimizer, args.momentum)
         results.append(estimate(work))
         print(render(results[-1]))
     if args.json is not None:

@@ -30,6 +30,11 @@ def add_resources_arguments(parser: argparse.ArgumentParser) -> None:
                         help="client count (repeat for several)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--average-every", type=int, default=0,
+                        help="steps between SplitFed/FedAvg averages (0: one epoch)")
+    parser.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd",
+                        help="optimizer whose state a split-learning hand-over carries")
+    parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.set_defaults(handler=_resources)
 
