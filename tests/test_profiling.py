@@ -65,6 +65,9 @@ def test_fractions_and_statistics(profiled) -> None:
         fractions = [row[f"{k}_fraction"] for k in ("compute", "comm", "wait", "idle")]
         assert sum(fractions) == pytest.approx(1.0, abs=1e-9), rank
         assert min(fractions) >= 0 and row["compute_s"] > 0
+    lo, hi = profile["window_s"]
+    assert hi - lo == pytest.approx(profile["wall_s"])
+    assert profile["setup_s"] == pytest.approx(lo) and lo > 0  # step plans come first
     assert profile["steps"]["0"]["steps"] == 2 * STEPS
     assert profile["steps"]["1"]["steps"] == profile["steps"]["2"]["steps"] == STEPS
     for stats in profile["steps"].values():

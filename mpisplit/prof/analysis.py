@@ -1,7 +1,8 @@
 """The metrics of ``profile.json``, each a pure function of an aligned ``Timeline``.
 
-Definitions (all on the common clock, over the run window ``wall`` = first span start of any
-rank to last span end of any rank, the same window for every rank):
+Definitions (all on the common clock, over the run window ``wall`` = start of the first
+training step of any rank to last span end of any rank, the same window for every rank; the
+start-up before it, from the first span, is ``setup_s``):
 
 * **breakdown**: every instant of a rank is in exactly one state, the innermost wins:
   ``wait`` (a ``wait`` span: blocked until a message arrives), else ``comm`` (inside a
@@ -52,9 +53,11 @@ class States:
         return iv.join(self.compute, self.comm, self.wait)
 
 
-def states(rank: RankTrace) -> States:
+def states(rank: RankTrace, window: tuple[float, float]) -> States:
+    """The rank's states inside the run window."""
     def of(cat: str) -> iv.Intervals:
-        return iv.union([(s.start, s.end) for s in rank.spans if s.cat == cat])
+        return iv.clip(iv.union([(s.start, s.end) for s in rank.spans if s.cat == cat]),
+                       *window)
 
     wait = of("wait")
     comm = iv.subtract(iv.join(of("comm"), of("collective")), wait)

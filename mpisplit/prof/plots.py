@@ -25,10 +25,10 @@ def rank_labels(labels: dict[int, str]) -> list[str]:
 
 
 def timeline(path: Path, all_states: dict[int, States], labels: dict[int, str],
-             wall: float, zoom: tuple[float, float] | None) -> Path:
-    """Ranks as rows, whole run on top and, when given, a zoom on a few steady-state steps
-    below (single steps are invisible at the scale of the whole run)."""
-    panels = [(0.0, wall, "whole run")]
+             window: tuple[float, float], zoom: tuple[float, float] | None) -> Path:
+    """Ranks as rows, the run window on top and, when given, a zoom on a few steady-state
+    steps below (single steps are invisible at the scale of the whole run)."""
+    panels = [(*window, "whole run (from the first training step)")]
     if zoom is not None:
         panels.append((*zoom, "steady state (zoom)"))
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 1.2 + 1.6 * len(panels)
@@ -101,7 +101,7 @@ def breakdown_bars(path: Path, fractions: dict[int, dict[str, float]],
                 ax.text(x, b + v / 2, f"{v:.0%}", ha="center", va="center", fontsize=8)
         bottom += values
     ax.set_xticks(range(len(ranks)), rank_labels({r: labels[r] for r in ranks}))
-    ax.set_ylabel("fraction of run wall time")
+    ax.set_ylabel("fraction of the run window")
     ax.set_ylim(0, 1)
     ax.legend(loc="upper left", bbox_to_anchor=(1, 1), frameon=False)
     fig.tight_layout()

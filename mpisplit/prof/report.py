@@ -18,13 +18,15 @@ ZOOM_STEPS = 6
 
 def build(timeline: Timeline) -> tuple[dict[str, Any], dict[int, analysis.States]]:
     """Every metric of the profile (definitions in ``mpisplit.prof.analysis``)."""
-    all_states = {r.rank: analysis.states(r) for r in timeline.ranks}
+    all_states = {r.rank: analysis.states(r, timeline.window) for r in timeline.ranks}
     sent, messages = analysis.bytes_matrix(timeline)
     server = analysis.server_rank(timeline, sent)
     by_rank = {r.rank: r for r in timeline.ranks}
     overlap = analysis.overlap(all_states)
     profile = {
         "wall_s": timeline.wall,
+        "window_s": list(timeline.window),
+        "setup_s": timeline.first_step - timeline.start,
         "ranks": [{"rank": r.rank, "label": r.label} for r in timeline.ranks],
         "clock": {"offset_s": timeline.offsets_s, "uncertainty_s": timeline.uncertainty_s},
         "breakdown": analysis.breakdown(timeline, all_states),
@@ -60,7 +62,8 @@ def zoom_window(profile: dict[str, Any]) -> tuple[float, float] | None:
         return None
     middle = (bubble["window_start_s"] + bubble["window_end_s"]) / 2
     half = ZOOM_STEPS * steps["median_s"] / 2
-    return max(middle - half, 0.0), min(middle + half, profile["wall_s"])
+    lo, hi = profile["window_s"]
+    return max(middle - half, lo), min(middle + half, hi)
 
 
 def write(run_dir: Path, out: Path) -> dict[str, Any]:
@@ -74,7 +77,7 @@ def write(run_dir: Path, out: Path) -> dict[str, Any]:
     labels = {r.rank: r.label for r in timeline.ranks}
     (out / "trace-merged.json").write_text(json.dumps(merged_events(timeline)))
     (out / "profile.json").write_text(json.dumps(profile, indent=1))
-    plots.timeline(out / "timeline.png", all_states, labels, timeline.wall,
+    plots.timeline(out / "timeline.png", all_states, labels, timeline.window,
                    zoom_window(profile))
     plots.bytes_heatmap(out / "bytes.png", np.array(profile["bytes"]), labels)
     plots.breakdown_bars(out / "breakdown.png", profile["breakdown"], labels)
@@ -84,7 +87,8 @@ def write(run_dir: Path, out: Path) -> dict[str, Any]:
 def render(profile: dict[str, Any]) -> str:
     """The profile as text tables."""
     labels = {r["rank"]: r["label"] for r in profile["ranks"]}
-    lines = [f"run window {profile['wall_s']:.3f} s, {len(labels)} ranks", "",
+    lines = [f"run window {profile['wall_s']:.3f} s from the first training step (start-up "
+             f"before it {profile['setup_s']:.3f} s), {len(labels)} ranks", "",
              f"{'rank':<12}{'compute':>16}{'comm':>16}{'wait':>16}{'idle':>16}"
              f"{'overlap':>9}{'step ms (mean/median/p95)':>28}"]
     for rank, label in labels.items():

@@ -77,8 +77,20 @@ class Timeline:
         return max((s.end for r in self.ranks for s in r.spans), default=0.0)
 
     @property
+    def first_step(self) -> float:
+        """When the first training step began on any rank (its first compute span carrying a
+        ``step``): the end of start-up (step plans, building the parts and optimizers)."""
+        return min((s.start for r in self.ranks for s in r.spans
+                    if s.cat == "compute" and "step" in s.args), default=self.start)
+
+    @property
+    def window(self) -> tuple[float, float]:
+        """The run window the profile describes: from the first training step to the end."""
+        return self.first_step, self.end
+
+    @property
     def wall(self) -> float:
-        return self.end - self.start
+        return self.end - self.first_step
 
 
 def trace_files(run_dir: Path) -> dict[int, Path]:
