@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,9 +57,15 @@ class SchemeConfig:
     """vertical: how the server joins the parties' cut outputs: concat (along the feature or
     channel axis; the server's first weighted layer is widened to the joined width), sum, or
     mean (these two need equal cut-output shapes)."""
-    label_holder: Literal["server", "party0"] = "server"
-    """vertical: who opens labels.h5 and computes the loss; party0 keeps the labels at party
-    0 (the server sends it the logits and gets their gradient back)."""
+    label_holder: str = "server"
+    """vertical: who opens labels.h5 and computes the loss: server, or party<k> (e.g.
+    party1), which keeps the labels at party k (the server sends it the logits and gets
+    their gradient back)."""
+    party_options: tuple[dict[str, Any], ...] = ()
+    """vertical: one mapping per party that overrides model.options for that party's lower
+    network (e.g. mlp [{hidden: [64, 32]}, {hidden: [16, 32]}]: widths 64 and 16 below the
+    cut), so parties may differ in shape and size; only the layers below the cut are built
+    from it. Empty = every party uses model.options."""
     joint_epochs: int = 1
     """spatiotemporal: passes over each site's shard in the joint phase (sites and server
     train together, as vanilla parallel); replaces train.epochs for this scheme."""
@@ -88,6 +95,14 @@ class SchemeConfig:
                  f"must be >= 0 (0 = no detached phase), got {self.detached_epochs}")
         _require(self.site_timeout_s > 0, "scheme.site_timeout_s",
                  f"must be > 0, got {self.site_timeout_s}")
+        _require(self.label_holder == "server" or self.label_party is not None,
+                 "scheme.label_holder", f"must be server or party<k> with k < scheme.clients "
+                 f"({self.clients}), got {self.label_holder!r}")
+        _require(not self.party_options or self.name == "vertical", "scheme.party_options",
+                 f"only used by scheme vertical, not {self.name}")
+        _require(len(self.party_options) in (0, self.clients), "scheme.party_options",
+                 f"one mapping per party: {self.clients} for scheme.clients={self.clients}, "
+                 f"got {len(self.party_options)}")
         _require(self.name != "spatiotemporal" or self.client_order == "parallel",
                  "scheme.client_order", "spatiotemporal sites train in parallel, each with its "
                  "own layer (never handed over); set client_order: parallel")
@@ -116,6 +131,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(len(self.cuts) >= 1, "model.cuts", "needs at least one cut layer")
+
+
+    @property
+    def label_party(self) -> int | None:
+        """The party that holds the labels (``label_holder: party<k>``), or None."""
+        match = re.fullmatch(r"party(\d+)", self.label_holder)
+        party = int(match[1]) if match else None
+        return party if party is not None and party < self.clients else None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -27,7 +27,7 @@ from mpisplit.data import FIELD_DTYPES, META_FILE, SCHEMA_VERSION, shard_path
 
 DATASETS = ("breast_cancer", "digits", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "vertical")
-# Feature groups a vertical party can hold: an index into one row's features.
+# Named feature groups a vertical party can hold: an index into one row's features.
 GROUPS: dict[str, dict[str, tuple[Any, ...]]] = {
     "breast_cancer": {
         "mean": (slice(0, 10),),
@@ -36,6 +36,8 @@ GROUPS: dict[str, dict[str, tuple[Any, ...]]] = {
     },
     "digits": {"left": (..., slice(0, 4)), "right": (..., slice(4, 8))},
 }
+# Columns along the last feature axis, which other numbers of parties split contiguously.
+COLUMNS = {"breast_cancer": 30, "digits": 8}
 _TEST = 0  # routing destination of test rows; destination k + 1 is train shard k
 # Independent random streams, so that e.g. the test set does not depend on the partition.
 _TEACHER, _FEATURES, _SPLIT, _DEAL, _ORDER = range(5)
@@ -92,11 +94,20 @@ class PrepareSpec:
             _require(self.drop_fraction == 0, "drop_fraction", "only used by vertical partitions")
 
     @property
-    def groups(self) -> tuple[str, ...]:
-        """Feature group of each vertical party, in party order."""
-        if self.vertical_groups is None:
-            return tuple(GROUPS[self.dataset])
-        return tuple(name.strip() for name in self.vertical_groups.split(","))
+    def groups(self) -> dict[str, tuple[Any, ...]]:
+        """Feature group of each vertical party in party order, name → index into one row's
+        features: the named groups of ``vertical_groups``; else the dataset's named groups
+        when ``clients`` is 1 or their number; else ``clients`` contiguous groups of columns
+        (of the last feature axis; where they do not divide, the first groups are one wider)."""
+        named = GROUPS[self.dataset]
+        if self.vertical_groups is not None:
+            return {name: named[name] for name in self._chosen_groups()}
+        if self.clients in (1, len(named)):
+            return dict(named)
+        return column_groups(COLUMNS[self.dataset], self.clients)
+
+    def _chosen_groups(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in (self.vertical_groups or "").split(","))
 
     def _check_synthetic(self) -> None:
         _require(self.samples >= 2, "samples", f"must be >= 2, got {self.samples}")
@@ -114,7 +125,16 @@ class PrepareSpec:
             "partition",
             f"vertical needs named feature groups, which {self.dataset} has not",
         )
-        groups = self.groups
+        if self.vertical_groups is None:
+            columns = COLUMNS[self.dataset]
+            _require(
+                self.clients <= columns,
+                "clients",
+                f"{self.dataset} has {columns} columns to split among parties, got "
+                f"clients={self.clients}",
+            )
+            return
+        groups = self._chosen_groups()
         unknown = [name for name in groups if name not in known]
         _require(not unknown, "vertical_groups", f"unknown group(s) {unknown}", tuple(known))
         _require(len(set(groups)) == len(groups), "vertical_groups", f"repeated in {groups}")
@@ -161,7 +181,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
         dest="vertical_groups",
         default=None,
         help="vertical feature groups, one per party: mean,se,worst (breast_cancer) or "
-        "left,right (digits)",
+        "left,right (digits); without it, --clients other than 1 or the number of named "
+        "groups splits the columns into that many contiguous groups",
     )
     parser.add_argument("--test-fraction", type=float, default=default["test_fraction"])
     parser.add_argument("--seed", type=int, default=default["seed"])
@@ -257,13 +278,14 @@ def _write_vertical(spec: PrepareSpec, table: _Table, root: Path) -> dict[str, A
     test_rows = np.flatnonzero(destination == _TEST)
     train_samples = _write_vertical_split(spec, table, features, train_rows, root, rng, test=False)
     _write_vertical_split(spec, table, features, test_rows, root, rng, test=True)
+    groups = spec.groups
     party_shapes = [
-        list(_group_features(features[:1], spec.dataset, group).shape[1:]) for group in spec.groups
+        list(_group_features(features[:1], index).shape[1:]) for index in groups.values()
     ]
     return {
         **_meta(spec, table.num_classes, features.shape[1:], train_samples, len(test_rows)),
-        "clients": len(spec.groups),
-        "parties": list(spec.groups),
+        "clients": len(groups),
+        "parties": list(groups),
         "party_feature_shapes": party_shapes,
     }
 
@@ -284,9 +306,9 @@ def _write_vertical_split(
     labels_path = shard_path(root, "labels", test=test)
     _write_shard(labels_path, labels_attrs, ids=ordered, labels=table.labels[ordered])
     sizes = []
-    for party, group in enumerate(spec.groups):
+    for party, index in enumerate(spec.groups.values()):
         kept = _party_rows(rows, spec.drop_fraction, rng)
-        party_features = _group_features(features[kept], spec.dataset, group)
+        party_features = _group_features(features[kept], index)
         attrs = _attrs(spec.dataset, table.num_classes, party_features.shape[1:])
         path = shard_path(root, "party", party, test=test)
         _write_shard(path, attrs, features=party_features, ids=kept)
@@ -294,9 +316,18 @@ def _write_vertical_split(
     return sizes
 
 
-def _group_features(features: np.ndarray, dataset: str, group: str) -> np.ndarray:
+def _group_features(features: np.ndarray, index: tuple[Any, ...]) -> np.ndarray:
     """The columns of one vertical feature group, e.g. breast cancer's 'se' features."""
-    return np.ascontiguousarray(features[(slice(None), *GROUPS[dataset][group])])
+    return np.ascontiguousarray(features[(slice(None), *index)])
+
+
+def column_groups(columns: int, parties: int) -> dict[str, tuple[Any, ...]]:
+    """``parties`` contiguous groups of the last axis's ``columns`` ("columns 0-4", ...)."""
+    sizes = [columns // parties + (party < columns % parties) for party in range(parties)]
+    edges = np.cumsum([0, *sizes]).tolist()
+    return {
+        f"columns {a}-{b - 1}": (..., slice(a, b)) for a, b in zip(edges, edges[1:], strict=False)
+    }
 
 
 def _write_synthetic(spec: PrepareSpec, root: Path) -> dict[str, Any]:

@@ -258,6 +258,32 @@ def test_vertical_digits_halves(tmp_path: Path) -> None:
     assert batch.features.shape == (8, 0) and batch.labels.shape == (8,)
 
 
+def test_vertical_parties_beyond_the_named_groups_get_contiguous_columns(tmp_path: Path) -> None:
+    """Seven breast-cancer parties (8 ranks with the server): 30 columns as 5, 5, 4, ..., 4,
+    each party file holding exactly its columns; four digits parties get 2 columns each."""
+    root = prepare_dataset(
+        PrepareSpec(dataset="breast_cancer", out=tmp_path / "bc", partition="vertical", clients=7)
+    )
+    meta = read_meta(root)
+    assert meta["clients"] == 7 and meta["parties"][:3] == [
+        "columns 0-4",
+        "columns 5-9",
+        "columns 10-13",
+    ]
+    assert meta["party_feature_shapes"] == [[5], [5], [4], [4], [4], [4], [4]]
+    label_ids = read_ids(shard_path(root, "labels"))
+    raw = load_breast_cancer().data
+    standardized = (raw - raw[label_ids].mean(0)) / raw[label_ids].std(0)
+    last = shard_path(root, "party", 6)
+    assert np.allclose(load(last, "features"), standardized[read_ids(last)][:, 26:30], atol=1e-5)
+    digits = read_meta(
+        prepare_dataset(
+            PrepareSpec(dataset="digits", out=tmp_path / "d", partition="vertical", clients=4)
+        )
+    )
+    assert digits["party_feature_shapes"] == [[1, 8, 2]] * 4
+
+
 # --- prepare: validation and CLI -------------------------------------------------------------
 
 
@@ -277,7 +303,8 @@ def test_vertical_digits_halves(tmp_path: Path) -> None:
         ({"partition": "vertical", "drop_fraction": 1.0}, "drop_fraction"),
         ({"partition": "vertical", "vertical_groups": "mean,left"}, "vertical_groups"),
         ({"partition": "vertical", "vertical_groups": "se,se"}, "vertical_groups"),
-        ({"partition": "vertical", "clients": 2}, "clients"),
+        ({"partition": "vertical", "clients": 31}, "clients"),
+        ({"partition": "vertical", "vertical_groups": "mean,se", "clients": 3}, "clients"),
         ({"dataset": "synthetic", "partition": "vertical"}, "partition"),
         ({"dataset": "synthetic", "samples": 1}, "samples"),
         ({"dataset": "synthetic", "shape": (3, 0)}, "shape"),
@@ -314,7 +341,11 @@ def test_cli_arguments_build_the_spec(tmp_path: Path) -> None:
     )
     vertical = ["--dataset", "digits", "--out", "d", "--partition", "vertical", "--groups", "left"]
     spec = spec_from_args(parser.parse_args([*vertical, "--drop-fraction", "0.1"]))
-    assert (spec.vertical_groups, spec.drop_fraction, spec.groups) == ("left", 0.1, ("left",))
+    assert (spec.vertical_groups, spec.drop_fraction, tuple(spec.groups)) == (
+        "left",
+        0.1,
+        ("left",),
+    )
 
 
 # --- reader ----------------------------------------------------------------------------------

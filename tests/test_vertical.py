@@ -1,6 +1,7 @@
 """Vertical split learning under real ``mpiexec``: equals the whole vertically-joined model
-trained in one process on the same aligned batches, for every join; labels can stay at
-party 0, and then the server has no labels file at all."""
+trained in one process on the same aligned batches, for every join and for parties of
+different widths; labels can stay at a party, and then the server has no labels file at
+all."""
 
 from __future__ import annotations
 
@@ -60,12 +61,13 @@ def _seeded(index: int, layer: nn.Module | type, *args: int) -> nn.Module:
     return layer(*args)
 
 
-def _reference(data: Path, join: str) -> tuple[list[dict], dict]:
-    """The whole joined model in one process: party p's fc1 (seed model.seed + p), the
-    join, the server's fc2 (taking 3 × 64 inputs under concat) and head."""
-    plan = layer_plan(MODEL, (10,), 2)
-    parties = [build_layers(plan, 0, CUT, MODEL.seed + p) for p in range(PARTIES)]
-    width = 64 * (PARTIES if join == "concat" else 1)
+def _reference(data: Path, join: str, widths: tuple[int, ...]) -> tuple[list[dict], dict]:
+    """The whole joined model in one process: party p's fc1 (``widths[p]`` wide, seed
+    model.seed + p), the join, the server's fc2 (taking sum(widths) inputs under concat)
+    and head."""
+    parties = [build_layers(layer_plan(ModelConfig(options={"hidden": [w, 32]}), (10,), 2),
+                            0, CUT, MODEL.seed + p) for p, w in enumerate(widths)]
+    width = sum(widths) if join == "concat" else widths[0]
     server = nn.Sequential(OrderedDict(fc2=_seeded(2, nn.Linear, width, 32), relu2=nn.ReLU(),
                                        head=_seeded(4, nn.Linear, 32, 2)))
     params = [p for m in (*parties, server) for p in m.parameters()]
@@ -85,8 +87,9 @@ def _reference(data: Path, join: str) -> tuple[list[dict], dict]:
     return [party.state_dict() for party in parties], server.state_dict()
 
 
-def _assert_parts(run_dir: Path, data: Path, join: str) -> None:
-    parties, server = _reference(data, join)
+def _assert_parts(run_dir: Path, data: Path, join: str,
+                  widths: tuple[int, ...] = (64,) * PARTIES) -> None:
+    parties, server = _reference(data, join, widths)
     for rank, expected in enumerate([server, *parties]):
         actual = torch.load(run_dir / f"model-rank{rank}.pt", weights_only=True)
         assert actual.keys() == expected.keys()
@@ -149,6 +152,36 @@ def test_labels_stay_at_party0(data: Path, tmp_path: Path) -> None:
     assert set(routes["2"]) == {"GRADIENT"}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test_accuracy"] is not None
+
+
+def test_parties_of_different_widths_with_labels_at_party1(data: Path, tmp_path: Path) -> None:
+    """Party p's lower network is 64, 32 or 16 wide (scheme.party_options); the server's
+    fc2 takes the 112 joined inputs; party 1 holds the labels. Equal to the joined model
+    trained in one process."""
+    widths = (64, 32, 16)
+    options = ", ".join(f"{{hidden: [{w}, 32]}}" for w in widths)
+    result = run_mpi(PARTIES + 1, "train", CONFIG, f"data.path={data}", f"run.dir={tmp_path}",
+                     f"scheme.party_options=[{options}]", "scheme.label_holder=party1", *ARGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_parts(tmp_path, data, "concat", widths)
+    routes = next(r for r in _records(tmp_path, 0) if r.get("event") == "end")["sent_routes"]
+    assert set(routes["2"]) == {"ACTIVATION", "GRADIENT"}  # logits to party 1
+    assert set(routes["1"]) == set(routes["3"]) == {"GRADIENT"}
+    assert sum("loss" in r for r in _records(tmp_path, 2)) >= STEPS
+
+
+def test_party_options_and_label_holder_are_checked(data: Path) -> None:
+    base = {"scheme": {"name": "vertical", "clients": PARTIES}, "data": {"path": str(data)}}
+    with pytest.raises(ConfigError, match=r"scheme\.party_options: one mapping per party: 3"):
+        config_from_dict({**base, "scheme": {**base["scheme"], "party_options": [{}]}})
+    with pytest.raises(ConfigError, match=r"scheme\.label_holder: must be server or party<k>"):
+        config_from_dict({**base, "scheme": {**base["scheme"], "label_holder": "party3"}})
+    bad = {**base["scheme"], "party_options": [{}, {"depth": 2}, {}]}
+    with pytest.raises(ConfigError, match=r"scheme\.party_options\[1\]: model\.options\.depth"):
+        Layout.of(prepare(config_from_dict({**base, "scheme": bad}), PARTIES + 1))
+    shallow = {**base["scheme"], "party_options": [{}, {"hidden": [8]}, {}]}
+    with pytest.raises(ConfigError, match=r"scheme\.party_options\[1\]: model\.cuts\[0\]"):
+        Layout.of(prepare(config_from_dict({**base, "scheme": shallow}), PARTIES + 1))
 
 
 def test_join_shapes_are_checked_before_any_traffic(dataset) -> None:

@@ -1,10 +1,12 @@
 """Vertical split learning: K parties hold different feature groups of the same patients.
 
 Each party runs its own lower network (the zoo model's layers below the cut, built for that
-party's feature shape, seeded with ``model.seed + party``) on its own columns. The server joins
-the parties' cut outputs (``scheme.join``: concatenation along the feature/channel axis, sum,
-or mean) and runs the layers above the cut. Under ``concat`` the server's first weighted
-layer (Linear or Conv2d) is widened to take the joined width; the rest of the zoo plan is
+party's feature shape with ``model.options`` overridden by its ``scheme.party_options`` entry,
+so parties may differ in shape and size, and seeded with ``model.seed + party``) on its own
+columns. The server joins the parties' cut outputs (``scheme.join``: concatenation along the
+feature/channel axis, sum, or mean) and runs the layers above the cut. Under ``concat`` the
+server's first weighted layer (Linear or Conv2d) is widened to take the joined width (the
+sum of the parties' widths); the rest of the zoo plan, built from ``model.options``, is
 unchanged. Shapes are worked out on the meta device, so no rank builds another's weights.
 
 Traffic is collective, on a communicator of the server and the parties split from
@@ -19,8 +21,8 @@ intersection, through ``align_rows`` and ``ShardReader(rows=...)`` with the same
 every batch holds the same patients in the same order on every party.
 
 Labels (``scheme.label_holder``): ``server`` opens ``labels.h5`` and computes the loss;
-``party0`` keeps them at party 0: the server sends it the logits and gets their gradient
-back (transport routes server → client ACTIVATION, client → server GRADIENT), and party 0
+``party<k>`` keeps them at party k: the server sends it the logits and gets their gradient
+back (transport routes server → client ACTIVATION, client → server GRADIENT), and party k
 evaluates. The server then never opens a labels file.
 """
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 from pathlib import Path
 from typing import Protocol
@@ -65,7 +67,7 @@ ALLOWED = frozenset({
     # The cut traffic itself is collective (Gatherv/Scatterv), accounted under these routes.
     ("client", "server", Kind.ACTIVATION),
     ("server", "client", Kind.GRADIENT),
-    # label_holder: party0 — logits to party 0, their gradient back.
+    # label_holder: party<k> — logits to party k, their gradient back.
     ("server", "client", Kind.ACTIVATION),
     ("client", "server", Kind.GRADIENT),
 })
@@ -75,9 +77,20 @@ SERVER = 0
 
 # --- model: per-party lower networks, the server's joined upper part --------------------
 
-def party_plan(cfg: Config, meta: dict, party: int) -> LayerPlan:
-    """The zoo plan built for one party's feature shape."""
-    return layer_plan(cfg.model, meta["party_feature_shapes"][party], meta["num_classes"])
+def party_plan(cfg: Config, meta: dict, party: int) -> tuple[LayerPlan, int]:
+    """The zoo plan built for one party's feature shape and options, and its cut index;
+    a problem is reported against the party's ``scheme.party_options`` entry."""
+    model = cfg.model
+    if cfg.scheme.party_options:
+        model = replace(model, options={**model.options, **cfg.scheme.party_options[party]})
+    try:
+        plan = layer_plan(model, meta["party_feature_shapes"][party], meta["num_classes"])
+        (cut,) = cut_indices(plan, model.cuts)
+    except ConfigError as err:
+        if not cfg.scheme.party_options:
+            raise
+        raise ConfigError(f"scheme.party_options[{party}]: {err}") from None
+    return plan, cut
 
 
 def party_seed(cfg: Config, party: int) -> int:
@@ -178,6 +191,8 @@ class Layout:
     """What every rank derives from the config alone (no traffic): cut, shapes, plans."""
 
     cut: int
+    """Where the server's part starts in its plan (each party's own plan is cut where
+    ``party_plan`` says: parties' plans may differ)."""
     cut_shapes: list[tuple[int, ...]]
     server_plan: LayerPlan
 
@@ -189,8 +204,7 @@ class Layout:
                               f"--partition vertical; {cfg.data.path} is {meta.get('partition')}")
         shapes, cut = [], run.bounds[0][1]
         for party, features in enumerate(meta["party_feature_shapes"]):
-            plan = party_plan(cfg, meta, party)
-            (party_cut,) = cut_indices(plan, cfg.model.cuts)
+            plan, party_cut = party_plan(cfg, meta, party)
             shapes.append(cut_shape(plan, party_cut, features))
         joined = joined_shape(cfg.scheme.join, shapes)
         return cls(cut, shapes, server_plan(run, cut, joined))
@@ -289,9 +303,10 @@ def _report_alignment(ctx: RankContext, common: np.ndarray, counts: np.ndarray,
 
 
 def _holds_labels(ctx: RankContext) -> bool:
-    if ctx.config.scheme.label_holder == "server":
+    party = ctx.config.scheme.label_party
+    if party is None:
         return ctx.me.role == Role.SERVER
-    return ctx.me.role == Role.CLIENT and ctx.me.index == 0
+    return ctx.me.role == Role.CLIENT and ctx.me.index == party
 
 
 # --- the cut as collectives ------------------------------------------------------------
@@ -459,7 +474,8 @@ class _Server:
                               ctx.config.model.seed)
         self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
         self.generators: list[torch.Generator] = []
-        self.party0 = ctx.topology.ranks(Role.CLIENT)[0]
+        # where the logits go when a party holds the labels
+        self.label_party = ctx.topology.ranks(Role.CLIENT)[ctx.config.scheme.label_party or 0]
 
     def _joined(self, flat: np.ndarray, size: int,
                 train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -488,7 +504,7 @@ class _Server:
                                       step) * (n / size)
                     total += float(loss.detach())
                 else:
-                    loss = send_forward(logits, ctx.transport, self.party0, step, aux=size,
+                    loss = send_forward(logits, ctx.transport, self.label_party, step, aux=size,
                                         microbatch=index)
             with ctx.tracer.span("backward", step=step, microbatch=index):
                 loss.backward()
@@ -506,15 +522,15 @@ class _Server:
         if labels is not None:
             tally.add(logits, labels.labels.to(self.ctx.device))
         else:
-            send_eval(logits, self.ctx.transport, self.party0, step)
+            send_eval(logits, self.ctx.transport, self.label_party, step)
 
 
 class _Party:
     def __init__(self, ctx: RankContext, layout: Layout, cut: CutCollective, steps: int):
         self.ctx, self.layout, self.cut = ctx, layout, cut
         party = ctx.me.index
-        plan = party_plan(ctx.config, ctx.run.meta, party)
-        module = build_layers(plan, 0, layout.cut, party_seed(ctx.config, party))
+        plan, cut = party_plan(ctx.config, ctx.run.meta, party)
+        module = build_layers(plan, 0, cut, party_seed(ctx.config, party))
         self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
         self.shape = layout.cut_shapes[party]
         self.server = ctx.topology.ranks(Role.SERVER)[0]
@@ -553,7 +569,7 @@ class _Party:
         return total if targets is not None else None
 
     def _loss(self, labels: torch.Tensor, step: int, share: float) -> float:
-        """Party 0 holding the labels: the loss on the server's logits (weighted by the
+        """The label-holding party: the loss on the server's logits (weighted by the
         microbatch's share of the batch); its gradient goes back through the cut hook."""
         logits, _ = recv_forward(self.ctx.transport, self.server, device=self.ctx.device)
         loss = check_loss(nn.functional.cross_entropy(logits, labels.to(self.ctx.device)),
