@@ -47,12 +47,17 @@ class SchemeConfig:
     fedavg_every: int = 1
     """splitfed, fedavg: local steps between sample-weighted averages of the client weights
     (and, in splitfed v1, of the server's per-client copies); a last average follows the end."""
+    fedavg_every_epochs: int = 0
+    """splitfed: average every this many epochs instead of every fedavg_every steps (0 =
+    count steps): every N x E steps, E the batches per epoch of the client with the most
+    (with equal shards, exactly every N epochs of every client)."""
     splitfed_variant: Literal["v1", "v2"] = "v1"
     """splitfed: v1 = one server copy per client, averaged with the clients'; v2 = one shared
     server model updated client by client in ``server_order``."""
     server_order: Literal["fixed", "random"] = "fixed"
-    """splitfed v2: the order the server serves clients in each round; fixed = client index
-    order (deterministic), random = reshuffled every round from train.seed."""
+    """splitfed v2: the order the server serves the clients' batches in; fixed = rounds in
+    client index order (deterministic), random = the client of each batch drawn at random
+    (from train.seed) among the batches due before the next average."""
     join: Literal["concat", "sum", "mean"] = "concat"
     """vertical: how the server joins the parties' cut outputs: concat (along the feature or
     channel axis; the server's first weighted layer is widened to the joined width), sum, or
@@ -77,15 +82,23 @@ class SchemeConfig:
     for transport.timeout_s when none talks) is dropped from the rest of the run with one
     warning line, instead of ending the job. Must be below transport.timeout_s."""
     tasks: tuple[str, ...] = ("class",)
-    """multitask: one task server (and head) per entry, all derived from the dataset's one
-    label: class (the label), parity (label % 2), binary (label >= num_classes / 2).
-    Parallel client order only."""
+    """multitask: one task server (and head) per entry, two or more, all derived from the
+    dataset's one label: class (the label), parity (label % 2), binary (label >=
+    num_classes / 2). Parallel client order only."""
 
     def __post_init__(self) -> None:
         _require(self.clients >= 1, "scheme.clients", f"must be >= 1, got {self.clients}")
         _require(self.turn_steps >= 0, "scheme.turn_steps", "must be >= 0 (0 = one epoch)")
         _require(self.fedavg_every >= 1, "scheme.fedavg_every",
                  f"must be >= 1, got {self.fedavg_every}")
+        _require(self.fedavg_every_epochs >= 0, "scheme.fedavg_every_epochs",
+                 f"must be >= 0 (0 = count steps), got {self.fedavg_every_epochs}")
+        _require(not self.fedavg_every_epochs or self.name == "splitfed",
+                 "scheme.fedavg_every_epochs", f"only used by scheme splitfed, not {self.name}")
+        _require(not self.fedavg_every_epochs or self.fedavg_every == 1,
+                 "scheme.fedavg_every_epochs", f"counts epochs instead of scheme.fedavg_every "
+                 f"steps: set only one of them (leave fedavg_every at 1, got "
+                 f"{self.fedavg_every})")
         _require(self.name != "splitfed" or self.client_order == "parallel",
                  "scheme.client_order", "splitfed trains its clients in parallel (their lower "
                  "weights are averaged, never handed over); set client_order: parallel")
@@ -112,9 +125,20 @@ class SchemeConfig:
         _require(len(self.tasks) >= 1 and len(set(self.tasks)) == len(self.tasks),
                  "scheme.tasks", f"needs at least one task, each at most once; got "
                  f"{list(self.tasks)}")
+        _require(self.name != "multitask" or len(self.tasks) >= 2, "scheme.tasks",
+                 f"multitask needs two or more tasks (one head each, e.g. [class, parity]); "
+                 f"got {list(self.tasks)}")
         _require(set(self.tasks) <= set(TASKS), "scheme.tasks",
                  f"unknown task(s) {sorted(set(self.tasks) - set(TASKS))} "
                  f"(tasks: {', '.join(TASKS)})")
+
+
+    @property
+    def label_party(self) -> int | None:
+        """The party that holds the labels (``label_holder: party<k>``), or None."""
+        match = re.fullmatch(r"party(\d+)", self.label_holder)
+        party = int(match[1]) if match else None
+        return party if party is not None and party < self.clients else None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -131,14 +155,6 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(len(self.cuts) >= 1, "model.cuts", "needs at least one cut layer")
-
-
-    @property
-    def label_party(self) -> int | None:
-        """The party that holds the labels (``label_holder: party<k>``), or None."""
-        match = re.fullmatch(r"party(\d+)", self.label_holder)
-        party = int(match[1]) if match else None
-        return party if party is not None and party < self.clients else None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -47,31 +47,38 @@ def _average(modules: Sequence[nn.Module], weights: Sequence[float]) -> None:
         module.load_state_dict(copy.deepcopy(average))
 
 
-def _averages_after(step: int) -> bool:
-    return step % EVERY == 0 or step == STEPS
+def _averages_after(step: int, every: int = EVERY) -> bool:
+    return step % every == 0 or step == STEPS
 
 
-def _v2_reference(data: Path) -> tuple[list[dict], dict]:
-    """Per round, each client in order: its lower copy → the shared upper model, backward,
-    server step, client step; FedAvg of the lower copies at the averaging points."""
+ROUNDS = [k for _ in range(STEPS) for k in range(CLIENTS)]
+"""The fixed v2 order: round after round, each client in index order."""
+
+
+def _v2_reference(data: Path, order: list[int] = ROUNDS,
+                  every: int = EVERY) -> tuple[list[dict], dict]:
+    """For each client in ``order``: its lower copy → the shared upper model, backward,
+    server step, client step; FedAvg of the lower copies once every client has reached an
+    averaging point."""
     streams = [client_batches(data, k, batch_size=16, seed=0) for k in range(CLIENTS)]
     weights = [n / sum(n for _, n in streams) for _, n in streams]
     whole = initial_model(data, MODEL)
     server = whole[CUT:]
     lowers = [copy.deepcopy(whole[:CUT]) for _ in range(CLIENTS)]
     server_opt, lower_opts = _sgd(server), [_sgd(lower) for lower in lowers]
-    for step in range(1, STEPS + 1):
-        for k in range(CLIENTS):
-            batch = next(streams[k][0])
-            server_opt.zero_grad()
-            lower_opts[k].zero_grad()
-            activation = lowers[k](batch.features)
-            cut = activation.detach().requires_grad_(True)
-            nn.functional.cross_entropy(server(cut), batch.labels).backward()
-            server_opt.step()
-            activation.backward(cut.grad)
-            lower_opts[k].step()
-        if _averages_after(step):
+    done = [0] * CLIENTS
+    for k in order:
+        batch = next(streams[k][0])
+        server_opt.zero_grad()
+        lower_opts[k].zero_grad()
+        activation = lowers[k](batch.features)
+        cut = activation.detach().requires_grad_(True)
+        nn.functional.cross_entropy(server(cut), batch.labels).backward()
+        server_opt.step()
+        activation.backward(cut.grad)
+        lower_opts[k].step()
+        done[k] += 1
+        if len(set(done)) == 1 and _averages_after(done[0], every):
             _average(lowers, weights)
     return [lower.state_dict() for lower in lowers], server.state_dict()
 
@@ -103,15 +110,57 @@ def _assert_equal(actual: dict, expected: dict, who: str) -> None:
         torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-5, msg=f"{who} {key}")
 
 
+def _assert_v2(run_dir: Path, expected: tuple[list[dict], dict]) -> None:
+    lowers, server = expected
+    _assert_equal(_part(run_dir, 0), server, "server")
+    for k, lower in enumerate(lowers):
+        _assert_equal(_part(run_dir, k + 1), lower, f"client {k}")
+
+
+def _served(run_dir: Path) -> list[int]:
+    """The client of each step the server took, from its metrics."""
+    records = [json.loads(line) for line in (run_dir / "metrics-rank0.jsonl").open()]
+    return [r["client"] for r in records if "client" in r and "event" not in r]
+
+
 def test_v2_fixed_order_equals_single_process(dataset, tmp_path: Path) -> None:
     data = dataset("breast_cancer", clients=CLIENTS)
     summary = _train(data, tmp_path, "scheme.splitfed_variant=v2", "scheme.server_order=fixed")
     assert summary["steps_per_rank"] == [CLIENTS * STEPS] + [STEPS] * CLIENTS
     assert sorted(e["client"] for e in summary["test_by_client"]) == list(range(CLIENTS))
-    lowers, server = _v2_reference(data)
-    _assert_equal(_part(tmp_path, 0), server, "server")
-    for k, lower in enumerate(lowers):
-        _assert_equal(_part(tmp_path, k + 1), lower, f"client {k}")
+    assert _served(tmp_path) == ROUNDS
+    _assert_v2(tmp_path, _v2_reference(data))
+
+
+def test_v2_averaging_every_epoch(dataset, tmp_path: Path) -> None:
+    """scheme.fedavg_every_epochs=1: the shards (152, 152, 151 rows) are 10 batches of 16
+    each, so the clients average after steps 10 and 20 (and after the last, 21)."""
+    data = dataset("breast_cancer", clients=CLIENTS)
+    _train(data, tmp_path, "scheme.splitfed_variant=v2", "scheme.fedavg_every=1",
+           "scheme.fedavg_every_epochs=1")
+    _assert_v2(tmp_path, _v2_reference(data, every=10))
+
+
+def test_v2_random_order_per_batch_is_reproducible(dataset, tmp_path: Path) -> None:
+    """server_order: random draws the client of each batch, not a shuffle of each round:
+    some client is served twice before another is served once in that round; within each
+    averaging period every client gets its EVERY batches; the same seed gives the same order
+    and weights, and the run equals the single-process replay of that order."""
+    data = dataset("breast_cancer", clients=CLIENTS)
+    orders = []
+    for run in ("a", "b"):
+        _train(data, tmp_path / run, "scheme.splitfed_variant=v2", "scheme.server_order=random")
+        orders.append(_served(tmp_path / run))
+    order = orders[0]
+    assert orders[1] == order != ROUNDS
+    rounds = [sorted(order[i:i + CLIENTS]) for i in range(0, len(order), CLIENTS)]
+    assert any(r != list(range(CLIENTS)) for r in rounds), "shuffled per round, not per batch"
+    for start in range(0, len(order), EVERY * CLIENTS):
+        period = order[start:start + EVERY * CLIENTS]
+        assert all(period.count(k) == len(period) // CLIENTS for k in range(CLIENTS))
+    expected = _v2_reference(data, order)
+    for run in ("a", "b"):
+        _assert_v2(tmp_path / run, expected)
 
 
 def test_v1_server_copies_are_averaged_with_the_clients(dataset, tmp_path: Path) -> None:

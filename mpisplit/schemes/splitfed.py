@@ -1,12 +1,15 @@
 """SplitFed: clients train in parallel, each with its own lower model, against a server that
 holds the upper part and the loss (labels go to the server, as in vanilla). Every
-``scheme.fedavg_every`` steps (and once after the end) the clients' lower weights are
-averaged, weighted by sample counts, with one raw Allreduce on a clients-only communicator.
+``scheme.fedavg_every`` steps, or every ``scheme.fedavg_every_epochs`` epochs (and once
+after the end), the clients' lower weights are averaged, weighted by sample counts, with one
+raw Allreduce on a clients-only communicator.
 
 ``splitfed_variant: v1``: the server keeps one upper copy per client and averages the copies
 at the same points. ``v2``: one shared upper model, updated client by client; with
 ``server_order: fixed`` the server takes the clients in index order every round, which makes
-the run deterministic.
+the run deterministic; with ``random`` it draws the client of each batch at random (seeded
+by ``train.seed``) among the batches due before the next average, so a client may be served
+several times in a row, and the clients still reach every average together.
 """
 
 from __future__ import annotations
@@ -35,10 +38,14 @@ ALLOWED = LABELS_AT_SERVER
 
 def run(ctx: RankContext) -> RankResult:
     comm = client_comm(ctx)
-    steps = _client_steps(ctx)
+    epochs = _epoch_lengths(ctx)
+    steps = [planned_steps(length, ctx.config.train) for length in epochs]
     samples = ctx.run.meta["train_samples"]
     weights = [n / sum(samples) for n in samples]
-    averaging = AveragingPlan.of(steps, ctx.config.scheme.fedavg_every)
+    scheme = ctx.config.scheme
+    every = scheme.fedavg_every_epochs * max(epochs) if scheme.fedavg_every_epochs \
+        else scheme.fedavg_every
+    averaging = AveragingPlan.of(steps, every)
     if ctx.me.role == Role.SERVER:
         return _serve(ctx, steps, weights, averaging)
 
@@ -51,11 +58,10 @@ def run(ctx: RankContext) -> RankResult:
     return result
 
 
-def _client_steps(ctx: RankContext) -> list[int]:
-    """Every client's planned steps, from the dataset metadata (no traffic)."""
+def _epoch_lengths(ctx: RankContext) -> list[int]:
+    """Every client's batches per epoch, from the dataset metadata (no traffic)."""
     batch = ctx.config.data.batch_size
-    return [planned_steps(math.ceil(n / batch), ctx.config.train)
-            for n in ctx.run.meta["train_samples"]]
+    return [math.ceil(n / batch) for n in ctx.run.meta["train_samples"]]
 
 
 def _serve(ctx: RankContext, steps: list[int], weights: list[float],
@@ -64,7 +70,8 @@ def _serve(ctx: RankContext, steps: list[int], weights: list[float],
     cfg, clients, total = ctx.config, ctx.topology.ranks(Role.CLIENT), sum(steps)
     if cfg.scheme.splitfed_variant == "v2":
         shared = ctx.build_segment(1, total)
-        report = serve_clients(ctx, shared, total, order=_rounds(ctx, clients, steps),
+        order = server_order(steps, averaging.every, cfg.scheme.server_order, cfg.train.seed)
+        report = serve_clients(ctx, shared, total, order=[clients[k] for k in order],
                                round_size=len(clients), until=min(steps))
         return RankResult(steps=report.steps, final_evals=report.final_evals, segment=shared)
     copies = {rank: ctx.build_segment(1, steps[k]) for k, rank in enumerate(clients)}
@@ -102,12 +109,17 @@ def _average_copies(copies: list[Segment], weights: list[float]) -> None:
         module.load_state_dict(average, strict=False)
 
 
-def _rounds(ctx: RankContext, clients: list[int], steps: list[int]) -> list[int]:
-    """v2: the sender of each training step, round by round (clients with steps left)."""
+def server_order(steps: list[int], every: int, how: str, seed: int) -> list[int]:
+    """v2: the client index of each training step the server takes, averaging period by
+    averaging period (each client's batches between two averages). fixed: rounds in index
+    order (every client with batches left, once per round); random: the period's batches in
+    an order drawn from ``seed``, batch by batch, not round by round."""
+    rng = np.random.default_rng(seed)
     order: list[int] = []
-    for r in range(max(steps)):
-        ready = [k for k in range(len(clients)) if steps[k] > r]
-        if ctx.config.scheme.server_order == "random":
-            ready = list(np.random.default_rng([ctx.config.train.seed, r]).permutation(ready))
-        order += [clients[k] for k in ready]
+    for start in range(0, max(steps), every):
+        due = [min(every, max(0, n - start)) for n in steps]
+        if how == "random":
+            order += rng.permutation(np.repeat(np.arange(len(steps)), due)).tolist()
+        else:
+            order += [k for r in range(max(due)) for k in range(len(steps)) if due[k] > r]
     return order
