@@ -38,6 +38,22 @@ def test_two_relays_equal_single_process(dataset, tmp_path: Path) -> None:
         torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-5, msg=key)
 
 
+def test_smallest_chain_client_relay_server(dataset, tmp_path: Path) -> None:
+    """The smallest multi-hop run, 3 ranks: one client, one relay, the server."""
+    data = dataset("breast_cancer", clients=1)
+    summary = _train(3, data, tmp_path, "scheme.clients=1", "model.cuts=[fc2,head]",
+                     "train.max_steps=20", "train.optimizer=adam", "train.lr=0.01")
+    assert summary["roles"] == ["server", "relay0", "client0"]
+    assert summary["steps_per_rank"] == [20, 20, 20]
+    expected = train_reference(data, ModelConfig(cuts=("fc2", "head"),
+                                                 options={"hidden": [64, 32, 16]}), [(0, 20)],
+                               optimizer="adam", lr=0.01, batch_size=16, seed=0)
+    actual = merged_parts(tmp_path, [0, 1, 2])
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-5, msg=key)
+
+
 def test_parallel_clients_through_one_relay(dataset, tmp_path: Path) -> None:
     data = dataset("breast_cancer", clients=3)
     summary = _train(5, data, tmp_path, "model.cuts=[fc2,head]", "train.epochs=1",

@@ -184,6 +184,19 @@ def test_party_options_and_label_holder_are_checked(data: Path) -> None:
         Layout.of(prepare(config_from_dict({**base, "scheme": shallow}), PARTIES + 1))
 
 
+def test_smallest_run_two_digits_halves(dataset, tmp_path: Path) -> None:
+    """The smallest vertical run, 3 ranks: the shipped digits config (left and right image
+    halves, CNN cut before its pool) learns in 60 steps."""
+    digits = dataset("digits", clients=2, partition="vertical")
+    result = run_mpi(3, "train", "configs/vertical-digits.yaml", f"data.path={digits}",
+                     f"run.dir={tmp_path}", "run.progress=none", "train.max_steps=60")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["roles"] == ["server", "client0", "client1"]
+    assert summary["steps_per_rank"] == [60, 60, 60]
+    assert summary["test_accuracy"] > 0.5  # ten classes: chance is 0.1
+
+
 def test_join_shapes_are_checked_before_any_traffic(dataset) -> None:
     """Digits left/right halves through the CNN cut before its pool: concat widens the
     server's fc to both parties' channels; sum and mean keep it; unequal shapes are errors."""
