@@ -17,7 +17,8 @@ Horizontal partitions (``iid``, ``dirichlet``) over K clients::
 
 Vertical partition: P parties hold different feature groups of the same patients::
 
-    party-<p>.h5, test-party-<p>.h5   features of group p (meta "parties"[p]) + ids, no labels
+    party-<p>.h5, test-party-<p>.h5   features of group p (meta "parties"[p]: a named group
+                                       such as "se", or contiguous "columns a-b") + ids, no labels
     labels.h5, test-labels.h5          ids + labels only, opened only by the label holder
 
 Every ``.h5`` file stores rows along axis 0, chunked in blocks of at most a few hundred rows:

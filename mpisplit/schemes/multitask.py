@@ -3,9 +3,11 @@
 Task server t (rank t) holds the upper segment with its own head, sized for task t, and the
 loss of that task. A client forwards its lower part once per batch, sends the cut activation
 and that task's labels to every task server, and back-propagates the sum of the heads'
-gradients in one pass: one optimizer step on the summed losses. Every task is derived from
-the dataset's one label set (``task_target``), so any prepared dataset serves. Clients train
-in parallel; each evaluates on every task server, and the summary has ``test_by_task``.
+gradients in one pass: one optimizer step on the summed losses (two or more tasks; the
+config refuses fewer). Every task is derived from the dataset's one label set
+(``task_target``), on the client that holds the labels, so any prepared dataset serves.
+Clients train in parallel; each evaluates on every task server, and the summary has
+``test_by_task``.
 """
 
 from __future__ import annotations
