@@ -314,15 +314,25 @@ def serve_clients(
             tallies.pop(rank, None)
             dropping.drop(rank)
 
+    def stalled(err: PeerTimeout, ranks: Sequence[int], *, in_step: bool) -> None:
+        """A wait on ``ranks`` timed out: with ``dropping`` they leave the run (``in_step``:
+        the one whose step was under way, which is discarded); otherwise the job ends."""
+        nonlocal expected
+        if dropping is None:
+            raise err
+        drop(ranks)
+        if in_step:
+            segment_for(ranks[0]).module.zero_grad(set_to_none=True)
+        expected = ANY_SOURCE
+
     while active:
         feeders = last_relay or sorted(clients[k] for k in active)
         try:
             activation, message = recv_forward(transport, expected, device=ctx.device,
                                                senders=feeders)
-        except PeerTimeout:
-            if dropping is None or expected != ANY_SOURCE:
-                raise
-            drop(feeders)  # none of them said anything for transport.timeout_s
+        except PeerTimeout as err:  # nobody, or the client mid-step, spoke for timeout_s
+            stalled(err, feeders if expected == ANY_SOURCE else [expected],
+                    in_step=expected != ANY_SOURCE)
             continue
         source = message.source
         if dropping is not None and dropping.dropped(source):
@@ -331,7 +341,11 @@ def serve_clients(
             drop(silent)
         index = client_index.get(source)
         if index in finished:
-            after_done(activation, message)
+            try:
+                after_done(activation, message)
+            except PeerTimeout as err:
+                stalled(err, [source], in_step=False)
+                continue
             finished.discard(index)
             active.discard(index)
             continue
@@ -348,7 +362,11 @@ def serve_clients(
                 else:
                     finished.add(int(activation[0]))
             continue
-        labels = transport.recv(Kind.LABELS, source).tensor.to(ctx.device)
+        try:
+            labels = transport.recv(Kind.LABELS, source).tensor.to(ctx.device)
+        except PeerTimeout as err:
+            stalled(err, [source], in_step=True)
+            continue
         if message.flags & Flag.EVAL:
             with evaluating(module):
                 tallies.setdefault(source, EvalTally()).add(module(activation), labels)
@@ -413,8 +431,12 @@ class Dropping:
 
     A client silent for ``after_s`` while others talk, or for ``transport.timeout_s`` when
     none talks, is handed to ``drop(rank)`` once and is no longer waited for; what it sends
-    later is received and ignored (``dropped(rank)``). A client that stalls in the middle
-    of a pipelined step (``transport.microbatches`` > 1) still ends the job."""
+    later is received and ignored (``dropped(rank)``). One that stops in the middle of what
+    belongs together (a step's microbatches, a payload too large to travel eagerly) holds
+    the server for ``transport.timeout_s`` before it is dropped and its step discarded; the
+    other clients wait as long, so that can still end the job. Clients send so that the
+    common cases cannot happen: labels before the activation, a hand-over's outputs in one
+    message after its labels."""
 
     after_s: float
     drop: Callable[[int], None]
@@ -668,12 +690,15 @@ def train_lower_client(ctx: RankContext, first_hop: int | Sequence[int],
                 with compute_span(ctx, "forward", step=step, microbatch=index):
                     features = part.features.to(ctx.device)
                     activation = segment.module(features)
-                anchors.append(sender.train_fanout(activation, features, hops, step,
-                                                   flags=part.flags, aux=len(batch.labels),
-                                                   microbatch=index))
+                # Labels go first: MPI libraries deliver one sender's eager messages in the
+                # order posted, so a client stopped right after sending cannot leave the
+                # server with an activation whose labels never come (spatio-temporal drops).
                 label_sends += [transport.isend(label_map(part.labels), hop, Kind.LABELS,
                                                 step=step, microbatch=index)
                                 for hop, label_map in zip(hops, label_maps, strict=True)]
+                anchors.append(sender.train_fanout(activation, features, hops, step,
+                                                   flags=part.flags, aux=len(batch.labels),
+                                                   microbatch=index))
             with compute_span(ctx, "backward", step=step):
                 for group in anchors:  # microbatch order: gradients arrive in that order
                     torch.autograd.backward(group)

@@ -23,14 +23,14 @@ launcher reports that; under MPICH's ``mpiexec`` a site killed mid-run ends the 
 What a site sends, in order (all to the server; the server sends GRADIENT in the joint
 phase and one CONTROL message at the very end):
 
-1. joint phase: per training step the cut activation and its labels (the gradient comes
+1. joint phase: per training step the labels and the cut activation (the gradient comes
    back); every ``train.eval_every`` steps and once at the end an evaluation pass over the
    test set (forward-only activations and labels, then an end marker, the last one ``DONE``);
 2. hand-over, right after that ``DONE``, computed with the frozen layer and no autograd: the
-   cut outputs of its whole training shard in file order (one ``ACTIVATION`` message,
-   ``EVAL`` flag, defended like any cut activation) and their labels (one ``LABELS``
-   message), then the same for the test set. Nothing more: the site waits, without a
-   deadline, for the server's roster.
+   labels of its whole training shard (file order) and of the test set (one ``LABELS``
+   message), then the cut outputs of both (one ``ACTIVATION`` message, ``EVAL`` flag,
+   ``aux`` = training rows, defended like any cut activation). Nothing more: the site
+   waits, without a deadline, for the server's roster.
 
 The server then trains on the handed-over training outputs concatenated in site order,
 shuffled per detached epoch with ``train.seed + epoch`` into ``data.batch_size`` batches, and
@@ -56,7 +56,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mpisplit.config import ConfigError
-from mpisplit.cut import recv_forward, send_eval
+from mpisplit.cut import post_cut
 from mpisplit.data import ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
@@ -76,7 +76,7 @@ from mpisplit.schemes.common import (
 )
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import Kind, Message, PeerTimeout, Transport
+from mpisplit.transport import Flag, Kind, Message, PeerTimeout, Transport
 
 CUTS = 1
 ALLOWED = LABELS_AT_SERVER | {("server", "client", Kind.CONTROL)}  # the roster
@@ -142,10 +142,8 @@ def _site(ctx: RankContext) -> RankResult:
     segment = result.segment
     assert segment is not None
     segment.module.requires_grad_(False)  # frozen: nothing may change the layer from here
-    noise = torch.Generator().manual_seed(ctx.config.privacy.seed + ctx.me.index + 1)
-    for reader in (_train_shard(ctx), test_reader(ctx)):
-        with reader:
-            _hand_over(ctx, segment, reader, server, result.steps, noise)
+    with _train_shard(ctx) as train, test_reader(ctx) as tests:
+        _hand_over(ctx, segment, train, tests, server, result.steps)
     ctx.metrics.write({"event": "handover", "layer_sha256": layer_digest(segment.module),
                        "bytes_sent": ctx.transport.traffic.total_sent,
                        "bytes_received": ctx.transport.traffic.total_received})
@@ -199,18 +197,25 @@ def _train_shard(ctx: RankContext) -> ShardReader:
                        shuffle=False, prefetch=0)
 
 
-def _hand_over(ctx: RankContext, segment: Segment, reader: ShardReader, server: int,
-               step: int, noise: torch.Generator) -> None:
-    """Forwards a whole shard once through the frozen layer and sends the cut outputs (one
-    message, defended like training traffic) and the labels (one message)."""
+def _hand_over(ctx: RankContext, segment: Segment, train: ShardReader, tests: ShardReader,
+               server: int, step: int) -> None:
+    """Forwards the training shard, then the test set, once through the frozen layer, and
+    sends the labels of both (one message), then the cut outputs of both (one message,
+    defended like training traffic, ``aux`` = the training rows). Labels first, outputs in
+    one message: the server takes the hand-over when the outputs arrive, and then has all
+    of it, even from a site stopped right after sending."""
     outputs, labels = [], []
     with evaluating(segment.module), ctx.tracer.span("handover"):
-        for batch in reader.epoch(0):
-            outputs.append(segment.module(batch.features.to(ctx.device)))
-            labels.append(batch.labels)
-    sent = protect(torch.cat(outputs), ctx.config.privacy, noise)
-    send_eval(sent, ctx.transport, server, step)
+        for reader in (train, tests):
+            for batch in reader.epoch(0):
+                outputs.append(segment.module(batch.features.to(ctx.device)))
+                labels.append(batch.labels)
     ctx.transport.send(torch.cat(labels), server, Kind.LABELS, step=step)
+    noise = torch.Generator().manual_seed(ctx.config.privacy.seed + ctx.me.index + 1)
+    sent = protect(torch.cat(outputs), ctx.config.privacy, noise)
+    for pending in post_cut(ctx.transport, sent, server, Kind.ACTIVATION, step=step,
+                            flags=Flag.EVAL, aux=train.num_samples):
+        pending.wait()
 
 
 # --- server ------------------------------------------------------------------------------
@@ -235,14 +240,12 @@ class Sites:
         self.data: dict[int, SiteData] = {}
         self.dropped: list[int] = []
 
-    def take(self, train_x: torch.Tensor, message: Message) -> None:
-        """A site's hand-over, from its first message (the training outputs) on."""
-        transport, source, device = self.ctx.transport, message.source, self.ctx.device
-        train_y = transport.recv(Kind.LABELS, source).tensor.to(device)
-        test_x, _ = recv_forward(transport, source, device=device, train=False)
-        test_y = transport.recv(Kind.LABELS, source).tensor.to(device)
+    def take(self, outputs: torch.Tensor, message: Message) -> None:
+        """A site's hand-over, from its cut outputs (its labels came just before)."""
+        source, rows = message.source, message.aux
+        labels = self.ctx.transport.recv(Kind.LABELS, source).tensor.to(self.ctx.device)
         site = self.ranks.index(source)
-        self.data[site] = SiteData(train_x, train_y, test_x, test_y)
+        self.data[site] = SiteData(outputs[:rows], labels[:rows], outputs[rows:], labels[rows:])
         self.ctx.metrics.write({"event": "handover", "client": site, **self._traffic(source)})
 
     def drop(self, rank: int) -> None:
