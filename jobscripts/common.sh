@@ -238,7 +238,10 @@ mpisplit_launch() {
     # of components that request GPUs; the others must not inherit component 0's.
     [ -n "${SLURM_HET_SIZE:-}" ] \
       && cmd=(env -u CUDA_VISIBLE_DEVICES -u GPU_DEVICE_ORDINAL -u ROCR_VISIBLE_DEVICES "${cmd[@]}")
-    [ -n "${SLURM_CPUS_PER_TASK:-}" ] && cmd+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+    # Each component of a heterogeneous job keeps its own --cpus-per-task (one value here
+    # would be component 0's for all); a plain job passes its value on to the step.
+    [ -z "${SLURM_HET_SIZE:-}" ] && [ -n "${SLURM_CPUS_PER_TASK:-}" ] \
+      && cmd+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
   else
     local hostfile=${TMPDIR:-/tmp}/mpisplit-hosts.${SLURM_JOB_ID:-$$}
     mpisplit_hostfile "$hostfile"

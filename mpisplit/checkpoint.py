@@ -17,6 +17,7 @@ right after that checkpoint is committed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -84,6 +85,14 @@ def resume_settings(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps(settings))
 
 
+def default_like(cfg: Config) -> Config:
+    """``cfg`` with every resume setting at its default: what a checkpoint written before a
+    setting existed was trained with."""
+    sections = {name: type(getattr(cfg, name))()
+                for name in ("scheme", "model", "train", "privacy")}
+    return dataclasses.replace(cfg, **sections)
+
+
 def find_resume_point(cfg: Config, topology: Topology, resume: bool) -> Manifest | None:
     """The checkpoint to resume from, checked against this run's shape (no MPI traffic)."""
     directory = checkpoint_dir(cfg)
@@ -103,8 +112,9 @@ def find_resume_point(cfg: Config, topology: Topology, resume: bool) -> Manifest
             f"--resume: the checkpoint at step {found.step} in {directory} was written by a "
             f"{len(found.roles)}-rank {found.scheme} run ({', '.join(found.roles)}); this run "
             f"is a {len(roles)}-rank {cfg.scheme.name} run ({', '.join(roles)})")
+    recorded = {**resume_settings(default_like(cfg)), **found.settings}
     changed = sorted(key for key, value in resume_settings(cfg).items()
-                     if found.settings.get(key) != value)
+                     if recorded.get(key) != value)
     if changed:
         raise ConfigError(
             f"--resume: {', '.join(changed)} differ from the checkpoint at step {found.step} "

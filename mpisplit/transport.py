@@ -85,6 +85,11 @@ _FLAGS = tuple(Flag(value) for value in range(2 * max(Flag)))
 class PeerTimeout(RuntimeError):
     """A peer did not answer within the transport deadline."""
 
+    def __init__(self, message: str, peers: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.peers = tuple(peers)
+        """The ranks waited on (one rank when the wait was for a message under way)."""
+
 
 class PolicyViolation(RuntimeError):
     """A send the scheme does not allow (e.g. labels towards a server in U-shaped learning)."""
@@ -120,7 +125,8 @@ class PendingSend:
     def wait(self) -> None:
         if self._requests:
             with self._transport._span("wait", self._kind, self._dest):
-                self._transport._wait_request(self._requests, self._dest, self._kind, "send")
+                self._transport._wait_request(self._requests, self._dest, self._kind, "send",
+                                              keep=(self._keep, self._message))
             self._requests, self._keep = [], None
             if self._message is not None:
                 self._transport._pool.append(self._message)
@@ -196,6 +202,8 @@ class Transport:
         self._recv_buffer = _MessageBuffer(self._message_size)
         self._pool: list[_MessageBuffer] = []
         """Header buffers of completed nonblocking sends, reused by the next ones."""
+        self._orphans: list[tuple[list[MPI.Request], object]] = []
+        """Timed-out messages and their memory, kept until the transport closes."""
         self._status = MPI.Status()
         self._progress = _Progress(self._payloads)
 
@@ -222,7 +230,12 @@ class Transport:
         requests, _keep = self._post(tensor, dest, kind, step, flags, aux, microbatch,
                                      self._send_buffer)
         if not MPI.Request.Testall(requests):
-            self._wait_request(requests, dest, kind, "send")
+            try:
+                self._wait_request(requests, dest, kind, "send",
+                                   keep=(_keep, self._send_buffer))
+            except PeerTimeout:
+                self._send_buffer = _MessageBuffer(self._message_size)  # the old one is MPI's
+                raise
 
     def isend(self, tensor: torch.Tensor, dest: int, kind: Kind, *, step: int = 0,
               flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> PendingSend:
@@ -319,7 +332,7 @@ class Transport:
                           else MPI.buffer.fromaddress(tensor.data_ptr(), nbytes))
                 request = self._payloads.Irecv([target, nbytes, MPI.BYTE], source, kind)
                 if not request.Test():
-                    self._wait_request(request, source, kind, "receive")
+                    self._wait_request(request, source, kind, "receive", keep=tensor)
         self.traffic.recv_bytes[source, kind] += HEADER_BYTES + nbytes
         self.traffic.recv_messages[source, kind] += 1 if inline else 2
         return Message(tensor, source, kind, step, _FLAGS[flags], aux, microbatch)
@@ -374,10 +387,17 @@ class Transport:
                  timed_out)
 
     def _wait_request(self, requests: MPI.Request | list[MPI.Request], peer: int, kind: Kind,
-                      what: str) -> None:
+                      what: str, *, keep: object = None) -> None:
+        """Waits for a message under way; if it times out, the requests and ``keep`` (the
+        memory MPI still reads or writes) stay alive with the transport, so a peer that
+        resumes later cannot make MPI touch freed memory."""
         pending = requests if isinstance(requests, list) else [requests]
-        self._poll(lambda: True if MPI.Request.Testall(pending) else None, [peer], kind, what,
-                   True)
+        try:
+            self._poll(lambda: True if MPI.Request.Testall(pending) else None, [peer], kind,
+                       what, True)
+        except PeerTimeout:
+            self._orphans.append((pending, keep))
+            raise
 
     def _poll(self, attempt: Callable[[], T | None], peers: Sequence[int], kind: Kind,
               what: str, deadline: bool) -> T:
@@ -390,8 +410,7 @@ class Transport:
                         f"rank {peer} ({self.roles[peer]})" for peer in peers)
         return PeerTimeout(
             f"rank {self.rank} ({self.roles[self.rank]}) waited {self.timeout_s:g} s "
-            f"to {what} {kind.name} with {who}: no answer (transport.timeout_s)"
-        )
+            f"to {what} {kind.name} with {who}: no answer (transport.timeout_s)", peers)
 
 
 def poll(attempt: Callable[[], T | None], timeout_s: float | None,

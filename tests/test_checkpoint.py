@@ -215,6 +215,23 @@ def test_resume_without_a_checkpoint_or_with_other_settings_is_refused(tmp_path:
         find_resume_point(changed, plan(changed), resume=True)
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(
+        tmp_path: Path) -> None:
+    """A manifest without a setting was written by a run that used its default."""
+    cfg = _config(tmp_path, "checkpoint.every_steps=5")
+    settings = resume_settings(cfg)
+    del settings["scheme.fedavg_every_epochs"]
+    committed = tmp_path / "checkpoints" / "step-00000005"
+    committed.mkdir(parents=True)
+    (committed / MANIFEST).write_text(json.dumps(
+        {"step": 5, "scheme": "vanilla", "roles": ["server", "client0", "client1", "client2"],
+         "settings": settings}))
+    assert find_resume_point(cfg, plan(cfg), resume=True).step == 5
+    changed = _config(tmp_path, "checkpoint.every_steps=5", "train.lr=0.5")
+    with pytest.raises(ConfigError, match=r"--resume: train.lr differ"):
+        find_resume_point(changed, plan(changed), resume=True)
+
+
 def test_checkpoints_need_a_deterministic_step_order(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="checkpoint.every_steps: coordinated checkpoints "
                                           "need a deterministic step order"):

@@ -184,9 +184,9 @@ def send_eval_pass(ctx: RankContext, sender: CutSender, segment: Segment, reader
     with evaluating(segment.module), ctx.tracer.span("eval"):
         for batch in reader.epoch(0):
             features = batch.features.to(ctx.device)
-            sender.evaluate(segment.module(features), features, dest, step, final=final)
             targets = batch.labels if labels is None else labels(batch.labels)
             transport.send(targets, dest, Kind.LABELS, step=step, flags=Flag.EVAL)
+            sender.evaluate(segment.module(features), features, dest, step, final=final)
     if final:
         sender.measure_leakage()
     end = Flag.EVAL | Flag.LAST | (Flag.DONE if final else Flag.NONE)
@@ -330,9 +330,8 @@ def serve_clients(
         try:
             activation, message = recv_forward(transport, expected, device=ctx.device,
                                                senders=feeders)
-        except PeerTimeout as err:  # nobody, or the client mid-step, spoke for timeout_s
-            stalled(err, feeders if expected == ANY_SOURCE else [expected],
-                    in_step=expected != ANY_SOURCE)
+        except PeerTimeout as err:  # nobody, or the client mid-step or mid-message, spoke
+            stalled(err, err.peers, in_step=expected != ANY_SOURCE)
             continue
         source = message.source
         if dropping is not None and dropping.dropped(source):

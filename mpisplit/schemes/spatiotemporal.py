@@ -142,8 +142,11 @@ def _site(ctx: RankContext) -> RankResult:
     segment = result.segment
     assert segment is not None
     segment.module.requires_grad_(False)  # frozen: nothing may change the layer from here
-    with _train_shard(ctx) as train, test_reader(ctx) as tests:
-        _hand_over(ctx, segment, train, tests, server, result.steps)
+    try:
+        with _train_shard(ctx) as train, test_reader(ctx) as tests:
+            _hand_over(ctx, segment, train, tests, server, result.steps)
+    except PeerTimeout as stalled:  # e.g. stopped mid-hand-over, and dropped meanwhile
+        return _leave_if_dropped(ctx, server, stalled)
     ctx.metrics.write({"event": "handover", "layer_sha256": layer_digest(segment.module),
                        "bytes_sent": ctx.transport.traffic.total_sent,
                        "bytes_received": ctx.transport.traffic.total_received})

@@ -14,6 +14,7 @@ several times in a row, and the clients still reach every average together.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -46,6 +47,8 @@ def run(ctx: RankContext) -> RankResult:
     every = scheme.fedavg_every_epochs * max(epochs) if scheme.fedavg_every_epochs \
         else scheme.fedavg_every
     averaging = AveragingPlan.of(steps, every)
+    if scheme.server_order == "random":  # one client's batches may all come first: the
+        averaging = dataclasses.replace(averaging, lockstep=False)  # others wait a period
     if ctx.me.role == Role.SERVER:
         return _serve(ctx, steps, weights, averaging)
 
