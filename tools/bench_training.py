@@ -106,7 +106,7 @@ def pipeline(args: argparse.Namespace) -> list[dict]:
             train(2, data, run_dir, [*steps, f"transport.microbatches={m}"])
             timeline = trace.load(run_dir)
             server = timeline.ranks[0]
-            measured = analysis.bubble(server, analysis.states(server))
+            measured = analysis.bubble(server, analysis.states(server, timeline.window))
             bubbles.setdefault(m, []).append(measured["bubble_fraction"])
             return steady_step_s(run_dir)
         return once
@@ -185,8 +185,9 @@ def clients(args: argparse.Namespace) -> list[dict]:
         run_dir = train(k + 1, data, args.work / f"clients-{k}",
                         ["train.max_steps=30", "data.batch_size=256", "run.trace=true"],
                         clients=k)
-        server = trace.load(run_dir).ranks[0]
-        measured = analysis.bubble(server, analysis.states(server))
+        timeline = trace.load(run_dir)
+        server = timeline.ranks[0]
+        measured = analysis.bubble(server, analysis.states(server, timeline.window))
         summary = json.loads((run_dir / "summary.json").read_text())
         rows.append({"clients": k, "server_busy_fraction": 1 - measured["bubble_fraction"],
                      "samples_per_s": summary["samples_per_s"], "cores": os.cpu_count()})
