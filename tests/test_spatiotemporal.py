@@ -211,6 +211,17 @@ def test_absent_site_is_dropped_and_the_run_completes(dataset, tmp_path: Path) -
     assert {r["client"] for r in server if r.get("event") == "handover"} == {0, 2}
 
 
+def test_hand_over_labels_above_the_eager_limit(dataset, tmp_path: Path) -> None:
+    """A site's hand-over labels (3000 int64 = 24 KB) exceed MPI's eager limit: their send
+    completes only once the server takes them, after the outputs, so the site must post the
+    outputs before it waits for the labels."""
+    data = dataset("synthetic", clients=1, samples=3000, shape=(8,))
+    summary = _train(2, data, tmp_path, "scheme.clients=1", "scheme.detached_epochs=1",
+                     "data.batch_size=200", "transport.timeout_s=20", "scheme.site_timeout_s=10")
+    assert summary["dropped"] == []
+    assert summary["test_by_client"][0]["samples"] == 600
+
+
 def test_site_timeout_must_be_below_the_transport_deadline() -> None:
     with pytest.raises(ConfigError, match=r"scheme\.site_timeout_s: 120 s must be below"):
         config_from_dict({"scheme": {"name": "spatiotemporal", "site_timeout_s": 120},

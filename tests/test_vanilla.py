@@ -88,3 +88,14 @@ def test_accuracy_matches_centralized(dataset, tmp_path: Path) -> None:
     central = _train(1, data, tmp_path / "central", "scheme.name=centralized")
     assert split["test_accuracy"] >= 0.95
     assert abs(split["test_accuracy"] - central["test_accuracy"]) <= 0.01
+
+
+def test_evaluation_batches_above_the_eager_limit(dataset, tmp_path: Path) -> None:
+    """An evaluation batch's labels (1200 int64 = 9.6 KB) exceed MPI's eager limit, so their
+    send completes only once the server takes them, which it does after the activation:
+    the client must not wait for the labels before posting the activation."""
+    data = dataset("synthetic", clients=1, samples=3000, shape=(8,), test_fraction=0.5)
+    summary = _train(2, data, tmp_path, "scheme.clients=1", "data.batch_size=1200",
+                     "train.max_steps=2", "train.eval_every=1", "transport.timeout_s=20")
+    assert summary["steps"] == 2
+    assert summary["test_by_client"][0]["samples"] == 1500

@@ -185,8 +185,13 @@ def send_eval_pass(ctx: RankContext, sender: CutSender, segment: Segment, reader
         for batch in reader.epoch(0):
             features = batch.features.to(ctx.device)
             targets = batch.labels if labels is None else labels(batch.labels)
-            transport.send(targets, dest, Kind.LABELS, step=step, flags=Flag.EVAL)
+            # Labels first but not waited for until the activation is posted: the receiver
+            # takes the activation first, and labels above MPI's eager limit (~1000
+            # samples) would otherwise wait for it forever.
+            labels_sent = transport.isend(targets, dest, Kind.LABELS, step=step,
+                                          flags=Flag.EVAL)
             sender.evaluate(segment.module(features), features, dest, step, final=final)
+            labels_sent.wait()
     if final:
         sender.measure_leakage()
     end = Flag.EVAL | Flag.LAST | (Flag.DONE if final else Flag.NONE)

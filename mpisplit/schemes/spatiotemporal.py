@@ -213,11 +213,13 @@ def _hand_over(ctx: RankContext, segment: Segment, train: ShardReader, tests: Sh
             for batch in reader.epoch(0):
                 outputs.append(segment.module(batch.features.to(ctx.device)))
                 labels.append(batch.labels)
-    ctx.transport.send(torch.cat(labels), server, Kind.LABELS, step=step)
+    labels_sent = ctx.transport.isend(torch.cat(labels), server, Kind.LABELS, step=step)
     noise = torch.Generator().manual_seed(ctx.config.privacy.seed + ctx.me.index + 1)
     sent = protect(torch.cat(outputs), ctx.config.privacy, noise)
-    for pending in post_cut(ctx.transport, sent, server, Kind.ACTIVATION, step=step,
-                            flags=Flag.EVAL, aux=train.num_samples):
+    # The labels' send completes only once the server, which takes the outputs first, has
+    # them: it is waited for after the outputs are posted.
+    for pending in [*post_cut(ctx.transport, sent, server, Kind.ACTIVATION, step=step,
+                              flags=Flag.EVAL, aux=train.num_samples), labels_sent]:
         pending.wait()
 
 
