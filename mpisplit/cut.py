@@ -76,9 +76,10 @@ def recv_forward(transport: Transport, source: int = ANY_SOURCE, *,
         sender, step, microbatch = message.source, message.step, message.microbatch
 
         def send_gradient(grad: torch.Tensor) -> None:
-            for pending in post_cut(transport, grad, sender, Kind.GRADIENT, step=step,
-                                    microbatch=microbatch):
-                pending.wait()
+            # Not waited for here: the server computes its next microbatch while the
+            # client is still busy with its forwards (``Transport.detach``).
+            transport.detach(post_cut(transport, grad, sender, Kind.GRADIENT, step=step,
+                                      microbatch=microbatch))
 
         activation.register_hook(send_gradient)
     return activation, message

@@ -164,6 +164,7 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
         try:
             with preemptible(checkpoints.request_stop if checkpoints.enabled else None):
                 result = scheme.run(ctx)
+                transport.flush()
         except Preempted as stop:
             _record_preemption(ctx, stop, time.perf_counter() - start)
             raise

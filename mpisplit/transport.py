@@ -7,6 +7,12 @@ latency); larger payloads follow as one raw message on a second communicator, re
 straight into the destination tensor (no copy). Shapes and dtypes may change from message to
 message without pickling; nothing on this path is ever pickled.
 
+Progress. No helper thread drives MPI: a large payload moves when the receiver posts its
+receive (MPICH and Open MPI on shared memory copy it receiver-side, by CMA), and the
+pipelined loops make MPI calls between microbatches anyway. A thread that poked MPI while
+sends were in flight cost up to a quarter of the step time (GIL hand-offs in the middle of
+every forward and backward), measured by ``tools/bench_training.py pipeline``.
+
 Deadlines. Every wait polls a nonblocking request or probe against a deadline, so a peer that
 stalls raises ``PeerTimeout`` naming it instead of hanging the job.
 
@@ -19,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
-import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -40,7 +45,6 @@ _META_WORDS = 10
 MAX_DIMS = HEADER_WORDS - _META_WORDS
 INLINE_LIMIT = 64 * 1024
 _MAGIC = 0x5EC7
-_PROGRESS_TAG = 0x7FFF  # never sent: probing it only runs the progress engine
 _SPIN_S = 0.05
 _MAX_SLEEP_S = 1e-3
 
@@ -120,7 +124,12 @@ class PendingSend:
         """The pooled header buffer, returned to the pool on completion."""
         self._dest = dest
         self._kind = kind
-        transport._progress.started()
+
+    def done(self) -> bool:
+        """Whether the send has completed (completing it if so); never blocks."""
+        if self._requests and MPI.Request.Testall(self._requests):
+            self.wait()
+        return not self._requests
 
     def wait(self) -> None:
         if self._requests:
@@ -131,7 +140,6 @@ class PendingSend:
             if self._message is not None:
                 self._transport._pool.append(self._message)
                 self._message = None
-            self._transport._progress.finished()
 
 
 class _MessageBuffer:
@@ -204,11 +212,11 @@ class Transport:
         """Header buffers of completed nonblocking sends, reused by the next ones."""
         self._orphans: list[tuple[list[MPI.Request], object]] = []
         """Timed-out messages and their memory, kept until the transport closes."""
+        self._detached: list[PendingSend] = []
+        """Sends left to complete in the background (``detach``)."""
         self._status = MPI.Status()
-        self._progress = _Progress(self._payloads)
 
     def close(self) -> None:
-        self._progress.stop()
         self._headers.Free()
         self._payloads.Free()
 
@@ -248,6 +256,22 @@ class Transport:
             requests, keep = self._post(tensor, dest, kind, step, flags, aux, microbatch,
                                         message)
             return PendingSend(self, requests, keep, message, dest, kind)
+
+    def detach(self, pending: Sequence[PendingSend]) -> None:
+        """Leaves ``pending`` sends to complete in the background; ``flush`` ends them.
+
+        A rank that has nothing to wait for after a send (the server's cut gradients: the
+        client takes them only after its remaining forwards) goes on computing instead of
+        idling until the receiver is ready. Completed sends are dropped here, so only
+        sends still in flight are held."""
+        self._detached = [send for send in self._detached if not send.done()]
+        self._detached.extend(pending)
+
+    def flush(self) -> None:
+        """Completes every detached send (under the deadline)."""
+        for send in self._detached:
+            send.wait()
+        self._detached.clear()
 
     def _post(self, tensor: torch.Tensor, dest: int, kind: Kind, step: int, flags: Flag,
               aux: int, microbatch: int,
@@ -434,60 +458,6 @@ def poll(attempt: Callable[[], T | None], timeout_s: float | None,
             raise timed_out()
         time.sleep(_MAX_SLEEP_S)
     return result
-
-
-class _Progress:
-    """Drives MPI progress while nonblocking sends are in flight and the rank computes.
-
-    Most MPI libraries move a large message only inside MPI calls; without this, a payload
-    posted before a microbatch's forward would wait for the end of that forward, and the
-    pipelined exchange would not overlap. A daemon thread pokes the library (an ``Iprobe``,
-    which runs the progress engine) every few microseconds, only while sends are pending;
-    torch releases the GIL while it computes. It needs ``MPI_THREAD_MULTIPLE``.
-    """
-
-    _POKE_S = 20e-6
-
-    def __init__(self, comm: MPI.Comm) -> None:
-        self._comm = comm
-        self._pending = 0
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stopped = False
-        self._thread: threading.Thread | None = None
-        self.enabled = MPI.Query_thread() == MPI.THREAD_MULTIPLE
-
-    def started(self) -> None:
-        if not self.enabled:
-            return
-        with self._lock:
-            self._pending += 1
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="mpi-progress",
-                                                daemon=True)
-                self._thread.start()
-        self._wake.set()
-
-    def finished(self) -> None:
-        if not self.enabled:
-            return
-        with self._lock:
-            self._pending = max(self._pending - 1, 0)
-            if not self._pending:
-                self._wake.clear()
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stopped:
-            self._wake.wait()
-            if not self._stopped:
-                self._comm.Iprobe(MPI.ANY_SOURCE, _PROGRESS_TAG)
-                time.sleep(self._POKE_S)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -24,6 +24,10 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mpisplit.prof.trace import RankTrace
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP_STEPS = 5
@@ -94,20 +98,29 @@ def repeated(args: argparse.Namespace, variants: dict[str, Callable[[Path], floa
 
 @benchmark
 def pipeline(args: argparse.Namespace) -> list[dict]:
-    """Step time of a balanced 2-stage split at M = 1, 4, 8; bubble vs the GPipe estimate."""
+    """Step time of a balanced 2-stage split at M = 1, 4, 8; bubble vs the GPipe estimate.
+
+    Balanced: the client's first layer reads 1536 features, so its two layers (the first
+    needs no input gradient) cost what the server's two layers and head cost; the measured
+    ratio of the stages' compute time at M = 1 is reported. Batches of 2048 keep a
+    microbatch large enough (256-512 rows) to compute as efficiently as the whole batch."""
     from mpisplit.prof import analysis, trace
 
-    data = prepare(args.work, 1, 8192)
-    steps = ["train.max_steps=40", "data.batch_size=512", "run.trace=true"]
+    data = prepare(args.work, 1, 10240, width=1536)  # 8192 training rows: 4 whole batches
+    steps = ["train.max_steps=25", "data.batch_size=2048", "run.trace=true"]
     bubbles: dict[int, list[float]] = {}
+    balance: list[float] = []
 
     def run(m: int) -> Callable[[Path], float]:
         def once(run_dir: Path) -> float:
             train(2, data, run_dir, [*steps, f"transport.microbatches={m}"])
             timeline = trace.load(run_dir)
-            server = timeline.ranks[0]
+            server, client = timeline.ranks[0], timeline.ranks[1]
             measured = analysis.bubble(server, analysis.states(server, timeline.window))
             bubbles.setdefault(m, []).append(measured["bubble_fraction"])
+            if m == 1:
+                window = (measured["window_start_s"], measured["window_end_s"])
+                balance.append(_compute_s(client, window) / _compute_s(server, window))
             return steady_step_s(run_dir)
         return once
 
@@ -116,7 +129,16 @@ def pipeline(args: argparse.Namespace) -> list[dict]:
     return [{"microbatches": m, "step_s": stats[f"M={m}"]["median"],
              "speedup_vs_M1": base / stats[f"M={m}"]["median"],
              "bubble_measured": statistics.median(bubbles[m]),
-             "bubble_gpipe_estimate": (2 - 1) / (m + 2 - 1)} for m in (1, 4, 8)]
+             "bubble_gpipe_estimate": (2 - 1) / (m + 2 - 1)} for m in (1, 4, 8)] + [
+        {"stage_balance_client_over_server": statistics.median(balance)}]
+
+
+def _compute_s(rank: RankTrace, window: tuple[float, float]) -> float:
+    """Seconds ``rank`` spent computing inside ``window`` (its trace's compute state)."""
+    from mpisplit.prof import analysis
+    from mpisplit.prof import intervals as iv
+
+    return iv.length(analysis.states(rank, window).compute)
 
 
 @benchmark
@@ -146,19 +168,23 @@ def vertical(args: argparse.Namespace) -> list[dict]:
 @benchmark
 def split(args: argparse.Namespace) -> list[dict]:
     """Samples/s of pipelined split training (2 ranks, 1 thread each) vs one process with
-    the same model and 2 threads."""
-    data = prepare(args.work, 1, 8192)
-    steps = ["train.max_steps=40", "data.batch_size=512"]
+    the same model and 2 threads (the balanced model and batches of ``pipeline``)."""
+    data = prepare(args.work, 1, 10240, width=1536)
+    steps = ["train.max_steps=25", "data.batch_size=2048"]
+
+    def split_at(m: int) -> Callable[[Path], float]:
+        return lambda d: steady_step_s(train(2, data, d, [*steps, f"transport.microbatches={m}"]))
 
     stats = repeated(args, {
         "centralized_2_threads": lambda d: steady_step_s(
             train(1, data, d, steps, scheme="centralized", threads=2)),
-        "split_M4": lambda d: steady_step_s(train(2, data, d, [*steps,
-                                                               "transport.microbatches=4"])),
+        "split_M4": split_at(4),
+        "split_M8": split_at(8),
     })
-    ratio = stats["centralized_2_threads"]["median"] / stats["split_M4"]["median"]
+    central = stats["centralized_2_threads"]["median"]
     return [{"variant": k, "step_s": v["median"]} for k, v in stats.items()] + [
-        {"variant": "split / centralized samples/s", "ratio": ratio}]
+        {"variant": f"split M={m} / centralized samples/s",
+         "ratio": central / stats[f"split_M{m}"]["median"]} for m in (4, 8)]
 
 
 @benchmark

@@ -155,20 +155,25 @@ def test_nothing_is_pickled(comm: MPI.Comm) -> None:
     assert "str" in calls or comm.rank != 0
 
 
-def test_blocking_send_does_not_uncount_a_pending_isend(comm: MPI.Comm) -> None:
-    """The progress thread keeps driving an isend in flight while a blocking send to the
-    same peer starts and completes in between."""
+def test_detached_sends_complete_in_the_background(comm: MPI.Comm) -> None:
+    """Detached sends need no wait: they stay in flight while the sender goes on (above the
+    eager limit they cannot finish before the receiver takes them), and ``flush`` ends them."""
     transport = make_transport(comm)
+    payload = torch.arange(100_000, dtype=torch.float32)
     if comm.rank == 0:
-        pending = transport.isend(torch.ones(4), 1, Kind.ACTIVATION)
-        transport.send(torch.ones(2), 1, Kind.LABELS)
-        if transport._progress.enabled:
-            assert transport._progress._pending == 1
-        pending.wait()
-        assert transport._progress._pending == 0
+        for step in range(3):
+            transport.detach([transport.isend(payload + step, 1, Kind.GRADIENT, step=step)])
+        assert len(transport._detached) == 3  # rank 1 receives only after the barrier
+        transport.barrier()
+        transport.flush()
+        assert transport._detached == []
     elif comm.rank == 1:
-        transport.recv(Kind.ACTIVATION, 0)
-        transport.recv(Kind.LABELS, 0)
+        transport.barrier()
+        for step in range(3):
+            message = transport.recv(Kind.GRADIENT, 0)
+            assert message.step == step and torch.equal(message.tensor, payload + step)
+    else:
+        transport.barrier()
     transport.close()
 
 
