@@ -218,6 +218,11 @@ class TransportConfig:
     microbatches: int = 1
     """Split each batch into this many microbatches whose cut exchanges overlap (GPipe-style
     pipelining); gradients accumulate, so the update equals the unsplit batch's."""
+    schedule: Literal["gpipe", "1f1b"] = "gpipe"
+    """Order of a client's microbatches: gpipe runs every forward, then every backward;
+    1f1b backs up the oldest microbatch after each next forward, so at most two
+    microbatches' activations are held at once (less memory; the same step time while the
+    server is the slower stage)."""
     compression: Literal["none", "fp16", "bf16", "int8", "topk"] = "none"
     """Wire encoding of cut activations and gradients (lossy except none)."""
     topk_ratio: float = 0.1

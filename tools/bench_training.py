@@ -4,7 +4,7 @@
     python tools/bench_training.py split         # split (2 ranks) vs centralized (1 rank)
     python tools/bench_training.py tracing       # run.trace=true vs false
     python tools/bench_training.py clients       # server busy fraction for K = 1, 2, 4 clients
-    python tools/bench_training.py memory        # peak RSS per rank vs shard size and M
+    python tools/bench_training.py memory        # peak RSS vs shard size, M, GPipe vs 1F1B
     python tools/bench_training.py soak          # 12,000 steps: memory and step time over time
 
 Each subcommand launches real ``mpiexec`` jobs on a synthetic dataset (prepared once in
@@ -98,7 +98,8 @@ def repeated(args: argparse.Namespace, variants: dict[str, Callable[[Path], floa
 
 @benchmark
 def pipeline(args: argparse.Namespace) -> list[dict]:
-    """Step time of a balanced 2-stage split at M = 1, 4, 8; bubble vs the GPipe estimate.
+    """Step time of a balanced 2-stage split at M = 1, 4, 8 (GPipe order) and at M = 4, 8 in
+    1F1B order; the server's bubble vs the GPipe estimate (K-1)/(M+K-1), K = 2.
 
     Balanced: the client's first layer reads 1536 features, so its two layers (the first
     needs no input gradient) cost what the server's two layers and head cost; the measured
@@ -108,28 +109,34 @@ def pipeline(args: argparse.Namespace) -> list[dict]:
 
     data = prepare(args.work, 1, 10240, width=1536)  # 8192 training rows: 4 whole batches
     steps = ["train.max_steps=25", "data.batch_size=2048", "run.trace=true"]
-    bubbles: dict[int, list[float]] = {}
+    variants = [(1, "gpipe"), (4, "gpipe"), (8, "gpipe"), (4, "1f1b"), (8, "1f1b")]
+    bubbles: dict[str, list[float]] = {}
     balance: list[float] = []
 
-    def run(m: int) -> Callable[[Path], float]:
+    def name(m: int, schedule: str) -> str:
+        return f"M={m} {schedule}"
+
+    def run(m: int, schedule: str) -> Callable[[Path], float]:
         def once(run_dir: Path) -> float:
-            train(2, data, run_dir, [*steps, f"transport.microbatches={m}"])
+            train(2, data, run_dir, [*steps, f"transport.microbatches={m}",
+                                     f"transport.schedule={schedule}"])
             timeline = trace.load(run_dir)
             server, client = timeline.ranks[0], timeline.ranks[1]
             measured = analysis.bubble(server, analysis.states(server, timeline.window))
-            bubbles.setdefault(m, []).append(measured["bubble_fraction"])
+            bubbles.setdefault(name(m, schedule), []).append(measured["bubble_fraction"])
             if m == 1:
                 window = (measured["window_start_s"], measured["window_end_s"])
                 balance.append(_compute_s(client, window) / _compute_s(server, window))
             return steady_step_s(run_dir)
         return once
 
-    stats = repeated(args, {f"M={m}": run(m) for m in (1, 4, 8)})
-    base = stats["M=1"]["median"]
-    return [{"microbatches": m, "step_s": stats[f"M={m}"]["median"],
-             "speedup_vs_M1": base / stats[f"M={m}"]["median"],
-             "bubble_measured": statistics.median(bubbles[m]),
-             "bubble_gpipe_estimate": (2 - 1) / (m + 2 - 1)} for m in (1, 4, 8)] + [
+    stats = repeated(args, {name(*v): run(*v) for v in variants})
+    base = stats[name(1, "gpipe")]["median"]
+    return [{"microbatches": m, "schedule": schedule,
+             "step_s": stats[name(m, schedule)]["median"],
+             "speedup_vs_M1": base / stats[name(m, schedule)]["median"],
+             "bubble_measured": statistics.median(bubbles[name(m, schedule)]),
+             "bubble_gpipe_estimate": (2 - 1) / (m + 2 - 1)} for m, schedule in variants] + [
         {"stage_balance_client_over_server": statistics.median(balance)}]
 
 
@@ -236,6 +243,13 @@ def memory(args: argparse.Namespace) -> list[dict]:
                         ["train.max_steps=30", "data.batch_size=256",
                          f"transport.microbatches={m}"])
         rows.append({"microbatches": m, "peak_rss_mb": _peak_rss_mb(run_dir)})
+    data = prepare(args.work, 1, 10240, width=1536)
+    for schedule in ("gpipe", "1f1b"):  # the client holds M vs 2 microbatches' activations
+        run_dir = train(2, data, args.work / f"mem-{schedule}",
+                        ["train.max_steps=6", "train.epochs=10", "data.batch_size=8192",
+                         "transport.microbatches=8", f"transport.schedule={schedule}"])
+        rows.append({"schedule": schedule, "microbatches": 8, "batch": 8192,
+                     "client_peak_rss_mb": _peak_rss_mb(run_dir, ranks=[1])})
     return rows
 
 
@@ -264,9 +278,9 @@ def soak(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _peak_rss_mb(run_dir: Path) -> float:
-    """Peak RSS (MiB) over the ranks, from each rank's own getrusage at exit."""
-    return max(r["max_rss_mb"] for rank in range(2)
+def _peak_rss_mb(run_dir: Path, ranks: Sequence[int] = (0, 1)) -> float:
+    """Peak RSS (MiB) over ``ranks``, from each rank's own getrusage at exit."""
+    return max(r["max_rss_mb"] for rank in ranks
                for r in _records(run_dir, rank) if r.get("event") == "end")
 
 

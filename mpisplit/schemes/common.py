@@ -8,9 +8,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +30,8 @@ from mpisplit.runlog import Progress
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, PeerTimeout, Transport
+
+T = TypeVar("T")
 
 log = logging.getLogger("mpisplit")
 
@@ -105,6 +108,21 @@ def microbatches(batch: Batch, count: int) -> list[Microbatch]:
     pairs = [(x, y) for x, y in pairs if len(y)]
     return [Microbatch(x, y, Flag.MORE if i < len(pairs) - 1 else Flag.NONE)
             for i, (x, y) in enumerate(pairs)]
+
+
+def run_microbatches(count: int, schedule: str, forward: Callable[[int], T],
+                     backward: Callable[[T], None]) -> None:
+    """Runs one step's ``count`` microbatches on a client in ``schedule`` order
+    (``transport.schedule``); backwards always run in microbatch order, the order in which
+    the cut gradients come back."""
+    in_flight: deque[T] = deque()
+    ahead = 2 if schedule == "1f1b" else count + 1
+    for index in range(count):
+        in_flight.append(forward(index))
+        if len(in_flight) == ahead:
+            backward(in_flight.popleft())
+    while in_flight:
+        backward(in_flight.popleft())
 
 
 def microbatch_share(labels: torch.Tensor, message: Message) -> float:
@@ -689,23 +707,28 @@ def train_lower_client(ctx: RankContext, first_hop: int | Sequence[int],
         sender = CutSender(ctx)
 
         def train_step(batch: Batch, step: int) -> None:
-            anchors, label_sends = [], []
-            for index, part in enumerate(microbatches(batch, ctx.config.transport.microbatches)):
+            parts = microbatches(batch, ctx.config.transport.microbatches)
+            label_sends = []
+
+            def forward(index: int) -> list[torch.Tensor]:
+                part = parts[index]
                 with compute_span(ctx, "forward", step=step, microbatch=index):
                     features = part.features.to(ctx.device)
                     activation = segment.module(features)
                 # Labels go first: MPI libraries deliver one sender's eager messages in the
                 # order posted, so a client stopped right after sending cannot leave the
                 # server with an activation whose labels never come (spatio-temporal drops).
-                label_sends += [transport.isend(label_map(part.labels), hop, Kind.LABELS,
-                                                step=step, microbatch=index)
-                                for hop, label_map in zip(hops, label_maps, strict=True)]
-                anchors.append(sender.train_fanout(activation, features, hops, step,
-                                                   flags=part.flags, aux=len(batch.labels),
-                                                   microbatch=index))
-            with compute_span(ctx, "backward", step=step):
-                for group in anchors:  # microbatch order: gradients arrive in that order
-                    torch.autograd.backward(group)
+                label_sends.extend(transport.isend(label_map(part.labels), hop, Kind.LABELS,
+                                                   step=step, microbatch=index)
+                                   for hop, label_map in zip(hops, label_maps, strict=True))
+                return sender.train_fanout(activation, features, hops, step, flags=part.flags,
+                                           aux=len(batch.labels), microbatch=index)
+
+            def backward(anchors: list[torch.Tensor]) -> None:
+                with compute_span(ctx, "backward", step=step):
+                    torch.autograd.backward(anchors)
+
+            run_microbatches(len(parts), ctx.config.transport.schedule, forward, backward)
             for pending in label_sends:
                 pending.wait()
             with ctx.tracer.span("optimizer", step=step):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 from mpisplit.cut import recv_forward
@@ -21,6 +22,7 @@ from mpisplit.failure import check_loss
 from mpisplit.schemes.common import (
     CutSender,
     EvalTally,
+    Microbatch,
     client_reader,
     clients_total_steps,
     evaluating,
@@ -30,6 +32,7 @@ from mpisplit.schemes.common import (
     record_traffic_by_kind,
     relay_activations,
     run_client_turns,
+    run_microbatches,
     send_marker,
     test_reader,
 )
@@ -73,15 +76,18 @@ def _train_client(ctx: RankContext) -> RankResult:
 
         def train_step(batch: Batch, step: int) -> float:
             parts = microbatches(batch, ctx.config.transport.microbatches)
-            anchors = []
-            with ctx.tracer.span("forward", step=step):
-                for index, part in enumerate(parts):
+            losses = []
+
+            def forward(index: int) -> tuple[Microbatch, torch.Tensor]:
+                part = parts[index]
+                with ctx.tracer.span("forward", step=step):
                     features = part.features.to(ctx.device)
-                    anchors.append(sender.train(head.module(features), features, server, step,
-                                                flags=part.flags, aux=len(batch.labels),
-                                                microbatch=index))
-            total = 0.0
-            for part, anchor in zip(parts, anchors, strict=True):
+                    return part, sender.train(head.module(features), features, server, step,
+                                              flags=part.flags, aux=len(batch.labels),
+                                              microbatch=index)
+
+            def backward(sent: tuple[Microbatch, torch.Tensor]) -> None:
+                part, anchor = sent
                 with ctx.tracer.span("forward", step=step):
                     middle, _ = recv_forward(transport, server, device=ctx.device)
                     loss = check_loss(nn.functional.cross_entropy(
@@ -90,7 +96,10 @@ def _train_client(ctx: RankContext) -> RankResult:
                 with ctx.tracer.span("backward", step=step):
                     loss.backward()
                     anchor.backward()
-                total += float(loss.detach())
+                losses.append(float(loss.detach()))
+
+            run_microbatches(len(parts), ctx.config.transport.schedule, forward, backward)
+            total = sum(losses)
             with ctx.tracer.span("optimizer", step=step):
                 head.step()
                 tail.step()
