@@ -13,8 +13,9 @@ pipelined loops make MPI calls between microbatches anyway. A thread that poked 
 sends were in flight cost up to a quarter of the step time (GIL hand-offs in the middle of
 every forward and backward), measured by ``tools/bench_training.py pipeline``.
 
-Deadlines. Every wait polls a nonblocking request or probe against a deadline, so a peer that
-stalls raises ``PeerTimeout`` naming it instead of hanging the job.
+Deadlines. Every wait polls a nonblocking request against a deadline, so a peer that stalls
+raises ``PeerTimeout`` naming it instead of hanging the job; a header receive that times out
+is cancelled, so it cannot take a later message meant for the next receive.
 
 Policy. A transport built with ``allowed`` refuses any (sender role, receiver role, kind) the
 scheme did not declare, so raw inputs or labels cannot leave a rank by accident.
@@ -45,6 +46,9 @@ _META_WORDS = 10
 MAX_DIMS = HEADER_WORDS - _META_WORDS
 INLINE_LIMIT = 64 * 1024
 _MAGIC = 0x5EC7
+_TIGHT_POLLS = 200
+"""Attempts made back to back before the first yield (some tens of microseconds): a reply
+that is microseconds away is seen at once, as MPI's own blocking calls see it."""
 _SPIN_S = 0.05
 _MAX_SLEEP_S = 1e-3
 
@@ -79,8 +83,9 @@ _DTYPES: tuple[torch.dtype, ...] = (
     torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool,
 )
 _DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
-_META = struct.Struct(f"={_META_WORDS}q")
-_SHAPE = tuple(struct.Struct(f"={ndim}q") for ndim in range(MAX_DIMS + 1))
+_WORDS = struct.Struct(f"={HEADER_WORDS}q")
+_HEADER = tuple(struct.Struct(f"={_META_WORDS + ndim}q") for ndim in range(MAX_DIMS + 1))
+"""The whole header (meta words, then the shape) per number of dimensions: one pack."""
 # Every flag combination, built once: an ``IntFlag`` constructed per message would cost as
 # much as the rest of a small receive.
 _FLAGS = tuple(Flag(value) for value in range(2 * max(Flag)))
@@ -145,38 +150,65 @@ class PendingSend:
 class _MessageBuffer:
     """A reusable header (+ inline payload) buffer and its address, for ``memmove``."""
 
-    __slots__ = ("array", "address")
+    __slots__ = ("array", "view")
 
     def __init__(self, size: int) -> None:
         self.array = np.empty(size, np.uint8)
-        self.address = self.array.ctypes.data
+        self.view = memoryview(self.array)
+        """Slices of it take or give an inline payload in one C-level copy."""
 
 
 class Traffic:
-    """Messages and bytes (header included: what MPI really moves) per peer and kind."""
+    """Messages and bytes (header included: what MPI really moves) per peer and kind.
+
+    Counted in plain Python lists (``[peer][kind]``): a numpy element update costs several
+    times as much, on the path of every message; the properties give numpy copies."""
 
     def __init__(self, size: int) -> None:
-        shape = (size, len(Kind) + 1)
-        self.sent_bytes = np.zeros(shape, np.int64)
-        self.recv_bytes = np.zeros(shape, np.int64)
-        self.sent_messages = np.zeros(shape, np.int64)
-        self.recv_messages = np.zeros(shape, np.int64)
+        def table() -> list[list[int]]:
+            return [[0] * (len(Kind) + 1) for _ in range(size)]
+
+        self.sent = table()
+        self.received = table()
+        self.sent_count = table()
+        self.received_count = table()
+
+    def count_sent(self, peer: int, kind: Kind, nbytes: int, messages: int = 1) -> None:
+        self.sent[peer][kind] += nbytes
+        self.sent_count[peer][kind] += messages
+
+    def count_received(self, peer: int, kind: Kind, nbytes: int, messages: int = 1) -> None:
+        self.received[peer][kind] += nbytes
+        self.received_count[peer][kind] += messages
+
+    @property
+    def sent_bytes(self) -> np.ndarray:
+        return np.array(self.sent, np.int64)
+
+    @property
+    def recv_bytes(self) -> np.ndarray:
+        return np.array(self.received, np.int64)
+
+    @property
+    def sent_messages(self) -> np.ndarray:
+        return np.array(self.sent_count, np.int64)
+
+    @property
+    def recv_messages(self) -> np.ndarray:
+        return np.array(self.received_count, np.int64)
 
     def sent_routes(self) -> dict[int, dict[str, int]]:
         """Bytes sent per destination and kind (non-zero only): the evidence for audits."""
-        return {
-            int(peer): {Kind(kind).name: int(self.sent_bytes[peer, kind])
-                        for kind in Kind if self.sent_bytes[peer, kind]}
-            for peer in np.flatnonzero(self.sent_bytes.sum(axis=1))
-        }
+        return {peer: {Kind(kind).name: row[kind] for kind in Kind if row[kind]}
+                for peer, row in enumerate(self.sent) if any(row)}
 
     @property
     def total_sent(self) -> int:
-        return int(self.sent_bytes.sum())
+        return sum(map(sum, self.sent))
 
     @property
     def total_received(self) -> int:
-        return int(self.recv_bytes.sum())
+        return sum(map(sum, self.received))
 
 
 class Transport:
@@ -205,6 +237,10 @@ class Transport:
         self.tracer = tracer
         self.allowed = allowed
         self.traffic = Traffic(comm.Get_size())
+        # The counters' rows, bound once: the per-message updates skip two lookups.
+        self._sent, self._sent_count = self.traffic.sent, self.traffic.sent_count
+        self._received = self.traffic.received
+        self._received_count = self.traffic.received_count
         self._message_size = HEADER_BYTES + INLINE_LIMIT
         self._send_buffer = _MessageBuffer(self._message_size)
         self._recv_buffer = _MessageBuffer(self._message_size)
@@ -227,7 +263,7 @@ class Transport:
         The steady-state path (no tracing, a small host tensor) is one header message built
         in a reused buffer: no allocation, no torch-to-numpy conversion, one ``Isend``."""
         if self.tracer.enabled:
-            with self._span("send", kind, dest, _nbytes(tensor), step, tensor.shape,
+            with self._span("send", kind, dest, tensor.nbytes, step, tensor.shape,
                             tensor.dtype, microbatch):
                 self._send(tensor, dest, kind, step, flags, aux, microbatch)
         else:
@@ -237,7 +273,8 @@ class Transport:
               aux: int, microbatch: int) -> None:
         requests, _keep = self._post(tensor, dest, kind, step, flags, aux, microbatch,
                                      self._send_buffer)
-        if not MPI.Request.Testall(requests):
+        # An inline message is one request; ``Test`` costs a third of ``Testall`` on a list.
+        if not (requests[0].Test() if len(requests) == 1 else MPI.Request.Testall(requests)):
             try:
                 self._wait_request(requests, dest, kind, "send",
                                    keep=(_keep, self._send_buffer))
@@ -250,7 +287,7 @@ class Transport:
         """Starts sending ``tensor``; the caller overlaps work and calls ``wait`` later.
 
         The tensor must not be modified until then (the pending send keeps it alive)."""
-        with self._span("send", kind, dest, _nbytes(tensor), step, tensor.shape, tensor.dtype,
+        with self._span("send", kind, dest, tensor.nbytes, step, tensor.shape, tensor.dtype,
                         microbatch):
             message = self._pool.pop() if self._pool else _MessageBuffer(self._message_size)
             requests, keep = self._post(tensor, dest, kind, step, flags, aux, microbatch,
@@ -266,6 +303,14 @@ class Transport:
         sends still in flight are held."""
         self._detached = [send for send in self._detached if not send.done()]
         self._detached.extend(pending)
+
+    def abandon(self, peer: int) -> None:
+        """Stops waiting for the detached sends to ``peer``, a rank that left the run: they
+        stay in flight with their memory, like timed-out messages, and ``flush`` skips them."""
+        for send in self._detached:
+            if send._dest == peer:
+                self._orphans.append((send._requests, send))
+        self._detached = [send for send in self._detached if send._dest != peer]
 
     def flush(self) -> None:
         """Completes every detached send (under the deadline)."""
@@ -284,16 +329,16 @@ class Transport:
         if ndim > MAX_DIMS:
             raise ValueError(f"transport: tensors of at most {MAX_DIMS} dimensions, got "
                              f"shape {tuple(tensor.shape)}")
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = tensor.nbytes
         inline = nbytes <= INLINE_LIMIT
         buffer = message.array
-        _META.pack_into(buffer, 0, _MAGIC, kind, _DTYPE_CODE[tensor.dtype], ndim, flags, step,
-                        nbytes, inline, aux, microbatch)
-        _SHAPE[ndim].pack_into(buffer, _META.size, *tensor.shape)
+        _HEADER[ndim].pack_into(buffer, 0, _MAGIC, kind, _DTYPE_CODE[tensor.dtype], ndim, flags,
+                                step, nbytes, inline, aux, microbatch, *tensor.shape)
         if inline:
-            keep = _host(tensor)
+            keep = tensor if not tensor.is_cuda and tensor.is_contiguous() else _host(tensor)
             if nbytes:
-                ctypes.memmove(message.address + HEADER_BYTES, keep.data_ptr(), nbytes)
+                message.view[HEADER_BYTES:HEADER_BYTES + nbytes] = \
+                    MPI.buffer.fromaddress(keep.data_ptr(), nbytes)
             requests = [self._headers.Isend([buffer, HEADER_BYTES + nbytes, MPI.BYTE], dest,
                                             kind)]
         else:
@@ -305,8 +350,8 @@ class Transport:
                 payload = MPI.buffer.fromaddress(keep.data_ptr(), nbytes)
             requests = [self._headers.Isend([buffer, HEADER_BYTES, MPI.BYTE], dest, kind),
                         self._payloads.Isend([payload, nbytes, MPI.BYTE], dest, kind)]
-        self.traffic.sent_bytes[dest, kind] += HEADER_BYTES + nbytes
-        self.traffic.sent_messages[dest, kind] += len(requests)
+        self._sent[dest][kind] += HEADER_BYTES + nbytes
+        self._sent_count[dest][kind] += len(requests)
         return requests, keep
 
     def recv(self, kind: Kind, source: int = ANY_SOURCE, *, deadline: bool = True,
@@ -319,23 +364,23 @@ class Transport:
         steady state of a fixed-shape exchange); otherwise a new tensor is allocated.
         ``senders`` names the ranks an any-source receive is waiting on, for the timeout error.
         """
-        status = self._status
-        with self._span("wait", kind, source) as waited:
-            probe = self._headers.Improbe(source, kind, status)
-            if probe is None:
-                probe = self._poll(lambda: self._headers.Improbe(source, kind, status),
-                                   senders or [source], kind, "receive", deadline)
-        size = status.Get_count(MPI.BYTE)
-        source = status.Get_source()
-        if size > self._recv_buffer.array.size:
-            self._recv_buffer = _MessageBuffer(size)
-        scratch = self._recv_buffer
-        probe.Recv([scratch.array, size, MPI.BYTE])
+        status, waited, scratch = self._status, None, self._recv_buffer
+        # Every header message fits the scratch buffer: receiving straight into it costs two
+        # MPI calls where a probe, its status and a matched receive cost four.
+        request = self._headers.Irecv(scratch.view, source, kind)
+        arrived = request.Test(status)
+        if not arrived or self.tracer.enabled:  # one already here needs no wait
+            with self._span("wait", kind, source) as waited:
+                if not arrived:
+                    self._await_header(request, status, senders or [source], kind, deadline)
+        if source == ANY_SOURCE:
+            source = status.Get_source()
+        words = _WORDS.unpack_from(scratch.array)
         magic, _kind, dtype_code, ndim, flags, step, nbytes, inline, aux, microbatch = \
-            _META.unpack_from(scratch.array)
+            words[:_META_WORDS]
         if magic != _MAGIC:
             raise RuntimeError(f"rank {self.rank}: corrupt message header from rank {source}")
-        shape = _SHAPE[ndim].unpack_from(scratch.array, _META.size)
+        shape = words[_META_WORDS:_META_WORDS + ndim]
         dtype = _DTYPES[dtype_code]
         if waited is not None:  # tracing: the wait span learns what it waited for
             waited.update(peer=source, bytes=nbytes, step=step, shape=list(shape),
@@ -347,19 +392,34 @@ class Transport:
             tensor = out
         else:
             tensor = torch.empty(shape, dtype=dtype)
-        with self._span("recv", kind, source, nbytes, step, shape, dtype, microbatch):
+        with (self._span("recv", kind, source, nbytes, step, shape, dtype, microbatch)
+              if self.tracer.enabled else _NO_SPAN):
             if inline:
                 if nbytes:
-                    ctypes.memmove(tensor.data_ptr(), scratch.address + HEADER_BYTES, nbytes)
+                    MPI.buffer.fromaddress(tensor.data_ptr(), nbytes, False)[:] = \
+                        scratch.view[HEADER_BYTES:HEADER_BYTES + nbytes]
             else:
                 target = (_device_bytes(tensor) if tensor.is_cuda
                           else MPI.buffer.fromaddress(tensor.data_ptr(), nbytes))
                 request = self._payloads.Irecv([target, nbytes, MPI.BYTE], source, kind)
                 if not request.Test():
                     self._wait_request(request, source, kind, "receive", keep=tensor)
-        self.traffic.recv_bytes[source, kind] += HEADER_BYTES + nbytes
-        self.traffic.recv_messages[source, kind] += 1 if inline else 2
+        self._received[source][kind] += HEADER_BYTES + nbytes
+        self._received_count[source][kind] += 1 if inline else 2
         return Message(tensor, source, kind, step, _FLAGS[flags], aux, microbatch)
+
+    def _await_header(self, request: MPI.Request, status: MPI.Status, peers: Sequence[int],
+                      kind: Kind, deadline: bool) -> None:
+        """Waits for a posted header receive; on timeout it is cancelled, unless the message
+        arrived meanwhile (then it is taken: nothing is lost for a caller that goes on)."""
+        try:
+            self._poll(lambda: True if request.Test(status) else None, peers, kind, "receive",
+                       deadline)
+        except PeerTimeout:
+            request.Cancel()
+            request.Wait(status)
+            if status.Is_cancelled():
+                raise
 
     def _span(self, what: str, kind: Kind, peer: int, nbytes: int = 0, step: int = 0,
               shape: Sequence[int] = (), dtype: torch.dtype | None = None,
@@ -442,12 +502,13 @@ def poll(attempt: Callable[[], T | None], timeout_s: float | None,
     """Polls ``attempt`` until it returns a result; after ``timeout_s`` (None: never) raises
     ``timed_out()``. Never blocks inside MPI, so a stalled peer cannot hang the caller.
 
-    The first ``_SPIN_S`` seconds poll with a yield between attempts (low latency, and
-    oversubscribed ranks still get the core); longer waits sleep up to 1 ms per poll.
+    The first ``_TIGHT_POLLS`` attempts run back to back; then, up to ``_SPIN_S`` seconds,
+    with a yield between attempts (low latency, and oversubscribed ranks still get the
+    core); longer waits sleep up to 1 ms per poll.
     """
-    result = attempt()
-    if result is not None:
-        return result
+    for _ in range(_TIGHT_POLLS):
+        if (result := attempt()) is not None:
+            return result
     start = time.monotonic()
     while (result := attempt()) is None:
         waited = time.monotonic() - start
@@ -458,10 +519,6 @@ def poll(attempt: Callable[[], T | None], timeout_s: float | None,
             raise timed_out()
         time.sleep(_MAX_SLEEP_S)
     return result
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 def _device_bytes(tensor: torch.Tensor) -> torch.Tensor:

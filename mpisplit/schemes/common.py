@@ -335,6 +335,7 @@ def serve_clients(
             active.discard(client_index[rank])
             finished.discard(client_index[rank])
             tallies.pop(rank, None)
+            transport.abandon(rank)
             dropping.drop(rank)
 
     def stalled(err: PeerTimeout, ranks: Sequence[int], *, in_step: bool) -> None:

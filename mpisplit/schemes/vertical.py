@@ -336,10 +336,10 @@ class CutCollective:
             out = np.empty(int(counts.sum()), np.float32)
             request = self.comm.Igatherv(np.empty(0, np.float32),
                                          [out, counts, displs, MPI.FLOAT], SERVER)
-            self._count(self.traffic.recv_bytes, Kind.ACTIVATION, counts)
+            self._count(self.traffic.count_received, Kind.ACTIVATION, counts)
             return Posted(self.ctx, request, out, Kind.ACTIVATION, received=out.nbytes)
         sent = _host_floats(activation)
-        self.traffic.sent_bytes[self.server, Kind.ACTIVATION] += sent.nbytes
+        self.traffic.count_sent(self.server, Kind.ACTIVATION, sent.nbytes, 0)
         return Posted(self.ctx, self.comm.Igatherv(sent, None, SERVER), sent, Kind.ACTIVATION,
                       sent=sent.nbytes)
 
@@ -351,16 +351,17 @@ class CutCollective:
             sent = np.ascontiguousarray(gradient, np.float32)
             request = self.comm.Iscatterv([sent, counts, displs, MPI.FLOAT],
                                           np.empty(0, np.float32), SERVER)
-            self._count(self.traffic.sent_bytes, Kind.GRADIENT, counts)
+            self._count(self.traffic.count_sent, Kind.GRADIENT, counts)
             return Posted(self.ctx, request, sent, Kind.GRADIENT, sent=sent.nbytes)
         out = np.empty(int(np.prod((batch, *shape))), np.float32)
-        self.traffic.recv_bytes[self.server, Kind.GRADIENT] += out.nbytes
+        self.traffic.count_received(self.server, Kind.GRADIENT, out.nbytes, 0)
         return Posted(self.ctx, self.comm.Iscatterv(None, out, SERVER), out, Kind.GRADIENT,
                       received=out.nbytes)
 
-    def _count(self, table: np.ndarray, kind: Kind, counts: np.ndarray) -> None:
-        for party, count in zip(self.parties, counts[1:], strict=True):
-            table[party, kind] += int(count) * 4
+    def _count(self, count: Callable[[int, Kind, int, int], None], kind: Kind,
+               counts: np.ndarray) -> None:
+        for party, floats in zip(self.parties, counts[1:], strict=True):
+            count(party, kind, int(floats) * 4, 0)
 
 
 @dataclass

@@ -177,6 +177,42 @@ def test_detached_sends_complete_in_the_background(comm: MPI.Comm) -> None:
     transport.close()
 
 
+def test_sends_to_an_abandoned_peer_are_not_waited_for(comm: MPI.Comm) -> None:
+    """A rank that left the run (a dropped site) is not waited for at ``flush``; its send
+    stays in flight with its memory, so a late receive still reads valid bytes."""
+    transport = make_transport(comm)
+    payload = torch.arange(100_000, dtype=torch.float32)
+    if comm.rank == 0:
+        transport.detach([transport.isend(payload, 1, Kind.GRADIENT)])
+        transport.abandon(1)
+        transport.flush()  # at once: rank 1 receives only after the barrier
+        assert transport._detached == [] and len(transport._orphans) == 1
+    transport.barrier()
+    if comm.rank == 1:
+        assert torch.equal(transport.recv(Kind.GRADIENT, 0).tensor, payload)
+    transport.barrier()  # rank 0 keeps the memory until rank 1 has read it
+    transport.close()
+
+
+@pytest.mark.parametrize("source", [1, ANY_SOURCE])
+def test_timed_out_receive_takes_nothing_later(comm: MPI.Comm, source: int) -> None:
+    """A receive that timed out leaves no receive posted behind: the next messages go to
+    the next receives, in order (a server that drops a silent client goes on receiving)."""
+    transport = make_transport(comm, timeout_s=0.2)
+    if comm.rank == 0:
+        with pytest.raises(PeerTimeout):
+            transport.recv(Kind.ACTIVATION, source)
+        comm.Barrier()
+        assert [transport.recv(Kind.ACTIVATION, 1).step for _ in range(2)] == [1, 2]
+    else:
+        comm.Barrier()
+        if comm.rank == 1:
+            for step in (1, 2):
+                transport.send(torch.ones(4), 0, Kind.ACTIVATION, step=step)
+    comm.Barrier()
+    transport.close()
+
+
 def test_message_over_two_gib(comm: MPI.Comm) -> None:
     """Counts beyond 2**31 bytes travel in one message (MPI-4 large counts via mpi4py)."""
     transport = make_transport(comm, timeout_s=120.0)
