@@ -251,9 +251,23 @@ class ShardReader:
         continues mid-epoch); starting an epoch abandons the previous epoch's iterator."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
+        return self._stream(self._batches(epoch, skip))
+
+    def epochs(self, first: int, skip: int = 0) -> Iterator[Batch]:
+        """The batches of epoch ``first`` after the first ``skip``, then of every later
+        epoch, endlessly, read ahead as one stream: the next epoch's first batches are read
+        while this one ends, so a training client does not wait at an epoch boundary."""
+        if first < 0:
+            raise ValueError(f"epoch must be >= 0, got {first}")
+        return self._stream(itertools.chain.from_iterable(
+            self._batches(epoch, skip if epoch == first else 0)
+            for epoch in itertools.count(first)))
+
+    def _stream(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """``batches``, read ahead on a background thread (unless prefetch is 0); abandons
+        the iterator returned before."""
         self._check_open()
         self._stop_prefetch()
-        batches = self._batches(epoch, skip)
         if self._prefetch == 0:
             return batches
         self._prefetcher = _Prefetcher(batches, self._prefetch, f"prefetch-{self.path.name}")

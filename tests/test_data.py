@@ -410,6 +410,22 @@ def test_prefetch_yields_the_same_batches_as_inline(tmp_path: Path) -> None:
                 )
 
 
+def test_epochs_stream_reads_across_the_epoch_boundary(tmp_path: Path) -> None:
+    """``epochs`` gives what ``epoch`` gives, epoch after epoch (after ``skip``), and has the
+    next epoch's first batch read while this epoch's last one is used: no wait between."""
+    path = write_shard(tmp_path / "s.h5", rows=103)
+    with ShardReader(path, batch_size=10, seed=2, prefetch=2) as reader:
+        expected = batch_ids(reader, 1)[4:] + batch_ids(reader, 2) + batch_ids(reader, 3)[:1]
+        stream = reader.epochs(1, skip=4)
+        taken = [next(stream).ids.tolist() for _ in range(len(expected) - 1)]
+        deadline = time.monotonic() + 10
+        while reader._prefetcher._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ahead = reader._prefetcher._queue.queue[0]
+        assert ahead.ids.tolist() == expected[-1], "epoch 3's first batch was not read ahead"
+        assert taken + [next(stream).ids.tolist()] == expected
+
+
 def test_rows_select_and_order_the_batches(tmp_path: Path) -> None:
     path = write_shard(tmp_path / "s.h5", rows=50)
     rows = np.array([7, 3, 49, 0, 12, 5, 6])

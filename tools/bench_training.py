@@ -23,8 +23,9 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mpisplit.prof.trace import RankTrace
@@ -174,24 +175,28 @@ def vertical(args: argparse.Namespace) -> list[dict]:
 
 @benchmark
 def split(args: argparse.Namespace) -> list[dict]:
-    """Samples/s of pipelined split training (2 ranks, 1 thread each) vs one process with
-    the same model and 2 threads (the balanced model and batches of ``pipeline``)."""
+    """Samples/s of pipelined split training (2 ranks, 1 thread each, M = 8) vs one process
+    with the same model and 2 threads, at batches of 2048 and 4096 (the balanced model of
+    ``pipeline``)."""
     data = prepare(args.work, 1, 10240, width=1536)
-    steps = ["train.max_steps=25", "data.batch_size=2048"]
-
-    def split_at(m: int) -> Callable[[Path], float]:
-        return lambda d: steady_step_s(train(2, data, d, [*steps, f"transport.microbatches={m}"]))
-
-    stats = repeated(args, {
-        "centralized_2_threads": lambda d: steady_step_s(
-            train(1, data, d, steps, scheme="centralized", threads=2)),
-        "split_M4": split_at(4),
-        "split_M8": split_at(8),
-    })
-    central = stats["centralized_2_threads"]["median"]
+    variants: dict[str, Callable[[Path], float]] = {}
+    for batch in (2048, 4096):
+        steps = ["train.max_steps=16", "train.epochs=20", f"data.batch_size={batch}"]
+        variants[f"centralized_2_threads_b{batch}"] = partial(
+            _step_s, 1, data, steps, scheme="centralized", threads=2)
+        variants[f"split_M8_b{batch}"] = partial(
+            _step_s, 2, data, [*steps, "transport.microbatches=8"])
+    stats = repeated(args, variants)
     return [{"variant": k, "step_s": v["median"]} for k, v in stats.items()] + [
-        {"variant": f"split M={m} / centralized samples/s",
-         "ratio": central / stats[f"split_M{m}"]["median"]} for m in (4, 8)]
+        {"variant": f"split / centralized samples/s, batch {batch}",
+         "ratio": stats[f"centralized_2_threads_b{batch}"]["median"]
+         / stats[f"split_M8_b{batch}"]["median"]} for batch in (2048, 4096)]
+
+
+def _step_s(ranks: int, data: Path, overrides: Sequence[str], run_dir: Path,
+            **options: Any) -> float:
+    """The steady step time of one training job (``train``'s arguments)."""
+    return steady_step_s(train(ranks, data, run_dir, overrides, **options))
 
 
 @benchmark

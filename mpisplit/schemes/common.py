@@ -6,6 +6,7 @@ Each scheme module composes these; none of them contains a scheme-specific branc
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -53,14 +54,8 @@ def training_batches(reader: ShardReader, train: TrainConfig, skip: int = 0) -> 
     """The batches a client trains on, epoch after epoch, up to ``train.max_steps``, after
     the first ``skip`` (those a resumed run trained on before its checkpoint)."""
     budget = planned_steps(len(reader), train) - skip
-    epoch, offset = divmod(skip, len(reader))
-    while budget > 0:
-        for batch in reader.epoch(epoch, offset):
-            yield batch
-            budget -= 1
-            if not budget:
-                return
-        epoch, offset = epoch + 1, 0
+    if budget > 0:
+        yield from itertools.islice(reader.epochs(*divmod(skip, len(reader))), budget)
 
 
 def clients_total_steps(ctx: RankContext) -> int:
@@ -102,12 +97,27 @@ class Microbatch:
 
 
 def microbatches(batch: Batch, count: int) -> list[Microbatch]:
-    """Splits a batch into up to ``count`` microbatches for the pipelined cut exchange."""
-    pairs = list(zip(batch.features.tensor_split(count), batch.labels.tensor_split(count),
+    """Splits a batch into up to ``count`` microbatches for the pipelined cut exchange.
+
+    From three on, the first and the last are half the size of the others: the server waits
+    for the first one's forward before it can start, the client for the last one's gradient
+    before it can step, and halving them halves that fill and drain."""
+    bounds = taper_bounds(len(batch.labels), count)
+    pairs = list(zip(batch.features.tensor_split(bounds), batch.labels.tensor_split(bounds),
                      strict=True))
     pairs = [(x, y) for x, y in pairs if len(y)]
     return [Microbatch(x, y, Flag.MORE if i < len(pairs) - 1 else Flag.NONE)
             for i, (x, y) in enumerate(pairs)]
+
+
+def taper_bounds(rows: int, count: int) -> list[int]:
+    """Where ``microbatches`` splits ``rows``: ``count`` parts, the outer two of half weight
+    when there are three or more."""
+    weights = [1.0] * count
+    if count >= 3:
+        weights[0] = weights[-1] = 0.5
+    ends = list(itertools.accumulate(weights))
+    return [round(rows * end / ends[-1]) for end in ends[:-1]]
 
 
 def run_microbatches(count: int, schedule: str, forward: Callable[[int], T],
