@@ -365,16 +365,27 @@ class Transport:
         ``senders`` names the ranks an any-source receive is waiting on, for the timeout error.
         """
         status, waited, scratch = self._status, None, self._recv_buffer
-        # Every header message fits the scratch buffer: receiving straight into it costs two
-        # MPI calls where a probe, its status and a matched receive cost four.
-        request = self._headers.Irecv(scratch.view, source, kind)
-        arrived = request.Test(status)
-        if not arrived or self.tracer.enabled:  # one already here needs no wait
-            with self._span("wait", kind, source) as waited:
-                if not arrived:
-                    self._await_header(request, status, senders or [source], kind, deadline)
         if source == ANY_SOURCE:
+            # A matched probe, then its receive: MPICH posts an any-source receive to shared
+            # memory and to the network, and across Slurm nodes a message was lost between
+            # the two (the job hung). A probe takes exactly one message.
+            probe = self._headers.Improbe(source, kind, status)
+            if probe is None or self.tracer.enabled:  # one already here needs no wait
+                with self._span("wait", kind, source) as waited:
+                    if probe is None:
+                        probe = self._poll(lambda: self._headers.Improbe(source, kind, status),
+                                           senders or [source], kind, "receive", deadline)
             source = status.Get_source()
+            probe.Recv(scratch.view)
+        else:
+            # Every header fits the scratch buffer: receiving straight into it costs two MPI
+            # calls where a probe, its status and a matched receive cost four.
+            request = self._headers.Irecv(scratch.view, source, kind)
+            arrived = request.Test(status)
+            if not arrived or self.tracer.enabled:
+                with self._span("wait", kind, source) as waited:
+                    if not arrived:
+                        self._await_header(request, status, [source], kind, deadline)
         words = _WORDS.unpack_from(scratch.array)
         magic, _kind, dtype_code, ndim, flags, step, nbytes, inline, aux, microbatch = \
             words[:_META_WORDS]
