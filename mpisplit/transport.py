@@ -148,7 +148,7 @@ class PendingSend:
 
 
 class _MessageBuffer:
-    """A reusable header (+ inline payload) buffer and its address, for ``memmove``."""
+    """A reusable header (+ inline payload) buffer and a memoryview of it, for copies."""
 
     __slots__ = ("array", "view")
 
