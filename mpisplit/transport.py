@@ -159,27 +159,20 @@ class _MessageBuffer:
 
 
 class Traffic:
-    """Messages and bytes (header included: what MPI really moves) per peer and kind.
+    """Bytes (header included: what MPI really moves) per peer and kind.
 
     Counted in plain Python lists (``[peer][kind]``): a numpy element update costs several
     times as much, on the path of every message; the properties give numpy copies."""
 
     def __init__(self, size: int) -> None:
-        def table() -> list[list[int]]:
-            return [[0] * (len(Kind) + 1) for _ in range(size)]
+        self.sent = [[0] * (len(Kind) + 1) for _ in range(size)]
+        self.received = [[0] * (len(Kind) + 1) for _ in range(size)]
 
-        self.sent = table()
-        self.received = table()
-        self.sent_count = table()
-        self.received_count = table()
-
-    def count_sent(self, peer: int, kind: Kind, nbytes: int, messages: int = 1) -> None:
+    def count_sent(self, peer: int, kind: Kind, nbytes: int) -> None:
         self.sent[peer][kind] += nbytes
-        self.sent_count[peer][kind] += messages
 
-    def count_received(self, peer: int, kind: Kind, nbytes: int, messages: int = 1) -> None:
+    def count_received(self, peer: int, kind: Kind, nbytes: int) -> None:
         self.received[peer][kind] += nbytes
-        self.received_count[peer][kind] += messages
 
     @property
     def sent_bytes(self) -> np.ndarray:
@@ -188,14 +181,6 @@ class Traffic:
     @property
     def recv_bytes(self) -> np.ndarray:
         return np.array(self.received, np.int64)
-
-    @property
-    def sent_messages(self) -> np.ndarray:
-        return np.array(self.sent_count, np.int64)
-
-    @property
-    def recv_messages(self) -> np.ndarray:
-        return np.array(self.received_count, np.int64)
 
     def sent_routes(self) -> dict[int, dict[str, int]]:
         """Bytes sent per destination and kind (non-zero only): the evidence for audits."""
@@ -237,10 +222,8 @@ class Transport:
         self.tracer = tracer
         self.allowed = allowed
         self.traffic = Traffic(comm.Get_size())
-        # The counters' rows, bound once: the per-message updates skip two lookups.
-        self._sent, self._sent_count = self.traffic.sent, self.traffic.sent_count
-        self._received = self.traffic.received
-        self._received_count = self.traffic.received_count
+        # The counters, bound once: the per-message updates skip a lookup and a call.
+        self._sent, self._received = self.traffic.sent, self.traffic.received
         self._message_size = HEADER_BYTES + INLINE_LIMIT
         self._send_buffer = _MessageBuffer(self._message_size)
         self._recv_buffer = _MessageBuffer(self._message_size)
@@ -351,7 +334,6 @@ class Transport:
             requests = [self._headers.Isend([buffer, HEADER_BYTES, MPI.BYTE], dest, kind),
                         self._payloads.Isend([payload, nbytes, MPI.BYTE], dest, kind)]
         self._sent[dest][kind] += HEADER_BYTES + nbytes
-        self._sent_count[dest][kind] += len(requests)
         return requests, keep
 
     def recv(self, kind: Kind, source: int = ANY_SOURCE, *, deadline: bool = True,
@@ -416,7 +398,6 @@ class Transport:
                 if not request.Test():
                     self._wait_request(request, source, kind, "receive", keep=tensor)
         self._received[source][kind] += HEADER_BYTES + nbytes
-        self._received_count[source][kind] += 1 if inline else 2
         return Message(tensor, source, kind, step, _FLAGS[flags], aux, microbatch)
 
     def _await_header(self, request: MPI.Request, status: MPI.Status, peers: Sequence[int],

@@ -339,7 +339,7 @@ class CutCollective:
             self._count(self.traffic.count_received, Kind.ACTIVATION, counts)
             return Posted(self.ctx, request, out, Kind.ACTIVATION, received=out.nbytes)
         sent = _host_floats(activation)
-        self.traffic.count_sent(self.server, Kind.ACTIVATION, sent.nbytes, 0)
+        self.traffic.count_sent(self.server, Kind.ACTIVATION, sent.nbytes)
         return Posted(self.ctx, self.comm.Igatherv(sent, None, SERVER), sent, Kind.ACTIVATION,
                       sent=sent.nbytes)
 
@@ -354,14 +354,14 @@ class CutCollective:
             self._count(self.traffic.count_sent, Kind.GRADIENT, counts)
             return Posted(self.ctx, request, sent, Kind.GRADIENT, sent=sent.nbytes)
         out = np.empty(int(np.prod((batch, *shape))), np.float32)
-        self.traffic.count_received(self.server, Kind.GRADIENT, out.nbytes, 0)
+        self.traffic.count_received(self.server, Kind.GRADIENT, out.nbytes)
         return Posted(self.ctx, self.comm.Iscatterv(None, out, SERVER), out, Kind.GRADIENT,
                       received=out.nbytes)
 
-    def _count(self, count: Callable[[int, Kind, int, int], None], kind: Kind,
+    def _count(self, count: Callable[[int, Kind, int], None], kind: Kind,
                counts: np.ndarray) -> None:
         for party, floats in zip(self.parties, counts[1:], strict=True):
-            count(party, kind, int(floats) * 4, 0)
+            count(party, kind, int(floats) * 4)
 
 
 @dataclass
