@@ -244,7 +244,7 @@ class Checkpointer:
         exit status cuts short another rank's last writes."""
         request = self._comm.Ibarrier()
         try:
-            poll(lambda: True if request.Test() else None, grace_s, lambda: TimeoutError())
+            poll(request.Test, grace_s, lambda: TimeoutError())
         except TimeoutError:
             log.warning("not every rank reached the exit within %g s", grace_s)
 
