@@ -144,7 +144,7 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
         write_resolved_config(run_dir, cfg.to_dict())
     scheme = schemes.get(cfg.scheme.name)
     tracer = Tracer(me.rank, me.label, enabled=cfg.run.trace)
-    device = _device(cfg)
+    device = _device(cfg, comm)
     transport = Transport(
         comm, roles=[p.role.value for p in run.topology.placements],
         timeout_s=cfg.transport.timeout_s, tracer=tracer, allowed=scheme.ALLOWED, device=device,
@@ -215,11 +215,20 @@ def _record_preemption(ctx: RankContext, stop: Preempted, wall: float) -> None:
     ctx.checkpoints.meet_before_exit(_EXIT_GRACE_S)
 
 
-def _device(cfg: Config) -> torch.device:
+def _device(cfg: Config, comm: MPI.Comm) -> torch.device:
+    """The rank's device: on a node with several GPUs its ranks are spread over them in
+    turn (by rank within the node); ranks beyond the GPU count share them."""
     wanted = cfg.transport.device
     if wanted == "auto":
         wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(wanted)
+    if wanted == "cpu":
+        return torch.device("cpu")
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank = node.Get_rank()
+    node.Free()
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
 _NODE_BYTES = 64

@@ -13,6 +13,11 @@ pipelined loops make MPI calls between microbatches anyway. A thread that poked 
 sends were in flight cost up to a quarter of the step time (GIL hand-offs in the middle of
 every forward and backward), measured by ``tools/bench_training.py pipeline``.
 
+Devices. A CUDA-aware MPI (``cuda_aware_mpi``) reads and writes device payloads directly;
+otherwise they are staged through pinned host memory (``mpisplit.staging``): the copy to the
+host runs on a side stream while the rank queues its next kernels, and the MPI send is posted
+once it has ended; a received payload goes to the device by an asynchronous copy.
+
 Deadlines. Every wait polls a nonblocking request against a deadline, so a peer that stalls
 raises ``PeerTimeout`` naming it instead of hanging the job; a header receive that times out
 is cancelled, so it cannot take a later message meant for the next receive.
@@ -38,6 +43,7 @@ import torch
 from mpi4py import MPI
 
 from mpisplit.compression import Compressor
+from mpisplit.staging import PinnedStaging
 from mpisplit.tracing import Tracer
 
 ANY_SOURCE = MPI.ANY_SOURCE
@@ -125,10 +131,15 @@ class Message(NamedTuple):
 
 
 class PendingSend:
-    """A nonblocking send in flight: holds its buffers until ``wait`` completes it."""
+    """A nonblocking send in flight: holds its buffers until ``wait`` completes it.
+
+    A staged send (a device tensor copied to pinned host memory for an MPI that cannot read
+    the device) is posted to MPI only once its copy has ended: by ``done``, ``wait``, or the
+    transport's next send to the same rank or receive."""
 
     def __init__(self, transport: Transport, requests: list[MPI.Request], keep: object,
-                 message: _MessageBuffer | None, dest: int, kind: Kind) -> None:
+                 message: _MessageBuffer | None, dest: int, kind: Kind,
+                 ready: torch.cuda.Event | None = None) -> None:
         self._transport = transport
         self._requests = requests
         self._keep = keep
@@ -137,18 +148,41 @@ class PendingSend:
         """The pooled header buffer, returned to the pool on completion."""
         self._dest = dest
         self._kind = kind
+        self._ready = ready
+        """The staging copy's event; set while the send is not yet posted to MPI."""
+        self._pinned = ready is not None
+        """Whether ``keep`` is a pinned staging buffer (given back once the send ends)."""
+
+    def start(self, *, block: bool) -> bool:
+        """Posts a staged send once its copy has ended (waiting for it if ``block``);
+        whether the send is posted."""
+        if self._ready is None:
+            return True
+        if not block and not self._ready.query():
+            return False
+        self._ready.synchronize()
+        self._ready = None
+        assert self._message is not None and isinstance(self._keep, torch.Tensor)
+        self._requests = self._transport._post_payload(self._message, self._keep, self._dest,
+                                                       self._kind)
+        return True
 
     def done(self) -> bool:
         """Whether the send has completed (completing it if so); never blocks."""
+        if not self.start(block=False):
+            return False
         if self._requests and MPI.Request.Testall(self._requests):
             self.wait()
         return not self._requests
 
     def wait(self) -> None:
+        self.start(block=True)
         if self._requests:
             with self._transport._span("wait", self._kind, self._dest):
                 self._transport._wait_request(self._requests, self._dest, self._kind, "send",
                                               keep=(self._keep, self._message))
+            if self._pinned:
+                self._transport._release_staged(self._keep)
             self._requests, self._keep = [], None
             if self._message is not None:
                 self._transport._pool.append(self._message)
@@ -222,6 +256,11 @@ class Transport:
         self.compressor = compressor or Compressor()
         """How cut activations and gradients are encoded on the wire (``mpisplit.cut``)."""
         self.cuda_aware = self.device.type == "cuda" and cuda_aware_mpi()
+        self._staging = (PinnedStaging(self.device)
+                         if self.device.type == "cuda" and not self.cuda_aware else None)
+        """Pinned host staging of device payloads, for an MPI that cannot read the device."""
+        self._staged: list[PendingSend] = []
+        """Staged sends not yet posted to MPI (their copy to host memory is under way)."""
         self._headers = comm.Dup()
         self._payloads = comm.Dup()
         self.rank = comm.Get_rank()
@@ -269,19 +308,24 @@ class Transport:
 
     def _send(self, tensor: torch.Tensor, dest: int, kind: Kind, step: int, flags: Flag,
               aux: int, microbatch: int) -> None:
-        requests, _keep = self._post(tensor, dest, kind, step, flags, aux, microbatch,
-                                     self._send_buffer)
+        requests, keep, ready = self._post(tensor, dest, kind, step, flags, aux, microbatch,
+                                           self._send_buffer)
+        if ready is not None:  # a staged device payload: post it once its copy has ended
+            ready.synchronize()
+            requests = self._post_payload(self._send_buffer, keep, dest, kind)
         # An inline message is one request; ``Test`` costs a third of ``Testall`` on a list.
         if not (requests[0].Test() if len(requests) == 1 else MPI.Request.Testall(requests)):
             try:
                 self._wait_request(requests, dest, kind, "send",
-                                   keep=(_keep, self._send_buffer))
+                                   keep=(keep, self._send_buffer))
             except PeerTimeout:
                 # The old buffer and its persistent sends are MPI's now (kept as orphans).
                 self._orphans.append((list(self._inline_sends.values()), self._send_buffer))
                 self._send_buffer = _MessageBuffer(self._message_size)
                 self._inline_sends = {}
                 raise
+        if ready is not None:
+            self._release_staged(keep)
 
     def isend(self, tensor: torch.Tensor, dest: int, kind: Kind, *, step: int = 0,
               flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> PendingSend:
@@ -291,9 +335,12 @@ class Transport:
         with self._span("send", kind, dest, tensor.nbytes, step, tensor.shape, tensor.dtype,
                         microbatch):
             message = self._pool.pop() if self._pool else _MessageBuffer(self._message_size)
-            requests, keep = self._post(tensor, dest, kind, step, flags, aux, microbatch,
-                                        message)
-            return PendingSend(self, requests, keep, message, dest, kind)
+            requests, keep, ready = self._post(tensor, dest, kind, step, flags, aux,
+                                               microbatch, message)
+            pending = PendingSend(self, requests, keep, message, dest, kind, ready)
+            if ready is not None:
+                self._staged.append(pending)
+            return pending
 
     def detach(self, pending: Sequence[PendingSend]) -> None:
         """Leaves ``pending`` sends to complete in the background; ``flush`` ends them.
@@ -312,6 +359,7 @@ class Transport:
             if send._dest == peer:
                 self._orphans.append((send._requests, send))
         self._detached = [send for send in self._detached if send._dest != peer]
+        self._staged = [send for send in self._staged if send._dest != peer]
 
     def flush(self) -> None:
         """Completes every detached send (under the deadline)."""
@@ -321,11 +369,16 @@ class Transport:
 
     def _post(self, tensor: torch.Tensor, dest: int, kind: Kind, step: int, flags: Flag,
               aux: int, microbatch: int,
-              message: _MessageBuffer) -> tuple[list[MPI.Request], object]:
+              message: _MessageBuffer
+              ) -> tuple[list[MPI.Request], object, torch.cuda.Event | None]:
         """Posts the header (with a small payload inline) and a large payload as
-        nonblocking sends; returns the requests and what must stay alive until they end."""
+        nonblocking sends; returns the requests, what must stay alive until they end, and
+        for a staged device payload the event of its copy (then nothing is posted yet: the
+        caller posts it with ``_post_payload`` once the event has fired)."""
         if self.allowed is not None:
             self._check_policy(dest, kind)
+        if self._staged:  # messages to one rank leave in order: staged ones first
+            self._start_staged(dest)
         ndim = tensor.dim()
         if ndim > MAX_DIMS:
             raise ValueError(f"transport: tensors of at most {MAX_DIMS} dimensions, got "
@@ -347,17 +400,35 @@ class Transport:
                 request = self._headers.Isend([buffer, HEADER_BYTES + nbytes, MPI.BYTE], dest,
                                               kind)
             requests = [request]
+        elif self._staging is not None and tensor.is_cuda:
+            keep, ready = self._staging.to_host(tensor)
+            self._sent[dest][kind] += HEADER_BYTES + nbytes
+            return [], keep, ready
         else:
-            if self.cuda_aware:
-                keep = _device_bytes(tensor)
-                payload = keep
-            else:
-                keep = _host(tensor)
-                payload = MPI.buffer.fromaddress(keep.data_ptr(), nbytes)
-            requests = [self._headers.Isend([buffer, HEADER_BYTES, MPI.BYTE], dest, kind),
-                        self._payloads.Isend([payload, nbytes, MPI.BYTE], dest, kind)]
+            keep = _device_bytes(tensor) if self.cuda_aware else _host(tensor)
+            requests = self._post_payload(message, keep, dest, kind)
         self._sent[dest][kind] += HEADER_BYTES + nbytes
-        return requests, keep
+        return requests, keep, None
+
+    def _post_payload(self, message: _MessageBuffer, payload: torch.Tensor, dest: int,
+                      kind: Kind) -> list[MPI.Request]:
+        """Posts a packed header and its separate payload (host memory, or device memory
+        for a CUDA-aware MPI)."""
+        nbytes = payload.nbytes
+        target = payload if payload.is_cuda else MPI.buffer.fromaddress(payload.data_ptr(),
+                                                                        nbytes)
+        return [self._headers.Isend([message.array, HEADER_BYTES, MPI.BYTE], dest, kind),
+                self._payloads.Isend([target, nbytes, MPI.BYTE], dest, kind)]
+
+    def _start_staged(self, dest: int | None = None) -> None:
+        """Posts the staged sends whose copies have ended, and every staged send to
+        ``dest`` (all of them if None), waiting for their copies."""
+        self._staged = [send for send in self._staged
+                        if not send.start(block=dest is None or send._dest == dest)]
+
+    def _release_staged(self, host: object) -> None:
+        assert self._staging is not None and isinstance(host, torch.Tensor)
+        self._staging.release(host)
 
     def _inline_send(self, dest: int, kind: Kind, size: int) -> MPI.Prequest:
         """The persistent send of the first ``size`` bytes of ``_send_buffer``."""
@@ -382,6 +453,8 @@ class Transport:
         steady state of a fixed-shape exchange); otherwise a new tensor is allocated.
         ``senders`` names the ranks an any-source receive is waiting on, for the timeout error.
         """
+        if self._staged:  # a peer may need them before it can answer
+            self._start_staged()
         status, waited, scratch = self._status, None, self._recv_buffer
         if source == ANY_SOURCE:
             # A matched probe, then its receive: MPICH posts an any-source receive to shared
@@ -418,8 +491,11 @@ class Transport:
         if waited is not None:  # tracing: the wait span learns what it waited for
             waited.update(peer=source, bytes=nbytes, step=step, shape=list(shape),
                           dtype=str(dtype).removeprefix("torch."), microbatch=microbatch)
+        staged = not inline and self._staging is not None
         if self.cuda_aware and not inline:  # straight into device memory
             tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        elif staged:  # into pinned memory, then an asynchronous copy to the device
+            tensor = self._staging.host_buffer(nbytes).view(dtype).view(shape)
         elif (out is not None and out.dtype is dtype and out.shape == shape
               and not out.is_cuda and out.is_contiguous()):
             tensor = out
@@ -430,6 +506,8 @@ class Transport:
                 self._take_payload(tensor, source, kind, nbytes, inline)
         else:
             self._take_payload(tensor, source, kind, nbytes, inline)
+        if staged:
+            tensor = self._staging.to_device(tensor)
         self._received[source][kind] += HEADER_BYTES + nbytes
         # ``_make`` skips the generated ``__new__`` (a keyword-capable call: 0.2 us more)
         return Message._make((tensor, source, kind, step, _FLAGS[flags], aux, microbatch))

@@ -2,6 +2,7 @@
 
     python tools/bench_training.py pipeline      # M = 1 vs 4 vs 8 microbatches, 2-stage split
     python tools/bench_training.py split         # split (2 ranks) vs centralized (1 rank)
+    python tools/bench_training.py gpu           # the same on one GPU (needs CUDA)
     python tools/bench_training.py tracing       # run.trace=true vs false
     python tools/bench_training.py clients       # server busy fraction for K = 1, 2, 4 clients
     python tools/bench_training.py memory        # peak RSS vs shard size, M, GPipe vs 1F1B
@@ -178,18 +179,35 @@ def split(args: argparse.Namespace) -> list[dict]:
     """Samples/s of pipelined split training (2 ranks, 1 thread each, M = 8) vs one process
     with the same model and 2 threads, at batches of 2048 and 4096 (the balanced model of
     ``pipeline``)."""
+    return _split_vs_centralized(args, [], centralized_threads=2)
+
+
+@benchmark
+def gpu(args: argparse.Namespace) -> list[dict]:
+    """``split`` with every rank on the GPU (the two split ranks share it) vs one process
+    training the same model on the same GPU; cut tensors cross by device buffers or pinned
+    staging, whichever the MPI supports."""
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_training gpu: needs a CUDA device")
+    return _split_vs_centralized(args, ["transport.device=cuda"], centralized_threads=1)
+
+
+def _split_vs_centralized(args: argparse.Namespace, overrides: Sequence[str],
+                          centralized_threads: int) -> list[dict]:
     data = prepare(args.work, 1, 10240, width=1536)
     variants: dict[str, Callable[[Path], float]] = {}
     for batch in (2048, 4096):
-        steps = ["train.max_steps=16", "train.epochs=20", f"data.batch_size={batch}"]
-        variants[f"centralized_2_threads_b{batch}"] = partial(
-            _step_s, 1, data, steps, scheme="centralized", threads=2)
+        steps = ["train.max_steps=16", "train.epochs=20", f"data.batch_size={batch}",
+                 *overrides]
+        variants[f"centralized_{centralized_threads}_threads_b{batch}"] = partial(
+            _step_s, 1, data, steps, scheme="centralized", threads=centralized_threads)
         variants[f"split_M8_b{batch}"] = partial(
             _step_s, 2, data, [*steps, "transport.microbatches=8"])
     stats = repeated(args, variants)
     return [{"variant": k, "step_s": v["median"]} for k, v in stats.items()] + [
         {"variant": f"split / centralized samples/s, batch {batch}",
-         "ratio": stats[f"centralized_2_threads_b{batch}"]["median"]
+         "ratio": stats[f"centralized_{centralized_threads}_threads_b{batch}"]["median"]
          / stats[f"split_M8_b{batch}"]["median"]} for batch in (2048, 4096)]
 
 

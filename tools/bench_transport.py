@@ -3,9 +3,9 @@
 Run on two ranks:  mpiexec -n 2 python tools/bench_transport.py [--json out.json]
 
 Each method ping-pongs the same float32 tensor between the ranks (warm-up discarded, a barrier
-before each timing, several repeats, the median kept). Rank 0 prints one table with the
-latency per one-way message, the bandwidth, and the ratios of mpisplit against each baseline
-measured in the same run; ``--json`` writes the same numbers as data.
+before each timing, several repeats with the methods taking turns, the median kept). Rank 0
+prints one table with the latency per one-way message, the bandwidth, and the ratios of
+mpisplit against each baseline measured in the same run; ``--json`` writes the same numbers as data.
 """
 
 from __future__ import annotations
@@ -43,6 +43,17 @@ def time_pingpong(comm: MPI.Comm, exchange: Callable[[], None], iterations: int,
         for _ in range(iterations):
             exchange()
         samples.append((time.perf_counter() - start) / iterations / 2)
+    return samples
+
+
+def interleaved(comm: MPI.Comm, exchanges: dict[str, Callable[[], None]], iterations: int,
+                repeats: int) -> dict[str, list[float]]:
+    """``time_pingpong`` samples per method, the methods taking turns in every repeat, so
+    a drift of the machine's speed during the run touches them all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in exchanges}
+    for _ in range(repeats):
+        for name, exchange in exchanges.items():
+            samples[name] += time_pingpong(comm, exchange, iterations, 1)
     return samples
 
 
@@ -105,8 +116,8 @@ def main() -> None:
     for nbytes in SIZES:
         tensor = torch.rand(nbytes // 4)
         row: dict[str, float | int] = {"bytes": nbytes}
-        for name, exchange in methods(comm, tensor).items():
-            samples = time_pingpong(comm, exchange, _iterations(nbytes), args.repeats)
+        for name, samples in interleaved(comm, methods(comm, tensor), _iterations(nbytes),
+                                         args.repeats).items():
             row[f"{name}_s"] = statistics.median(samples)
             row[f"{name}_spread"] = (max(samples) - min(samples)) / statistics.median(samples)
         results.append(row)
