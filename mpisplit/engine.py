@@ -52,6 +52,9 @@ def prepare(cfg: Config, world_size: int, *, resume: bool = False) -> RunPlan:
     scheme = schemes.get(cfg.scheme.name)
     topology = plan(cfg)
     check_world_size(topology, world_size)
+    if cfg.transport.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"transport.device: cuda, but torch sees no CUDA device on "
+                          f"{socket.gethostname()} (use cpu or auto)")
     meta = read_meta(Path(cfg.data.path))
     if meta["clients"] != cfg.scheme.clients:
         raise ConfigError(
@@ -218,14 +221,14 @@ def _record_preemption(ctx: RankContext, stop: Preempted, wall: float) -> None:
 def _device(cfg: Config, comm: MPI.Comm) -> torch.device:
     """The rank's device: on a node with several GPUs its ranks are spread over them in
     turn (by rank within the node); ranks beyond the GPU count share them."""
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # every rank: it is a collective
+    local_rank = node.Get_rank()
+    node.Free()
     wanted = cfg.transport.device
     if wanted == "auto":
         wanted = "cuda" if torch.cuda.is_available() else "cpu"
     if wanted == "cpu":
         return torch.device("cpu")
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    local_rank = node.Get_rank()
-    node.Free()
     device = torch.device("cuda", local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
     return device

@@ -5,15 +5,17 @@ stream, ordered after the work that produced it, so the rank goes on queueing ke
 next microbatch) while the copy runs; the transport posts the MPI send once the copy's event
 has fired. A payload received into pinned memory goes to the device by an asynchronous copy
 on the current stream, so later kernels are ordered after it and the host does not wait.
-Pinned buffers are pooled by size and reused only after the copy that used them has ended.
+Pinned buffers are pooled in power-of-two size classes (microbatches of a step differ in
+size) and reused only after the copy or send that used them has ended.
 """
 
 from __future__ import annotations
 
 import torch
 
-_POOL_LIMIT = 64
-"""Idle pinned buffers kept per transport; beyond it the oldest are given back to torch."""
+_SMALLEST_CLASS = 64 << 10
+_IDLE_LIMIT_BYTES = 512 << 20
+"""Idle pinned memory kept per transport; a buffer given back beyond it is dropped."""
 
 
 class PinnedStaging:
@@ -23,6 +25,8 @@ class PinnedStaging:
         self.device = device
         self._stream = torch.cuda.Stream(device)
         self._idle: dict[int, list[torch.Tensor]] = {}
+        """Whole pooled buffers (uint8) by size class."""
+        self._idle_bytes = 0
         self._in_use: list[tuple[torch.cuda.Event, torch.Tensor]] = []
         """Buffers a device copy still reads or writes, with the event that ends it."""
 
@@ -33,11 +37,10 @@ class PinnedStaging:
         allocator is told the side stream reads ``tensor`` (it must not reuse the memory
         before the copy ends)."""
         host = self.host_buffer(tensor.nbytes).view(tensor.dtype).view(tensor.shape)
-        producer = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(producer)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             host.copy_(tensor.detach(), non_blocking=True)
-            ready = torch.cuda.Event()
+            ready = _event()
             ready.record(self._stream)
         tensor.record_stream(self._stream)
         return host, ready
@@ -47,18 +50,20 @@ class PinnedStaging:
         buffer goes back to the pool once the copy has ended."""
         tensor = torch.empty(host.shape, dtype=host.dtype, device=self.device)
         tensor.copy_(host, non_blocking=True)
-        done = torch.cuda.Event()
+        done = _event()
         done.record(torch.cuda.current_stream(self.device))
         self._in_use.append((done, host))
         return tensor
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
-        """A pinned byte buffer of ``nbytes`` that no copy is using."""
+        """The first ``nbytes`` of a pinned byte buffer that no copy or send is using."""
         self._reclaim()
-        idle = self._idle.get(nbytes)
+        size = max(_SMALLEST_CLASS, 1 << (nbytes - 1).bit_length())
+        idle = self._idle.get(size)
         if idle:
-            return idle.pop()
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            self._idle_bytes -= size
+            return idle.pop()[:nbytes]
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True)[:nbytes]
 
     def release(self, host: torch.Tensor) -> None:
         """Gives back a buffer from ``to_host`` once MPI has sent it (its copy had ended
@@ -74,7 +79,15 @@ class PinnedStaging:
                 busy.append((event, buffer))
         self._in_use = busy
 
-    def _keep_idle(self, buffer: torch.Tensor) -> None:
-        flat = buffer.reshape(-1).view(torch.uint8)  # a view: pooled buffers are contiguous
-        if sum(map(len, self._idle.values())) < _POOL_LIMIT:
-            self._idle.setdefault(flat.numel(), []).append(flat)
+    def _keep_idle(self, view: torch.Tensor) -> None:
+        """Pools the whole buffer behind ``view`` (any view of a pooled buffer)."""
+        whole = torch.empty(0, dtype=torch.uint8).set_(view.untyped_storage())
+        size = whole.numel()
+        if self._idle_bytes + size <= _IDLE_LIMIT_BYTES:
+            self._idle.setdefault(size, []).append(whole)
+            self._idle_bytes += size
+
+
+def _event() -> torch.cuda.Event:
+    """An event whose ``synchronize`` sleeps rather than spins (ranks may share cores)."""
+    return torch.cuda.Event(blocking=True)

@@ -78,6 +78,11 @@ class Kind(IntEnum):
     CONTROL = 5
 
 
+_CUT_KINDS = (Kind.ACTIVATION, Kind.GRADIENT)
+"""Kinds whose large payloads a device transport delivers on the device; the others (labels,
+weights, control) arrive in host memory, where their users read them."""
+
+
 class Flag(IntFlag):
     NONE = 0
     EVAL = 1
@@ -134,8 +139,8 @@ class PendingSend:
     """A nonblocking send in flight: holds its buffers until ``wait`` completes it.
 
     A staged send (a device tensor copied to pinned host memory for an MPI that cannot read
-    the device) is posted to MPI only once its copy has ended: by ``done``, ``wait``, or the
-    transport's next send to the same rank or receive."""
+    the device) is posted to MPI only once its copy has ended: by ``done``, ``wait``, the
+    transport's next send to the same rank, or any wait of the transport's."""
 
     def __init__(self, transport: Transport, requests: list[MPI.Request], keep: object,
                  message: _MessageBuffer | None, dest: int, kind: Kind,
@@ -153,9 +158,10 @@ class PendingSend:
         self._pinned = ready is not None
         """Whether ``keep`` is a pinned staging buffer (given back once the send ends)."""
 
-    def start(self, *, block: bool) -> bool:
+    def post_when_copied(self, *, block: bool) -> bool:
         """Posts a staged send once its copy has ended (waiting for it if ``block``);
-        whether the send is posted."""
+        whether the send is posted. Only ``Transport._start_staged`` calls it, which keeps
+        the order of the sends to one rank."""
         if self._ready is None:
             return True
         if not block and not self._ready.query():
@@ -169,14 +175,17 @@ class PendingSend:
 
     def done(self) -> bool:
         """Whether the send has completed (completing it if so); never blocks."""
-        if not self.start(block=False):
-            return False
+        if self._ready is not None:
+            self._transport._start_staged()
+            if self._ready is not None:
+                return False
         if self._requests and MPI.Request.Testall(self._requests):
             self.wait()
         return not self._requests
 
     def wait(self) -> None:
-        self.start(block=True)
+        if self._ready is not None:
+            self._transport._start_staged(self._dest)
         if self._requests:
             with self._transport._span("wait", self._kind, self._dest):
                 self._transport._wait_request(self._requests, self._dest, self._kind, "send",
@@ -349,6 +358,8 @@ class Transport:
         client takes them only after its remaining forwards) goes on computing instead of
         idling until the receiver is ready. Completed sends are dropped here, so only
         sends still in flight are held."""
+        if self._staged:
+            self._start_staged()
         self._detached = [send for send in self._detached if not send.done()]
         self._detached.extend(pending)
 
@@ -420,11 +431,13 @@ class Transport:
         return [self._headers.Isend([message.array, HEADER_BYTES, MPI.BYTE], dest, kind),
                 self._payloads.Isend([target, nbytes, MPI.BYTE], dest, kind)]
 
-    def _start_staged(self, dest: int | None = None) -> None:
-        """Posts the staged sends whose copies have ended, and every staged send to
-        ``dest`` (all of them if None), waiting for their copies."""
-        self._staged = [send for send in self._staged
-                        if not send.start(block=dest is None or send._dest == dest)]
+    def _start_staged(self, dest: int | None = None, *, everything: bool = False) -> None:
+        """Posts the staged sends whose copies have ended, waiting for the copies of those
+        to ``dest`` (of all, if ``everything``: before this rank blocks, since a peer may
+        need them to answer). In the order they were staged: their copies run on one
+        stream, so a later one is never ready before an earlier one."""
+        self._staged = [send for send in self._staged if not send.post_when_copied(
+            block=everything or send._dest == dest)]
 
     def _release_staged(self, host: object) -> None:
         assert self._staging is not None and isinstance(host, torch.Tensor)
@@ -452,9 +465,9 @@ class Transport:
         ``out`` is a buffer to receive into when the message has its shape and dtype (the
         steady state of a fixed-shape exchange); otherwise a new tensor is allocated.
         ``senders`` names the ranks an any-source receive is waiting on, for the timeout error.
+        On a device transport, large activations and gradients arrive on the device; small
+        (inline) payloads and the other kinds arrive in host memory.
         """
-        if self._staged:  # a peer may need them before it can answer
-            self._start_staged()
         status, waited, scratch = self._status, None, self._recv_buffer
         if source == ANY_SOURCE:
             # A matched probe, then its receive: MPICH posts an any-source receive to shared
@@ -491,8 +504,9 @@ class Transport:
         if waited is not None:  # tracing: the wait span learns what it waited for
             waited.update(peer=source, bytes=nbytes, step=step, shape=list(shape),
                           dtype=str(dtype).removeprefix("torch."), microbatch=microbatch)
-        staged = not inline and self._staging is not None
-        if self.cuda_aware and not inline:  # straight into device memory
+        on_device = not inline and kind in _CUT_KINDS
+        staged = on_device and self._staging is not None
+        if self.cuda_aware and on_device:  # straight into device memory
             tensor = torch.empty(shape, dtype=dtype, device=self.device)
         elif staged:  # into pinned memory, then an asynchronous copy to the device
             tensor = self._staging.host_buffer(nbytes).view(dtype).view(shape)
@@ -581,6 +595,8 @@ class Transport:
                                f"{self.timeout_s:g} s in the {what}: not every rank arrived "
                                f"(transport.timeout_s)")
 
+        if self._staged:  # about to block: a peer may need them before it can answer
+            self._start_staged(everything=True)
         span = (self.tracer.span(f"collective {what}", "collective", kind=kind.name,
                                  tag=int(kind), bytes_sent=sent, bytes_received=received,
                                  step=step)
@@ -604,6 +620,8 @@ class Transport:
 
     def _poll(self, attempt: Callable[[], T], peers: Sequence[int], kind: Kind,
               what: str, deadline: bool) -> T:
+        if self._staged:  # about to block: a peer may need them before it can answer
+            self._start_staged(everything=True)
         return poll(attempt, self.timeout_s if deadline else None,
                     lambda: self.timed_out(peers, kind, what))
 
@@ -653,16 +671,33 @@ def cuda_aware_mpi() -> bool:
     """Whether the MPI library can read and write CUDA device memory.
 
     ``MPISPLIT_CUDA_AWARE=1`` or ``0`` decides where the library cannot be asked; otherwise
-    Open MPI's ``MPIX_Query_cuda_support`` is asked, and anything else stages through host
-    memory (always correct, slower)."""
+    the library's ``MPIX_Query_cuda_support`` (Open MPI, MPICH) is asked, and a library
+    without it stages through host memory (always correct, slower)."""
     forced = os.environ.get("MPISPLIT_CUDA_AWARE")
     if forced in ("0", "1"):
         return forced == "1"
+    query = mpix_query_cuda_support()
+    return query is not None and bool(query())
+
+
+def mpix_query_cuda_support() -> Callable[[], int] | None:
+    """The loaded MPI library's ``MPIX_Query_cuda_support``, if it has one.
+
+    mpi4py loads libmpi without making its symbols global, so the process-wide lookup
+    (``CDLL(None)``) never finds it: the library is opened again by the path it was loaded
+    from (the same handle; found in ``/proc/self/maps`` on Linux)."""
     try:
-        query = ctypes.CDLL(None).MPIX_Query_cuda_support
-    except AttributeError:
-        return False
-    return bool(query())
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps
+                            if "/libmpi" in line and ".so" in line})
+    except OSError:
+        paths = []
+    for library in [*(ctypes.CDLL(path) for path in paths), ctypes.CDLL(None)]:
+        query = getattr(library, "MPIX_Query_cuda_support", None)
+        if query is not None:
+            query.restype = ctypes.c_int
+            return query
+    return None
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import ROOT, mpiexec, run_mpi
 
@@ -42,6 +43,16 @@ def test_wrong_world_size_shows_the_arithmetic(dataset, tmp_path: Path) -> None:
     result, elapsed = _timed(3, f"data.path={data}", f"run.dir={tmp_path}")
     assert result.returncode == 2
     assert "1 server + 3 clients = 4 MPI ranks, but the job has 3" in result.stderr
+    assert elapsed < LIMIT_S
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_bad_input(dataset, tmp_path: Path) -> None:
+    data = dataset("breast_cancer", clients=3)
+    result, elapsed = _timed(4, f"data.path={data}", f"run.dir={tmp_path}",
+                             "transport.device=cuda")
+    assert result.returncode == 2
+    assert result.stderr.count("transport.device: cuda, but torch sees no CUDA device") == 1
     assert elapsed < LIMIT_S
 
 

@@ -42,7 +42,7 @@ def _transport(comm: MPI.Comm, device: torch.device, cuda_aware: bool) -> Transp
 
 
 def methods(comm: MPI.Comm, tensor: torch.Tensor,
-            device_aware: bool) -> dict[str, Callable[[], None]]:
+            transports: dict[str, Transport]) -> dict[str, Callable[[], None]]:
     rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
 
     def through(transport: Transport) -> Callable[[], None]:
@@ -69,10 +69,8 @@ def methods(comm: MPI.Comm, tensor: torch.Tensor,
             comm.Send(received.cpu().numpy(), peer, 2)
         torch.cuda.synchronize()
 
-    found = {"staged": through(_transport(comm, tensor.device, False)), "host_copy": host_copy}
-    if device_aware:
-        found["device"] = through(_transport(comm, tensor.device, True))
-    return found
+    return {**{name: through(transport) for name, transport in transports.items()},
+            "host_copy": host_copy}
 
 
 def main() -> None:
@@ -86,15 +84,21 @@ def main() -> None:
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     device = torch.device("cuda", node.Get_rank() % torch.cuda.device_count())
     torch.cuda.set_device(device)
+    node.Free()
     device_aware = cuda_aware_mpi()
+    transports = {"staged": _transport(comm, device, False)}
+    if device_aware:
+        transports["device"] = _transport(comm, device, True)
     results = []
     for nbytes in SIZES:
         tensor = torch.rand(nbytes // 4, device=device)
         row: dict[str, float | int | str] = {"bytes": nbytes}
-        for name, samples in interleaved(comm, methods(comm, tensor, device_aware),
+        for name, samples in interleaved(comm, methods(comm, tensor, transports),
                                          _iterations(nbytes), args.repeats).items():
             row[f"{name}_s"] = statistics.median(samples)
         results.append(row)
+    for transport in transports.values():
+        transport.close()
     if comm.Get_rank() == 0:
         _report(results, args.json, torch.cuda.get_device_name(device), device_aware)
 
