@@ -405,7 +405,8 @@ class Transport:
                 message.view[HEADER_BYTES:HEADER_BYTES + nbytes] = \
                     MPI.buffer.fromaddress(keep.data_ptr(), nbytes)
             if message is self._send_buffer:
-                request = self._inline_send(dest, kind, HEADER_BYTES + nbytes)
+                request = (self._inline_sends.get((dest, kind, HEADER_BYTES + nbytes))
+                           or self._inline_send(dest, kind, HEADER_BYTES + nbytes))
                 request.Start()
             else:
                 request = self._headers.Isend([buffer, HEADER_BYTES + nbytes, MPI.BYTE], dest,
@@ -444,16 +445,13 @@ class Transport:
         self._staging.release(host)
 
     def _inline_send(self, dest: int, kind: Kind, size: int) -> MPI.Prequest:
-        """The persistent send of the first ``size`` bytes of ``_send_buffer``."""
-        key = (dest, kind, size)
-        request = self._inline_sends.get(key)
-        if request is None:
-            if len(self._inline_sends) >= _MAX_PERSISTENT:  # all inactive: sends complete
-                for stale in self._inline_sends.values():
-                    stale.Free()
-                self._inline_sends.clear()
-            request = self._inline_sends[key] = self._headers.Send_init(
-                [self._send_buffer.array, size, MPI.BYTE], dest, kind)
+        """A new persistent send of the first ``size`` bytes of ``_send_buffer``."""
+        if len(self._inline_sends) >= _MAX_PERSISTENT:  # all inactive: sends complete
+            for stale in self._inline_sends.values():
+                stale.Free()
+            self._inline_sends.clear()
+        request = self._inline_sends[(dest, kind, size)] = self._headers.Send_init(
+            [self._send_buffer.array, size, MPI.BYTE], dest, kind)
         return request
 
     def recv(self, kind: Kind, source: int = ANY_SOURCE, *, deadline: bool = True,
@@ -518,6 +516,9 @@ class Transport:
         if self.tracer.enabled:
             with self._span("recv", kind, source, nbytes, step, shape, dtype, microbatch):
                 self._take_payload(tensor, source, kind, nbytes, inline)
+        elif inline and nbytes:  # the common small message: one copy, no call
+            MPI.buffer.fromaddress(tensor.data_ptr(), nbytes, False)[:] = \
+                scratch.view[HEADER_BYTES:HEADER_BYTES + nbytes]
         else:
             self._take_payload(tensor, source, kind, nbytes, inline)
         if staged:
