@@ -89,13 +89,22 @@ def _records(run_dir: Path, rank: int) -> list[dict]:
 
 
 def repeated(args: argparse.Namespace, variants: dict[str, Callable[[Path], float]]) -> dict:
-    """Runs each variant ``args.repeats`` times, interleaved; median and spread per variant."""
+    """Runs each variant ``args.repeats`` times, interleaved; median, spread and the samples
+    (in repeat order, for ``paired_ratio``) per variant."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name, run in variants.items():
             samples[name].append(run(args.work / f"run-{name}-{repeat}"))
-    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "samples": v}
             for name, v in samples.items()}
+
+
+def paired_ratio(stats: dict, numerator: str, denominator: str) -> float:
+    """The median over repeats of one variant's time over another's from the same repeat
+    (jobs run minutes apart on a machine whose speed drifts: see ``bench_transport``)."""
+    return statistics.median(a / b for a, b in zip(stats[numerator]["samples"],
+                                                   stats[denominator]["samples"],
+                                                   strict=True))
 
 
 @benchmark
@@ -133,10 +142,9 @@ def pipeline(args: argparse.Namespace) -> list[dict]:
         return once
 
     stats = repeated(args, {name(*v): run(*v) for v in variants})
-    base = stats[name(1, "gpipe")]["median"]
     return [{"microbatches": m, "schedule": schedule,
              "step_s": stats[name(m, schedule)]["median"],
-             "speedup_vs_M1": base / stats[name(m, schedule)]["median"],
+             "speedup_vs_M1": paired_ratio(stats, name(1, "gpipe"), name(m, schedule)),
              "bubble_measured": statistics.median(bubbles[name(m, schedule)]),
              "bubble_gpipe_estimate": (2 - 1) / (m + 2 - 1)} for m, schedule in variants] + [
         {"stage_balance_client_over_server": statistics.median(balance)}]
@@ -169,9 +177,8 @@ def vertical(args: argparse.Namespace) -> list[dict]:
         return once
 
     stats = repeated(args, {f"M={m}": run(m) for m in (1, 4, 8)})
-    base = stats["M=1"]["median"]
     return [{"microbatches": m, "step_s": stats[f"M={m}"]["median"],
-             "speedup_vs_M1": base / stats[f"M={m}"]["median"]} for m in (1, 4, 8)]
+             "speedup_vs_M1": paired_ratio(stats, "M=1", f"M={m}")} for m in (1, 4, 8)]
 
 
 @benchmark
@@ -207,8 +214,8 @@ def _split_vs_centralized(args: argparse.Namespace, overrides: Sequence[str],
     stats = repeated(args, variants)
     return [{"variant": k, "step_s": v["median"]} for k, v in stats.items()] + [
         {"variant": f"split / centralized samples/s, batch {batch}",
-         "ratio": stats[f"centralized_{centralized_threads}_threads_b{batch}"]["median"]
-         / stats[f"split_M8_b{batch}"]["median"]} for batch in (2048, 4096)]
+         "ratio": paired_ratio(stats, f"centralized_{centralized_threads}_threads_b{batch}",
+                               f"split_M8_b{batch}")} for batch in (2048, 4096)]
 
 
 def _step_s(ranks: int, data: Path, overrides: Sequence[str], run_dir: Path,
@@ -227,7 +234,7 @@ def tracing(args: argparse.Namespace) -> list[dict]:
         "on": lambda d: steady_step_s(train(2, data, d, [*steps, "run.trace=true"])),
     })
     return [{"tracing": k, "step_s": v["median"]} for k, v in stats.items()] + [
-        {"tracing": "overhead", "ratio": stats["on"]["median"] / stats["off"]["median"] - 1}]
+        {"tracing": "overhead", "ratio": paired_ratio(stats, "on", "off") - 1}]
 
 
 @benchmark
