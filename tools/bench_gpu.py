@@ -14,14 +14,20 @@ A GPU training step vs centralized on the same GPU is ``bench_training.py gpu``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 from collections.abc import Callable
 
 import torch
-from bench_transport import SIZES, _iterations, _size, interleaved, paired_ratio
+from bench_transport import (
+    SIZES,
+    interleaved,
+    iterations_for,
+    paired_ratio,
+    ping_pong_arguments,
+    size_label,
+)
 from mpi4py import MPI
 
 from mpisplit.tracing import Tracer
@@ -74,10 +80,7 @@ def methods(comm: MPI.Comm, tensor: torch.Tensor,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = ping_pong_arguments(__doc__.splitlines()[0])
     comm = MPI.COMM_WORLD
     if comm.Get_size() != 2 or not torch.cuda.is_available():
         raise SystemExit("bench_gpu: run with exactly 2 ranks on a machine with a GPU")
@@ -93,7 +96,7 @@ def main() -> None:
     for nbytes in SIZES:
         tensor = torch.rand(nbytes // 4, device=device)
         row: dict[str, float | int | str] = {"bytes": nbytes}
-        samples = interleaved(comm, methods(comm, tensor, transports), _iterations(nbytes),
+        samples = interleaved(comm, methods(comm, tensor, transports), iterations_for(nbytes),
                               args.repeats)
         for name, times in samples.items():
             row[f"{name}_s"] = statistics.median(times)
@@ -116,7 +119,7 @@ def _report(results: list[dict], json_path: str | None, gpu: str, device_aware: 
         device = ""
         if "speedup_device_vs_staged" in row:
             device = f"{row['speedup_device_vs_staged']:>16.2f}x"
-        print(f"{_size(row['bytes']):>8} {row['staged_s'] * 1e6:>8.1f}us "
+        print(f"{size_label(row['bytes']):>8} {row['staged_s'] * 1e6:>8.1f}us "
               f"{row['host_copy_s'] * 1e6:>8.1f}us "
               f"{row.get('device_s', float('nan')) * 1e6:>8.1f}us "
               f"{row['speedup_staged_vs_host_copy']:>19.2f}x {device}")

@@ -27,7 +27,7 @@ from mpisplit.transport import Kind, Transport
 SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 
 
-def _iterations(nbytes: int) -> int:
+def iterations_for(nbytes: int) -> int:
     return max(5, min(1000, (256 << 20) // max(nbytes, 1) // 4))
 
 
@@ -110,11 +110,16 @@ def methods(comm: MPI.Comm, tensor: torch.Tensor) -> dict[str, Callable[[], None
             "gloo": gloo}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def ping_pong_arguments(description: str) -> argparse.Namespace:
+    """The options of the ping-pong benchmarks (this one and ``bench_gpu``)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = ping_pong_arguments(__doc__.splitlines()[0])
     comm = MPI.COMM_WORLD
     if comm.Get_size() != 2:
         raise SystemExit("bench_transport: run with exactly 2 ranks (mpiexec -n 2)")
@@ -127,7 +132,7 @@ def main() -> None:
     for nbytes in SIZES:
         tensor = torch.rand(nbytes // 4)
         row: dict[str, float | int] = {"bytes": nbytes}
-        samples = interleaved(comm, methods(comm, tensor), _iterations(nbytes), args.repeats)
+        samples = interleaved(comm, methods(comm, tensor), iterations_for(nbytes), args.repeats)
         for name, times in samples.items():
             row[f"{name}_s"] = statistics.median(times)
             row[f"{name}_spread"] = (max(times) - min(times)) / statistics.median(times)
@@ -147,7 +152,8 @@ def _report(results: list[dict], json_path: str | None) -> None:
           f"{'vs raw':>7} {'time/raw':>8} {'vs pickle':>9} {'vs gloo':>8}")
     for row in results:
         ours = row["mpisplit_s"]
-        print(f"{_size(row['bytes']):>8} {ours * 1e6:>8.1f}us {row['mpi4py_raw_s'] * 1e6:>8.1f}us "
+        print(f"{size_label(row['bytes']):>8} {ours * 1e6:>8.1f}us "
+              f"{row['mpi4py_raw_s'] * 1e6:>8.1f}us "
               f"{row['bytes'] / ours / 1e6:>8.0f} {row['ratio_vs_raw_bandwidth']:>6.2f}x "
               f"{row['ratio_vs_raw_latency']:>7.2f}x "
               f"{row['speedup_vs_pickle']:>8.2f}x {row['speedup_vs_gloo']:>7.2f}x")
@@ -159,7 +165,7 @@ def _report(results: list[dict], json_path: str | None) -> None:
             json.dump({"benchmark": "transport", "results": results}, out, indent=2)
 
 
-def _size(nbytes: int) -> str:
+def size_label(nbytes: int) -> str:
     return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
 
 
