@@ -59,8 +59,8 @@ _TIGHT_POLLS = 200
 """Attempts made back to back before the first yield (some tens of microseconds): a reply
 that is microseconds away is seen at once, as MPI's own blocking calls see it."""
 _MAX_PERSISTENT = 256
-"""Persistent requests cached per transport and direction before the cache starts afresh
-(one per destination, kind and inline size: a run uses a handful)."""
+"""Persistent inline sends cached before the cache starts afresh (one per destination, kind
+and inline size: a run uses a handful). Header receives need no cap: one per source and kind."""
 _SPIN_S = 0.05
 _MAX_SLEEP_S = 1e-3
 
@@ -297,6 +297,10 @@ class Transport:
         """Persistent header receives into ``_recv_buffer`` per (source, kind)."""
 
     def close(self) -> None:
+        for request in self._header_receives.values():
+            if not request.Test():  # still posted (a wait interrupted by a signal)
+                request.Cancel()
+                request.Wait()
         for request in [*self._inline_sends.values(), *self._header_receives.values()]:
             request.Free()
         self._headers.Free()
@@ -307,7 +311,8 @@ class Transport:
         """Sends ``tensor`` to ``dest``; returns once its buffer may be reused.
 
         The steady-state path (no tracing, a small host tensor) is one header message built
-        in a reused buffer: no allocation, no torch-to-numpy conversion, one ``Isend``."""
+        in a reused buffer: no allocation, no torch-to-numpy conversion, and a persistent
+        send started."""
         if self.tracer.enabled:
             with self._span("send", kind, dest, tensor.nbytes, step, tensor.shape,
                             tensor.dtype, microbatch):
@@ -637,8 +642,8 @@ class Transport:
 
 def poll(attempt: Callable[[], T], timeout_s: float | None,
          timed_out: Callable[[], Exception]) -> T:
-    """Polls ``attempt`` until it returns a true value (``Request.Test`` itself, or a matched
-    probe: no Python frame per attempt) and returns it; after ``timeout_s`` (None: never)
+    """Polls ``attempt`` until it returns a true value (``Request.Test`` itself, so no Python
+    frame per attempt, or a matched probe) and returns it; after ``timeout_s`` (None: never)
     raises ``timed_out()``. Never blocks inside MPI, so a stalled peer cannot hang the caller.
 
     The first ``_TIGHT_POLLS`` attempts run back to back; then, up to ``_SPIN_S`` seconds,

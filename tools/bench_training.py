@@ -89,8 +89,9 @@ def _records(run_dir: Path, rank: int) -> list[dict]:
 
 
 def repeated(args: argparse.Namespace, variants: dict[str, Callable[[Path], float]]) -> dict:
-    """Runs each variant ``args.repeats`` times, interleaved; median, spread and the samples
-    (in repeat order, for ``paired_ratio``) per variant."""
+    """Runs each variant ``args.repeats`` times, interleaved in the same order every repeat
+    (each job is its own set of processes); median, spread and the samples (in repeat order,
+    for ``paired_ratio``) per variant."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name, run in variants.items():

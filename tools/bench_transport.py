@@ -31,33 +31,41 @@ def iterations_for(nbytes: int) -> int:
     return max(5, min(1000, (256 << 20) // max(nbytes, 1) // 4))
 
 
-def time_pingpong(comm: MPI.Comm, exchange: Callable[[], None], iterations: int,
-                  repeats: int) -> list[float]:
-    """Seconds per one-way message for each repeat (round trips / 2)."""
+def time_pingpong(comm: MPI.Comm, exchange: Callable[[], None], iterations: int) -> float:
+    """Seconds per one-way message (round trips / 2), after a warm-up."""
     for _ in range(max(2, iterations // 4)):
         exchange()
-    samples = []
-    for _ in range(repeats):
-        comm.Barrier()
-        start = time.perf_counter()
-        for _ in range(iterations):
-            exchange()
-        samples.append((time.perf_counter() - start) / iterations / 2)
-    return samples
+    comm.Barrier()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        exchange()
+    return (time.perf_counter() - start) / iterations / 2
 
 
 def interleaved(comm: MPI.Comm, exchanges: dict[str, Callable[[], None]], iterations: int,
                 repeats: int) -> dict[str, list[float]]:
     """``time_pingpong`` samples per method, the methods taking turns in every repeat (a
-    drift of the machine's speed touches them all alike) in an order that rotates from
-    repeat to repeat: a method timed right after gloo or pickle ran up to 20 % slower at
-    1 MiB, and the rotation lets that fall on each method in turn."""
+    drift of the machine's speed touches them all alike), in the orders of a balanced Latin
+    square: over a full cycle of repeats each method runs right after every other once (a
+    method timed right after gloo or pickle ran up to 20 % slower at 1 MiB). Every rank
+    computes the same orders, so the ping-pongs pair up."""
     names = list(exchanges)
+    orders = balanced_orders(len(names))
     samples: dict[str, list[float]] = {name: [] for name in names}
     for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-            samples[name] += time_pingpong(comm, exchanges[name], iterations, 1)
+        for index in orders[repeat % len(orders)]:
+            samples[names[index]].append(time_pingpong(comm, exchanges[names[index]],
+                                                       iterations))
     return samples
+
+
+def balanced_orders(count: int) -> list[list[int]]:
+    """Williams' balanced Latin square for ``count`` methods: within its rows every method
+    follows every other equally often (the rows and their reverses when ``count`` is odd)."""
+    offsets = [0] + [step for k in range(1, count // 2 + 1)
+                     for step in (k, count - k)][:count - 1]
+    rows = [[(start + offset) % count for offset in offsets] for start in range(count)]
+    return rows if count % 2 == 0 else rows + [row[::-1] for row in rows]
 
 
 def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
@@ -68,10 +76,9 @@ def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
 
 
-def methods(comm: MPI.Comm, tensor: torch.Tensor) -> dict[str, Callable[[], None]]:
+def methods(comm: MPI.Comm, tensor: torch.Tensor,
+            transport: Transport) -> dict[str, Callable[[], None]]:
     rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
-    transport = Transport(comm, roles=["a", "b"], timeout_s=120,
-                          tracer=Tracer(rank, "bench", enabled=False))
     raw = tensor.numpy()
     reply = torch.empty_like(tensor)
 
@@ -114,7 +121,10 @@ def ping_pong_arguments(description: str) -> argparse.Namespace:
     """The options of the ping-pong benchmarks (this one and ``bench_gpu``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=8,
+                        help="timings per method; a multiple of the number of balanced "
+                             "orders (as many as methods, twice that if odd) runs whole "
+                             "cycles")
     return parser.parse_args()
 
 
@@ -128,11 +138,14 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000 if comm.rank == 0 else 0))
     os.environ["MASTER_PORT"] = str(comm.bcast(os.environ["MASTER_PORT"], root=0))
     dist.init_process_group("gloo", rank=comm.Get_rank(), world_size=2)
+    transport = Transport(comm, roles=["a", "b"], timeout_s=120,
+                          tracer=Tracer(comm.Get_rank(), "bench", enabled=False))
     results = []
     for nbytes in SIZES:
         tensor = torch.rand(nbytes // 4)
         row: dict[str, float | int] = {"bytes": nbytes}
-        samples = interleaved(comm, methods(comm, tensor), iterations_for(nbytes), args.repeats)
+        samples = interleaved(comm, methods(comm, tensor, transport), iterations_for(nbytes),
+                              args.repeats)
         for name, times in samples.items():
             row[f"{name}_s"] = statistics.median(times)
             row[f"{name}_spread"] = (max(times) - min(times)) / statistics.median(times)
@@ -142,6 +155,7 @@ def main() -> None:
         row["speedup_vs_pickle"] = paired_ratio(samples["mpi4py_pickle"], ours)
         row["speedup_vs_gloo"] = paired_ratio(samples["gloo"], ours)
         results.append(row)
+    transport.close()
     dist.destroy_process_group()
     if comm.Get_rank() == 0:
         _report(results, args.json)

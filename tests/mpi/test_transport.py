@@ -227,6 +227,26 @@ def test_message_over_two_gib(comm: MPI.Comm) -> None:
     transport.close()
 
 
+def test_persistent_send_cache_starts_afresh(comm: MPI.Comm,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inline sends of more sizes than the persistent-request cache holds still arrive
+    whole and in order (the cache is freed and rebuilt)."""
+    monkeypatch.setattr("mpisplit.transport._MAX_PERSISTENT", 2)
+    transport = make_transport(comm)
+    sizes = [3, 1, 4, 1, 5, 9, 2, 6, 3, 5]
+    if comm.rank == 1:
+        for step, n in enumerate(sizes):
+            transport.send(torch.arange(n, dtype=torch.float32) + step, 0, Kind.ACTIVATION,
+                           step=step)
+        assert len(transport._inline_sends) <= 2
+    elif comm.rank == 0:
+        for step, n in enumerate(sizes):
+            message = transport.recv(Kind.ACTIVATION, 1)
+            assert message.step == step
+            assert torch.equal(message.tensor, torch.arange(n, dtype=torch.float32) + step)
+    transport.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("cuda_aware", [False, True])
 def test_device_tensors_round_trip(comm: MPI.Comm, cuda_aware: bool,
