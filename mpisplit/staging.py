@@ -65,22 +65,19 @@ class PinnedStaging:
             return idle.pop()[:nbytes]
         return torch.empty(size, dtype=torch.uint8, pin_memory=True)[:nbytes]
 
-    def release(self, host: torch.Tensor) -> None:
-        """Gives back a buffer from ``to_host`` once MPI has sent it (its copy had ended
-        before the send was posted)."""
-        self._keep_idle(host)
-
     def _reclaim(self) -> None:
         busy = []
         for event, buffer in self._in_use:
             if event.query():
-                self._keep_idle(buffer)
+                self.release(buffer)
             else:
                 busy.append((event, buffer))
         self._in_use = busy
 
-    def _keep_idle(self, view: torch.Tensor) -> None:
-        """Pools the whole buffer behind ``view`` (any view of a pooled buffer)."""
+    def release(self, view: torch.Tensor) -> None:
+        """Pools the whole buffer behind ``view`` (any view of a pooled buffer) once nothing
+        uses it: a sent ``to_host`` buffer (its copy ended before the send was posted), or a
+        received one whose copy to the device has ended."""
         whole = torch.empty(0, dtype=torch.uint8).set_(view.untyped_storage())
         size = whole.numel()
         if self._idle_bytes + size <= _IDLE_LIMIT_BYTES:
