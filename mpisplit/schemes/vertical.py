@@ -15,9 +15,10 @@ returns each party its slice of the gradient. The bytes are counted in the trans
 traffic as ACTIVATION / GRADIENT routes, so the summary and ``mpisplit audit`` see them.
 
 Alignment: parties' files list the patients in different orders and each may miss some.
-At setup every member contributes the ids of the files it reads (one raw-buffer
-``Allgatherv``), the server logs how many rows each party drops, and everybody reads only the
-intersection, through ``align_rows`` and ``ShardReader(rows=...)`` with the same seed, so
+At setup the members (every party, and the label holder) intersect the ids of the files they
+read by private set intersection (:mod:`mpisplit.psi`: each learns the intersection and the
+others' set sizes, nothing about the ids it does not share), the server logs how many rows
+each party drops, and everybody reads only the intersection, through ``align_rows`` and ``ShardReader(rows=...)`` with the same seed, so
 every batch holds the same patients in the same order on every party.
 
 Labels (``scheme.label_holder``): ``server`` opens ``labels.h5`` and computes the loss;
@@ -47,7 +48,8 @@ from mpisplit.data import Batch, ShardReader, align_rows, intersect_ids, read_id
 from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
 from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan
-from mpisplit.privacy import EvaluationNoise, nopeek_penalty, protect
+from mpisplit.privacy import EvaluationNoise
+from mpisplit.psi import private_intersection, nopeek_penalty, protect
 from mpisplit.schemes.common import (
     EvalTally,
     evaluating,
@@ -217,19 +219,12 @@ class Layout:
 
 # --- alignment -----------------------------------------------------------------------
 
-def common_ids(comm: MPI.Comm, mine: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The ids every contributing member holds (members with ``None`` read no file), and
-    each member's contribution size (-1: none). One Allgather, one raw Allgatherv."""
-    count = np.array([-1 if mine is None else len(mine)], np.int64)
-    counts = np.zeros(comm.Get_size(), np.int64)
-    comm.Allgather(count, counts)
-    sizes = np.maximum(counts, 0)
-    everyone = np.zeros(int(sizes.sum()), np.int64)
-    sendbuf = np.zeros(0, np.int64) if mine is None else np.ascontiguousarray(mine, np.int64)
-    comm.Allgatherv(sendbuf, [everyone, sizes])
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    sets = [everyone[offsets[r]:offsets[r + 1]] for r in range(len(counts)) if counts[r] >= 0]
-    return intersect_ids(sets), counts
+def common_ids(comm: MPI.Comm, mine: np.ndarray | None) -> tuple[np.ndarray | None, int,
+                                                                 np.ndarray]:
+    """(the ids every contributing member holds, or None on a server that reads no file;
+    their number; each member's set size, -1: none), by private set intersection
+    (:mod:`mpisplit.psi`, the server compares): no member learns another's other ids."""
+    return private_intersection(comm, mine, comparator=SERVER)
 
 
 def batch_sizes(rows: int, batch_size: int) -> list[int]:
@@ -243,7 +238,7 @@ def batch_sizes(rows: int, batch_size: int) -> list[int]:
 class Split:
     """One split (train or test) as this rank sees it."""
 
-    common: np.ndarray
+    common: np.ndarray | None
     sizes: list[int]
     features: ShardReader | None
     labels: ShardReader | None
@@ -273,9 +268,9 @@ def open_split(ctx: RankContext, comm: MPI.Comm, *, test: bool) -> Split:
     feature_path = ctx.shard("party", me.index, test=test) if me.role == Role.CLIENT else None
     label_path = ctx.shard("labels", test=test) if holder else None
     owned = [read_ids(path) for path in (feature_path, label_path) if path is not None]
-    common, counts = common_ids(comm, intersect_ids(owned) if owned else None)
-    _report_alignment(ctx, common, counts, test)
-    if not len(common):
+    common, size, counts = common_ids(comm, intersect_ids(owned) if owned else None)
+    _report_alignment(ctx, size, counts, test)
+    if not size:
         raise ValueError(f"{cfg.data.path}: the parties have no patient id in common")
 
     def reader(path: Path, field: str, ids: np.ndarray) -> ShardReader:
@@ -286,19 +281,18 @@ def open_split(ctx: RankContext, comm: MPI.Comm, *, test: bool) -> Split:
 
     features = reader(feature_path, "features", owned[0]) if feature_path else None
     labels = reader(label_path, "labels", owned[-1]) if label_path else None
-    return Split(common, batch_sizes(len(common), cfg.data.batch_size), features, labels)
+    return Split(common, batch_sizes(size, cfg.data.batch_size), features, labels)
 
 
-def _report_alignment(ctx: RankContext, common: np.ndarray, counts: np.ndarray,
-                      test: bool) -> None:
+def _report_alignment(ctx: RankContext, common: int, counts: np.ndarray, test: bool) -> None:
     if ctx.me.role != Role.SERVER:
         return
     labels = ctx.topology.placements
-    dropped = {labels[r].label: int(n - len(common)) for r, n in enumerate(counts) if n >= 0}
+    dropped = {labels[r].label: int(n - common) for r, n in enumerate(counts) if n >= 0}
     split = "test" if test else "train"
     log.info("vertical %s: %d ids common to all parties; rows dropped: %s", split,
-             len(common), ", ".join(f"{who} {n}" for who, n in dropped.items()))
-    ctx.metrics.write({"event": "alignment", "split": split, "common": len(common),
+             common, ", ".join(f"{who} {n}" for who, n in dropped.items()))
+    ctx.metrics.write({"event": "alignment", "split": split, "common": common,
                        "dropped": dropped})
 
 
