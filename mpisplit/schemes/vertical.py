@@ -18,8 +18,9 @@ Alignment: parties' files list the patients in different orders and each may mis
 At setup the members (every party, and the label holder) intersect the ids of the files they
 read by private set intersection (:mod:`mpisplit.psi`: each learns the intersection and the
 others' set sizes, nothing about the ids it does not share), the server logs how many rows
-each party drops, and everybody reads only the intersection, through ``align_rows`` and ``ShardReader(rows=...)`` with the same seed, so
-every batch holds the same patients in the same order on every party.
+each party drops, and everybody reads only the intersection, through ``align_rows`` and
+``ShardReader(rows=...)`` with the same seed, so every batch holds the same patients in the
+same order on every party.
 
 Labels (``scheme.label_holder``): ``server`` opens ``labels.h5`` and computes the loss;
 ``party<k>`` keeps them at party k: the server sends it the logits and gets their gradient
@@ -48,8 +49,8 @@ from mpisplit.data import Batch, ShardReader, align_rows, intersect_ids, read_id
 from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
 from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan
-from mpisplit.privacy import EvaluationNoise
-from mpisplit.psi import private_intersection, nopeek_penalty, protect
+from mpisplit.privacy import EvaluationNoise, nopeek_penalty, protect
+from mpisplit.psi import private_intersection
 from mpisplit.schemes.common import (
     EvalTally,
     evaluating,
