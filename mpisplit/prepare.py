@@ -2,7 +2,10 @@
 
 A dataset is loaded (breast_cancer, digits) or generated (synthetic), a stratified test set is
 held out, and the training rows are dealt to clients (iid, Dirichlet label skew) or their
-feature groups to parties (vertical). Rows are routed to shards by per-class quotas fixed up
+feature groups to parties (vertical). Breast cancer's features are standardized file by file,
+each with its own rows' mean and std (a client's shard by the client's rows, a party's file by
+its rows of its columns, the test set by its own), as sites that never see each other's data
+would do it. Rows are routed to shards by per-class quotas fixed up
 front, so the synthetic dataset is generated and written chunk by chunk and never held in
 memory as a whole.
 """
@@ -259,31 +262,33 @@ def _write_horizontal(spec: PrepareSpec, table: _Table, root: Path) -> dict[str,
     """Each shard's rows in random order, so the reader's block shuffling mixes classes."""
     router = _Router(_class_counts(table.labels, table.num_classes), spec, spec.clients)
     destination = router.route(table.labels)
-    features = _prepared_features(table, destination != _TEST)
-    attrs = _attrs(spec.dataset, table.num_classes, features.shape[1:])
+    shape = table.features.shape[1:]
+    attrs = _attrs(spec.dataset, table.num_classes, shape)
     rng = _rng(spec, _ORDER)
     for index, path in enumerate(_horizontal_paths(root, spec.clients)):
         rows = rng.permutation(np.flatnonzero(destination == index))
-        _write_shard(path, attrs, features=features[rows], ids=rows, labels=table.labels[rows])
-    return _meta(spec, table.num_classes, features.shape[1:], router.sizes[1:], router.sizes[_TEST])
+        features = _prepared_features(table, rows)
+        _write_shard(path, attrs, features=features, ids=rows, labels=table.labels[rows])
+    return {**_meta(spec, table.num_classes, shape, router.sizes[1:], router.sizes[_TEST]),
+            **_normalization(table)}
 
 
 def _write_vertical(spec: PrepareSpec, table: _Table, root: Path) -> dict[str, Any]:
     """Label files hold every row; each party misses a few ids and has its own row order."""
     router = _Router(_class_counts(table.labels, table.num_classes), spec, shards=1)
     destination = router.route(table.labels)
-    features = _prepared_features(table, destination != _TEST)
     rng = _rng(spec, _ORDER)
     train_rows = np.flatnonzero(destination != _TEST)
     test_rows = np.flatnonzero(destination == _TEST)
-    train_samples = _write_vertical_split(spec, table, features, train_rows, root, rng, test=False)
-    _write_vertical_split(spec, table, features, test_rows, root, rng, test=True)
+    train_samples = _write_vertical_split(spec, table, train_rows, root, rng, test=False)
+    _write_vertical_split(spec, table, test_rows, root, rng, test=True)
     groups = spec.groups
     party_shapes = [
-        list(_group_features(features[:1], index).shape[1:]) for index in groups.values()
+        list(_group_features(table.features[:1], index).shape[1:]) for index in groups.values()
     ]
     return {
-        **_meta(spec, table.num_classes, features.shape[1:], train_samples, len(test_rows)),
+        **_meta(spec, table.num_classes, table.features.shape[1:], train_samples, len(test_rows)),
+        **_normalization(table),
         "clients": len(groups),
         "parties": list(groups),
         "party_feature_shapes": party_shapes,
@@ -293,7 +298,6 @@ def _write_vertical(spec: PrepareSpec, table: _Table, root: Path) -> dict[str, A
 def _write_vertical_split(
     spec: PrepareSpec,
     table: _Table,
-    features: np.ndarray,
     rows: np.ndarray,
     root: Path,
     rng: np.random.Generator,
@@ -308,7 +312,7 @@ def _write_vertical_split(
     sizes = []
     for party, index in enumerate(spec.groups.values()):
         kept = _party_rows(rows, spec.drop_fraction, rng)
-        party_features = _group_features(features[kept], index)
+        party_features = _group_features(_prepared_features(table, kept), index)
         attrs = _attrs(spec.dataset, table.num_classes, party_features.shape[1:])
         path = shard_path(root, "party", party, test=test)
         _write_shard(path, attrs, features=party_features, ids=kept)
@@ -448,14 +452,27 @@ def _draw(labels: np.ndarray, quotas: np.ndarray, rng: np.random.Generator) -> n
     return drawn
 
 
-def _prepared_features(table: _Table, train: np.ndarray) -> np.ndarray:
-    """float32 features, standardized with the training rows' statistics where the data needs it."""
+def _prepared_features(table: _Table, rows: np.ndarray) -> np.ndarray:
+    """float32 features of one shard file's ``rows``, standardized (where the data needs it)
+    with those rows' own mean and std: a site never sees another site's statistics."""
+    features = table.features[rows]
     if not table.standardize:
-        return table.features.astype(np.float32)
-    mean = table.features[train].mean(axis=0)
-    std = table.features[train].std(axis=0)
+        return features.astype(np.float32)
+    return standardize(features)
+
+
+def _normalization(table: _Table) -> dict[str, str]:
+    """The meta.json statement of how features were scaled, where they were."""
+    return {"normalization": "standardized per file, with its own rows' mean and std"} \
+        if table.standardize else {}
+
+
+def standardize(features: np.ndarray) -> np.ndarray:
+    """float32 ``(x - mean) / std`` per feature over the rows (a constant feature: std 1)."""
+    mean = features.mean(axis=0)
+    std = features.std(axis=0)
     std[std == 0] = 1.0
-    return ((table.features - mean) / std).astype(np.float32)
+    return ((features - mean) / std).astype(np.float32)
 
 
 def _party_rows(rows: np.ndarray, drop_fraction: float, rng: np.random.Generator) -> np.ndarray:
