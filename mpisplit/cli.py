@@ -1,4 +1,4 @@
-"""Command line: ``mpisplit train | topology | data prepare | prof report | resources``.
+"""Command line: ``mpisplit train | topology | data | prof report | resources | audit``.
 
 The entry point only parses, builds, runs and closes. Input errors (config, data, world size)
 are found before any MPI traffic: every rank finds the same error, rank 0 prints it, and every
@@ -57,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
 
     add_prepare_arguments(prepare)
     prepare.set_defaults(handler=_prepare)
+    from mpisplit.ingest import add_assemble_arguments, add_import_arguments
+
+    data_import = data_commands.add_parser(
+        "import", help="build one site's shard from the site's own files")
+    add_import_arguments(data_import)
+    data_import.set_defaults(handler=_import)
+    assemble = data_commands.add_parser(
+        "assemble", help="check the sites' shards agree; make a dataset directory of them")
+    add_assemble_arguments(assemble)
+    assemble.set_defaults(handler=_assemble)
 
     from mpisplit.prof.commands import add_report_arguments, add_resources_arguments
 
@@ -159,6 +169,30 @@ def _prepare(args: argparse.Namespace) -> int:
     except ValueError as err:
         return _bad_input(err)
     print(f"prepared {path}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from mpisplit.ingest import import_shard, spec_from_args
+
+    try:
+        path = import_shard(spec_from_args(args))
+    except ValueError as err:
+        return _bad_input(err)
+    print(f"imported {path}")
+    return 0
+
+
+def _assemble(args: argparse.Namespace) -> int:
+    from mpisplit.ingest import assemble
+
+    try:
+        path = assemble(args.out, clients=args.clients, test=args.test, parties=args.parties,
+                        labels=args.labels, test_parties=args.test_parties,
+                        test_labels=args.test_labels)
+    except ValueError as err:
+        return _bad_input(err)
+    print(f"assembled {path}")
     return 0
 
 
