@@ -153,7 +153,10 @@ class CsvSource(Source):
     def __init__(self, path: Path, columns: Columns, delimiter: str = ",") -> None:
         self.path, self._delimiter = str(path), delimiter
         with _open_text(path) as file:
-            header = next(csv.reader(file, delimiter=delimiter), None)
+            try:
+                header = next(csv.reader(file, delimiter=delimiter), None)
+            except (UnicodeDecodeError, csv.Error) as exc:
+                raise DataError(f"{path}: not a readable UTF-8 text table ({exc})") from None
         if not header or header == [""]:
             raise DataError(f"{path}: empty file (expected a header row naming the columns)")
         self._header = [name.strip() for name in header]
@@ -161,6 +164,12 @@ class CsvSource(Source):
         self.schema = self._encoder.schema
 
     def chunks(self, chunk_rows: int) -> Iterator[Chunk]:
+        try:
+            yield from self._chunks(chunk_rows)
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"{self.path}: not a readable UTF-8 text table ({exc})") from None
+
+    def _chunks(self, chunk_rows: int) -> Iterator[Chunk]:
         with _open_text(Path(self.path)) as file:
             reader = csv.reader(file, delimiter=self._delimiter)
             next(reader)

@@ -1,0 +1,202 @@
+"""``mpisplit data import`` and ``data assemble``, in process (real files, real HDF5)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from mpisplit.cli import main
+from mpisplit.data import ShardReader, read_meta, shard_path
+
+CSV = """pid,age,weight,scanner,diagnosis
+7,50,70.5,ge,benign
+3,61,80,siemens,malignant
+9,45,65,ge,benign
+"""
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
+    """``mpisplit ARGS`` in process: (exit status, stderr)."""
+    code = main([str(arg) for arg in args])
+    return code, capsys.readouterr().err
+
+
+def import_csv(capsys, tmp_path: Path, text: str | bytes, name: str = "site.csv",
+               *extra: object) -> tuple[int, str, Path]:
+    source = tmp_path / name
+    source.write_bytes(text if isinstance(text, bytes) else text.encode())
+    out = tmp_path / "out" / f"{Path(name).stem}.h5"
+    code, err = run(capsys, "data", "import", source, "--out", out, "--id", "pid",
+                    "--label", "diagnosis", "--classes", "benign,malignant",
+                    "--features", "age,weight,scanner", "--categorical", "scanner=siemens,ge",
+                    *extra)
+    return code, err, out
+
+
+def read(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as file:
+        return {name: file[name][...] for name in file}
+
+
+def test_csv_columns_one_hot_and_own_statistics(capsys, tmp_path: Path) -> None:
+    code, err, out = import_csv(capsys, tmp_path, CSV)
+    assert code == 0, err
+    data = read(out)
+    assert data["ids"].tolist() == [7, 3, 9]
+    assert data["labels"].tolist() == [0, 1, 0]
+    assert data["features"].tolist() == [[50, 70.5, 0, 1], [61, 80, 1, 0], [45, 65, 0, 1]]
+    with h5py.File(out, "r") as file:
+        site = json.loads(file.attrs["site"])
+    assert site["feature_names"] == ["age", "weight", "scanner=siemens", "scanner=ge"]
+
+    code, err, scaled = import_csv(capsys, tmp_path, CSV, "scaled.csv", "--standardize",
+                                   "--chunk-rows", "2")
+    assert code == 0, err
+    raw = data["features"].astype(np.float64)
+    expected = (raw - raw.mean(0)) / raw.std(0)
+    assert np.allclose(read(scaled)["features"], expected, atol=1e-5)
+
+
+BAD_CSV = {
+    "missing column": ("pid,age,scanner,diagnosis\n1,2,ge,benign\n", "no column 'weight'"),
+    "ragged row": (CSV + "4,50,ge,benign\n", "line 5: 4 fields, the header has 5"),
+    "unparsable": (CSV.replace("80,", "eighty,"),
+                   "line 3, column 'weight': cannot read 'eighty' as a number"),
+    "nan": (CSV.replace("65,", "nan,"), "line 4, column 'weight': 'nan' is not finite"),
+    "inf": (CSV.replace("50,", "inf,"), "line 2, column 'age': 'inf' is not finite"),
+    "unknown class": (CSV.replace("malignant", "unsure"),
+                      "line 3, column 'diagnosis': unknown class 'unsure'"),
+    "unknown category": (CSV.replace("siemens", "philips"),
+                         "line 3, column 'scanner': unknown category 'philips'"),
+    "empty": ("", "empty file"),
+    "not text": (CSV.encode() + b"\xff\xfe,1,2,ge,benign\n", "not a readable UTF-8"),
+    "header only": (CSV.splitlines()[0] + "\n", "no data rows"),
+    "duplicate id": (CSV.replace("9,", "7,"), "id 7 occurs more than once"),
+    "bad id": (CSV.replace("9,", "x9,"), "line 4, column 'pid': id 'x9' is not an integer"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CSV)
+def test_bad_csv_is_one_line_naming_file_row_and_column(capsys, tmp_path: Path,
+                                                        case: str) -> None:
+    text, expected = BAD_CSV[case]
+    code, err, out = import_csv(capsys, tmp_path, text, "bad.csv")
+    assert code == 2
+    assert err.startswith(f"mpisplit: {tmp_path / 'bad.csv'}: ") and expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.parent.exists() or not list(out.parent.iterdir()), "something left behind"
+
+
+class FailsWhileWriting:
+    """A torch-style dataset that breaks on its second pass (the write), after the checks."""
+
+    classes = ("a", "b")
+    reads = 0
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        FailsWhileWriting.reads += 1
+        if FailsWhileWriting.reads > 12:
+            raise OSError("disk went away")
+        return np.full(3, index, np.float32), index % 2
+
+
+def make_failing() -> FailsWhileWriting:
+    return FailsWhileWriting()
+
+
+def test_nothing_half_written_is_left(tmp_path: Path) -> None:
+    out = tmp_path / "out" / "site.h5"
+    with pytest.raises(OSError, match="disk went away"):
+        main(["data", "import", f"{__name__}:make_failing", "--out", str(out)])
+    assert list(out.parent.iterdir()) == []
+
+
+def test_arrays_images_and_datasets(capsys, tmp_path: Path) -> None:
+    features = np.arange(24, dtype=np.float64).reshape(6, 2, 2)
+    np.save(tmp_path / "x.npy", features)
+    np.save(tmp_path / "y.npy", np.array([0, 1, 2, 0, 1, 2]))
+    code, err = run(capsys, "data", "import", tmp_path / "x.npy", "--label", "y.npy",
+                    "--classes", "a,b,c", "--out", tmp_path / "npy.h5", "--chunk-rows", "4")
+    assert code == 0, err
+    assert np.array_equal(read(tmp_path / "npy.h5")["features"], features)
+
+    np.savez(tmp_path / "d.npz", x=features, y=np.array([0, 1, 2, 0, 1, 3]))
+    code, err = run(capsys, "data", "import", tmp_path / "d.npz", "--features", "x",
+                    "--label", "y", "--classes", "a,b,c", "--out", tmp_path / "npz.h5")
+    assert code == 2 and "d.npz: row 6: unknown class 3" in err, err
+    np.savez(tmp_path / "e.npz", x=features, y=np.array([0, 1]))
+    code, err = run(capsys, "data", "import", tmp_path / "e.npz", "--features", "x",
+                    "--label", "y", "--classes", "a,b,c", "--out", tmp_path / "npz.h5")
+    assert code == 2 and "labels have shape (2,), expected (6,)" in err, err
+
+    for label, shade in (("cat", 0), ("dog", 255)):
+        (tmp_path / "img" / label).mkdir(parents=True)
+        Image.new("RGB", (10, 6), (shade, 0, 0)).save(tmp_path / "img" / label / "1.png")
+    code, err = run(capsys, "data", "import", tmp_path / "img", "--image-size", "4,5",
+                    "--out", tmp_path / "img.h5")
+    assert code == 0, err
+    images = read(tmp_path / "img.h5")
+    assert images["features"].shape == (2, 3, 4, 5) and images["labels"].tolist() == [0, 1]
+    assert images["features"][1, 0].min() == 1.0 and images["features"][0].max() == 0.0
+    (tmp_path / "img" / "dog" / "2.png").write_bytes(b"not a png")
+    code, err = run(capsys, "data", "import", tmp_path / "img", "--out", tmp_path / "i2.h5")
+    assert code == 2 and f"{tmp_path / 'img' / 'dog' / '2.png'}: unreadable image" in err, err
+
+    FailsWhileWriting.reads = -1000  # never fails in this run
+    code, err = run(capsys, "data", "import", f"{__name__}:make_failing",
+                    "--out", tmp_path / "ds.h5")
+    assert code == 0, err
+    assert read(tmp_path / "ds.h5")["labels"].tolist() == [0, 1] * 5
+
+
+def test_parquet(capsys, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"pid": [1, 2, 3], "age": [50.0, 61.0, None], "diagnosis": ["a", "b", "a"]})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=2)
+    code, err = run(capsys, "data", "import", tmp_path / "t.parquet", "--id", "pid",
+                    "--label", "diagnosis", "--classes", "a,b", "--out", tmp_path / "p.h5")
+    assert code == 2 and "row 3, column 'age': cannot read None as a number" in err, err
+    pq.write_table(table.slice(0, 2), tmp_path / "t.parquet")
+    code, err = run(capsys, "data", "import", tmp_path / "t.parquet", "--id", "pid",
+                    "--label", "diagnosis", "--classes", "a,b", "--out", tmp_path / "p.h5")
+    assert code == 0, err
+    assert read(tmp_path / "p.h5")["features"].tolist() == [[50.0], [61.0]]
+
+
+def test_assemble_checks_schemas_from_metadata(capsys, tmp_path: Path) -> None:
+    sites = {}
+    for name, text in (("a", CSV), ("b", CSV), ("t", CSV),
+                       ("renamed", CSV.replace("weight", "mass")),
+                       ("other_classes", CSV)):
+        classes = "benign,malignant,unknown" if name == "other_classes" else "benign,malignant"
+        source = tmp_path / f"{name}.csv"
+        source.write_text(text)
+        sites[name] = tmp_path / f"{name}.h5"
+        code, err = run(capsys, "data", "import", source, "--out", sites[name], "--id", "pid",
+                        "--label", "diagnosis", "--classes", classes,
+                        "--categorical", "scanner=siemens,ge")
+        assert code == 0, err
+    code, err = run(capsys, "data", "assemble", "--client", sites["a"], "--client", sites["b"],
+                    "--test", sites["t"], "--out", tmp_path / "ok")
+    assert code == 0, err
+    meta = read_meta(tmp_path / "ok")
+    assert meta["clients"] == 2 and meta["feature_shape"] == [4] and meta["num_classes"] == 2
+    with ShardReader(shard_path(tmp_path / "ok", "client", 1), batch_size=2) as reader:
+        assert sum(len(batch.ids) for batch in reader.epoch(0)) == 3
+
+    for bad, field in (("renamed", "feature_names"), ("other_classes", "classes")):
+        code, err = run(capsys, "data", "assemble", "--client", sites["a"], "--client",
+                        sites[bad], "--test", sites["t"], "--out", tmp_path / bad)
+        assert code == 2, err
+        assert f"{sites[bad]} (client 1, site '{bad}'): {field}" in err, err
+        assert not (tmp_path / bad).exists()
