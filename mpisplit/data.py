@@ -10,6 +10,10 @@ A prepared dataset is a directory written by ``mpisplit data prepare`` holding `
      "party_feature_shapes": [[...], ...] (vertical only), "schema_version": 1,
      "train_samples": [rows per train shard], "test_samples": n}
 
+``mpisplit data assemble`` writes partition "sites" (or "vertical") with ``seed`` and
+``alpha`` null, and adds "classes" (label names) and "sites" (each site's schema, also in its
+shard's ``site`` attr as JSON: feature names, classes, normalization, id column).
+
 Horizontal partitions (``iid``, ``dirichlet``) over K clients::
 
     client-<k>.h5   k = 0..K-1, the training rows of client k
