@@ -290,7 +290,7 @@ class ImageFolderSource(Source):
         if unknown:
             raise DataError(f"{root}/{unknown[0]}: unknown class (known: {', '.join(chosen)})")
         self._files = [(path, label) for label, name in enumerate(chosen)
-                       for path in sorted((root / name).glob("*")) if (root / name).is_dir()]
+                       for path in sorted((root / name).glob("[!.]*")) if (root / name).is_dir()]
         if not self._files:
             raise DataError(f"{root}: no images (expected <class>/<image>.png or .jpg)")
         channels = 1 if grayscale else 3

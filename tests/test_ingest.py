@@ -200,3 +200,27 @@ def test_assemble_checks_schemas_from_metadata(capsys, tmp_path: Path) -> None:
         assert code == 2, err
         assert f"{sites[bad]} (client 1, site '{bad}'): {field}" in err, err
         assert not (tmp_path / bad).exists()
+
+
+def test_vertical_assembly_needs_id_columns(capsys, tmp_path: Path) -> None:
+    source = tmp_path / "party.csv"
+    source.write_text(CSV)
+    shards = {}
+    for name, extra in (("with_ids", ["--id", "pid"]), ("no_ids", [])):
+        shards[name] = tmp_path / f"{name}.h5"
+        code, err = run(capsys, "data", "import", source, "--out", shards[name], "--label",
+                        "diagnosis", "--classes", "benign,malignant", "--features", "age",
+                        *extra)
+        assert code == 0, err
+    good, bad = shards["with_ids"], shards["no_ids"]
+    code, err = run(capsys, "data", "assemble", "--party", good, "--party", good, "--labels",
+                    good, "--test-party", good, "--test-party", good, "--test-labels", good,
+                    "--out", tmp_path / "v")
+    assert code == 0, err
+    meta = read_meta(tmp_path / "v")
+    assert meta["partition"] == "vertical" and meta["party_feature_shapes"] == [[1], [1]]
+    assert meta["feature_shape"] == [2]
+    code, err = run(capsys, "data", "assemble", "--party", good, "--party", bad, "--labels",
+                    good, "--test-party", good, "--test-party", good, "--test-labels", good,
+                    "--out", tmp_path / "w")
+    assert code == 2 and f"{bad} (party 1): vertical shards need the ids of an id column" in err

@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 
 import numpy as np
 from mpi4py import MPI
@@ -55,8 +56,8 @@ def main() -> None:
             np.arange(size, 100 * size, dtype=np.int64), size - len(shared), replace=False)]))
         plain, private, ratios = [], [], []
         for _ in range(args.repeats):
-            t_plain, expected = timed(comm, lambda: plain_intersection(comm, mine))
-            t_psi, (common, _, _) = timed(comm, lambda: private_intersection(comm, mine))
+            t_plain, expected = timed(comm, partial(plain_intersection, comm, mine))
+            t_psi, (common, _, _) = timed(comm, partial(private_intersection, comm, mine))
             assert np.array_equal(common, expected), "PSI and plain intersections differ"
             plain.append(t_plain)
             private.append(t_psi)
