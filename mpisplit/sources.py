@@ -317,12 +317,17 @@ class ImageFolderSource(Source):
 
 
 class DatasetSource(Source):
-    """Any ``torch.utils.data.Dataset`` built by ``factory()`` (an import path
-    ``package.module:name`` or ``file.py:name``) whose items are (features, label)."""
+    """Any map-style ``torch.utils.data.Dataset`` named by an import path
+    (``package.module:name`` or ``file.py:name``: the dataset, or a factory called without
+    arguments) whose items are (features, label)."""
 
     def __init__(self, spec: str, classes: tuple[str, ...] | None) -> None:
         self.path = spec
-        self._dataset = load_object(spec)()
+        made = load_object(spec)
+        try:
+            self._dataset = made() if callable(made) else made
+        except Exception as exc:  # the user's code: say where, in one line
+            raise DataError(f"{spec}: building the dataset failed: {exc!r}") from None
         try:
             self._count = len(self._dataset)
         except TypeError:
