@@ -43,7 +43,7 @@ from torch import nn
 from mpisplit.checkpoint import pack, unpack
 from mpisplit.config import Config, ConfigError
 from mpisplit.cut import recv_forward, send_eval, send_forward
-from mpisplit.data import Batch, ShardReader, align_rows, intersect_ids, read_ids
+from mpisplit.data import Batch, DataError, ShardReader, align_rows, intersect_ids, read_ids
 from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
 from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan
@@ -276,7 +276,7 @@ def open_split(ctx: RankContext, comm: MPI.Comm, *, test: bool) -> Split:
     common, counts = common_ids(comm, intersect_ids(owned) if owned else None)
     _report_alignment(ctx, common, counts, test)
     if not len(common):
-        raise ValueError(f"{cfg.data.path}: the parties have no patient id in common")
+        raise DataError(f"{cfg.data.path}: the parties have no patient id in common")
 
     def reader(path: Path, field: str, ids: np.ndarray) -> ShardReader:
         return ShardReader(path, batch_size=cfg.data.batch_size, fields=(field,),
