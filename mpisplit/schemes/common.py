@@ -36,15 +36,6 @@ T = TypeVar("T")
 
 log = logging.getLogger("mpisplit")
 
-LABELS_AT_SERVER = frozenset({
-    ("client", "server", Kind.ACTIVATION),
-    ("client", "server", Kind.LABELS),
-    ("server", "client", Kind.GRADIENT),
-})
-"""The routes of every scheme in which clients send cut activations with labels to a server
-and get the cut gradient back (vanilla adds the hand-over of weights between clients)."""
-
-
 def planned_steps(batches_per_epoch: int, train: TrainConfig) -> int:
     steps = batches_per_epoch * train.epochs
     return min(steps, train.max_steps) if train.max_steps else steps
@@ -608,7 +599,7 @@ def plan_turns(ctx: RankContext, reader: ShardReader) -> TurnPlan:
     clients = ctx.topology.ranks(Role.CLIENT)
     steps = [int(plans[rank, 0]) for rank in clients]
     if cfg.scheme.client_order == "sequential":
-        lengths = [cfg.scheme.turn_steps or int(plans[rank, 1]) for rank in clients]
+        lengths = [cfg.scheme.options.turn_steps or int(plans[rank, 1]) for rank in clients]
         return TurnPlan(turn_schedule(steps, lengths), me.index, sum(steps), sum(steps))
     return TurnPlan([(me.index, steps[me.index])], me.index, steps[me.index], min(steps))
 

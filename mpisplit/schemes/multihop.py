@@ -18,21 +18,6 @@ from mpisplit.schemes.common import (
     train_lower_client,
 )
 from mpisplit.topology import Role
-from mpisplit.transport import Kind
-
-CUTS = None
-ALLOWED = frozenset({
-    ("client", "relay", Kind.ACTIVATION),
-    ("client", "relay", Kind.LABELS),
-    ("relay", "relay", Kind.ACTIVATION),
-    ("relay", "relay", Kind.LABELS),
-    ("relay", "server", Kind.ACTIVATION),
-    ("relay", "server", Kind.LABELS),
-    ("server", "relay", Kind.GRADIENT),
-    ("relay", "relay", Kind.GRADIENT),
-    ("relay", "client", Kind.GRADIENT),
-    ("client", "client", Kind.WEIGHTS),
-})
 
 
 def run(ctx: RankContext) -> RankResult:

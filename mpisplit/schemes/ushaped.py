@@ -38,25 +38,10 @@ from mpisplit.schemes.common import (
 )
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import Flag, Kind
-
-CUTS = 2
-ALLOWED = frozenset({
-    ("client", "server", Kind.ACTIVATION),
-    ("server", "client", Kind.ACTIVATION),
-    ("client", "server", Kind.GRADIENT),
-    ("server", "client", Kind.GRADIENT),
-    ("client", "client", Kind.WEIGHTS),
-})
+from mpisplit.transport import Flag
 
 
-def run(ctx: RankContext) -> RankResult:
-    if ctx.me.role == Role.SERVER:
-        return _serve(ctx)
-    return _train_client(ctx)
-
-
-def _serve(ctx: RankContext) -> RankResult:
+def serve(ctx: RankContext) -> RankResult:
     total = clients_total_steps(ctx)
     segment = ctx.build_segment(1, total)
     steps = relay_activations(ctx, segment, total, next_hop=None)
@@ -64,7 +49,7 @@ def _serve(ctx: RankContext) -> RankResult:
     return RankResult(steps=steps, segment=segment)
 
 
-def _train_client(ctx: RankContext) -> RankResult:
+def train_client(ctx: RankContext) -> RankResult:
     transport = ctx.transport
     server = ctx.topology.ranks(Role.SERVER)[0]
     reader = client_reader(ctx)

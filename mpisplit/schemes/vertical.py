@@ -62,15 +62,6 @@ from mpisplit.segment import Segment
 from mpisplit.topology import Role
 from mpisplit.transport import Kind
 
-CUTS = 1
-ALLOWED = frozenset({
-    # The cut traffic itself is collective (Gatherv/Scatterv), accounted under these routes.
-    ("client", "server", Kind.ACTIVATION),
-    ("server", "client", Kind.GRADIENT),
-    # label_holder: party<k> — logits to party k, their gradient back.
-    ("server", "client", Kind.ACTIVATION),
-    ("client", "server", Kind.GRADIENT),
-})
 SERVER = 0
 """The server's rank in the vertical communicator (the root of every collective)."""
 
@@ -80,14 +71,14 @@ SERVER = 0
 def party_plan(cfg: Config, meta: dict, party: int) -> tuple[LayerPlan, int]:
     """The zoo plan built for one party's feature shape and options, and its cut index;
     a problem is reported against the party's ``scheme.party_options`` entry."""
-    model = cfg.model
-    if cfg.scheme.party_options:
-        model = replace(model, options={**model.options, **cfg.scheme.party_options[party]})
+    model, overrides = cfg.model, cfg.scheme.options.party_options
+    if overrides:
+        model = replace(model, options={**model.options, **overrides[party]})
     try:
         plan = layer_plan(model, meta["party_feature_shapes"][party], meta["num_classes"])
         (cut,) = cut_indices(plan, model.cuts)
     except ConfigError as err:
-        if not cfg.scheme.party_options:
+        if not overrides:
             raise
         raise ConfigError(f"scheme.party_options[{party}]: {err}") from None
     return plan, cut
@@ -206,7 +197,7 @@ class Layout:
         for party, features in enumerate(meta["party_feature_shapes"]):
             plan, party_cut = party_plan(cfg, meta, party)
             shapes.append(cut_shape(plan, party_cut, features))
-        joined = joined_shape(cfg.scheme.join, shapes)
+        joined = joined_shape(cfg.scheme.options.join, shapes)
         return cls(cut, shapes, server_plan(run, cut, joined))
 
     @property
@@ -302,8 +293,13 @@ def _report_alignment(ctx: RankContext, common: np.ndarray, counts: np.ndarray,
                        "dropped": dropped})
 
 
+def label_party(ctx: RankContext) -> int | None:
+    """The party that holds the labels (``label_holder: party<k>``), or None (the server)."""
+    return ctx.config.scheme.options.label_party(ctx.config.scheme.clients)
+
+
 def _holds_labels(ctx: RankContext) -> bool:
-    party = ctx.config.scheme.label_party
+    party = label_party(ctx)
     if party is None:
         return ctx.me.role == Role.SERVER
     return ctx.me.role == Role.CLIENT and ctx.me.index == party
@@ -476,7 +472,7 @@ class _Server:
         self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
         self.generators: list[torch.Generator] = []
         # where the logits go when a party holds the labels
-        self.label_party = ctx.topology.ranks(Role.CLIENT)[ctx.config.scheme.label_party or 0]
+        self.label_party = ctx.topology.ranks(Role.CLIENT)[label_party(ctx) or 0]
 
     def _joined(self, flat: np.ndarray, size: int,
                 train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,7 +481,7 @@ class _Server:
         pieces = flat.split([size * w for w in self.layout.widths])
         parts = [p.view(size, *shape) for p, shape in zip(pieces, self.layout.cut_shapes,
                                                           strict=True)]
-        return flat, join(self.ctx.config.scheme.join, parts)
+        return flat, join(self.ctx.config.scheme.options.join, parts)
 
     def train_step(self, step: int, size: int, features: Batch | None,
                    labels: Batch | None) -> float | None:
