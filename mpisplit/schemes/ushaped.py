@@ -15,6 +15,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from mpisplit import schedules
 from mpisplit.cut import recv_forward
 from mpisplit.data import Batch, ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult
@@ -32,7 +33,6 @@ from mpisplit.schemes.common import (
     record_traffic_by_kind,
     relay_activations,
     run_client_turns,
-    run_microbatches,
     send_marker,
     test_reader,
 )
@@ -83,7 +83,8 @@ def train_client(ctx: RankContext) -> RankResult:
                     anchor.backward()
                 losses.append(float(loss.detach()))
 
-            run_microbatches(len(parts), ctx.config.transport.schedule, forward, backward)
+            schedules.run(schedules.of(ctx.config.transport.schedule, len(parts)), forward,
+                          backward)
             total = sum(losses)
             with ctx.tracer.span("optimizer", step=step):
                 head.step()
