@@ -35,8 +35,8 @@ from mpi4py import MPI
 
 from mpisplit.config import Config, ConfigError, SchemeConfig
 from mpisplit.failure import Preempted
-from mpisplit.specs import check_checkpointable
 from mpisplit.segment import Segment
+from mpisplit.specs import check_checkpointable
 from mpisplit.topology import Topology
 from mpisplit.transport import Transport, poll
 

@@ -80,9 +80,9 @@ def test_options_and_layout_come_from_the_spec() -> None:
     assert [p.label for p in plan(cfg).placements] == ["server", "client0", "client1"]
     with pytest.raises(ConfigError, match=r"scheme\.steps: must be >= 1, got 0"):
         config_from_dict({"scheme": {"name": "capped", "steps": 0}})
-    with pytest.raises(ConfigError, match=r"scheme\.join: only used by scheme vertical, not capped"):
+    with pytest.raises(ConfigError, match=r"scheme\.join: only used by scheme vertical, not cap"):
         config_from_dict({"scheme": {"name": "capped", "join": "sum"}})
-    with pytest.raises(ConfigError, match=r"scheme\.steps: only used by scheme capped, not vanilla"):
+    with pytest.raises(ConfigError, match=r"scheme\.steps: only used by scheme capped, not van"):
         config_from_dict({"scheme": {"name": "vanilla", "steps": 3}})
     with pytest.raises(ConfigError, match=r"checkpoint\.every_steps: coordinated checkpoints"):
         config_from_dict({"scheme": {"name": "capped"}, "checkpoint": {"every_steps": 2}})

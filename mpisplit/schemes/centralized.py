@@ -22,6 +22,7 @@ from mpisplit.schemes.common import (
     whole_model_gradients,
 )
 
+
 def run(ctx: RankContext) -> RankResult:
     cfg = ctx.config
     with contextlib.ExitStack() as stack:

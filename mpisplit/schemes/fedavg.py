@@ -20,6 +20,7 @@ from mpisplit.schemes.common import (
     train_whole_model,
 )
 
+
 def run(ctx: RankContext) -> RankResult:
     cfg = ctx.config
     with client_reader(ctx) as reader, test_reader(ctx) as tests:

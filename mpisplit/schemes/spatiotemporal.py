@@ -77,6 +77,7 @@ from mpisplit.segment import Segment
 from mpisplit.topology import Role
 from mpisplit.transport import Flag, Kind, Message, PeerTimeout, Transport
 
+
 def run(ctx: RankContext) -> RankResult:
     check_site_segment(ctx.run)
     if ctx.me.role == Role.SERVER:
@@ -301,7 +302,8 @@ def _serve(ctx: RankContext) -> RankResult:
 def detached_steps(ctx: RankContext) -> int:
     """Optimizer steps of the detached phase (the schedule length must include them)."""
     samples = sum(ctx.run.meta["train_samples"])
-    return ctx.config.scheme.options.detached_epochs * math.ceil(samples / ctx.config.data.batch_size)
+    epochs = ctx.config.scheme.options.detached_epochs
+    return epochs * math.ceil(samples / ctx.config.data.batch_size)
 
 
 def detached_order(samples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:

@@ -32,6 +32,7 @@ from mpisplit.schemes.common import (
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 
+
 def run(ctx: RankContext) -> RankResult:
     comm = client_comm(ctx)
     epochs = _epoch_lengths(ctx)
@@ -66,9 +67,10 @@ def _serve(ctx: RankContext, steps: list[int], weights: list[float],
            averaging: AveragingPlan) -> RankResult:
     exchange_step_plans(ctx, 0, 0)
     cfg, clients, total = ctx.config, ctx.topology.ranks(Role.CLIENT), sum(steps)
-    if cfg.scheme.options.splitfed_variant == "v2":
+    options = cfg.scheme.options
+    if options.splitfed_variant == "v2":
         shared = ctx.build_segment(1, total)
-        order = server_order(steps, averaging.every, cfg.scheme.options.server_order, cfg.train.seed)
+        order = server_order(steps, averaging.every, options.server_order, cfg.train.seed)
         report = serve_clients(ctx, shared, total, order=[clients[k] for k in order],
                                round_size=len(clients), until=min(steps))
         return RankResult(steps=report.steps, final_evals=report.final_evals, segment=shared)

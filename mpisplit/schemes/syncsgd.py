@@ -26,6 +26,7 @@ from mpisplit.schemes.common import (
 )
 from mpisplit.transport import Kind, Transport
 
+
 def run(ctx: RankContext) -> RankResult:
     cfg = ctx.config
     with client_reader(ctx) as reader, test_reader(ctx) as tests:

@@ -217,7 +217,7 @@ def check_checkpointable(scheme: SchemeConfig) -> None:
     order must be deterministic."""
     if get(scheme.name).checkpointable(scheme):
         return
-    rules = "; ".join(f"{spec.name}{' with ' + spec.checkpoint_rule if spec.checkpoint_rule else ''}"
+    rules = "; ".join(" with ".join(filter(None, (spec.name, spec.checkpoint_rule)))
                       for spec in map(get, names()) if spec.checkpointable is not never)
     raise ConfigError(f"checkpoint.every_steps: coordinated checkpoints need a deterministic "
                       f"step order ({rules}); scheme {scheme.name} with client_order "
