@@ -48,6 +48,7 @@ from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
 from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan
 from mpisplit.privacy import EvaluationNoise, nopeek_penalty, protect
+from mpisplit.schedules import split_sizes
 from mpisplit.schemes.common import (
     EvalTally,
     evaluating,
@@ -378,12 +379,6 @@ class Posted:
         return self.buffer
 
 
-def microbatch_sizes(batch: int, count: int) -> list[int]:
-    """How a batch of ``batch`` rows splits into (up to) ``count`` microbatches; every rank
-    derives the same split from the batch size alone."""
-    return [len(part) for part in torch.arange(batch).tensor_split(count) if len(part)]
-
-
 def _host_floats(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy()
 
@@ -488,7 +483,7 @@ class _Server:
         """Microbatch by microbatch as the parties' cut outputs arrive; each gradient slice
         goes back as soon as it is ready, and the update comes once, after the last."""
         ctx = self.ctx
-        sizes = microbatch_sizes(size, ctx.config.transport.microbatches)
+        sizes = split_sizes(size, ctx.config.transport.microbatches)
         gathers = [self.cut.gather(None, n) for n in sizes]
         targets = labels.labels.to(ctx.device).split(sizes) if labels is not None else None
         scatters, total = [], 0.0
@@ -540,7 +535,7 @@ class _Party:
         """Forwards every microbatch, posting its cut output as soon as it exists, then
         back-propagates each gradient slice as it arrives; one update after the last."""
         ctx, privacy = self.ctx, self.ctx.config.privacy
-        sizes = microbatch_sizes(size, ctx.config.transport.microbatches)
+        sizes = split_sizes(size, ctx.config.transport.microbatches)
         forwards = []
         for index, inputs in enumerate(features.features.to(ctx.device).split(sizes)):
             with ctx.tracer.span("forward", step=step, microbatch=index):
