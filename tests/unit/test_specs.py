@@ -113,3 +113,21 @@ def test_registering_a_scheme() -> None:
     with pytest.raises(ConfigError, match=r"scheme\.name: must be one of vanilla, .*, got "
                                           r"'nope'"):
         specs.get("nope")
+
+
+OLD_SCHEME_SECTION = {
+    "clients": 1, "client_order": "parallel", "turn_steps": 0, "fedavg_every": 1,
+    "fedavg_every_epochs": 0, "splitfed_variant": "v1", "server_order": "fixed",
+    "join": "concat", "label_holder": "server", "party_options": [], "joint_epochs": 1,
+    "detached_epochs": 0, "site_timeout_s": 60.0, "tasks": ["class"],
+}
+"""The scheme section of a resolved config (``config.yaml``) written before the options moved
+to their schemes: every scheme's options, at their defaults."""
+
+
+@pytest.mark.parametrize("name", specs.BUILTIN)
+def test_resolved_configs_from_before_still_load(name: str) -> None:
+    """``mpisplit audit`` reloads a run directory's config.yaml."""
+    tasks = {"tasks": ["class", "parity"]} if name == "multitask" else {}
+    cfg = config_from_dict({"scheme": {**OLD_SCHEME_SECTION, "name": name, **tasks}})
+    assert cfg.scheme.name == name
