@@ -24,13 +24,16 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and the fix."""
 
 
+DEFAULT_SCHEME = "vanilla"
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SchemeConfig:
     """The ``scheme`` section: which scheme, how many clients, in which order; every other
     key of the section is one of the scheme's own options (its spec's ``options`` dataclass,
     ``mpisplit.specs``)."""
 
-    name: str = "vanilla"
+    name: str = DEFAULT_SCHEME
     """Which split-learning configuration (or baseline) to run (``mpisplit.specs.names()``)."""
     clients: int = 1
     """Number of data-holding client ranks."""
@@ -315,7 +318,7 @@ def _build_scheme(data: dict[str, Any], prefix: str) -> SchemeConfig:
     options moved to their schemes list them all) or the scheme ignores them."""
     from mpisplit import specs
 
-    name = _coerce(str, data.get("name", "vanilla"), f"{prefix}name")
+    name = _coerce(str, data.get("name", DEFAULT_SCHEME), f"{prefix}name")
     spec = specs.get(name)
     common = [f.name for f in dataclasses.fields(SchemeConfig) if f.name != "options"]
     own = spec.option_names()
