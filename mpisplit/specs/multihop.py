@@ -25,11 +25,12 @@ def chain(cfg: Config) -> RoleCounts:
             (Role.CLIENT, cfg.scheme.clients)]
 
 
-RUN = "mpisplit.schemes.multihop:run"
 SPEC = SchemeSpec(
     name="multihop",
     layout=chain,
-    runners={Role.SERVER: RUN, Role.RELAY: RUN, Role.CLIENT: RUN},
+    runners={Role.SERVER: "mpisplit.schemes.multihop:serve",
+             Role.RELAY: "mpisplit.schemes.multihop:relay",
+             Role.CLIENT: "mpisplit.schemes.multihop:train_client"},
     routes=frozenset({
         ("client", "relay", Kind.ACTIVATION),
         ("client", "relay", Kind.LABELS),
