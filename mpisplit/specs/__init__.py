@@ -11,13 +11,15 @@ Config, topology, engine, checkpoint and audit read the spec; none of them names
 Specs import neither torch nor MPI (config validation and ``mpisplit topology`` read them
 where neither is loaded), so a spec names its runners by ``"module:function"``, imported only
 when a rank runs; a spec registered at run time (a scheme defined outside the package) may
-give the functions themselves. Built-in specs live in ``mpisplit/specs/<name>.py``.
+give the functions themselves. Built-in specs live in ``mpisplit/specs/<name>.py``, found by
+their file alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,11 +32,9 @@ from mpisplit.topology import Role
 if TYPE_CHECKING:
     from mpisplit.config import Config, SchemeConfig
 
-BUILTIN = (
-    "vanilla", "ushaped", "vertical", "multitask", "multihop", "splitfed", "spatiotemporal",
-    "centralized", "fedavg", "syncsgd",
-)
-"""The schemes that ship with mpisplit, each a module ``mpisplit.specs.<name>`` with ``SPEC``."""
+BUILTIN = tuple(sorted(module.name for module in pkgutil.iter_modules(__path__)
+                       if not module.name.startswith("_")))
+"""The schemes that ship with mpisplit: every module ``mpisplit.specs.<name>`` (its ``SPEC``)."""
 
 RoleCounts = list[tuple[Role, int]]
 Runner = Callable[[Any], Any]
