@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpisplit import schemes
+from mpisplit import specs
 from mpisplit.config import load_config
 from mpisplit.topology import plan
 from mpisplit.transport import Kind
@@ -37,7 +37,7 @@ def audit(run_dir: Path) -> list[Route]:
     """Every (sender, receiver, kind) that carried bytes in the run, marked allowed or not."""
     cfg = load_config(run_dir / "config.yaml")
     roles = [p.role.value for p in plan(cfg).placements]
-    allowed = schemes.get(cfg.scheme.name).ALLOWED
+    allowed = specs.get(cfg.scheme.name).routes
     routes = []
     for rank, role in enumerate(roles):
         end = _end_record(run_dir / f"metrics-rank{rank}.jsonl")

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpisplit.config import Config, ConfigError, check_checkpointable
+from mpisplit.config import Config, ConfigError, SchemeConfig
 from mpisplit.failure import Preempted
 from mpisplit.segment import Segment
+from mpisplit.specs import check_checkpointable
 from mpisplit.topology import Topology
 from mpisplit.transport import Transport, poll
 
@@ -85,12 +86,14 @@ def resume_settings(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps(settings))
 
 
-def default_like(cfg: Config) -> Config:
-    """``cfg`` with every resume setting at its default: what a checkpoint written before a
-    setting existed was trained with."""
-    sections = {name: type(getattr(cfg, name))()
-                for name in ("scheme", "model", "train", "privacy")}
-    return dataclasses.replace(cfg, **sections)
+def default_settings(cfg: Config) -> dict[str, Any]:
+    """Every resume setting at its default (the scheme's own options at theirs): what a
+    checkpoint written before a setting existed was trained with."""
+    sections = {name: type(getattr(cfg, name))() for name in ("model", "train", "privacy")}
+    scheme = SchemeConfig(name=cfg.scheme.name)
+    settings = resume_settings(dataclasses.replace(cfg, **sections))
+    return settings | {f"scheme.{key}": value for key, value in
+                       json.loads(json.dumps(scheme.to_dict())).items()}
 
 
 def find_resume_point(cfg: Config, topology: Topology, resume: bool) -> Manifest | None:
@@ -112,7 +115,7 @@ def find_resume_point(cfg: Config, topology: Topology, resume: bool) -> Manifest
             f"--resume: the checkpoint at step {found.step} in {directory} was written by a "
             f"{len(found.roles)}-rank {found.scheme} run ({', '.join(found.roles)}); this run "
             f"is a {len(roles)}-rank {cfg.scheme.name} run ({', '.join(roles)})")
-    recorded = {**resume_settings(default_like(cfg)), **found.settings}
+    recorded = {**default_settings(cfg), **found.settings}
     changed = sorted(key for key, value in resume_settings(cfg).items()
                      if recorded.get(key) != value)
     if changed:

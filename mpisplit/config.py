@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,120 +24,40 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and the fix."""
 
 
-SchemeName = Literal[
-    "vanilla", "ushaped", "vertical", "multitask", "multihop", "splitfed", "spatiotemporal",
-    "centralized", "fedavg", "syncsgd",
-]
-
-TASKS = ("class", "parity", "binary")
-"""The multitask scheme's tasks (see ``mpisplit.schemes.multitask.task_target``)."""
+DEFAULT_SCHEME = "vanilla"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SchemeConfig:
-    name: SchemeName = "vanilla"
-    """Which split-learning configuration (or baseline) to run."""
+    """The ``scheme`` section: which scheme, how many clients, in which order; every other
+    key of the section is one of the scheme's own options (its spec's ``options`` dataclass,
+    ``mpisplit.specs``)."""
+
+    name: str = DEFAULT_SCHEME
+    """Which split-learning configuration (or baseline) to run (``mpisplit.specs.names()``)."""
     clients: int = 1
     """Number of data-holding client ranks."""
     client_order: Literal["sequential", "parallel"] = "parallel"
     """sequential: round-robin with weight hand-over; parallel: all clients at once."""
-    turn_steps: int = 0
-    """Sequential mode: batches per client turn (0 = one pass over the client's shard)."""
-    fedavg_every: int = 1
-    """splitfed, fedavg: local steps between sample-weighted averages of the client weights
-    (and, in splitfed v1, of the server's per-client copies); a last average follows the end."""
-    fedavg_every_epochs: int = 0
-    """splitfed: average every this many epochs instead of every fedavg_every steps (0 =
-    count steps): every N x E steps, E the batches per epoch of the client with the most
-    (with equal shards, exactly every N epochs of every client)."""
-    splitfed_variant: Literal["v1", "v2"] = "v1"
-    """splitfed: v1 = one server copy per client, averaged with the clients'; v2 = one shared
-    server model updated client by client in ``server_order``."""
-    server_order: Literal["fixed", "random"] = "fixed"
-    """splitfed v2: the order the server serves the clients' batches in; fixed = rounds in
-    client index order (deterministic), random = the client of each batch drawn at random
-    (from train.seed) among the batches due before the next average."""
-    join: Literal["concat", "sum", "mean"] = "concat"
-    """vertical: how the server joins the parties' cut outputs: concat (along the feature or
-    channel axis; the server's first weighted layer is widened to the joined width), sum, or
-    mean (these two need equal cut-output shapes)."""
-    label_holder: str = "server"
-    """vertical: who opens labels.h5 and computes the loss: server, or party<k> (e.g.
-    party1), which keeps the labels at party k (the server sends it the logits and gets
-    their gradient back)."""
-    party_options: tuple[dict[str, Any], ...] = ()
-    """vertical: one mapping per party that overrides model.options for that party's lower
-    network (e.g. mlp [{hidden: [64, 32]}, {hidden: [16, 32]}]: widths 64 and 16 below the
-    cut), so parties may differ in shape and size; only the layers below the cut are built
-    from it. Empty = every party uses model.options."""
-    joint_epochs: int = 1
-    """spatiotemporal: passes over each site's shard in the joint phase (sites and server
-    train together, as vanilla parallel); replaces train.epochs for this scheme."""
-    detached_epochs: int = 0
-    """spatiotemporal: passes of the server alone over the sites' cached cut outputs after
-    the sites have frozen their layers and left (0 = no detached phase)."""
-    site_timeout_s: float = 60.0
-    """spatiotemporal: a site that sends nothing for this long while other sites talk (or
-    for transport.timeout_s when none talks) is dropped from the rest of the run with one
-    warning line, instead of ending the job. Must be below transport.timeout_s."""
-    tasks: tuple[str, ...] = ("class",)
-    """multitask: one task server (and head) per entry, two or more, all derived from the
-    dataset's one label: class (the label), parity (label % 2), binary (label >=
-    num_classes / 2). Parallel client order only."""
+    options: Any = None
+    """The scheme's own options, read from the section's other keys (None: their defaults)."""
 
     def __post_init__(self) -> None:
+        from mpisplit import specs
+
+        spec = specs.get(self.name)
         _require(self.clients >= 1, "scheme.clients", f"must be >= 1, got {self.clients}")
-        _require(self.turn_steps >= 0, "scheme.turn_steps", "must be >= 0 (0 = one epoch)")
-        _require(self.fedavg_every >= 1, "scheme.fedavg_every",
-                 f"must be >= 1, got {self.fedavg_every}")
-        _require(self.fedavg_every_epochs >= 0, "scheme.fedavg_every_epochs",
-                 f"must be >= 0 (0 = count steps), got {self.fedavg_every_epochs}")
-        _require(not self.fedavg_every_epochs or self.name == "splitfed",
-                 "scheme.fedavg_every_epochs", f"only used by scheme splitfed, not {self.name}")
-        _require(not self.fedavg_every_epochs or self.fedavg_every == 1,
-                 "scheme.fedavg_every_epochs", f"counts epochs instead of scheme.fedavg_every "
-                 f"steps: set only one of them (leave fedavg_every at 1, got "
-                 f"{self.fedavg_every})")
-        _require(self.name != "splitfed" or self.client_order == "parallel",
-                 "scheme.client_order", "splitfed trains its clients in parallel (their lower "
-                 "weights are averaged, never handed over); set client_order: parallel")
-        _require(self.joint_epochs >= 0, "scheme.joint_epochs",
-                 f"must be >= 0, got {self.joint_epochs}")
-        _require(self.detached_epochs >= 0, "scheme.detached_epochs",
-                 f"must be >= 0 (0 = no detached phase), got {self.detached_epochs}")
-        _require(self.site_timeout_s > 0, "scheme.site_timeout_s",
-                 f"must be > 0, got {self.site_timeout_s}")
-        _require(self.label_holder == "server" or self.label_party is not None,
-                 "scheme.label_holder", f"must be server or party<k> with k < scheme.clients "
-                 f"({self.clients}), got {self.label_holder!r}")
-        _require(not self.party_options or self.name == "vertical", "scheme.party_options",
-                 f"only used by scheme vertical, not {self.name}")
-        _require(len(self.party_options) in (0, self.clients), "scheme.party_options",
-                 f"one mapping per party: {self.clients} for scheme.clients={self.clients}, "
-                 f"got {len(self.party_options)}")
-        _require(self.name != "spatiotemporal" or self.client_order == "parallel",
-                 "scheme.client_order", "spatiotemporal sites train in parallel, each with its "
-                 "own layer (never handed over); set client_order: parallel")
-        _require(self.name != "multitask" or self.client_order == "parallel",
-                 "scheme.client_order", "multitask trains its clients in parallel; set "
-                 "client_order: parallel")
-        _require(len(self.tasks) >= 1 and len(set(self.tasks)) == len(self.tasks),
-                 "scheme.tasks", f"needs at least one task, each at most once; got "
-                 f"{list(self.tasks)}")
-        _require(self.name != "multitask" or len(self.tasks) >= 2, "scheme.tasks",
-                 f"multitask needs two or more tasks (one head each, e.g. [class, parity]); "
-                 f"got {list(self.tasks)}")
-        _require(set(self.tasks) <= set(TASKS), "scheme.tasks",
-                 f"unknown task(s) {sorted(set(self.tasks) - set(TASKS))} "
-                 f"(tasks: {', '.join(TASKS)})")
+        if self.options is None:
+            object.__setattr__(self, "options", spec.options())
+        _require(isinstance(self.options, spec.options), "scheme.options",
+                 f"scheme {self.name} takes {spec.options.__name__}, got "
+                 f"{type(self.options).__name__}")
 
-
-    @property
-    def label_party(self) -> int | None:
-        """The party that holds the labels (``label_holder: party<k>``), or None."""
-        match = re.fullmatch(r"party(\d+)", self.label_holder)
-        party = int(match[1]) if match else None
-        return party if party is not None and party < self.clients else None
+    def to_dict(self) -> dict[str, Any]:
+        """The section as written in YAML: the scheme's options beside name and clients."""
+        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name != "options"}
+        return _plain({**common, **dataclasses.asdict(self.options)})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -277,12 +196,6 @@ class RunConfig:
                  "records FLOPs in the trace: set run.trace: true as well")
 
 
-CHECKPOINTABLE = (
-    "vanilla, ushaped and multihop with scheme.client_order: sequential; splitfed with "
-    "splitfed_variant: v2 and server_order: fixed; vertical"
-)
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CheckpointConfig:
     every_steps: int = 0
@@ -306,19 +219,6 @@ class CheckpointConfig:
         _require(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
 
 
-def check_checkpointable(scheme: SchemeConfig) -> None:
-    """Coordinated checkpoints need every rank to agree on what step N means, so the step
-    order must be deterministic."""
-    ok = (scheme.name in ("vanilla", "ushaped", "multihop")
-          and (scheme.client_order == "sequential" or scheme.clients == 1)) \
-        or (scheme.name == "splitfed" and scheme.splitfed_variant == "v2"
-            and scheme.server_order == "fixed") \
-        or scheme.name == "vertical"
-    _require(ok, "checkpoint.every_steps", f"coordinated checkpoints need a deterministic step "
-             f"order ({CHECKPOINTABLE}); scheme {scheme.name} with client_order "
-             f"{scheme.client_order} has none")
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     scheme: SchemeConfig = field(default_factory=SchemeConfig)
@@ -331,18 +231,16 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
+        from mpisplit import specs
+
+        self.scheme.options.check(self)
         if self.checkpoint.every_steps:
-            check_checkpointable(self.scheme)
-        _require(self.scheme.name != "spatiotemporal"
-                 or self.scheme.site_timeout_s < self.transport.timeout_s,
-                 "scheme.site_timeout_s", f"{self.scheme.site_timeout_s:g} s must be below "
-                 f"transport.timeout_s ({self.transport.timeout_s:g} s): a site stalled longer "
-                 f"than transport.timeout_s times out on waking, so the server must have "
-                 f"dropped it by then")
+            specs.check_checkpointable(self.scheme)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, written as the run's resolved config."""
-        return _plain(dataclasses.asdict(self))
+        plain = _plain(dataclasses.asdict(self))
+        return {**plain, "scheme": self.scheme.to_dict()}
 
 
 def _plain(value: Any) -> Any:
@@ -401,6 +299,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    if cls is SchemeConfig:
+        return _build_scheme(data, prefix)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -410,6 +310,39 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
     return cls(**kwargs)
+
+
+def _build_scheme(data: dict[str, Any], prefix: str) -> SchemeConfig:
+    """The ``scheme`` section: its own keys, then the named scheme's options. An option of
+    another scheme is an error unless left at its default (resolved configs written before
+    options moved to their schemes list them all) or the scheme ignores them."""
+    from mpisplit import specs
+
+    name = _coerce(str, data.get("name", DEFAULT_SCHEME), f"{prefix}name")
+    spec = specs.get(name)
+    common = [f.name for f in dataclasses.fields(SchemeConfig) if f.name != "options"]
+    own = spec.option_names()
+    for key in sorted(set(data) - set(common) - set(own)):
+        owners = specs.owners(key)
+        if not owners:
+            raise ConfigError(f"{prefix}{key}: unknown key (valid keys in scheme: "
+                              f"{', '.join(common + own)})")
+        if spec.ignores_other_options:
+            continue
+        option = next(f for f in dataclasses.fields(specs.get(owners[0]).options)
+                      if f.name == key)
+        try:
+            default = _coerce(typing.get_type_hints(specs.get(owners[0]).options)[key],
+                              data[key], f"{prefix}{key}") == option.default
+        except ConfigError:
+            default = False
+        if not default:
+            schemes = f"scheme{'s' if len(owners) > 1 else ''} {', '.join(owners)}"
+            raise ConfigError(f"{prefix}{key}: only used by {schemes}, not {name}")
+    options = _build(spec.options, {k: v for k, v in data.items() if k in own}, prefix)
+    hints = typing.get_type_hints(SchemeConfig)
+    kwargs = {k: _coerce(hints[k], data[k], f"{prefix}{k}") for k in common if k in data}
+    return SchemeConfig(**kwargs, options=options)
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:

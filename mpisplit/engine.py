@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpisplit import schemes
+from mpisplit import specs
 from mpisplit.checkpoint import Checkpointer, Manifest, find_resume_point
 from mpisplit.compression import make_compressor
 from mpisplit.config import Config, ConfigError
@@ -49,7 +49,7 @@ class RunPlan:
 
 
 def prepare(cfg: Config, world_size: int, *, resume: bool = False) -> RunPlan:
-    scheme = schemes.get(cfg.scheme.name)
+    spec = specs.get(cfg.scheme.name)
     topology = plan(cfg)
     check_world_size(topology, world_size)
     if cfg.transport.device == "cuda" and not torch.cuda.is_available():
@@ -64,9 +64,9 @@ def prepare(cfg: Config, world_size: int, *, resume: bool = False) -> RunPlan:
         )
     layers = layer_plan(cfg.model, meta["feature_shape"], meta["num_classes"])
     cuts = cut_indices(layers, cfg.model.cuts)
-    if scheme.CUTS is not None and len(cuts) != scheme.CUTS:
+    if spec.cuts is not None and len(cuts) != spec.cuts:
         raise ConfigError(
-            f"model.cuts: scheme {cfg.scheme.name} needs exactly {scheme.CUTS} cut(s), "
+            f"model.cuts: scheme {cfg.scheme.name} needs exactly {spec.cuts} cut(s), "
             f"got {len(cuts)}"
         )
     return RunPlan(cfg, topology, meta, layers, segment_bounds(len(layers), cuts),
@@ -145,12 +145,12 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if me.rank == 0:
         write_resolved_config(run_dir, cfg.to_dict())
-    scheme = schemes.get(cfg.scheme.name)
+    spec = specs.get(cfg.scheme.name)
     tracer = Tracer(me.rank, me.label, enabled=cfg.run.trace)
     device = _device(cfg, comm)
     transport = Transport(
         comm, roles=[p.role.value for p in run.topology.placements],
-        timeout_s=cfg.transport.timeout_s, tracer=tracer, allowed=scheme.ALLOWED, device=device,
+        timeout_s=cfg.transport.timeout_s, tracer=tracer, allowed=spec.routes, device=device,
         compressor=make_compressor(cfg.transport.compression, cfg.transport.topk_ratio),
     )
     header = {"rank": me.rank, "role": me.label, "host": socket.gethostname(),
@@ -166,7 +166,7 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
     try:
         try:
             with preemptible(checkpoints.request_stop if checkpoints.enabled else None):
-                result = scheme.run(ctx)
+                result = spec.runner(me.role)(ctx)
                 transport.flush()
         except Preempted as stop:
             _record_preemption(ctx, stop, time.perf_counter() - start)
@@ -295,8 +295,7 @@ def _summarize(
             {"client": int(c), "step": int(s), "loss": float(loss), "accuracy": float(a),
              "samples": int(n), "task": int(t)} for s, c, loss, a, n, t in evals
         ],
-        "test_by_task": _by_task(evals, cfg.scheme.tasks if cfg.scheme.name == "multitask"
-                                 else ("class",)),
+        "test_by_task": _by_task(evals, specs.get(cfg.scheme.name).tasks(cfg.scheme)),
         "leakage_distance_correlation": _mean_or_none(all_counters[:, 5]),
         "bytes_sent_per_rank": [int(b) for b in all_counters[:, 2]],
         "bytes_received_per_rank": [int(b) for b in all_counters[:, 3]],

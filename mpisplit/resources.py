@@ -56,7 +56,6 @@ from mpisplit.transport import HEADER_BYTES
 
 LABEL_BYTES = 8
 SAMPLE_COUNT_BYTES = 8
-SCHEMES = ("split", "splitfed", "fedavg", "syncsgd")
 
 
 @dataclass(frozen=True)

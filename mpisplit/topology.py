@@ -7,7 +7,6 @@ communicator the caller passes in (never from ``COMM_WORLD``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -53,55 +52,13 @@ class Topology:
         return "\n".join(lines)
 
 
-RoleCounts = list[tuple[Role, int]]
-
-
-def _server_and_clients(cfg: Config) -> RoleCounts:
-    return [(Role.SERVER, 1), (Role.CLIENT, cfg.scheme.clients)]
-
-
-def _chain(cfg: Config) -> RoleCounts:
-    """Multi-hop: one relay per inner segment, so len(model.cuts) - 1 relays."""
-    if len(cfg.model.cuts) < 2:
-        raise ConfigError(
-            f"model.cuts: multihop needs at least 2 cuts (client → relay → server), "
-            f"got {len(cfg.model.cuts)}"
-        )
-    return [(Role.SERVER, 1), (Role.RELAY, len(cfg.model.cuts) - 1),
-            (Role.CLIENT, cfg.scheme.clients)]
-
-
-def _task_servers(cfg: Config) -> RoleCounts:
-    """Multi-task: one server per task (server t holds head t), then the clients."""
-    return [(Role.SERVER, len(cfg.scheme.tasks)), (Role.CLIENT, cfg.scheme.clients)]
-
-
-LAYOUTS: dict[str, Callable[[Config], RoleCounts]] = {
-    "vanilla": _server_and_clients,
-    "ushaped": _server_and_clients,
-    "splitfed": _server_and_clients,
-    "vertical": _server_and_clients,
-    "spatiotemporal": _server_and_clients,
-    "multihop": _chain,
-    "multitask": _task_servers,
-    "fedavg": lambda cfg: [(Role.CLIENT, cfg.scheme.clients)],
-    "syncsgd": lambda cfg: [(Role.CLIENT, cfg.scheme.clients)],
-    "centralized": lambda cfg: [(Role.SERVER, 1)],
-}
-
-
 def plan(cfg: Config) -> Topology:
-    """The rank layout ``cfg`` asks for: server(s) first, then relays, then clients.
+    """The rank layout ``cfg`` asks for, as its scheme's spec lays it out: server(s) first,
+    then relays, then clients (the federated baselines have no server: rank 0 is client 0)."""
+    from mpisplit import specs
 
-    The federated baselines (fedavg, syncsgd) have no server: rank 0 is client 0."""
-    layout = LAYOUTS.get(cfg.scheme.name)
-    if layout is None:
-        raise ConfigError(
-            f"scheme.name: '{cfg.scheme.name}' is not available yet "
-            f"(available: {', '.join(LAYOUTS)})"
-        )
     placements: list[Placement] = []
-    for role, count in layout(cfg):
+    for role, count in specs.get(cfg.scheme.name).layout(cfg):
         placements += [Placement(len(placements) + i, role, i) for i in range(count)]
     return Topology(cfg.scheme.name, tuple(placements))
 

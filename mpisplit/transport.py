@@ -34,7 +34,6 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from enum import IntEnum, IntFlag
 from functools import partial
 from typing import NamedTuple, TypeVar
 
@@ -43,6 +42,7 @@ import torch
 from mpi4py import MPI
 
 from mpisplit.compression import Compressor
+from mpisplit.protocol import Flag, Kind
 from mpisplit.staging import PinnedStaging
 from mpisplit.tracing import Tracer
 
@@ -67,33 +67,9 @@ _MAX_SLEEP_S = 1e-3
 T = TypeVar("T")
 _NO_SPAN = nullcontext()
 
-
-class Kind(IntEnum):
-    """What a message carries; also its MPI tag. The privacy policy is written in kinds."""
-
-    ACTIVATION = 1
-    GRADIENT = 2
-    LABELS = 3
-    WEIGHTS = 4
-    CONTROL = 5
-
-
 _CUT_KINDS = (Kind.ACTIVATION, Kind.GRADIENT)
 """Kinds whose large payloads a device transport delivers on the device; the others (labels,
 weights, control) arrive in host memory, where their users read them."""
-
-
-class Flag(IntFlag):
-    NONE = 0
-    EVAL = 1
-    """Evaluation traffic: forward only, no gradient comes back."""
-    LAST = 2
-    """Marks the end of an evaluation pass (empty tensor)."""
-    DONE = 4
-    """The sender has finished all its steps (empty tensor)."""
-    MORE = 8
-    """More microbatches of the same step follow; the receiver accumulates before stepping."""
-
 
 _DTYPES: tuple[torch.dtype, ...] = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16,

@@ -217,10 +217,11 @@ def test_resume_without_a_checkpoint_or_with_other_settings_is_refused(tmp_path:
 
 def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(
         tmp_path: Path) -> None:
-    """A manifest without a setting was written by a run that used its default."""
+    """A manifest without a setting was written by a run that used its default; one written
+    before the options moved to their schemes lists every scheme's options."""
     cfg = _config(tmp_path, "checkpoint.every_steps=5")
-    settings = resume_settings(cfg)
-    del settings["scheme.fedavg_every_epochs"]
+    settings = resume_settings(cfg) | {"scheme.tasks": ["class"], "scheme.join": "concat"}
+    del settings["scheme.turn_steps"]
     committed = tmp_path / "checkpoints" / "step-00000005"
     committed.mkdir(parents=True)
     (committed / MANIFEST).write_text(json.dumps(

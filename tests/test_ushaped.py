@@ -13,7 +13,7 @@ import torch
 from mpi4py import MPI
 
 from mpisplit.config import ModelConfig
-from mpisplit.schemes import ushaped
+from mpisplit.specs.ushaped import SPEC as USHAPED
 from mpisplit.tracing import Tracer
 from mpisplit.transport import Kind, PolicyViolation, Transport
 from tests.conftest import run_mpi
@@ -90,9 +90,9 @@ def test_sequential_hand_over_and_no_labels_at_the_server(dataset, tmp_path: Pat
 
 
 def test_policy_refuses_labels_towards_the_server() -> None:
-    assert not any(kind == Kind.LABELS for _, _, kind in ushaped.ALLOWED)
+    assert not any(kind == Kind.LABELS for _, _, kind in USHAPED.routes)
     transport = Transport(MPI.COMM_SELF, roles=["client", "server"], timeout_s=1.0,
-                          tracer=Tracer(0, "client0", enabled=False), allowed=ushaped.ALLOWED)
+                          tracer=Tracer(0, "client0", enabled=False), allowed=USHAPED.routes)
     try:
         with pytest.raises(PolicyViolation, match="may not send LABELS"):
             transport.send(torch.zeros(4, dtype=torch.int64), 1, Kind.LABELS)

@@ -22,9 +22,6 @@ from mpisplit.schemes.common import (
     whole_model_gradients,
 )
 
-CUTS = None
-ALLOWED: frozenset = frozenset()
-
 
 def run(ctx: RankContext) -> RankResult:
     cfg = ctx.config
@@ -37,7 +34,7 @@ def run(ctx: RankContext) -> RankResult:
         ]
         tests = stack.enter_context(test_reader(ctx))
         steps = [planned_steps(len(reader), cfg.train) for reader in readers]
-        lengths = [cfg.scheme.turn_steps or len(reader) for reader in readers]
+        lengths = [cfg.scheme.options.turn_steps or len(reader) for reader in readers]
         total = sum(steps)
         segment = ctx.build_segment(0, total, through=len(ctx.run.bounds) - 1)
         batches = [training_batches(reader, cfg.train) for reader in readers]

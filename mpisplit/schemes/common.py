@@ -9,10 +9,9 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from mpi4py import MPI
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from mpisplit import schedules
 from mpisplit.checkpoint import pack, unpack
 from mpisplit.config import TrainConfig
 from mpisplit.cut import recv_forward, send_eval, send_forward
@@ -32,18 +32,7 @@ from mpisplit.segment import Segment
 from mpisplit.topology import Role
 from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, PeerTimeout, Transport
 
-T = TypeVar("T")
-
 log = logging.getLogger("mpisplit")
-
-LABELS_AT_SERVER = frozenset({
-    ("client", "server", Kind.ACTIVATION),
-    ("client", "server", Kind.LABELS),
-    ("server", "client", Kind.GRADIENT),
-})
-"""The routes of every scheme in which clients send cut activations with labels to a server
-and get the cut gradient back (vanilla adds the hand-over of weights between clients)."""
-
 
 def planned_steps(batches_per_epoch: int, train: TrainConfig) -> int:
     steps = batches_per_epoch * train.epochs
@@ -102,37 +91,12 @@ def microbatches(batch: Batch, count: int) -> list[Microbatch]:
     From three on, the first and the last are half the size of the others: the server waits
     for the first one's forward before it can start, the client for the last one's gradient
     before it can step, and halving them halves that fill and drain."""
-    bounds = taper_bounds(len(batch.labels), count)
+    bounds = schedules.taper_bounds(len(batch.labels), count)
     pairs = list(zip(batch.features.tensor_split(bounds), batch.labels.tensor_split(bounds),
                      strict=True))
     pairs = [(x, y) for x, y in pairs if len(y)]
     return [Microbatch(x, y, Flag.MORE if i < len(pairs) - 1 else Flag.NONE)
             for i, (x, y) in enumerate(pairs)]
-
-
-def taper_bounds(rows: int, count: int) -> list[int]:
-    """Where ``microbatches`` splits ``rows``: ``count`` parts, the outer two of half weight
-    when there are three or more."""
-    weights = [1.0] * count
-    if count >= 3:
-        weights[0] = weights[-1] = 0.5
-    ends = list(itertools.accumulate(weights))
-    return [round(rows * end / ends[-1]) for end in ends[:-1]]
-
-
-def run_microbatches(count: int, schedule: str, forward: Callable[[int], T],
-                     backward: Callable[[T], None]) -> None:
-    """Runs one step's ``count`` microbatches on a client in ``schedule`` order
-    (``transport.schedule``); backwards always run in microbatch order, the order in which
-    the cut gradients come back."""
-    in_flight: deque[T] = deque()
-    ahead = 2 if schedule == "1f1b" else count + 1
-    for index in range(count):
-        in_flight.append(forward(index))
-        if len(in_flight) == ahead:
-            backward(in_flight.popleft())
-    while in_flight:
-        backward(in_flight.popleft())
 
 
 def microbatch_share(labels: torch.Tensor, message: Message) -> float:
@@ -608,7 +572,7 @@ def plan_turns(ctx: RankContext, reader: ShardReader) -> TurnPlan:
     clients = ctx.topology.ranks(Role.CLIENT)
     steps = [int(plans[rank, 0]) for rank in clients]
     if cfg.scheme.client_order == "sequential":
-        lengths = [cfg.scheme.turn_steps or int(plans[rank, 1]) for rank in clients]
+        lengths = [cfg.scheme.options.turn_steps or int(plans[rank, 1]) for rank in clients]
         return TurnPlan(turn_schedule(steps, lengths), me.index, sum(steps), sum(steps))
     return TurnPlan([(me.index, steps[me.index])], me.index, steps[me.index], min(steps))
 
@@ -739,7 +703,8 @@ def train_lower_client(ctx: RankContext, first_hop: int | Sequence[int],
                 with compute_span(ctx, "backward", step=step):
                     torch.autograd.backward(anchors)
 
-            run_microbatches(len(parts), ctx.config.transport.schedule, forward, backward)
+            schedules.run(schedules.of(ctx.config.transport.schedule, len(parts)), forward,
+                          backward)
             for pending in label_sends:
                 pending.wait()
             with ctx.tracer.span("optimizer", step=step):

@@ -20,9 +20,6 @@ from mpisplit.schemes.common import (
     train_whole_model,
 )
 
-CUTS = None
-ALLOWED: frozenset = frozenset()
-
 
 def run(ctx: RankContext) -> RankResult:
     cfg = ctx.config
@@ -32,7 +29,7 @@ def run(ctx: RankContext) -> RankResult:
         segment = ctx.build_segment(0, steps, through=len(ctx.run.bounds) - 1)
         comm = client_comm(ctx)
         weight = sample_weight(ctx, comm, reader.num_samples)
-        averaging = AveragingPlan.of(plans[:, 0].tolist(), cfg.scheme.fedavg_every)
+        averaging = AveragingPlan.of(plans[:, 0].tolist(), cfg.scheme.options.fedavg_every)
 
         def after_step(step: int) -> None:
             for _ in range(averaging.due(step, steps)):

@@ -18,31 +18,21 @@ from mpisplit.schemes.common import (
     train_lower_client,
 )
 from mpisplit.topology import Role
-from mpisplit.transport import Kind
-
-CUTS = None
-ALLOWED = frozenset({
-    ("client", "relay", Kind.ACTIVATION),
-    ("client", "relay", Kind.LABELS),
-    ("relay", "relay", Kind.ACTIVATION),
-    ("relay", "relay", Kind.LABELS),
-    ("relay", "server", Kind.ACTIVATION),
-    ("relay", "server", Kind.LABELS),
-    ("server", "relay", Kind.GRADIENT),
-    ("relay", "relay", Kind.GRADIENT),
-    ("relay", "client", Kind.GRADIENT),
-    ("client", "client", Kind.WEIGHTS),
-})
 
 
-def run(ctx: RankContext) -> RankResult:
-    relays = ctx.topology.ranks(Role.RELAY)
-    if ctx.me.role == Role.CLIENT:
-        return train_lower_client(ctx, relays[0])
+def train_client(ctx: RankContext) -> RankResult:
+    return train_lower_client(ctx, ctx.topology.ranks(Role.RELAY)[0])
+
+
+def serve(ctx: RankContext) -> RankResult:
     total = clients_total_steps(ctx)
-    if ctx.me.role == Role.SERVER:
-        return serve_with(ctx, ctx.build_segment(len(ctx.run.bounds) - 1, total), total)
-    index = ctx.me.index
+    return serve_with(ctx, ctx.build_segment(len(ctx.run.bounds) - 1, total), total)
+
+
+def relay(ctx: RankContext) -> RankResult:
+    """Relay i holds segment i + 1 and passes on to relay i + 1, the last to the server."""
+    relays, index = ctx.topology.ranks(Role.RELAY), ctx.me.index
+    total = clients_total_steps(ctx)
     segment = ctx.build_segment(index + 1, total)
     next_hop = relays[index + 1] if index + 1 < len(relays) else ctx.topology.ranks(Role.SERVER)[0]
     steps = relay_activations(ctx, segment, total, next_hop)

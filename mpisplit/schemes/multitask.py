@@ -18,17 +18,9 @@ import torch
 
 from mpisplit.engine import RankContext, RankResult
 from mpisplit.models import build_layers, layer_plan
-from mpisplit.schemes.common import (
-    LABELS_AT_SERVER,
-    clients_total_steps,
-    serve_with,
-    train_lower_client,
-)
+from mpisplit.schemes.common import clients_total_steps, serve_with, train_lower_client
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-
-CUTS = 1
-ALLOWED = LABELS_AT_SERVER
 
 LabelMap = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,13 +38,7 @@ def task_target(task: str, num_classes: int) -> tuple[LabelMap, int]:
     return (lambda labels: labels), num_classes
 
 
-def run(ctx: RankContext) -> RankResult:
-    if ctx.me.role == Role.SERVER:
-        return _serve(ctx)
-    return _train_client(ctx)
-
-
-def _serve(ctx: RankContext) -> RankResult:
+def serve(ctx: RankContext) -> RankResult:
     total = clients_total_steps(ctx)
     return serve_with(ctx, task_segment(ctx, ctx.me.index, total), total, task=ctx.me.index)
 
@@ -61,14 +47,14 @@ def task_segment(ctx: RankContext, task: int, total_steps: int) -> Segment:
     """The upper segment with task ``task``'s head: the zoo model built for that task's
     output count, with the usual per-layer seeds (a reference rebuilds it the same way)."""
     cfg, meta = ctx.config, ctx.run.meta
-    _, classes = task_target(cfg.scheme.tasks[task], meta["num_classes"])
+    _, classes = task_target(cfg.scheme.options.tasks[task], meta["num_classes"])
     layers = layer_plan(cfg.model, meta["feature_shape"], classes)
     start, stop = ctx.run.bounds[1]
     module = build_layers(layers, start, stop, cfg.model.seed)
     return Segment.create(module.to(ctx.device), cfg.train, total_steps)
 
 
-def _train_client(ctx: RankContext) -> RankResult:
+def train_client(ctx: RankContext) -> RankResult:
     num_classes = ctx.run.meta["num_classes"]
-    maps = [task_target(task, num_classes)[0] for task in ctx.config.scheme.tasks]
+    maps = [task_target(task, num_classes)[0] for task in ctx.config.scheme.options.tasks]
     return train_lower_client(ctx, ctx.topology.ranks(Role.SERVER), labels=maps)

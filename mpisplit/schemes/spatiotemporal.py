@@ -62,7 +62,6 @@ from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
 from mpisplit.privacy import protect
 from mpisplit.schemes.common import (
-    LABELS_AT_SERVER,
     Dropping,
     EvalTally,
     clients_total_steps,
@@ -77,9 +76,6 @@ from mpisplit.schemes.common import (
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 from mpisplit.transport import Flag, Kind, Message, PeerTimeout, Transport
-
-CUTS = 1
-ALLOWED = LABELS_AT_SERVER | {("server", "client", Kind.CONTROL)}  # the roster
 
 
 def run(ctx: RankContext) -> RankResult:
@@ -189,7 +185,7 @@ def _joint_context(ctx: RankContext) -> RankContext:
     """The site's view with ``train.epochs = joint_epochs``, so the shared client loop runs
     exactly the joint phase."""
     cfg = ctx.config
-    train = dataclasses.replace(cfg.train, epochs=cfg.scheme.joint_epochs)
+    train = dataclasses.replace(cfg.train, epochs=cfg.scheme.options.joint_epochs)
     run = dataclasses.replace(ctx.run, config=dataclasses.replace(cfg, train=train))
     return dataclasses.replace(ctx, run=run)
 
@@ -258,7 +254,7 @@ class Sites:
         site = self.ranks.index(rank)
         log.warning("site %d (rank %d) sent nothing for over scheme.site_timeout_s = %g s: "
                     "dropped, the run goes on without it", site, rank,
-                    self.ctx.config.scheme.site_timeout_s)
+                    self.ctx.config.scheme.options.site_timeout_s)
         self.dropped.append(rank)
         self.ctx.metrics.write({"event": "dropped", "client": site})
         _send_roster(self.ctx.transport, self.dropped, rank)
@@ -295,7 +291,7 @@ def _serve(ctx: RankContext) -> RankResult:
     joint_steps = clients_total_steps(ctx)
     segment = ctx.build_segment(1, joint_steps + detached_steps(ctx))
     sites = Sites(ctx)
-    dropping = Dropping(ctx.config.scheme.site_timeout_s, sites.drop, sites.is_dropped)
+    dropping = Dropping(ctx.config.scheme.options.site_timeout_s, sites.drop, sites.is_dropped)
     report = serve_clients(ctx, segment, joint_steps, after_done=sites.take, dropping=dropping)
     handed = sites.handed_over()
     steps = train_detached(ctx, segment, [data for _, data in handed], report.steps)
@@ -306,7 +302,8 @@ def _serve(ctx: RankContext) -> RankResult:
 def detached_steps(ctx: RankContext) -> int:
     """Optimizer steps of the detached phase (the schedule length must include them)."""
     samples = sum(ctx.run.meta["train_samples"])
-    return ctx.config.scheme.detached_epochs * math.ceil(samples / ctx.config.data.batch_size)
+    epochs = ctx.config.scheme.options.detached_epochs
+    return epochs * math.ceil(samples / ctx.config.data.batch_size)
 
 
 def detached_order(samples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -324,7 +321,7 @@ def train_detached(ctx: RankContext, segment: Segment, sites: list[SiteData],
     labels = torch.cat([site.train_y for site in sites])
     progress = make_progress(ctx, start_step + detached_steps(ctx))
     step = start_step
-    for epoch in range(cfg.scheme.detached_epochs):
+    for epoch in range(cfg.scheme.options.detached_epochs):
         for index in detached_order(len(labels), cfg.data.batch_size, cfg.train.seed, epoch):
             index = index.to(features.device)
             with ctx.tracer.span("detached", step=step):

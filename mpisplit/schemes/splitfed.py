@@ -21,7 +21,6 @@ import numpy as np
 
 from mpisplit.engine import RankContext, RankResult
 from mpisplit.schemes.common import (
-    LABELS_AT_SERVER,
     AveragingPlan,
     average_parameters,
     client_comm,
@@ -33,9 +32,6 @@ from mpisplit.schemes.common import (
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 
-CUTS = 1
-ALLOWED = LABELS_AT_SERVER
-
 
 def run(ctx: RankContext) -> RankResult:
     comm = client_comm(ctx)
@@ -43,7 +39,7 @@ def run(ctx: RankContext) -> RankResult:
     steps = [planned_steps(length, ctx.config.train) for length in epochs]
     samples = ctx.run.meta["train_samples"]
     weights = [n / sum(samples) for n in samples]
-    scheme = ctx.config.scheme
+    scheme = ctx.config.scheme.options
     every = scheme.fedavg_every_epochs * max(epochs) if scheme.fedavg_every_epochs \
         else scheme.fedavg_every
     averaging = AveragingPlan.of(steps, every)
@@ -71,9 +67,10 @@ def _serve(ctx: RankContext, steps: list[int], weights: list[float],
            averaging: AveragingPlan) -> RankResult:
     exchange_step_plans(ctx, 0, 0)
     cfg, clients, total = ctx.config, ctx.topology.ranks(Role.CLIENT), sum(steps)
-    if cfg.scheme.splitfed_variant == "v2":
+    options = cfg.scheme.options
+    if options.splitfed_variant == "v2":
         shared = ctx.build_segment(1, total)
-        order = server_order(steps, averaging.every, cfg.scheme.server_order, cfg.train.seed)
+        order = server_order(steps, averaging.every, options.server_order, cfg.train.seed)
         report = serve_clients(ctx, shared, total, order=[clients[k] for k in order],
                                round_size=len(clients), until=min(steps))
         return RankResult(steps=report.steps, final_evals=report.final_evals, segment=shared)

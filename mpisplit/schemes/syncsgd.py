@@ -26,9 +26,6 @@ from mpisplit.schemes.common import (
 )
 from mpisplit.transport import Kind, Transport
 
-CUTS = None
-ALLOWED: frozenset = frozenset()
-
 
 def run(ctx: RankContext) -> RankResult:
     cfg = ctx.config

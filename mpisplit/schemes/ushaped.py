@@ -15,6 +15,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from mpisplit import schedules
 from mpisplit.cut import recv_forward
 from mpisplit.data import Batch, ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult
@@ -32,31 +33,15 @@ from mpisplit.schemes.common import (
     record_traffic_by_kind,
     relay_activations,
     run_client_turns,
-    run_microbatches,
     send_marker,
     test_reader,
 )
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import Flag, Kind
-
-CUTS = 2
-ALLOWED = frozenset({
-    ("client", "server", Kind.ACTIVATION),
-    ("server", "client", Kind.ACTIVATION),
-    ("client", "server", Kind.GRADIENT),
-    ("server", "client", Kind.GRADIENT),
-    ("client", "client", Kind.WEIGHTS),
-})
+from mpisplit.transport import Flag
 
 
-def run(ctx: RankContext) -> RankResult:
-    if ctx.me.role == Role.SERVER:
-        return _serve(ctx)
-    return _train_client(ctx)
-
-
-def _serve(ctx: RankContext) -> RankResult:
+def serve(ctx: RankContext) -> RankResult:
     total = clients_total_steps(ctx)
     segment = ctx.build_segment(1, total)
     steps = relay_activations(ctx, segment, total, next_hop=None)
@@ -64,7 +49,7 @@ def _serve(ctx: RankContext) -> RankResult:
     return RankResult(steps=steps, segment=segment)
 
 
-def _train_client(ctx: RankContext) -> RankResult:
+def train_client(ctx: RankContext) -> RankResult:
     transport = ctx.transport
     server = ctx.topology.ranks(Role.SERVER)[0]
     reader = client_reader(ctx)
@@ -98,7 +83,8 @@ def _train_client(ctx: RankContext) -> RankResult:
                     anchor.backward()
                 losses.append(float(loss.detach()))
 
-            run_microbatches(len(parts), ctx.config.transport.schedule, forward, backward)
+            schedules.run(schedules.of(ctx.config.transport.schedule, len(parts)), forward,
+                          backward)
             total = sum(losses)
             with ctx.tracer.span("optimizer", step=step):
                 head.step()

@@ -10,29 +10,14 @@ server serves cut activations in arrival order, so a slow client never blocks th
 from __future__ import annotations
 
 from mpisplit.engine import RankContext, RankResult
-from mpisplit.schemes.common import (
-    LABELS_AT_SERVER,
-    clients_total_steps,
-    serve_with,
-    train_lower_client,
-)
+from mpisplit.schemes.common import clients_total_steps, serve_with, train_lower_client
 from mpisplit.topology import Role
-from mpisplit.transport import Kind
-
-CUTS = 1
-ALLOWED = LABELS_AT_SERVER | {("client", "client", Kind.WEIGHTS)}
 
 
-def run(ctx: RankContext) -> RankResult:
-    if ctx.me.role == Role.SERVER:
-        return _serve(ctx)
-    return _train_client(ctx)
-
-
-def _serve(ctx: RankContext) -> RankResult:
+def serve(ctx: RankContext) -> RankResult:
     total = clients_total_steps(ctx)
     return serve_with(ctx, ctx.build_segment(1, total), total)
 
 
-def _train_client(ctx: RankContext) -> RankResult:
+def train_client(ctx: RankContext) -> RankResult:
     return train_lower_client(ctx, ctx.topology.ranks(Role.SERVER)[0])

@@ -45,12 +45,13 @@ from torch import nn
 from mpisplit.checkpoint import pack, unpack
 from mpisplit.config import Config, ConfigError
 from mpisplit.cut import recv_forward, send_eval, send_forward
-from mpisplit.data import Batch, ShardReader, align_rows, intersect_ids, read_ids
+from mpisplit.data import Batch, DataError, ShardReader, align_rows, intersect_ids, read_ids
 from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
 from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan
 from mpisplit.privacy import EvaluationNoise, nopeek_penalty, protect
 from mpisplit.psi import private_intersection
+from mpisplit.schedules import split_sizes
 from mpisplit.schemes.common import (
     EvalTally,
     evaluating,
@@ -65,15 +66,6 @@ from mpisplit.segment import Segment
 from mpisplit.topology import Role
 from mpisplit.transport import Kind
 
-CUTS = 1
-ALLOWED = frozenset({
-    # The cut traffic itself is collective (Gatherv/Scatterv), accounted under these routes.
-    ("client", "server", Kind.ACTIVATION),
-    ("server", "client", Kind.GRADIENT),
-    # label_holder: party<k> — logits to party k, their gradient back.
-    ("server", "client", Kind.ACTIVATION),
-    ("client", "server", Kind.GRADIENT),
-})
 SERVER = 0
 """The server's rank in the vertical communicator (the root of every collective)."""
 
@@ -83,14 +75,14 @@ SERVER = 0
 def party_plan(cfg: Config, meta: dict, party: int) -> tuple[LayerPlan, int]:
     """The zoo plan built for one party's feature shape and options, and its cut index;
     a problem is reported against the party's ``scheme.party_options`` entry."""
-    model = cfg.model
-    if cfg.scheme.party_options:
-        model = replace(model, options={**model.options, **cfg.scheme.party_options[party]})
+    model, overrides = cfg.model, cfg.scheme.options.party_options
+    if overrides:
+        model = replace(model, options={**model.options, **overrides[party]})
     try:
         plan = layer_plan(model, meta["party_feature_shapes"][party], meta["num_classes"])
         (cut,) = cut_indices(plan, model.cuts)
     except ConfigError as err:
-        if not cfg.scheme.party_options:
+        if not overrides:
             raise
         raise ConfigError(f"scheme.party_options[{party}]: {err}") from None
     return plan, cut
@@ -209,7 +201,7 @@ class Layout:
         for party, features in enumerate(meta["party_feature_shapes"]):
             plan, party_cut = party_plan(cfg, meta, party)
             shapes.append(cut_shape(plan, party_cut, features))
-        joined = joined_shape(cfg.scheme.join, shapes)
+        joined = joined_shape(cfg.scheme.options.join, shapes)
         return cls(cut, shapes, server_plan(run, cut, joined))
 
     @property
@@ -272,7 +264,7 @@ def open_split(ctx: RankContext, comm: MPI.Comm, *, test: bool) -> Split:
     common, size, counts = common_ids(comm, intersect_ids(owned) if owned else None)
     _report_alignment(ctx, size, counts, test)
     if not size:
-        raise ValueError(f"{cfg.data.path}: the parties have no patient id in common")
+        raise DataError(f"{cfg.data.path}: the parties have no patient id in common")
 
     def reader(path: Path, field: str, ids: np.ndarray) -> ShardReader:
         return ShardReader(path, batch_size=cfg.data.batch_size, fields=(field,),
@@ -297,8 +289,13 @@ def _report_alignment(ctx: RankContext, common: int, counts: np.ndarray, test: b
                        "dropped": dropped})
 
 
+def label_party(ctx: RankContext) -> int | None:
+    """The party that holds the labels (``label_holder: party<k>``), or None (the server)."""
+    return ctx.config.scheme.options.label_party(ctx.config.scheme.clients)
+
+
 def _holds_labels(ctx: RankContext) -> bool:
-    party = ctx.config.scheme.label_party
+    party = label_party(ctx)
     if party is None:
         return ctx.me.role == Role.SERVER
     return ctx.me.role == Role.CLIENT and ctx.me.index == party
@@ -375,12 +372,6 @@ class Posted:
         self.ctx.transport.complete(self.request, "cut exchange", kind=self.kind,
                                     sent=self.sent, received=self.received)
         return self.buffer
-
-
-def microbatch_sizes(batch: int, count: int) -> list[int]:
-    """How a batch of ``batch`` rows splits into (up to) ``count`` microbatches; every rank
-    derives the same split from the batch size alone."""
-    return [len(part) for part in torch.arange(batch).tensor_split(count) if len(part)]
 
 
 def _host_floats(tensor: torch.Tensor) -> np.ndarray:
@@ -471,7 +462,7 @@ class _Server:
         self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
         self.generators: list[torch.Generator] = []
         # where the logits go when a party holds the labels
-        self.label_party = ctx.topology.ranks(Role.CLIENT)[ctx.config.scheme.label_party or 0]
+        self.label_party = ctx.topology.ranks(Role.CLIENT)[label_party(ctx) or 0]
 
     def _joined(self, flat: np.ndarray, size: int,
                 train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -480,14 +471,14 @@ class _Server:
         pieces = flat.split([size * w for w in self.layout.widths])
         parts = [p.view(size, *shape) for p, shape in zip(pieces, self.layout.cut_shapes,
                                                           strict=True)]
-        return flat, join(self.ctx.config.scheme.join, parts)
+        return flat, join(self.ctx.config.scheme.options.join, parts)
 
     def train_step(self, step: int, size: int, features: Batch | None,
                    labels: Batch | None) -> float | None:
         """Microbatch by microbatch as the parties' cut outputs arrive; each gradient slice
         goes back as soon as it is ready, and the update comes once, after the last."""
         ctx = self.ctx
-        sizes = microbatch_sizes(size, ctx.config.transport.microbatches)
+        sizes = split_sizes(size, ctx.config.transport.microbatches)
         gathers = [self.cut.gather(None, n) for n in sizes]
         targets = labels.labels.to(ctx.device).split(sizes) if labels is not None else None
         scatters, total = [], 0.0
@@ -539,7 +530,7 @@ class _Party:
         """Forwards every microbatch, posting its cut output as soon as it exists, then
         back-propagates each gradient slice as it arrives; one update after the last."""
         ctx, privacy = self.ctx, self.ctx.config.privacy
-        sizes = microbatch_sizes(size, ctx.config.transport.microbatches)
+        sizes = split_sizes(size, ctx.config.transport.microbatches)
         forwards = []
         for index, inputs in enumerate(features.features.to(ctx.device).split(sizes)):
             with ctx.tracer.span("forward", step=step, microbatch=index):
