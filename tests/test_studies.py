@@ -172,6 +172,18 @@ def test_sweep_file_expands_to_validated_points(tmp_path: Path) -> None:
     assert (cfg.scheme.name, cfg.scheme.clients, cfg.data.clients) == ("centralized", 1, (0,))
     assert cfg.data.path == f"{tmp_path}/bc-2c" and cfg.run.dir == str(alone.dir)
     assert alone.dir == tmp_path / "o" / "arm-alone_k-2_seed-0"
+    assert split.config == alone.config == Path("configs/vanilla-breast-cancer.yaml")
+
+
+def test_a_variant_may_choose_its_base_config(tmp_path: Path) -> None:
+    text = ("config: configs/vanilla-breast-cancer.yaml\nout: o\naxes:\n  row:\n"
+            "    split: {}\n    fedavg: {config: configs/fedavg-breast-cancer.yaml, "
+            "scheme.clients: 2}\n")
+    split, fedavg = load_sweep(_write(tmp_path / "s.yaml", text)).points
+    assert fedavg.config == Path("configs/fedavg-breast-cancer.yaml")
+    assert (split.world_size, fedavg.world_size) == (4, 2)
+    assert "scheme.clients=2" in fedavg.overrides and not any(
+        o.startswith("config=") for o in fedavg.overrides)
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -197,12 +209,15 @@ def test_finished_means_a_summary_of_a_run_that_ended(tmp_path: Path) -> None:
     assert finished(tmp_path)
 
 
-def test_shipped_study_validates() -> None:
-    result = _cli("sweep", str(STUDY.relative_to(ROOT)), "--list")
+@pytest.mark.parametrize("study", sorted((ROOT / "studies").glob("*.yaml")), ids=str)
+def test_shipped_studies_validate(study: Path) -> None:
+    """Every point of every shipped sweep file loads and validates (the runs themselves
+    take minutes to an hour: README, Studies)."""
+    result = _cli("sweep", str(study.relative_to(ROOT)), "--list")
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert len(lines) == 3 * 4 * 3
-    assert "arm-split_sites-16_seed-2  17 ranks" in result.stdout
+    if study == STUDY:
+        assert len(result.stdout.splitlines()) == 3 * 4 * 3
+        assert "arm-split_sites-16_seed-2  17 ranks" in result.stdout
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
