@@ -288,3 +288,26 @@ def test_only_the_sampled_clients_evaluate(dataset, tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "metrics-rank0.jsonl").open()]
     evaluated = [(r["client"], r["step"]) for r in records if r.get("event") == "eval"]
     assert sorted(evaluated) == sorted((k, s) for k in chosen for s in (2, 4))
+
+
+@pytest.mark.parametrize(("override", "shards"), [("'data.clients=[0]'", [0]),
+                                                  ("data.pool=true", [0, 1])])
+def test_readme_baseline_commands(dataset, tmp_path: Path, override: str,
+                                  shards: list[int]) -> None:
+    """README, Studies: one site alone and the pooled run, as written (in a directory with
+    the checkout's configs and data/digits-2c)."""
+    data = dataset("digits", clients=2)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "digits-2c").symlink_to(data)
+    command = (f"mpiexec -n 1 mpisplit train configs/centralized-digits.yaml "
+               f"{'scheme.clients=1 ' if shards == [0] else ''}{override}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs/centralized-digits/summary.json").read_text())
+    meta = json.loads((data / "meta.json").read_text())
+    epochs = load_config(ROOT / "configs/centralized-digits.yaml").train.epochs
+    assert summary["train_samples"] == epochs * sum(meta["train_samples"][k] for k in shards)
