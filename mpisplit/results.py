@@ -118,9 +118,16 @@ def _cells(row: Row, metrics: Sequence[str]) -> list[str]:
     cells = [_show(v) for v in row.key] + [str(row.runs)]
     for metric in metrics:
         stat = row.stats[metric]
-        cells += ["" if stat is None else f"{stat[0]:.4g}",
-                  "" if stat is None else f"{stat[1]:.4g}-{stat[2]:.4g}"]
+        cells += ["" if stat is None else _number(stat[0]),
+                  "" if stat is None else f"{_number(stat[1])}-{_number(stat[2])}"]
     return cells
+
+
+def _number(value: float) -> str:
+    """Four decimals for accuracies and losses, fewer as numbers grow (bytes: exponent)."""
+    if abs(value) < 100:
+        return f"{value:.4f}"
+    return f"{value:.1f}" if abs(value) < 1e6 else f"{value:.4g}"
 
 
 def _show(value: Any) -> str:
