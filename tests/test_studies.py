@@ -311,3 +311,26 @@ def test_readme_baseline_commands(dataset, tmp_path: Path, override: str,
     meta = json.loads((data / "meta.json").read_text())
     epochs = load_config(ROOT / "configs/centralized-digits.yaml").train.epochs
     assert summary["train_samples"] == epochs * sum(meta["train_samples"][k] for k in shards)
+
+
+def test_results_group_plain_run_directories_by_the_config_keys_that_differ(
+        tmp_path: Path) -> None:
+    from mpisplit.results import find_runs, swept_keys, table
+
+    for name, scheme, seed, accuracy in [("a", "vanilla", 0, 0.5), ("b", "vanilla", 1, 0.7),
+                                         ("c", "splitfed", 0, 0.9)]:
+        run = tmp_path / name
+        run.mkdir()
+        cfg = {"scheme": {"name": scheme}, "train": {"seed": seed},
+               "run": {"dir": str(run)}}
+        (run / "config.yaml").write_text(json.dumps(cfg))
+        (run / "summary.json").write_text(json.dumps({"test_accuracy": accuracy}))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "summary.json").write_text(json.dumps({"preempted": True}))
+    runs, skipped = find_runs([tmp_path])
+    assert skipped == 1
+    keys, runs = swept_keys(runs)
+    assert keys == ["scheme.name", "train.seed"]
+    rows = table(runs, ["scheme.name"], ["test_accuracy"])
+    assert [(r.key, r.runs) for r in rows] == [(("splitfed",), 1), (("vanilla",), 2)]
+    assert rows[1].stats["test_accuracy"] == pytest.approx((0.6, 0.5, 0.7))
