@@ -227,6 +227,7 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
+@pytest.mark.timeout(600)  # five runs and three CLI start-ups: 267 s at load average 20-30
 def test_sweep_runs_resumes_and_results_tabulate(tmp_path: Path) -> None:
     out = tmp_path / "o"
     sweep_file = _write(tmp_path / "s.yaml", SMALL.format(out=out, data=tmp_path))
