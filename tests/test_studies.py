@@ -335,3 +335,13 @@ def test_results_group_plain_run_directories_by_the_config_keys_that_differ(
     rows = table(runs, ["scheme.name"], ["test_accuracy"])
     assert [(r.key, r.runs) for r in rows] == [(("splitfed",), 1), (("vanilla",), 2)]
     assert rows[1].stats["test_accuracy"] == pytest.approx((0.6, 0.5, 0.7))
+
+
+def test_bad_sweep_is_one_line_and_status_2(tmp_path: Path) -> None:
+    sweep_file = _write(tmp_path / "s.yaml", "config: configs/vanilla-breast-cancer.yaml\n"
+                        "out: o\naxes: {scheme.clients: [0]}\n")
+    result = _cli("sweep", str(sweep_file))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "mpisplit: point clients-0: scheme.clients: must be >= 1, got 0"]
+    assert not (ROOT / "o").exists()
