@@ -1,4 +1,5 @@
-"""Command line: ``mpisplit train | topology | data | prof report | resources | audit``.
+"""Command line: ``mpisplit train | topology | data | sweep | results | prof report |
+resources | audit``.
 
 The entry point only parses, builds, runs and closes. Input errors (config, data, world size)
 are found before any MPI traffic: every rank finds the same error, rank 0 prints it, and every
@@ -67,6 +68,41 @@ def _parser() -> argparse.ArgumentParser:
         "assemble", help="check the sites' shards agree; make a dataset directory of them")
     add_assemble_arguments(assemble)
     assemble.set_defaults(handler=_assemble)
+
+    sweep = commands.add_parser(
+        "sweep", help="run a grid of configs (one YAML file) locally or as Slurm arrays")
+    sweep.add_argument("sweep", help="sweep file (see mpisplit/sweep.py)")
+    sweep.add_argument("--list", action="store_true",
+                       help="print the points (name, ranks, finished) and exit")
+    sweep.add_argument("--mpiexec", default="mpiexec",
+                       help="the launcher and its options for local runs (default: mpiexec; "
+                            "e.g. 'mpiexec --oversubscribe'); -n N is added per point")
+    sweep.add_argument("--timeout-s", type=float, default=None,
+                       help="end a local point's run after this long (default: no limit)")
+    sweep.add_argument("--slurm", action="store_true",
+                       help="write one Slurm array script per rank count to OUT/slurm instead "
+                            "of running")
+    sweep.add_argument("--submit", action="store_true", help="with --slurm: sbatch them")
+    sweep.add_argument("--jobscripts", type=Path, default=None,
+                       help="directory with mpisplit's common.sh (default: "
+                            "$MPISPLIT_JOBSCRIPTS, else ./jobscripts)")
+    sweep.set_defaults(handler=_sweep)
+
+    results = commands.add_parser(
+        "results", help="summaries of many runs as one table (terminal, CSV, plot)")
+    results.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                         help="run directories, or directories holding them (a sweep's out)")
+    results.add_argument("--over", action="append", default=None, metavar="KEY",
+                         help="key whose runs are pooled into mean and range (repeatable; "
+                              "default train.seed)")
+    results.add_argument("--metric", action="append", default=None,
+                         help="summary.json field (repeatable; default test_accuracy); the "
+                              "first is plotted")
+    results.add_argument("--csv", type=Path, default=None, help="write the table as CSV")
+    results.add_argument("--plot", type=Path, default=None, help="write a PNG plot")
+    results.add_argument("--x", default=None,
+                         help="the plot's x axis (default: the first numeric grouping key)")
+    results.set_defaults(handler=_results)
 
     from mpisplit.prof.commands import add_report_arguments, add_resources_arguments
 
@@ -159,6 +195,44 @@ def _topology(args: argparse.Namespace) -> int:
         return _bad_input(err)
     print(topology.world_size if args.ntasks else topology.table())
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import shlex
+
+    from mpisplit import sweep
+
+    try:
+        study = sweep.load_sweep(args.sweep)
+        if args.list:
+            for point in study.points:
+                state = "finished" if point.finished() else "to run"
+                print(f"{point.name}  {point.world_size} ranks  {state}")
+            return 0
+        sweep.prepare_data(study)
+        if args.slurm:
+            jobscripts = args.jobscripts or Path(os.environ.get("MPISPLIT_JOBSCRIPTS",
+                                                                "jobscripts"))
+            scripts = sweep.array_scripts(study, jobscripts)
+            for script in scripts:
+                print(f"sweep: wrote {script}")
+            if args.submit:
+                sweep.submit(scripts)
+            return 0
+    except ConfigError as err:
+        return _bad_input(err)
+    return sweep.run_local(study, shlex.split(args.mpiexec), args.timeout_s)
+
+
+def _results(args: argparse.Namespace) -> int:
+    from mpisplit import results
+
+    try:
+        return results.main(args.run_dirs, over=args.over or ["train.seed"],
+                            metrics=args.metric or ["test_accuracy"], csv_path=args.csv,
+                            plot_path=args.plot, x=args.x)
+    except (ValueError, OSError) as err:
+        return _bad_input(err)
 
 
 def _prepare(args: argparse.Namespace) -> int:

@@ -86,10 +86,20 @@ class DataConfig:
     """Batches read ahead from HDF5 on a background thread (0 = read inline)."""
     shuffle: bool = True
     """Block-shuffle each epoch (deterministic by train.seed and epoch)."""
+    clients: tuple[int, ...] = ()
+    """Which of the prepared client shards this run uses, in order: client k reads shard
+    clients[k] (scheme.clients must equal their number); empty = all of them. [0] with
+    scheme.name: centralized and scheme.clients: 1 trains on site 0's shard alone."""
+    pool: bool = False
+    """centralized: pool the clients' shards into one stream shuffled row by row each epoch
+    (the pooled, shuffled baseline) instead of visiting them in split learning's turns."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.prefetch >= 0, "data.prefetch", f"must be >= 0, got {self.prefetch}")
+        _require(all(k >= 0 for k in self.clients) and len(set(self.clients)) == len(self.clients),
+                 "data.clients", f"shard indices must be >= 0 and distinct, got "
+                 f"{list(self.clients)}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -116,6 +126,10 @@ class TrainConfig:
     """Seed of data order and any randomness in training."""
     eval_every: int = 0
     """Evaluate on the held-out test data every N client steps (0 = only at the end)."""
+    eval_clients: int = 0
+    """Parallel schemes, where every client evaluates its own model: how many clients do
+    (0 = every client; N = N clients drawn from train.seed, the same ones every time).
+    Their sample-weighted mean is the run's test accuracy."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -126,6 +140,8 @@ class TrainConfig:
         _require(self.step_size >= 1, "train.step_size", "must be >= 1")
         _require(0 < self.gamma <= 1, "train.gamma", f"must be in (0, 1], got {self.gamma}")
         _require(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = only at the end)")
+        _require(self.eval_clients >= 0, "train.eval_clients",
+                 f"must be >= 0 (0 = every client), got {self.eval_clients}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -236,6 +252,24 @@ class Config:
         self.scheme.options.check(self)
         if self.checkpoint.every_steps:
             specs.check_checkpointable(self.scheme)
+
+        _require(not self.data.clients or len(self.data.clients) == self.scheme.clients,
+                 "data.clients", f"selects {len(self.data.clients)} shard(s) "
+                 f"{list(self.data.clients)} for scheme.clients={self.scheme.clients}: set "
+                 f"scheme.clients={len(self.data.clients)}")
+        _require(not self.data.clients or self.scheme.name != "vertical", "data.clients",
+                 "selects horizontal client shards; vertical parties hold feature groups")
+        _require(not self.data.pool or self.scheme.name == "centralized", "data.pool",
+                 f"pools the shards for the centralized baseline, not scheme {self.scheme.name}")
+        sampling = [name for name in specs.names() if specs.get(name).samples_evaluation]
+        _require(not self.train.eval_clients or (
+            self.scheme.client_order == "parallel" and self.scheme.name in sampling),
+            "train.eval_clients", f"samples the evaluating clients of "
+            f"{', '.join(sampling)} in parallel order; scheme {self.scheme.name} "
+            f"with client_order {self.scheme.client_order} has one evaluating rank")
+        _require(self.train.eval_clients <= self.scheme.clients, "train.eval_clients",
+                 f"{self.train.eval_clients} evaluating clients, but scheme.clients is "
+                 f"{self.scheme.clients}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, written as the run's resolved config."""

@@ -290,12 +290,19 @@ class ShardReader:
 
     def _batches(self, epoch: int, skip: int) -> Iterator[Batch]:
         for start, stop, permutation in itertools.islice(self._plan(epoch), skip, None):
-            batch = self._read(start, stop, permutation)
-            if "features" in self._fields:
-                check_finite(batch, self.path)
-            if "labels" in self._fields:
-                check_labels(batch, self._num_classes, self.path)
-            yield batch
+            yield self._checked(self._read(start, stop, permutation))
+
+    def read_rows(self, rows: np.ndarray) -> Batch:
+        """The given rows of the file (distinct, in any order), checked like a batch."""
+        index = np.sort(rows)
+        return self._checked(self._read_index(index, np.searchsorted(index, rows)))
+
+    def _checked(self, batch: Batch) -> Batch:
+        if "features" in self._fields:
+            check_finite(batch, self.path)
+        if "labels" in self._fields:
+            check_labels(batch, self._num_classes, self.path)
+        return batch
 
     def _plan(self, epoch: int) -> Iterator[tuple[int, int, np.ndarray | None]]:
         """(start, stop, within-block permutation) of each batch, in epoch order."""
@@ -311,7 +318,6 @@ class ShardReader:
 
     def _read(self, start: int, stop: int, permutation: np.ndarray | None) -> Batch:
         """Read one block; h5py needs increasing indices, so ``rows`` are sorted, then reordered."""
-        self._check_open()
         index: slice | np.ndarray = slice(start, stop)
         order = permutation
         if self._rows is not None:
@@ -320,6 +326,11 @@ class ShardReader:
                 wanted = wanted[permutation]
             index = np.sort(wanted)
             order = np.searchsorted(index, wanted)
+        return self._read_index(index, order)
+
+    def _read_index(self, index: slice | np.ndarray, order: np.ndarray | None) -> Batch:
+        """Rows ``index`` (a slice or increasing indices), then reordered by ``order``."""
+        self._check_open()
         try:
             arrays = {name: column[index] for name, column in self._columns.items()}
         except OSError as exc:
@@ -336,6 +347,73 @@ class ShardReader:
         if self._prefetcher is not None:
             self._prefetcher.close()
             self._prefetcher = None
+
+
+class PooledReader:
+    """Several shard files read as one pool, shuffled row by row each epoch (by ``seed``
+    and the epoch): the pooled, shuffled centralized baseline. A batch mixes rows of every
+    file, read by index, so it reads slower than ``ShardReader``'s contiguous blocks; memory
+    stays one batch (plus ``prefetch`` read ahead on a background thread)."""
+
+    def __init__(self, paths: Sequence[Path], *, batch_size: int, seed: int = 0,
+                 prefetch: int = 2) -> None:
+        _check_reader_args(batch_size, _READABLE_FIELDS, seed, prefetch)
+        self._readers: list[ShardReader] = []
+        try:
+            for path in paths:
+                self._readers.append(ShardReader(path, batch_size=batch_size, shuffle=False,
+                                                 prefetch=0))
+        except BaseException:
+            self.close()
+            raise
+        self._starts = np.cumsum([0] + [r.num_samples for r in self._readers])
+        self.num_samples = int(self._starts[-1])
+        self.batch_size, self._seed, self._prefetch = batch_size, seed, prefetch
+        self._prefetcher: _Prefetcher | None = None
+
+    def __len__(self) -> int:
+        """Batches per epoch (the last one partial)."""
+        return -(-self.num_samples // self.batch_size)
+
+    def epochs(self, first: int, skip: int = 0) -> Iterator[Batch]:
+        """As ``ShardReader.epochs``: epoch ``first`` after ``skip`` batches, then every
+        later epoch, as one stream."""
+        self.close_stream()
+        batches = itertools.chain.from_iterable(
+            self._batches(epoch, skip if epoch == first else 0)
+            for epoch in itertools.count(first))
+        if self._prefetch == 0:
+            return batches
+        self._prefetcher = _Prefetcher(batches, self._prefetch, "prefetch-pool")
+        return iter(self._prefetcher)
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[Batch]:
+        import torch
+
+        order = np.random.default_rng([self._seed, epoch]).permutation(self.num_samples)
+        for start in range(skip * self.batch_size, self.num_samples, self.batch_size):
+            rows = order[start:start + self.batch_size]
+            owner = np.searchsorted(self._starts, rows, side="right") - 1
+            parts = [self._readers[f].read_rows(rows[owner == f] - self._starts[f])
+                     for f in np.unique(owner)]
+            yield Batch(torch.cat([p.features for p in parts]),
+                        torch.cat([p.labels for p in parts]), torch.cat([p.ids for p in parts]))
+
+    def close_stream(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    def close(self) -> None:
+        self.close_stream()
+        for reader in self._readers:
+            reader.close()
+
+    def __enter__(self) -> PooledReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class _Failure(NamedTuple):

@@ -42,10 +42,33 @@ class RunPlan:
     config: Config
     topology: Topology
     meta: dict[str, Any]
+    """``meta.json`` of the dataset as this run sees it: with ``data.clients`` only the
+    selected shards count (``clients``, ``train_samples``); ``shards`` maps client k of the
+    run to its shard file."""
     layers: LayerPlan
     bounds: list[tuple[int, int]]
     resume: Manifest | None = None
     """The committed checkpoint this run continues from."""
+
+
+def select_clients(meta: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """The dataset's metadata for the shards ``cfg`` uses (``data.clients``, or all)."""
+    prepared = meta["clients"]
+    shards = list(cfg.data.clients) or list(range(prepared))
+    if any(k >= prepared for k in shards):
+        raise ConfigError(f"data.clients: {cfg.data.path} has client shards 0..{prepared - 1}, "
+                          f"got {list(cfg.data.clients)}")
+    if len(shards) != cfg.scheme.clients:
+        raise ConfigError(
+            f"scheme.clients: {cfg.scheme.clients} clients, but {cfg.data.path} was prepared "
+            f"for {prepared} (re-run mpisplit data prepare --clients "
+            f"{cfg.scheme.clients}, set scheme.clients={prepared}, or choose shards with "
+            f"data.clients)"
+        )
+    if meta["partition"] == "vertical":
+        return {**meta, "shards": shards}
+    return {**meta, "clients": len(shards), "shards": shards,
+            "train_samples": [meta["train_samples"][k] for k in shards]}
 
 
 def prepare(cfg: Config, world_size: int, *, resume: bool = False) -> RunPlan:
@@ -55,13 +78,7 @@ def prepare(cfg: Config, world_size: int, *, resume: bool = False) -> RunPlan:
     if cfg.transport.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"transport.device: cuda, but torch sees no CUDA device on "
                           f"{socket.gethostname()} (use cpu or auto)")
-    meta = read_meta(Path(cfg.data.path))
-    if meta["clients"] != cfg.scheme.clients:
-        raise ConfigError(
-            f"scheme.clients: {cfg.scheme.clients} clients, but {cfg.data.path} was prepared "
-            f"for {meta['clients']} (re-run mpisplit data prepare --clients "
-            f"{cfg.scheme.clients}, or set scheme.clients={meta['clients']})"
-        )
+    meta = select_clients(read_meta(Path(cfg.data.path)), cfg)
     layers = layer_plan(cfg.model, meta["feature_shape"], meta["num_classes"])
     cuts = cut_indices(layers, cfg.model.cuts)
     if spec.cuts is not None and len(cuts) != spec.cuts:
@@ -132,6 +149,9 @@ class RankContext:
         return Segment.create(module.to(self.device), self.config.train, total_steps)
 
     def shard(self, kind: str, index: int | None = None, *, test: bool = False) -> Path:
+        """A shard file; client ``index`` of the run reads the shard ``data.clients`` picks."""
+        if kind == "client" and not test and index is not None:
+            index = self.run.meta["shards"][index]
         return shard_path(Path(self.config.data.path), kind, index, test=test)
 
 

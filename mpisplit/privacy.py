@@ -9,10 +9,10 @@ the leakage figure in the run summary (0: independent, 1: one determines the oth
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from mpisplit.config import PrivacyConfig
+from mpisplit.seeds import Stream, derive
 
 
 def distance_correlation(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -56,8 +56,7 @@ class EvaluationNoise:
 
     def at(self, step: int) -> torch.Generator:
         if step != self._step:
-            entropy = np.random.SeedSequence([self._seed, self._sender, step])
-            self._generator.manual_seed(int(entropy.generate_state(1, np.uint64)[0] >> 1))
+            self._generator.manual_seed(derive(self._seed, Stream.EVAL_NOISE, self._sender, step))
             self._step = step
         return self._generator
 

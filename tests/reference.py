@@ -14,6 +14,7 @@ import torch
 from mpisplit.config import ModelConfig
 from mpisplit.data import ShardReader, read_meta
 from mpisplit.models import build_layers, layer_plan
+from mpisplit.seeds import Stream, derive
 
 
 def train_reference(
@@ -32,7 +33,7 @@ def train_reference(
     for client, count in turns:
         if client not in streams:
             reader = ShardReader(data / f"client-{client}.h5", batch_size=batch_size,
-                                 seed=seed + client, prefetch=0)
+                                 seed=derive(seed, Stream.DATA, client), prefetch=0)
             streams[client] = _endless(reader)
         for _ in range(count):
             batch = next(streams[client])
@@ -62,7 +63,7 @@ def merged_parts(run_dir: Path, ranks: Sequence[int]) -> dict[str, torch.Tensor]
 def client_batches(data: Path, client: int, *, batch_size: int, seed: int):
     """Client ``client``'s training batches, epoch after epoch, as the engine reads them."""
     reader = ShardReader(data / f"client-{client}.h5", batch_size=batch_size,
-                         seed=seed + client, prefetch=0)
+                         seed=derive(seed, Stream.DATA, client), prefetch=0)
     return _endless(reader), reader.num_samples
 
 

@@ -80,3 +80,26 @@ def test_syncsgd_equals_one_large_batch(dataset, tmp_path: Path) -> None:
         opt.step()
     _assert_every_rank_holds(tmp_path, net.state_dict())
     assert summary["train_samples"] == samples
+
+
+def test_fedavg_averages_batchnorm_statistics_unless_told_to_keep_them(dataset,
+                                                                       tmp_path: Path) -> None:
+    """A model with BatchNorm (resnet): by default the running statistics are averaged with
+    the weights, so every client ends with the same ones; ``average_buffers=false`` (FedBN)
+    keeps each client's own, while the weights are still averaged."""
+    data = dataset("digits", clients=2)
+    models = {}
+    for average in (True, False):
+        run_dir = tmp_path / str(average)
+        result = run_mpi(2, "train", "configs/fedavg-digits.yaml", f"data.path={data}",
+                         f"run.dir={run_dir}", "run.progress=none", "train.max_steps=3",
+                         "model.name=resnet", "model.options={widths: [4, 8]}",
+                         f"scheme.average_buffers={str(average).lower()}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        models[average] = [torch.load(run_dir / f"model-rank{r}.pt", weights_only=True)
+                           for r in range(2)]
+    for average, (first, second) in models.items():
+        torch.testing.assert_close(first["stem.weight"], second["stem.weight"])
+        same = torch.equal(first["stem_bn.running_mean"], second["stem_bn.running_mean"])
+        assert same == average, f"average_buffers={average}"
+        assert first["stem_bn.num_batches_tracked"] == 3

@@ -1,14 +1,16 @@
 """Centralized baseline: one rank trains the whole model on every client's shard.
 
 Shards are visited in the same round-robin turns as sequential split learning, so this is
-also the single-process oracle that split schemes are compared with on accuracy.
+also the single-process oracle that split schemes are compared with on accuracy. With
+``data.pool`` the shards form one pool instead, shuffled row by row every epoch (the pooled,
+shuffled baseline); with ``data.clients`` only the chosen shards are used (one site alone).
 """
 
 from __future__ import annotations
 
 import contextlib
 
-from mpisplit.data import ShardReader
+from mpisplit.data import PooledReader
 from mpisplit.engine import RankContext, RankResult
 from mpisplit.runlog import Progress
 from mpisplit.schemes.common import (
@@ -16,21 +18,27 @@ from mpisplit.schemes.common import (
     log,
     next_batch,
     planned_steps,
+    shard_reader,
     test_reader,
     training_batches,
     turn_schedule,
     whole_model_gradients,
 )
+from mpisplit.seeds import Stream, derive
+
+
+def _pool(ctx: RankContext) -> PooledReader:
+    cfg = ctx.config
+    return PooledReader([ctx.shard("client", k) for k in range(cfg.scheme.clients)],
+                        batch_size=cfg.data.batch_size,
+                        seed=derive(cfg.train.seed, Stream.POOL), prefetch=cfg.data.prefetch)
 
 
 def run(ctx: RankContext) -> RankResult:
     cfg = ctx.config
     with contextlib.ExitStack() as stack:
-        readers = [
-            stack.enter_context(ShardReader(
-                ctx.shard("client", k), batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle,
-                seed=cfg.train.seed + k, prefetch=cfg.data.prefetch))
-            for k in range(cfg.scheme.clients)
+        readers = [stack.enter_context(_pool(ctx))] if cfg.data.pool else [
+            stack.enter_context(shard_reader(ctx, k)) for k in range(cfg.scheme.clients)
         ]
         tests = stack.enter_context(test_reader(ctx))
         steps = [planned_steps(len(reader), cfg.train) for reader in readers]

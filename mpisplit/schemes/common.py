@@ -28,6 +28,7 @@ from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
 from mpisplit.privacy import EvaluationNoise, distance_correlation, nopeek_penalty, protect
 from mpisplit.runlog import Progress
+from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, PeerTimeout, Transport
@@ -119,7 +120,8 @@ class CutSender:
     def __init__(self, ctx: RankContext) -> None:
         self.ctx = ctx
         self.privacy = ctx.config.privacy
-        self.noise = torch.Generator().manual_seed(self.privacy.seed + ctx.me.index)
+        self.noise = torch.Generator().manual_seed(
+            derive(self.privacy.seed, Stream.NOISE, ctx.me.index))
         self.eval_noise = EvaluationNoise(self.privacy.seed, ctx.me.index)
         self.leakage: float | None = None
         self._sample: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -541,6 +543,9 @@ class TurnPlan:
     until: int
     """The first step at which the ranks no longer all meet for checkpoints: the end of the
     schedule in sequential order, the fewest steps of any client in parallel."""
+    evaluator: bool = True
+    """Whether this client evaluates (parallel order with ``train.eval_clients``: only the
+    sampled clients do)."""
 
     @property
     def my_steps(self) -> int:
@@ -561,8 +566,9 @@ class TurnPlan:
 
     @property
     def evaluates_final(self) -> bool:
-        """Parallel clients each evaluate; in sequential order the last turn's client does."""
-        return self.turns[-1][0] == self.me if self.turns else True
+        """Parallel clients each evaluate (or the sampled ones: ``evaluator``); in
+        sequential order the last turn's client does."""
+        return self.evaluator and (self.turns[-1][0] == self.me if self.turns else True)
 
 
 def plan_turns(ctx: RankContext, reader: ShardReader) -> TurnPlan:
@@ -574,7 +580,17 @@ def plan_turns(ctx: RankContext, reader: ShardReader) -> TurnPlan:
     if cfg.scheme.client_order == "sequential":
         lengths = [cfg.scheme.options.turn_steps or int(plans[rank, 1]) for rank in clients]
         return TurnPlan(turn_schedule(steps, lengths), me.index, sum(steps), sum(steps))
-    return TurnPlan([(me.index, steps[me.index])], me.index, steps[me.index], min(steps))
+    return TurnPlan([(me.index, steps[me.index])], me.index, steps[me.index], min(steps),
+                    evaluator=me.index in evaluating_clients(cfg.train, len(clients)))
+
+
+def evaluating_clients(train: TrainConfig, clients: int) -> list[int]:
+    """The clients that evaluate in parallel order: all of them, or ``train.eval_clients``
+    drawn from ``train.seed`` (the same ones at every evaluation and on every rank)."""
+    if not train.eval_clients or train.eval_clients >= clients:
+        return list(range(clients))
+    rng = np.random.default_rng(derive(train.seed, Stream.EVAL_SAMPLE))
+    return sorted(rng.choice(clients, train.eval_clients, replace=False).tolist())
 
 
 @dataclass
@@ -592,13 +608,13 @@ def run_client_turns(
     sender: CutSender,
     train_step: Callable[[Batch, int], float | None],
     evaluate: Callable[[int, bool], EvalResult | None],
-    first_hop: int,
+    first_hop: int | Sequence[int],
 ) -> ClientReport:
     """A client's turns: hand-over of ``segments`` in, ``train_step(batch, model_step)``
     per batch (returns the loss where the client has it), periodic ``evaluate(step,
     final=False)``, hand-over out. At the end the final turn's client calls
     ``evaluate(step, True)`` (which must tell ``first_hop`` it is done); the others just
-    send ``first_hop`` a done marker.
+    send ``first_hop`` (each, when several) a done marker.
 
     Checkpoints: after each step, and for the steps of other clients' turns while this one
     waits; a resumed run starts after the checkpoint's step, with the same data position.
@@ -618,7 +634,7 @@ def run_client_turns(
 
     def evaluation_due(step: int) -> bool:
         return bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 \
-            and step != final_step
+            and step != final_step and plan.evaluator
 
     spans = list(plan.spans())
     for turn, (client, first, last) in enumerate(spans):
@@ -650,7 +666,8 @@ def run_client_turns(
         result = evaluate(plan.schedule_steps, True)
         report.final_evals = [] if result is None else [result]
     else:
-        send_marker(ctx, first_hop, plan.schedule_steps, Flag.DONE)
+        for hop in [first_hop] if isinstance(first_hop, int) else first_hop:
+            send_marker(ctx, hop, plan.schedule_steps, Flag.DONE)
     return report
 
 
@@ -718,7 +735,7 @@ def train_lower_client(ctx: RankContext, first_hop: int | Sequence[int],
                                labels=label_map)
 
         report = run_client_turns(ctx, plan, reader, [segment], sender, train_step, evaluate,
-                                  hops[0])
+                                  hops)
     return RankResult(steps=report.steps, samples=report.samples, segment=segment,
                       leakage=sender.leakage)
 
@@ -728,10 +745,17 @@ def _same(labels: torch.Tensor) -> torch.Tensor:
 
 
 def client_reader(ctx: RankContext) -> ShardReader:
-    """This client's training shard, shuffled by its own seed."""
+    """This client's training shard, shuffled by its own stream."""
+    return shard_reader(ctx, ctx.me.index)
+
+
+def shard_reader(ctx: RankContext, client: int) -> ShardReader:
+    """Client ``client``'s training shard, shuffled by that client's stream of
+    ``train.seed`` (the centralized baseline visits every client's)."""
     cfg = ctx.config
-    return ShardReader(ctx.shard("client", ctx.me.index), batch_size=cfg.data.batch_size,
-                       shuffle=cfg.data.shuffle, seed=cfg.train.seed + ctx.me.index,
+    return ShardReader(ctx.shard("client", client), batch_size=cfg.data.batch_size,
+                       shuffle=cfg.data.shuffle,
+                       seed=derive(cfg.train.seed, Stream.DATA, client),
                        prefetch=cfg.data.prefetch)
 
 
@@ -752,17 +776,31 @@ def sample_weight(ctx: RankContext, comm: MPI.Comm, samples: int) -> float:
 
 def average_parameters(ctx: RankContext, comm: MPI.Comm, module: nn.Module, weight: float,
                        plan: AveragingPlan, step: int = 0) -> None:
-    """Replaces the parameters by their ``weight``-ed sum over ``comm`` (one raw Allreduce
-    in the parameters' own dtype: one model's bytes in and out per member). ``step`` (the
-    index of the step it follows) labels the trace span."""
-    params = list(module.parameters())
+    """Replaces the parameters (and, with ``scheme.average_buffers``, the floating-point
+    buffers) by their ``weight``-ed sum over ``comm`` (one raw Allreduce in the parameters'
+    own dtype: one model's bytes in and out per member). ``step`` (the index of the step it
+    follows) labels the trace span."""
+    tensors = averaged_tensors(module, ctx.config.scheme.options.average_buffers)
     with torch.no_grad():
-        flat = (torch.nn.utils.parameters_to_vector(params) * weight).to("cpu")
+        flat = (torch.cat([t.reshape(-1) for t in tensors]) * weight).to("cpu")
         buffer = flat.numpy()
         ctx.transport.complete(comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM),
                                "weight average", deadline=plan.lockstep, kind=Kind.WEIGHTS,
                                sent=buffer.nbytes, received=buffer.nbytes, step=step)
-        torch.nn.utils.vector_to_parameters(torch.from_numpy(buffer).to(params[0]), params)
+        averaged = torch.from_numpy(buffer)
+        for tensor, part in zip(tensors, averaged.split([t.numel() for t in tensors]),
+                                strict=True):
+            tensor.copy_(part.view_as(tensor))
+
+
+def averaged_tensors(module: nn.Module, buffers: bool) -> list[torch.Tensor]:
+    """What a federated average replaces: the parameters, and with ``buffers`` the
+    floating-point buffers (BatchNorm running statistics; FedBN keeps them local). Integer
+    buffers (BatchNorm's batch count) always stay local."""
+    tensors = list(module.parameters())
+    if buffers:
+        tensors += [b for b in module.buffers() if b.is_floating_point()]
+    return tensors
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ from mpisplit.schemes.common import (
     test_reader,
     train_lower_client,
 )
+from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 from mpisplit.transport import Flag, Kind, Message, PeerTimeout, Transport
@@ -210,7 +211,8 @@ def _hand_over(ctx: RankContext, segment: Segment, train: ShardReader, tests: Sh
                 outputs.append(segment.module(batch.features.to(ctx.device)))
                 labels.append(batch.labels)
     labels_sent = ctx.transport.isend(torch.cat(labels), server, Kind.LABELS, step=step)
-    noise = torch.Generator().manual_seed(ctx.config.privacy.seed + ctx.me.index + 1)
+    noise = torch.Generator().manual_seed(
+        derive(ctx.config.privacy.seed, Stream.HANDOVER_NOISE, ctx.me.index))
     sent = protect(torch.cat(outputs), ctx.config.privacy, noise)
     # The labels' send completes only once the server, which takes the outputs first, has
     # them: it is waited for after the outputs are posted.

@@ -18,11 +18,13 @@ import dataclasses
 import math
 
 import numpy as np
+import torch
 
 from mpisplit.engine import RankContext, RankResult
 from mpisplit.schemes.common import (
     AveragingPlan,
     average_parameters,
+    averaged_tensors,
     client_comm,
     exchange_step_plans,
     planned_steps,
@@ -80,7 +82,7 @@ def _serve(ctx: RankContext, steps: list[int], weights: list[float],
     def after_step(source: int) -> None:
         done[source] += 1
         for _ in range(_copies_due(averaging, done, clients, steps)):
-            _average_copies(list(copies.values()), weights)
+            _average_copies(list(copies.values()), weights, cfg.scheme.options.average_buffers)
 
     report = serve_clients(ctx, copies.__getitem__, total, after_step=after_step)
     return RankResult(steps=report.steps, final_evals=report.final_evals,
@@ -98,15 +100,16 @@ def _copies_due(averaging: AveragingPlan, done: dict[int, int], clients: list[in
     return int(periodic) + int(averaging.at_end and finished)
 
 
-def _average_copies(copies: list[Segment], weights: list[float]) -> None:
-    """v1: the sample-weighted average of the server's per-client copies, loaded in place
-    (each copy keeps its own optimizer state, as each client's lower part does)."""
-    modules = [c.module for c in copies]
-    states = [m.state_dict() for m in modules]
-    average = {key: sum(w * s[key] for w, s in zip(weights, states, strict=True))
-               for key, value in states[0].items() if value.is_floating_point()}
-    for module in modules:
-        module.load_state_dict(average, strict=False)
+def _average_copies(copies: list[Segment], weights: list[float], buffers: bool) -> None:
+    """v1: the sample-weighted average of the server's per-client copies, in place (each
+    copy keeps its own optimizer state, as each client's lower part does); the same tensors
+    as the clients' average (``averaged_tensors``)."""
+    members = [averaged_tensors(c.module, buffers) for c in copies]
+    with torch.no_grad():
+        for tensors in zip(*members, strict=True):
+            average = sum(w * t for w, t in zip(weights, tensors, strict=True))
+            for tensor in tensors:
+                tensor.copy_(average)
 
 
 def server_order(steps: list[int], every: int, how: str, seed: int) -> list[int]:

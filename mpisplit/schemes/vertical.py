@@ -62,6 +62,7 @@ from mpisplit.schemes.common import (
     record_eval,
     training_batches,
 )
+from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 from mpisplit.transport import Kind
@@ -521,7 +522,8 @@ class _Party:
         self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
         self.shape = layout.cut_shapes[party]
         self.server = ctx.topology.ranks(Role.SERVER)[0]
-        self.noise = torch.Generator().manual_seed(ctx.config.privacy.seed + party)
+        self.noise = torch.Generator().manual_seed(
+            derive(ctx.config.privacy.seed, Stream.NOISE, party))
         self.eval_noise = EvaluationNoise(ctx.config.privacy.seed, party)
         self.generators = [self.noise]
 

@@ -75,6 +75,11 @@ class AveragingOptions(SchemeOptions):
     """splitfed, fedavg: local steps between sample-weighted averages of the client weights
     (and, in splitfed v1, of the server's per-client copies); a last average follows the end."""
 
+    average_buffers: bool = True
+    """Average the floating-point buffers (BatchNorm running statistics) with the parameters,
+    as federated averaging does; false keeps them local to each client (FedBN). Integer
+    buffers (batches seen) always stay local."""
+
     def __post_init__(self) -> None:
         require(self.fedavg_every >= 1, "scheme.fedavg_every",
                 f"must be >= 1, got {self.fedavg_every}")
@@ -145,6 +150,9 @@ class SchemeSpec:
     """When it is, in words, for the error that lists the schemes that can checkpoint."""
     tasks: Callable[[SchemeConfig], tuple[str, ...]] = one_task
     """The tasks whose evaluations the summary reports apart (``test_by_task``)."""
+    samples_evaluation: bool = False
+    """Every client evaluates its own model in parallel order, so ``train.eval_clients`` may
+    sample the ones that do."""
     ignores_other_options: bool = False
     """Accepts other schemes' options and ignores them: a baseline that every scheme's
     config is switched to with ``scheme.name=...`` for a comparison."""

@@ -56,4 +56,5 @@ SPEC = SchemeSpec(
     cuts=1,
     options=MultitaskOptions,
     tasks=tasks,
+    samples_evaluation=True,
 )

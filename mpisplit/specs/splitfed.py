@@ -62,4 +62,5 @@ SPEC = SchemeSpec(
     options=SplitfedOptions,
     checkpointable=deterministic,
     checkpoint_rule="splitfed_variant: v2 and server_order: fixed",
+    samples_evaluation=True,
 )

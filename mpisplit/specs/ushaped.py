@@ -23,4 +23,5 @@ SPEC = SchemeSpec(
     options=TurnOptions,
     checkpointable=in_turns,
     checkpoint_rule="scheme.client_order: sequential",
+    samples_evaluation=True,
 )
