@@ -53,7 +53,8 @@ def test_options_belong_to_their_scheme() -> None:
     assert cfg.scheme.options.fedavg_every == 4 and cfg.scheme.options.splitfed_variant == "v1"
     assert cfg.to_dict()["scheme"] == {
         "name": "splitfed", "clients": 1, "client_order": "parallel", "fedavg_every": 4,
-        "fedavg_every_epochs": 0, "splitfed_variant": "v1", "server_order": "fixed"}
+        "average_buffers": True, "fedavg_every_epochs": 0, "splitfed_variant": "v1",
+        "server_order": "fixed"}
     # another scheme's option at its default: a resolved config from before the move
     assert config_from_dict({"scheme": {"name": "vanilla", "join": "concat",
                                         "tasks": ["class"]}}).scheme.options.turn_steps == 0
