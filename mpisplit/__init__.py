@@ -10,3 +10,14 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 __version__ = "0.1.0"
+
+
+
+def __getattr__(name: str) -> object:
+    """``mpisplit.train`` (``mpisplit.api.train``), imported on first use: the CLI's light
+    commands do not pay for torch and MPI."""
+    if name == "train":
+        from mpisplit.api import train
+
+        return train
+    raise AttributeError(f"module 'mpisplit' has no attribute {name!r}")

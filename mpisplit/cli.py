@@ -1,4 +1,4 @@
-"""Command line: ``mpisplit train | topology | data | sweep | results | prof report |
+"""Command line: ``mpisplit train | export | topology | data | sweep | results | prof report |
 resources | audit``.
 
 The entry point only parses, builds, runs and closes. Input errors (config, data, world size)
@@ -44,6 +44,17 @@ def _parser() -> argparse.ArgumentParser:
         "audit", help="check what crossed between ranks against what the scheme allows")
     audit.add_argument("run_dir", help="run directory of a finished run")
     audit.set_defaults(handler=_audit)
+
+    export = commands.add_parser(
+        "export", help="merge a run's saved parts into one state dict of the whole model")
+    export.add_argument("run_dir", help="run directory of a finished run (run.save_model)")
+    export.add_argument("--out", required=True, help="file to write (torch.save)")
+    export.add_argument("--ranks", type=_ranks, default=None,
+                        help="comma-separated ranks whose parts to take (default: all)")
+    export.add_argument("--no-check", action="store_true",
+                        help="skip loading the result into the run's model (strict=True); "
+                             "for a factory that is not importable here")
+    export.set_defaults(handler=_export)
 
     topology = commands.add_parser("topology", help="print the rank → role table")
     _config_arguments(topology)
@@ -184,6 +195,25 @@ def _audit(args: argparse.Namespace) -> int:
         return audit_main(args)
     except (ConfigError, OSError, ValueError) as err:
         return _bad_input(err)
+
+
+def _ranks(text: str) -> list[int]:
+    try:
+        return [int(rank) for rank in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ranks like 0,2, got {text!r}") from None
+
+
+def _export(args: argparse.Namespace) -> int:
+    from mpisplit.data import DataError
+    from mpisplit.export import export
+
+    try:
+        out = export(Path(args.run_dir), Path(args.out), args.ranks, check=not args.no_check)
+    except (ConfigError, DataError, OSError) as err:
+        return _bad_input(err)
+    print(f"exported {out}")
+    return 0
 
 
 def _topology(args: argparse.Namespace) -> int:

@@ -63,14 +63,17 @@ class SchemeConfig:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
     name: str = "mlp"
-    """Model in the zoo (see ``mpisplit.models.ZOO``)."""
+    """A zoo model (mlp, cnn, resnet, vgg, resnet50) or a factory returning an nn.Module:
+    package.module:function, or path/to/file.py:function relative to the config file."""
     cuts: tuple[str | int, ...] = ("fc2",)
-    """Layer names or indices where the model is cut; segment i ends before cut i."""
+    """Module names as print(model) shows them (layer2, blocks.3, features.1), or indices of
+    top-level layers; part i ends just before cut i's module runs."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the zoo builder (e.g. hidden sizes); checked against its signature."""
+    """Keyword arguments of the factory (e.g. hidden sizes); checked against its signature.
+    The dataset's input_shape and num_classes are passed where it takes them."""
     seed: int = 0
-    """Seed of the initial weights (each layer is seeded on its own, so parts built on
-    different ranks equal the whole model built in one process)."""
+    """The model is factory(**options) built under torch.manual_seed(seed); every rank's
+    fresh part equals the same part of that model (the zoo also seeds each layer alone)."""
 
     def __post_init__(self) -> None:
         _require(len(self.cuts) >= 1, "model.cuts", "needs at least one cut layer")
@@ -303,7 +306,20 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return config_from_dict(apply_overrides(data, overrides))
+    return config_from_dict(apply_overrides(_factory_file_from(path, data), overrides))
+
+
+def _factory_file_from(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """A ``model.name`` of the form ``file.py:function`` is relative to the config file."""
+    model = data.get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    if not isinstance(name, str) or ".py:" not in name:
+        return data
+    file, _, function = name.rpartition(":")
+    if Path(file).is_absolute():
+        return data
+    resolved = (path.parent / file).resolve()
+    return {**data, "model": {**model, "name": f"{resolved}:{function}"}}
 
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:

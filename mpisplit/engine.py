@@ -27,9 +27,18 @@ from mpisplit.compression import make_compressor
 from mpisplit.config import Config, ConfigError
 from mpisplit.data import read_meta, shard_path
 from mpisplit.failure import Preempted, preemptible
-from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan, segment_bounds
+from mpisplit.models import (
+    ZOO,
+    LayerPlan,
+    build_model,
+    build_parts,
+    cut_indices,
+    layer_plan,
+    segment_bounds,
+)
 from mpisplit.runlog import MetricsLog, setup_logging, write_resolved_config, write_summary
 from mpisplit.segment import Segment
+from mpisplit.split import check_one_tensor, check_shared, split_model
 from mpisplit.topology import Placement, Topology, check_world_size, plan
 from mpisplit.tracing import Tracer
 from mpisplit.transport import Transport
@@ -46,9 +55,21 @@ class RunPlan:
     selected shards count (``clients``, ``train_samples``); ``shards`` maps client k of the
     run to its shard file."""
     layers: LayerPlan
+    """The zoo model's layer plan (empty for other models), for the schemes that build
+    per-party or per-task variants of its layers (``PLAN_SCHEMES``)."""
     bounds: list[tuple[int, int]]
+    """The parts' layer ranges in ``layers`` (empty with it)."""
     resume: Manifest | None = None
     """The committed checkpoint this run continues from."""
+
+    @property
+    def parts(self) -> int:
+        """How many parts the cuts make of the model."""
+        return len(self.config.model.cuts) + 1
+
+
+PLAN_SCHEMES = ("vertical", "multitask", "spatiotemporal")
+"""Schemes that rebuild the zoo's layers per party or per task, and so need a zoo model."""
 
 
 def select_clients(meta: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -79,15 +100,20 @@ def prepare(cfg: Config, world_size: int, *, resume: bool = False) -> RunPlan:
         raise ConfigError(f"transport.device: cuda, but torch sees no CUDA device on "
                           f"{socket.gethostname()} (use cpu or auto)")
     meta = select_clients(read_meta(Path(cfg.data.path)), cfg)
-    layers = layer_plan(cfg.model, meta["feature_shape"], meta["num_classes"])
-    cuts = cut_indices(layers, cfg.model.cuts)
-    if spec.cuts is not None and len(cuts) != spec.cuts:
+    model = build_model(cfg.model, meta["feature_shape"], meta["num_classes"], device="meta")
+    parts = split_model(model, cfg.model.cuts)
+    check_one_tensor(parts, cfg.model.cuts)
+    check_shared(parts, spec.colocated)
+    if spec.cuts is not None and len(cfg.model.cuts) != spec.cuts:
         raise ConfigError(
             f"model.cuts: scheme {cfg.scheme.name} needs exactly {spec.cuts} cut(s), "
-            f"got {len(cuts)}"
+            f"got {len(cfg.model.cuts)}"
         )
-    return RunPlan(cfg, topology, meta, layers, segment_bounds(len(layers), cuts),
-                   find_resume_point(cfg, topology, resume))
+    layers, bounds = [], []
+    if cfg.model.name in ZOO or cfg.scheme.name in PLAN_SCHEMES:
+        layers = layer_plan(cfg.model, meta["feature_shape"], meta["num_classes"])
+        bounds = segment_bounds(len(layers), cut_indices(layers, cfg.model.cuts))
+    return RunPlan(cfg, topology, meta, layers, bounds, find_resume_point(cfg, topology, resume))
 
 
 @dataclass
@@ -132,6 +158,15 @@ class RankContext:
     run_dir: Path
     device: torch.device
     checkpoints: Checkpointer
+    _model: torch.nn.Module | None = field(default=None, init=False, repr=False)
+    """The model this rank's parts come from, so parts built one after the other share
+    their tied weights (the U-shaped client's embedding and head)."""
+    _kept: set[int] = field(default_factory=set, init=False, repr=False)
+    """The parts of ``_model`` that were materialised (the others are on the meta device)."""
+    _handed_out: set[int] = field(default_factory=set, init=False, repr=False)
+    """The parts of ``_model`` already built into segments."""
+    _optimised: set[int] = field(default_factory=set, init=False, repr=False)
+    """The ids of the parameters those segments' optimizers update."""
 
     @property
     def config(self) -> Config:
@@ -141,12 +176,32 @@ class RankContext:
     def topology(self) -> Topology:
         return self.run.topology
 
+    @property
+    def _colocated(self) -> tuple[tuple[int, ...], ...]:
+        return specs.get(self.config.scheme.name).colocated
+
     def build_segment(self, index: int, total_steps: int, *, through: int | None = None) -> Segment:
-        """Segment ``index`` (or segments ``index..through`` joined) with its optimizer."""
-        start = self.run.bounds[index][0]
-        stop = self.run.bounds[index if through is None else through][1]
-        module = build_layers(self.run.layers, start, stop, self.config.model.seed)
-        return Segment.create(module.to(self.device), self.config.train, total_steps)
+        """Part ``index`` (or parts ``index..through`` joined) with its optimizer.
+
+        Parts come from one model built under the seed, as ``factory(**options)`` in one
+        process would make it, with only this part (and the parts the scheme keeps with it,
+        ``COLOCATED``) materialised; asking again for a part already built (splitfed's
+        server copies) builds a fresh model, so the copies share nothing."""
+        last = index if through is None else through
+        wanted = set(range(index, last + 1))
+        if self._model is None or wanted & self._handed_out or not wanted <= self._kept:
+            keep = wanted.union(*(group for group in self._colocated if wanted & set(group)))
+            meta = self.run.meta
+            self._model = build_parts(self.config.model, meta["feature_shape"],
+                                      meta["num_classes"], keep)
+            self._kept, self._handed_out, self._optimised = set(keep), set(), set()
+        self._handed_out |= wanted
+        cuts = self.config.model.cuts
+        cuts = (*cuts[:index], *cuts[last:])
+        module = split_model(self._model, cuts)[index] if cuts else self._model
+        params = [p for p in module.parameters() if id(p) not in self._optimised]
+        self._optimised |= {id(p) for p in params}
+        return Segment.create(module.to(self.device), self.config.train, total_steps, params)
 
     def shard(self, kind: str, index: int | None = None, *, test: bool = False) -> Path:
         """A shard file; client ``index`` of the run reads the shard ``data.clients`` picks."""

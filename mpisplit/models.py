@@ -1,23 +1,36 @@
-"""Model zoo and cutting models into per-rank segments.
+"""Building models: ``model.name`` is a factory (the zoo's or the user's), called with
+``model.options`` under ``torch.manual_seed(model.seed)``.
 
-A zoo entry returns a *layer plan*: an ordered list of ``(name, factory)`` pairs. Nothing is
-instantiated until a rank asks for its own segment, so the server never holds client weights
-and vice versa. Each layer is initialised under its own seed (model seed, layer index), which
-makes a segment built on one rank identical to the same layers of the whole model built in one
-process: the correctness oracle for every scheme.
+``model.name`` is a zoo name (``mlp``, ``cnn``, ``resnet``, ``vgg``, ``resnet50``), an import
+path ``package.module:function`` or ``path/to/file.py:function`` (relative to the config
+file), or a Python callable given to ``mpisplit.train``. The factory returns an ``nn.Module``;
+``input_shape`` and ``num_classes`` of the dataset are passed when its signature names them
+and ``model.options`` does not. ``mpisplit.split`` cuts the module into parts.
+
+A zoo model is an ``nn.Sequential`` described by a *layer plan*: an ordered list of
+``(name, factory)`` pairs, each layer initialised under its own seed (model seed, layer
+index), so the layers of one part are also buildable alone (the vertical, multitask and
+spatio-temporal schemes build per-party and per-task variants of them).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
+import importlib.util
 import inspect
+import sys
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from math import prod
 
 import torch
 from torch import nn
 
 from mpisplit.config import ConfigError, ModelConfig
+from mpisplit.materialize import build_kept
+from mpisplit.split import split_model
 
 LayerPlan = list[tuple[str, Callable[[], nn.Module]]]
 
@@ -186,6 +199,135 @@ def resnet50(
 ZOO: dict[str, Callable[..., LayerPlan]] = {
     "mlp": mlp, "cnn": cnn, "resnet": resnet, "vgg": vgg, "resnet50": resnet50,
 }
+"""The zoo's layer plans; ``model_factory(name)`` turns one into an ordinary factory."""
+
+_PYTHON_FACTORIES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_factory(factory: Callable[..., nn.Module]) -> str:
+    """Makes a Python callable usable as ``model.name`` (``mpisplit.train(factory=...)``);
+    returns the name it goes by (every rank of a script registers the same)."""
+    name = f"python:{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', '?')}"
+    _PYTHON_FACTORIES[name] = factory
+    return name
+
+
+def model_factory(name: str) -> Callable[..., nn.Module]:
+    """The factory ``model.name`` names (see the module docstring)."""
+    if name in ZOO:
+        return _zoo_factory(ZOO[name])
+    if name in _PYTHON_FACTORIES:
+        return _PYTHON_FACTORIES[name]
+    target, colon, attr = name.rpartition(":")
+    if not colon or not target or not attr:
+        raise ConfigError(f"model.name: unknown model '{name}' (zoo: {', '.join(ZOO)}; or a "
+                          f"factory as package.module:function or path/to/file.py:function)")
+    try:
+        module = _import_file(target) if target.endswith(".py") else \
+            importlib.import_module(target)
+    except Exception as err:  # the user's module may raise anything while importing
+        raise ConfigError(f"model.name: cannot import {target}: {type(err).__name__}: {err}") \
+            from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"model.name: {target} has no function '{attr}'")
+    return factory
+
+
+def _import_file(path: str) -> object:
+    """Imports a factory's file once per process, under a name derived from its path."""
+    module_name = "mpisplit_user_" + "".join(c if c.isalnum() else "_" for c in path)
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"no Python file at {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+def _zoo_factory(builder: Callable[..., LayerPlan]) -> Callable[..., nn.Module]:
+    """A zoo model's factory: its plan's layers, each seeded by (``torch.initial_seed()``,
+    layer index); it takes the plan builder's keyword arguments."""
+
+    @functools.wraps(builder)
+    def factory(**kwargs: object) -> nn.Sequential:
+        plan = builder(**kwargs)
+        return build_layers(plan, 0, len(plan), torch.initial_seed())
+
+    return factory
+
+
+def factory_kwargs(cfg: ModelConfig, factory: Callable[..., nn.Module],
+                   input_shape: Sequence[int], num_classes: int) -> dict[str, object]:
+    """``model.options`` plus the dataset's shape and classes where the factory takes them;
+    an option the factory does not accept is a config error."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return dict(cfg.options)
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    accepted = set(params) - {"input_shape", "num_classes"}
+    for key in cfg.options:
+        if key not in accepted and not open_ended:
+            raise ConfigError(f"model.options.{key}: not an option of {cfg.name} "
+                              f"(options: {', '.join(sorted(accepted)) or 'none'})")
+    kwargs: dict[str, object] = {}
+    if "input_shape" in params:
+        kwargs["input_shape"] = tuple(input_shape)
+    if "num_classes" in params:
+        kwargs["num_classes"] = num_classes
+    return {**kwargs, **cfg.options}
+
+
+def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int,
+                *, device: torch.device | str | None = None) -> nn.Module:
+    """``factory(**options)`` under ``torch.manual_seed(model.seed)``: the one way a model is
+    made (on ``device``; ``"meta"`` builds the structure without any weights)."""
+    build = _builder(cfg, input_shape, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return build()
+
+
+def build_parts(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int,
+                keep: Iterable[int]) -> nn.Module:
+    """The model of ``build_model`` with only the tensors of parts ``keep`` (of the split at
+    ``model.cuts``) materialised on the CPU, bit for bit as in the whole model; the rest
+    stays on the meta device (see ``mpisplit.materialize``)."""
+    keep = sorted(keep)
+
+    def kept(model: nn.Module) -> list[nn.Module]:
+        parts = split_model(model, cfg.cuts)
+        return [parts[i] for i in keep]
+
+    return build_kept(_builder(cfg, input_shape, num_classes), cfg.seed, kept)
+
+
+def _builder(cfg: ModelConfig, input_shape: Sequence[int],
+             num_classes: int) -> Callable[[], nn.Module]:
+    """``factory(**kwargs)`` with its errors as config errors."""
+    factory = model_factory(cfg.name)
+    kwargs = factory_kwargs(cfg, factory, input_shape, num_classes)
+
+    def build() -> nn.Module:
+        try:
+            model = factory(**kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.options: {cfg.name} rejected them: {err}") from None
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model.name: {cfg.name} returned {type(model).__name__}, "
+                              f"not a torch.nn.Module")
+        return model
+
+    return build
 
 
 def _factory(
@@ -198,7 +340,9 @@ def layer_plan(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -
     """The zoo plan for ``cfg``; unknown models and options are config errors."""
     builder = ZOO.get(cfg.name)
     if builder is None:
-        raise ConfigError(f"model.name: unknown model '{cfg.name}' (zoo: {', '.join(ZOO)})")
+        model_factory(cfg.name)  # says what is wrong with the name, if anything
+        raise ConfigError(f"model.name: this scheme builds per-party or per-task variants of "
+                          f"a zoo model's layers ({', '.join(ZOO)}), not of '{cfg.name}'")
     accepted = set(inspect.signature(builder).parameters) - {"input_shape", "num_classes"}
     for key in cfg.options:
         if key not in accepted:

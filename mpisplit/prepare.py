@@ -18,7 +18,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -150,14 +150,46 @@ class PrepareSpec:
 
 def prepare_dataset(spec: PrepareSpec) -> Path:
     """Write the dataset to ``spec.out``, all or nothing: a failure leaves no directory."""
-    out = Path(spec.out).resolve()
+    return _write_atomically(Path(spec.out), lambda root: _write_dataset(spec, root))
+
+
+def write_arrays(
+    out: str | Path, clients: Sequence[tuple[np.ndarray, np.ndarray]],
+    test: tuple[np.ndarray, np.ndarray], *, dataset: str, num_classes: int,
+) -> Path:
+    """A horizontal dataset from in-memory ``(features, labels)`` arrays, one pair per client
+    and one for the shared test set (e.g. token windows and their next tokens); all or
+    nothing, like ``prepare_dataset``."""
+    shape = tuple(np.asarray(test[0]).shape[1:])
+
+    def write(root: Path) -> dict[str, Any]:
+        attrs = _attrs(dataset, num_classes, shape)
+        paths = _horizontal_paths(root, len(clients))
+        start = 0
+        for path, (features, labels) in zip(paths, [test, *clients], strict=True):
+            ids = np.arange(start, start + len(labels), dtype=np.int64)
+            _write_shard(path, attrs, features=np.asarray(features, np.float32), ids=ids,
+                         labels=np.asarray(labels, np.int64))
+            start += len(labels)
+        return {"dataset": dataset, "num_classes": num_classes, "feature_shape": list(shape),
+                "partition": "iid", "alpha": None, "seed": 0, "clients": len(clients),
+                "schema_version": SCHEMA_VERSION,
+                "train_samples": [len(labels) for _, labels in clients],
+                "test_samples": len(test[1])}
+
+    return _write_atomically(Path(out), write)
+
+
+def _write_atomically(out: Path, write: Callable[[Path], dict[str, Any]]) -> Path:
+    """Runs ``write`` into a temporary directory that becomes ``out`` with its meta.json."""
+    out = out.resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"out: {out} already exists; remove it or choose another path")
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed run that had our pid
     tmp.mkdir(parents=True)
     try:
-        meta = _write_dataset(spec, tmp)
+        meta = write(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         tmp.replace(out)
     except BaseException:

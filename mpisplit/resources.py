@@ -1,10 +1,11 @@
 """``mpisplit resources``: per-client computation and communication of four ways to train
 one model on data spread over many clients, computed from the model and the arguments.
 
-Computation is counted on the real model parts (the zoo's layer plan cut where a run would
-cut it) with ``torch.utils.flop_counter.FlopCounterMode``, forward + backward, on meta
-tensors (shapes only: ResNet-50 costs no arithmetic). It counts matrix products and
-convolutions (2 FLOPs per multiply-add); normalisation, activations and the optimizer are
+Computation is counted on the real model parts (the model ``model.name`` builds, zoo or the
+user's factory with its options, cut where a run would cut it) with
+``torch.utils.flop_counter.FlopCounterMode``, forward + backward, on meta tensors (shapes
+only: ResNet-50 costs no arithmetic). It counts matrix products and convolutions (2 FLOPs per
+multiply-add); normalisation, activations and the optimizer are
 not counted. A run with ``run.count_flops: true`` records the same count per trace span.
 
 Communication is what mpisplit's schemes move while training (evaluation passes are not
@@ -42,16 +43,17 @@ import argparse
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mpisplit.config import ModelConfig, TrainConfig
-from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan
+from mpisplit.config import ConfigError, ModelConfig, TrainConfig, load_config
+from mpisplit.models import build_model
 from mpisplit.segment import Segment
+from mpisplit.split import split_model
 from mpisplit.transport import HEADER_BYTES
 
 LABEL_BYTES = 8
@@ -74,6 +76,8 @@ class Workload:
     """The optimizer whose state a split-learning hand-over carries (``train.optimizer``)."""
     momentum: float = 0.0
     """SGD momentum (``train.momentum``): a momentum buffer is handed over too."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The model factory's keyword arguments (``model.options``)."""
 
     @property
     def samples_per_client(self) -> float:
@@ -121,28 +125,22 @@ class ClientCost:
         return self.bytes_sent + self.bytes_received
 
 
-def plan_and_cut(work: Workload) -> tuple[LayerPlan, int]:
-    """The zoo's layer plan and the index of the first layer of the server's part."""
-    plan = layer_plan(ModelConfig(name=work.model, cuts=(work.cut,)), work.input_shape,
-                      work.classes)
-    (cut,) = cut_indices(plan, [work.cut], key="--cut")
-    return plan, cut
-
-
-def model_parts(work: Workload) -> tuple[nn.Sequential, nn.Sequential]:
+def model_parts(work: Workload) -> tuple[nn.Module, nn.Module]:
     """(client part, whole model), built on the meta device (no memory, no init cost)."""
-    plan, cut = plan_and_cut(work)
-    with torch.device("meta"):
-        return build_layers(plan, 0, cut, 0), build_layers(plan, 0, len(plan), 0)
+    config = ModelConfig(name=work.model, cuts=(work.cut,), options=dict(work.options))
+    whole = build_model(config, work.input_shape, work.classes, device="meta")
+    client, _ = split_model(whole, [work.cut], key="--cut")
+    return client, whole
 
 
 def handover_bytes(work: Workload) -> int:
     """Payload of one hand-over: the client segment serialised by the engine's own code,
-    after a step so that the optimizer state exists (built on the CPU: client parts are
-    small)."""
-    plan, cut = plan_and_cut(work)
+    after a step so that the optimizer state exists (only the client part gets memory; its
+    values do not change the size)."""
+    client, _ = model_parts(work)
+    client.to_empty(device="cpu")
     train = TrainConfig(optimizer=work.optimizer, momentum=work.momentum)
-    segment = Segment.create(build_layers(plan, 0, cut, 0), train, work.steps)
+    segment = Segment.create(client, train, work.steps)
     for param in segment.module.parameters():
         param.grad = torch.zeros_like(param)
     segment.step()
@@ -246,12 +244,30 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def model_arguments(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
+    """(model.name, the cut, model.options) from ``--config`` or ``--model/--cut/--options``
+    (these override the file's)."""
+    name, cut, options = args.model, args.cut, args.options
+    if args.config is not None:
+        model = load_config(args.config).model
+        name = name or model.name
+        cut = cut or (str(model.cuts[0]) if len(model.cuts) == 1 else None)
+        options = {**model.options, **(options or {})}
+        if cut is None:
+            raise ConfigError(f"--cut: {args.config} has {len(model.cuts)} cuts; name the one "
+                              f"between client and server")
+    if not name or not cut:
+        raise ConfigError("--model and --cut (or --config FILE) are required")
+    return name, cut, options or {}
+
+
 def main(args: argparse.Namespace) -> int:
     results = []
+    name, cut, options = model_arguments(args)
     for clients in args.clients:
-        work = Workload(args.model, args.cut, args.input_shape, args.classes, args.samples,
+        work = Workload(name, cut, args.input_shape, args.classes, args.samples,
                         clients, args.epochs, args.batch_size, args.average_every,
-                        args.optimizer, args.momentum)
+                        args.optimizer, args.momentum, options)
         results.append(estimate(work))
         print(render(results[-1]))
     if args.json is not None:

@@ -23,9 +23,12 @@ class Segment:
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
     @classmethod
-    def create(cls, module: nn.Module, train: TrainConfig, total_steps: int) -> Segment:
-        """``total_steps`` is the length of the schedule (cosine decays to zero over it)."""
-        optimizer = make_optimizer(module.parameters(), train)
+    def create(cls, module: nn.Module, train: TrainConfig, total_steps: int,
+               params: Any = None) -> Segment:
+        """``total_steps`` is the length of the schedule (cosine decays to zero over it);
+        ``params`` (default: the module's) are what the optimizer updates, less a weight tied
+        to a part this rank already optimises."""
+        optimizer = make_optimizer(module.parameters() if params is None else params, train)
         return cls(module, optimizer, make_scheduler(optimizer, train, total_steps))
 
     def step(self) -> None:

@@ -1,7 +1,8 @@
 """An independent single-process PyTorch run: the oracle the split schemes must equal.
 
-It shares only the data reader and the per-layer initialisation with the engine; the training
-loop, optimizer and loss are written here from plain PyTorch.
+It shares only the data reader and the model factory (``factory(**options)`` under
+``torch.manual_seed(model.seed)``, the unmodified module) with the engine; the training loop,
+optimizer and loss are written here from plain PyTorch.
 """
 
 from __future__ import annotations
@@ -13,20 +14,23 @@ import torch
 
 from mpisplit.config import ModelConfig
 from mpisplit.data import ShardReader, read_meta
-from mpisplit.models import build_layers, layer_plan
+from mpisplit.models import build_model
 from mpisplit.seeds import Stream, derive
 
 
 def train_reference(
     data: Path, model: ModelConfig, turns: Sequence[tuple[int, int]], *, optimizer: str,
     lr: float, batch_size: int, seed: int, momentum: float = 0.0,
+    split_at: Sequence[int] = (),
 ) -> dict[str, torch.Tensor]:
-    """Trains the whole model on ``turns`` = [(client, batches), ...] in that order."""
-    meta = read_meta(data)
-    plan = layer_plan(model, meta["feature_shape"], meta["num_classes"])
-    net = build_layers(plan, 0, len(plan), model.seed)
+    """Trains the whole model on ``turns`` = [(client, batches), ...] in that order; with
+    ``split_at``, each batch's gradient is accumulated over the rows split there (the
+    microbatches of a pipelined run: BatchNorm normalises each one by its own statistics)."""
+    net = initial_model(data, model)
     if optimizer == "sgd":
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     else:
         opt = torch.optim.Adam(net.parameters(), lr=lr)
     streams = {}
@@ -38,7 +42,10 @@ def train_reference(
         for _ in range(count):
             batch = next(streams[client])
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(batch.features), batch.labels).backward()
+            for x, y in zip(batch.features.tensor_split(list(split_at)),
+                            batch.labels.tensor_split(list(split_at)), strict=True):
+                loss = torch.nn.functional.cross_entropy(net(x), y)
+                (loss * len(y) / len(batch.labels)).backward()
             opt.step()
     return net.state_dict()
 
@@ -67,7 +74,6 @@ def client_batches(data: Path, client: int, *, batch_size: int, seed: int):
     return _endless(reader), reader.num_samples
 
 
-def initial_model(data: Path, model: ModelConfig) -> torch.nn.Sequential:
+def initial_model(data: Path, model: ModelConfig) -> torch.nn.Module:
     meta = read_meta(data)
-    plan = layer_plan(model, meta["feature_shape"], meta["num_classes"])
-    return build_layers(plan, 0, len(plan), model.seed)
+    return build_model(model, meta["feature_shape"], meta["num_classes"])

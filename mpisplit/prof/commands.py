@@ -8,6 +8,7 @@ importing the transport (mpi4py) there would initialise MPI twice in one rank an
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -19,8 +20,14 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_resources_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="zoo model (e.g. vgg, resnet50)")
-    parser.add_argument("--cut", required=True, help="first layer of the server's part")
+    parser.add_argument("--config", default=None,
+                        help="a run's YAML file: model.name, options and its one cut")
+    parser.add_argument("--model", default=None,
+                        help="model.name: zoo model (vgg, resnet50) or package.module:function")
+    parser.add_argument("--options", type=_mapping, default=None,
+                        help="model.options as YAML, e.g. '{width: 16}'")
+    parser.add_argument("--cut", default=None,
+                        help="the module the server's part starts at (e.g. layer2, block3)")
     parser.add_argument("--input-shape", required=True,
                         type=lambda s: tuple(int(v) for v in s.split(",")),
                         help="sample shape, comma separated (3,32,32)")
@@ -39,6 +46,16 @@ def add_resources_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_resources)
 
 
+def _mapping(text: str) -> dict:
+    import yaml
+
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping like '{{width: 16}}', got "
+                                         f"{text!r}")
+    return value
+
+
 def _report(args: argparse.Namespace) -> int:
     from mpisplit.prof.report import main
 
@@ -46,6 +63,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _resources(args: argparse.Namespace) -> int:
+    from mpisplit.config import ConfigError
     from mpisplit.resources import main
 
-    return main(args)
+    try:
+        return main(args)
+    except ConfigError as err:
+        print(f"mpisplit: {err}", file=sys.stderr)
+        return 2

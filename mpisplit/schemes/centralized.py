@@ -44,7 +44,7 @@ def run(ctx: RankContext) -> RankResult:
         steps = [planned_steps(len(reader), cfg.train) for reader in readers]
         lengths = [cfg.scheme.options.turn_steps or len(reader) for reader in readers]
         total = sum(steps)
-        segment = ctx.build_segment(0, total, through=len(ctx.run.bounds) - 1)
+        segment = ctx.build_segment(0, total, through=ctx.run.parts - 1)
         batches = [training_batches(reader, cfg.train) for reader in readers]
         progress = Progress(total, cfg.run.progress, cfg.run.log_every, log)
         step = samples = 0

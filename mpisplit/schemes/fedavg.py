@@ -26,7 +26,7 @@ def run(ctx: RankContext) -> RankResult:
     with client_reader(ctx) as reader, test_reader(ctx) as tests:
         steps = planned_steps(len(reader), cfg.train)
         plans = exchange_step_plans(ctx, steps, len(reader))
-        segment = ctx.build_segment(0, steps, through=len(ctx.run.bounds) - 1)
+        segment = ctx.build_segment(0, steps, through=ctx.run.parts - 1)
         comm = client_comm(ctx)
         weight = sample_weight(ctx, comm, reader.num_samples)
         averaging = AveragingPlan.of(plans[:, 0].tolist(), cfg.scheme.options.fedavg_every)

@@ -26,7 +26,7 @@ def train_client(ctx: RankContext) -> RankResult:
 
 def serve(ctx: RankContext) -> RankResult:
     total = clients_total_steps(ctx)
-    return serve_with(ctx, ctx.build_segment(len(ctx.run.bounds) - 1, total), total)
+    return serve_with(ctx, ctx.build_segment(ctx.run.parts - 1, total), total)
 
 
 def relay(ctx: RankContext) -> RankResult:

@@ -32,7 +32,7 @@ def run(ctx: RankContext) -> RankResult:
     with client_reader(ctx) as reader, test_reader(ctx) as tests:
         mine = planned_steps(len(reader), cfg.train)
         rounds = int(exchange_step_plans(ctx, mine, len(reader))[:, 0].max())
-        segment = ctx.build_segment(0, rounds, through=len(ctx.run.bounds) - 1)
+        segment = ctx.build_segment(0, rounds, through=ctx.run.parts - 1)
         batches = training_batches(reader, cfg.train)
         progress = make_progress(ctx, rounds)
         samples = 0

@@ -142,6 +142,9 @@ class SchemeSpec:
     """(sender role, receiver role, kind) the transport lets through; nothing else leaves."""
     cuts: int | None = None
     """Cut layers the model needs (None: any number, or the scheme says in its layout)."""
+    colocated: tuple[tuple[int, ...], ...] = ()
+    """Groups of model parts one rank holds together (U-shaped: the client's head and tail,
+    ``(0, 2)``): they may share weights (tied embeddings); parts on different ranks may not."""
     options: type[SchemeOptions] = SchemeOptions
     """The scheme's own options, read from the ``scheme`` section."""
     checkpointable: Callable[[SchemeConfig], bool] = never

@@ -20,6 +20,7 @@ SPEC = SchemeSpec(
         ("client", "client", Kind.WEIGHTS),
     }),
     cuts=2,
+    colocated=((0, 2),),
     options=TurnOptions,
     checkpointable=in_turns,
     checkpoint_rule="scheme.client_order: sequential",

@@ -1,0 +1,76 @@
+"""The Python API: ``mpisplit.train`` runs a config from a user's own script under
+``mpiexec``/``srun``, as ``mpisplit train`` does from the shell.
+
+    import mpisplit
+    summary = mpisplit.train("run.yaml", factory=my_model, train={"epochs": 3})
+
+Every rank calls it with the same arguments. Bad input (config, data, model, cuts, world
+size) raises ``ConfigError``/``DataError`` on every rank before any MPI traffic; a failure
+while training raises on the rank where it happened (its peers raise their transport timeout
+after ``transport.timeout_s``; wrap the call in ``mpisplit.failure.abort_on_failure`` to end
+the job at once instead, as the CLI does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mpisplit.config import Config, ConfigError, config_from_dict, load_config
+
+
+def train(
+    config: str | Path | dict[str, Any] | Config, *, factory: Callable[..., Any] | None = None,
+    comm: Any = None, resume: bool = False, **overrides: Any,
+) -> dict[str, Any] | None:
+    """Trains ``config`` on this rank; returns the run's summary on rank 0, None elsewhere.
+
+    Args:
+        config: a YAML file, a mapping of sections like the file's, or a ``Config``.
+        factory: a Python callable returning the ``nn.Module``; it replaces ``model.name``
+            (``model.options`` are its keyword arguments).
+        comm: the communicator of the run's ranks (default: ``MPI.COMM_WORLD``).
+        resume: continue from the latest committed checkpoint.
+        overrides: ``section={"key": value}`` or ``**{"section.key": value}``, validated
+            like the file.
+    """
+    from mpi4py import MPI
+
+    from mpisplit import engine
+    from mpisplit.checkpoint import check_same_resume_point
+    from mpisplit.models import register_factory
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    sections = _sections(config)
+    if factory is not None:
+        overrides = {**overrides, "model.name": register_factory(factory)}
+    cfg = config_from_dict(_apply(sections, overrides))
+    run = engine.prepare(cfg, comm.Get_size(), resume=resume)
+    check_same_resume_point(comm, run.resume)
+    return engine.train(run, comm)
+
+
+def _sections(config: str | Path | dict[str, Any] | Config) -> dict[str, Any]:
+    if isinstance(config, Config):
+        return config.to_dict()
+    if isinstance(config, dict):
+        return config
+    if isinstance(config, (str, Path)):
+        return load_config(config).to_dict()
+    raise ConfigError(f"config: expected a path, a mapping or a Config, got "
+                      f"{type(config).__name__}")
+
+
+def _apply(sections: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    result = {k: dict(v) if isinstance(v, dict) else v for k, v in sections.items()}
+    for key, value in overrides.items():
+        if "." in key:
+            section, _, name = key.partition(".")
+            result.setdefault(section, {})[name] = value
+        elif isinstance(value, dict):
+            result[key] = {**result.get(key, {}), **value}
+        else:
+            raise ConfigError(f"override {key}={value!r}: expected section={{key: value}} or "
+                              f"'section.key'=value")
+    return result

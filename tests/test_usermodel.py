@@ -1,0 +1,311 @@
+"""User models: factories by import path, cuts by module name, the split's errors, and split
+training of the examples' residual CNN (BatchNorm) and tiny LM (tied embedding) against the
+unmodified module trained in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpisplit.config import ConfigError, ModelConfig, load_config
+from mpisplit.models import build_model, build_parts, model_factory
+from mpisplit.prepare import write_arrays
+from mpisplit.schedules import taper_bounds
+from mpisplit.split import check_one_tensor, check_shared, split_model
+from tests.conftest import ROOT, run_mpi
+from tests.reference import initial_model, merged_parts, train_reference
+
+CNN = str(ROOT / "examples/residual_cnn/model.py") + ":residual_cnn"
+LM = str(ROOT / "examples/transformer/model.py") + ":tiny_lm"
+
+
+def _parts_compose(model: torch.nn.Module, cuts: list[str], x: torch.Tensor) -> None:
+    parts = split_model(model, cuts)
+    y = x
+    for part in parts:
+        y = part(y)
+    torch.testing.assert_close(y, model(x), rtol=0, atol=0)
+    names = [key for part in parts for key in part.state_dict()]
+    assert sorted(set(names)) == sorted(model.state_dict())
+
+
+def test_parts_compose_and_keep_the_users_names() -> None:
+    cnn = build_model(ModelConfig(name=CNN), (1, 8, 8), 10).eval()
+    _parts_compose(cnn, ["layer1.1", "fc"], torch.randn(3, 1, 8, 8))
+    lm = build_model(ModelConfig(name=LM, options={"layers": 3}), (16,), 128).eval()
+    _parts_compose(lm, ["blocks.1", "blocks.2"], torch.randint(0, 128, (3, 16)).float())
+
+
+def test_fresh_model_is_the_factory_under_the_seed() -> None:
+    sys.path.insert(0, str(ROOT / "examples/transformer"))
+    try:
+        from model import tiny_lm
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(5)
+    expected = tiny_lm(input_shape=(16,), num_classes=128).state_dict()
+    actual = build_model(ModelConfig(name=LM, seed=5), (16,), 128).state_dict()
+    assert all(torch.equal(actual[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize(("name", "cuts", "shape", "classes"), [
+    (CNN, ("layer1.1", "fc"), (1, 8, 8), 10), (LM, ("blocks.0", "norm"), (16,), 128),
+    ("resnet", ("block2_1", "head"), (3, 16, 16), 10)])
+def test_a_rank_materialises_its_parts_bit_for_bit(name, cuts, shape, classes) -> None:
+    config = ModelConfig(name=name, cuts=cuts, seed=4)
+    whole = build_model(config, shape, classes).state_dict()
+    for keep in ([0, 2], [1]):
+        parts = split_model(build_parts(config, shape, classes, keep), cuts)
+        for index, part in enumerate(parts):
+            for key, value in part.named_parameters():
+                if index in keep:
+                    assert torch.equal(value, whole[key]), key
+                else:
+                    assert value.is_meta, key
+            for key, value in part.named_buffers():
+                assert value.is_meta or torch.equal(value, whole[key]), key
+
+
+def test_zoo_vgg_keeps_only_the_first_convolution_on_the_client() -> None:
+    vgg = build_model(ModelConfig(name="vgg"), (3, 32, 32), 10, device="meta")
+    client, _ = split_model(vgg, ["block1.1"])
+    assert list(client.state_dict()) == ["block1.0.weight"]
+
+
+def test_errors_name_the_crossing_value_and_the_modules() -> None:
+    cnn = build_model(ModelConfig(name=CNN), (1, 8, 8), 10, device="meta")
+    with pytest.raises(ConfigError, match=r"model\.cuts\[0\]: the cut before 'layer1\.0\.conv2' "
+                       r"is crossed by 'stem' \(from 'stem', used by 'layer1\.0\.skip'\): a skip "):
+        split_model(cnn, ["layer1.0.conv2"])
+    with pytest.raises(ConfigError, match=r"model\.cuts\[0\]: 'layer9' is not a layer"):
+        split_model(cnn, ["layer9"])
+    with pytest.raises(ConfigError, match="increasing layer order"):
+        split_model(cnn, ["layer2", "layer1"])
+    lm = build_model(ModelConfig(name=LM), (16,), 128, device="meta")
+    with pytest.raises(ConfigError, match=r"'lm_head\.weight' \(part 1\) and 'embed\.weight' "
+                       r"\(part 0\) are one shared tensor"):
+        check_shared(split_model(lm, ["blocks.1"]))
+    check_shared(split_model(lm, ["blocks.0", "norm"]), colocated=[(0, 2)])
+
+
+class Masked(torch.nn.Module):
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return hidden.masked_fill(mask, 0.0)
+
+
+class TwoInputs(torch.nn.Module):
+    """A block that takes the hidden states and a boolean mask: the cut before it carries
+    both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 4)
+        self.block = Masked()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.embed(x), x > 0)
+
+
+def test_a_cut_carrying_two_values_passes_both_or_is_refused() -> None:
+    model = TwoInputs()
+    parts = split_model(model, ["block"])
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(parts[1](*parts[0](x)), model(x), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=r"model\.cuts\[0\]: the cut before 'block' carries 2 "
+                       r"values \(embed, gt\)"):
+        check_one_tensor(parts, ["block"])
+
+
+def test_factory_names(tmp_path: Path) -> None:
+    assert model_factory("mpisplit.models:mlp").__name__ == "mlp"
+    (tmp_path / "nets").mkdir()
+    (tmp_path / "nets/mine.py").write_text(
+        "from torch import nn\ndef net(width=4):\n    return nn.Sequential(nn.Linear(3, width))\n")
+    (tmp_path / "run.yaml").write_text("model: {name: nets/mine.py:net, cuts: [0]}\n")
+    config = load_config(tmp_path / "run.yaml")
+    assert config.model.name == f"{tmp_path / 'nets/mine.py'}:net"
+    assert isinstance(build_model(config.model, (3,), 2)[0], torch.nn.Linear)
+    with pytest.raises(ConfigError, match=r"model\.options\.depth: not an option of"):
+        build_model(ModelConfig(name=config.model.name, options={"depth": 2}), (3,), 2)
+    with pytest.raises(ConfigError, match=r"model\.name: cannot import nosuch\.module"):
+        model_factory("nosuch.module:net")
+    with pytest.raises(ConfigError, match=r"model\.name: unknown model 'transformer'"):
+        model_factory("transformer")
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The transformer example's corpus, written by its script (one client)."""
+    out = tmp_path_factory.mktemp("tokens") / "pydoc-1c"
+    subprocess.run([sys.executable, str(ROOT / "examples/transformer/corpus.py"), "--out",
+                    str(out), "--windows", "512", "--test-windows", "64", "--context", "16"],
+                   check=True, timeout=120)
+    return out
+
+
+def _train(ranks: int, config: str, data: Path, run_dir: Path, *overrides: str) -> dict:
+    result = run_mpi(ranks, "train", config, f"data.path={data}", f"run.dir={run_dir}",
+                     "run.progress=none", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _assert_equal(actual: dict, expected: dict, initial: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-5, msg=key)
+    assert any(not torch.equal(initial[k], v) for k, v in expected.items() if v.is_floating_point())
+
+
+def test_residual_cnn_vanilla_sequential(dataset, tmp_path: Path) -> None:
+    data = dataset("digits", clients=2)
+    _train(3, "examples/residual_cnn/vanilla.yaml", data, tmp_path, "scheme.turn_steps=3",
+           "train.max_steps=6", "data.batch_size=16")
+    model = ModelConfig(name=CNN, options={"width": 8})
+    turns = [(client, 3) for _ in range(2) for client in range(2)]
+    expected = train_reference(data, model, turns, optimizer="adam", lr=0.003, batch_size=16,
+                               seed=0)
+    _assert_equal(merged_parts(tmp_path, [0, 2]), expected,
+                  initial_model(data, model).state_dict())
+
+
+def test_residual_cnn_multihop(dataset, tmp_path: Path) -> None:
+    data = dataset("digits", clients=1)
+    _train(3, "examples/residual_cnn/vanilla.yaml", data, tmp_path, "scheme.name=multihop",
+           "scheme.clients=1", "model.cuts=[layer1.1, layer2]", "train.max_steps=8",
+           "data.batch_size=16")
+    model = ModelConfig(name=CNN, options={"width": 8})
+    expected = train_reference(data, model, [(0, 8)], optimizer="adam", lr=0.003,
+                               batch_size=16, seed=0)
+    _assert_equal(merged_parts(tmp_path, [0, 1, 2]), expected,
+                  initial_model(data, model).state_dict())
+
+
+def test_residual_cnn_ushaped_pipelined(dataset, tmp_path: Path) -> None:
+    """M = 4 with BatchNorm: each microbatch is normalised by its own statistics (as in
+    GPipe), so the reference accumulates over the same four row ranges."""
+    data = dataset("digits", clients=1)
+    _train(2, "examples/residual_cnn/ushaped.yaml", data, tmp_path, "train.max_steps=6",
+           "data.batch_size=24")
+    model = ModelConfig(name=CNN, options={"width": 8})
+    expected = train_reference(data, model, [(0, 6)], optimizer="adam", lr=0.003,
+                               batch_size=24, seed=0, split_at=taper_bounds(24, 4))
+    _assert_equal(merged_parts(tmp_path, [0, 1]), expected,
+                  initial_model(data, model).state_dict())
+
+
+def test_transformer_vanilla(tokens: Path, tmp_path: Path) -> None:
+    _train(2, "examples/transformer/vanilla.yaml", tokens, tmp_path, "train.max_steps=6",
+           "data.batch_size=16")
+    model = ModelConfig(name=LM, options={"dim": 64, "layers": 2, "heads": 4, "tie": False})
+    expected = train_reference(tokens, model, [(0, 6)], optimizer="adamw", lr=0.003,
+                               batch_size=16, seed=0)
+    _assert_equal(merged_parts(tmp_path, [0, 1]), expected,
+                  initial_model(tokens, model).state_dict())
+
+
+def test_transformer_ushaped_pipelined_equals_whole_batch_and_exports(
+    tokens: Path, tmp_path: Path
+) -> None:
+    """Tied embedding and LM head on the client, four microbatches, against whole batches of
+    the unmodified module; the export loads into it with strict=True.
+
+    SGD, not Adam: the attention's key bias has a zero gradient in exact arithmetic (softmax
+    ignores a shift), so its computed gradient is rounding noise that Adam would scale up to
+    a step of lr, differently for any other summation order (whole batch or microbatches)."""
+    run_dir = tmp_path / "run"
+    _train(2, "examples/transformer/ushaped.yaml", tokens, run_dir, "train.max_steps=6",
+           "data.batch_size=16", "train.optimizer=sgd", "train.lr=0.05", "train.momentum=0.9")
+    model = ModelConfig(name=LM, options={"dim": 64, "layers": 2, "heads": 4, "tie": True})
+    expected = train_reference(tokens, model, [(0, 6)], optimizer="sgd", lr=0.05, momentum=0.9,
+                               batch_size=16, seed=0)
+    _assert_equal(merged_parts(run_dir, [0, 1]), expected,
+                  initial_model(tokens, model).state_dict())
+    out = tmp_path / "lm.pt"
+    result = subprocess.run([sys.executable, "-m", "mpisplit", "export", str(run_dir), "--out",
+                             str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    net = initial_model(tokens, model)
+    net.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    assert net.lm_head.weight is net.embed.weight
+    torch.testing.assert_close(net.embed.weight, expected["embed.weight"], rtol=0, atol=1e-5)
+
+
+def test_write_arrays_roundtrip(tmp_path: Path) -> None:
+    from mpisplit.data import ShardReader, read_meta
+
+    features = torch.arange(12, dtype=torch.float32).reshape(6, 2).numpy()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2]).numpy()
+    out = write_arrays(tmp_path / "d", [(features[:4], labels[:4])], (features[4:], labels[4:]),
+                       dataset="toy", num_classes=3)
+    assert read_meta(out)["train_samples"] == [4]
+    batch = next(iter(ShardReader(out / "client-0.h5", batch_size=4, shuffle=False,
+                                  prefetch=0).epoch(0)))
+    assert batch.features.tolist() == features[:4].tolist()
+
+
+def _readme_commands(heading: str) -> list[str]:
+    """The first bash block after ``heading`` in README.md, one command a line."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index(heading):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_readme_your_model_commands_run_as_written(tmp_path: Path) -> None:
+    """Runs the README's 'Your model' commands in a fresh directory (the examples linked)."""
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    for line in _readme_commands("### Your model"):
+        words = line.split()
+        if words[0] == "mpiexec":
+            ranks, args = int(words[2]), words[4:]
+            assert words[3] == "mpisplit"
+            result = run_mpi(ranks, *args, cwd=tmp_path, timeout=300)
+        else:
+            command = {"mpisplit": [sys.executable, "-m", "mpisplit"],
+                       "python": [sys.executable]}[words[0]] + words[1:]
+            result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                                    timeout=300)
+        assert result.returncode == 0, f"{line}\n{result.stderr[-3000:]}"
+    assert (tmp_path / "tiny-lm.pt").exists()
+
+
+API_SCRIPT = '''
+import json, sys
+import mpisplit
+from mpisplit.config import ConfigError
+sys.path.insert(0, sys.argv[3])
+from model import residual_cnn
+
+config = {"scheme": {"name": "vanilla", "clients": 1},
+          "model": {"cuts": ["layer2"], "options": {"width": 4}},
+          "data": {"path": sys.argv[1], "batch_size": 16}}
+summary = mpisplit.train(config, factory=residual_cnn, run={"dir": sys.argv[2],
+                         "progress": "none"}, **{"train.max_steps": 3})
+try:
+    mpisplit.train(config, factory=residual_cnn, **{"model.cuts": ["layer1.0.conv2"]})
+except ConfigError as err:
+    print("raised:", str(err).split(":")[0])
+print("summary:", json.dumps(None if summary is None else summary["steps_per_rank"]))
+'''
+
+
+def test_python_api_returns_the_summary_on_rank_0_and_raises(dataset, tmp_path: Path) -> None:
+    from tests.conftest import mpiexec
+
+    data = dataset("digits", clients=1)
+    script = tmp_path / "script.py"
+    script.write_text(API_SCRIPT)
+    result = subprocess.run(
+        [mpiexec(), "-n", "2", sys.executable, str(script), str(data), str(tmp_path / "run"),
+         str(ROOT / "examples/residual_cnn")], capture_output=True, text=True, timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if ":" in line)
+    assert lines == ["raised: model.cuts[0]", "raised: model.cuts[0]", "summary: [3, 3]",
+                     "summary: null"]
