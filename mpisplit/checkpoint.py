@@ -242,14 +242,17 @@ class Checkpointer:
             raise Preempted(stop_signal, checkpoint=step)
         return True
 
-    def meet_before_exit(self, grace_s: float) -> None:
+    def meet_before_exit(self, grace_s: float, *, quiet: bool = False) -> bool:
         """Waits (at most ``grace_s``) until every rank is about to exit, so that nobody's
-        exit status cuts short another rank's last writes."""
+        exit status cuts short another rank's last writes; False if some rank never came."""
         request = self._comm.Ibarrier()
         try:
             poll(request.Test, grace_s, lambda: TimeoutError())
         except TimeoutError:
-            log.warning("not every rank reached the exit within %g s", grace_s)
+            if not quiet:
+                log.warning("not every rank reached the exit within %g s", grace_s)
+            return False
+        return True
 
     def close(self) -> None:
         self._comm.Free()

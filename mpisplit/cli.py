@@ -1,5 +1,5 @@
-"""Command line: ``mpisplit train | export | topology | data | sweep | results | prof report |
-resources | audit``.
+"""Command line: ``mpisplit train | launch | export | topology | data | sweep | results | prof
+report | resources | audit``.
 
 The entry point only parses, builds, runs and closes. Input errors (config, data, world size)
 are found before any MPI traffic: every rank finds the same error, rank 0 prints it, and every
@@ -39,6 +39,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="continue from the latest committed checkpoint (automatic in a "
                             "requeued Slurm job)")
     train.set_defaults(handler=_train)
+
+    launch = commands.add_parser(
+        "launch", help="start a command on N local ranks (or srun ranks in a Slurm job) with "
+                       "the launcher and settings of the MPI that mpi4py loads")
+    launch.add_argument("-n", "--ranks", type=int, required=True, help="number of ranks")
+    launch.add_argument("--launcher", default="auto", choices=("auto", "mpiexec", "srun"),
+                        help="auto: srun inside a Slurm allocation, else mpiexec")
+    launch.add_argument("--print", action="store_true", dest="dry_run",
+                        help="print the command line (with the settings it adds) instead")
+    launch.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    launch.set_defaults(handler=_launch)
 
     audit = commands.add_parser(
         "audit", help="check what crossed between ranks against what the scheme allows")
@@ -145,7 +156,7 @@ def _train(args: argparse.Namespace) -> int:
     from mpisplit import engine
     from mpisplit.checkpoint import check_same_resume_point
     from mpisplit.data import DataError
-    from mpisplit.failure import EXIT_PREEMPTED, Preempted, abort_on_failure
+    from mpisplit.failure import Preempted, abort_on_failure
 
     comm = MPI.COMM_WORLD
     try:
@@ -157,8 +168,8 @@ def _train(args: argparse.Namespace) -> int:
     label = run.topology.of(comm.Get_rank()).label
     try:
         abort_on_failure(comm, label, lambda: engine.train(run, comm))
-    except Preempted:
-        os._exit(EXIT_PREEMPTED)  # said so and met the others; skip the MPI_Finalize handshake
+    except Preempted as stop:
+        os._exit(stop.exit_status)  # said so and met the others; skip the MPI_Finalize handshake
     return 0
 
 
@@ -186,6 +197,30 @@ def _reexec_with_pmpi(args: argparse.Namespace) -> int:
     command = ["-m", "mpisplit", "train", "--pmpi", *(["--resume"] if args.resume else []),
                args.config, *args.overrides]
     os.execve(sys.executable, [sys.executable, *command], env)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    import shlex
+
+    from mpisplit.launch import LaunchError, run_command
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        return _bad_input(ValueError("launch: give the command to start, e.g. "
+                                     "mpisplit launch -n 4 -- mpisplit train CONFIG"))
+    if args.ranks < 1:
+        return _bad_input(ValueError(f"launch: -n must be at least 1, got {args.ranks}"))
+    try:
+        argv, env = run_command(args.ranks, command, args.launcher)
+    except LaunchError as err:
+        return _bad_input(err)
+    if args.dry_run:
+        added = [f"{key}={shlex.quote(value)}" for key, value in env.items()
+                 if os.environ.get(key) != value]
+        print(shlex.join(argv) if not added else " ".join([*added, shlex.join(argv)]))
+        return 0
+    sys.stdout.flush()
+    os.execvpe(argv[0], argv, env)
 
 
 def _audit(args: argparse.Namespace) -> int:

@@ -274,12 +274,22 @@ def _record_preemption(ctx: RankContext, stop: Preempted, wall: float) -> None:
     briefly for the other ranks, so that no rank's exit cuts short another's writes.
 
     Without checkpoints every rank stops wherever the signal found it; with them, all stop
-    together after committing the checkpoint ``stop.checkpoint``."""
-    ctx.metrics.write({"event": "preempted", "signal": stop.signal_name, "wall_s": wall,
+    together after committing the checkpoint ``stop.checkpoint``. A pre-emption reaches
+    every rank, a crash does not: under Open MPI a failing rank's abort reaches the others
+    as SIGTERM. So the ranks first meet; if one never comes, the stop is a failure
+    (``stop.clean`` false): metrics end with ``interrupted`` and no summary is written."""
+    stop.clean = ctx.checkpoints.meet_before_exit(_EXIT_GRACE_S, quiet=True)
+    ctx.metrics.write({"event": "preempted" if stop.clean else "interrupted",
+                       "signal": stop.signal_name, "wall_s": wall,
                        "last_step": ctx.metrics.last_step, "checkpoint": stop.checkpoint,
                        "bytes_sent": ctx.transport.traffic.total_sent,
                        "bytes_received": ctx.transport.traffic.total_received})
     ctx.metrics.close()
+    if not stop.clean:
+        print(f"mpisplit: rank {ctx.me.rank} ({ctx.me.label}) stopped by {stop.signal_name}, "
+              f"but not every rank stopped with it: the job failed elsewhere (no summary "
+              f"written)", file=sys.stderr, flush=True)
+        return
     if ctx.me.rank == 0:
         write_summary(ctx.run_dir, {
             "scheme": ctx.config.scheme.name, "world_size": ctx.topology.world_size,

@@ -51,12 +51,18 @@ EXPECTED = (ConfigError, DataError, PeerTimeout, PolicyViolation, NonFiniteLoss)
 
 class Preempted(BaseException):
     """The scheduler asked this rank to stop (Slurm's ``--signal`` or a time limit);
-    ``checkpoint`` is the step of the checkpoint committed on the way out, if any."""
+    ``checkpoint`` is the step of the checkpoint committed on the way out, if any; ``clean``
+    turns false when not every rank stopped with this one (a failure, not a pre-emption)."""
 
     def __init__(self, signum: int, checkpoint: int | None = None) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signal_name = signal.Signals(signum).name
         self.checkpoint = checkpoint
+        self.clean = True
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_PREEMPTED if self.clean else EXIT_FAILURE
 
 
 @contextlib.contextmanager

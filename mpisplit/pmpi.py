@@ -28,8 +28,9 @@ def library_path() -> Path | None:
     """Path of the built library, or None when it is not built.
 
     Looks at ``$MPISPLIT_PMPI_LIB`` (a file, or a directory holding the library),
-    then the checkout's ``build/`` directory, then ``<sys.prefix>/lib`` (where
-    ``cmake --install build --prefix $VIRTUAL_ENV`` puts it).
+    then this environment's build (``build_dir()``, where ``tools/pmpi/build.sh`` puts
+    it), then ``<sys.prefix>/lib`` (where ``cmake --install build --prefix $VIRTUAL_ENV``
+    puts it).
     """
     env = os.environ.get(ENV_LIB)
     if env:
@@ -38,13 +39,22 @@ def library_path() -> Path | None:
             p = p / LIBRARY_NAME
         return p.resolve() if p.is_file() else None
     for cand in (
-        _CHECKOUT / "build" / LIBRARY_NAME,
+        build_dir() / LIBRARY_NAME,
         Path(sys.prefix) / "lib" / LIBRARY_NAME,
         Path(sys.prefix) / "lib64" / LIBRARY_NAME,
     ):
         if cand.is_file():
             return cand.resolve()
     return None
+
+
+def build_dir() -> Path:
+    """The library's build directory for this interpreter: inside its virtual environment,
+    so that environments with different MPIs keep their own builds; the checkout's
+    ``build/`` for an interpreter outside one (as ``tools/pmpi/build.sh`` decides)."""
+    if sys.prefix != sys.base_prefix:
+        return Path(sys.prefix) / "build" / "pmpi"
+    return _CHECKOUT / "build"
 
 
 def preload_env(out_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:

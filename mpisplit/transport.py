@@ -5,7 +5,9 @@ flags, payload size) sent on a dedicated header communicator, tagged with the me
 Payloads up to ``INLINE_LIMIT`` bytes travel inside the header message (one message, one
 latency); larger payloads follow as one raw message on a second communicator, received
 straight into the destination tensor (no copy). Shapes and dtypes may change from message to
-message without pickling; nothing on this path is ever pickled.
+message without pickling; nothing on this path is ever pickled. An MPI library without large
+counts (MPI < 4: counts are C ints, so one message carries less than 2 GiB) gets a larger
+payload as consecutive messages of at most ``part_bytes`` each (MPI keeps their order).
 
 Progress. No helper thread drives MPI: a large payload moves when the receiver posts its
 receive (MPICH and Open MPI on shared memory copy it receiver-side, by CMA), and the
@@ -61,6 +63,8 @@ that is microseconds away is seen at once, as MPI's own blocking calls see it.""
 _MAX_PERSISTENT = 256
 """Persistent inline sends cached before the cache starts afresh (one per destination, kind
 and inline size: a run uses a handful). Header receives need no cap: one per source and kind."""
+PART_BYTES = 2**30
+"""Largest payload message on an MPI library without large counts (below 2**31 - 1)."""
 _SPIN_S = 0.05
 _MAX_SLEEP_S = 1e-3
 
@@ -236,7 +240,11 @@ class Transport:
         allowed: frozenset[tuple[str, str, Kind]] | None = None,
         device: torch.device | None = None,
         compressor: Compressor | None = None,
+        part_bytes: int | None = None,
     ) -> None:
+        """``part_bytes``: the largest payload one MPI message carries (larger payloads go as
+        several); default ``PART_BYTES`` on an MPI library without large counts, else none."""
+        self.part_bytes = part_bytes or (None if large_counts() else PART_BYTES)
         self.device = device or torch.device("cpu")
         self.compressor = compressor or Compressor()
         """How cut activations and gradients are encoded on the wire (``mpisplit.cut``)."""
@@ -407,11 +415,22 @@ class Transport:
                       kind: Kind) -> list[MPI.Request]:
         """Posts a packed header and its separate payload (host memory, or device memory
         for a CUDA-aware MPI)."""
-        nbytes = payload.nbytes
-        target = payload if payload.is_cuda else MPI.buffer.fromaddress(payload.data_ptr(),
-                                                                        nbytes)
-        return [self._headers.Isend([message.array, HEADER_BYTES, MPI.BYTE], dest, kind),
-                self._payloads.Isend([target, nbytes, MPI.BYTE], dest, kind)]
+        header = self._headers.Isend([message.array, HEADER_BYTES, MPI.BYTE], dest, kind)
+        return [header, *(self._payloads.Isend(part, dest, kind)
+                          for part in self._parts(payload, payload.nbytes))]
+
+    def _parts(self, data: torch.Tensor, nbytes: int) -> list[list]:
+        """MPI buffer specifications covering the ``nbytes`` of contiguous ``data`` (host
+        memory, or device memory for a CUDA-aware MPI): one, or several of ``part_bytes``
+        at most."""
+        limit = self.part_bytes or nbytes
+        spans = [(at, min(limit, nbytes - at)) for at in range(0, nbytes, limit)]
+        if data.is_cuda:  # read through the CUDA array interface
+            flat = data.reshape(-1).view(torch.uint8)
+            return [[flat[at:at + size], size, MPI.BYTE] for at, size in spans]
+        address = data.data_ptr()
+        return [[MPI.buffer.fromaddress(address + at, size), size, MPI.BYTE]
+                for at, size in spans]
 
     def _start_staged(self, dest: int | None = None, *, everything: bool = False) -> None:
         """Posts the staged sends whose copies have ended, waiting for the copies of those
@@ -517,11 +536,11 @@ class Transport:
                 MPI.buffer.fromaddress(tensor.data_ptr(), nbytes, False)[:] = \
                     self._recv_buffer.view[HEADER_BYTES:HEADER_BYTES + nbytes]
         else:
-            target = (_device_bytes(tensor) if tensor.is_cuda
-                      else MPI.buffer.fromaddress(tensor.data_ptr(), nbytes))
-            request = self._payloads.Irecv([target, nbytes, MPI.BYTE], source, kind)
-            if not request.Test():
-                self._wait_request(request, source, kind, "receive", keep=tensor)
+            target = _device_bytes(tensor) if tensor.is_cuda else tensor
+            requests = [self._payloads.Irecv(part, source, kind)
+                        for part in self._parts(target, nbytes)]
+            if not MPI.Request.Testall(requests):
+                self._wait_request(requests, source, kind, "receive", keep=tensor)
 
     def _await_header(self, request: MPI.Request, status: MPI.Status, peers: Sequence[int],
                       kind: Kind, deadline: bool) -> None:
@@ -647,6 +666,12 @@ def _device_bytes(tensor: torch.Tensor) -> torch.Tensor:
     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
     torch.cuda.current_stream(tensor.device).synchronize()
     return flat
+
+
+def large_counts() -> bool:
+    """Whether one MPI message may carry 2 GiB or more (MPI 4's large-count calls, which
+    mpi4py uses where the library has them; Open MPI 5.0 reports MPI 3.1)."""
+    return MPI.Get_version() >= (4, 0)
 
 
 def cuda_aware_mpi() -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -11,25 +10,42 @@ from pathlib import Path
 
 import pytest
 
+from mpisplit import launch as launcher
 from mpisplit.prepare import PrepareSpec, prepare_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 MPIEXEC_TIMEOUT_S = 180
 
 
-def mpiexec() -> str:
-    local = Path(sys.executable).with_name("mpiexec")
-    found = str(local) if local.exists() else shutil.which("mpiexec")
-    if found is None:
-        pytest.fail("no mpiexec: run tools/install.sh (it installs MPICH from PyPI)")
-    return found
+def mpi_launcher() -> launcher.Launcher:
+    """The project's launcher for this interpreter's MPI (never srun: tests start local jobs)."""
+    try:
+        return launcher.find("mpiexec")
+    except launcher.LaunchError as err:
+        pytest.fail(str(err))
+
+
+def mpi_command(ranks: int, *args: str) -> tuple[list[str], dict[str, str]]:
+    """Command and environment of ``python -m mpisplit args`` on ``ranks`` local ranks, one
+    thread per rank."""
+    found = mpi_launcher()
+    env = found.environment({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    return found.command(ranks, [sys.executable, "-m", "mpisplit", *args]), env
+
+
+def start_mpi(ranks: int, *args: str, env: dict[str, str] | None = None
+              ) -> subprocess.Popen[str]:
+    """``python -m mpisplit args`` on ``ranks`` ranks in the background (pipes for both
+    outputs; ``env`` adds variables); the caller owns its timeout and its end."""
+    command, environment = mpi_command(ranks, *args)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**environment, **(env or {})}, cwd=ROOT)
 
 
 def run_mpi(ranks: int, *args: str, timeout: float = MPIEXEC_TIMEOUT_S,
             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """``mpiexec -n ranks python -m mpisplit args`` with a hard timeout, one thread per rank."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpisplit", *args]
+    """``python -m mpisplit args`` on ``ranks`` ranks with a hard timeout."""
+    command, env = mpi_command(ranks, *args)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=cwd or ROOT)
 

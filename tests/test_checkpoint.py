@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +18,7 @@ import torch
 from mpisplit.checkpoint import MANIFEST, find_resume_point, latest_committed, resume_settings
 from mpisplit.config import ConfigError, load_config
 from mpisplit.topology import plan
-from tests.conftest import ROOT, mpiexec, run_mpi
+from tests.conftest import ROOT, run_mpi, start_mpi
 
 LIMIT_S = 120
 RANKS = 4
@@ -54,9 +53,7 @@ def _args(dataset, scheme: str, run_dir: Path) -> list[str]:
 
 
 def _start(args: list[str], ranks: int, env: dict[str, str] | None = None) -> subprocess.Popen:
-    command = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpisplit", "train", *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=ROOT)
+    return start_mpi(ranks, "train", *args, env=env)
 
 
 def _wait_for_commits(run_dir: Path, count: int, process: subprocess.Popen) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from mpisplit.data import ShardReader
 from mpisplit.engine import prepare
 from mpisplit.schemes.spatiotemporal import check_site_segment, detached_order
 from mpisplit.transport import HEADER_BYTES
-from tests.conftest import MPIEXEC_TIMEOUT_S, ROOT, mpiexec, run_mpi
+from tests.conftest import MPIEXEC_TIMEOUT_S, run_mpi, start_mpi
 from tests.reference import initial_model
 from tests.test_failures import _pid_once_training
 
@@ -143,12 +142,9 @@ def test_no_site_contacted_after_its_hand_over(dataset, tmp_path: Path) -> None:
 
 def _start(data: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
     """Three sites with a long joint phase, every metric record flushed at once."""
-    command = [mpiexec(), "-n", "4", sys.executable, "-m", "mpisplit", "train", CONFIG,
-               f"data.path={data}", f"run.dir={run_dir}", "run.progress=none",
-               "run.log_every=1", "scheme.detached_epochs=1", "train.eval_every=0", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=ROOT)
+    return start_mpi(4, "train", CONFIG, f"data.path={data}", f"run.dir={run_dir}",
+                     "run.progress=none", "run.log_every=1", "scheme.detached_epochs=1",
+                     "train.eval_every=0", *overrides)
 
 
 @contextlib.contextmanager

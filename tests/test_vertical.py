@@ -22,7 +22,7 @@ from mpisplit.data import ShardReader, align_rows, intersect_ids, read_ids
 from mpisplit.engine import prepare
 from mpisplit.models import build_layers, layer_plan
 from mpisplit.schemes.vertical import Layout, joined_shape
-from tests.conftest import MPIEXEC_TIMEOUT_S, ROOT, mpiexec, run_mpi
+from tests.conftest import MPIEXEC_TIMEOUT_S, ROOT, mpi_launcher, run_mpi
 
 CONFIG = "configs/vertical-breast-cancer.yaml"
 MODEL = ModelConfig(cuts=("fc2",))
@@ -103,9 +103,10 @@ def run_with_server_data(config: str, server_data: Path, data: Path, others: int
     """MPMD under ``mpiexec``: rank 0 (the server) trains with ``data.path=server_data``,
     the ``others`` ranks after it with ``data``; same hard timeout as ``run_mpi``."""
     common = [sys.executable, "-m", "mpisplit", "train", config, *overrides]
-    command = [mpiexec(), "-n", "1", *common, f"data.path={server_data}", ":",
+    found = mpi_launcher()
+    command = [found.program, "-n", "1", *common, f"data.path={server_data}", ":",
                "-n", str(others), *common, f"data.path={data}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = found.environment({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=MPIEXEC_TIMEOUT_S)
 

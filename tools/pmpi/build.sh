@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds libmpisplit_pmpi.so into <checkout>/build with the MPI that mpi4py in
-# the active python uses, and prints the library's path (the only line on
+# Builds libmpisplit_pmpi.so with the MPI that mpi4py in the active python uses,
+# into that python's environment (<venv>/build/pmpi: each environment of a checkout
+# has its own, so a second MPI's environment cannot overwrite the first's), and prints the library's path (the only line on
 # stdout; progress goes to stderr). Idempotent: a second run only rebuilds what
 # changed, and reconfigures from scratch if the MPI compiler wrapper changed.
 #
@@ -8,7 +9,8 @@
 #                    (default: $VIRTUAL_ENV/bin/python, else <checkout>/.venv/bin/python,
 #                    else python3 on PATH)
 #   MPI_C_COMPILER   force this mpicc (skips the detection below)
-#   MPISPLIT_BUILD_DIR  build directory (default: <checkout>/build)
+#   MPISPLIT_BUILD_DIR  build directory (default: <venv>/build/pmpi, or <checkout>/build
+#                    for a python outside a virtual environment)
 #
 # Detection order for the MPI C compiler wrapper:
 #   1. $MPI_C_COMPILER
@@ -19,7 +21,6 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-build=${MPISPLIT_BUILD_DIR:-$root/build}
 if [ -n "${PYTHON:-}" ]; then
   py=$PYTHON
 elif [ -n "${VIRTUAL_ENV:-}" ] && [ -x "$VIRTUAL_ENV/bin/python" ]; then
@@ -29,6 +30,14 @@ elif [ -x "$root/.venv/bin/python" ]; then
 else
   py=$(command -v python3 || command -v python || true)
 fi
+
+# Where mpisplit.pmpi.library_path() looks: keep the two in step.
+if [ -z "${MPISPLIT_BUILD_DIR:-}" ] && [ -n "$py" ]; then
+  venv=$("$py" -c 'import sys; print(sys.prefix if sys.prefix != sys.base_prefix else "")' \
+    2>/dev/null || true)
+  [ -z "$venv" ] || MPISPLIT_BUILD_DIR=$venv/build/pmpi
+fi
+build=${MPISPLIT_BUILD_DIR:-$root/build}
 
 log() { echo "build.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
