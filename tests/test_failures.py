@@ -26,6 +26,9 @@ from tests.conftest import MPIEXEC_TIMEOUT_S, run_mpi, start_mpi
 CONFIG = "configs/vanilla-breast-cancer.yaml"
 LIMIT_S = 30
 """From the fault to the end of the job (measured: 1-4 s)."""
+STALL_S = 8
+"""The transport deadline of the stall tests: short, yet above the start-up skew between
+ranks on a loaded machine (the server waits for the first cut activation under it)."""
 
 
 def _timed(ranks: int, *args: str):
@@ -59,8 +62,7 @@ def _no_clean_stop_recorded(run_dir: Path) -> None:
     abort reaches the surviving ranks as SIGTERM, the pre-emption signal)."""
     assert not (run_dir / "summary.json").exists()
     for metrics in run_dir.glob("metrics-rank*.jsonl"):
-        last = json.loads(metrics.read_text().splitlines()[-1])
-        assert last["event"] != "preempted", (metrics.name, last)
+        assert '"event": "preempted"' not in metrics.read_text(), metrics.name
 
 
 def test_bad_config_fails_on_every_rank_with_one_message(dataset, tmp_path: Path) -> None:
@@ -165,7 +167,7 @@ def _signal_rank_2_and_wait_for_the_end(process: subprocess.Popen, run_dir: Path
 def test_killed_or_stalled_client_ends_the_job(signal_name: str, dataset, tmp_path: Path) -> None:
     """SIGKILL: the launcher takes the job down. SIGSTOP (a stall): the server's deadline
     fires, names the silent peer, and the abort takes every rank down."""
-    process = _start_long_run(dataset, tmp_path, "transport.timeout_s=3")
+    process = _start_long_run(dataset, tmp_path, f"transport.timeout_s={STALL_S}")
     stderr = _signal_rank_2_and_wait_for_the_end(process, tmp_path, getattr(signal, signal_name))
     if signal_name == "SIGSTOP":
         assert "rank 0 (server)" in stderr and "failed: PeerTimeout" in stderr, stderr[-1500:]
@@ -175,7 +177,7 @@ def test_killed_or_stalled_client_ends_the_job(signal_name: str, dataset, tmp_pa
 def test_stalled_party_ends_a_vertical_job(dataset, tmp_path: Path) -> None:
     """Vertical steps are collectives: the others wait for the stalled party under the
     deadline instead of blocking in MPI, and the job ends."""
-    process = _start_long_run(dataset, tmp_path, "transport.timeout_s=3",
+    process = _start_long_run(dataset, tmp_path, f"transport.timeout_s={STALL_S}",
                               config="configs/vertical-breast-cancer.yaml", partition="vertical")
     stderr = _signal_rank_2_and_wait_for_the_end(process, tmp_path, signal.SIGSTOP)
     assert "failed: PeerTimeout" in stderr and "in the cut exchange" in stderr, stderr[-1500:]
