@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mpisplit import pmpi
+from mpisplit import launch, pmpi
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_SH = ROOT / "tools" / "pmpi" / "build.sh"
@@ -50,28 +50,6 @@ def _run(cmd: list[str], *, env=None, cwd=None, timeout: float = TIMEOUT_S):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def _mpiexec() -> str:
-    cand = Path(sys.executable).parent / "mpiexec"
-    if cand.is_file() and os.access(cand, os.X_OK):
-        return str(cand)
-    found = shutil.which("mpiexec") or shutil.which("mpirun")
-    if not found:
-        pytest.skip("no mpiexec next to the python executable or on PATH")
-    return found
-
-
-def _mpiexec_cmd(n: int) -> list[str]:
-    exe = _mpiexec()
-    cmd = [exe, "-n", str(n)]
-    try:
-        ver = _run([exe, "--version"], timeout=20).stdout
-    except Exception:  # pragma: no cover - the launch below reports the real problem
-        ver = ""
-    if "Open MPI" in ver or "OpenRTE" in ver:
-        cmd.append("--oversubscribe")  # 3 ranks on a 2-core machine
-    return cmd
-
-
 @pytest.fixture(scope="session")
 def pmpi_lib() -> Path:
     if shutil.which("cmake") is None:
@@ -86,13 +64,23 @@ def pmpi_lib() -> Path:
     return lib
 
 
-def _mpirun(lib: Path, n: int, argv: list[str], out_dir: Path, cwd: Path):
-    env = pmpi.preload_env(out_dir, base=dict(os.environ, **{pmpi.ENV_LIB: str(lib)}))
+def _mpirun(lib: Path, n: int, argv: list[str], out_dir: Path, cwd: Path, *,
+            finalized: bool = True):
+    """Runs ``argv`` on ``n`` ranks with the library preloaded; it must succeed. Without
+    ``finalized`` the ranks exit without ``MPI_Finalize``, which Open MPI's launcher reports
+    (exit status 1 and a message saying so) and MPICH's does not."""
+    launcher = launch.find("mpiexec")
+    env = pmpi.preload_env(out_dir, base=launcher.environment(
+        dict(os.environ, **{pmpi.ENV_LIB: str(lib)})))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     cmd = ["timeout", "-k", "5", str(TIMEOUT_S - 5)] if shutil.which("timeout") else []
-    cmd += _mpiexec_cmd(n) + argv
+    cmd += launcher.command(n, argv)
     res = _run(cmd, env=env, cwd=cwd)
-    assert res.returncode == 0, f"{cmd} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+    failed = f"{cmd} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+    if not finalized and launcher.flavor == "openmpi":
+        assert res.returncode == 1 and "finalize" in res.stderr.lower(), failed
+    else:
+        assert res.returncode == 0, failed
     return res
 
 
@@ -528,7 +516,7 @@ def test_exit_without_finalize_and_non_mpi_process(pmpi_lib, tmp_path):
     prog = tmp_path / "prog.py"
     prog.write_text(textwrap.dedent(NO_FINALIZE))
     out = tmp_path / "pmpi"
-    _mpirun(pmpi_lib, 1, [sys.executable, str(prog)], out, tmp_path)
+    _mpirun(pmpi_lib, 1, [sys.executable, str(prog)], out, tmp_path, finalized=False)
     (r,) = pmpi.read_reports(out)
     assert r["finalized"] is False
     assert _counts(r)["MPI_Sendrecv"] == (1, 18)
