@@ -19,6 +19,7 @@ from mpisplit.transport import (
     PeerTimeout,
     PolicyViolation,
     Transport,
+    large_counts,
 )
 
 pytestmark = pytest.mark.mpi(min_size=2)
@@ -214,8 +215,10 @@ def test_timed_out_receive_takes_nothing_later(comm: MPI.Comm, source: int) -> N
 
 
 def test_message_over_two_gib(comm: MPI.Comm) -> None:
-    """Counts beyond 2**31 bytes travel in one message (MPI-4 large counts via mpi4py)."""
+    """Counts beyond 2**31 bytes travel: in one message with MPI-4 large counts (mpi4py uses
+    them), in parts below the limit on a library without them (Open MPI 5.0: MPI 3.1)."""
     transport = make_transport(comm, timeout_s=120.0)
+    assert (transport.part_bytes is None) == large_counts()
     size = (2 << 30) + 4096
     if comm.rank == 1:
         payload = torch.zeros(size, dtype=torch.uint8)
@@ -224,6 +227,30 @@ def test_message_over_two_gib(comm: MPI.Comm) -> None:
     elif comm.rank == 0:
         received = transport.recv(Kind.ACTIVATION, 1).tensor
         assert received.numel() == size and int(received[-1]) == 7 and int(received[0]) == 0
+    transport.close()
+
+
+@pytest.mark.parametrize("part_bytes", [1000, 4096])
+def test_payloads_split_into_parts_arrive_whole(comm: MPI.Comm, part_bytes: int) -> None:
+    """A payload larger than ``part_bytes`` goes as several messages (the limit a library
+    without large counts sets at 1 GiB, forced small here): blocking, nonblocking and into
+    a given buffer, sizes that are and are not multiples of the part, in order."""
+    transport = make_transport(comm, part_bytes=part_bytes)
+    tensors = [torch.randn(n, generator=torch.Generator().manual_seed(n))
+               for n in (INLINE_LIMIT // 4 + 1, 25_000, 1024 * part_bytes // 4)]
+    assert len(transport._parts(tensors[1], tensors[1].nbytes)) == -(-100_000 // part_bytes)
+    if comm.rank == 1:
+        for tensor in tensors:
+            transport.send(tensor, 0, Kind.ACTIVATION)
+        transport.isend(tensors[1], 0, Kind.GRADIENT).wait()
+    elif comm.rank == 0:
+        for tensor in tensors:
+            assert torch.equal(transport.recv(Kind.ACTIVATION, 1).tensor, tensor)
+        out = torch.empty_like(tensors[1])
+        assert transport.recv(Kind.GRADIENT, 1, out=out).tensor is out
+        assert torch.equal(out, tensors[1])
+        expected = sum(HEADER_BYTES + t.nbytes for t in tensors)
+        assert transport.traffic.recv_bytes[1, Kind.ACTIVATION] == expected
     transport.close()
 
 
