@@ -2,7 +2,7 @@
 
 Run on two ranks of a machine with a GPU (they may share it):
 
-    mpiexec -n 2 python tools/bench_gpu.py [--json out.json]
+    mpisplit launch -n 2 -- python tools/bench_gpu.py [--json out.json]
 
 Each method ping-pongs the same float32 device tensor (timed like ``bench_transport``):
 ``staged`` is mpisplit with pinned, overlapped host staging (``MPISPLIT_CUDA_AWARE=0``),

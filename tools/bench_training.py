@@ -28,6 +28,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpisplit import launch
+
 if TYPE_CHECKING:
     from mpisplit.prof.trace import RankTrace
 
@@ -47,11 +49,6 @@ def benchmark(fn: Callable[[argparse.Namespace], list[dict]]) -> Callable:
     return fn
 
 
-def mpiexec() -> str:
-    local = Path(sys.executable).with_name("mpiexec")
-    return str(local) if local.exists() else "mpiexec"
-
-
 def prepare(work: Path, clients: int, samples: int, width: int = 1024) -> Path:
     out = work / f"synthetic-{clients}c-{samples}-{width}"
     if not (out / "meta.json").exists():
@@ -65,11 +62,12 @@ def prepare(work: Path, clients: int, samples: int, width: int = 1024) -> Path:
 def train(ranks: int, data: Path, run_dir: Path, overrides: Sequence[str],
           scheme: str = "vanilla", clients: int = 1, threads: int = 1) -> Path:
     """One real training job (``threads`` torch threads per rank); returns its run dir."""
-    command = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpisplit", "train",
-               str(ROOT / "configs/vanilla-breast-cancer.yaml"), f"scheme.name={scheme}",
-               f"scheme.clients={clients}", f"data.path={data}", f"run.dir={run_dir}",
-               *BALANCED, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    launcher = launch.find()
+    command = launcher.command(ranks, [
+        sys.executable, "-m", "mpisplit", "train", str(ROOT / "configs/vanilla-breast-cancer.yaml"),
+        f"scheme.name={scheme}", f"scheme.clients={clients}", f"data.path={data}",
+        f"run.dir={run_dir}", *BALANCED, *overrides])
+    env = launcher.environment({**os.environ, "OMP_NUM_THREADS": str(threads)})
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     if result.returncode:
         raise SystemExit(f"benchmark job failed:\n{result.stderr[-3000:]}")

@@ -1,6 +1,6 @@
 """Cut-exchange transport benchmark: mpisplit vs raw mpi4py buffers vs pickle vs gloo.
 
-Run on two ranks:  mpiexec -n 2 python tools/bench_transport.py [--json out.json]
+Run on two ranks:  mpisplit launch -n 2 -- python tools/bench_transport.py [--json out.json]
 
 Each method ping-pongs the same float32 tensor between the ranks (warm-up discarded, a barrier
 before each timing, several repeats with the methods taking turns, the median kept). Rank 0
