@@ -83,12 +83,15 @@ def _resident_mb() -> float:
 
 
 class Progress:
-    """Rank 0's display: a bar on a terminal, a plain line every ``every`` steps otherwise."""
+    """Rank 0's display: a bar on a terminal, a plain line every ``every`` steps otherwise;
+    both show the epoch, the time elapsed and the estimated time left."""
 
     def __init__(self, total: int, mode: str, every: int, logger: logging.Logger,
-                 stream: TextIO = sys.stderr) -> None:
+                 stream: TextIO = sys.stderr, *, epochs: int = 0) -> None:
+        """``epochs``: how many epochs the ``total`` steps span (0: the epoch is not shown)."""
         self.total = max(total, 1)
         self.every = every
+        self.epochs = epochs
         self.logger = logger
         self.stream = stream
         self.mode = ("bar" if stream.isatty() else "lines") if mode == "auto" else mode
@@ -97,14 +100,27 @@ class Progress:
     def update(self, step: int, loss: float | None) -> None:
         if self.mode == "none" or (step % self.every and step != self.total):
             return
-        rate = step / max(time.perf_counter() - self._start, 1e-9)
+        elapsed = time.perf_counter() - self._start
+        rate = step / max(elapsed, 1e-9)
         loss_text = "" if loss is None else f" loss {loss:.4f}"
+        epoch = min(self.epochs, 1 + max(step - 1, 0) * self.epochs // self.total)
+        epoch_text = f" epoch {epoch}/{self.epochs}" if self.epochs else ""
+        eta = _clock((self.total - step) / rate) if step else "?"
+        times = f"{_clock(elapsed)} elapsed, ETA {eta}"
         if self.mode == "bar":
             filled = int(30 * step / self.total)
             self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total}"
-                              f"{loss_text} {rate:.1f} steps/s")
+                              f"{epoch_text}{loss_text} {rate:.1f} steps/s {times}")
             if step >= self.total:
                 self.stream.write("\n")
             self.stream.flush()
         else:
-            self.logger.info("step %d/%d%s (%.1f steps/s)", step, self.total, loss_text, rate)
+            self.logger.info("step %d/%d%s%s (%.1f steps/s, %s)", step, self.total, epoch_text,
+                             loss_text, rate, times)
+
+
+def _clock(seconds: float) -> str:
+    """``m:ss``, or ``h:mm:ss`` from an hour on."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

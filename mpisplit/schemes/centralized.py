@@ -46,7 +46,8 @@ def run(ctx: RankContext) -> RankResult:
         total = sum(steps)
         segment = ctx.build_segment(0, total, through=ctx.run.parts - 1)
         batches = [training_batches(reader, cfg.train) for reader in readers]
-        progress = Progress(total, cfg.run.progress, cfg.run.log_every, log)
+        progress = Progress(total, cfg.run.progress, cfg.run.log_every, log,
+                            epochs=0 if cfg.train.max_steps else cfg.train.epochs)
         step = samples = 0
         for client, length in turn_schedule(steps, lengths):
             for _ in range(length):

@@ -461,8 +461,14 @@ def record_client_step(ctx: RankContext, step: int, loss: float | None = None) -
     ctx.metrics.write(record)
 
 
-def make_progress(ctx: RankContext, total_steps: int) -> Progress:
-    return Progress(total_steps, ctx.config.run.progress, ctx.config.run.log_every, log)
+def make_progress(ctx: RankContext, total_steps: int, *, epochs: int | None = None) -> Progress:
+    """``epochs``: how many the steps span (default ``train.epochs``, unless ``max_steps``
+    cuts them short; 0 shows none)."""
+    train = ctx.config.train
+    if epochs is None:
+        epochs = 0 if train.max_steps else train.epochs
+    return Progress(total_steps, ctx.config.run.progress, ctx.config.run.log_every, log,
+                    epochs=epochs)
 
 
 def record_traffic_by_kind(ctx: RankContext) -> None:

@@ -321,7 +321,7 @@ def train_detached(ctx: RankContext, segment: Segment, sites: list[SiteData],
     cfg = ctx.config
     features = torch.cat([site.train_x for site in sites])
     labels = torch.cat([site.train_y for site in sites])
-    progress = make_progress(ctx, start_step + detached_steps(ctx))
+    progress = make_progress(ctx, start_step + detached_steps(ctx), epochs=0)  # unequal phases
     step = start_step
     for epoch in range(cfg.scheme.options.detached_epochs):
         for index in detached_order(len(labels), cfg.data.batch_size, cfg.train.seed, epoch):
