@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mpisplit.pmpi import library_path, read_reports
+from mpisplit.prof import analysis, plots
 from mpisplit.prof import intervals as iv
 from mpisplit.prof.report import build, render
 from mpisplit.prof.trace import RankTrace, Span, Timeline, load
@@ -137,3 +138,38 @@ def test_parser_does_not_initialise_mpi() -> None:
     code = ("import sys; from mpisplit.cli import _parser; _parser(); "
             "sys.exit('mpi4py.MPI' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60, cwd=ROOT).returncode == 0
+
+
+def test_report_without_traces_is_one_line(tmp_path: Path) -> None:
+    for run_dir, message in [(tmp_path, "no trace-rank<R>.json (train with run.trace=true)"),
+                             (tmp_path / "missing", "no such run directory")]:
+        result = subprocess.run([sys.executable, "-m", "mpisplit", "prof", "report",
+                                 str(run_dir)], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_forward_and_backward_phases() -> None:
+    """Compute inside forward and backward spans, less the comm nested in them."""
+    spans = [Span("data", "compute", 0.0, 1.0, {"step": 0}),
+             Span("forward", "compute", 1.0, 3.0, {"step": 0}),
+             Span("send", "comm", 2.5, 3.0, {"step": 0, "peer": 0, "bytes": 8}),
+             Span("backward", "compute", 4.0, 6.0, {"step": 0})]
+    timeline = Timeline([RankTrace(0, "client0", spans)], [], {0: 0.0}, {0: 0.0})
+    _, states = build(timeline)
+    found = analysis.phases(timeline.ranks[0], states[0])
+    assert found["forward"].tolist() == [[1, 2.5]] and found["backward"].tolist() == [[4, 6]]
+
+
+def test_bytes_of_a_star_are_bars_and_small_jobs_a_matrix(tmp_path: Path) -> None:
+    star = np.zeros((17, 17), np.int64)
+    star[1:, 0], star[0, 1:] = 5_000_000, 200_000
+    star[3, 4] = 1000  # a little traffic between clients (hand-overs) keeps it a star
+    assert analysis.star_centre(star) == 0
+    assert analysis.star_centre(star[:4, :4]) is None  # small job: the matrix
+    chain = np.diag(np.full(7, 10**6), 1)  # multi-hop chain of 8 ranks: no hub
+    assert analysis.star_centre(chain) is None
+    labels = {0: "server", **{rank: "client" for rank in range(1, 17)}}
+    image = plots.bytes_figure(tmp_path / "bytes.png", star, labels)
+    height, width, _ = matplotlib.image.imread(image).shape
+    assert width > 2 * height  # one pair of bars per client, not a 17 x 17 grid

@@ -65,6 +65,29 @@ def states(rank: RankTrace, window: tuple[float, float]) -> States:
     return States(compute, comm, wait)
 
 
+PHASES = ("forward", "backward")
+
+
+def phases(rank: RankTrace, st: States) -> dict[str, iv.Intervals]:
+    """The rank's compute time inside ``forward`` and inside ``backward`` spans (the rest
+    of its compute is data reads, optimizer steps and evaluation)."""
+    return {name: iv.intersect(iv.union([(s.start, s.end) for s in rank.spans
+                                         if s.cat == "compute" and s.name == name]),
+                               st.compute)
+            for name in PHASES}
+
+
+def star_centre(sent: np.ndarray, min_ranks: int = 7) -> int | None:
+    """The hub of a star topology of at least ``min_ranks`` ranks: the rank through which
+    at least 95 % of the bytes go (None for smaller jobs or other shapes)."""
+    total = sent.sum()
+    if len(sent) < min_ranks or not total:
+        return None
+    hub = int(np.argmax(sent.sum(axis=0) + sent.sum(axis=1)))
+    through = sent[hub].sum() + sent[:, hub].sum()
+    return hub if through >= 0.95 * total else None
+
+
 def breakdown(timeline: Timeline, all_states: dict[int, States]) -> dict[int, dict[str, float]]:
     """Seconds and fractions of the run window per state, per rank."""
     wall = max(timeline.wall, 1e-12)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,8 @@ def zoom_window(profile: dict[str, Any]) -> tuple[float, float] | None:
 
 def write(run_dir: Path, out: Path) -> dict[str, Any]:
     """Writes every output file into ``out``; returns the profile."""
-    out.mkdir(parents=True, exist_ok=True)
     timeline = load(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
     profile, all_states = build(timeline)
     reports = pmpi.read_reports(run_dir)
     if reports:
@@ -77,9 +78,11 @@ def write(run_dir: Path, out: Path) -> dict[str, Any]:
     labels = {r.rank: r.label for r in timeline.ranks}
     (out / "trace-merged.json").write_text(json.dumps(merged_events(timeline)))
     (out / "profile.json").write_text(json.dumps(profile, indent=1))
+    phases = {r.rank: analysis.phases(r, all_states[r.rank]) for r in timeline.ranks}
+    steps = {r.rank: analysis.step_starts(r) for r in timeline.ranks}
     plots.timeline(out / "timeline.png", all_states, labels, timeline.window,
-                   zoom_window(profile))
-    plots.bytes_heatmap(out / "bytes.png", np.array(profile["bytes"]), labels)
+                   zoom_window(profile), phases, steps)
+    plots.bytes_figure(out / "bytes.png", np.array(profile["bytes"]), labels)
     plots.breakdown_bars(out / "breakdown.png", profile["breakdown"], labels)
     return profile
 
@@ -144,7 +147,11 @@ def _render_pmpi(rows: list[dict[str, Any]] | None) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    profile = write(args.run_dir, args.out or args.run_dir)
+    try:
+        profile = write(args.run_dir, args.out or args.run_dir)
+    except FileNotFoundError as err:  # no run directory, or no traces in it
+        print(f"mpisplit: prof report: {err}", file=sys.stderr)
+        return 2
     print(render(profile))
     disagreements = [r for r in profile.get("pmpi", []) if not r["agree"]]
     return 1 if disagreements else 0

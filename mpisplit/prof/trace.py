@@ -94,6 +94,8 @@ class Timeline:
 
 
 def trace_files(run_dir: Path) -> dict[int, Path]:
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
     found = {int(m.group(1)): p for p in Path(run_dir).iterdir()
              if (m := _TRACE_RE.match(p.name))}
     if not found:
