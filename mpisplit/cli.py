@@ -1,5 +1,5 @@
-"""Command line: ``mpisplit train | launch | export | topology | data | sweep | results | prof
-report | resources | audit``.
+"""Command line: ``mpisplit train | launch | export | metrics | topology | data | sweep |
+results | prof report | resources | audit``.
 
 The entry point only parses, builds, runs and closes. Input errors (config, data, world size)
 are found before any MPI traffic: every rank finds the same error, rank 0 prints it, and every
@@ -66,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="skip loading the result into the run's model (strict=True); "
                              "for a factory that is not importable here")
     export.set_defaults(handler=_export)
+
+    metrics = commands.add_parser(
+        "metrics", help="a run's summary and metrics as CSV (and TensorBoard scalars)")
+    metrics.add_argument("run_dir", type=Path, help="run directory")
+    metrics.add_argument("--out", type=Path, default=None,
+                         help="where the CSV files go (default: RUN_DIR)")
+    metrics.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
+                         help="also write TensorBoard scalars per rank here (extra: tensorboard)")
+    metrics.set_defaults(handler=_metrics)
 
     topology = commands.add_parser("topology", help="print the rank → role table")
     _config_arguments(topology)
@@ -221,6 +230,21 @@ def _launch(args: argparse.Namespace) -> int:
         return 0
     sys.stdout.flush()
     os.execvpe(argv[0], argv, env)
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    from mpisplit.metrics_export import ExportError, write_csv, write_tensorboard
+
+    try:
+        if not args.run_dir.is_dir():
+            raise ExportError(f"{args.run_dir}: no such run directory")
+        written = write_csv(args.run_dir, args.out or args.run_dir)
+        if args.tensorboard is not None:
+            written.append(write_tensorboard(args.run_dir, args.tensorboard))
+    except ExportError as err:
+        return _bad_input(err)
+    print("\n".join(map(str, written)))
+    return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
