@@ -18,6 +18,7 @@ from tests.conftest import MPIEXEC_TIMEOUT_S, ROOT
 BIN = Path(sys.executable).parent
 README_LAUNCH = ("mpisplit launch -n 4 -- mpisplit train configs/vanilla-breast-cancer.yaml "
                  "train.epochs=5 run.dir=runs/try")
+README_PRINT = "mpisplit launch -n 4 --print -- mpisplit train configs/vanilla-breast-cancer.yaml"
 
 
 def _mpisplit(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -48,11 +49,16 @@ def test_ranks_start_and_see_each_other() -> None:
 
 
 def test_print_shows_the_command_and_settings() -> None:
-    result = _mpisplit("launch", "-n", "3", "--print", "--", "mpisplit", "train", "x.yaml")
+    """README's ``--print`` line, exactly as written."""
+    assert README_PRINT in (ROOT / "README.md").read_text()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-c", README_PRINT], capture_output=True, text=True,
+                            timeout=120, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     words = shlex.split(result.stdout)
     launcher = find("mpiexec")
-    assert words[-6:] == [launcher.program, "-n", "3", "mpisplit", "train", "x.yaml"]
+    assert words[-6:] == [launcher.program, "-n", "4", "mpisplit", "train",
+                          "configs/vanilla-breast-cancer.yaml"]
     if launcher.flavor == "openmpi" and "PRTE_MCA_rmaps_default_mapping_policy" not in os.environ:
         assert "PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe" in words
 
