@@ -25,6 +25,12 @@ def mpi_launcher() -> launcher.Launcher:
         pytest.fail(str(err))
 
 
+def mpiexec() -> str:
+    """The launcher's ``mpiexec``, for commands built by hand (MPMD, scripts); add
+    ``mpi_launcher().environment(...)`` for Open MPI's settings."""
+    return mpi_launcher().program
+
+
 def mpi_command(ranks: int, *args: str) -> tuple[list[str], dict[str, str]]:
     """Command and environment of ``python -m mpisplit args`` on ``ranks`` local ranks, one
     thread per rank."""
