@@ -105,9 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("sweep", help="sweep file (see mpisplit/sweep.py)")
     sweep.add_argument("--list", action="store_true",
                        help="print the points (name, ranks, finished) and exit")
-    sweep.add_argument("--mpiexec", default="mpiexec",
-                       help="the launcher and its options for local runs (default: mpiexec; "
-                            "e.g. 'mpiexec --oversubscribe'); -n N is added per point")
+    sweep.add_argument("--launcher", default="auto", choices=("auto", "mpiexec", "srun"),
+                       help="how local points start (as mpisplit launch: auto = srun inside "
+                            "a Slurm allocation, else the MPI's mpiexec)")
     sweep.add_argument("--timeout-s", type=float, default=None,
                        help="end a local point's run after this long (default: no limit)")
     sweep.add_argument("--slurm", action="store_true",
@@ -287,9 +287,9 @@ def _topology(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    import shlex
-
     from mpisplit import sweep
+    from mpisplit.launch import LaunchError
+    from mpisplit.launch import find as find_launcher
 
     try:
         study = sweep.load_sweep(args.sweep)
@@ -308,9 +308,10 @@ def _sweep(args: argparse.Namespace) -> int:
             if args.submit:
                 sweep.submit(scripts)
             return 0
-    except ConfigError as err:
+        launcher = find_launcher(args.launcher)
+    except (ConfigError, LaunchError) as err:
         return _bad_input(err)
-    return sweep.run_local(study, shlex.split(args.mpiexec), args.timeout_s)
+    return sweep.run_local(study, launcher, args.timeout_s)
 
 
 def _results(args: argparse.Namespace) -> int:

@@ -46,6 +46,7 @@ import yaml
 
 from mpisplit.checkpoint import checkpoint_dir, latest_committed
 from mpisplit.config import ConfigError, load_config
+from mpisplit.launch import Launcher
 from mpisplit.topology import plan
 
 _KEYS = ("config", "out", "prepare", "overrides", "axes", "slurm")
@@ -291,8 +292,8 @@ def set_aside(point: Point) -> None:
     point.dir.rename(point.dir.with_name(f"{point.name}.failed-{attempt}"))
 
 
-def run_local(sweep: Sweep, mpiexec: list[str], timeout_s: float | None) -> int:
-    """Runs the unfinished points one after another under ``mpiexec``; 0 when every point
+def run_local(sweep: Sweep, launcher: Launcher, timeout_s: float | None) -> int:
+    """Runs the unfinished points one after another under ``launcher``; 0 when every point
     has finished, 1 when some failed (the others still run)."""
     failed = 0
     for number, point in enumerate(sweep.points, start=1):
@@ -304,11 +305,11 @@ def run_local(sweep: Sweep, mpiexec: list[str], timeout_s: float | None) -> int:
         if not resume:
             set_aside(point)
         write_point(sweep, point)
-        command = [*mpiexec, "-n", str(point.world_size), sys.executable, "-m", "mpisplit",
-                   "train", *(["--resume"] if resume else []), str(point.config),
-                   *point.overrides]
+        command = launcher.command(point.world_size, [
+            sys.executable, "-m", "mpisplit", "train", *(["--resume"] if resume else []),
+            str(point.config), *point.overrides])
         start = time.monotonic()
-        status = _run(command, point.dir / "sweep.log", timeout_s)
+        status = _run(command, launcher.environment(), point.dir / "sweep.log", timeout_s)
         took = time.monotonic() - start
         if status == 0 and point.finished():
             summary = json.loads((point.dir / "summary.json").read_text())
@@ -322,12 +323,12 @@ def run_local(sweep: Sweep, mpiexec: list[str], timeout_s: float | None) -> int:
     return int(failed > 0)
 
 
-def _run(command: list[str], log: Path, timeout_s: float | None) -> int:
+def _run(command: list[str], env: dict[str, str], log: Path, timeout_s: float | None) -> int:
     with log.open("a") as out:
         out.write(f"$ {shlex.join(command)}\n")
         out.flush()
         try:
-            return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
+            return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                   timeout=timeout_s).returncode
         except subprocess.TimeoutExpired:
             out.write(f"sweep: killed after {timeout_s} s\n")
