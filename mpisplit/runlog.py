@@ -86,8 +86,11 @@ class Progress:
     """Rank 0's display: a bar on a terminal, a plain line every ``every`` steps otherwise."""
 
     def __init__(self, total: int, mode: str, every: int, logger: logging.Logger,
-                 stream: TextIO = sys.stderr) -> None:
+                 stream: TextIO = sys.stderr, *, done: int = 0) -> None:
+        """``done``: the steps already taken when this process starts (a resumed run's
+        checkpoint): the rate counts only the steps taken since."""
         self.total = max(total, 1)
+        self.done = done
         self.every = every
         self.logger = logger
         self.stream = stream
@@ -97,7 +100,7 @@ class Progress:
     def update(self, step: int, loss: float | None) -> None:
         if self.mode == "none" or (step % self.every and step != self.total):
             return
-        rate = step / max(time.perf_counter() - self._start, 1e-9)
+        rate = (step - self.done) / max(time.perf_counter() - self._start, 1e-9)
         loss_text = "" if loss is None else f" loss {loss:.4f}"
         if self.mode == "bar":
             filled = int(30 * step / self.total)
