@@ -3,7 +3,7 @@
 #
 # Sourced by a job script:   . "$MPISPLIT_JOBSCRIPTS/common.sh"   (which from then on traps
 # the pre-emption signal USR1 and TERM), then
-#   mpisplit_setup                    threads, paths, launcher choice
+#   mpisplit_setup "$@"               threads, paths, launcher choice; keeps the arguments
 #   mpisplit_args CFG "$@"            the script's arguments: [--resume] [CONFIG] overrides
 #   mpisplit_check_ntasks CFG ARGS..  `mpisplit topology --ntasks` must equal the job's tasks
 #   mpisplit_launch [LAUNCH OPTS] -- CMD...
@@ -13,9 +13,9 @@
 # Executed per MPI rank (the launch line wraps each rank in it):
 #   common.sh task CMD...             MPISPLIT_NODE, GPU binding, threads; then exec CMD
 #
-# Script arguments: `--resume` first continues the run in the given run dir (run.dir=...)
-# from its newest committed checkpoint (`mpisplit train --resume`); a run that ends with a
-# committed checkpoint, unfinished and not requeued, prints the exact sbatch command for this.
+# Script arguments: `--resume` continues the run in the given run dir (run.dir=...) from its
+# newest committed checkpoint (`mpisplit train --resume`); a run that ends unfinished and not
+# requeued, with a committed checkpoint, prints the exact sbatch command that does this.
 #
 # Settings (environment, all optional):
 #   MPISPLIT_LAUNCHER   srun | mpiexec (default srun; a heterogeneous job always uses srun)

@@ -10,14 +10,14 @@
 # Use the cluster with   export SLURM_CONF=DIR/etc/slurm.conf   (then sbatch, squeue...).
 #
 # Layout: CPU nodes n1..nN in partition `debug` (the default) and one node g1 in partition
-# `gpu`, all with MPISPLIT_SLURM_CPUS CPUs (default 4 -- more than the machine may have;
+# `gpu`, all with MPISPLIT_SLURM_CPUS CPUs (default 8 -- more than the machine may have;
 # SlurmdParameters=config_overrides allows it), on loopback under this machine's hostname.
 # g1 declares two GPU GRES (gpu:2) backed by /dev/null and /dev/zero: there is no real GPU,
 # but Slurm allocates them, and sets CUDA_VISIBLE_DEVICES for the tasks of a job step that
 # holds them (two, so that jobs can test which GPU each rank of a node binds).
 #
 # Environment:
-#   MPISPLIT_SLURM_CPUS        CPUs per node (default 4)
+#   MPISPLIT_SLURM_CPUS        CPUs per node (default 8: room for one job of 5 or more ranks)
 #   MPISPLIT_SLURM_PORT        slurmctld port (default 16817)
 #   MPISPLIT_SLURM_NODE_PORT   first slurmd port (default 17001): n1..nN, then g1 use
 #                              N+1 consecutive ports from there
@@ -33,7 +33,7 @@ cmd=$1
 mkdir -p "$2"
 dir=$(cd "$2" && pwd)
 
-cpus=${MPISPLIT_SLURM_CPUS:-4}
+cpus=${MPISPLIT_SLURM_CPUS:-8}
 ctl_port=${MPISPLIT_SLURM_PORT:-16817}
 node_port=${MPISPLIT_SLURM_NODE_PORT:-17001}
 timeout=${MPISPLIT_SLURM_TIMEOUT:-60}
