@@ -3,8 +3,8 @@ written, in one shell, in a fresh copy of the checkout (its tracked and new file
 ``.venv`` that is this one), on the Slurm cluster the README's own commands start (that block
 runs first, the others in order); every job they submit must complete.
 
-Two things are not what a user types: ``tail -f`` (which runs until Ctrl-C) gets SIGINT 3 s
-after its file exists, and must have printed something; and the test waits for the jobs to
+Two things are not what a user types: ``tail -F`` (which runs until Ctrl-C) gets SIGINT 3 s
+after its file has something in it, and must have printed something; and the test waits for the jobs to
 end before it runs the README's command that stops the cluster (the last block).
 """
 
@@ -27,7 +27,7 @@ BLOCK = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
 WATCH = re.compile(r"^tail -[fF] ")
 WATCH_FUNCTION = """_readme_watch() {  # a user watching a file, then pressing Ctrl-C
   local file=${@: -1} i out
-  for ((i = 0; i < 600; i++)); do [ -e "$file" ] && break; sleep 0.5; done
+  for ((i = 0; i < 600; i++)); do [ -s "$file" ] && break; sleep 0.5; done
   out=$(timeout -s INT 3 "$@") || [ $? = 124 ] || return 1
   [ -n "$out" ] || { echo "$* printed nothing" >&2; return 1; }
 }
