@@ -4,8 +4,8 @@ written, in one shell, in a fresh copy of the checkout (its tracked and new file
 runs first, the others in order); every job they submit must complete.
 
 Two things are not what a user types: ``tail -F`` (which runs until Ctrl-C) gets SIGINT 3 s
-after its file has something in it, and must have printed something; and the test waits for the jobs to
-end before it runs the README's command that stops the cluster (the last block).
+after its file has something in it, and must have printed something; and the test waits for
+the jobs to end before it runs the README's command that stops the cluster (the last block).
 """
 
 from __future__ import annotations
