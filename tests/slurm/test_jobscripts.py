@@ -275,6 +275,11 @@ def test_vertical_one_rank_per_node(slurm, dataset, tmp_path: Path) -> None:
     assert header and int(header[1]) == ntasks, "vertical.sbatch's --ntasks != the config's ranks"
     nodes = len(_partition_nodes(slurm, "debug"))
     assert ntasks <= nodes, f"{config} needs {ntasks} nodes; the test cluster has {nodes}"
+    # More ranks than the partition has nodes: sbatch refuses at once (it does not pend).
+    refused = slurm.run("sbatch", f"--ntasks={nodes + 1}", str(JOBSCRIPTS / "vertical.sbatch"),
+                        check=False)
+    assert refused.returncode != 0, refused.stdout
+    assert "Requested node configuration is not available" in refused.stderr
     job = Submitted(slurm, "vertical.sbatch", tmp_path, *args)
     job.assert_completed()
     summary = job.summary()
