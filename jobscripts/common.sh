@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # Shared helper of the mpisplit Slurm job scripts (jobscripts/*.sbatch). See README.md.
 #
-# Sourced by a job script:   . "$MPISPLIT_JOBSCRIPTS/common.sh"   then
-#   mpisplit_setup                    threads, paths, launcher choice
+# Sourced by a job script:   . "$MPISPLIT_JOBSCRIPTS/common.sh"   (which from then on traps
+# the pre-emption signal USR1 and TERM), then
+#   mpisplit_setup "$@"               threads, paths, launcher choice; keeps the arguments
+#   mpisplit_args CFG "$@"            the script's arguments: [--resume] [CONFIG] overrides
 #   mpisplit_check_ntasks CFG ARGS..  `mpisplit topology --ntasks` must equal the job's tasks
 #   mpisplit_launch [LAUNCH OPTS] -- CMD...
 #                                     run CMD as one MPI job over the allocation, forwarding
-#                                     the pre-emption signal; returns CMD's status
+#                                     the pre-emption signal; then requeue, or say how to
+#                                     continue from a checkpoint; returns CMD's status
 # Executed per MPI rank (the launch line wraps each rank in it):
 #   common.sh task CMD...             MPISPLIT_NODE, GPU binding, threads; then exec CMD
+#
+# Script arguments: `--resume` continues the run in the given run dir (run.dir=...) from its
+# newest committed checkpoint (`mpisplit train --resume`); a run that ends unfinished and not
+# requeued, with a committed checkpoint, prints the exact sbatch command that does this.
 #
 # Settings (environment, all optional):
 #   MPISPLIT_LAUNCHER   srun | mpiexec (default srun; a heterogeneous job always uses srun)
@@ -18,17 +25,25 @@
 #                       configured with PMIx), else pmi2 when offered (MPICH, Intel MPI),
 #                       else srun's default.
 #   MPISPLIT_MPIEXEC    the mpiexec to use (default: mpiexec on PATH)
-#   MPISPLIT            how to run the CLI (default: `mpisplit` on PATH, else
-#                       `$MPISPLIT_PYTHON -m mpisplit`, MPISPLIT_PYTHON default python3)
+#   MPISPLIT            how to run the CLI (default: `mpisplit` on PATH -- activate the venv
+#                       before sbatch, which passes PATH on -- else `$MPISPLIT_PYTHON -m
+#                       mpisplit` when that Python has mpisplit, MPISPLIT_PYTHON default
+#                       python3; else the job stops at once saying so)
 #   MPISPLIT_PYTHON     the Python with mpi4py, asked which MPI library it loads (default:
 #                       the interpreter of the `mpisplit` entry point, else python3)
 #   MPISPLIT_RUNS       base directory for run dirs that the scripts name (default runs)
 #   MPISPLIT_GPU_BIND   local (default): a rank that sees several GPUs in CUDA_VISIBLE_DEVICES
-#                       keeps the one at index (local rank mod count); none: leave as is
-#   MPISPLIT_REQUEUE    1 (default): after the pre-emption signal (USR1) has been forwarded
-#                       and the job step has ended unfinished, requeue this job (`scontrol
-#                       requeue`); the requeued run resumes from its last checkpoint
-#   MPISPLIT_SHM_CLEANUP 1 (default): on a restart, remove our stale /dev/shm/mpich_* segments
+#                       keeps the one at index (local rank mod count); none: leave as is.
+#                       The local rank comes from the launcher that started the rank: srun's
+#                       SLURM_LOCALID, hydra's MPI_LOCALRANKID, Open MPI's; where none is
+#                       known the list stays and the engine picks by its node-local MPI rank
+#   MPISPLIT_REQUEUE    1 (default): after the pre-emption signal (USR1) -- also one that
+#                       comes during start-up, before the launch -- and a job step that ended
+#                       unfinished, requeue this job (`scontrol requeue`; Slurm holds it
+#                       ~2 minutes, BeginTime); the requeued run resumes from its last
+#                       checkpoint. A run that wrote its final summary is never requeued
+#   MPISPLIT_SHM_CLEANUP 1 (default): on a restart, remove this job step's stale MPICH
+#                       shared-memory segments (/dev/shm/mpich_{shm,vci}_<hash of job.step>_*)
 #   MPISPLIT_THREADS    threads per rank (OMP_NUM_THREADS, MKL_NUM_THREADS, and torch's
 #                       intra-op threads). Default: SLURM_CPUS_PER_TASK -- it wins over an
 #                       OMP_NUM_THREADS inherited from the submitting shell -- else that
@@ -43,8 +58,11 @@ _mpisplit_task() {
   # hostname), else the host. The engine records MPISPLIT_NODE in its metrics.
   export MPISPLIT_NODE=${SLURMD_NODENAME:-$(hostname -s)}
   _mpisplit_threads
-  # Local rank: srun sets SLURM_LOCALID, hydra MPI_LOCALRANKID, Open MPI its own.
-  local lrank=${SLURM_LOCALID:-${MPI_LOCALRANKID:-${OMPI_COMM_WORLD_LOCAL_RANK:-}}}
+  # Local rank, from the launcher that started this process: hydra's MPI_LOCALRANKID or
+  # Open MPI's, else (srun) SLURM_LOCALID. Ranks of an mpiexec inherit SLURM_LOCALID=0 from
+  # the proxy that srun started on their node, so under mpiexec it is never theirs.
+  local lrank=${MPI_LOCALRANKID:-${OMPI_COMM_WORLD_LOCAL_RANK:-}}
+  [ -z "$lrank" ] && [ "${MPISPLIT_LAUNCHER:-srun}" = srun ] && lrank=${SLURM_LOCALID:-}
   if [ "${MPISPLIT_GPU_BIND:-local}" = local ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ] \
       && [ -n "$lrank" ] && [[ $CUDA_VISIBLE_DEVICES == *,* ]]; then
     local gpus
@@ -56,12 +74,12 @@ _mpisplit_task() {
     "on $MPISPLIT_NODE (local ${lrank:-?}): OMP_NUM_THREADS=$OMP_NUM_THREADS" \
     "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset}"
   # A requeued job reuses its job id, so srun's PMI names the ranks' key space
-  # "<job>.<step>" again, and MPICH derives its shared-memory segment name from it: a
+  # "<job>.<step>" again, and MPICH names its shared-memory segments after a hash of it: a
   # segment left in /dev/shm by the killed first run would be attached to and hang the
-  # restart. Remove such stale segments (ours, mapped by no process) first.
-  if [ "${SLURM_RESTART_COUNT:-0}" != 0 ] && [ "${SLURM_LOCALID:-}" = 0 ] \
-      && [ "${MPISPLIT_SHM_CLEANUP:-1}" = 1 ]; then
-    _mpisplit_clean_shm
+  # restart. Remove this step's stale segments (mapped by no process) first.
+  if [ "${SLURM_RESTART_COUNT:-0}" != 0 ] && [ "$lrank" = 0 ] \
+      && [ "${MPISPLIT_SHM_CLEANUP:-1}" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    _mpisplit_clean_shm "$SLURM_JOB_ID.${SLURM_STEP_ID:-${SLURM_STEPID:-0}}"
   fi
   exec "$@"
 }
@@ -74,10 +92,24 @@ _mpisplit_threads() {
   export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
 }
 
+# MPICH's name for the segments of a job step: mpich_{shm,vci}_<FNV-1a hash of the PMI key
+# space name, "<job>.<step>" under srun, in hex>_<node index> (MPIDI_POSIX_init_vci).
+_mpisplit_shm_hash() {
+  local name=$1 hash=2166136261 i c
+  for ((i = 0; i < ${#name}; i++)); do
+    printf -v c '%d' "'${name:i:1}"
+    hash=$(( ((hash ^ c) * 16777619) & 0xFFFFFFFF ))
+  done
+  printf '%x' "$hash"
+}
+
+# Removes the stale segments of job step $1 ("<job>.<step>") -- this job's alone, never
+# those of other jobs on a shared node -- that no process maps.
 _mpisplit_clean_shm() {
-  local f mapped
+  local f mapped hash
+  hash=$(_mpisplit_shm_hash "$1")
   mapped=$(grep -hos '/dev/shm/mpich_[^ ]*' /proc/[0-9]*/maps 2>/dev/null | sort -u)
-  for f in /dev/shm/mpich_shm_* /dev/shm/mpich_vci_*; do
+  for f in /dev/shm/mpich_shm_"$hash"_* /dev/shm/mpich_vci_"$hash"_*; do
     [ -f "$f" ] && [ -O "$f" ] || continue
     printf '%s\n' "$mapped" | grep -qxF "$f" && continue
     rm -f "$f" && echo "mpisplit-job: removed stale $f" >&2
@@ -93,13 +125,55 @@ fi
 # ---------------------------------------------------------------- job-level helpers
 MPISPLIT_JOBSCRIPTS=${MPISPLIT_JOBSCRIPTS:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
 
+# The batch shell handles the pre-emption signal (--signal=B:USR1@T) and TERM (scancel,
+# requeue) from here on: before the launch it ends (USR1: requeued) saying so, once the job
+# step runs it forwards them (mpisplit_launch). Start-up commands run in the background
+# (_mpisplit_wait), because bash runs a trap only once a foreground command has ended.
+_MPISPLIT_SIGNALLED= _MPISPLIT_STEP_PID=
+trap '_mpisplit_on_signal USR1' USR1
+trap '_mpisplit_on_signal TERM' TERM
+
+_mpisplit_on_signal() {
+  local sig=$1
+  if [ -n "$_MPISPLIT_STEP_PID" ]; then _mpisplit_forward "$sig"; return 0; fi
+  _mpisplit_log "got SIG$sig during start-up, before the launch"
+  [ "$sig" = USR1 ] && _mpisplit_requeue "nothing ran yet"
+  exit $((128 + $(kill -l "$sig")))
+}
+
+# Waits for background process $1, running traps at once; returns its exit status.
+_mpisplit_wait() {
+  while kill -0 "$1" 2>/dev/null; do wait "$1" 2>/dev/null; done
+  wait "$1" 2>/dev/null
+}
+
+# Requeues this job (unless MPISPLIT_REQUEUE=0 or not in a job) and waits for Slurm to end
+# this run of the script; returns 1 when it does not requeue. $*: what the log line adds.
+_mpisplit_requeue() {
+  [ "${MPISPLIT_REQUEUE:-1}" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ] || return 1
+  _mpisplit_log "requeueing job $SLURM_JOB_ID ($*); Slurm holds it about 2 minutes" \
+    "(BeginTime) before it runs again"
+  scontrol requeue "$SLURM_JOB_ID" || { _mpisplit_log "scontrol requeue failed"; return 1; }
+  trap - USR1 TERM   # the requeue ends this script with TERM; report no status before
+  sleep 60 &
+  wait $!
+}
+
+# mpisplit_setup "$@" (the script's arguments, kept for the command that continues a run).
 mpisplit_setup() {
+  MPISPLIT_SCRIPT_ARGS=("$@")
   set -o pipefail
   export PYTHONUNBUFFERED=1
   _mpisplit_threads
   if [ -z "${MPISPLIT:-}" ]; then
     if command -v mpisplit >/dev/null 2>&1; then MPISPLIT=$(command -v mpisplit)
-    else MPISPLIT="${MPISPLIT_PYTHON:-python3} -m mpisplit"; fi
+    elif _mpisplit_has_mpisplit "${MPISPLIT_PYTHON:-python3}"; then
+      MPISPLIT="${MPISPLIT_PYTHON:-python3} -m mpisplit"
+    else
+      _mpisplit_die "mpisplit is not on PATH in this job, and ${MPISPLIT_PYTHON:-python3} lacks" \
+        "mpisplit or its dependencies: activate its venv before sbatch (. .venv/bin/activate;" \
+        "sbatch passes PATH on), or set MPISPLIT=/path/to/.venv/bin/mpisplit"
+    fi
   fi
   MPISPLIT_RUNS=${MPISPLIT_RUNS:-runs}
   MPISPLIT_LAUNCHER=${MPISPLIT_LAUNCHER:-srun}
@@ -107,8 +181,26 @@ mpisplit_setup() {
     srun|mpiexec) ;;
     *) _mpisplit_die "MPISPLIT_LAUNCHER must be srun or mpiexec, not '$MPISPLIT_LAUNCHER'" ;;
   esac
-  _mpisplit_log "job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}:" \
+  _mpisplit_log "job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on $(_mpisplit_nodes):" \
     "launcher $MPISPLIT_LAUNCHER, OMP_NUM_THREADS=$OMP_NUM_THREADS, CLI '$MPISPLIT'"
+}
+
+# Whether Python $1 can import mpisplit and what it needs (found, not imported: fast).
+_mpisplit_has_mpisplit() {
+  "$1" -c 'import importlib.util as u, sys
+sys.exit(any(u.find_spec(m) is None for m in ("mpisplit", "mpi4py", "h5py", "torch", "yaml")))' \
+    2>/dev/null
+}
+
+# The job's nodes; every component's of a heterogeneous job ("g1 + n[1-3]").
+_mpisplit_nodes() {
+  if [ -z "${SLURM_HET_SIZE:-}" ]; then echo "${SLURM_JOB_NODELIST:-?}"; return 0; fi
+  local g n nodes=
+  for ((g = 0; g < SLURM_HET_SIZE; g++)); do
+    n=SLURM_JOB_NODELIST_HET_GROUP_$g
+    nodes+="${nodes:+ + }${!n:-?}"
+  done
+  echo "$nodes"
 }
 
 # Total tasks of the allocation (all components of a heterogeneous job).
@@ -128,8 +220,13 @@ mpisplit_job_ntasks() {
 # mpisplit_check_ntasks CONFIG [overrides...]: fail clearly when the job's task count is not
 # what the config's topology needs. Sets MPISPLIT_NTASKS.
 mpisplit_check_ntasks() {
-  local need have out
-  out=$($MPISPLIT topology "$@" --ntasks 2>&1) || _mpisplit_die "cannot read the topology of $*: $out"
+  local need have out file=${TMPDIR:-/tmp}/mpisplit-topology.${SLURM_JOB_ID:-$$}
+  $MPISPLIT topology "$@" --ntasks >"$file" 2>&1 &
+  _mpisplit_wait $!
+  local rc=$?
+  out=$(<"$file")
+  rm -f "$file"
+  [ "$rc" = 0 ] || _mpisplit_die "cannot read the topology of $*: $out"
   need=$(printf '%s\n' "$out" | tail -n 1)
   [[ $need =~ ^[0-9]+$ ]] || _mpisplit_die "mpisplit topology --ntasks printed '$out'"
   have=$(mpisplit_job_ntasks)
@@ -139,7 +236,7 @@ mpisplit_check_ntasks() {
   fi
   if [ "$need" != "$have" ]; then
     _mpisplit_die "ntasks mismatch: config '$1' (with overrides: ${*:2}) needs $need MPI ranks" \
-      "(see \`mpisplit topology $1\`), but this job has $have Slurm tasks" \
+      "(see \`mpisplit topology$(printf ' %q' "$@")\`), but this job has $have Slurm tasks" \
       "(SLURM_NTASKS); submit with --ntasks=$need or change the config"
   fi
   MPISPLIT_NTASKS=$need
@@ -248,35 +345,107 @@ mpisplit_launch() {
     cmd=("${MPISPLIT_MPIEXEC:-mpiexec}" -f "$hostfile" -n "${MPISPLIT_NTASKS:-$(mpisplit_job_ntasks)}")
   fi
   cmd+=("${task[@]}" "$@")
+  export MPISPLIT_LAUNCHER=$launcher  # the ranks' wrapper: which launcher started them
+  local paths started
+  paths=$(_mpisplit_run_paths "$@")
   _mpisplit_log "launch: ${cmd[*]}"
-
-  _MPISPLIT_SIGNALLED=
+  started=$(date +%s)
   "${cmd[@]}" &
   _MPISPLIT_STEP_PID=$!
   _MPISPLIT_STEP_LAUNCHER=$launcher
-  trap '_mpisplit_forward USR1' USR1
-  trap '_mpisplit_forward TERM' TERM
-  local rc
-  while kill -0 "$_MPISPLIT_STEP_PID" 2>/dev/null; do
-    wait "$_MPISPLIT_STEP_PID" 2>/dev/null
-  done
-  wait "$_MPISPLIT_STEP_PID" 2>/dev/null
-  rc=$?
-  trap - USR1 TERM
-  if [ "$_MPISPLIT_SIGNALLED" = USR1 ] && [ "$rc" = 0 ]; then
-    _mpisplit_log "pre-emption warning (USR1), but the run finished first; not requeued"
-  elif [ "$_MPISPLIT_SIGNALLED" = USR1 ] && [ "${MPISPLIT_REQUEUE:-1}" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
-    _mpisplit_log "pre-empted (USR1); job step ended with status $rc; requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID" || _mpisplit_log "scontrol requeue failed"
-    sleep 30 &   # the requeue ends this script; do not report a status before it does
-    wait $!
-  fi
+  _mpisplit_wait "$_MPISPLIT_STEP_PID"
+  local rc=$?
   [ "$launcher" = mpiexec ] && rm -f "$hostfile"
+  _mpisplit_after_step "$rc" "$started" "${paths%%$'\n'*}" "${paths#*$'\n'}"
   return $rc
 }
 
+# _mpisplit_after_step STATUS STARTED RUN_DIR CHECKPOINT_DIR: after the job step. A run that
+# wrote its final summary is never requeued; one pre-empted (USR1) unfinished is; any other
+# that stopped with a committed checkpoint gets the command that continues from it.
+_mpisplit_after_step() {
+  local rc=$1 started=$2 run_dir=$3 checkpoints=$4 step=
+  if [ "$rc" = 0 ]; then
+    [ "$_MPISPLIT_SIGNALLED" = USR1 ] \
+      && _mpisplit_log "pre-emption warning (USR1), but the run finished first; not requeued"
+    return 0
+  fi
+  if [ -n "$run_dir" ] && _mpisplit_finished "$run_dir/summary.json" "$started"; then
+    _mpisplit_log "the job step ended with status $rc after the run had finished" \
+      "($run_dir/summary.json written); not requeued"
+    return 0
+  fi
+  [ -n "$checkpoints" ] && step=$(_mpisplit_committed "$checkpoints")
+  if [ "$_MPISPLIT_SIGNALLED" = USR1 ]; then
+    _mpisplit_log "pre-empted (USR1); the job step ended with status $rc"
+    local next="no committed checkpoint: it starts over"
+    [ -n "$step" ] && next="it resumes from the checkpoint at step $step"
+    _mpisplit_requeue "$next" && return 0
+  fi
+  [ -n "$step" ] && _mpisplit_log "to continue from the checkpoint at step $step:" \
+    "$(_mpisplit_continue_command "$run_dir")"
+  return 0
+}
+
+# Whether summary file $1 is a final one (not marked preempted) written since time $2.
+_mpisplit_finished() {
+  [ -f "$1" ] && [ "$(stat -c %Y "$1")" -ge "$2" ] && ! grep -q '"preempted": true' "$1"
+}
+
+# The step of the newest committed checkpoint in directory $1 (nothing when there is none).
+_mpisplit_committed() {
+  local newest
+  newest=$(ls -d "$1"/step-*/COMMITTED 2>/dev/null | sort | tail -n 1)
+  [ -n "$newest" ] || return 0
+  newest=${newest%/COMMITTED}
+  echo $((10#${newest##*/step-}))
+}
+
+# The run dir and checkpoint dir (two lines) of the `mpisplit train` in command "$@"; nothing
+# for another command or a config the engine will refuse anyway.
+_mpisplit_run_paths() {
+  while [ $# -gt 0 ] && [ "$1" != train ]; do shift; done
+  [ $# -gt 0 ] || return 0
+  shift
+  while [ $# -gt 0 ] && [[ $1 == --* ]]; do shift; done
+  # checkpoint.dir's default as in mpisplit.checkpoint.checkpoint_dir (which needs torch)
+  "$(_mpisplit_python)" -c 'import sys
+from mpisplit.config import load_config
+cfg = load_config(sys.argv[1], sys.argv[2:])
+print(cfg.run.dir, cfg.checkpoint.dir or f"{cfg.run.dir}/checkpoints", sep="\n")' "$@" 2>/dev/null
+}
+
+# The sbatch command, run from the submit dir, that continues this job's run in RUN_DIR ($1)
+# from its checkpoint: the same script, node and task counts, and arguments, with --resume.
+_mpisplit_continue_command() {
+  local script opts=() args=() arg
+  script=$(_mpisplit_job_script)
+  if [ -z "${SLURM_HET_SIZE:-}" ]; then
+    opts+=(--nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks="$(mpisplit_job_ntasks)")
+    [ -n "${SLURM_CPUS_PER_TASK:-}" ] && opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+    [ -n "${SLURM_JOB_PARTITION:-}" ] && opts+=(--partition="$SLURM_JOB_PARTITION")
+  fi
+  [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && opts+=(--array="$SLURM_ARRAY_TASK_ID")
+  for arg in "${MPISPLIT_SCRIPT_ARGS[@]}"; do
+    [[ $arg == --resume || $arg == run.dir=* ]] || args+=("$arg")
+  done
+  printf 'cd %q && sbatch' "${SLURM_SUBMIT_DIR:-$(pwd)}"
+  printf ' %q' "${opts[@]}" "$script" --resume "${args[@]}" "run.dir=$1"
+}
+
+# This job's script as submitted (scontrol's Command, less the arguments), relative to the
+# submit dir when it lies below it.
+_mpisplit_job_script() {
+  local command
+  command=$(scontrol show job "${SLURM_JOB_ID:-}" 2>/dev/null | sed -n 's/^ *Command=//p' | head -n 1)
+  [ ${#MPISPLIT_SCRIPT_ARGS[@]} -gt 0 ] && command=${command% "${MPISPLIT_SCRIPT_ARGS[*]}"}
+  command=${command#"${SLURM_SUBMIT_DIR:-}"/}
+  echo "${command:-JOBSCRIPT}"
+}
+
 # Forward a signal the batch shell got (--signal=B:USR1@T, or TERM on requeue/cancel) to the
-# launched job step. srun and mpiexec both pass it on to the ranks.
+# launched job step. srun and mpiexec both pass it on to the ranks; a rank that has finished
+# training ignores it (it only reports and exits).
 _mpisplit_forward() {
   local sig=$1
   [ -n "$_MPISPLIT_SIGNALLED" ] && [ "$_MPISPLIT_SIGNALLED" = "$sig" ] && return 0
@@ -290,11 +459,22 @@ _mpisplit_forward() {
   fi
 }
 
-# Resolve CONFIG from the arguments: the first argument if it is a file name (not k=v),
-# else the script's default. Sets MPISPLIT_CONFIG and MPISPLIT_ARGS (the overrides).
+# mpisplit_args DEFAULT_CONFIG [--resume] [CONFIG] [section.key=value ...]: CONFIG is the
+# first argument that is a file name (not k=v), else the script's default. Sets
+# MPISPLIT_CONFIG, MPISPLIT_ARGS (the overrides) and MPISPLIT_TRAIN_OPTS (--resume or none).
 mpisplit_args() {
-  local default=$1
+  local default=$1 arg rest=()
   shift
+  MPISPLIT_TRAIN_OPTS=()
+  for arg in "$@"; do
+    case $arg in
+      --resume) MPISPLIT_TRAIN_OPTS=(--resume) ;;
+      -*) _mpisplit_die "unknown option '$arg': the scripts take [--resume] [CONFIG.yaml]" \
+            "[section.key=value ...]" ;;
+      *) rest+=("$arg") ;;
+    esac
+  done
+  set -- "${rest[@]}"
   if [ $# -gt 0 ] && [[ $1 != *=* ]]; then
     MPISPLIT_CONFIG=$1
     shift

@@ -46,6 +46,20 @@ MANIFEST = "COMMITTED"
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 
+@dataclass(frozen=True)
+class RunTotals:
+    """One rank's figures for the run up to a checkpoint, over every launch of it (the first,
+    and each that resumed it: a requeued job, ``--resume``): saved with its state, so that a
+    resumed run's summary covers the whole run. The time a stopped launch spent after its
+    last checkpoint (redone after resuming) is not in them."""
+
+    launches: int = 0
+    wall_s: float = 0.0
+    samples: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
 def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.run.dir) / "checkpoints")
 
@@ -173,6 +187,9 @@ class Checkpointer:
                           "roles": [p.label for p in topology.placements],
                           "settings": resume_settings(cfg)}
         self._resume = resume
+        self.prior = RunTotals()
+        """The earlier launches' totals, read by ``restore``."""
+        self._started = time.perf_counter()
         self._last_write = time.monotonic()
         self._stop_signal = 0
         self._step, self._until = 0, None
@@ -193,7 +210,8 @@ class Checkpointer:
             raise Preempted(signum)
 
     def restore(self) -> dict[str, Any] | None:
-        """This rank's saved state (None on a fresh run); also restores torch's RNG."""
+        """This rank's saved state (None on a fresh run); also restores torch's RNG and the
+        run's totals so far (``prior``)."""
         if self._resume is None:
             return None
         path = self._resume.rank_file(self._rank)
@@ -202,6 +220,7 @@ class Checkpointer:
         except (OSError, RuntimeError, EOFError) as err:
             raise ConfigError(f"--resume: cannot read {path}: {err}") from None
         torch.set_rng_state(state.pop("torch_rng"))
+        self.prior = RunTotals(**state.pop("totals", {}))  # none in older checkpoints
         cuda_rng = state.pop("cuda_rng")
         if cuda_rng:
             torch.cuda.set_rng_state_all(cuda_rng)
@@ -268,12 +287,22 @@ class Checkpointer:
         tmp = target.with_name(f".{target.name}.tmp")
         with open(tmp, "wb") as out:
             cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-            torch.save({**state, "step": step, "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": cuda_rng}, out)
+            torch.save({**state, "step": step, "totals": self._totals(state),
+                        "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, out)
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(target)
         self._last_write = time.monotonic()
+
+    def _totals(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The run's totals at this checkpoint: the earlier launches' plus this one's."""
+        prior, traffic = self.prior, self._transport.traffic
+        return dataclasses.asdict(RunTotals(
+            launches=prior.launches + 1,
+            wall_s=prior.wall_s + time.perf_counter() - self._started,
+            samples=state.get("counters", {}).get("samples", 0),
+            bytes_sent=prior.bytes_sent + traffic.total_sent,
+            bytes_received=prior.bytes_received + traffic.total_received))
 
     def _commit(self, step: int) -> None:
         directory = self._dir / f"step-{step:08d}"

@@ -235,6 +235,7 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
                          append=run.resume is not None)
     if run.resume is not None:
         metrics.write({"event": "resumed", "step": run.resume.step})
+        logger.info("resumed from step %d (checkpoint %s)", run.resume.step, run.resume.path)
     checkpoints = Checkpointer(comm, transport, cfg, run.topology, run.resume)
     ctx = RankContext(run, me, comm, transport, tracer, metrics, run_dir, device, checkpoints)
     start = time.perf_counter()
@@ -294,7 +295,8 @@ def _record_preemption(ctx: RankContext, stop: Preempted, wall: float) -> None:
         write_summary(ctx.run_dir, {
             "scheme": ctx.config.scheme.name, "world_size": ctx.topology.world_size,
             "preempted": True, "signal": stop.signal_name, "checkpoint": stop.checkpoint,
-            "wall_time_s": round(wall, 4), "steps": ctx.metrics.last_step,
+            "wall_time_s": round(ctx.checkpoints.prior.wall_s + wall, 4),
+            "steps": ctx.metrics.last_step,
         })
     saved = f"checkpoint at step {stop.checkpoint} committed" if stop.checkpoint \
         else "metrics written"
@@ -341,8 +343,10 @@ def _summarize(
         ctx.transport.complete(request, "summary gather", deadline=is_root)
 
     leakage = np.nan if result.leakage is None else result.leakage
+    prior = ctx.checkpoints.prior
     counters = np.array([result.steps, result.samples, traffic.total_sent,
-                         traffic.total_received, wall, leakage], np.float64)
+                         traffic.total_received, wall, leakage, prior.samples, prior.bytes_sent,
+                         prior.bytes_received], np.float64)
     all_counters = np.zeros((size, counters.size), np.float64) if is_root else None
     gather(comm.Igather(counters, all_counters, root))
     name = np.zeros(_NODE_BYTES, np.uint8)
@@ -372,8 +376,10 @@ def _summarize(
         "steps": int(all_counters[:, 0].max()),
         "steps_per_rank": [int(s) for s in all_counters[:, 0]],
         "train_samples": samples,
-        "wall_time_s": round(wall, 4),
-        "samples_per_s": round(samples / max(wall, 1e-9), 2),
+        **_throughput(samples, prior.wall_s + wall, all_counters[:, 2:4] + all_counters[:, 7:9]),
+        "launches": prior.launches + 1,
+        "last_launch": {"resumed_from_step": ctx.checkpoints.resume_step, **_throughput(
+            samples - int(all_counters[:, 6].sum()), wall, all_counters[:, 2:4])},
         "test_accuracy": float((evals[:, 3] * evals[:, 4]).sum() / total) if total else None,
         "test_loss": float((evals[:, 2] * evals[:, 4]).sum() / total) if total else None,
         "test_by_client": [
@@ -382,8 +388,17 @@ def _summarize(
         ],
         "test_by_task": _by_task(evals, specs.get(cfg.scheme.name).tasks(cfg.scheme)),
         "leakage_distance_correlation": _mean_or_none(all_counters[:, 5]),
-        "bytes_sent_per_rank": [int(b) for b in all_counters[:, 2]],
-        "bytes_received_per_rank": [int(b) for b in all_counters[:, 3]],
+    }
+
+
+def _throughput(samples: int, wall: float, traffic: np.ndarray) -> dict[str, Any]:
+    """Time, rate and bytes per rank (``traffic``: sent, received columns) of the whole run
+    (over every launch of it: the first, and each that resumed it), or of one launch."""
+    return {
+        "wall_time_s": round(wall, 4),
+        "samples_per_s": round(samples / max(wall, 1e-9), 2),
+        "bytes_sent_per_rank": [int(b) for b in traffic[:, 0]],
+        "bytes_received_per_rank": [int(b) for b in traffic[:, 1]],
     }
 
 
@@ -411,9 +426,10 @@ def _mean_or_none(values: np.ndarray) -> float | None:
 
 def _log_final(logger: Any, summary: dict[str, Any]) -> None:
     acc = summary["test_accuracy"]
+    launches = f" over {summary['launches']} launches" if summary["launches"] > 1 else ""
     logger.info(
-        "done: %d steps in %.2f s (%.1f samples/s); test accuracy %s, test loss %s",
-        summary["steps"], summary["wall_time_s"], summary["samples_per_s"],
+        "done: %d steps in %.2f s%s (%.1f samples/s); test accuracy %s, test loss %s",
+        summary["steps"], summary["wall_time_s"], launches, summary["samples_per_s"],
         "n/a" if acc is None else f"{acc:.4f}",
         "n/a" if summary["test_loss"] is None else f"{summary['test_loss']:.4f}",
     )

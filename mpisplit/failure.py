@@ -10,6 +10,7 @@ with the same status.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -69,7 +70,12 @@ class Preempted(BaseException):
 def preemptible(defer: Callable[[int], None] | None = None) -> Iterator[None]:
     """For the duration, SIGUSR1 and SIGTERM either raise ``Preempted`` in the main thread at
     once, so the run can write what it has and exit instead of being killed mid-write, or,
-    with ``defer``, are handed to it (the checkpointer stops at its next checkpoint)."""
+    with ``defer``, are handed to it (the checkpointer stops at its next checkpoint).
+
+    When the body ends normally the training is over, and from then on, for the rest of the
+    process, the two signals are ignored with one line: the rank only reports and exits, and
+    dying of a late time-limit warning (Slurm's ``--signal``) would make a job script
+    requeue a run that has finished."""
     def handler(signum: int, _frame: object) -> None:
         if defer is None:
             raise Preempted(signum)
@@ -78,9 +84,17 @@ def preemptible(defer: Callable[[int], None] | None = None) -> Iterator[None]:
     previous = {sig: signal.signal(sig, handler) for sig in PREEMPTION_SIGNALS}
     try:
         yield
-    finally:
+    except BaseException:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        raise
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, _ignore_after_training)
+
+
+def _ignore_after_training(signum: int, _frame: object) -> None:
+    logging.getLogger("mpisplit").warning("%s after training had finished: ignored",
+                                          signal.Signals(signum).name)
 
 
 def abort_on_failure(comm: MPI.Comm, label: str, body: Callable[[], T]) -> T:

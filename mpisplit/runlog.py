@@ -87,9 +87,12 @@ class Progress:
     both show the epoch, the time elapsed and the estimated time left."""
 
     def __init__(self, total: int, mode: str, every: int, logger: logging.Logger,
-                 stream: TextIO = sys.stderr, *, epochs: int = 0) -> None:
-        """``epochs``: how many epochs the ``total`` steps span (0: the epoch is not shown)."""
+                 stream: TextIO = sys.stderr, *, epochs: int = 0, done: int = 0) -> None:
+        """``epochs``: how many epochs the ``total`` steps span (0: the epoch is not shown);
+        ``done``: the steps already taken when this process starts (a resumed run's
+        checkpoint): the rate and the time left count only the steps taken since."""
         self.total = max(total, 1)
+        self.done = done
         self.every = every
         self.epochs = epochs
         self.logger = logger
@@ -101,11 +104,11 @@ class Progress:
         if self.mode == "none" or (step % self.every and step != self.total):
             return
         elapsed = time.perf_counter() - self._start
-        rate = step / max(elapsed, 1e-9)
+        rate = (step - self.done) / max(elapsed, 1e-9)
         loss_text = "" if loss is None else f" loss {loss:.4f}"
         epoch = min(self.epochs, 1 + max(step - 1, 0) * self.epochs // self.total)
         epoch_text = f" epoch {epoch}/{self.epochs}" if self.epochs else ""
-        eta = _clock((self.total - step) / rate) if step else "?"
+        eta = _clock((self.total - step) / rate) if step > self.done else "?"
         times = f"{_clock(elapsed)} elapsed, ETA {eta}"
         if self.mode == "bar":
             filled = int(30 * step / self.total)

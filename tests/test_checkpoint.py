@@ -175,6 +175,32 @@ def test_preemption_signal_checkpoints_then_resume_finishes_identically(
     resumed = run_mpi(RANKS, "train", "--resume", *args, timeout=LIMIT_S)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_identical(uninterrupted["vanilla"], tmp_path)
+    assert f"resumed from step {summary['checkpoint']} (checkpoint " in resumed.stderr
+    _assert_whole_run_summary(tmp_path, summary["checkpoint"])
+
+
+def _assert_whole_run_summary(run_dir: Path, resumed_from: int) -> None:
+    """The summary of a run stopped once (at its checkpoint) and resumed covers both
+    launches: bytes per rank add up, time too; ``last_launch`` keeps the second's figures."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    last = summary["last_launch"]
+    assert summary["launches"] == 2 and last["resumed_from_step"] == resumed_from
+    for rank, (sent, received) in enumerate(zip(summary["bytes_sent_per_rank"],
+                                                summary["bytes_received_per_rank"], strict=True)):
+        records = [json.loads(line) for line in
+                   (run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines()]
+        (stopped,) = [r for r in records if r.get("event") == "preempted"]
+        (end,) = [r for r in records if r.get("event") == "end"]
+        assert (last["bytes_sent_per_rank"][rank], last["bytes_received_per_rank"][rank]) \
+            == (end["bytes_sent"], end["bytes_received"])
+        assert (sent, received) == (stopped["bytes_sent"] + end["bytes_sent"],
+                                    stopped["bytes_received"] + end["bytes_received"])
+        if rank == 0:  # the first launch's time up to its checkpoint, then the second's
+            assert stopped["wall_s"] * 0.5 < summary["wall_time_s"] - end["wall_s"] \
+                <= stopped["wall_s"] + 1e-3
+    assert summary["samples_per_s"] == round(summary["train_samples"]
+                                             / summary["wall_time_s"], 2)
+    assert last["samples_per_s"] > summary["samples_per_s"]
 
 
 def test_resume_with_another_topology_is_refused(dataset, uninterrupted) -> None:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-COMMON = Path(__file__).resolve().parents[1] / "jobscripts" / "common.sh"
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ROOT / "jobscripts" / "common.sh"
+CONFIG = "configs/vanilla-breast-cancer.yaml"
 # Variables the wrapper reads; none of the test process's own may leak in.
 _LAUNCHER_PREFIXES = ("SLURM", "MPI_", "PMI", "OMPI_", "CUDA_", "MPISPLIT", "OMP_", "MKL_")
 
@@ -76,3 +80,78 @@ def test_threads(variables: dict[str, str], threads: str) -> None:
 
 def test_node_name_from_slurmd() -> None:
     assert task_env(SLURMD_NODENAME="n7")["MPISPLIT_NODE"] == "n7"
+
+
+def test_mpiexec_ranks_take_hydras_local_rank_not_the_proxys_slurm_localid() -> None:
+    """Under MPISPLIT_LAUNCHER=mpiexec the ranks inherit SLURM_LOCALID=0 from the proxy srun
+    started on their node: hydra's MPI_LOCALRANKID is theirs."""
+    env = task_env(CUDA_VISIBLE_DEVICES="0,1", SLURM_LOCALID="0", MPI_LOCALRANKID="1",
+                   MPISPLIT_LAUNCHER="mpiexec")
+    assert env["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_mpiexec_without_a_local_rank_leaves_the_gpus_to_the_engine() -> None:
+    env = task_env(CUDA_VISIBLE_DEVICES="0,1", SLURM_LOCALID="0", MPISPLIT_LAUNCHER="mpiexec")
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def _fnv1a(text: str) -> str:
+    """MPICH's hash of a PMI key space name (32-bit FNV-1a), for its segment names."""
+    value = 2166136261
+    for byte in text.encode():
+        value = ((value ^ byte) * 16777619) & 0xFFFFFFFF
+    return f"{value:x}"
+
+
+def test_restart_removes_this_job_steps_stale_segments_only(tmp_path: Path) -> None:
+    """On a restart local rank 0 removes the unmapped MPICH segments named after this job
+    step ("<job>.<step>"); another job's, stale as well, stay (a node may be shared)."""
+    job = f"{os.getpid()}{time.monotonic_ns() % 10**6}"
+    ours = [Path(f"/dev/shm/mpich_{kind}_{_fnv1a(f'{job}.0')}_0") for kind in ("shm", "vci")]
+    theirs = Path(f"/dev/shm/mpich_shm_{_fnv1a(f'{job}1.0')}_0")
+    try:
+        for path in [*ours, theirs]:
+            path.write_bytes(b"")
+        task_env(SLURM_RESTART_COUNT="1", SLURM_LOCALID="0", SLURM_JOB_ID=job,
+                 SLURM_STEP_ID="0")
+        assert [path.exists() for path in ours] == [False, False]
+        assert theirs.exists()
+    finally:
+        for path in [*ours, theirs]:
+            path.unlink(missing_ok=True)
+
+
+def job_shell(script: str, **variables: str) -> subprocess.CompletedProcess[str]:
+    """``script`` run in bash after sourcing common.sh (as a job script does)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+    return subprocess.run(["bash", "-c", f'. "{COMMON}"; {script}'], capture_output=True,
+                          text=True, timeout=60, env={**env, **variables}, cwd=ROOT)
+
+
+def test_without_mpisplit_on_path_the_job_stops_with_one_line_saying_how_to_fix_it(
+        tmp_path: Path) -> None:
+    """A job submitted without the venv active: mpisplit is not on PATH and the python3
+    there lacks its packages -- one line, exit 2, no traceback."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")],
+                   check=True, timeout=120)
+    proc = job_shell("mpisplit_setup", PATH=f"{tmp_path / 'bare' / 'bin'}:/usr/bin:/bin")
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert "mpisplit is not on PATH in this job" in line and ". .venv/bin/activate" in line
+
+
+def test_script_arguments_take_resume_and_refuse_unknown_options() -> None:
+    show = 'echo "${MPISPLIT_TRAIN_OPTS[*]}|$MPISPLIT_CONFIG|${MPISPLIT_ARGS[*]}"'
+    proc = job_shell(f"mpisplit_args {CONFIG} a.b=1 --resume; {show}")
+    assert proc.stdout.strip() == f"--resume|{CONFIG}|a.b=1", proc.stderr
+    proc = job_shell(f"mpisplit_args other.yaml {CONFIG} a.b=1; {show}")
+    assert proc.stdout.strip() == f"|{CONFIG}|a.b=1", proc.stderr
+    proc = job_shell(f"mpisplit_args {CONFIG} --nodes=5")
+    assert proc.returncode == 2 and "unknown option '--nodes=5'" in proc.stderr
+
+
+def test_start_line_names_every_het_components_nodes() -> None:
+    proc = job_shell("mpisplit_setup", PATH=os.environ["PATH"], SLURM_HET_SIZE="2",
+                     SLURM_JOB_NODELIST="g1", SLURM_JOB_NODELIST_HET_GROUP_0="g1",
+                     SLURM_JOB_NODELIST_HET_GROUP_1="n[1-3]", MPISPLIT="mpisplit")
+    assert " on g1 + n[1-3]: launcher srun" in proc.stderr, proc.stderr

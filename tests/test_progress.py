@@ -1,4 +1,5 @@
-"""Rank 0's progress display, in process: epoch, elapsed time and ETA."""
+"""Rank 0's progress display, in process: epoch, elapsed time and ETA; the rate counts
+the steps this process took (not a resumed run's earlier ones)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,17 @@ def test_lines_without_epochs(monkeypatch: pytest.MonkeyPatch,
         progress.update(10, 1.25)
     assert caplog.messages == ["step 10/20 loss 1.2500 (0.0 steps/s, 1:06:40 elapsed, "
                                "ETA 1:06:40)"]
+
+
+@pytest.mark.parametrize(("done", "rate"), [(0, "15.0"), (100, "5.0")])
+def test_rate_counts_only_the_steps_since_start(done: int, rate: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter([1000.0, 1010.0])
+    monkeypatch.setattr(runlog.time, "perf_counter", lambda: next(clock))
+    stream = io.StringIO()
+    logger = logging.getLogger("test_progress")
+    logger.handlers[:] = [logging.StreamHandler(stream)]
+    logger.setLevel(logging.INFO)
+    progress = runlog.Progress(300, "lines", 50, logger, done=done)
+    progress.update(150, 0.5)  # 10 s after the start
+    assert stream.getvalue().strip().startswith(f"step 150/300 loss 0.5000 ({rate} steps/s")

@@ -298,7 +298,7 @@ def serve_clients(
         unpack(saved, owned)
     senders = iter((order or ())[report.steps:])
     expected = next(senders, ANY_SOURCE)
-    progress = make_progress(ctx, total_steps)
+    progress = make_progress(ctx, total_steps, report.steps)
     active, tallies = set(range(len(clients))), {}
     finished: set[int] = set()  # past their DONE marker, their last message still to come
     silence = SilenceWatch(dropping.after_s if dropping else transport.timeout_s) \
@@ -461,14 +461,15 @@ def record_client_step(ctx: RankContext, step: int, loss: float | None = None) -
     ctx.metrics.write(record)
 
 
-def make_progress(ctx: RankContext, total_steps: int, *, epochs: int | None = None) -> Progress:
-    """``epochs``: how many the steps span (default ``train.epochs``, unless ``max_steps``
-    cuts them short; 0 shows none)."""
+def make_progress(ctx: RankContext, total_steps: int, done: int = 0, *,
+                  epochs: int | None = None) -> Progress:
+    """``done``: the steps a resumed run starts from; ``epochs``: how many the steps span
+    (default ``train.epochs``, unless ``max_steps`` cuts them short; 0 shows none)."""
     train = ctx.config.train
     if epochs is None:
         epochs = 0 if train.max_steps else train.epochs
     return Progress(total_steps, ctx.config.run.progress, ctx.config.run.log_every, log,
-                    epochs=epochs)
+                    epochs=epochs, done=done)
 
 
 def record_traffic_by_kind(ctx: RankContext) -> None:
@@ -490,8 +491,8 @@ def relay_activations(ctx: RankContext, segment: Segment, total_steps: int,
     relayed without interleaving, so the receiver tallies it as one client's.
     """
     transport, checkpoints = ctx.transport, ctx.checkpoints
-    progress = make_progress(ctx, total_steps)
     steps = checkpoints.resume_step
+    progress = make_progress(ctx, total_steps, steps)
     if (saved := checkpoints.restore()) is not None:
         unpack(saved, [segment])
     remaining, source = len(ctx.topology.ranks(Role.CLIENT)), ANY_SOURCE

@@ -421,8 +421,8 @@ def _drive(ctx: RankContext, role: _Role, train: Split, test: Split, steps: int)
     """Training steps with periodic and final evaluation, in lockstep on every rank (which
     makes every step a possible checkpoint)."""
     cfg, holder, checkpoints = ctx.config, _holds_labels(ctx), ctx.checkpoints
-    progress = make_progress(ctx, steps) if ctx.me.role == Role.SERVER else None
     resumed, samples, final = checkpoints.resume_step, 0, None
+    progress = make_progress(ctx, steps, resumed) if ctx.me.role == Role.SERVER else None
     if (saved := checkpoints.restore()) is not None:
         samples = unpack(saved, [role.segment], role.generators)["samples"]
     pairs = train.batches(lambda reader: training_batches(reader, cfg.train, skip=resumed))

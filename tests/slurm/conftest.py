@@ -57,7 +57,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.slurm)
-    users = [item for item in items if "slurm" in getattr(item, "fixturenames", ())]
+    users = [item for item in items
+             if {"slurm", "slurm_installed"} & set(getattr(item, "fixturenames", ()))]
     base = _timeout(config)
     if not users or not base:
         return
@@ -209,8 +210,9 @@ class Cluster:
 
 
 @pytest.fixture(scope="session")
-def slurm(tmp_path_factory: pytest.TempPathFactory):
-    """The running test cluster (session-scoped). Installs Slurm first if needed."""
+def slurm_installed() -> None:
+    """Slurm's packages are installed (``tools/slurm/install.sh``), else the tier is skipped
+    (or fails, where it is required)."""
     if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
         _unavailable("Slurm is not installed and there is no apt-get to install it")
     if os.geteuid() != 0:
@@ -221,6 +223,10 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
         _unavailable("tools/slurm/install.sh could not install Slurm "
                      f"(exit {install.returncode}): {install.stderr.strip()[-800:]}")
 
+
+@pytest.fixture(scope="session")
+def slurm(slurm_installed: None, tmp_path_factory: pytest.TempPathFactory):
+    """The running test cluster (session-scoped). Installs Slurm first if needed."""
     directory = tmp_path_factory.mktemp("slurm")
     env = {**os.environ,
            "MPISPLIT_SLURM_PORT": str(_free_port(20000)),

@@ -27,8 +27,8 @@ echo done >"$DONE"
 def test_cluster_nodes_idle_and_gpu_partition_is_g1(slurm) -> None:
     nodes = slurm.run("sinfo", "-h", "-N", "-o", "%N %P %c %t %G").stdout.split("\n")
     rows = {tuple(line.split()) for line in nodes if line.strip()}
-    cpu = {(f"n{i}", "debug*", "4", "idle", "(null)") for i in (1, 2, 3, 4)}
-    assert rows == cpu | {("g1", "gpu", "4", "idle", "gpu:1")}, rows
+    cpu = {(f"n{i}", "debug*", "8", "idle", "(null)") for i in (1, 2, 3, 4)}
+    assert rows == cpu | {("g1", "gpu", "8", "idle", "gpu:2")}, rows
 
 
 def test_two_node_batch_job_runs_on_both_nodes(slurm, tmp_path: Path) -> None:

@@ -32,10 +32,12 @@ JOBSCRIPTS = ROOT / "jobscripts"
 CONFIGS = ROOT / "configs"
 VANILLA = "configs/vanilla-breast-cancer.yaml"
 SEQUENTIAL = "configs/vanilla-sequential-breast-cancer.yaml"
-JOB_TIMEOUT_S = 240
+JOB_TIMEOUT_S = 420
 TINY = ("train.epochs=1", "train.eval_every=0", "run.log_every=1000")
-RANK_LINE = re.compile(r"mpisplit-job: rank (\d+) on (\S+) \(local \S+\): "
+RANK_LINE = re.compile(r"mpisplit-job: rank (\d+) on (\S+) \(local (\S+)\): "
                        r"OMP_NUM_THREADS=(\d+) CUDA_VISIBLE_DEVICES=(\S+)")
+CONTINUE = re.compile(r"^mpisplit-job: to continue from the checkpoint at step (\d+): (.*)$",
+                      re.MULTILINE)
 
 
 def _expected_srun_mpi() -> str:
@@ -97,8 +99,16 @@ class Submitted:
 
     def rank_lines(self) -> dict[int, tuple[str, int, str]]:
         """common.sh's per-rank line: rank -> (node, OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES)."""
-        return {int(m[1]): (m[2], int(m[3]), m[4])
+        return {int(m[1]): (m[2], int(m[4]), m[5])
                 for m in RANK_LINE.finditer(self.slurm.output(self.id))}
+
+    def local_ranks(self) -> dict[int, tuple[str, str]]:
+        """rank -> (local rank, CUDA_VISIBLE_DEVICES) from common.sh's per-rank lines."""
+        return {int(m[1]): (m[3], m[5]) for m in RANK_LINE.finditer(self.slurm.output(self.id))}
+
+    def metrics(self, rank: int = 0) -> list[dict]:
+        path = self.run_dir() / f"metrics-rank{rank}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
 
     def assert_srun_mpi(self, expected: str) -> None:
         out = self.slurm.output(self.id)
@@ -131,6 +141,11 @@ def jobs(slurm, data: dict[int, Path], tmp_path_factory) -> dict[str, Submitted]
         "threads": Submitted(slurm, "multi-node.sbatch", base / "threads", VANILLA, path3,
                              *TINY, "train.max_steps=4", options=("--cpus-per-task=2",),
                              env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
+        # One node with two (declared) GPUs and four ranks, under either launcher.
+        **{f"gpus-{launcher}": Submitted(
+            slurm, "single-node.sbatch", base / f"gpus-{launcher}", VANILLA, path3, *TINY,
+            "train.max_steps=4", options=("--partition=gpu", "--gres=gpu:2"),
+            env={"MPISPLIT_LAUNCHER": launcher}) for launcher in ("srun", "mpiexec")},
     }
     yield submitted
     for job in submitted.values():
@@ -179,6 +194,16 @@ def test_cpus_per_task_sets_torch_threads(jobs: dict[str, Submitted]) -> None:
     assert [threads for _, threads, _ in job.rank_lines().values()] == [2, 2, 2, 2]
 
 
+@pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
+def test_each_local_rank_binds_its_own_gpu(jobs: dict[str, Submitted], launcher: str) -> None:
+    """Four ranks on a node with two GPUs: local ranks 0..3 keep GPUs 0, 1, 0, 1. Under
+    mpiexec the ranks inherit SLURM_LOCALID=0 from hydra's proxy, which is not theirs."""
+    job = jobs[f"gpus-{launcher}"]
+    job.assert_completed()
+    assert f"launcher {launcher}" in job.slurm.output(job.id)
+    assert job.local_ranks() == {0: ("0", "0"), 1: ("1", "1"), 2: ("2", "0"), 3: ("3", "1")}
+
+
 def _partition_nodes(slurm, partition: str) -> set[str]:
     return set(slurm.run("sinfo", "-h", "-N", "-p", partition, "-o", "%N").stdout.split())
 
@@ -205,6 +230,9 @@ def test_hetjob_server_on_gpu_partition(jobs: dict[str, Submitted]) -> None:
     assert ranks[0][2] == "0"
     assert [ranks[r][2] for r in (1, 2, 3)] == ["unset"] * 3
     job.assert_srun_mpi(_expected_srun_mpi())
+    # The start line names both components' nodes.
+    assert f" on {records[0]['NodeList']} + {records[1]['NodeList']}: launcher srun" \
+        in job.slurm.output(job.id)
 
 
 def test_sweep_array_runs_each_task_in_its_own_dir(jobs: dict[str, Submitted]) -> None:
@@ -242,11 +270,16 @@ def test_vertical_one_rank_per_node(slurm, dataset, tmp_path: Path) -> None:
     path = dataset("breast_cancer", clients=config_clients(config), partition="vertical")
     args = (config, f"data.path={path}", *TINY)
     ntasks = int(slurm.run("mpisplit", "topology", *args, "--ntasks").stdout.split()[-1])
-    header = re.search(r"^#SBATCH --nodes=(\d+)$", (JOBSCRIPTS / "vertical.sbatch").read_text(),
+    header = re.search(r"^#SBATCH --ntasks=(\d+)$", (JOBSCRIPTS / "vertical.sbatch").read_text(),
                        re.MULTILINE)
-    assert header and int(header[1]) == ntasks, "vertical.sbatch's --nodes != the config's ranks"
+    assert header and int(header[1]) == ntasks, "vertical.sbatch's --ntasks != the config's ranks"
     nodes = len(_partition_nodes(slurm, "debug"))
     assert ntasks <= nodes, f"{config} needs {ntasks} nodes; the test cluster has {nodes}"
+    # More ranks than the partition has nodes: sbatch refuses at once (it does not pend).
+    refused = slurm.run("sbatch", f"--ntasks={nodes + 1}", str(JOBSCRIPTS / "vertical.sbatch"),
+                        check=False)
+    assert refused.returncode != 0, refused.stdout
+    assert "Requested node configuration is not available" in refused.stderr
     job = Submitted(slurm, "vertical.sbatch", tmp_path, *args)
     job.assert_completed()
     summary = job.summary()
@@ -266,18 +299,36 @@ def _wait_for_training(job: Submitted, timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
+def _fnv1a(text: str) -> str:
+    """MPICH's hash of the PMI key space ("<job>.<step>" under srun) in its segment names."""
+    value = 2166136261
+    for byte in text.encode():
+        value = ((value ^ byte) * 16777619) & 0xFFFFFFFF
+    return f"{value:x}"
+
+
 def test_preempted_job_is_requeued_and_finishes(slurm, data, tmp_path: Path) -> None:
-    """`scontrol requeue` of a running training job: it runs again and records its result."""
+    """`scontrol requeue` of a running training job: it runs again and records its result.
+    The killed run leaves its MPICH shared-memory segment behind, which the restart would
+    attach to: local rank 0 removes it first -- and only it, not another job's stale one."""
     path = f"data.path={data[config_clients(VANILLA)]}"
     job = Submitted(slurm, "single-node.sbatch", tmp_path, VANILLA, path, "train.epochs=3",
                     "train.eval_every=0")
     _wait_for_training(job)
     assert slurm.state(job.id) == "RUNNING"
-    slurm.run("scontrol", "requeue", job.id)
-    job.assert_completed()
+    other = Path(f"/dev/shm/mpich_shm_{_fnv1a(f'{int(job.id) + 1}.0')}_0")
+    other.write_bytes(b"")  # another job's, as stale (mapped by no process)
+    try:
+        slurm.run("scontrol", "requeue", job.id)
+        job.assert_completed()
+        assert other.exists(), "the restart removed another job's shared memory"
+    finally:
+        other.unlink(missing_ok=True)
     (record,) = slurm.records(job.id)
     assert record["Restarts"] == "1"
-    assert "(restart 1)" in slurm.output(job.id)
+    out = slurm.output(job.id)
+    assert "(restart 1)" in out
+    assert f"removed stale /dev/shm/mpich_shm_{_fnv1a(f'{job.id}.0')}_0" in out, out[-3000:]
     assert job.summary()["world_size"] == 4
 
 
@@ -300,10 +351,25 @@ def test_usr1_checkpoints_requeues_and_the_job_resumes(slurm, data, tmp_path: Pa
     assert "(restart 1)" in out
     stopped = re.search(r"stopped by SIGUSR1; checkpoint at step (\d+) committed", out)
     assert stopped, out[-3000:]
-    metrics = (job.run_dir() / "metrics-rank0.jsonl").read_text()
-    assert f'"event": "resumed", "step": {stopped.group(1)}}}' in metrics
+    step = int(stopped.group(1))
+    assert [r["step"] for r in job.metrics() if r.get("event") == "resumed"] == [step]
+    assert f"resumed from step {step} (checkpoint " in out
+    assert f"it resumes from the checkpoint at step {step}" in out
+    summary = job.summary()
     first, second = job.hosts()
-    assert job.summary()["nodes"] == [first, second, first, second]
+    assert summary["nodes"] == [first, second, first, second]
+    # The summary covers both runs of the job: each rank's bytes are what it sent up to the
+    # checkpoint plus after the resume; the time, both runs'.
+    assert summary["launches"] == 2 and summary["last_launch"]["resumed_from_step"] == step
+    for rank, sent in enumerate(summary["bytes_sent_per_rank"]):
+        records = job.metrics(rank)
+        (before,) = [r["bytes_sent"] for r in records if r.get("event") == "preempted"]
+        (after,) = [r["bytes_sent"] for r in records if r.get("event") == "end"]
+        assert sent == before + after and summary["last_launch"]["bytes_sent_per_rank"][rank] \
+            == after
+    (end,) = [r for r in job.metrics() if r.get("event") == "end"]
+    assert summary["wall_time_s"] > end["wall_s"] + 0.1
+    assert summary["samples_per_s"] == round(summary["train_samples"] / summary["wall_time_s"], 2)
 
 
 def test_ntasks_mismatch_fails_with_clear_message(slurm, data, tmp_path: Path) -> None:
@@ -314,4 +380,103 @@ def test_ntasks_mismatch_fails_with_clear_message(slurm, data, tmp_path: Path) -
     out = slurm.output(job.id)
     assert "ntasks mismatch" in out and "needs 4 MPI ranks" in out and "has 3 Slurm tasks" in out
     assert "submit with --ntasks=4" in out
+    assert f"(see `mpisplit topology {VANILLA} {path} {' '.join(TINY)}`)" in out  # overrides kept
     assert not job.run_dir().exists()
+
+
+# A hook the job's Python processes load (PYTHONPATH): in a job's first run, `mpisplit
+# COMMAND` processes wait at their exit (after main has returned: a rank has written what it
+# writes and only exits) until the test opens the gate -- so that a signal can be sent then.
+EXIT_GATE = """import atexit, os, sys, time
+command, gate = os.environ["MPISPLIT_TEST_EXIT_GATE"].split(":", 1)
+if sys.argv[1:2] == [command] and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+    def hold():
+        open(os.path.join(gate, f"held-{os.getpid()}"), "w").close()
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.path.join(gate, "open")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    atexit.register(hold)
+"""
+
+
+def _exit_gate(tmp_path: Path, command: str) -> tuple[Path, dict[str, str]]:
+    """The gate directory and the job environment that holds `mpisplit COMMAND` there."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    (gate / "sitecustomize.py").write_text(EXIT_GATE)
+    return gate, {"PYTHONPATH": str(gate), "MPISPLIT_TEST_EXIT_GATE": f"{command}:{gate}"}
+
+
+def _wait_until(condition, job: Submitted, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}\n{job.slurm.describe(job.id)}"
+        time.sleep(0.2)
+
+
+def test_usr1_after_the_final_summary_neither_kills_nor_requeues(slurm, data,
+                                                                 tmp_path: Path) -> None:
+    """The time-limit warning comes after training has finished, while the ranks exit: they
+    ignore it (the engine no longer handles USR1 by dying), and the job is not requeued."""
+    gate, env = _exit_gate(tmp_path, "train")
+    job = Submitted(slurm, "single-node.sbatch", tmp_path, VANILLA,
+                    f"data.path={data[config_clients(VANILLA)]}", *TINY, env=env)
+    _wait_until(lambda: len(list(gate.glob("held-*"))) == 4, job, "the ranks never exited")
+    assert "preempted" not in job.summary()
+    slurm.run("scancel", "--batch", "--signal=USR1", job.id)
+    _wait_until(lambda: slurm.output(job.id).count("SIGUSR1 after training had finished: "
+                                                   "ignored") == 4
+                or slurm.state(job.id) != "RUNNING", job, "USR1 never reached the ranks")
+    (gate / "open").touch()
+    job.assert_completed()
+    (record,) = slurm.records(job.id)
+    assert record["Restarts"] == "0"
+    out = slurm.output(job.id)
+    assert "pre-emption warning (USR1), but the run finished first; not requeued" in out
+    assert [r["event"] for r in job.metrics() if r.get("event") in ("end", "start")] \
+        == ["start", "end"]
+
+
+def test_usr1_during_start_up_is_logged_and_requeues(slurm, data, tmp_path: Path) -> None:
+    """The pre-emption warning while the script checks the task count, before the launch:
+    the job says so and is requeued (its rerun completes), instead of dying unlogged."""
+    gate, env = _exit_gate(tmp_path, "topology")
+    job = Submitted(slurm, "single-node.sbatch", tmp_path, VANILLA,
+                    f"data.path={data[config_clients(VANILLA)]}", *TINY, env=env)
+    _wait_until(lambda: any(gate.glob("held-*")), job, "the task-count check never ran")
+    slurm.run("scancel", "--batch", "--signal=USR1", job.id)
+    job.assert_completed()
+    (record,) = slurm.records(job.id)
+    assert record["Restarts"] == "1", slurm.describe(job.id)
+    out = slurm.output(job.id)
+    assert "got SIGUSR1 during start-up, before the launch" in out
+    assert f"requeueing job {job.id} (nothing ran yet)" in out
+    assert job.summary()["world_size"] == 4
+
+
+def test_cancelled_run_continues_with_the_command_its_log_prints(slurm, data,
+                                                                 tmp_path: Path) -> None:
+    """`scancel` sends TERM: the ranks commit a checkpoint and the job ends CANCELLED, its log
+    ending with the exact command that continues the run; run as printed (from anywhere), it
+    resumes there and finishes, its summary covering both jobs."""
+    job = Submitted(slurm, "single-node.sbatch", tmp_path, SEQUENTIAL,
+                    f"data.path={data[config_clients(SEQUENTIAL)]}", "train.epochs=4",
+                    "train.eval_every=0", "checkpoint.every_steps=5")
+    checkpoints = job.run_dir() / "checkpoints"
+    _wait_until(lambda: any(checkpoints.glob("step-*/COMMITTED")), job, "no checkpoint")
+    slurm.run("scancel", job.id)
+    assert job.wait() == "CANCELLED", slurm.describe(job.id)
+    out = slurm.output(job.id)
+    stopped = re.search(r"stopped by SIGTERM; checkpoint at step (\d+) committed", out)
+    printed = CONTINUE.search(out)
+    assert stopped and printed, out[-3000:]
+    assert printed[1] == stopped[1]
+    assert f" jobscripts/single-node.sbatch --resume {SEQUENTIAL} " in printed[2]
+    submitted = slurm.run("bash", "-c", printed[2], env={
+        "SBATCH_OUTPUT": str(tmp_path / "%x-%j.out")}).stdout  # not into the checkout
+    resumed = submitted.split()[-1]
+    assert slurm.wait(resumed, timeout=JOB_TIMEOUT_S) == "COMPLETED", slurm.describe(resumed)
+    assert f"resumed from step {stopped[1]} (checkpoint " in slurm.output(resumed)
+    summary = job.summary()
+    assert summary["launches"] == 2 and summary["last_launch"]["resumed_from_step"] \
+        == int(stopped[1])

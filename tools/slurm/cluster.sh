@@ -10,13 +10,14 @@
 # Use the cluster with   export SLURM_CONF=DIR/etc/slurm.conf   (then sbatch, squeue...).
 #
 # Layout: CPU nodes n1..nN in partition `debug` (the default) and one node g1 in partition
-# `gpu`, all with MPISPLIT_SLURM_CPUS CPUs (default 4 -- more than the machine may have;
+# `gpu`, all with MPISPLIT_SLURM_CPUS CPUs (default 8 -- more than the machine may have;
 # SlurmdParameters=config_overrides allows it), on loopback under this machine's hostname.
-# g1 declares one GPU GRES (gpu:1) backed by /dev/null: there is no real GPU, but Slurm
-# allocates it, and sets CUDA_VISIBLE_DEVICES for the tasks of a job step that holds it.
+# g1 declares two GPU GRES (gpu:2) backed by /dev/null and /dev/zero: there is no real GPU,
+# but Slurm allocates them, and sets CUDA_VISIBLE_DEVICES for the tasks of a job step that
+# holds them (two, so that jobs can test which GPU each rank of a node binds).
 #
 # Environment:
-#   MPISPLIT_SLURM_CPUS        CPUs per node (default 4)
+#   MPISPLIT_SLURM_CPUS        CPUs per node (default 8: room for one job of 5 or more ranks)
 #   MPISPLIT_SLURM_PORT        slurmctld port (default 16817)
 #   MPISPLIT_SLURM_NODE_PORT   first slurmd port (default 17001): n1..nN, then g1 use
 #                              N+1 consecutive ports from there
@@ -32,7 +33,7 @@ cmd=$1
 mkdir -p "$2"
 dir=$(cd "$2" && pwd)
 
-cpus=${MPISPLIT_SLURM_CPUS:-4}
+cpus=${MPISPLIT_SLURM_CPUS:-8}
 ctl_port=${MPISPLIT_SLURM_PORT:-16817}
 node_port=${MPISPLIT_SLURM_NODE_PORT:-17001}
 timeout=${MPISPLIT_SLURM_TIMEOUT:-60}
@@ -62,8 +63,10 @@ write_config() {
   for n in "${nodes[@]}"; do mkdir -p "$dir/spool/$n"; done
   chmod 0755 "$dir/munge"  # munged: the socket dir must be searchable by all
   : >"$dir/etc/plugstack.conf"
-  # The GPU GRES of g1: AutoDetect off (no NVML here), one "device" file that exists.
-  printf 'AutoDetect=off\nNodeName=%s Name=gpu File=/dev/null\n' "$gpu_node" >"$dir/etc/gres.conf"
+  # The GPU GRES of g1: AutoDetect off (no NVML here), one "device" file each that exists.
+  { echo AutoDetect=off
+    printf 'NodeName=%s Name=gpu File=%s\n' "$gpu_node" /dev/null "$gpu_node" /dev/zero
+  } >"$dir/etc/gres.conf"
   local last_cpu=$((node_port + nnodes - 1))
   local first_job_id=$(( (RANDOM * 32768 + RANDOM) % 50000000 + 1000 ))
   cat >"$conf" <<EOF
@@ -112,7 +115,7 @@ InactiveLimit=0
 Waittime=0
 GresTypes=gpu
 NodeName=n[1-$nnodes] NodeHostname=$host NodeAddr=127.0.0.1 Port=[$node_port-$last_cpu] CPUs=$cpus State=UNKNOWN
-NodeName=$gpu_node NodeHostname=$host NodeAddr=127.0.0.1 Port=$((last_cpu + 1)) CPUs=$cpus Gres=gpu:1 State=UNKNOWN
+NodeName=$gpu_node NodeHostname=$host NodeAddr=127.0.0.1 Port=$((last_cpu + 1)) CPUs=$cpus Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=n[1-$nnodes] Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$gpu_node MaxTime=INFINITE State=UP
 EOF
