@@ -66,8 +66,9 @@ def train(ranks: int, data: Path, run_dir: Path, overrides: Sequence[str],
           scheme: str = "vanilla", clients: int = 1, threads: int = 1) -> Path:
     """One real training job (``threads`` torch threads per rank); returns its run dir."""
     command = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpisplit", "train",
-               str(ROOT / "configs/vanilla-breast-cancer.yaml"), f"scheme.name={scheme}",
-               f"scheme.clients={clients}", f"data.path={data}", f"run.dir={run_dir}",
+               "--overwrite", str(ROOT / "configs/vanilla-breast-cancer.yaml"),
+               f"scheme.name={scheme}", f"scheme.clients={clients}", f"data.path={data}",
+               f"run.dir={run_dir}",
                *BALANCED, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
