@@ -221,10 +221,10 @@ def test_unreadable_or_empty_config_files(raw: bytes, message: str, tmp_path: Pa
     ("transport.timeout_s=.inf", "transport.timeout_s: must be a finite number"),
     ("train.lr=.nan", "train.lr: must be a finite number"),
     ("train.seed=-1", "train.seed: must be >= 0"),
-    ("model.options={hidden: [0, 32]}", "layer fc1 of mlp has no units"),
-    ("model.options={hidden: [32, 0]}", "layer fc2 of mlp has no units"),
-    ("model.options={hidden: [-3, 32]}", "layer fc1 of mlp cannot be built"),
-    ("model.options={hidden: [a]}", "layer fc1 of mlp cannot be built"),
+    ("model.options={hidden: [0, 32]}", "mlp has a layer with no units (fc1.weight)"),
+    ("model.options={hidden: [32, 0]}", "mlp has a layer with no units (fc2.weight)"),
+    ("model.options={hidden: [-3, 32]}", "model.options: mlp rejected them"),
+    ("model.options={hidden: [a]}", "model.options: mlp rejected them"),
 ])
 def test_impossible_numbers_are_config_errors(override: str, message: str, dataset,
                                               tmp_path: Path, capsys) -> None:
