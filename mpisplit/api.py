@@ -13,6 +13,7 @@ the job at once instead, as the CLI does).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,8 @@ def train(
     """
     from mpi4py import MPI
 
-    from mpisplit import engine
-    from mpisplit.checkpoint import check_same_resume_point
+    from mpisplit import engine, rundir
+    from mpisplit.checkpoint import agree_on_resume_point, checkpoint_dir
     from mpisplit.models import register_factory
 
     comm = MPI.COMM_WORLD if comm is None else comm
@@ -46,8 +47,13 @@ def train(
     if factory is not None:
         overrides = {**overrides, "model.name": register_factory(factory)}
     cfg = config_from_dict(_apply(sections, overrides))
-    run = engine.prepare(cfg, comm.Get_size(), resume=resume)
-    check_same_resume_point(comm, run.resume)
+    run = engine.prepare(cfg, comm.Get_size(), resume=resume, rank=comm.Get_rank())
+    run = dataclasses.replace(run, resume=agree_on_resume_point(comm, run.resume))
+    if comm.Get_rank() == 0:
+        rundir.claim(Path(cfg.run.dir), checkpoint_dir(cfg),
+                     resume_step=run.resume.step if run.resume else None,
+                     scheme=cfg.scheme.name, world_size=comm.Get_size())
+    comm.Barrier()  # the directory is claimed before any rank writes into it
     return engine.train(run, comm)
 
 

@@ -5,7 +5,10 @@ Layout under ``checkpoint.dir``: ``step-<N>/rank-<R>.pt`` per rank, each written
 (temporary file, fsync, rename), then ``step-<N>/COMMITTED``, a JSON manifest that rank 0
 writes the same way only after every rank has confirmed its file. Resume reads the newest
 directory with a manifest, so a crash in the middle of a checkpoint leaves the previous one
-in use.
+in use; a damaged newest checkpoint (a manifest that does not parse, a rank's file that does
+not load) makes every rank fall back to the newest one that is whole, with one warning.
+Each rank's file also records how far its metrics file had got, so that a resumed run cuts
+the metrics back to that point and they read as one run.
 
 The schemes call ``reached(step, ...)`` after each training step, in the same order on every
 rank (a rank with nothing to do at that step, such as a client waiting for its turn, calls it
@@ -34,7 +37,8 @@ import torch
 from mpi4py import MPI
 
 from mpisplit.config import Config, ConfigError, SchemeConfig
-from mpisplit.failure import Preempted
+from mpisplit.failure import Preempted, say
+from mpisplit.runlog import MetricsLog
 from mpisplit.segment import Segment
 from mpisplit.specs import check_checkpointable
 from mpisplit.topology import Topology
@@ -76,18 +80,45 @@ class Manifest:
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
-        data = json.loads((path / MANIFEST).read_text())
-        return cls(path, data["step"], data["scheme"], data["roles"], data["settings"])
+        """Raises ``ValueError`` naming the problem when the manifest is damaged."""
+        try:
+            data = json.loads((path / MANIFEST).read_text())
+            manifest = cls(path, data["step"], data["scheme"], data["roles"], data["settings"])
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"{path.name}: its {MANIFEST} manifest is unreadable "
+                             f"({type(err).__name__}: {err})") from None
+        if not (isinstance(manifest.step, int) and isinstance(manifest.roles, list)
+                and isinstance(manifest.settings, dict)):
+            raise ValueError(f"{path.name}: its {MANIFEST} manifest is malformed")
+        return manifest
 
     def rank_file(self, rank: int) -> Path:
         return self.path / f"rank-{rank:05d}.pt"
 
 
+def _committed_dirs(directory: Path) -> list[Path]:
+    """Checkpoint directories with a manifest, newest first (uncommitted ones are ignored)."""
+    committed = sorted(((int(m.group(1)), d) for d in directory.glob("step-*")
+                        if (m := _STEP_DIR.search(d.name)) and (d / MANIFEST).is_file()),
+                       reverse=True)
+    return [d for _, d in committed]
+
+
+def committed(directory: Path) -> tuple[list[Manifest], list[str]]:
+    """The committed checkpoints whose manifests read, newest first, and what is wrong
+    with each of the others."""
+    manifests, damaged = [], []
+    for path in _committed_dirs(directory):
+        try:
+            manifests.append(Manifest.read(path))
+        except ValueError as err:
+            damaged.append(str(err))
+    return manifests, damaged
+
+
 def latest_committed(directory: Path) -> Manifest | None:
-    """The newest checkpoint with a manifest (uncommitted directories are ignored)."""
-    committed = sorted((int(m.group(1)), d) for d in directory.glob("step-*")
-                       if (m := _STEP_DIR.search(d.name)) and (d / MANIFEST).is_file())
-    return Manifest.read(committed[-1][1]) if committed else None
+    """The newest checkpoint with a manifest that reads."""
+    return next(iter(committed(directory)[0]), None)
 
 
 def resume_settings(cfg: Config) -> dict[str, Any]:
@@ -110,15 +141,17 @@ def default_settings(cfg: Config) -> dict[str, Any]:
                        json.loads(json.dumps(scheme.to_dict())).items()}
 
 
-def find_resume_point(cfg: Config, topology: Topology, resume: bool) -> Manifest | None:
+def find_resume_point(cfg: Config, topology: Topology, resume: bool, *,
+                      overwrite: bool = False) -> Manifest | None:
     """The checkpoint to resume from, checked against this run's shape (no MPI traffic)."""
     directory = checkpoint_dir(cfg)
     found = latest_committed(directory) if directory.is_dir() else None
     if not resume:
-        if found is not None and cfg.checkpoint.every_steps:
+        if found is not None and cfg.checkpoint.every_steps and not overwrite:
             raise ConfigError(
                 f"checkpoint.dir: {directory} already holds a committed checkpoint (step "
-                f"{found.step}); pass --resume to continue from it, or use another run.dir")
+                f"{found.step}); pass --resume to continue from it, --overwrite to start "
+                f"over, or use another run.dir")
         return None
     check_checkpointable(cfg.scheme)
     if found is None:
@@ -139,17 +172,69 @@ def find_resume_point(cfg: Config, topology: Topology, resume: bool) -> Manifest
     return found
 
 
-def check_same_resume_point(comm: MPI.Comm, resume: Manifest | None) -> None:
-    """Every rank must resume from the same checkpoint (a filesystem whose ranks see
-    different directory contents would otherwise split the run). One raw Allgather."""
-    mine = np.array([resume.step if resume else -1], np.int64)
-    everyone = np.zeros(comm.Get_size(), np.int64)
+_CANDIDATES = 8
+"""Committed checkpoints a resume considers, newest first (``checkpoint.keep`` of them
+exist unless a run was killed while pruning)."""
+
+
+def agree_on_resume_point(comm: MPI.Comm, newest: Manifest | None) -> Manifest | None:
+    """The checkpoint every rank resumes from: the newest (no newer than ``newest``, the one
+    checked against the config) whose manifest reads and whose file loads on every rank.
+    Passing over a damaged one is one warning line on rank 0. Every rank must see the same
+    checkpoints (a filesystem whose ranks see different directory contents would otherwise
+    split the run). One raw Allgather; every rank reaches the same answer, so errors are
+    raised on all of them alike."""
+    candidates, damaged = committed(newest.path.parent) if newest else ([], [])
+    candidates = [m for m in candidates if m.step <= newest.step
+                  and (m.scheme, m.roles, m.settings) == (newest.scheme, newest.roles,
+                                                         newest.settings)][:_CANDIDATES]
+    damaged = [d for d in damaged if newest and _step_of(d) > newest.step]
+    mine = np.full((_CANDIDATES, 2), -1, np.int64)
+    for row, manifest in enumerate(candidates):
+        mine[row] = manifest.step, _loads(manifest.rank_file(comm.Get_rank()), manifest.step)
+    everyone = np.zeros((comm.Get_size(), _CANDIDATES, 2), np.int64)
     comm.Allgather(mine, everyone)
-    if len(set(everyone.tolist())) > 1:
-        seen = ", ".join(f"rank {r}: {'none' if s < 0 else f'step {s}'}"
-                         for r, s in enumerate(everyone.tolist()))
+    steps = everyone[:, :, 0]
+    if (steps != steps[0]).any():
+        seen = ", ".join(f"rank {r}: {'none' if s[0] < 0 else f'step {s[0]}'}"
+                         for r, s in enumerate(steps.tolist()))
         raise ConfigError(f"--resume: the ranks see different checkpoints ({seen}); is the "
                           f"checkpoint directory on a filesystem every node sees alike?")
+    whole = everyone[:, :, 1].min(axis=0) == 1
+    for row, manifest in enumerate(candidates):
+        if whole[row]:
+            if damaged and comm.Get_rank() == 0:
+                say(f"warning: {'; '.join(damaged)}; resuming from step {manifest.step}")
+            return manifest
+        broken = np.flatnonzero(everyone[:, row, 1] != 1).tolist()
+        damaged.append(f"{manifest.path.name}: the file of rank(s) "
+                       f"{', '.join(map(str, broken))} does not load (truncated?)")
+    if newest is None:
+        return None
+    raise ConfigError(f"--resume: no whole checkpoint in {newest.path.parent}: "
+                      f"{'; '.join(damaged)}")
+
+
+def _step_of(problem: str) -> int:
+    match = _STEP_DIR.search(problem.split(":")[0])
+    return int(match.group(1)) if match else -1
+
+
+def _loads(path: Path, step: int) -> bool:
+    """Whether a rank's checkpoint file loads (memory-mapped: nothing is copied) and is the
+    one of ``step``; a truncated file fails here."""
+    try:
+        state = torch.load(path, weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - whatever a damaged archive raises, it is damaged
+        return False
+    return isinstance(state, dict) and state.get("step") == step
+
+
+def metrics_position(resume: Manifest, rank: int) -> int | None:
+    """How many bytes of its metrics file ``rank`` had written at that checkpoint (None
+    for a checkpoint written before this was recorded)."""
+    state = torch.load(resume.rank_file(rank), weights_only=True, mmap=True)
+    return state.get("metrics_bytes")
 
 
 def pack(segments: Sequence[Segment], generators: Sequence[torch.Generator] = (),
@@ -175,9 +260,10 @@ class Checkpointer:
     """This rank's side of the coordinated checkpoints (a no-op when they are off)."""
 
     def __init__(self, comm: MPI.Comm, transport: Transport, cfg: Config, topology: Topology,
-                 resume: Manifest | None) -> None:
+                 resume: Manifest | None, metrics: MetricsLog) -> None:
         self._comm = comm.Dup()
         self._transport = transport
+        self._metrics = metrics
         self._rank = comm.Get_rank()
         self._every = cfg.checkpoint.every_steps
         self._every_s = cfg.checkpoint.every_s
@@ -221,6 +307,7 @@ class Checkpointer:
             raise ConfigError(f"--resume: cannot read {path}: {err}") from None
         torch.set_rng_state(state.pop("torch_rng"))
         self.prior = RunTotals(**state.pop("totals", {}))  # none in older checkpoints
+        state.pop("metrics_bytes", None)
         cuda_rng = state.pop("cuda_rng")
         if cuda_rng:
             torch.cuda.set_rng_state_all(cuda_rng)
@@ -288,7 +375,8 @@ class Checkpointer:
         with open(tmp, "wb") as out:
             cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
             torch.save({**state, "step": step, "totals": self._totals(state),
-                        "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, out)
+                        "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
+                        "metrics_bytes": self._metrics.flush()}, out)
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(target)

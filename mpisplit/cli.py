@@ -1,20 +1,29 @@
 """Command line: ``mpisplit train | launch | export | metrics | topology | data | sweep |
 results | prof report | resources | audit``.
 
-The entry point only parses, builds, runs and closes. Input errors (config, data, world size)
-are found before any MPI traffic: every rank finds the same error, rank 0 prints it, and every
-rank exits with status 2.
+The entry point only parses, builds, runs and closes. Input errors (config, data, world size,
+run directory) are found before any other MPI traffic: each rank checks what it can alone
+(the shards it will read against ``meta.json`` too), the ranks agree, the lowest rank that
+found a problem prints it, and every rank exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mpisplit.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+    from mpisplit.engine import RunPlan
 
 EXIT_BAD_INPUT = 2
 PMPI_ACTIVE = "MPISPLIT_PMPI_ACTIVE"
@@ -26,8 +35,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.handler(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Under a launcher every rank parses the same command line: only the first rank (or a
+    process started without one) prints a usage error, so it is said once."""
+
+    _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+    def error(self, message: str) -> typing.NoReturn:
+        ranks = [os.environ[name] for name in self._RANK_VARIABLES if name in os.environ]
+        if not ranks or ranks[0] == "0":
+            self.print_usage(sys.stderr)
+            sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpisplit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="mpisplit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train (run under mpiexec -n N)")
@@ -38,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue from the latest committed checkpoint (automatic in a "
                             "requeued Slurm job)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the earlier run in run.dir (its config, metrics, "
+                            "summary, model parts, traces and checkpoints)")
     train.set_defaults(handler=_train)
 
     launch = commands.add_parser(
@@ -153,7 +179,7 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _bad_input(err: Exception, rank: int = 0) -> int:
     if rank == 0:
-        print(f"mpisplit: {err}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"mpisplit: {err}\n")
     return EXIT_BAD_INPUT
 
 
@@ -163,23 +189,50 @@ def _train(args: argparse.Namespace) -> int:
     from mpi4py import MPI
 
     from mpisplit import engine
-    from mpisplit.checkpoint import check_same_resume_point
-    from mpisplit.data import DataError
     from mpisplit.failure import Preempted, abort_on_failure
 
     comm = MPI.COMM_WORLD
-    try:
-        config = load_config(args.config, args.overrides)
-        run = engine.prepare(config, comm.Get_size(), resume=_resuming(args, config))
-        check_same_resume_point(comm, run.resume)
-    except (ConfigError, DataError) as err:
-        return _bad_input(err, comm.Get_rank())
+    run = _agreed_run(args, comm)
+    if run is None:
+        return EXIT_BAD_INPUT
     label = run.topology.of(comm.Get_rank()).label
     try:
-        abort_on_failure(comm, label, lambda: engine.train(run, comm))
+        abort_on_failure(comm, label, lambda: engine.train(run, comm), Path(run.config.run.dir))
     except Preempted as stop:
         os._exit(stop.exit_status)  # said so and met the others; skip the MPI_Finalize handshake
     return 0
+
+
+def _agreed_run(args: argparse.Namespace, comm: MPI.Comm) -> RunPlan | None:
+    """The run every rank found sound, with the checkpoint they all resume from, once rank
+    0 has claimed the run directory; None (the problem printed once) otherwise."""
+    from mpisplit import engine, rundir
+    from mpisplit.checkpoint import agree_on_resume_point, checkpoint_dir
+    from mpisplit.data import DataError
+    from mpisplit.failure import agree_on_input
+
+    rank, error, run = comm.Get_rank(), None, None
+    try:
+        config = load_config(args.config, args.overrides)
+        run = engine.prepare(config, comm.Get_size(), resume=_resuming(args, config),
+                             overwrite=args.overwrite, rank=rank)
+    except (ConfigError, DataError) as err:
+        error = err
+    if not agree_on_input(comm, error):
+        return None
+    try:
+        run = dataclasses.replace(run, resume=agree_on_resume_point(comm, run.resume))
+    except ConfigError as err:  # every rank reaches the same verdict
+        _bad_input(err, rank)
+        return None
+    if rank == 0:
+        try:
+            rundir.claim(Path(config.run.dir), checkpoint_dir(config),
+                         resume_step=run.resume.step if run.resume else None,
+                         scheme=config.scheme.name, world_size=comm.Get_size())
+        except OSError as err:
+            error = ConfigError(f"run.dir: cannot prepare {config.run.dir}: {err}")
+    return run if agree_on_input(comm, error) else None
 
 
 def _resuming(args: argparse.Namespace, config: Config) -> bool:
@@ -200,10 +253,12 @@ def _reexec_with_pmpi(args: argparse.Namespace) -> int:
     try:
         run_dir = Path(load_config(args.config, args.overrides).run.dir)
         env = preload_env(run_dir, {**os.environ, PMPI_ACTIVE: "1"})
-    except (ConfigError, FileNotFoundError) as err:
+    except ConfigError:  # reported once, by the ranks' agreement, without the library
+        env = {**os.environ, PMPI_ACTIVE: "1"}
+    except FileNotFoundError as err:
         return _bad_input(err)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    command = ["-m", "mpisplit", "train", "--pmpi", *(["--resume"] if args.resume else []),
+    flags = [flag for flag in ("resume", "overwrite") if getattr(args, flag)]
+    command = ["-m", "mpisplit", "train", "--pmpi", *(f"--{flag}" for flag in flags),
                args.config, *args.overrides]
     os.execve(sys.executable, [sys.executable, *command], env)
 

@@ -145,6 +145,8 @@ class TrainConfig:
         _require(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = only at the end)")
         _require(self.eval_clients >= 0, "train.eval_clients",
                  f"must be >= 0 (0 = every client), got {self.eval_clients}")
+        _require(self.seed >= 0, "train.seed", f"must be >= 0 (it seeds numpy's data order), "
+                 f"got {self.seed}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -293,17 +295,47 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: PyYAML would keep
+    the last one silently (a second ``lr:`` or ``train:`` section replacing the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=True)
+            with contextlib.suppress(TypeError):  # unhashable keys fail below, as usual
+                if key in seen:
+                    raise ConfigError(
+                        f"key {key!r} appears twice in one mapping (lines {seen[key]} and "
+                        f"{key_node.start_mark.line + 1}); keep one")
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as PyYAML's safe loader reads it, except that duplicate keys are an error."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     """Reads a YAML config, applies ``section.key=value`` overrides, validates everything."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: "
+                          f"{err.object[err.start:err.start + 1]!r}); save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = parse_yaml(text)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty: write the sections the run needs (configs/ has "
+                          f"documented examples), or {{}} to mean every default")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return config_from_dict(apply_overrides(_factory_file_from(path, data), overrides))
@@ -331,7 +363,9 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
         if not sep or not dot or not section or not name:
             raise ConfigError(f"override '{item}': expected section.key=value")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = parse_yaml(raw) if raw else ""
+        except ConfigError as err:
+            raise ConfigError(f"override '{item}': {err}") from None
         except yaml.YAMLError:
             value = raw
         target = result.setdefault(section, {})
@@ -424,19 +458,48 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return dict(value)
     if hint is Any:
         return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-        with contextlib.suppress(ValueError):
-            if math.isfinite(number := float(value)):
-                return number
+    if hint is float:
+        return _finite_float(value, key)
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if hint is int and isinstance(value, bool):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if not isinstance(value, hint):
         raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}")
+    if hint is int and not -INT_LIMIT <= value <= INT_LIMIT:
+        raise ConfigError(f"{key}: {_short(value)} is out of range (at most {INT_LIMIT} in "
+                          f"magnitude)")
     return value
+
+
+INT_LIMIT = 2**31 - 1
+"""Every integer setting (counts, steps, seeds, sizes) stays within 32 bits, so that step
+counts multiplied by epochs still fit the 64-bit integers that MPI and numpy carry."""
+
+
+def _finite_float(value: Any, key: str) -> float:
+    """A finite float from a YAML number (ints too) or from a string (YAML 1.1 reads 1e-3 as
+    one); infinities and NaN are refused here, so no check further on has to expect them."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: {_short(value)} is too large") from None
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None:
+        raise ConfigError(f"{key}: expected float, got {_short(value)}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    return number
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut short (a 400-digit integer makes an unreadable error line)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
 
 
 def _describe(hint: Any) -> str:

@@ -32,8 +32,14 @@ Every ``.h5`` file stores rows along axis 0, chunked in blocks of at most a few 
     labels    int64   [N]  (absent from party files)
 
 and the attrs ``dataset``, ``num_classes``, ``feature_shape`` (empty for labels files) and
-``schema_version``. Vertical files each store their rows in a different shuffled order and
-parties may each miss a few ids, so parties intersect their ids (:func:`intersect_ids`) and
+``schema_version``. Every dataset carries HDF5's Fletcher-32 checksum per chunk (written by
+``mpisplit.prepare``'s shard writer, the one writer of shards): a reader refuses a file
+without it, and a chunk whose bytes changed fails its read with a ``DataError``. Before a
+run, each rank compares the schema, feature shape and row count of the shards it will read
+with ``meta.json`` (:func:`check_dataset`).
+
+Vertical files each store their rows in a different shuffled order and parties may each
+miss a few ids, so parties intersect their ids (:func:`intersect_ids`) and
 read in that common order (:func:`align_rows` and ``ShardReader(rows=...)``).
 """
 
@@ -76,6 +82,7 @@ _META_KEYS = (
     "test_samples",
 )
 _PREPARE_HINT = "create it with `mpisplit data prepare --dataset NAME --out DIR`"
+_DAMAGED = "checksum mismatch or damaged file"
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,78 @@ def read_meta(root: Path) -> dict[str, Any]:
     return meta
 
 
+def check_partition(meta: dict[str, Any], root: Path, scheme: str) -> None:
+    """Vertical schemes need a vertical partition and every other scheme a horizontal one:
+    said before launch, in words, rather than as a missing file on every rank."""
+    vertical = meta["partition"] == "vertical"
+    if scheme == "vertical" and not vertical:
+        raise DataError(
+            f"data.path: {root} is a horizontal partition ({meta['partition']}: every client "
+            f"holds whole rows); scheme vertical needs parties holding feature groups "
+            f"(`mpisplit data prepare --partition vertical`)")
+    if scheme != "vertical" and vertical:
+        raise DataError(
+            f"data.path: {root}: this dataset is a vertical partition (each party holds a "
+            f"feature group of the same patients); scheme {scheme} needs a horizontal one "
+            f"(`mpisplit data prepare --partition iid`), or use scheme.name=vertical")
+
+
+def check_dataset(root: Path, meta: dict[str, Any], *, shards: Sequence[int] = (),
+                  test: bool = False, labels: bool = False) -> None:
+    """Opens the shards one rank will read (headers only: no rows are read) and checks each
+    one's schema, checksums, feature shape and row count against ``meta``: the training
+    shards of clients (or parties) ``shards``, their test set with ``test``, the label files
+    with ``labels``. Run before launch, so a shard that disagrees with ``meta.json`` is one
+    error, not a shape error mid-run or a client that silently trains on nothing. Only a
+    rank's own files: in a real deployment a rank's data directory holds nothing else."""
+    root = Path(root)
+    clients, train, test_rows = meta["clients"], meta["train_samples"], meta["test_samples"]
+    counts = [*train, test_rows] if isinstance(train, list) else []
+    if len(counts) != clients + 1 or not all(isinstance(n, int) and n >= 0 for n in counts):
+        raise DataError(f"{root / META_FILE}: train_samples must list {clients} row counts "
+                        f"and test_samples be a count; {_PREPARE_HINT}")
+    if test_rows < 1:
+        raise DataError(f"{root / META_FILE}: the test set is empty (test_samples 0), but "
+                        f"every run ends with a test evaluation; {_PREPARE_HINT}")
+    if meta["partition"] != "vertical":
+        files = meta.get("shards") or range(clients)  # client k of the run reads files[k]
+        for client in shards:
+            _check_shard(shard_path(root, "client", files[client]), _READABLE_FIELDS,
+                         meta["feature_shape"], train[client])
+        if test:
+            _check_shard(shard_path(root, "client", test=True), _READABLE_FIELDS,
+                         meta["feature_shape"], test_rows)
+        return
+    shapes = meta.get("party_feature_shapes")
+    if not isinstance(shapes, list) or len(shapes) != clients:
+        raise DataError(f"{root / META_FILE}: party_feature_shapes must list {clients} "
+                        f"shapes; {_PREPARE_HINT}")
+    for party in shards:
+        _check_shard(shard_path(root, "party", party), ("features",), shapes[party],
+                     train[party])
+        if test:
+            _check_shard(shard_path(root, "party", party, test=True), ("features",),
+                         shapes[party], None)
+    if labels:
+        _check_shard(shard_path(root, "labels"), ("labels",), None, None)
+        _check_shard(shard_path(root, "labels", test=True), ("labels",), None, test_rows)
+
+
+def _check_shard(path: Path, fields: tuple[str, ...], shape: Sequence[int] | None,
+                 rows: int | None) -> None:
+    """One shard's header against what ``meta.json`` promises (None: not promised)."""
+    with _open_h5(path) as file:
+        _, size, feature_shape = _validate_shard(file, path, fields)
+    if shape is not None and list(feature_shape) != list(shape):
+        raise DataError(f"{path}: features have shape {list(feature_shape)} per row, but "
+                        f"meta.json says {list(shape)}; {_PREPARE_HINT}")
+    if rows is not None and size != rows:
+        raise DataError(f"{path}: {size} rows, but meta.json promises {rows} (a damaged or "
+                        f"replaced shard?); {_PREPARE_HINT}")
+    if size == 0:
+        raise DataError(f"{path}: no rows; {_PREPARE_HINT}")
+
+
 def read_ids(path: Path) -> np.ndarray:
     """All ids of one shard file, e.g. to intersect them with the other vertical parties."""
     path = Path(path)
@@ -145,7 +224,7 @@ def read_ids(path: Path) -> np.ndarray:
         try:
             return ids[...]
         except OSError as exc:
-            raise DataError(f"{path}: cannot read 'ids' (corrupted file?): {exc}") from exc
+            raise DataError(f"{path}: cannot read 'ids' ({_DAMAGED}): {exc}") from exc
 
 
 def intersect_ids(id_sets: Sequence[np.ndarray]) -> np.ndarray:
@@ -334,7 +413,7 @@ class ShardReader:
         try:
             arrays = {name: column[index] for name, column in self._columns.items()}
         except OSError as exc:
-            raise DataError(f"{self.path}: cannot read rows (corrupted file?): {exc}") from exc
+            raise DataError(f"{self.path}: cannot read rows ({_DAMAGED}): {exc}") from exc
         if order is not None:
             arrays = {name: array[order] for name, array in arrays.items()}
         return _to_batch(arrays)
@@ -515,6 +594,9 @@ def _dataset(file: h5py.File, path: Path, name: str) -> h5py.Dataset:
     bad_rank = column.ndim == 0 if name == "features" else column.ndim != 1
     if bad_rank:
         raise DataError(f"{path}: dataset '{name}' has bad shape {column.shape}")
+    if not column.fletcher32:
+        raise DataError(f"{path}: dataset '{name}' has no checksum (HDF5 fletcher32), so "
+                        f"damage could not be detected; {_PREPARE_HINT}")
     return column
 
 

@@ -1,9 +1,10 @@
 """Builds a run from a validated config and runs this rank's part of the scheme.
 
-``prepare`` does every check that can fail (topology vs world size, dataset, model, cuts)
-without any MPI traffic, so bad input ends every rank with the same clear error. ``train``
-then sets up the run directory, transport, tracing and metrics, hands a ``RankContext`` to the
-scheme, and assembles ``summary.json`` on rank 0 from what every rank reports.
+``prepare`` does every check that can fail (topology vs world size, dataset, model, cuts, run
+directory) without any MPI traffic, so bad input ends every rank with one clear error.
+``train`` then sets up the transport, tracing and metrics in the run directory (claimed by
+rank 0 in between: ``mpisplit.rundir``), hands a ``RankContext`` to the scheme, and assembles
+``summary.json`` on rank 0 from what every rank reports.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import os
 import resource
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +21,18 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpisplit import specs
-from mpisplit.checkpoint import Checkpointer, Manifest, find_resume_point
+from mpisplit import rundir, specs
+from mpisplit.checkpoint import (
+    Checkpointer,
+    Manifest,
+    checkpoint_dir,
+    find_resume_point,
+    metrics_position,
+)
 from mpisplit.compression import make_compressor
 from mpisplit.config import Config, ConfigError
-from mpisplit.data import read_meta, shard_path
-from mpisplit.failure import Preempted, preemptible
+from mpisplit.data import check_dataset, check_partition, read_meta, shard_path
+from mpisplit.failure import Preempted, preemptible, say
 from mpisplit.models import (
     ZOO,
     LayerPlan,
@@ -39,7 +45,7 @@ from mpisplit.models import (
 from mpisplit.runlog import MetricsLog, setup_logging, write_resolved_config, write_summary
 from mpisplit.segment import Segment
 from mpisplit.split import check_one_tensor, check_shared, split_model
-from mpisplit.topology import Placement, Topology, check_world_size, plan
+from mpisplit.topology import Placement, Role, Topology, check_world_size, plan
 from mpisplit.tracing import Tracer
 from mpisplit.transport import Transport
 
@@ -92,14 +98,19 @@ def select_clients(meta: dict[str, Any], cfg: Config) -> dict[str, Any]:
             "train_samples": [meta["train_samples"][k] for k in shards]}
 
 
-def prepare(cfg: Config, world_size: int, *, resume: bool = False) -> RunPlan:
+def prepare(cfg: Config, world_size: int, *, resume: bool = False, overwrite: bool = False,
+            rank: int | None = None) -> RunPlan:
+    """Checks everything this rank can check alone; with its ``rank``, that includes the
+    shards it will read, against ``meta.json``."""
     spec = specs.get(cfg.scheme.name)
     topology = plan(cfg)
     check_world_size(topology, world_size)
     if cfg.transport.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"transport.device: cuda, but torch sees no CUDA device on "
                           f"{socket.gethostname()} (use cpu or auto)")
-    meta = select_clients(read_meta(Path(cfg.data.path)), cfg)
+    meta = read_meta(Path(cfg.data.path))
+    check_partition(meta, Path(cfg.data.path), cfg.scheme.name)
+    meta = select_clients(meta, cfg)
     model = build_model(cfg.model, meta["feature_shape"], meta["num_classes"], device="meta")
     parts = split_model(model, cfg.model.cuts)
     check_one_tensor(parts, cfg.model.cuts)
@@ -113,7 +124,27 @@ def prepare(cfg: Config, world_size: int, *, resume: bool = False) -> RunPlan:
     if cfg.model.name in ZOO or cfg.scheme.name in PLAN_SCHEMES:
         layers = layer_plan(cfg.model, meta["feature_shape"], meta["num_classes"])
         bounds = segment_bounds(len(layers), cut_indices(layers, cfg.model.cuts))
-    return RunPlan(cfg, topology, meta, layers, bounds, find_resume_point(cfg, topology, resume))
+    if rank is not None:
+        check_dataset(Path(cfg.data.path), meta, **_own_shards(cfg, topology, rank))
+    rundir.check_run_dir(Path(cfg.run.dir), checkpoint_dir(cfg), resume=resume,
+                         overwrite=overwrite)
+    return RunPlan(cfg, topology, meta, layers, bounds,
+                   find_resume_point(cfg, topology, resume, overwrite=overwrite))
+
+
+def _own_shards(cfg: Config, topology: Topology, rank: int) -> dict[str, Any]:
+    """What ``rank`` reads (``check_dataset``'s keywords): a client its own shard and the
+    test set, the label holder of a vertical run the label files, a run without clients
+    (centralized) everything; servers and relays otherwise hold no data."""
+    me = topology.of(rank)
+    clients = topology.ranks(Role.CLIENT)
+    vertical = cfg.scheme.name == "vertical"
+    if not clients:
+        return {"shards": range(cfg.scheme.clients), "test": True, "labels": vertical}
+    holder = cfg.scheme.options.label_party(cfg.scheme.clients) if vertical else None
+    if me.role == Role.CLIENT:
+        return {"shards": [me.index], "test": True, "labels": vertical and holder == me.index}
+    return {"labels": vertical and holder is None and me.role == Role.SERVER}
 
 
 @dataclass
@@ -217,7 +248,6 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     logger = setup_logging(me.rank, me.label)
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if me.rank == 0:
         write_resolved_config(run_dir, cfg.to_dict())
     spec = specs.get(cfg.scheme.name)
@@ -231,12 +261,13 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
     header = {"rank": me.rank, "role": me.label, "host": socket.gethostname(),
               "pid": os.getpid(), "node": os.environ.get("MPISPLIT_NODE", socket.gethostname()),
               "threads": torch.get_num_threads()}
+    resumed_at = metrics_position(run.resume, me.rank) if run.resume is not None else None
     metrics = MetricsLog(run_dir, me.rank, header, flush_every=cfg.run.log_every,
-                         append=run.resume is not None)
+                         append=run.resume is not None, truncate_to=resumed_at)
     if run.resume is not None:
         metrics.write({"event": "resumed", "step": run.resume.step})
         logger.info("resumed from step %d (checkpoint %s)", run.resume.step, run.resume.path)
-    checkpoints = Checkpointer(comm, transport, cfg, run.topology, run.resume)
+    checkpoints = Checkpointer(comm, transport, cfg, run.topology, run.resume, metrics)
     ctx = RankContext(run, me, comm, transport, tracer, metrics, run_dir, device, checkpoints)
     start = time.perf_counter()
     try:
@@ -258,6 +289,7 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
         summary = _summarize(ctx, result, wall, header["node"])
         if summary is not None:
             write_summary(run_dir, summary)
+            rundir.mark(run_dir, "finished")
             _log_final(logger, summary)
         return summary
     finally:
@@ -287,9 +319,8 @@ def _record_preemption(ctx: RankContext, stop: Preempted, wall: float) -> None:
                        "bytes_received": ctx.transport.traffic.total_received})
     ctx.metrics.close()
     if not stop.clean:
-        print(f"mpisplit: rank {ctx.me.rank} ({ctx.me.label}) stopped by {stop.signal_name}, "
-              f"but not every rank stopped with it: the job failed elsewhere (no summary "
-              f"written)", file=sys.stderr, flush=True)
+        say(f"rank {ctx.me.rank} ({ctx.me.label}) stopped by {stop.signal_name}, but not "
+            f"every rank stopped with it: the job failed elsewhere (no summary written)")
         return
     if ctx.me.rank == 0:
         write_summary(ctx.run_dir, {
@@ -298,10 +329,12 @@ def _record_preemption(ctx: RankContext, stop: Preempted, wall: float) -> None:
             "wall_time_s": round(ctx.checkpoints.prior.wall_s + wall, 4),
             "steps": ctx.metrics.last_step,
         })
+        rundir.mark(ctx.run_dir, "preempted", signal=stop.signal_name,
+                    checkpoint=stop.checkpoint)
     saved = f"checkpoint at step {stop.checkpoint} committed" if stop.checkpoint \
         else "metrics written"
-    print(f"mpisplit: rank {ctx.me.rank} ({ctx.me.label}) stopped by {stop.signal_name}; "
-          f"{saved} in {ctx.run_dir}", file=sys.stderr, flush=True)
+    say(f"rank {ctx.me.rank} ({ctx.me.label}) stopped by {stop.signal_name}; {saved} in "
+        f"{ctx.run_dir}")
     ctx.checkpoints.meet_before_exit(_EXIT_GRACE_S)
 
 

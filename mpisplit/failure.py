@@ -1,10 +1,15 @@
 """A failure on any rank ends the whole job quickly, with one clear message.
 
 Expected errors (bad config or data, a stalled peer, a forbidden send) print one line naming
-rank, host, role and cause; anything else prints its traceback first. Then the rank calls
+rank, host, role and cause; anything else prints its traceback first. Only the first rank to
+fail says so (it claims the run directory's failed state; a rank failing after it stays
+silent), in one write, so lines from several ranks never run together. Then the rank calls
 ``Abort`` on the job's communicator, which takes every other rank down with it: nobody is
 left blocked in MPI waiting for a peer that will never answer. A job of one rank simply exits
 with the same status.
+
+Bad input found before launch is agreed on instead (``agree_on_input``): the lowest rank
+that found a problem prints it, and every rank exits with status 2.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpisplit import rundir
 from mpisplit.config import ConfigError
 from mpisplit.data import DataError
 from mpisplit.transport import PeerTimeout, PolicyViolation
@@ -97,19 +105,42 @@ def _ignore_after_training(signum: int, _frame: object) -> None:
                                           signal.Signals(signum).name)
 
 
-def abort_on_failure(comm: MPI.Comm, label: str, body: Callable[[], T]) -> T:
-    """Runs ``body``; on any exception reports it and aborts the job with exit status 3."""
+def say(line: str) -> None:
+    """One ``mpisplit:`` line on stderr in a single write: with unbuffered output (as under
+    many launchers) ``print`` writes the text and the newline separately, and lines from
+    several ranks then run together."""
+    sys.stderr.write(f"mpisplit: {line}\n")
+    sys.stderr.flush()
+
+
+def agree_on_input(comm: MPI.Comm, error: Exception | None) -> bool:
+    """Collective, before any other traffic: whether every rank found its input sound. If
+    not, the lowest rank that found a problem prints it (once, however many found it)."""
+    failed = np.zeros(comm.Get_size(), np.int8)
+    comm.Allgather(np.array([error is not None], np.int8), failed)
+    if error is not None and int(np.argmax(failed)) == comm.Get_rank():
+        say(str(error))
+    return not failed.any()
+
+
+def abort_on_failure(comm: MPI.Comm, label: str, body: Callable[[], T],
+                     run_dir: Path | None = None) -> T:
+    """Runs ``body``; on any exception reports it and aborts the job with exit status 3.
+    With ``run_dir``, the first failing rank marks the run failed there and reports; a rank
+    failing after it does not repeat the news."""
     try:
         return body()
     except Preempted:
         raise
     except BaseException as err:  # noqa: BLE001 - every failure must end the whole job
-        if not isinstance(err, EXPECTED):
-            traceback.print_exc()
-        rank = comm.Get_rank()
+        rank, host = comm.Get_rank(), socket.gethostname()
         cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-        print(f"mpisplit: rank {rank} ({label}) on {socket.gethostname()} failed: {cause}",
-              file=sys.stderr, flush=True)
+        first = run_dir is None or rundir.mark_failed(run_dir, rank=rank, role=label,
+                                                      host=host, error=cause)
+        if first:
+            if not isinstance(err, EXPECTED):
+                traceback.print_exc()
+            say(f"rank {rank} ({label}) on {host} failed: {cause}")
         if comm.Get_size() == 1:
             raise SystemExit(EXIT_FAILURE) from None
         time.sleep(_IO_GRACE_S)

@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from math import prod
@@ -319,12 +320,18 @@ def _builder(cfg: ModelConfig, input_shape: Sequence[int],
 
     def build() -> nn.Module:
         try:
-            model = factory(**kwargs)
-        except (TypeError, ValueError) as err:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's "zero-element tensors" warning
+                model = factory(**kwargs)
+        except (TypeError, ValueError, RuntimeError) as err:  # e.g. a negative width
             raise ConfigError(f"model.options: {cfg.name} rejected them: {err}") from None
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model.name: {cfg.name} returned {type(model).__name__}, "
                               f"not a torch.nn.Module")
+        empty = [name for name, p in model.named_parameters() if p.numel() == 0]
+        if empty:  # a zero width would train silently to the majority class
+            raise ConfigError(f"model.options: {cfg.name} has a layer with no units "
+                              f"({empty[0]}); every width must be >= 1")
         return model
 
     return build
@@ -351,9 +358,30 @@ def layer_plan(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -
                 f"(options: {', '.join(sorted(accepted))})"
             )
     try:
-        return builder(input_shape=tuple(input_shape), num_classes=num_classes, **cfg.options)
+        plan = builder(input_shape=tuple(input_shape), num_classes=num_classes, **cfg.options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model.options: {cfg.name} rejected them: {err}") from None
+    _check_plan(plan, cfg.name, input_shape)
+    return plan
+
+
+def _check_plan(plan: LayerPlan, name: str, input_shape: Sequence[int]) -> None:
+    """Builds every layer on the meta device (no memory, no compute), so that a negative or
+    zero width or a wrongly typed option is a config error before any training, not a torch
+    error mid-run or a zero-width layer that silently trains to the majority class."""
+    for layer_name, factory in plan:
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's "zero-element tensors" warning
+                layer = factory()
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise ConfigError(f"model.options: layer {layer_name} of {name} cannot be built "
+                              f"for inputs of shape {list(input_shape)}: {err}") from None
+        empty = [p for p in layer.parameters() if p.numel() == 0]
+        if empty:
+            raise ConfigError(f"model.options: layer {layer_name} of {name} has no units "
+                              f"(weight shape {list(empty[0].shape)}); every width must be "
+                              f">= 1")
 
 
 def cut_indices(plan: LayerPlan, cuts: Sequence[str | int], key: str = "model.cuts") -> list[int]:

@@ -579,7 +579,8 @@ class _ShardWriter:
         self._file.attrs.update(attrs)
         for name, shape in shapes.items():
             self._file.create_dataset(
-                name, shape=(rows, *shape), dtype=FIELD_DTYPES[name], chunks=(chunk, *shape)
+                name, shape=(rows, *shape), dtype=FIELD_DTYPES[name], chunks=(chunk, *shape),
+                fletcher32=True,  # readers refuse a chunk whose bytes changed
             )
 
     def append(self, **columns: np.ndarray) -> None:

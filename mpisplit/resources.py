@@ -25,9 +25,10 @@ averages.
 * **split** (vanilla, sequential: one client trains a turn of one epoch, then hands its
   part to the next): per batch the client sends the cut activation and the labels (int64)
   and receives the cut gradient, one message each. The K·E turns need K·E − 1 hand-overs,
-  each the client segment serialised as the engine sends it (weights, optimizer state and
-  schedule, ``Segment.state_bytes``): (K·E − 1)/K in and out per client on average. The
-  client computes its part only.
+  and at the end the last client hands the final part to the K − 1 others, each the
+  client segment serialised as the engine sends it (weights, optimizer state and schedule,
+  ``Segment.state_bytes``): (K·E + K − 2)/K in and out per client on average. The client
+  computes its part only.
 * **splitfed**: the same cut traffic; a averages of the client part's parameters with an
   Allreduce among the clients (no averaging server). The client computes its part only.
 * **fedavg**: a averages of the whole model's parameters (Allreduce), plus one Allreduce of
@@ -197,7 +198,7 @@ def per_client(work: Workload, costs: ModelCosts) -> list[ClientCost]:
     model_flops = costs.model_flops_per_sample * samples
     cut = cut_traffic(work, costs)
     up = cut["activations"] + cut["labels"]
-    handovers = (work.clients * work.epochs - 1) / work.clients
+    handovers = (work.clients * work.epochs + work.clients - 2) / work.clients
     handover = handovers * (costs.handover_bytes + HEADER_BYTES)
     client_average = work.averages * costs.client_param_bytes
     model_average = work.averages * costs.model_param_bytes

@@ -43,9 +43,14 @@ class MetricsLog:
     """``metrics-rank<R>.jsonl``: one JSON object per step or evaluation, buffered."""
 
     def __init__(self, run_dir: Path, rank: int, header: dict[str, Any], flush_every: int, *,
-                 append: bool = False) -> None:
-        """``append``: a resumed run continues the file of the run it resumes."""
+                 append: bool = False, truncate_to: int | None = None) -> None:
+        """``append``: a resumed run continues the file of the run it resumes, cut back to
+        ``truncate_to`` bytes (where it stood at the checkpoint), so that what the lost
+        attempt recorded after its checkpoint is neither duplicated nor left as a gap."""
         path = run_dir / f"metrics-rank{rank}.jsonl"
+        if append and truncate_to is not None and path.is_file() \
+                and path.stat().st_size > truncate_to:
+            os.truncate(path, truncate_to)
         self._file: TextIO = open(path, "a" if append else "w")  # noqa: SIM115
         self._flush_every = flush_every
         self._pending = 0
@@ -68,6 +73,12 @@ class MetricsLog:
         if flush:
             self._file.flush()
             self._pending = 0
+
+    def flush(self) -> int:
+        """Writes out what is buffered; returns the file's length in bytes."""
+        self._file.flush()
+        self._pending = 0
+        return self._file.tell()
 
     def close(self) -> None:
         self._file.close()

@@ -109,15 +109,39 @@ def uninterrupted(dataset, tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+def _recorded(run_dir: Path, rank: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """A rank's metrics as one run reads them: its step records, its evaluations."""
+    lines = (run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return ([r["step"] for r in records if "step" in r and "event" not in r],
+            [(r["step"], r["client"]) for r in records if r.get("event") == "eval"])
+
+
+DAMAGED = {"vanilla": "rank file", "ushaped": "manifest"}
+"""Schemes whose newest checkpoint is also damaged after the kill: the resume falls back."""
+
+
+def _damage_newest(committed, ranks: int, damage: str, chooser: random.Random) -> None:
+    if damage == "manifest":
+        (committed.path / MANIFEST).write_text('{"step": ')
+    else:
+        path = committed.rank_file(chooser.randrange(ranks))
+        path.write_bytes(path.read_bytes()[:chooser.randrange(1, path.stat().st_size)])
+
+
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_killed_run_resumes_bit_identical(scheme: str, dataset, uninterrupted,
                                           tmp_path: Path) -> None:
     """SIGKILL a random rank after a random number of checkpoints; leave a half-written newer
     checkpoint behind (a crash mid-checkpoint); resume ends with every rank's parameters
-    bit-identical to the uninterrupted run. Vertical resumes as a requeued Slurm job would
-    (``SLURM_RESTART_COUNT``), the others with ``--resume``."""
+    bit-identical to the uninterrupted run, and every rank's metrics reading as one run (the
+    lost attempt's records after the checkpoint cut away: no gap, no step twice). Vertical
+    resumes as a requeued Slurm job would (``SLURM_RESTART_COUNT``), the others with
+    ``--resume``. In ``DAMAGED`` schemes the newest committed checkpoint is damaged too (a
+    truncated rank file, a corrupted manifest): the resume falls back to the one before,
+    with one warning line."""
     chooser, ranks = random.Random(), SCHEMES[scheme][1]
-    commits, victim = chooser.randint(1, 3), chooser.randrange(ranks)
+    commits, victim = chooser.randint(2 if scheme in DAMAGED else 1, 3), chooser.randrange(ranks)
     args = _args(dataset, scheme, tmp_path)
     process = _start(args, ranks)
     _wait_for_commits(tmp_path, commits, process)
@@ -129,6 +153,9 @@ def test_killed_run_resumes_bit_identical(scheme: str, dataset, uninterrupted,
     partial = tmp_path / "checkpoints" / f"step-{committed.step + EVERY:08d}"
     partial.mkdir(exist_ok=True)
     (partial / "rank-00000.pt").write_bytes(b"half a checkpoint")
+    if scheme in DAMAGED:
+        _damage_newest(committed, ranks, DAMAGED[scheme], chooser)
+        committed = SimpleNamespace(step=committed.step - EVERY)
 
     requeued = scheme == "vertical"
     resume = [] if requeued else ["--resume"]
@@ -137,7 +164,12 @@ def test_killed_run_resumes_bit_identical(scheme: str, dataset, uninterrupted,
     _, stderr = resumed.communicate(timeout=LIMIT_S)
     assert resumed.returncode == 0, stderr[-2000:]
     assert _resumed_at(tmp_path) == [committed.step], (commits, victim)
+    warnings = [line for line in stderr.splitlines() if line.startswith("mpisplit: warning:")]
+    assert len(warnings) == (scheme in DAMAGED), stderr[-2000:]
+    assert not warnings or warnings[0].endswith(f"resuming from step {committed.step}")
     _assert_identical(uninterrupted[scheme], tmp_path)
+    for rank in range(ranks):
+        assert _recorded(tmp_path, rank) == _recorded(uninterrupted[scheme], rank), rank
     if scheme == "vanilla":  # evaluates every 10 steps: the one at the checkpoint is redone
         assert committed.step in _steps_evaluated_after_resume(tmp_path)
 

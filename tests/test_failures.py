@@ -94,6 +94,29 @@ def test_missing_dataset_is_reported_before_training(tmp_path: Path) -> None:
     assert "mpisplit data prepare" in result.stderr
 
 
+@pytest.mark.parametrize(("case", "message"), [
+    ("vertical_scheme", "is a horizontal partition (iid: every client holds whole rows); "
+                        "scheme vertical needs"),
+    ("missing_test", "test.h5: shard file not found"),
+])
+def test_data_mismatch_is_one_line_before_launch(case: str, message: str, dataset,
+                                                 tmp_path: Path) -> None:
+    """Before: found after launch, printed by every rank (lines run together), never saying
+    what was wrong with the dataset; a missing test.h5 was reported three times. (A vertical
+    dataset given to vanilla: tests/test_fuzz.py.)"""
+    data = dataset("breast_cancer", clients=3)
+    if case == "missing_test":
+        shutil.copytree(data, tmp_path / "data")
+        data = tmp_path / "data"
+        (data / "test.h5").unlink()
+    config = "configs/vertical-breast-cancer.yaml" if case == "vertical_scheme" else CONFIG
+    result = run_mpi(4, "train", config, "run.progress=none", f"data.path={data}",
+                     f"run.dir={tmp_path / 'run'}", timeout=LIMIT_S + 30)
+    assert result.returncode == 2, result.stderr[-1500:]
+    assert result.stderr.count("mpisplit:") == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "run" / "metrics-rank0.jsonl").exists()
+
+
 def test_rank_failing_mid_training_ends_the_job(dataset, tmp_path: Path) -> None:
     """A NaN deep inside client 1's shard makes that rank raise at that step."""
     data = tmp_path / "data"
@@ -106,7 +129,10 @@ def test_rank_failing_mid_training_ends_the_job(dataset, tmp_path: Path) -> None
     assert status not in (0, 4)
     assert elapsed < LIMIT_S
     assert "rank 2 (client1)" in stderr and "failed: DataError" in stderr
+    assert stderr.count("failed:") == 1, stderr  # said once, by that rank
     _no_clean_stop_recorded(tmp_path / "run")
+    state = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert state["state"] == "failed" and state["failure"]["rank"] == 2
 
 
 @pytest.mark.parametrize("config", [CONFIG, "configs/ushaped-breast-cancer.yaml"])

@@ -90,7 +90,8 @@ def traced_client_costs(trace: list[dict]) -> tuple[int, int, float]:
 def test_prediction_matches_a_traced_run(scheme: str, dataset, tmp_path: Path) -> None:
     """Per-client bytes and FLOPs of `resources` agree within 5 % with a real 2-client run's
     traces (run.count_flops: the clients' passes under FlopCounterMode), averaged over the
-    clients; sequential split learning hands the part over 2·2 - 1 = 3 times."""
+    clients; sequential split learning hands the part over 2·2 - 1 = 3 times, then the
+    final part once more to the client that did not train last."""
     data = dataset("breast_cancer", clients=2)
     config, ranks = RUNS[scheme]
     result = run_mpi(ranks, "train", config, "scheme.clients=2", f"data.path={data}",

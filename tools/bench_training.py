@@ -64,7 +64,8 @@ def train(ranks: int, data: Path, run_dir: Path, overrides: Sequence[str],
     """One real training job (``threads`` torch threads per rank); returns its run dir."""
     launcher = launch.find()
     command = launcher.command(ranks, [
-        sys.executable, "-m", "mpisplit", "train", str(ROOT / "configs/vanilla-breast-cancer.yaml"),
+        sys.executable, "-m", "mpisplit", "train", "--overwrite",
+        str(ROOT / "configs/vanilla-breast-cancer.yaml"),
         f"scheme.name={scheme}", f"scheme.clients={clients}", f"data.path={data}",
         f"run.dir={run_dir}", *BALANCED, *overrides])
     env = launcher.environment({**os.environ, "OMP_NUM_THREADS": str(threads)})

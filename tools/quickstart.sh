@@ -15,4 +15,5 @@ bin=$venv/bin
 [ -f data/breast_cancer-3c/meta.json ] ||
   "$bin/mpisplit" data prepare --dataset breast_cancer --clients 3 --out data/breast_cancer-3c
 ranks=$("$bin/mpisplit" topology --ntasks "$config" "$@")
-OMP_NUM_THREADS=1 "$bin/mpisplit" launch -n "$ranks" -- "$bin/mpisplit" train "$config" "$@"
+# --overwrite: a second quickstart replaces the first one's run directory
+OMP_NUM_THREADS=1 "$bin/mpisplit" launch -n "$ranks" -- "$bin/mpisplit" train --overwrite "$config" "$@"

@@ -621,7 +621,9 @@ def run_client_turns(
     per batch (returns the loss where the client has it), periodic ``evaluate(step,
     final=False)``, hand-over out. At the end the final turn's client calls
     ``evaluate(step, True)`` (which must tell ``first_hop`` it is done); the others just
-    send ``first_hop`` (each, when several) a done marker.
+    send ``first_hop`` (each, when several) a done marker. In sequential order the final
+    turn's client then hands the final parts to every other client, so every client ends with
+    (and saves) the same, final lower part, not the one of its own last turn.
 
     Checkpoints: after each step, and for the steps of other clients' turns while this one
     waits; a resumed run starts after the checkpoint's step, with the same data position.
@@ -675,7 +677,22 @@ def run_client_turns(
     else:
         for hop in [first_hop] if isinstance(first_hop, int) else first_hop:
             send_marker(ctx, hop, plan.schedule_steps, Flag.DONE)
+    if cfg.scheme.client_order == "sequential" and spans:
+        _share_final_parts(transport, clients, spans[-1][0], plan, segments)
     return report
+
+
+def _share_final_parts(transport: Transport, clients: Sequence[int], last: int,
+                       plan: TurnPlan, segments: Sequence[Segment]) -> None:
+    """The final turn's client sends its parts to every other client, which load them."""
+    if plan.me != last:
+        _receive_parts(transport, clients[last], segments)
+        return
+    for other, rank in enumerate(clients):
+        if other != last:
+            for segment in segments:
+                transport.send(segment.state_bytes(), rank, Kind.WEIGHTS,
+                               step=plan.schedule_steps)
 
 
 def _receive_parts(transport: Transport, source: int, segments: Sequence[Segment]) -> None:
