@@ -291,8 +291,9 @@ def test_only_the_sampled_clients_evaluate(dataset, tmp_path: Path) -> None:
     assert sorted(evaluated) == sorted((k, s) for k in chosen for s in (2, 4))
 
 
-@pytest.mark.parametrize(("override", "shards"), [("'data.clients=[0]'", [0]),
-                                                  ("data.pool=true", [0, 1])])
+@pytest.mark.parametrize(("override", "shards"), [
+    ("'data.clients=[0]' run.dir=runs/site0-digits", [0]),
+    ("data.pool=true run.dir=runs/pooled-digits", [0, 1])])
 def test_readme_baseline_commands(dataset, tmp_path: Path, override: str,
                                   shards: list[int]) -> None:
     """README, Studies: one site alone and the pooled run, as written (in a directory with
@@ -308,7 +309,8 @@ def test_readme_baseline_commands(dataset, tmp_path: Path, override: str,
     result = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "runs/centralized-digits/summary.json").read_text())
+    run_dir = override.rpartition("run.dir=")[2]
+    summary = json.loads((tmp_path / run_dir / "summary.json").read_text())
     meta = json.loads((data / "meta.json").read_text())
     epochs = load_config(ROOT / "configs/centralized-digits.yaml").train.epochs
     assert summary["train_samples"] == epochs * sum(meta["train_samples"][k] for k in shards)
