@@ -23,8 +23,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mpisplit.data import FIELD_DTYPES, META_FILE, SCHEMA_VERSION, DataError, shard_path
-from mpisplit.prepare import _attrs, _ShardWriter
+from mpisplit.data import FIELD_DTYPES, SCHEMA_VERSION, DataError, shard_path
+from mpisplit.prepare import _attrs, _ShardWriter, write_atomically
 from mpisplit.sources import (
     ArraySource,
     Columns,
@@ -227,20 +227,13 @@ def assemble(out: Path, *, clients: Sequence[Path] = (), test: Path | None = Non
         files, meta = _horizontal(clients, test)
     else:
         files, meta = _vertical(parties, labels, test_parties, test_labels)
-    out = Path(out)
-    if out.exists():
-        raise DataError(f"{out}: already exists; remove it or choose another --out")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    try:
+
+    def copy(root: Path) -> dict[str, Any]:
         for source, target in files:
-            shutil.copyfile(source, tmp / target.name)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+            shutil.copyfile(source, root / target.name)
+        return meta
+
+    return write_atomically(Path(out), copy)
 
 
 def _horizontal(clients: Sequence[Path], test: Path | None) -> tuple[list, dict[str, Any]]:

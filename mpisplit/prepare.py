@@ -150,7 +150,7 @@ class PrepareSpec:
 
 def prepare_dataset(spec: PrepareSpec) -> Path:
     """Write the dataset to ``spec.out``, all or nothing: a failure leaves no directory."""
-    return _write_atomically(Path(spec.out), lambda root: _write_dataset(spec, root))
+    return write_atomically(Path(spec.out), lambda root: _write_dataset(spec, root))
 
 
 def write_arrays(
@@ -177,10 +177,10 @@ def write_arrays(
                 "train_samples": [len(labels) for _, labels in clients],
                 "test_samples": len(test[1])}
 
-    return _write_atomically(Path(out), write)
+    return write_atomically(Path(out), write)
 
 
-def _write_atomically(out: Path, write: Callable[[Path], dict[str, Any]]) -> Path:
+def write_atomically(out: Path, write: Callable[[Path], dict[str, Any]]) -> Path:
     """Runs ``write`` into a temporary directory that becomes ``out`` with its meta.json."""
     out = out.resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
