@@ -203,26 +203,33 @@ def test_preemption_signal_checkpoints_then_resume_finishes_identically(
     assert stderr.count(f"stopped by SIGUSR1; checkpoint at step {summary['checkpoint']} "
                         "committed in") == RANKS
     assert latest_committed(tmp_path / "checkpoints").step == summary["checkpoint"]
+    stops = [_record(tmp_path, rank, "preempted") for rank in range(RANKS)]
 
     resumed = run_mpi(RANKS, "train", "--resume", *args, timeout=LIMIT_S)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_identical(uninterrupted["vanilla"], tmp_path)
     assert f"resumed from step {summary['checkpoint']} (checkpoint " in resumed.stderr
-    _assert_whole_run_summary(tmp_path, summary["checkpoint"])
+    _assert_whole_run_summary(tmp_path, summary["checkpoint"], stops)
 
 
-def _assert_whole_run_summary(run_dir: Path, resumed_from: int) -> None:
-    """The summary of a run stopped once (at its checkpoint) and resumed covers both
+def _record(run_dir: Path, rank: int, event: str) -> dict:
+    """The one ``event`` record of ``rank``'s metrics."""
+    records = [json.loads(line) for line in
+               (run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines()]
+    (record,) = [r for r in records if r.get("event") == event]
+    return record
+
+
+def _assert_whole_run_summary(run_dir: Path, resumed_from: int, stops: list[dict]) -> None:
+    """The summary of a run stopped once (at its checkpoint, with the ``preempted`` records
+    ``stops`` per rank, which the resume cuts from the metrics) and resumed covers both
     launches: bytes per rank add up, time too; ``last_launch`` keeps the second's figures."""
     summary = json.loads((run_dir / "summary.json").read_text())
     last = summary["last_launch"]
     assert summary["launches"] == 2 and last["resumed_from_step"] == resumed_from
     for rank, (sent, received) in enumerate(zip(summary["bytes_sent_per_rank"],
                                                 summary["bytes_received_per_rank"], strict=True)):
-        records = [json.loads(line) for line in
-                   (run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines()]
-        (stopped,) = [r for r in records if r.get("event") == "preempted"]
-        (end,) = [r for r in records if r.get("event") == "end"]
+        stopped, end = stops[rank], _record(run_dir, rank, "end")
         assert (last["bytes_sent_per_rank"][rank], last["bytes_received_per_rank"][rank]) \
             == (end["bytes_sent"], end["bytes_received"])
         assert (sent, received) == (stopped["bytes_sent"] + end["bytes_sent"],
