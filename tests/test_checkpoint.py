@@ -110,11 +110,12 @@ def uninterrupted(dataset, tmp_path_factory) -> dict[str, Path]:
 
 
 def _recorded(run_dir: Path, rank: int) -> tuple[list[int], list[tuple[int, int]]]:
-    """A rank's metrics as one run reads them: its step records, its evaluations."""
+    """A rank's metrics as one run reads them: its step records, its evaluations (sorted: a
+    server tallies parallel clients' evaluation passes in the order they arrive)."""
     lines = (run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     return ([r["step"] for r in records if "step" in r and "event" not in r],
-            [(r["step"], r["client"]) for r in records if r.get("event") == "eval"])
+            sorted((r["step"], r["client"]) for r in records if r.get("event") == "eval"))
 
 
 DAMAGED = {"vanilla": "rank file", "ushaped": "manifest"}
