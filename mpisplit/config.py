@@ -262,9 +262,10 @@ class Config:
                  "data.clients", f"selects {len(self.data.clients)} shard(s) "
                  f"{list(self.data.clients)} for scheme.clients={self.scheme.clients}: set "
                  f"scheme.clients={len(self.data.clients)}")
-        _require(not self.data.clients or self.scheme.name != "vertical", "data.clients",
+        spec = specs.get(self.scheme.name)
+        _require(not self.data.clients or not spec.vertical, "data.clients",
                  "selects horizontal client shards; vertical parties hold feature groups")
-        _require(not self.data.pool or self.scheme.name == "centralized", "data.pool",
+        _require(not self.data.pool or spec.pools_shards, "data.pool",
                  f"pools the shards for the centralized baseline, not scheme {self.scheme.name}")
         sampling = [name for name in specs.names() if specs.get(name).samples_evaluation]
         _require(not self.train.eval_clients or (

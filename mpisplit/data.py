@@ -144,16 +144,17 @@ def read_meta(root: Path) -> dict[str, Any]:
     return meta
 
 
-def check_partition(meta: dict[str, Any], root: Path, scheme: str) -> None:
+def check_partition(meta: dict[str, Any], root: Path, scheme: str, *,
+                    wants_vertical: bool) -> None:
     """Vertical schemes need a vertical partition and every other scheme a horizontal one:
     said before launch, in words, rather than as a missing file on every rank."""
     vertical = meta["partition"] == "vertical"
-    if scheme == "vertical" and not vertical:
+    if wants_vertical and not vertical:
         raise DataError(
             f"data.path: {root} is a horizontal partition ({meta['partition']}: every client "
-            f"holds whole rows); scheme vertical needs parties holding feature groups "
+            f"holds whole rows); scheme {scheme} needs parties holding feature groups "
             f"(`mpisplit data prepare --partition vertical`)")
-    if scheme != "vertical" and vertical:
+    if not wants_vertical and vertical:
         raise DataError(
             f"data.path: {root}: this dataset is a vertical partition (each party holds a "
             f"feature group of the same patients); scheme {scheme} needs a horizontal one "

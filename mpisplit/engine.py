@@ -62,7 +62,7 @@ class RunPlan:
     run to its shard file."""
     layers: LayerPlan
     """The zoo model's layer plan (empty for other models), for the schemes that build
-    per-party or per-task variants of its layers (``PLAN_SCHEMES``)."""
+    per-party or per-task variants of its layers (``SchemeSpec.zoo_layers``)."""
     bounds: list[tuple[int, int]]
     """The parts' layer ranges in ``layers`` (empty with it)."""
     resume: Manifest | None = None
@@ -72,10 +72,6 @@ class RunPlan:
     def parts(self) -> int:
         """How many parts the cuts make of the model."""
         return len(self.config.model.cuts) + 1
-
-
-PLAN_SCHEMES = ("vertical", "multitask", "spatiotemporal")
-"""Schemes that rebuild the zoo's layers per party or per task, and so need a zoo model."""
 
 
 def select_clients(meta: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -109,7 +105,7 @@ def prepare(cfg: Config, world_size: int, *, resume: bool = False, overwrite: bo
         raise ConfigError(f"transport.device: cuda, but torch sees no CUDA device on "
                           f"{socket.gethostname()} (use cpu or auto)")
     meta = read_meta(Path(cfg.data.path))
-    check_partition(meta, Path(cfg.data.path), cfg.scheme.name)
+    check_partition(meta, Path(cfg.data.path), cfg.scheme.name, wants_vertical=spec.vertical)
     meta = select_clients(meta, cfg)
     model = build_model(cfg.model, meta["feature_shape"], meta["num_classes"], device="meta")
     parts = split_model(model, cfg.model.cuts)
@@ -121,7 +117,7 @@ def prepare(cfg: Config, world_size: int, *, resume: bool = False, overwrite: bo
             f"got {len(cfg.model.cuts)}"
         )
     layers, bounds = [], []
-    if cfg.model.name in ZOO or cfg.scheme.name in PLAN_SCHEMES:
+    if cfg.model.name in ZOO or spec.zoo_layers:
         layers = layer_plan(cfg.model, meta["feature_shape"], meta["num_classes"])
         bounds = segment_bounds(len(layers), cut_indices(layers, cfg.model.cuts))
     if rank is not None:
@@ -138,7 +134,7 @@ def _own_shards(cfg: Config, topology: Topology, rank: int) -> dict[str, Any]:
     (centralized) everything; servers and relays otherwise hold no data."""
     me = topology.of(rank)
     clients = topology.ranks(Role.CLIENT)
-    vertical = cfg.scheme.name == "vertical"
+    vertical = specs.get(cfg.scheme.name).vertical
     if not clients:
         return {"shards": range(cfg.scheme.clients), "test": True, "labels": vertical}
     holder = cfg.scheme.options.label_party(cfg.scheme.clients) if vertical else None

@@ -153,6 +153,13 @@ class SchemeSpec:
     """When it is, in words, for the error that lists the schemes that can checkpoint."""
     tasks: Callable[[SchemeConfig], tuple[str, ...]] = one_task
     """The tasks whose evaluations the summary reports apart (``test_by_task``)."""
+    vertical: bool = False
+    """Its parties hold feature groups of the same records (a vertical partition), not whole
+    rows: the dataset must be partitioned so, and ``data.clients`` cannot pick shards."""
+    zoo_layers: bool = False
+    """Rebuilds the zoo's layers per party or per task, so it needs a zoo model."""
+    pools_shards: bool = False
+    """May read every client shard as one pool (``data.pool``): a one-rank baseline."""
     samples_evaluation: bool = False
     """Every client evaluates its own model in parallel order, so ``train.eval_clients`` may
     sample the ones that do."""

@@ -12,4 +12,5 @@ SPEC = SchemeSpec(
     runners={Role.SERVER: "mpisplit.schemes.centralized:run"},
     options=TurnOptions,
     ignores_other_options=True,
+    pools_shards=True,
 )

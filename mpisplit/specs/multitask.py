@@ -57,4 +57,5 @@ SPEC = SchemeSpec(
     options=MultitaskOptions,
     tasks=tasks,
     samples_evaluation=True,
+    zoo_layers=True,
 )

@@ -69,4 +69,6 @@ SPEC = SchemeSpec(
     cuts=1,
     options=VerticalOptions,
     checkpointable=always,
+    vertical=True,
+    zoo_layers=True,
 )
