@@ -237,6 +237,31 @@ def test_transformer_ushaped_pipelined_equals_whole_batch_and_exports(
     torch.testing.assert_close(net.embed.weight, expected["embed.weight"], rtol=0, atol=1e-5)
 
 
+def test_ushaped_with_both_cuts_in_one_container_saves_every_weight(
+    tokens: Path, tmp_path: Path
+) -> None:
+    """Both cuts inside the ModuleList ``blocks``: the client's head (``blocks.0``) and tail
+    (``blocks.2``) are saved together under the user's names, and the export loads with
+    strict=True into the unmodified module trained in one process."""
+    run_dir = tmp_path / "run"
+    _train(2, "examples/transformer/ushaped.yaml", tokens, run_dir,
+           "model.options={dim: 64, layers: 3, heads: 4, tie: true}",
+           "model.cuts=[blocks.1, blocks.2]", "train.max_steps=4", "data.batch_size=16",
+           "train.optimizer=sgd", "train.lr=0.05")
+    model = ModelConfig(name=LM, options={"dim": 64, "layers": 3, "heads": 4, "tie": True})
+    expected = train_reference(tokens, model, [(0, 4)], optimizer="sgd", lr=0.05,
+                               batch_size=16, seed=0)
+    out = tmp_path / "lm.pt"
+    result = subprocess.run([sys.executable, "-m", "mpisplit", "export", str(run_dir), "--out",
+                             str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    net = initial_model(tokens, model)
+    initial = {key: value.clone() for key, value in net.state_dict().items()}
+    net.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    _assert_equal(net.state_dict(), expected, initial)
+    assert net.lm_head.weight is net.embed.weight
+
+
 def test_write_arrays_roundtrip(tmp_path: Path) -> None:
     from mpisplit.data import ShardReader, read_meta
 
