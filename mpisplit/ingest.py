@@ -23,8 +23,15 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mpisplit.data import FIELD_DTYPES, SCHEMA_VERSION, DataError, shard_path
-from mpisplit.prepare import _attrs, _ShardWriter, write_atomically
+from mpisplit.data import (
+    FIELD_DTYPES,
+    SCHEMA_VERSION,
+    DataError,
+    ShardWriter,
+    shard_attrs,
+    shard_path,
+)
+from mpisplit.prepare import write_atomically
 from mpisplit.sources import (
     ArraySource,
     Columns,
@@ -104,12 +111,12 @@ def import_shard(spec: ImportSpec) -> Path:
             "classes": None if schema.classes is None else list(schema.classes),
             "normalization": OWN_STATISTICS if spec.standardize else None,
             "id_column": spec.columns.id}
-    attrs = {**_attrs(spec.dataset, len(schema.classes or ()), schema.feature_shape),
+    attrs = {**shard_attrs(spec.dataset, len(schema.classes or ()), schema.feature_shape),
              SITE_ATTR: json.dumps(site)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        with _ShardWriter(tmp, rows, attrs, features=schema.feature_shape,
+        with ShardWriter(tmp, rows, attrs, features=schema.feature_shape,
                           labels=schema.classes is not None) as writer:
             start = 0
             for chunk in source.chunks(spec.chunk_rows):
