@@ -213,6 +213,17 @@ def test_transformer_vanilla(tokens: Path, tmp_path: Path) -> None:
                   initial_model(tokens, model).state_dict())
 
 
+def test_transformer_multihop(tokens: Path, tmp_path: Path) -> None:
+    """Client (embeddings) → relay (blocks.0) → server (blocks.1, norm, LM head)."""
+    _train(3, "examples/transformer/vanilla.yaml", tokens, tmp_path, "scheme.name=multihop",
+           "model.cuts=[blocks.0, blocks.1]", "train.max_steps=6", "data.batch_size=16")
+    model = ModelConfig(name=LM, options={"dim": 64, "layers": 2, "heads": 4, "tie": False})
+    expected = train_reference(tokens, model, [(0, 6)], optimizer="adamw", lr=0.003,
+                               batch_size=16, seed=0)
+    _assert_equal(merged_parts(tmp_path, [0, 1, 2]), expected,
+                  initial_model(tokens, model).state_dict())
+
+
 def test_transformer_ushaped_pipelined_equals_whole_batch_and_exports(
     tokens: Path, tmp_path: Path
 ) -> None:
