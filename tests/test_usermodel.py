@@ -213,6 +213,24 @@ def test_transformer_vanilla(tokens: Path, tmp_path: Path) -> None:
                   initial_model(tokens, model).state_dict())
 
 
+def test_transformer_lora_ushaped_trains_only_the_adapters(tokens: Path,
+                                                          tmp_path: Path) -> None:
+    """Frozen weights with LoRA adapters in the server's blocks; the client's embeddings and
+    head are frozen too. Against the unmodified module trained in one process."""
+    _train(2, "examples/transformer/ushaped.yaml", tokens, tmp_path,
+           "model.options={dim: 64, layers: 2, heads: 4, tie: true, lora: 4}",
+           "train.max_steps=6", "data.batch_size=16", "train.optimizer=sgd", "train.lr=0.05",
+           "train.momentum=0.9")
+    model = ModelConfig(name=LM, options={"dim": 64, "layers": 2, "heads": 4, "tie": True,
+                                          "lora": 4})
+    expected = train_reference(tokens, model, [(0, 6)], optimizer="sgd", lr=0.05, momentum=0.9,
+                               batch_size=16, seed=0)
+    initial = initial_model(tokens, model).state_dict()
+    _assert_equal(merged_parts(tmp_path, [0, 1]), expected, initial)
+    changed = [key for key, value in expected.items() if not torch.equal(initial[key], value)]
+    assert changed and all(".lora_" in key for key in changed), changed
+
+
 def test_transformer_multihop(tokens: Path, tmp_path: Path) -> None:
     """Client (embeddings) → relay (blocks.0) → server (blocks.1, norm, LM head)."""
     _train(3, "examples/transformer/vanilla.yaml", tokens, tmp_path, "scheme.name=multihop",
