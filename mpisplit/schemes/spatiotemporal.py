@@ -49,16 +49,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpisplit.config import ConfigError
+from mpisplit.config import Config, ConfigError
 from mpisplit.cut import post_cut
 from mpisplit.data import ShardReader
-from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
+from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
 from mpisplit.privacy import protect
 from mpisplit.schemes.common import (
@@ -80,7 +81,6 @@ from mpisplit.transport import Flag, Kind, Message, PeerTimeout, Transport
 
 
 def run(ctx: RankContext) -> RankResult:
-    check_site_segment(ctx.run)
     if ctx.me.role == Role.SERVER:
         return _serve(ctx)
     return _site(ctx)
@@ -88,17 +88,19 @@ def run(ctx: RankContext) -> RankResult:
 
 # --- validation ------------------------------------------------------------------------
 
-def check_site_segment(run: RunPlan) -> None:
+def check_site_part(cfg: Config, parts: Sequence[nn.Module]) -> None:
     """The site part must be one weighted layer and its activation (after any parameterless
     reshaping such as flatten): the privacy-preserving layer the issue describes, and the
-    only thing a site keeps. Checked on every rank before any traffic."""
-    start, stop = run.bounds[0]
-    names = [name for name, _ in run.layers[start:stop]]
-    with torch.device("meta"):
-        weighted = [any(True for _ in factory().parameters())
-                    for _, factory in run.layers[start:stop]]
+    only thing a site keeps. Checked by ``engine.prepare`` on every rank, before any traffic;
+    the part's steps are its leaf modules and the functions the model's forward calls."""
+    site = parts[0]
+    steps = [node for node in site.graph.nodes if node.op not in ("placeholder", "output")]
+    weighted = [node.op == "get_attr" or (node.op == "call_module" and any(
+        True for _ in site.get_submodule(node.target).parameters())) for node in steps]
     ok = sum(weighted) == 1 and len(weighted) >= 2 and weighted[-2] and not weighted[-1]
     if not ok:
+        names = [str(node.target) if node.op in ("call_module", "get_attr") else node.name
+                 for node in steps]
         raise ConfigError(
             f"model.cuts: spatiotemporal sites hold exactly one weighted layer plus its "
             f"activation, but the part before the cut is {names}; move the cut (e.g. mlp: "

@@ -10,8 +10,6 @@ segments are handed over.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from torch import nn
 
@@ -37,6 +35,7 @@ from mpisplit.schemes.common import (
     test_reader,
 )
 from mpisplit.segment import Segment
+from mpisplit.split import join_parts
 from mpisplit.topology import Role
 from mpisplit.transport import Flag
 
@@ -122,6 +121,4 @@ def _evaluate_split(ctx: RankContext, sender: CutSender, head: Segment, tail: Se
 
 def _joined(head: Segment, tail: Segment) -> Segment:
     """Both client parts as one module, so ``model-rank<R>.pt`` holds all of them."""
-    module = nn.Sequential(OrderedDict([*head.module.named_children(),
-                                        *tail.module.named_children()]))
-    return Segment(module, head.optimizer, head.scheduler)
+    return Segment(join_parts([head.module, tail.module]), head.optimizer, head.scheduler)

@@ -160,6 +160,10 @@ class SchemeSpec:
     """Rebuilds the zoo's layers per party or per task, so it needs a zoo model."""
     pools_shards: bool = False
     """May read every client shard as one pool (``data.pool``): a one-rank baseline."""
+    check_model: Callable[[Config, Any], None] | str | None = None
+    """Checks the model's parts (``torch.fx.GraphModule`` s on the meta device) in
+    ``engine.prepare``, before any rank talks, for a scheme that constrains what a part holds
+    or how the model is built (``"module:function"``, imported then)."""
     samples_evaluation: bool = False
     """Every client evaluates its own model in parallel order, so ``train.eval_clients`` may
     sample the ones that do."""
@@ -190,13 +194,23 @@ class SchemeSpec:
         found = self.runners.get(role)
         if found is None:
             raise ConfigError(f"scheme {self.name} has no {role} role")
-        if isinstance(found, str):
-            module, _, name = found.partition(":")
-            return getattr(importlib.import_module(module), name)
-        return found
+        return _imported(found)
+
+    def check_parts(self, cfg: Config, parts: Any) -> None:
+        """Runs ``check_model``, if the scheme has one."""
+        if self.check_model is not None:
+            _imported(self.check_model)(cfg, parts)
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]
+
+
+def _imported(found: Callable[..., Any] | str) -> Callable[..., Any]:
+    """A function, or the one a ``"module:function"`` names (imported now)."""
+    if isinstance(found, str):
+        module, _, name = found.partition(":")
+        return getattr(importlib.import_module(module), name)
+    return found
 
 
 _COMMON = {"name", "clients", "client_order", "options"}

@@ -61,5 +61,5 @@ SPEC = SchemeSpec(
     routes=LABELS_AT_SERVER | {("server", "client", Kind.CONTROL)},  # the roster
     cuts=1,
     options=SpatiotemporalOptions,
-    zoo_layers=True,
+    check_model="mpisplit.schemes.spatiotemporal:check_site_part",
 )
