@@ -11,19 +11,13 @@ from __future__ import annotations
 import contextlib
 
 from mpisplit.data import PooledReader
+from mpisplit.driver import log, next_batch, step_budget, training_batches
 from mpisplit.engine import RankContext, RankResult
 from mpisplit.runlog import Progress
-from mpisplit.schemes.common import (
-    evaluate_locally,
-    log,
-    next_batch,
-    planned_steps,
-    shard_reader,
-    test_reader,
-    training_batches,
-    turn_schedule,
-    whole_model_gradients,
-)
+from mpisplit.schemes.evaluation import evaluate_locally
+from mpisplit.schemes.readers import shard_reader, test_reader
+from mpisplit.schemes.turns import turn_schedule
+from mpisplit.schemes.wholemodel import whole_model_gradients
 from mpisplit.seeds import Stream, derive
 
 
@@ -41,7 +35,7 @@ def run(ctx: RankContext) -> RankResult:
             stack.enter_context(shard_reader(ctx, k)) for k in range(cfg.scheme.clients)
         ]
         tests = stack.enter_context(test_reader(ctx))
-        steps = [planned_steps(len(reader), cfg.train) for reader in readers]
+        steps = [step_budget(len(reader), cfg.train) for reader in readers]
         lengths = [cfg.scheme.options.turn_steps or len(reader) for reader in readers]
         total = sum(steps)
         segment = ctx.build_segment(0, total, through=ctx.run.parts - 1)

@@ -6,25 +6,19 @@ K clients, and client 0 (rank 0) reports the test metrics of the averaged model.
 
 from __future__ import annotations
 
+from mpisplit.driver import step_budget
 from mpisplit.engine import RankContext, RankResult
-from mpisplit.schemes.common import (
-    AveragingPlan,
-    average_parameters,
-    client_comm,
-    client_reader,
-    evaluate_locally,
-    exchange_step_plans,
-    planned_steps,
-    sample_weight,
-    test_reader,
-    train_whole_model,
-)
+from mpisplit.schemes.averaging import AveragingPlan, average_parameters, client_comm, sample_weight
+from mpisplit.schemes.evaluation import evaluate_locally
+from mpisplit.schemes.readers import client_reader, test_reader
+from mpisplit.schemes.turns import exchange_step_plans
+from mpisplit.schemes.wholemodel import train_whole_model
 
 
 def run(ctx: RankContext) -> RankResult:
     cfg = ctx.config
     with client_reader(ctx) as reader, test_reader(ctx) as tests:
-        steps = planned_steps(len(reader), cfg.train)
+        steps = step_budget(len(reader), cfg.train)
         plans = exchange_step_plans(ctx, steps, len(reader))
         segment = ctx.build_segment(0, steps, through=ctx.run.parts - 1)
         comm = client_comm(ctx)

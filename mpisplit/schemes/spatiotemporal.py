@@ -58,21 +58,16 @@ from torch import nn
 from mpisplit.config import ConfigError
 from mpisplit.cut import post_cut
 from mpisplit.data import ShardReader
+from mpisplit.driver import log, make_progress
 from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
 from mpisplit.privacy import protect
-from mpisplit.schemes.common import (
-    Dropping,
-    EvalTally,
-    clients_total_steps,
-    evaluating,
-    log,
-    make_progress,
-    record_eval,
-    serve_clients,
-    test_reader,
-    train_lower_client,
-)
+from mpisplit.schemes.evaluation import EvalTally, evaluating, record_eval
+from mpisplit.schemes.liveness import Dropping
+from mpisplit.schemes.lower_client import train_lower_client
+from mpisplit.schemes.readers import test_reader
+from mpisplit.schemes.serving import serve_clients
+from mpisplit.schemes.turns import clients_total_steps
 from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 from mpisplit.topology import Role

@@ -20,17 +20,17 @@ import math
 import numpy as np
 import torch
 
+from mpisplit.driver import step_budget
 from mpisplit.engine import RankContext, RankResult
-from mpisplit.schemes.common import (
+from mpisplit.schemes.averaging import (
     AveragingPlan,
     average_parameters,
     averaged_tensors,
     client_comm,
-    exchange_step_plans,
-    planned_steps,
-    serve_clients,
-    train_lower_client,
 )
+from mpisplit.schemes.lower_client import train_lower_client
+from mpisplit.schemes.serving import serve_clients
+from mpisplit.schemes.turns import exchange_step_plans
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 
@@ -38,7 +38,7 @@ from mpisplit.topology import Role
 def run(ctx: RankContext) -> RankResult:
     comm = client_comm(ctx)
     epochs = _epoch_lengths(ctx)
-    steps = [planned_steps(length, ctx.config.train) for length in epochs]
+    steps = [step_budget(length, ctx.config.train) for length in epochs]
     samples = ctx.run.meta["train_samples"]
     weights = [n / sum(samples) for n in samples]
     scheme = ctx.config.scheme.options

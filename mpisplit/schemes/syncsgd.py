@@ -11,26 +11,19 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
+from mpisplit.driver import make_progress, next_batch, step_budget, training_batches
 from mpisplit.engine import RankContext, RankResult
-from mpisplit.schemes.common import (
-    client_reader,
-    evaluate_locally,
-    exchange_step_plans,
-    finish_local_step,
-    make_progress,
-    next_batch,
-    planned_steps,
-    test_reader,
-    training_batches,
-    whole_model_gradients,
-)
+from mpisplit.schemes.evaluation import evaluate_locally
+from mpisplit.schemes.readers import client_reader, test_reader
+from mpisplit.schemes.turns import exchange_step_plans
+from mpisplit.schemes.wholemodel import finish_local_step, whole_model_gradients
 from mpisplit.transport import Kind, Transport
 
 
 def run(ctx: RankContext) -> RankResult:
     cfg = ctx.config
     with client_reader(ctx) as reader, test_reader(ctx) as tests:
-        mine = planned_steps(len(reader), cfg.train)
+        mine = step_budget(len(reader), cfg.train)
         rounds = int(exchange_step_plans(ctx, mine, len(reader))[:, 0].max())
         segment = ctx.build_segment(0, rounds, through=ctx.run.parts - 1)
         batches = training_batches(reader, cfg.train)

@@ -20,22 +20,13 @@ from mpisplit.cut import recv_forward
 from mpisplit.data import Batch, ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
-from mpisplit.schemes.common import (
-    CutSender,
-    EvalTally,
-    Microbatch,
-    client_reader,
-    clients_total_steps,
-    evaluating,
-    microbatches,
-    plan_turns,
-    record_eval,
-    record_traffic_by_kind,
-    relay_activations,
-    run_client_turns,
-    send_marker,
-    test_reader,
-)
+from mpisplit.schemes.evaluation import EvalTally, evaluating, record_eval
+from mpisplit.schemes.instrumentation import record_traffic_by_kind
+from mpisplit.schemes.microbatches import Microbatch, microbatches
+from mpisplit.schemes.readers import client_reader, test_reader
+from mpisplit.schemes.relays import relay_activations
+from mpisplit.schemes.sending import CutSender, send_marker
+from mpisplit.schemes.turns import clients_total_steps, plan_turns, run_client_turns
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 from mpisplit.transport import Flag

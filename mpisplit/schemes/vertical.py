@@ -46,22 +46,15 @@ from mpisplit.checkpoint import pack, unpack
 from mpisplit.config import Config, ConfigError
 from mpisplit.cut import recv_forward, send_eval, send_forward
 from mpisplit.data import Batch, DataError, ShardReader, align_rows, intersect_ids, read_ids
+from mpisplit.driver import log, make_progress, step_budget, training_batches
 from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
 from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan
 from mpisplit.privacy import EvaluationNoise, nopeek_penalty, protect
 from mpisplit.psi import private_intersection
 from mpisplit.schedules import split_sizes
-from mpisplit.schemes.common import (
-    EvalTally,
-    evaluating,
-    log,
-    make_progress,
-    planned_steps,
-    record_client_step,
-    record_eval,
-    training_batches,
-)
+from mpisplit.schemes.evaluation import EvalTally, evaluating, record_eval
+from mpisplit.schemes.instrumentation import record_client_step
 from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
@@ -393,7 +386,7 @@ def run(ctx: RankContext) -> RankResult:
         stack.callback(train.close)
         test = open_split(ctx, comm, test=True)
         stack.callback(test.close)
-        steps = planned_steps(len(train.sizes), ctx.config.train)
+        steps = step_budget(len(train.sizes), ctx.config.train)
         role = _Server(ctx, layout, cut, steps) if ctx.me.role == Role.SERVER \
             else _Party(ctx, layout, cut, steps)
         result = _drive(ctx, role, train, test, steps)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from mpisplit.schemes import common
-from mpisplit.schemes.common import AveragingPlan, SilenceWatch, TurnPlan, turn_schedule
+from mpisplit.schemes import liveness
+from mpisplit.schemes.averaging import AveragingPlan
+from mpisplit.schemes.liveness import SilenceWatch
+from mpisplit.schemes.turns import TurnPlan, turn_schedule
 
 
 def test_turn_schedule_is_round_robin_until_every_client_is_done() -> None:
@@ -48,7 +50,7 @@ class _Clock:
 
 def test_silence_watch_names_the_feeder_that_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock()
-    monkeypatch.setattr(common.time, "monotonic", clock)
+    monkeypatch.setattr(liveness.time, "monotonic", clock)
     watch = SilenceWatch(limit_s=8.0)
     assert watch.heard(1, [1, 2]) == []  # first scan: nobody silent yet
     clock.now += 8.5
