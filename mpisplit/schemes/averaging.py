@@ -31,7 +31,7 @@ def sample_weight(ctx: RankContext, comm: MPI.Comm, samples: int) -> float:
 
 
 def average_parameters(ctx: RankContext, comm: MPI.Comm, module: nn.Module, weight: float,
-                       plan: AveragingPlan, step: int = 0) -> None:
+                       points: AveragingPoints, step: int = 0) -> None:
     """Replaces the parameters (and, with ``scheme.average_buffers``, the floating-point
     buffers) by their ``weight``-ed sum over ``comm`` (one raw Allreduce in the parameters'
     own dtype: one model's bytes in and out per member). ``step`` (the index of the step it
@@ -41,7 +41,7 @@ def average_parameters(ctx: RankContext, comm: MPI.Comm, module: nn.Module, weig
         flat = (torch.cat([t.reshape(-1) for t in tensors]) * weight).to("cpu")
         buffer = flat.numpy()
         ctx.transport.complete(comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM),
-                               "weight average", deadline=plan.lockstep, kind=Kind.WEIGHTS,
+                               "weight average", deadline=points.lockstep, kind=Kind.WEIGHTS,
                                sent=buffer.nbytes, received=buffer.nbytes, step=step)
         averaged = torch.from_numpy(buffer)
         for tensor, part in zip(tensors, averaged.split([t.numel() for t in tensors]),
@@ -60,8 +60,8 @@ def averaged_tensors(module: nn.Module, buffers: bool) -> list[torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class AveragingPlan:
-    """When FedAvg-style averages happen, agreed by every member from the same step plans:
+class AveragingPoints:
+    """When FedAvg-style averages happen, agreed by every member from the same step budgets:
     after every ``every``-th step that all members reach, then once more after each member's
     last step unless that point already was the last one for everybody."""
 
@@ -74,7 +74,7 @@ class AveragingPlan:
     others' remaining steps)."""
 
     @classmethod
-    def of(cls, steps: Sequence[int], every: int) -> AveragingPlan:
+    def of(cls, steps: Sequence[int], every: int) -> AveragingPoints:
         common = min(steps)
         return cls(every, common, max(steps) != common or common % every != 0,
                    max(steps) == common)

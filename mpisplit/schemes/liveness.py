@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from mpisplit.transport import Kind, PeerTimeout, Transport
+
 
 class SilenceWatch:
     """Parallel clients talk to the server all the time, so one that stays silent for
@@ -52,3 +54,40 @@ class Dropping:
     after_s: float
     drop: Callable[[int], None]
     dropped: Callable[[int], bool]
+
+
+class Liveness:
+    """A server's rule for clients that stop talking: it notices the silent ones
+    (``SilenceWatch``, for parallel clients it hears directly) and, with ``dropping``, lets
+    them go; without, a lost client ends the job with the transport's timeout."""
+
+    def __init__(self, transport: Transport, dropping: Dropping | None,
+                 watch: SilenceWatch | None) -> None:
+        self.transport, self.dropping, self.watch = transport, dropping, watch
+
+    @classmethod
+    def of(cls, transport: Transport, dropping: Dropping | None, *, watched: bool) -> Liveness:
+        """``watched``: the clients talk to this server directly and all the time."""
+        limit = dropping.after_s if dropping else transport.timeout_s
+        return cls(transport, dropping, SilenceWatch(limit) if watched else None)
+
+    def silent(self, source: int, feeders: Sequence[int]) -> list[int]:
+        """Records a message from ``source``; the feeders silent for too long."""
+        return [] if self.watch is None else self.watch.heard(source, feeders)
+
+    def restart(self) -> None:
+        """The clients were busy elsewhere (a checkpoint), not stalled."""
+        if self.watch is not None:
+            self.watch.restart()
+
+    def dropped(self, rank: int) -> bool:
+        return self.dropping is not None and self.dropping.dropped(rank)
+
+    def lose(self, ranks: Sequence[int], timeout: PeerTimeout | None = None) -> None:
+        """``ranks`` stopped answering (``timeout``: the wait on them that ran out): dropped
+        from the run, or, without ``dropping``, the end of the job."""
+        if self.dropping is None:
+            raise timeout or self.transport.timed_out(ranks, Kind.ACTIVATION, "receive")
+        for rank in ranks:
+            self.transport.abandon(rank)
+            self.dropping.drop(rank)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from mpisplit.checkpoint import pack, unpack
+import torch
+
 from mpisplit.cut import recv_forward, send_eval, send_forward
-from mpisplit.driver import make_progress, traffic_fields
+from mpisplit.driver import Fixed, StepDriver
 from mpisplit.engine import RankContext
 from mpisplit.schemes.evaluation import evaluating
 from mpisplit.segment import Segment
@@ -23,50 +24,67 @@ def relay_activations(ctx: RankContext, segment: Segment, total_steps: int,
     holder (a multi-hop relay), with the labels and end markers; an evaluation pass is then
     relayed without interleaving, so the receiver tallies it as one client's.
     """
-    transport, checkpoints = ctx.transport, ctx.checkpoints
-    steps = checkpoints.resume_step
-    progress = make_progress(ctx, total_steps, steps)
-    if (saved := checkpoints.restore()) is not None:
-        unpack(saved, [segment])
-    remaining, source = len(ctx.topology.ranks(Role.CLIENT)), ANY_SOURCE
-    while remaining:
-        activation, message = recv_forward(transport, source, device=ctx.device)
-        dest = message.source if next_hop is None else next_hop
-        if message.flags & (Flag.LAST | Flag.DONE):
-            if next_hop is not None:
-                transport.send(activation, dest, Kind.ACTIVATION, step=message.step,
-                               flags=message.flags)
-            remaining -= bool(message.flags & Flag.DONE)
-            source = ANY_SOURCE
-            continue
-        if message.flags & Flag.EVAL:
-            with evaluating(segment.module):
-                send_eval(segment.module(activation), transport, dest, message.step)
-            if next_hop is not None:
-                _pass_labels(transport, message, dest)
-                source = message.source
-            continue
-        more = message.flags & Flag.MORE
-        with ctx.tracer.span("forward", step=steps):
-            anchor = send_forward(segment.module(activation), transport, dest, message.step,
-                                  flags=more, aux=message.aux, microbatch=message.microbatch)
-        if next_hop is not None:
-            _pass_labels(transport, message, dest)
-        with ctx.tracer.span("backward", step=steps):
+    return Relay(ctx, segment, total_steps, next_hop).run()
+
+
+class Relay:
+    """``relay_activations``' state: its segment, where results go, the step driver."""
+
+    def __init__(self, ctx: RankContext, segment: Segment, total_steps: int,
+                 next_hop: int | None) -> None:
+        self.ctx, self.segment, self.next_hop = ctx, segment, next_hop
+        self.transport: Transport = ctx.transport
+        self.driver = StepDriver(ctx, total_steps)
+        self.steps = self.driver.resumed
+
+    def run(self) -> int:
+        self.driver.restore(Fixed([self.segment]))
+        remaining, source = len(self.ctx.topology.ranks(Role.CLIENT)), ANY_SOURCE
+        while remaining:
+            activation, message = recv_forward(self.transport, source, device=self.ctx.device)
+            dest = message.source if self.next_hop is None else self.next_hop
+            if message.flags & (Flag.LAST | Flag.DONE):
+                if self.next_hop is not None:
+                    self.transport.send(activation, dest, Kind.ACTIVATION, step=message.step,
+                                        flags=message.flags)
+                remaining -= bool(message.flags & Flag.DONE)
+                source = ANY_SOURCE
+            elif message.flags & Flag.EVAL:
+                self._evaluate(activation, message, dest)
+                source = ANY_SOURCE if self.next_hop is None else message.source
+            else:  # a step's microbatches come from one source until the last
+                more = self._train(activation, message, dest)
+                source = message.source if more else ANY_SOURCE
+        return self.steps
+
+    def _evaluate(self, activation: torch.Tensor, message: Message, dest: int) -> None:
+        with evaluating(self.segment.module):
+            send_eval(self.segment.module(activation), self.transport, dest, message.step)
+        if self.next_hop is not None:
+            self._pass_labels(message, dest)
+
+    def _train(self, activation: torch.Tensor, message: Message, dest: int) -> bool:
+        """Forward on, labels on, gradient back; steps after a step's last microbatch (the
+        gradients accumulate until then). Returns whether more microbatches follow."""
+        tracer, more = self.ctx.tracer, message.flags & Flag.MORE
+        with tracer.span("forward", step=self.steps):
+            anchor = send_forward(self.segment.module(activation), self.transport, dest,
+                                  message.step, flags=more, aux=message.aux,
+                                  microbatch=message.microbatch)
+        if self.next_hop is not None:
+            self._pass_labels(message, dest)
+        with tracer.span("backward", step=self.steps):
             anchor.backward()
-        if more:  # gradients accumulate until the step's last microbatch
-            source = message.source
-            continue
-        source = ANY_SOURCE
-        with ctx.tracer.span("optimizer", step=steps):
-            segment.step()
-        steps += 1
-        ctx.metrics.write({"step": steps, **traffic_fields(ctx)})
-        progress.update(steps, None)
-        checkpoints.reached(steps, lambda: pack([segment]), total_steps)
-    return steps
+        if more:
+            return True
+        with tracer.span("optimizer", step=self.steps):
+            self.segment.step()
+        self.steps += 1
+        self.driver.record(self.steps)
+        self.driver.meet(self.steps)
+        return False
 
-
-def _pass_labels(transport: Transport, message: Message, dest: int) -> None:
-    labels = transport.recv(Kind.LABELS, message.source)
-    transport.send(labels.tensor, dest, Kind.LABELS, step=labels.step, flags=labels.flags)
+    def _pass_labels(self, message: Message, dest: int) -> None:
+        labels = self.transport.recv(Kind.LABELS, message.source)
+        self.transport.send(labels.tensor, dest, Kind.LABELS, step=labels.step,
+                            flags=labels.flags)

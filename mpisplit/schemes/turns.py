@@ -1,20 +1,18 @@
 """Who trains when: every client's step budget, the round-robin turns of sequential order,
-this client's turns and the hand-over of the lower parts between them."""
+this client's turns (``ClientTurns``) and the hand-over of the lower parts between them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mpisplit.checkpoint import pack, unpack
 from mpisplit.config import TrainConfig
-from mpisplit.data import Batch, ShardReader
-from mpisplit.driver import next_batch, step_budget, training_batches
+from mpisplit.data import ShardReader
+from mpisplit.driver import EvalSchedule, StepDriver, StepRole, step_budget
 from mpisplit.engine import EvalResult, RankContext
-from mpisplit.schemes.instrumentation import record_client_step
-from mpisplit.schemes.sending import CutSender, send_marker
+from mpisplit.schemes.sending import send_marker
 from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
@@ -22,19 +20,20 @@ from mpisplit.transport import Flag, Kind, Transport
 
 
 def clients_total_steps(ctx: RankContext) -> int:
-    """A non-client rank's side of the step-plan exchange: every client's steps, summed."""
-    return int(exchange_step_plans(ctx, 0, 0)[:, 0].sum())
+    """A non-client rank's side of the step-budget exchange: every client's steps, summed."""
+    return int(exchange_step_budgets(ctx, 0, 0)[:, 0].sum())
 
 
-def exchange_step_plans(ctx: RankContext, steps: int, epoch_length: int) -> np.ndarray:
-    """Every rank's (planned steps, batches per epoch); raw-buffer Allgather, once per run."""
+def exchange_step_budgets(ctx: RankContext, steps: int, epoch_length: int) -> np.ndarray:
+    """Every rank's (step budget, batches per epoch); raw-buffer Allgather, once per run."""
     mine = np.array([steps, epoch_length], np.int64)
     everyone = np.zeros((ctx.comm.Get_size(), 2), np.int64)
     ctx.transport.complete(ctx.comm.Iallgather(mine, everyone), "exchange of step plans")
     return everyone
 
 
-def turn_schedule(steps: Sequence[int], turn_lengths: Sequence[int]) -> list[tuple[int, int]]:
+def round_robin_turns(steps: Sequence[int], turn_lengths: Sequence[int]
+                      ) -> list[tuple[int, int]]:
     """Round-robin turns ``(client index, batches)`` until every client has used its steps.
 
     This is the original split-learning order: client k trains ``turn_lengths[k]`` batches,
@@ -52,12 +51,12 @@ def turn_schedule(steps: Sequence[int], turn_lengths: Sequence[int]) -> list[tup
 
 
 @dataclass(frozen=True)
-class TurnPlan:
-    """Which turns this client trains, and how long its parts' schedule is."""
+class ClientTurns:
+    """Which turns this client trains, and how many steps its lower parts take."""
 
     turns: list[tuple[int, int]]
     me: int
-    schedule_steps: int
+    part_steps: int
     """Sequential: every client's steps (the parts travel); parallel: this client's."""
     until: int
     """The first step at which the ranks no longer all meet for checkpoints: the end of the
@@ -89,18 +88,23 @@ class TurnPlan:
         sequential order the last turn's client does."""
         return self.evaluator and (self.turns[-1][0] == self.me if self.turns else True)
 
+    def evaluation(self, train: TrainConfig) -> EvalSchedule:
+        """When this client evaluates between its steps."""
+        return EvalSchedule.of(train, self.part_steps if self.evaluates_final else None,
+                               self.evaluator)
 
-def plan_turns(ctx: RankContext, reader: ShardReader) -> TurnPlan:
-    """Exchanges step plans (collective) and derives this client's turns."""
+
+def agree_turns(ctx: RankContext, reader: ShardReader) -> ClientTurns:
+    """Exchanges step budgets (collective) and derives this client's turns."""
     cfg, me = ctx.config, ctx.me
-    plans = exchange_step_plans(ctx, step_budget(len(reader), cfg.train), len(reader))
+    budgets = exchange_step_budgets(ctx, step_budget(len(reader), cfg.train), len(reader))
     clients = ctx.topology.ranks(Role.CLIENT)
-    steps = [int(plans[rank, 0]) for rank in clients]
+    steps = [int(budgets[rank, 0]) for rank in clients]
     if cfg.scheme.client_order == "sequential":
-        lengths = [cfg.scheme.options.turn_steps or int(plans[rank, 1]) for rank in clients]
-        return TurnPlan(turn_schedule(steps, lengths), me.index, sum(steps), sum(steps))
-    return TurnPlan([(me.index, steps[me.index])], me.index, steps[me.index], min(steps),
-                    evaluator=me.index in evaluating_clients(cfg.train, len(clients)))
+        lengths = [cfg.scheme.options.turn_steps or int(budgets[rank, 1]) for rank in clients]
+        return ClientTurns(round_robin_turns(steps, lengths), me.index, sum(steps), sum(steps))
+    return ClientTurns([(me.index, steps[me.index])], me.index, steps[me.index], min(steps),
+                       evaluator=me.index in evaluating_clients(cfg.train, len(clients)))
 
 
 def evaluating_clients(train: TrainConfig, clients: int) -> list[int]:
@@ -119,95 +123,73 @@ class ClientReport:
     final_evals: list[EvalResult] = field(default_factory=list)
 
 
-def run_client_turns(
-    ctx: RankContext,
-    plan: TurnPlan,
-    reader: ShardReader,
-    segments: Sequence[Segment],
-    sender: CutSender,
-    train_step: Callable[[Batch, int], float | None],
-    evaluate: Callable[[int, bool], EvalResult | None],
-    first_hop: int | Sequence[int],
-) -> ClientReport:
-    """A client's turns: hand-over of ``segments`` in, ``train_step(batch, model_step)``
-    per batch (returns the loss where the client has it), periodic ``evaluate(step,
-    final=False)``, hand-over out. At the end the final turn's client calls
-    ``evaluate(step, True)`` (which must tell ``first_hop`` it is done); the others just
+def run_client_turns(ctx: RankContext, turns: ClientTurns, role: StepRole,
+                     reader: ShardReader, first_hop: int | Sequence[int]) -> ClientReport:
+    """A client's turns on the step driver: the hand-over of ``role.segments`` in, its steps
+    and periodic evaluations, the hand-over out; the checkpoint meetings of other clients'
+    turns while this one waits. At the end the final turn's client calls
+    ``role.evaluate(step, True)`` (which must tell ``first_hop`` it is done); the others just
     send ``first_hop`` (each, when several) a done marker. In sequential order the final
     turn's client then hands the final parts to every other client, so every client ends with
     (and saves) the same, final lower part, not the one of its own last turn.
 
-    Checkpoints: after each step, and for the steps of other clients' turns while this one
-    waits; a resumed run starts after the checkpoint's step, with the same data position.
+    A resumed run starts after the checkpoint's step, with the same data position.
     """
-    cfg, transport, checkpoints = ctx.config, ctx.transport, ctx.checkpoints
-    clients = ctx.topology.ranks(Role.CLIENT)
-    report = ClientReport(steps=plan.my_steps)
-    resumed = checkpoints.resume_step
-    if (saved := checkpoints.restore()) is not None:
-        report.samples = unpack(saved, segments, [sender.noise])["samples"]
-
-    def state() -> dict:
-        return pack(segments, [sender.noise], samples=report.samples)
-
-    batches = training_batches(reader, cfg.train, skip=plan.my_steps_through(resumed))
-    final_step = plan.schedule_steps if plan.evaluates_final else None
-
-    def evaluation_due(step: int) -> bool:
-        return bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 \
-            and step != final_step and plan.evaluator
-
-    spans = list(plan.spans())
+    driver = StepDriver(ctx, turns.part_steps, until=turns.until,
+                        evaluation=turns.evaluation(ctx.config.train), progress=False)
+    driver.restore(role)
+    batches = driver.batches(reader, skip=turns.my_steps_through(driver.resumed))
+    hand_over = PartsHandOver(ctx.transport, ctx.topology.ranks(Role.CLIENT), role.segments)
+    spans = list(turns.spans())
     for turn, (client, first, last) in enumerate(spans):
-        if client != plan.me:
-            for point in checkpoints.points(first, last, plan.until):
-                checkpoints.reached(point, state, plan.until, idle=True)
+        if client != turns.me:
+            driver.sit_out(first, last)
             continue
-        if last < resumed:
+        if last < driver.resumed:
             continue
-        previous = spans[turn - 1][0] if turn > 0 else plan.me
-        if first > resumed and previous != plan.me:
-            _receive_parts(transport, clients[previous], segments)
-        if first <= resumed and evaluation_due(resumed):  # it came after the checkpoint
-            evaluate(resumed, False)
-        for step in range(max(first, resumed + 1), last + 1):
-            batch = next_batch(ctx, batches, step - 1)
-            loss = train_step(batch, step - 1)
-            report.samples += len(batch.labels)
-            record_client_step(ctx, step, loss)
-            checkpoints.reached(step, state, plan.until)
-            if evaluation_due(step):
-                evaluate(step, False)
-        following = spans[turn + 1][0] if turn + 1 < len(spans) else plan.me
-        if following != plan.me:
-            for segment in segments:
-                transport.send(segment.state_bytes(), clients[following], Kind.WEIGHTS,
-                               step=last)
-    if plan.evaluates_final:
-        result = evaluate(plan.schedule_steps, True)
+        previous = spans[turn - 1][0] if turn > 0 else turns.me
+        if first > driver.resumed and previous != turns.me:
+            hand_over.receive(previous)
+        driver.train(role, batches, first, last)
+        following = spans[turn + 1][0] if turn + 1 < len(spans) else turns.me
+        if following != turns.me:
+            hand_over.send(following, last)
+    report = ClientReport(steps=turns.my_steps, samples=driver.samples)
+    if turns.evaluates_final:
+        result = role.evaluate(turns.part_steps, True)
         report.final_evals = [] if result is None else [result]
     else:
         for hop in [first_hop] if isinstance(first_hop, int) else first_hop:
-            send_marker(ctx, hop, plan.schedule_steps, Flag.DONE)
-    if cfg.scheme.client_order == "sequential" and spans:
-        _share_final_parts(transport, clients, spans[-1][0], plan, segments)
+            send_marker(ctx, hop, turns.part_steps, Flag.DONE)
+    if ctx.config.scheme.client_order == "sequential" and spans:
+        hand_over.share_final(spans[-1][0], turns)
     return report
 
 
-def _share_final_parts(transport: Transport, clients: Sequence[int], last: int,
-                       plan: TurnPlan, segments: Sequence[Segment]) -> None:
-    """The final turn's client sends its parts to every other client, which load them."""
-    if plan.me != last:
-        _receive_parts(transport, clients[last], segments)
-        return
-    for other, rank in enumerate(clients):
-        if other != last:
-            for segment in segments:
-                transport.send(segment.state_bytes(), rank, Kind.WEIGHTS,
-                               step=plan.schedule_steps)
+@dataclass
+class PartsHandOver:
+    """Sequential order's hand-over of the lower parts (weights, optimizer and schedule
+    state) from one client to the next, peer to peer."""
 
+    transport: Transport
+    clients: Sequence[int]
+    segments: Sequence[Segment]
 
-def _receive_parts(transport: Transport, source: int, segments: Sequence[Segment]) -> None:
-    """Loads the handed-over parts."""
-    for segment in segments:
-        segment.load_state_bytes(transport.recv(Kind.WEIGHTS, source, deadline=False).tensor)
+    def send(self, client: int, step: int) -> None:
+        for segment in self.segments:
+            self.transport.send(segment.state_bytes(), self.clients[client], Kind.WEIGHTS,
+                                step=step)
+
+    def receive(self, client: int) -> None:
+        for segment in self.segments:
+            segment.load_state_bytes(
+                self.transport.recv(Kind.WEIGHTS, self.clients[client], deadline=False).tensor)
+
+    def share_final(self, last: int, turns: ClientTurns) -> None:
+        """The final turn's client sends its parts to every other client, which load them."""
+        if turns.me != last:
+            self.receive(last)
+            return
+        for other in range(len(self.clients)):
+            if other != last:
+                self.send(other, turns.part_steps)
