@@ -1,19 +1,23 @@
 """The step driver's pure parts and the pure pieces the scheme roles share: step budgets,
-when evaluation is due, turns' evaluation, microbatches, tallies, the splitfed server order."""
+when evaluation is due, turns' evaluation, microbatches and their loss weights, tallies,
+averaged tensors, the splitfed server order."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from mpisplit.config import TrainConfig
 from mpisplit.data import Batch
 from mpisplit.driver import EvalSchedule, step_budget
-from mpisplit.protocol import Flag
+from mpisplit.protocol import Flag, Kind
+from mpisplit.schemes.averaging import averaged_tensors
 from mpisplit.schemes.evaluation import EvalTally
-from mpisplit.schemes.microbatches import microbatches
+from mpisplit.schemes.microbatches import microbatch_share, microbatches
 from mpisplit.schemes.splitfed import server_order
 from mpisplit.schemes.turns import ClientTurns, evaluating_clients, round_robin_turns
+from mpisplit.transport import Message
 
 
 def test_step_budget_is_epochs_cut_to_max_steps() -> None:
@@ -70,3 +74,19 @@ def test_splitfed_server_order() -> None:
     assert server_order([3, 2], every=2, how="fixed", seed=0) == [0, 1, 0, 1, 0]
     drawn = server_order([3, 2], every=2, how="random", seed=0)
     assert sorted(drawn[:4]) == [0, 0, 1, 1] and drawn[4:] == [0]
+
+
+def test_microbatch_share_weights_to_the_whole_batch_mean() -> None:
+    labels = torch.arange(3)
+    message = Message(torch.empty(0), 1, Kind.ACTIVATION, 0, Flag.MORE, 12, 0)
+    assert microbatch_share(labels, message) == 0.25
+    assert microbatch_share(labels, message._replace(aux=0)) == 1.0  # not split
+
+
+def test_averaged_tensors_keep_integer_buffers_local() -> None:
+    module = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    params = list(module.parameters())
+    assert averaged_tensors(module, buffers=False) == params
+    with_buffers = averaged_tensors(module, buffers=True)
+    assert len(with_buffers) == len(params) + 2  # running mean and var, not the batch count
+    assert all(t.is_floating_point() for t in with_buffers)
