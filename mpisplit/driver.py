@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -29,6 +29,9 @@ from mpisplit.runlog import Progress
 from mpisplit.segment import Segment
 
 log = logging.getLogger("mpisplit")
+
+B = TypeVar("B")
+B_in = TypeVar("B_in", contravariant=True)
 
 
 def step_budget(batches_per_epoch: int, train: TrainConfig) -> int:
@@ -44,6 +47,11 @@ def training_batches(reader: ShardReader, train: TrainConfig, skip: int = 0) -> 
     budget = step_budget(len(reader), train) - skip
     if budget > 0:
         yield from itertools.islice(reader.epochs(*divmod(skip, len(reader))), budget)
+
+
+def labelled_rows(batch: Batch | None) -> int:
+    """A batch's samples (0: a step without data)."""
+    return 0 if batch is None or batch.labels is None else len(batch.labels)
 
 
 @dataclass(frozen=True)
@@ -73,21 +81,22 @@ class Checkpointable(Protocol):
     generators: Sequence[torch.Generator]
 
 
-class StepRole(Checkpointable, Protocol):
-    """A role the driver runs step by step."""
+class StepRole(Checkpointable, Protocol[B_in]):
+    """A role the driver runs step by step, on batches of type ``B_in`` (``Batch | None``
+    for most: None is a step without data, such as a synchronous baseline's client whose
+    shard is used up)."""
 
-    def train_step(self, batch: Batch | None, index: int) -> float | None:
-        """One training step on ``batch`` (None: a step without data, such as a synchronous
-        baseline's client whose shard is used up); ``index`` is the step's 0-based index,
-        as trace spans count. Returns the loss where this rank computes it."""
+    def train_step(self, batch: B_in, index: int) -> float | None:
+        """One training step on ``batch``; ``index`` is the step's 0-based index, as trace
+        spans count. Returns the loss where this rank computes it."""
 
     def evaluate(self, step: int, final: bool) -> EvalResult | None:
         """Evaluation after ``step``; returns the result where this rank computes it."""
 
 
 @dataclass
-class Fixed:
-    """A checkpointable role that is only its parts (a server's or a relay's segments)."""
+class Parts:
+    """What a role that is only its parts checkpoints (a server's or a relay's segments)."""
 
     segments: Sequence[Segment]
     generators: Sequence[torch.Generator] = ()
@@ -116,7 +125,7 @@ class StepDriver:
         self.traffic = traffic
         self.progress = make_progress(ctx, total, self.resumed if done is None else done,
                                       epochs=epochs) if progress else None
-        self._role: Checkpointable = Fixed(())
+        self._role: Checkpointable = Parts(())
 
     def restore(self, role: Checkpointable) -> None:
         """Loads ``role``'s state from the checkpoint a resumed run starts from (and
@@ -160,25 +169,26 @@ class StepDriver:
         for point in self.ctx.checkpoints.points(first, last, self.until):
             self.meet(point, idle=True)
 
-    def train(self, role: StepRole, batches: Iterator[Batch | None], first: int, last: int,
-              **fields: Any) -> None:
+    def train(self, role: StepRole[B], batches: Iterator[B], first: int, last: int, *,
+              rows: Callable[[B], int] = labelled_rows, **fields: Any) -> None:
         """Steps ``first..last`` (counted from 1) of ``role``, those after the resume point:
-        a batch, ``role.train_step``, the record (with ``fields``), the meeting, and the
-        periodic evaluation when due. A resumed run whose checkpoint came just before an
-        evaluation that step's evaluation was due at runs it first."""
+        a batch, ``role.train_step``, the samples count (``rows`` of the batch), the record
+        (with ``fields``), the meeting, and the periodic evaluation when due. A resumed run
+        whose checkpoint came just before an evaluation that step's evaluation was due at
+        runs it first."""
         if first <= self.resumed <= last and self.evaluation.due(self.resumed):
             role.evaluate(self.resumed, False)
         for step in range(max(first, self.resumed + 1), last + 1):
             batch = next_batch(self.ctx, batches, step - 1)
             loss = role.train_step(batch, step - 1)
-            self.samples += 0 if batch is None else len(batch.labels)
+            self.samples += rows(batch)
             self.record(step, loss, **fields)
             self.meet(step)
             if self.evaluation.due(step):
                 role.evaluate(step, False)
 
 
-def next_batch(ctx: RankContext, batches: Iterator[Batch | None], index: int) -> Batch | None:
+def next_batch(ctx: RankContext, batches: Iterator[B], index: int) -> B:
     """The next training batch; the time it takes (the reader's prefetch fell behind) is the
     step's "data" span."""
     with ctx.tracer.span("data", step=index):

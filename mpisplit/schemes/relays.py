@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mpisplit.cut import recv_forward, send_eval, send_forward
-from mpisplit.driver import Fixed, StepDriver
+from mpisplit.driver import Parts, StepDriver
 from mpisplit.engine import RankContext
 from mpisplit.schemes.evaluation import evaluating
 from mpisplit.segment import Segment
@@ -38,7 +38,7 @@ class Relay:
         self.steps = self.driver.resumed
 
     def run(self) -> int:
-        self.driver.restore(Fixed([self.segment]))
+        self.driver.restore(Parts([self.segment]))
         remaining, source = len(self.ctx.topology.ranks(Role.CLIENT)), ANY_SOURCE
         while remaining:
             activation, message = recv_forward(self.transport, source, device=self.ctx.device)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mpisplit.cut import recv_forward
-from mpisplit.driver import Fixed, StepDriver
+from mpisplit.driver import Parts, StepDriver
 from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
 from mpisplit.schemes.evaluation import EvalTally, evaluating, record_eval
@@ -100,7 +100,7 @@ class Server:
         self.report = ServeReport(steps=ctx.checkpoints.resume_step * self.round_size)
         self.driver = StepDriver(ctx, total_steps, until=order.until if order else None,
                                  done=self.report.steps)
-        self.driver.restore(Fixed(upper.owned))
+        self.driver.restore(Parts(upper.owned))
         self.senders = iter((order.senders if order else ())[self.report.steps:])
         self.expected = next(self.senders, ANY_SOURCE)
         self.active = set(range(len(self.clients)))
