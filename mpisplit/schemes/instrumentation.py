@@ -8,16 +8,8 @@ from typing import Any
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from mpisplit.driver import traffic_fields
 from mpisplit.engine import RankContext
 from mpisplit.transport import Kind
-
-
-def record_client_step(ctx: RankContext, step: int, loss: float | None = None) -> None:
-    record = {"step": step, **traffic_fields(ctx)}
-    if loss is not None:
-        record["loss"] = loss
-    ctx.metrics.write(record)
 
 
 def record_traffic_by_kind(ctx: RankContext) -> None:
