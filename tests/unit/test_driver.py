@@ -1,6 +1,6 @@
 """The step driver's pure parts and the pure pieces the scheme roles share: step budgets,
 when evaluation is due, turns' evaluation, microbatches and their loss weights, tallies,
-averaged tensors, the splitfed server order."""
+averaged tensors, the server's upper segments, the splitfed server order."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from mpisplit.protocol import Flag, Kind
 from mpisplit.schemes.averaging import averaged_tensors
 from mpisplit.schemes.evaluation import EvalTally
 from mpisplit.schemes.microbatches import microbatch_share, microbatches
+from mpisplit.schemes.serving import Upper
 from mpisplit.schemes.splitfed import server_order
 from mpisplit.schemes.turns import ClientTurns, evaluating_clients, round_robin_turns
+from mpisplit.segment import Segment
 from mpisplit.transport import Message
 
 
@@ -90,3 +92,16 @@ def test_averaged_tensors_keep_integer_buffers_local() -> None:
     with_buffers = averaged_tensors(module, buffers=True)
     assert len(with_buffers) == len(params) + 2  # running mean and var, not the batch count
     assert all(t.is_floating_point() for t in with_buffers)
+
+
+def test_upper_serves_one_segment_or_a_copy_per_client() -> None:
+    def segment() -> Segment:
+        return Segment.create(nn.Linear(2, 2), TrainConfig(), total_steps=4)
+
+    shared = segment()
+    upper = Upper.shared(shared)
+    assert upper.segment_for(3) is shared and upper.segment_for(7) is shared
+    assert list(upper.owned) == [shared] and upper.after_step is None
+    copies = {1: segment(), 2: segment()}
+    per_client = Upper.per_client(copies, after_step=copies.pop)
+    assert per_client.segment_for(2) is copies[2] and list(per_client.owned) == []
