@@ -21,7 +21,9 @@ from torch import nn
 from mpisplit.config import Config, ConfigError
 from mpisplit.engine import RankContext, RankResult
 from mpisplit.models import build_parts, model_factory
-from mpisplit.schemes.common import clients_total_steps, serve_with, train_lower_client
+from mpisplit.schemes.lower_client import train_lower_client
+from mpisplit.schemes.serving import serve_with
+from mpisplit.schemes.turns import clients_total_steps
 from mpisplit.segment import Segment
 from mpisplit.split import split_model
 from mpisplit.topology import Role
