@@ -27,11 +27,12 @@ from mpisplit.data import Batch, ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
 from mpisplit.privacy import EvaluationNoise, distance_correlation, nopeek_penalty, protect
+from mpisplit.protocol import Flag, Kind
 from mpisplit.runlog import Progress
 from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, PeerTimeout, Transport
+from mpisplit.transport import ANY_SOURCE, Message, PeerTimeout, Transport
 
 log = logging.getLogger("mpisplit")
 

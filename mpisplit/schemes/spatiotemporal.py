@@ -61,6 +61,7 @@ from mpisplit.data import ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
 from mpisplit.privacy import protect
+from mpisplit.protocol import Flag, Kind
 from mpisplit.schemes.common import (
     Dropping,
     EvalTally,
@@ -76,7 +77,7 @@ from mpisplit.schemes.common import (
 from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import Flag, Kind, Message, PeerTimeout, Transport
+from mpisplit.transport import Message, PeerTimeout, Transport
 
 
 def run(ctx: RankContext) -> RankResult:

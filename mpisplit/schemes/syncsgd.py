@@ -12,6 +12,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mpisplit.engine import RankContext, RankResult
+from mpisplit.protocol import Kind
 from mpisplit.schemes.common import (
     client_reader,
     evaluate_locally,
@@ -24,7 +25,7 @@ from mpisplit.schemes.common import (
     training_batches,
     whole_model_gradients,
 )
-from mpisplit.transport import Kind, Transport
+from mpisplit.transport import Transport
 
 
 def run(ctx: RankContext) -> RankResult:

@@ -20,6 +20,7 @@ from mpisplit.cut import recv_forward
 from mpisplit.data import Batch, ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
+from mpisplit.protocol import Flag
 from mpisplit.schemes.common import (
     CutSender,
     EvalTally,
@@ -38,7 +39,6 @@ from mpisplit.schemes.common import (
 )
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import Flag
 
 
 def serve(ctx: RankContext) -> RankResult:
