@@ -7,8 +7,8 @@ and unpacked here, with no MPI call: the transport moves it, this module says wh
 Flags are an opaque integer here (``mpisplit.protocol`` gives them their meaning).
 
 An MPI library without large counts (MPI < 4: counts are C ints) carries less than 2 GiB per
-message or collective call; ``part_spans`` and ``collective_spans`` cut a payload into pieces
-of at most ``PART_BYTES``.
+message or collective call; ``part_spans`` cuts a payload into parts of at most ``PART_BYTES``,
+``collective_rounds`` a collective into rounds that each move at most that much.
 """
 
 from __future__ import annotations
@@ -133,22 +133,36 @@ def buffer_parts(data: torch.Tensor, nbytes: int, limit: int | None) -> list[lis
     return [[MPI.buffer.fromaddress(address + at, size), size, MPI.BYTE] for at, size in spans]
 
 
-def collective_spans(counts: Sequence[int], itemsize: int, limit: int | None
-                     ) -> list[list[tuple[int, int]]]:
-    """Rounds of a collective whose ranks contribute ``counts`` elements each: per round,
-    every rank's (element offset within its own part, element count). Each round moves at
-    most ``limit`` bytes in all (one round when there is no limit or it fits), and every
-    rank takes part in every round (a count of 0 where its part is done)."""
-    total = sum(counts) * itemsize
-    if not limit or total <= limit:
-        return [[(0, count) for count in counts]]
-    per_round = max(1, limit // itemsize)
-    # Every rank moves the same fraction of its part per round (rounded up): as few rounds
-    # as keep each under the limit (a limit below one element per rank is taken as that).
-    rounds = min(-(-sum(counts) // per_round), max(counts))
-    share = [-(-count // rounds) for count in counts]
-    while sum(share) > per_round and rounds < max(counts):
-        rounds += 1
-        share = [-(-count // rounds) for count in counts]
-    return [[(min(r * s, count), max(0, min(s, count - r * s)))
-             for count, s in zip(counts, share, strict=True)] for r in range(rounds)]
+class Round(NamedTuple):
+    """One call of a collective cut into rounds: a window of the root's buffer (the whole
+    buffer, for an Allreduce) and every rank's piece of it."""
+
+    start: int
+    """Element offset of the window in the root's buffer."""
+    size: int
+    """Elements in the window."""
+    pieces: list[tuple[int, int, int]]
+    """Per rank: (element offset within its own part, element count, displacement within
+    the window); (0, 0, 0) for a rank with nothing in this window."""
+
+
+def collective_rounds(counts: Sequence[int], displs: Sequence[int], itemsize: int,
+                      limit: int | None) -> list[Round]:
+    """A collective over parts of ``counts`` elements at ``displs`` in the root's buffer,
+    as rounds over windows of at most ``limit`` bytes (one round if there is no limit or it
+    fits): no count or displacement of a round reaches ``limit``, and every rank knows its
+    piece of every round from the layout alone, so every rank posts the same rounds."""
+    extent = max((d + c for c, d in zip(counts, displs, strict=True)), default=0)
+    if not limit or extent * itemsize <= limit:
+        return [Round(0, extent, [(0, c, d) for c, d in zip(counts, displs, strict=True)])]
+    window = max(1, limit // itemsize)
+    rounds = []
+    for start in range(0, extent, window):
+        end = min(start + window, extent)
+        pieces = []
+        for count, displ in zip(counts, displs, strict=True):
+            low, high = max(displ, start), min(displ + count, end)
+            pieces.append((low - displ, high - low, low - start) if high > low else (0, 0, 0))
+        if any(n for _, n, _ in pieces):
+            rounds.append(Round(start, end - start, pieces))
+    return rounds

@@ -36,6 +36,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from mpi4py import MPI
+from mpi4py.util.dtlib import from_numpy_dtype
 
 from mpisplit.codec import (
     HEADER_BYTES,
@@ -44,7 +45,9 @@ from mpisplit.codec import (
     CodecError,
     Header,
     MessageBuffer,
+    Round,
     buffer_parts,
+    collective_rounds,
     default_part_bytes,
     large_counts,
     pack_header,
@@ -461,9 +464,47 @@ class Transport:
         with span:
             self.deadlines.collective(request, what, deadline)
 
+    def iallreduce(self, comm: MPI.Comm, buffer: np.ndarray,
+                   op: MPI.Op = MPI.SUM) -> list[MPI.Request]:
+        """Posts an in-place Allreduce of ``buffer`` (1-D, contiguous) over ``comm``, in
+        rounds below ``part_bytes`` on an MPI without large counts; ``complete`` ends it."""
+        return [comm.Iallreduce(MPI.IN_PLACE, buffer[r.start:r.start + r.size], op)
+                for r in collective_rounds([buffer.size], [0], buffer.itemsize,
+                                           self.part_bytes)]
+
+    def igatherv(self, comm: MPI.Comm, part: np.ndarray, out: np.ndarray | None,
+                 counts: Sequence[int], displs: Sequence[int], root: int
+                 ) -> list[MPI.Request]:
+        """Posts a Gatherv of every rank's ``part`` (``counts[rank]`` elements) into the
+        root's ``out`` at ``displs`` (``out`` None elsewhere), in rounds as ``iallreduce``.
+        Every rank passes the whole layout (it tells each its piece of every round)."""
+        rounds = collective_rounds(counts, displs, part.itemsize, self.part_bytes)
+        rank, kind = comm.Get_rank(), from_numpy_dtype(part.dtype)
+        return [comm.Igatherv(
+            part[r.pieces[rank][0]:r.pieces[rank][0] + r.pieces[rank][1]],
+            _window(out, r, kind) if out is not None else None, root) for r in rounds]
+
+    def iscatterv(self, comm: MPI.Comm, whole: np.ndarray | None, part: np.ndarray,
+                  counts: Sequence[int], displs: Sequence[int], root: int
+                  ) -> list[MPI.Request]:
+        """Posts a Scatterv of the root's ``whole`` (None elsewhere) at ``displs`` into every
+        rank's ``part`` (``counts[rank]`` elements), in rounds as ``iallreduce``."""
+        rounds = collective_rounds(counts, displs, part.itemsize, self.part_bytes)
+        rank, kind = comm.Get_rank(), from_numpy_dtype(part.dtype)
+        return [comm.Iscatterv(
+            _window(whole, r, kind) if whole is not None else None,
+            part[r.pieces[rank][0]:r.pieces[rank][0] + r.pieces[rank][1]], root)
+            for r in rounds]
+
     def timed_out(self, peers: Sequence[int], kind: Kind, what: str) -> PeerTimeout:
         """The error for ``peers`` that did not answer within the deadline."""
         return self.deadlines.timed_out(peers, kind.name, what)
+
+
+def _window(buffer: np.ndarray, round_: Round, kind: MPI.Datatype) -> list:
+    """The root's buffer specification of one round of a Gatherv or Scatterv."""
+    return [buffer[round_.start:round_.start + round_.size],
+            [n for _, n, _ in round_.pieces], [d for _, _, d in round_.pieces], kind]
 
 
 def _device_bytes(tensor: torch.Tensor) -> torch.Tensor:

@@ -809,7 +809,7 @@ def average_parameters(ctx: RankContext, comm: MPI.Comm, module: nn.Module, weig
     with torch.no_grad():
         flat = (torch.cat([t.reshape(-1) for t in tensors]) * weight).to("cpu")
         buffer = flat.numpy()
-        ctx.transport.complete(comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM),
+        ctx.transport.complete(ctx.transport.iallreduce(comm, buffer),
                                "weight average", deadline=plan.lockstep, kind=Kind.WEIGHTS,
                                sent=buffer.nbytes, received=buffer.nbytes, step=step)
         averaged = torch.from_numpy(buffer)

@@ -64,7 +64,7 @@ def _average_gradients(transport: Transport, comm: MPI.Comm, module: nn.Module,
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([*(g.reshape(-1) for g in grads), grads[0].new_ones(1)]).cpu() * batch_size
     buffer = flat.numpy()
-    transport.complete(comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM), "gradient average",
+    transport.complete(transport.iallreduce(comm, buffer), "gradient average",
                        kind=Kind.GRADIENT, sent=buffer.nbytes, received=buffer.nbytes, step=step)
     mean = flat[:-1] / flat[-1]
     offset = 0

@@ -11,7 +11,6 @@ from mpi4py import MPI
 
 from mpisplit.codec import part_spans
 from mpisplit.cut import recv_forward, send_forward
-from mpisplit.tracing import Tracer
 from mpisplit.transport import (
     ANY_SOURCE,
     HEADER_BYTES,
@@ -19,25 +18,11 @@ from mpisplit.transport import (
     Kind,
     PeerTimeout,
     PolicyViolation,
-    Transport,
     large_counts,
 )
+from tests.mpi.conftest import make_transport
 
 pytestmark = pytest.mark.mpi(min_size=2)
-
-
-def make_transport(comm: MPI.Comm, **kwargs) -> Transport:
-    roles = ["server"] + ["client"] * (comm.Get_size() - 1)
-    return Transport(comm, roles=roles, timeout_s=kwargs.pop("timeout_s", 30.0),
-                     tracer=Tracer(comm.Get_rank(), "t", enabled=False), **kwargs)
-
-
-@pytest.fixture
-def comm() -> MPI.Comm:
-    comm = MPI.COMM_WORLD.Dup()
-    yield comm
-    comm.Barrier()
-    comm.Free()
 
 
 _gen = torch.Generator().manual_seed(0)  # same tensors on every rank

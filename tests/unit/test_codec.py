@@ -15,7 +15,7 @@ from mpisplit.codec import (
     CodecError,
     MessageBuffer,
     buffer_parts,
-    collective_spans,
+    collective_rounds,
     pack_header,
     part_spans,
     unpack_header,
@@ -84,23 +84,27 @@ def test_parts_cover_payloads_over_two_gib_below_the_int_limit(nbytes: int) -> N
 
 @pytest.mark.parametrize(("counts", "itemsize", "limit"), [
     ([3 << 30], 4, PART_BYTES),                    # an Allreduce of 12 GiB of float32
-    ([600 << 20, 1 << 20, 0, 900 << 20], 4, PART_BYTES),  # a Gatherv over 2**31 elements
+    ([0, 600 << 20, 1 << 20, 900 << 20], 4, PART_BYTES),  # a Gatherv of 2**31 + 2**20 floats
     ([10, 0, 7], 4, 12),                           # the small limit the MPI tests force
-    ([5, 5, 5], 8, 8),                             # below one element per rank per round
+    ([5, 5, 5], 8, 3),                             # a limit below one element
     ([100], 1, None),
 ])
 def test_collective_rounds_cover_every_part_within_the_limit(counts: list[int], itemsize: int,
                                                              limit: int | None) -> None:
-    rounds = collective_spans(counts, itemsize, limit)
-    for rank, count in enumerate(counts):
-        pieces = [spans[rank] for spans in rounds]
-        assert [at for at, n in pieces if n] == [sum(n for _, n in pieces[:i])
-                                                for i, (_, n) in enumerate(pieces) if n]
-        assert sum(n for _, n in pieces) == count
-    for spans in rounds:
-        assert len(spans) == len(counts)
-        moved = sum(n for _, n in spans) * itemsize
-        assert moved < INT_LIMIT and (
-            limit is None or moved <= max(limit, itemsize * len(counts)))
+    displs = [sum(counts[:rank]) for rank in range(len(counts))]
+    rounds = collective_rounds(counts, displs, itemsize, limit)
+    covered = [0] * len(counts)
+    for r in rounds:
+        assert len(r.pieces) == len(counts) and 0 < r.size * itemsize < INT_LIMIT
+        assert limit is None or r.size <= max(1, limit // itemsize)
+        for rank, (offset, count, displ) in enumerate(r.pieces):
+            assert 0 <= displ and displ + count <= r.size
+            if count:  # the piece sits where the rank's part sits in the root's buffer
+                assert offset == covered[rank]
+                assert r.start + displ == displs[rank] + offset
+            covered[rank] += count
+    assert covered == counts
     if limit is None or sum(counts) * itemsize <= limit:
         assert len(rounds) == 1
+    else:
+        assert len(rounds) == -(-sum(counts) // max(1, limit // itemsize))
