@@ -16,8 +16,8 @@ from pathlib import Path
 
 from mpisplit import specs
 from mpisplit.config import load_config
+from mpisplit.protocol import Kind
 from mpisplit.topology import plan
-from mpisplit.transport import Kind
 
 EXIT_VIOLATION = 1
 

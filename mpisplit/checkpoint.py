@@ -37,12 +37,13 @@ import torch
 from mpi4py import MPI
 
 from mpisplit.config import Config, ConfigError, SchemeConfig
+from mpisplit.deadlines import poll
 from mpisplit.failure import Preempted, say
 from mpisplit.runlog import MetricsLog
 from mpisplit.segment import Segment
 from mpisplit.specs import check_checkpointable
 from mpisplit.topology import Topology
-from mpisplit.transport import Transport, poll
+from mpisplit.transport import Transport
 
 log = logging.getLogger("mpisplit")
 

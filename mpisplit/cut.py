@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, PendingSend, Transport
+from mpisplit.protocol import Flag, Kind
+from mpisplit.transport import ANY_SOURCE, Message, PendingSend, Transport
 
 
 def post_cut(transport: Transport, tensor: torch.Tensor, dest: int, kind: Kind,

@@ -51,11 +51,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from mpisplit.codec import HEADER_BYTES
 from mpisplit.config import ConfigError, ModelConfig, TrainConfig, load_config
 from mpisplit.models import build_model
 from mpisplit.segment import Segment
 from mpisplit.split import split_model
-from mpisplit.transport import HEADER_BYTES
 
 LABEL_BYTES = 8
 SAMPLE_COUNT_BYTES = 8

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpisplit.codec import HEADER_BYTES
 from mpisplit.prof import intervals as iv
 from mpisplit.prof.trace import RankTrace, Timeline
-from mpisplit.transport import HEADER_BYTES
 
 STATES = ("compute", "comm", "wait", "idle")
 

@@ -11,8 +11,8 @@ from mpi4py import MPI
 from torch import nn
 
 from mpisplit.engine import RankContext
+from mpisplit.protocol import Kind
 from mpisplit.topology import Role
-from mpisplit.transport import Kind
 
 
 def client_comm(ctx: RankContext) -> MPI.Comm | None:
@@ -40,7 +40,7 @@ def average_parameters(ctx: RankContext, comm: MPI.Comm, module: nn.Module, weig
     with torch.no_grad():
         flat = (torch.cat([t.reshape(-1) for t in tensors]) * weight).to("cpu")
         buffer = flat.numpy()
-        ctx.transport.complete(comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM),
+        ctx.transport.complete(ctx.transport.iallreduce(comm, buffer),
                                "weight average", deadline=points.lockstep, kind=Kind.WEIGHTS,
                                sent=buffer.nbytes, received=buffer.nbytes, step=step)
         averaged = torch.from_numpy(buffer)

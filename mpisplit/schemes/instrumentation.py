@@ -9,7 +9,7 @@ from typing import Any
 from torch.utils.flop_counter import FlopCounterMode
 
 from mpisplit.engine import RankContext
-from mpisplit.transport import Kind
+from mpisplit.protocol import Kind
 
 
 def record_traffic_by_kind(ctx: RankContext) -> None:

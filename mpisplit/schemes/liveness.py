@@ -6,7 +6,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mpisplit.transport import Kind, PeerTimeout, Transport
+from mpisplit.protocol import Kind
+from mpisplit.transport import PeerTimeout, Transport
 
 
 class SilenceWatch:

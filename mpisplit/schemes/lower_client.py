@@ -9,13 +9,14 @@ import torch
 from mpisplit import schedules
 from mpisplit.data import Batch, ShardReader
 from mpisplit.engine import RankContext, RankResult
+from mpisplit.protocol import Kind
 from mpisplit.schemes.instrumentation import compute_span
 from mpisplit.schemes.microbatches import Microbatch, microbatches
 from mpisplit.schemes.readers import client_reader, test_reader
 from mpisplit.schemes.sending import CutSender, send_eval_pass
 from mpisplit.schemes.turns import agree_turns, run_client_turns
 from mpisplit.segment import Segment
-from mpisplit.transport import Kind, PendingSend
+from mpisplit.transport import PendingSend
 
 LabelMap = Callable[[torch.Tensor], torch.Tensor]
 

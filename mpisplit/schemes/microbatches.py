@@ -8,7 +8,8 @@ import torch
 
 from mpisplit import schedules
 from mpisplit.data import Batch
-from mpisplit.transport import Flag, Message
+from mpisplit.protocol import Flag
+from mpisplit.transport import Message
 
 
 @dataclass(frozen=True)

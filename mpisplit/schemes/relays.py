@@ -7,10 +7,11 @@ import torch
 from mpisplit.cut import recv_forward, send_eval, send_forward
 from mpisplit.driver import Parts, StepDriver
 from mpisplit.engine import RankContext
+from mpisplit.protocol import Flag, Kind
 from mpisplit.schemes.evaluation import evaluating
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, Transport
+from mpisplit.transport import ANY_SOURCE, Message, Transport
 
 
 def relay_activations(ctx: RankContext, segment: Segment, total_steps: int,

@@ -11,10 +11,10 @@ from mpisplit.cut import send_eval, send_forward
 from mpisplit.data import ShardReader
 from mpisplit.engine import RankContext
 from mpisplit.privacy import EvaluationNoise, distance_correlation, nopeek_penalty, protect
+from mpisplit.protocol import Flag, Kind
 from mpisplit.schemes.evaluation import evaluating
 from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
-from mpisplit.transport import Flag, Kind
 
 
 class CutSender:

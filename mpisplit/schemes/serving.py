@@ -19,12 +19,13 @@ from mpisplit.cut import recv_forward
 from mpisplit.driver import Parts, StepDriver
 from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
+from mpisplit.protocol import Flag, Kind
 from mpisplit.schemes.evaluation import EvalTally, evaluating, record_eval
 from mpisplit.schemes.liveness import Dropping, Liveness
 from mpisplit.schemes.microbatches import microbatch_share
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import ANY_SOURCE, Flag, Kind, Message, PeerTimeout
+from mpisplit.transport import ANY_SOURCE, Message, PeerTimeout
 
 AfterDone = Callable[[torch.Tensor, Message], None]
 

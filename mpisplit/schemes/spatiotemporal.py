@@ -63,6 +63,7 @@ from mpisplit.driver import StepDriver, log
 from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
 from mpisplit.privacy import protect
+from mpisplit.protocol import Flag, Kind
 from mpisplit.schemes.evaluation import EvalTally, evaluating, record_eval
 from mpisplit.schemes.liveness import Dropping
 from mpisplit.schemes.lower_client import train_lower_client
@@ -72,7 +73,7 @@ from mpisplit.schemes.turns import clients_total_steps
 from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import Flag, Kind, Message, PeerTimeout, Transport
+from mpisplit.transport import Message, PeerTimeout, Transport
 
 
 def run(ctx: RankContext) -> RankResult:

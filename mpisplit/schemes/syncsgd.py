@@ -15,10 +15,11 @@ from torch import nn
 
 from mpisplit.driver import step_budget, training_batches
 from mpisplit.engine import RankContext, RankResult
+from mpisplit.protocol import Kind
 from mpisplit.schemes.readers import client_reader, test_reader
 from mpisplit.schemes.turns import exchange_step_budgets
 from mpisplit.schemes.wholemodel import WholeModel, train_whole_model
-from mpisplit.transport import Kind, Transport
+from mpisplit.transport import Transport
 
 
 def run(ctx: RankContext) -> RankResult:
@@ -46,7 +47,7 @@ def _average_gradients(transport: Transport, comm: MPI.Comm, module: nn.Module,
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([*(g.reshape(-1) for g in grads), grads[0].new_ones(1)]).cpu() * batch_size
     buffer = flat.numpy()
-    transport.complete(comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM), "gradient average",
+    transport.complete(transport.iallreduce(comm, buffer), "gradient average",
                        kind=Kind.GRADIENT, sent=buffer.nbytes, received=buffer.nbytes, step=step)
     mean = flat[:-1] / flat[-1]
     offset = 0

@@ -12,11 +12,12 @@ from mpisplit.config import TrainConfig
 from mpisplit.data import ShardReader
 from mpisplit.driver import EvalSchedule, StepDriver, StepRole, step_budget
 from mpisplit.engine import EvalResult, RankContext
+from mpisplit.protocol import Flag, Kind
 from mpisplit.schemes.sending import send_marker
 from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import Flag, Kind, Transport
+from mpisplit.transport import Transport
 
 
 def clients_total_steps(ctx: RankContext) -> int:

@@ -18,6 +18,7 @@ from mpisplit.cut import recv_forward
 from mpisplit.data import Batch, ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
+from mpisplit.protocol import Flag
 from mpisplit.schemes.evaluation import EvalTally, evaluating, record_eval
 from mpisplit.schemes.instrumentation import record_traffic_by_kind
 from mpisplit.schemes.microbatches import Microbatch, microbatches
@@ -28,7 +29,6 @@ from mpisplit.schemes.turns import agree_turns, clients_total_steps, run_client_
 from mpisplit.segment import Segment
 from mpisplit.split import join_parts
 from mpisplit.topology import Role
-from mpisplit.transport import Flag
 
 
 def serve(ctx: RankContext) -> RankResult:

@@ -51,13 +51,13 @@ from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
 from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan
 from mpisplit.privacy import EvaluationNoise, nopeek_penalty, protect
+from mpisplit.protocol import Kind
 from mpisplit.psi import private_intersection
 from mpisplit.schedules import split_sizes
 from mpisplit.schemes.evaluation import EvalTally, evaluating, record_eval
 from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import Kind
 
 SERVER = 0
 """The server's rank in the vertical communicator (the root of every collective)."""
@@ -319,14 +319,14 @@ class CutCollective:
         counts, displs = self._layout(batch)
         if activation is None:
             out = np.empty(int(counts.sum()), np.float32)
-            request = self.comm.Igatherv(np.empty(0, np.float32),
-                                         [out, counts, displs, MPI.FLOAT], SERVER)
+            request = self.ctx.transport.igatherv(self.comm, np.empty(0, np.float32), out,
+                                                  counts, displs, SERVER)
             self._count(self.traffic.count_received, Kind.ACTIVATION, counts)
             return Posted(self.ctx, request, out, Kind.ACTIVATION, received=out.nbytes)
         sent = _host_floats(activation)
         self.traffic.count_sent(self.server, Kind.ACTIVATION, sent.nbytes)
-        return Posted(self.ctx, self.comm.Igatherv(sent, None, SERVER), sent, Kind.ACTIVATION,
-                      sent=sent.nbytes)
+        request = self.ctx.transport.igatherv(self.comm, sent, None, counts, displs, SERVER)
+        return Posted(self.ctx, request, sent, Kind.ACTIVATION, sent=sent.nbytes)
 
     def scatter(self, gradient: np.ndarray | None, batch: int,
                 shape: Sequence[int] = ()) -> Posted:
@@ -334,14 +334,14 @@ class CutCollective:
         counts, displs = self._layout(batch)
         if gradient is not None:
             sent = np.ascontiguousarray(gradient, np.float32)
-            request = self.comm.Iscatterv([sent, counts, displs, MPI.FLOAT],
-                                          np.empty(0, np.float32), SERVER)
+            request = self.ctx.transport.iscatterv(self.comm, sent, np.empty(0, np.float32),
+                                                   counts, displs, SERVER)
             self._count(self.traffic.count_sent, Kind.GRADIENT, counts)
             return Posted(self.ctx, request, sent, Kind.GRADIENT, sent=sent.nbytes)
         out = np.empty(int(np.prod((batch, *shape))), np.float32)
         self.traffic.count_received(self.server, Kind.GRADIENT, out.nbytes)
-        return Posted(self.ctx, self.comm.Iscatterv(None, out, SERVER), out, Kind.GRADIENT,
-                      received=out.nbytes)
+        request = self.ctx.transport.iscatterv(self.comm, None, out, counts, displs, SERVER)
+        return Posted(self.ctx, request, out, Kind.GRADIENT, received=out.nbytes)
 
     def _count(self, count: Callable[[int, Kind, int], None], kind: Kind,
                counts: np.ndarray) -> None:
@@ -355,7 +355,7 @@ class Posted:
     kind and this rank's bytes in and out label its trace span."""
 
     ctx: RankContext
-    request: MPI.Request
+    request: list[MPI.Request]
     buffer: np.ndarray
     kind: Kind
     sent: int = 0

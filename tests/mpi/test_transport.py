@@ -9,8 +9,8 @@ import pytest
 import torch
 from mpi4py import MPI
 
+from mpisplit.codec import part_spans
 from mpisplit.cut import recv_forward, send_forward
-from mpisplit.tracing import Tracer
 from mpisplit.transport import (
     ANY_SOURCE,
     HEADER_BYTES,
@@ -18,25 +18,11 @@ from mpisplit.transport import (
     Kind,
     PeerTimeout,
     PolicyViolation,
-    Transport,
     large_counts,
 )
+from tests.mpi.conftest import make_transport
 
 pytestmark = pytest.mark.mpi(min_size=2)
-
-
-def make_transport(comm: MPI.Comm, **kwargs) -> Transport:
-    roles = ["server"] + ["client"] * (comm.Get_size() - 1)
-    return Transport(comm, roles=roles, timeout_s=kwargs.pop("timeout_s", 30.0),
-                     tracer=Tracer(comm.Get_rank(), "t", enabled=False), **kwargs)
-
-
-@pytest.fixture
-def comm() -> MPI.Comm:
-    comm = MPI.COMM_WORLD.Dup()
-    yield comm
-    comm.Barrier()
-    comm.Free()
 
 
 _gen = torch.Generator().manual_seed(0)  # same tensors on every rank
@@ -164,10 +150,10 @@ def test_detached_sends_complete_in_the_background(comm: MPI.Comm) -> None:
     if comm.rank == 0:
         for step in range(3):
             transport.detach([transport.isend(payload + step, 1, Kind.GRADIENT, step=step)])
-        assert len(transport._detached) == 3  # rank 1 receives only after the barrier
+        assert len(transport.sends.detached) == 3  # rank 1 receives only after the barrier
         transport.barrier()
         transport.flush()
-        assert transport._detached == []
+        assert transport.sends.detached == []
     elif comm.rank == 1:
         transport.barrier()
         for step in range(3):
@@ -187,7 +173,7 @@ def test_sends_to_an_abandoned_peer_are_not_waited_for(comm: MPI.Comm) -> None:
         transport.detach([transport.isend(payload, 1, Kind.GRADIENT)])
         transport.abandon(1)
         transport.flush()  # at once: rank 1 receives only after the barrier
-        assert transport._detached == [] and len(transport._orphans) == 1
+        assert transport.sends.detached == [] and len(transport.sends.orphans) == 1
     transport.barrier()
     if comm.rank == 1:
         assert torch.equal(transport.recv(Kind.GRADIENT, 0).tensor, payload)
@@ -238,7 +224,7 @@ def test_payloads_split_into_parts_arrive_whole(comm: MPI.Comm, part_bytes: int)
     transport = make_transport(comm, part_bytes=part_bytes)
     tensors = [torch.randn(n, generator=torch.Generator().manual_seed(n))
                for n in (INLINE_LIMIT // 4 + 1, 25_000, 1024 * part_bytes // 4)]
-    assert len(transport._parts(tensors[1], tensors[1].nbytes)) == -(-100_000 // part_bytes)
+    assert len(part_spans(tensors[1].nbytes, transport.part_bytes)) == -(-100_000 // part_bytes)
     if comm.rank == 1:
         for tensor in tensors:
             transport.send(tensor, 0, Kind.ACTIVATION)
@@ -307,7 +293,7 @@ def test_staged_sends_keep_their_order(comm: MPI.Comm, monkeypatch: pytest.Monke
                                        Kind.ACTIVATION, step=i) for i, n in enumerate(sizes)]
             for send in pending:
                 send.wait()
-        assert not transport._staged
+        assert not transport.sends.staged
     elif comm.rank == 0:
         for _ in range(2):
             for i, n in enumerate(sizes):
