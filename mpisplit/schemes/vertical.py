@@ -42,16 +42,18 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
+from mpisplit import schedules
 from mpisplit.checkpoint import pack, unpack
+from mpisplit.collective_cut import ROOT, CollectiveCut, Gathered
 from mpisplit.config import Config, ConfigError
 from mpisplit.cut import recv_forward, send_eval, send_forward
 from mpisplit.data import Batch, DataError, ShardReader, align_rows, intersect_ids, read_ids
 from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
 from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan
-from mpisplit.privacy import EvaluationNoise, nopeek_penalty, protect
+from mpisplit.privacy import CutDefence
 from mpisplit.psi import private_intersection
-from mpisplit.schedules import split_sizes
+from mpisplit.schedules import Action, split_sizes
 from mpisplit.schemes.common import (
     EvalTally,
     evaluating,
@@ -62,12 +64,10 @@ from mpisplit.schemes.common import (
     record_eval,
     training_batches,
 )
-from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
-from mpisplit.transport import Kind
 
-SERVER = 0
+SERVER = ROOT
 """The server's rank in the vertical communicator (the root of every collective)."""
 
 
@@ -302,83 +302,6 @@ def _holds_labels(ctx: RankContext) -> bool:
     return ctx.me.role == Role.CLIENT and ctx.me.index == party
 
 
-# --- the cut as collectives ------------------------------------------------------------
-
-class CutCollective:
-    """Gatherv of the parties' cut outputs onto the server, Scatterv of the gradient slices
-    back, as raw float32 buffers; the bytes go into the transport's traffic counters.
-
-    Both are posted nonblocking and completed later (``Posted.wait``, under the deadline),
-    so a pipelined step can post every microbatch's exchange in the same order on every
-    rank, as collectives require, and compute while they travel."""
-
-    def __init__(self, ctx: RankContext, comm: MPI.Comm, widths: Sequence[int]) -> None:
-        self.ctx, self.comm, self.widths = ctx, comm, list(widths)
-        self.traffic = ctx.transport.traffic
-        self.server = ctx.topology.ranks(Role.SERVER)[0]
-        self.parties = ctx.topology.ranks(Role.CLIENT)
-
-    def _layout(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        counts = np.array([0] + [batch * w for w in self.widths], np.int64)
-        return counts, np.concatenate([[0], np.cumsum(counts)[:-1]])
-
-    def gather(self, activation: torch.Tensor | None, batch: int) -> Posted:
-        """Party: sends ``activation``; server (None): receives every party's, flat."""
-        counts, displs = self._layout(batch)
-        if activation is None:
-            out = np.empty(int(counts.sum()), np.float32)
-            request = self.comm.Igatherv(np.empty(0, np.float32),
-                                         [out, counts, displs, MPI.FLOAT], SERVER)
-            self._count(self.traffic.count_received, Kind.ACTIVATION, counts)
-            return Posted(self.ctx, request, out, Kind.ACTIVATION, received=out.nbytes)
-        sent = _host_floats(activation)
-        self.traffic.count_sent(self.server, Kind.ACTIVATION, sent.nbytes)
-        return Posted(self.ctx, self.comm.Igatherv(sent, None, SERVER), sent, Kind.ACTIVATION,
-                      sent=sent.nbytes)
-
-    def scatter(self, gradient: np.ndarray | None, batch: int,
-                shape: Sequence[int] = ()) -> Posted:
-        """Server: sends each party its slice; party (None): receives its gradient."""
-        counts, displs = self._layout(batch)
-        if gradient is not None:
-            sent = np.ascontiguousarray(gradient, np.float32)
-            request = self.comm.Iscatterv([sent, counts, displs, MPI.FLOAT],
-                                          np.empty(0, np.float32), SERVER)
-            self._count(self.traffic.count_sent, Kind.GRADIENT, counts)
-            return Posted(self.ctx, request, sent, Kind.GRADIENT, sent=sent.nbytes)
-        out = np.empty(int(np.prod((batch, *shape))), np.float32)
-        self.traffic.count_received(self.server, Kind.GRADIENT, out.nbytes)
-        return Posted(self.ctx, self.comm.Iscatterv(None, out, SERVER), out, Kind.GRADIENT,
-                      received=out.nbytes)
-
-    def _count(self, count: Callable[[int, Kind, int], None], kind: Kind,
-               counts: np.ndarray) -> None:
-        for party, floats in zip(self.parties, counts[1:], strict=True):
-            count(party, kind, int(floats) * 4)
-
-
-@dataclass
-class Posted:
-    """A posted cut collective and its buffer (which must live until it completes); the
-    kind and this rank's bytes in and out label its trace span."""
-
-    ctx: RankContext
-    request: MPI.Request
-    buffer: np.ndarray
-    kind: Kind
-    sent: int = 0
-    received: int = 0
-
-    def wait(self) -> np.ndarray:
-        self.ctx.transport.complete(self.request, "cut exchange", kind=self.kind,
-                                    sent=self.sent, received=self.received)
-        return self.buffer
-
-
-def _host_floats(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy()
-
-
 # --- roles ---------------------------------------------------------------------------
 
 def run(ctx: RankContext) -> RankResult:
@@ -387,7 +310,9 @@ def run(ctx: RankContext) -> RankResult:
     comm = ctx.comm.Split(0 if is_member else MPI.UNDEFINED, ctx.me.rank)
     if comm.Get_rank() == SERVER and ctx.me.role != Role.SERVER:
         raise RuntimeError("vertical: the server must be rank 0 of the vertical communicator")
-    cut = CutCollective(ctx, comm, layout.widths)
+    cut = CollectiveCut(ctx.transport, comm, layout.cut_shapes,
+                        ctx.topology.ranks(Role.SERVER)[0], ctx.topology.ranks(Role.CLIENT),
+                        device=ctx.device)
     with contextlib.ExitStack() as stack:
         train = open_split(ctx, comm, test=False)
         stack.callback(train.close)
@@ -407,14 +332,27 @@ class _Role(Protocol):
     segment: Segment
     generators: list[torch.Generator]
     """Random state that checkpoints keep (a party's privacy noise)."""
+    leakage: float | None
+    """The leakage figure of this rank's cut output (a party's, after the final evaluation)."""
 
     def train_step(self, step: int, size: int, features: Batch | None,
                    labels: Batch | None) -> float | None:
         """One training step; returns the loss where this rank computes it."""
 
     def eval_batch(self, step: int, size: int, features: Batch | None, labels: Batch | None,
-                   tally: EvalTally) -> None:
+                   tally: EvalTally, *, final: bool) -> None:
         """One test batch; the label holder adds it to ``tally``."""
+
+    def evaluated(self, final: bool) -> None:
+        """After an evaluation pass (a party measures its leakage after the final one)."""
+
+
+def microbatch_actions(ctx: RankContext, size: int) -> tuple[list[int], list[Action]]:
+    """The sizes a batch of ``size`` splits into (the one policy, ``split_sizes``) and the
+    ``transport.schedule`` action list every vertical rank runs them in: the server and the
+    parties post their cut collectives in this one order, as collectives require."""
+    sizes = split_sizes(size, ctx.config.transport.microbatches)
+    return sizes, schedules.of(ctx.config.transport.schedule, len(sizes))
 
 
 def _drive(ctx: RankContext, role: _Role, train: Split, test: Split, steps: int) -> RankResult:
@@ -427,7 +365,7 @@ def _drive(ctx: RankContext, role: _Role, train: Split, test: Split, steps: int)
         samples = unpack(saved, [role.segment], role.generators)["samples"]
     pairs = train.batches(lambda reader: training_batches(reader, cfg.train, skip=resumed))
     if resumed and cfg.train.eval_every and resumed % cfg.train.eval_every == 0:
-        _evaluate(ctx, role, test, resumed, holder)  # it came after the checkpoint
+        _evaluate(ctx, role, test, resumed, holder, resumed == steps)  # after the checkpoint
     for step in range(resumed + 1, steps + 1):
         size = train.sizes[(step - 1) % len(train.sizes)]
         loss = role.train_step(step, size, *next(pairs, (None, None)))
@@ -439,123 +377,125 @@ def _drive(ctx: RankContext, role: _Role, train: Split, test: Split, steps: int)
                                                             samples=done), steps)
         last = step == steps
         if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-            final = _evaluate(ctx, role, test, step, holder)
+            final = _evaluate(ctx, role, test, step, holder, last)
     finals = [final] if holder and final is not None else []
     counted = samples if ctx.me.role == Role.SERVER else 0
-    return RankResult(steps=steps, samples=counted, final_evals=finals, segment=role.segment)
+    return RankResult(steps=steps, samples=counted, final_evals=finals, segment=role.segment,
+                      leakage=role.leakage)
 
 
-def _evaluate(ctx: RankContext, role: _Role, test: Split, step: int,
-              holder: bool) -> EvalResult | None:
+def _evaluate(ctx: RankContext, role: _Role, test: Split, step: int, holder: bool,
+              final: bool) -> EvalResult | None:
     tally = EvalTally()
     with evaluating(role.segment.module), ctx.tracer.span("eval"):
         for size, pair in zip(test.sizes, test.batches(lambda reader: reader.epoch(0)),
                               strict=False):
-            role.eval_batch(step, size, *pair, tally)
+            role.eval_batch(step, size, *pair, tally, final=final)
+    role.evaluated(final)
     return record_eval(ctx, tally.result(step, 0)) if holder else None
 
 
 class _Server:
-    def __init__(self, ctx: RankContext, layout: Layout, cut: CutCollective, steps: int):
+    def __init__(self, ctx: RankContext, layout: Layout, cut: CollectiveCut, steps: int):
         self.ctx, self.layout, self.cut = ctx, layout, cut
         module = build_layers(layout.server_plan, layout.cut, len(layout.server_plan),
                               ctx.config.model.seed)
         self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
         self.generators: list[torch.Generator] = []
+        self.leakage = None
         # where the logits go when a party holds the labels
         self.label_party = ctx.topology.ranks(Role.CLIENT)[label_party(ctx) or 0]
 
-    def _joined(self, flat: np.ndarray, size: int,
-                train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = torch.from_numpy(flat).to(self.ctx.device)
-        flat.requires_grad_(train)
-        pieces = flat.split([size * w for w in self.layout.widths])
-        parts = [p.view(size, *shape) for p, shape in zip(pieces, self.layout.cut_shapes,
-                                                          strict=True)]
-        return flat, join(self.ctx.config.scheme.options.join, parts)
+    def _joined(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return join(self.ctx.config.scheme.options.join, parts)
 
     def train_step(self, step: int, size: int, features: Batch | None,
                    labels: Batch | None) -> float | None:
-        """Microbatch by microbatch as the parties' cut outputs arrive; each gradient slice
-        goes back as soon as it is ready, and the update comes once, after the last."""
+        """A forward action posts the microbatch's gather; its backward action waits for
+        it, runs the server's layers and the loss (or sends the logits to the label party),
+        and back-propagates, which posts the gradient scatter; one update after the last."""
         ctx = self.ctx
-        sizes = split_sizes(size, ctx.config.transport.microbatches)
-        gathers = [self.cut.gather(None, n) for n in sizes]
+        sizes, actions = microbatch_actions(ctx, size)
         targets = labels.labels.to(ctx.device).split(sizes) if labels is not None else None
-        scatters, total = [], 0.0
-        for index, (n, gathered) in enumerate(zip(sizes, gathers, strict=True)):
+        losses = []
+
+        def backward(posted: tuple[int, Gathered]) -> None:
+            index, gathered = posted
+            n = gathered.batch
             with ctx.tracer.span("forward", step=step, microbatch=index):
-                flat, joined = self._joined(gathered.wait(), n, train=True)
-                logits = self.segment.module(joined)
+                logits = self.segment.module(self._joined(gathered.wait()))
                 if targets is not None:
                     loss = check_loss(nn.functional.cross_entropy(logits, targets[index]),
                                       step) * (n / size)
-                    total += float(loss.detach())
+                    losses.append(float(loss.detach()))
                 else:
                     loss = send_forward(logits, ctx.transport, self.label_party, step, aux=size,
                                         microbatch=index)
             with ctx.tracer.span("backward", step=step, microbatch=index):
                 loss.backward()
-                scatters.append(self.cut.scatter(flat.grad.cpu().numpy(), n))
-        for scattered in scatters:
-            scattered.wait()
+
+        schedules.run(actions, lambda index: (index, self.cut.receive(sizes[index])), backward)
+        self.cut.flush()
         with ctx.tracer.span("optimizer", step=step):
             self.segment.step()
-        return total if labels is not None else None
+        return sum(losses) if labels is not None else None
 
     def eval_batch(self, step: int, size: int, features: Batch | None, labels: Batch | None,
-                   tally: EvalTally) -> None:
-        _, joined = self._joined(self.cut.gather(None, size).wait(), size, train=False)
-        logits = self.segment.module(joined)
+                   tally: EvalTally, *, final: bool) -> None:
+        logits = self.segment.module(self._joined(self.cut.receive(size).wait(train=False)))
         if labels is not None:
             tally.add(logits, labels.labels.to(self.ctx.device))
         else:
             send_eval(logits, self.ctx.transport, self.label_party, step)
 
+    def evaluated(self, final: bool) -> None:
+        """The server sends no cut output of its own."""
+
 
 class _Party:
-    def __init__(self, ctx: RankContext, layout: Layout, cut: CutCollective, steps: int):
+    def __init__(self, ctx: RankContext, layout: Layout, cut: CollectiveCut, steps: int):
         self.ctx, self.layout, self.cut = ctx, layout, cut
         party = ctx.me.index
-        plan, cut = party_plan(ctx.config, ctx.run.meta, party)
-        module = build_layers(plan, 0, cut, party_seed(ctx.config, party))
+        plan, cut_index = party_plan(ctx.config, ctx.run.meta, party)
+        module = build_layers(plan, 0, cut_index, party_seed(ctx.config, party))
         self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
-        self.shape = layout.cut_shapes[party]
         self.server = ctx.topology.ranks(Role.SERVER)[0]
-        self.noise = torch.Generator().manual_seed(
-            derive(ctx.config.privacy.seed, Stream.NOISE, party))
-        self.eval_noise = EvaluationNoise(ctx.config.privacy.seed, party)
-        self.generators = [self.noise]
+        self.defence = CutDefence(ctx.config.privacy, party)
+        self.generators = [self.defence.noise]
+
+    @property
+    def leakage(self) -> float | None:
+        return self.defence.leakage
 
     def train_step(self, step: int, size: int, features: Batch | None,
                    labels: Batch | None) -> float | None:
-        """Forwards every microbatch, posting its cut output as soon as it exists, then
-        back-propagates each gradient slice as it arrives; one update after the last."""
-        ctx, privacy = self.ctx, self.ctx.config.privacy
-        sizes = split_sizes(size, ctx.config.transport.microbatches)
-        forwards = []
-        for index, inputs in enumerate(features.features.to(ctx.device).split(sizes)):
-            with ctx.tracer.span("forward", step=step, microbatch=index):
-                activation = self.segment.module(inputs)
-                sent = protect(activation, privacy, self.noise)
-                forwards.append((inputs, activation, sent, self.cut.gather(sent, len(inputs))))
-        scatters = [self.cut.scatter(None, n, self.shape) for n in sizes]
+        """A forward action runs the party's layers and posts the defended cut output; its
+        backward action (the label party first computes the loss on the server's logits)
+        brings the gradient slice back through them; one update after the last."""
+        ctx = self.ctx
+        sizes, actions = microbatch_actions(ctx, size)
+        inputs = features.features.to(ctx.device).split(sizes)
         targets = labels.labels.split(sizes) if labels is not None else None
-        total = 0.0
-        for index, ((inputs, activation, sent, gathered), scattered) in enumerate(
-                zip(forwards, scatters, strict=True)):
+        losses = []
+
+        def forward(index: int) -> tuple[int, torch.Tensor]:
+            with ctx.tracer.span("forward", step=step, microbatch=index):
+                activation = self.segment.module(inputs[index])
+                sent, penalty = self.defence.defend(activation, inputs[index])
+                anchor = self.cut.send_forward(sent)
+                return index, anchor if penalty is None else anchor + penalty
+
+        def backward(held: tuple[int, torch.Tensor]) -> None:
+            index, anchor = held
             if targets is not None:
-                total += self._loss(targets[index], step, len(inputs) / size)
+                losses.append(self._loss(targets[index], step, sizes[index] / size))
             with ctx.tracer.span("backward", step=step, microbatch=index):
-                gathered.wait()
-                gradient = torch.from_numpy(scattered.wait()).view(len(inputs), *self.shape)
-                penalty = nopeek_penalty(inputs, activation, privacy)
-                outputs = [sent] + ([penalty] if penalty is not None else [])
-                grads = [gradient.to(ctx.device)] + ([None] if penalty is not None else [])
-                torch.autograd.backward(outputs, grads)
+                anchor.backward()
+
+        schedules.run(actions, forward, backward)
         with ctx.tracer.span("optimizer", step=step):
             self.segment.step()
-        return total if targets is not None else None
+        return sum(losses) if targets is not None else None
 
     def _loss(self, labels: torch.Tensor, step: int, share: float) -> float:
         """The label-holding party: the loss on the server's logits (weighted by the
@@ -567,11 +507,15 @@ class _Party:
         return float(loss.detach())
 
     def eval_batch(self, step: int, size: int, features: Batch | None, labels: Batch | None,
-                   tally: EvalTally) -> None:
-        activation = self.segment.module(features.features.to(self.ctx.device))
-        sent = protect(activation, self.ctx.config.privacy, self.eval_noise.at(step))
-        self.cut.gather(sent, size).wait()
+                   tally: EvalTally, *, final: bool) -> None:
+        inputs = features.features.to(self.ctx.device)
+        self.cut.send_eval(self.defence.defend_eval(self.segment.module(inputs), inputs, step,
+                                                    final=final))
         if labels is not None:
             logits, _ = recv_forward(self.ctx.transport, self.server, device=self.ctx.device,
                                      train=False)
             tally.add(logits, labels.labels.to(self.ctx.device))
+
+    def evaluated(self, final: bool) -> None:
+        if final:
+            self.defence.measure_leakage()
