@@ -22,7 +22,7 @@ import torch
 from mpisplit.config import ConfigError, ModelConfig, config_from_dict, load_config
 from mpisplit.data import ShardReader
 from mpisplit.engine import prepare
-from mpisplit.schemes.spatiotemporal import check_site_segment, detached_order
+from mpisplit.schemes.spatiotemporal import detached_order
 from mpisplit.transport import HEADER_BYTES
 from tests.conftest import MPIEXEC_TIMEOUT_S, run_mpi, start_mpi
 from tests.reference import initial_model
@@ -229,4 +229,4 @@ def test_site_must_be_one_weighted_layer_and_activation(cut: str, dataset) -> No
     data = dataset("breast_cancer", clients=3)
     cfg = load_config(CONFIG, [f"model.cuts=[{cut}]", f"data.path={data}"])
     with pytest.raises(ConfigError, match="one weighted layer plus its activation"):
-        check_site_segment(prepare(cfg, 4))
+        prepare(cfg, 4)  # the spec's check_plan, before any traffic

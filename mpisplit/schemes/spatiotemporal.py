@@ -80,7 +80,6 @@ from mpisplit.transport import Flag, Kind, Message, PeerTimeout, Transport
 
 
 def run(ctx: RankContext) -> RankResult:
-    check_site_segment(ctx.run)
     if ctx.me.role == Role.SERVER:
         return _serve(ctx)
     return _site(ctx)
@@ -91,7 +90,8 @@ def run(ctx: RankContext) -> RankResult:
 def check_site_segment(run: RunPlan) -> None:
     """The site part must be one weighted layer and its activation (after any parameterless
     reshaping such as flatten): the privacy-preserving layer the issue describes, and the
-    only thing a site keeps. Checked on every rank before any traffic."""
+    only thing a site keeps. The spec's ``check_plan``: every rank checks it before any
+    traffic."""
     start, stop = run.bounds[0]
     names = [name for name, _ in run.layers[start:stop]]
     with torch.device("meta"):

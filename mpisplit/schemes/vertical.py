@@ -195,9 +195,6 @@ class Layout:
     @classmethod
     def of(cls, run: RunPlan) -> Layout:
         cfg, meta = run.config, run.meta
-        if meta.get("partition") != "vertical":
-            raise ConfigError(f"data.path: scheme vertical needs a dataset prepared with "
-                              f"--partition vertical; {cfg.data.path} is {meta.get('partition')}")
         shapes, cut = [], run.bounds[0][1]
         for party, features in enumerate(meta["party_feature_shapes"]):
             plan, party_cut = party_plan(cfg, meta, party)
@@ -209,6 +206,14 @@ class Layout:
     def widths(self) -> list[int]:
         """Floats per sample each party sends."""
         return [prod(shape) for shape in self.cut_shapes]
+
+
+def check_plan(run: RunPlan) -> None:
+    """The spec's structural check, on every rank before any traffic: every party's part
+    builds for its feature shape and cuts where ``model.cuts`` says, and the server's part
+    takes the joined cut outputs and ends in the class logits (``data.check_partition``
+    has already said whether the dataset is a vertical partition)."""
+    Layout.of(run)
 
 
 # --- alignment -----------------------------------------------------------------------

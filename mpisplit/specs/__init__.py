@@ -138,6 +138,11 @@ class SchemeSpec:
     """Ranks per role, in rank order; raises ``ConfigError`` for a config it cannot lay out."""
     runners: Mapping[Role, Runner | str]
     """The function each role runs (``"module:function"``, imported when a rank runs)."""
+    check_plan: Runner | str | None = None
+    """Structural checks of a planned run that need more than the config (the model's
+    parts against the dataset's shapes): ``RunPlan -> None``, raising ``ConfigError`` or
+    ``DataError``; ``engine.prepare`` calls it on every rank before any traffic, so a
+    problem is one line and exit 2."""
     routes: frozenset[Route] = frozenset()
     """(sender role, receiver role, kind) the transport lets through; nothing else leaves."""
     cuts: int | None = None
@@ -179,9 +184,10 @@ class SchemeSpec:
         if clash:
             raise ValueError(f"scheme {self.name}: options {sorted(clash)} clash with the "
                              f"scheme section's own keys")
-        for role, runner in self.runners.items():
+        for role in self.runners:
             if not isinstance(role, Role):
                 raise TypeError(f"scheme {self.name}: runner keys are Roles, got {role!r}")
+        for runner in (*self.runners.values(), self.check_plan):
             if isinstance(runner, str) and runner.count(":") != 1:
                 raise ValueError(f"scheme {self.name}: runner {runner!r} is not module:function")
 
@@ -190,13 +196,23 @@ class SchemeSpec:
         found = self.runners.get(role)
         if found is None:
             raise ConfigError(f"scheme {self.name} has no {role} role")
-        if isinstance(found, str):
-            module, _, name = found.partition(":")
-            return getattr(importlib.import_module(module), name)
-        return found
+        return _imported(found)
+
+    def check(self, run: Any) -> None:
+        """Runs the scheme's ``check_plan`` on a ``RunPlan``, if it has one."""
+        if self.check_plan is not None:
+            _imported(self.check_plan)(run)
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]
+
+
+def _imported(function: Runner | str) -> Runner:
+    """``function``, or the function a ``"module:function"`` string names, imported now."""
+    if isinstance(function, str):
+        module, _, name = function.partition(":")
+        return getattr(importlib.import_module(module), name)
+    return function
 
 
 _COMMON = {"name", "clients", "client_order", "options"}
