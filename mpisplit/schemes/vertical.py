@@ -1,18 +1,17 @@
 """Vertical split learning: K parties hold different feature groups of the same patients.
 
-Each party runs its own lower network (the zoo model's layers below the cut, built for that
-party's feature shape with ``model.options`` overridden by its ``scheme.party_options`` entry,
-so parties may differ in shape and size, and seeded with ``model.seed + party``) on its own
-columns. The server joins the parties' cut outputs (``scheme.join``: concatenation along the
-feature/channel axis, sum, or mean) and runs the layers above the cut. Under ``concat`` the
-server's first weighted layer (Linear or Conv2d) is widened to take the joined width (the
-sum of the parties' widths); the rest of the zoo plan, built from ``model.options``, is
-unchanged. Shapes are worked out on the meta device, so no rank builds another's weights.
+Each party runs its own lower network on its own columns; the server joins the parties' cut
+outputs (``scheme.join``: concatenation along the feature/channel axis, sum, or mean) and runs
+the layers above the cut. How the parts are built, from a zoo model or from the user's own
+factory (``model.name: file.py:function``), per party with ``scheme.party_options``, is
+:mod:`mpisplit.schemes.vertical_parts`.
 
-Traffic is collective, on a communicator of the server and the parties split from
-``ctx.comm``: one ``Gatherv`` brings every party's cut output to the server, one ``Scatterv``
-returns each party its slice of the gradient. The bytes are counted in the transport's
-traffic as ACTIVATION / GRADIENT routes, so the summary and ``mpisplit audit`` see them.
+The cut is collective (:mod:`mpisplit.collective_cut`): on a communicator of the server and
+the parties split from ``ctx.comm``, one gather brings every party's defended cut output
+(``privacy.CutDefence``, as on the point-to-point cut) to the server, one scatter returns each
+party its slice of the gradient, both inside autograd. A step's microbatches run in the
+order of ``transport.schedule`` (GPipe or 1F1B), the same action list on every rank, so the
+collectives are posted in one order everywhere.
 
 Alignment: parties' files list the patients in different orders and each may miss some.
 At setup the members (every party, and the label holder) intersect the ids of the files they
@@ -31,9 +30,8 @@ evaluates. The server then never opens a labels file.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from math import prod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -45,12 +43,10 @@ from torch import nn
 from mpisplit import schedules
 from mpisplit.checkpoint import pack, unpack
 from mpisplit.collective_cut import ROOT, CollectiveCut, Gathered
-from mpisplit.config import Config, ConfigError
 from mpisplit.cut import recv_forward, send_eval, send_forward
 from mpisplit.data import Batch, DataError, ShardReader, align_rows, intersect_ids, read_ids
-from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
+from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
-from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan
 from mpisplit.privacy import CutDefence
 from mpisplit.psi import private_intersection
 from mpisplit.schedules import Action, split_sizes
@@ -64,156 +60,12 @@ from mpisplit.schemes.common import (
     record_eval,
     training_batches,
 )
+from mpisplit.schemes.vertical_parts import Layout, join, party_part, server_part
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 
 SERVER = ROOT
 """The server's rank in the vertical communicator (the root of every collective)."""
-
-
-# --- model: per-party lower networks, the server's joined upper part --------------------
-
-def party_plan(cfg: Config, meta: dict, party: int) -> tuple[LayerPlan, int]:
-    """The zoo plan built for one party's feature shape and options, and its cut index;
-    a problem is reported against the party's ``scheme.party_options`` entry."""
-    model, overrides = cfg.model, cfg.scheme.options.party_options
-    if overrides:
-        model = replace(model, options={**model.options, **overrides[party]})
-    try:
-        plan = layer_plan(model, meta["party_feature_shapes"][party], meta["num_classes"])
-        (cut,) = cut_indices(plan, model.cuts)
-    except ConfigError as err:
-        if not overrides:
-            raise
-        raise ConfigError(f"scheme.party_options[{party}]: {err}") from None
-    return plan, cut
-
-
-def party_seed(cfg: Config, party: int) -> int:
-    """Party p's lower layers are seeded with ``model.seed + p`` (so parties differ)."""
-    return cfg.model.seed + party
-
-
-def cut_shape(plan: LayerPlan, cut: int, input_shape: Sequence[int]) -> tuple[int, ...]:
-    """Per-sample shape of the output of layers ``0..cut-1``, computed on the meta device."""
-    with torch.device("meta"):
-        lower = nn.Sequential(*(factory() for _, factory in plan[:cut]))
-        return tuple(lower(torch.zeros(1, *input_shape)).shape[1:])
-
-
-def joined_shape(join: str, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
-    """Per-sample shape after the join; concat joins along the first (feature) axis."""
-    rest = {shape[1:] for shape in shapes}
-    if join == "concat":
-        if len(rest) > 1:
-            raise ConfigError(f"scheme.join: concat needs the parties' cut outputs to agree "
-                              f"beyond the first axis, got {list(shapes)}")
-        return (sum(shape[0] for shape in shapes), *shapes[0][1:])
-    if len(set(shapes)) > 1:
-        raise ConfigError(f"scheme.join: {join} needs equal cut-output shapes from every "
-                          f"party, got {list(shapes)}; use join: concat")
-    return shapes[0]
-
-
-def server_plan(run: RunPlan, cut: int, joined: tuple[int, ...]) -> LayerPlan:
-    """The zoo plan whose first weighted layer above the cut takes the joined width."""
-    plan = list(run.layers)
-    single = cut_shape(plan, cut, run.meta["feature_shape"])
-    if joined[0] != single[0]:
-        first = next((i for i in range(cut, len(plan)) if _has_weights(plan[i][1])), None)
-        if first is None:
-            raise ConfigError("model.cuts: the server's part has no weighted layer to take "
-                              "the joined cut outputs")
-        name, factory = plan[first]
-        plan[first] = (name, _widened(factory, joined[0], single[0], name))
-    _check_server_part(plan, cut, joined, run.meta["num_classes"])
-    return plan
-
-
-def _has_weights(factory: Callable[[], nn.Module]) -> bool:
-    with torch.device("meta"):
-        return any(True for _ in factory().parameters())
-
-
-def _widened(factory: Callable[[], nn.Module], joined: int, single: int,
-             name: str) -> Callable[[], nn.Module]:
-    """A factory of the same layer with its input width scaled by ``joined / single``."""
-    with torch.device("meta"):
-        layer = factory()
-    if isinstance(layer, nn.Linear):
-        width = _scaled(layer.in_features, joined, single, name)
-        return lambda: nn.Linear(width, layer.out_features, bias=layer.bias is not None)
-    if isinstance(layer, nn.Conv2d) and layer.groups == 1:
-        width = _scaled(layer.in_channels, joined, single, name)
-        return lambda: nn.Conv2d(width, layer.out_channels, layer.kernel_size, layer.stride,
-                                 layer.padding, layer.dilation, bias=layer.bias is not None)
-    raise ConfigError(f"model.cuts: join concat widens the server's first weighted layer "
-                      f"'{name}', which must be Linear or Conv2d, not {type(layer).__name__}")
-
-
-def _scaled(width: int, joined: int, single: int, name: str) -> int:
-    if width * joined % single:
-        raise ConfigError(f"model.cuts: cannot widen '{name}' ({width} inputs) from a cut "
-                          f"width of {single} to the joined width {joined}")
-    return width * joined // single
-
-
-def _check_server_part(plan: LayerPlan, cut: int, joined: tuple[int, ...],
-                       classes: int) -> None:
-    with torch.device("meta"):
-        upper = nn.Sequential(*(factory() for _, factory in plan[cut:]))
-        try:
-            out = upper(torch.zeros(1, *joined))
-        except RuntimeError as err:
-            raise ConfigError(f"model.cuts: the server's layers cannot take the joined cut "
-                              f"outputs of shape {joined}: {err}") from None
-    if tuple(out.shape[1:]) != (classes,):
-        raise ConfigError(f"model.cuts: the server's part ends in {tuple(out.shape[1:])}, "
-                          f"not {classes} logits")
-
-
-def join(how: str, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The server's join of the parties' cut outputs (part p from party p)."""
-    if how == "concat":
-        return torch.cat(list(parts), dim=1)
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total / len(parts) if how == "mean" else total
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What every rank derives from the config alone (no traffic): cut, shapes, plans."""
-
-    cut: int
-    """Where the server's part starts in its plan (each party's own plan is cut where
-    ``party_plan`` says: parties' plans may differ)."""
-    cut_shapes: list[tuple[int, ...]]
-    server_plan: LayerPlan
-
-    @classmethod
-    def of(cls, run: RunPlan) -> Layout:
-        cfg, meta = run.config, run.meta
-        shapes, cut = [], run.bounds[0][1]
-        for party, features in enumerate(meta["party_feature_shapes"]):
-            plan, party_cut = party_plan(cfg, meta, party)
-            shapes.append(cut_shape(plan, party_cut, features))
-        joined = joined_shape(cfg.scheme.options.join, shapes)
-        return cls(cut, shapes, server_plan(run, cut, joined))
-
-    @property
-    def widths(self) -> list[int]:
-        """Floats per sample each party sends."""
-        return [prod(shape) for shape in self.cut_shapes]
-
-
-def check_plan(run: RunPlan) -> None:
-    """The spec's structural check, on every rank before any traffic: every party's part
-    builds for its feature shape and cuts where ``model.cuts`` says, and the server's part
-    takes the joined cut outputs and ends in the class logits (``data.check_partition``
-    has already said whether the dataset is a vertical partition)."""
-    Layout.of(run)
 
 
 # --- alignment -----------------------------------------------------------------------
@@ -403,8 +255,7 @@ def _evaluate(ctx: RankContext, role: _Role, test: Split, step: int, holder: boo
 class _Server:
     def __init__(self, ctx: RankContext, layout: Layout, cut: CollectiveCut, steps: int):
         self.ctx, self.layout, self.cut = ctx, layout, cut
-        module = build_layers(layout.server_plan, layout.cut, len(layout.server_plan),
-                              ctx.config.model.seed)
+        module = server_part(ctx.run, layout)
         self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
         self.generators: list[torch.Generator] = []
         self.leakage = None
@@ -461,8 +312,7 @@ class _Party:
     def __init__(self, ctx: RankContext, layout: Layout, cut: CollectiveCut, steps: int):
         self.ctx, self.layout, self.cut = ctx, layout, cut
         party = ctx.me.index
-        plan, cut_index = party_plan(ctx.config, ctx.run.meta, party)
-        module = build_layers(plan, 0, cut_index, party_seed(ctx.config, party))
+        module = party_part(ctx.config, ctx.run.meta, party)
         self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
         self.server = ctx.topology.ranks(Role.SERVER)[0]
         self.defence = CutDefence(ctx.config.privacy, party)
