@@ -81,7 +81,7 @@ class CutDefence:
     """Test samples the leakage measure keeps, so memory does not grow with the test set."""
 
     def __init__(self, cfg: PrivacyConfig, sender: int) -> None:
-        self.privacy = cfg
+        self.privacy, self._sender = cfg, sender
         self.noise = torch.Generator().manual_seed(derive(cfg.seed, Stream.NOISE, sender))
         self.eval_noise = EvaluationNoise(cfg.seed, sender)
         self.leakage: float | None = None
@@ -106,6 +106,14 @@ class CutDefence:
             self._sample.append((inputs[:keep].cpu(), sent[:keep].detach().cpu()))
             self._sampled += len(self._sample[-1][0])
         return sent
+
+    def defend_handover(self, activation: torch.Tensor) -> torch.Tensor:
+        """What leaves in a one-off hand-over of cut outputs (a spatio-temporal site's
+        frozen layer): defended with the sender's own hand-over noise stream, which neither
+        training nor evaluation noise draws from."""
+        noise = torch.Generator().manual_seed(
+            derive(self.privacy.seed, Stream.HANDOVER_NOISE, self._sender))
+        return protect(activation, self.privacy, noise)
 
     def measure_leakage(self) -> None:
         """Distance correlation between the kept test inputs and what left for them."""

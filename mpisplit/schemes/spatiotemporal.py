@@ -60,7 +60,7 @@ from mpisplit.cut import post_cut
 from mpisplit.data import ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
-from mpisplit.privacy import protect
+from mpisplit.privacy import CutDefence
 from mpisplit.schemes.common import (
     Dropping,
     EvalTally,
@@ -73,7 +73,6 @@ from mpisplit.schemes.common import (
     test_reader,
     train_lower_client,
 )
-from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 from mpisplit.transport import Flag, Kind, Message, PeerTimeout, Transport
@@ -211,9 +210,7 @@ def _hand_over(ctx: RankContext, segment: Segment, train: ShardReader, tests: Sh
                 outputs.append(segment.module(batch.features.to(ctx.device)))
                 labels.append(batch.labels)
     labels_sent = ctx.transport.isend(torch.cat(labels), server, Kind.LABELS, step=step)
-    noise = torch.Generator().manual_seed(
-        derive(ctx.config.privacy.seed, Stream.HANDOVER_NOISE, ctx.me.index))
-    sent = protect(torch.cat(outputs), ctx.config.privacy, noise)
+    sent = CutDefence(ctx.config.privacy, ctx.me.index).defend_handover(torch.cat(outputs))
     # The labels' send completes only once the server, which takes the outputs first, has
     # them: it is waited for after the outputs are posted.
     for pending in [*post_cut(ctx.transport, sent, server, Kind.ACTIVATION, step=step,

@@ -50,3 +50,15 @@ def test_leakage_sample_is_capped_and_measured_on_what_left() -> None:
     assert sum(len(x) for x, _ in noisy._sample) == 500
     noisy.measure_leakage()
     assert noisy.leakage < 0.9
+
+
+def test_handover_noise_is_its_own_stream() -> None:
+    """A spatio-temporal site's one-off hand-over draws neither training nor evaluation
+    noise, and draws the same each time (a re-run hands over the same outputs)."""
+    cfg = PrivacyConfig(noise_std=0.5, seed=1)
+    activation = torch.zeros(6, 3)
+    defence = CutDefence(cfg, sender=2)
+    first = defence.defend_handover(activation)
+    torch.testing.assert_close(first, defence.defend_handover(activation), rtol=0, atol=0)
+    assert not torch.equal(first, CutDefence(cfg, sender=2).defend(activation, activation)[0])
+    assert not torch.equal(first, defence.defend_eval(activation, activation, 0, final=False))
