@@ -10,12 +10,12 @@ not load) makes every rank fall back to the newest one that is whole, with one w
 Each rank's file also records how far its metrics file had got, so that a resumed run cuts
 the metrics back to that point and they read as one run.
 
-The schemes call ``reached(step, ...)`` after each training step, in the same order on every
-rank (a rank with nothing to do at that step, such as a client waiting for its turn, calls it
-for the steps it sits out). Every ``every_steps``-th step the ranks meet on a communicator of
-their own, under the transport deadline, and decide together whether to write (the schedule,
-or rank 0's clock) and whether to stop (a pre-emption signal on any rank): the stop happens
-right after that checkpoint is committed.
+The step driver (``mpisplit.driver``) calls ``reached(step, ...)`` after each training step,
+in the same order on every rank (a rank with nothing to do at that step, such as a client
+waiting for its turn, calls it for the steps it sits out). Every ``every_steps``-th step the
+ranks meet on a communicator of their own, under the transport deadline, and decide together
+whether to write (the schedule, or rank 0's clock) and whether to stop (a pre-emption signal
+on any rank): the stop happens right after that checkpoint is committed.
 """
 
 from __future__ import annotations

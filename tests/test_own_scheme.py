@@ -41,14 +41,15 @@ class CappedOptions(SchemeOptions):
 
 
 def serve(ctx: Any) -> Any:
-    from mpisplit.schemes.common import clients_total_steps, serve_with
+    from mpisplit.schemes.serving import serve_with
+    from mpisplit.schemes.turns import clients_total_steps
 
     total = clients_total_steps(ctx)
     return serve_with(ctx, ctx.build_segment(1, total), total)
 
 
 def train_client(ctx: Any) -> Any:
-    from mpisplit.schemes.common import train_lower_client
+    from mpisplit.schemes.lower_client import train_lower_client
 
     cfg = ctx.config
     train = dataclasses.replace(cfg.train, max_steps=cfg.scheme.options.steps)

@@ -18,8 +18,9 @@ from torch import nn
 from mpisplit.config import Config, ConfigError, TrainConfig, config_from_dict, load_config
 from mpisplit.data import PooledReader, ShardReader, shard_path
 from mpisplit.engine import select_clients
-from mpisplit.schemes.common import averaged_tensors, evaluating_clients
+from mpisplit.schemes.averaging import averaged_tensors
 from mpisplit.schemes.splitfed import _average_copies
+from mpisplit.schemes.turns import evaluating_clients
 from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 from mpisplit.sweep import SweepError, finished, load_sweep

@@ -11,19 +11,11 @@ from __future__ import annotations
 import contextlib
 
 from mpisplit.data import PooledReader
+from mpisplit.driver import EvalSchedule, StepDriver, step_budget
 from mpisplit.engine import RankContext, RankResult
-from mpisplit.runlog import Progress
-from mpisplit.schemes.common import (
-    evaluate_locally,
-    log,
-    next_batch,
-    planned_steps,
-    shard_reader,
-    test_reader,
-    training_batches,
-    turn_schedule,
-    whole_model_gradients,
-)
+from mpisplit.schemes.readers import shard_reader, test_reader
+from mpisplit.schemes.turns import round_robin_turns
+from mpisplit.schemes.wholemodel import WholeModel
 from mpisplit.seeds import Stream, derive
 
 
@@ -41,25 +33,17 @@ def run(ctx: RankContext) -> RankResult:
             stack.enter_context(shard_reader(ctx, k)) for k in range(cfg.scheme.clients)
         ]
         tests = stack.enter_context(test_reader(ctx))
-        steps = [planned_steps(len(reader), cfg.train) for reader in readers]
+        steps = [step_budget(len(reader), cfg.train) for reader in readers]
         lengths = [cfg.scheme.options.turn_steps or len(reader) for reader in readers]
         total = sum(steps)
         segment = ctx.build_segment(0, total, through=ctx.run.parts - 1)
-        batches = [training_batches(reader, cfg.train) for reader in readers]
-        progress = Progress(total, cfg.run.progress, cfg.run.log_every, log,
-                            epochs=0 if cfg.train.max_steps else cfg.train.epochs)
-        step = samples = 0
-        for client, length in turn_schedule(steps, lengths):
-            for _ in range(length):
-                batch = next_batch(ctx, batches[client], step)
-                loss = whole_model_gradients(ctx, segment, batch, step)
-                with ctx.tracer.span("optimizer", step=step):
-                    segment.step()
-                step += 1
-                samples += len(batch.labels)
-                ctx.metrics.write({"step": step, "loss": loss, "client": client})
-                progress.update(step, loss)
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
-                    evaluate_locally(ctx, segment.module, tests, step, client=0)
-        final = evaluate_locally(ctx, segment.module, tests, step, client=0)
-    return RankResult(steps=step, samples=samples, final_evals=[final], segment=segment)
+        model = WholeModel(ctx, segment, tests)
+        driver = StepDriver(ctx, total, evaluation=EvalSchedule.of(cfg.train, total),
+                            traffic=False)
+        batches = [driver.batches(reader) for reader in readers]
+        step = 0
+        for client, length in round_robin_turns(steps, lengths):
+            driver.train(model, batches[client], step + 1, step + length, client=client)
+            step += length
+        final = model.evaluate(step, True)
+    return RankResult(steps=step, samples=driver.samples, final_evals=[final], segment=segment)

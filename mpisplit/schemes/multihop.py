@@ -11,12 +11,10 @@ as the client named in its end marker. ``client_order`` works as in vanilla.
 from __future__ import annotations
 
 from mpisplit.engine import RankContext, RankResult
-from mpisplit.schemes.common import (
-    clients_total_steps,
-    relay_activations,
-    serve_with,
-    train_lower_client,
-)
+from mpisplit.schemes.lower_client import train_lower_client
+from mpisplit.schemes.relays import relay_activations
+from mpisplit.schemes.serving import serve_with
+from mpisplit.schemes.turns import clients_total_steps
 from mpisplit.topology import Role
 
 

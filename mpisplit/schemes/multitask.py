@@ -18,7 +18,9 @@ import torch
 
 from mpisplit.engine import RankContext, RankResult
 from mpisplit.models import build_layers, layer_plan
-from mpisplit.schemes.common import clients_total_steps, serve_with, train_lower_client
+from mpisplit.schemes.lower_client import train_lower_client
+from mpisplit.schemes.serving import serve_with
+from mpisplit.schemes.turns import clients_total_steps
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 

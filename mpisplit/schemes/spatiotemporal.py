@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -57,22 +58,17 @@ from torch import nn
 
 from mpisplit.config import ConfigError
 from mpisplit.cut import post_cut
-from mpisplit.data import ShardReader
+from mpisplit.data import Batch, ShardReader
+from mpisplit.driver import StepDriver, log
 from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
 from mpisplit.privacy import CutDefence
-from mpisplit.schemes.common import (
-    Dropping,
-    EvalTally,
-    clients_total_steps,
-    evaluating,
-    log,
-    make_progress,
-    record_eval,
-    serve_clients,
-    test_reader,
-    train_lower_client,
-)
+from mpisplit.schemes.evaluation import EvalTally, evaluating, record_eval
+from mpisplit.schemes.liveness import Dropping
+from mpisplit.schemes.lower_client import train_lower_client
+from mpisplit.schemes.readers import test_reader
+from mpisplit.schemes.serving import Upper, serve_clients
+from mpisplit.schemes.turns import clients_total_steps
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 from mpisplit.transport import Flag, Kind, Message, PeerTimeout, Transport
@@ -291,7 +287,8 @@ def _serve(ctx: RankContext) -> RankResult:
     segment = ctx.build_segment(1, joint_steps + detached_steps(ctx))
     sites = Sites(ctx)
     dropping = Dropping(ctx.config.scheme.options.site_timeout_s, sites.drop, sites.is_dropped)
-    report = serve_clients(ctx, segment, joint_steps, after_done=sites.take, dropping=dropping)
+    report = serve_clients(ctx, Upper.shared(segment), joint_steps, after_done=sites.take,
+                           dropping=dropping)
     handed = sites.handed_over()
     steps = train_detached(ctx, segment, [data for _, data in handed], report.steps)
     evals = [_evaluate_site(ctx, segment.module, data, steps, site) for site, data in handed]
@@ -314,26 +311,54 @@ def detached_order(samples: int, batch_size: int, seed: int, epoch: int) -> list
 
 def train_detached(ctx: RankContext, segment: Segment, sites: list[SiteData],
                    start_step: int) -> int:
-    """The server alone on the cached cut outputs; sends nothing. Returns its last step."""
+    """The server alone on the cached cut outputs, on the step driver (no checkpoint
+    meetings: the sites have left); sends nothing. Returns its last step."""
+    cfg = ctx.config
+    rows = sum(len(site.train_y) for site in sites)  # fewer than planned if sites dropped
+    steps = cfg.scheme.options.detached_epochs * math.ceil(rows / cfg.data.batch_size)
+    driver = StepDriver(ctx, start_step + detached_steps(ctx), until=0, done=0,
+                        epochs=0)  # the phases' epochs differ
+    driver.train(_Detached(ctx, segment), _detached_batches(ctx, sites), start_step + 1,
+                 start_step + steps, phase="detached")
+    return start_step + steps
+
+
+def _detached_batches(ctx: RankContext, sites: list[SiteData]) -> Iterator[Batch]:
+    """The handed-over training outputs, concatenated in site order, in the batches of
+    every detached epoch (``detached_order``)."""
     cfg = ctx.config
     features = torch.cat([site.train_x for site in sites])
     labels = torch.cat([site.train_y for site in sites])
-    progress = make_progress(ctx, start_step + detached_steps(ctx), epochs=0)  # unequal phases
-    step = start_step
     for epoch in range(cfg.scheme.options.detached_epochs):
         for index in detached_order(len(labels), cfg.data.batch_size, cfg.train.seed, epoch):
             index = index.to(features.device)
-            with ctx.tracer.span("detached", step=step):
-                loss = check_loss(nn.functional.cross_entropy(segment.module(features[index]),
-                                                              labels[index]), step + 1)
-                loss.backward()
-                segment.step()
-            step += 1
-            ctx.metrics.write({"step": step, "loss": float(loss.detach()), "phase": "detached",
-                               "bytes_sent": ctx.transport.traffic.total_sent,
-                               "bytes_received": ctx.transport.traffic.total_received})
-            progress.update(step, float(loss.detach()))
-    return step
+            yield Batch(features[index], labels[index], index)
+
+
+@dataclass
+class _Detached:
+    """The server's detached step: its layers on a batch of cached cut outputs."""
+
+    ctx: RankContext
+    segment: Segment
+
+    @property
+    def segments(self) -> list[Segment]:
+        return [self.segment]
+
+    generators = ()
+
+    def train_step(self, batch: Batch | None, index: int) -> float:
+        assert batch is not None and batch.labels is not None
+        with self.ctx.tracer.span("detached", step=index):
+            loss = check_loss(nn.functional.cross_entropy(self.segment.module(batch.features),
+                                                          batch.labels), index + 1)
+            loss.backward()
+            self.segment.step()
+        return float(loss.detach())
+
+    def evaluate(self, step: int, final: bool) -> None:
+        """Per site, after the phase (``_evaluate_site``)."""
 
 
 def _evaluate_site(ctx: RankContext, module: nn.Module, site: SiteData, step: int,

@@ -20,17 +20,17 @@ import math
 import numpy as np
 import torch
 
+from mpisplit.driver import step_budget
 from mpisplit.engine import RankContext, RankResult
-from mpisplit.schemes.common import (
-    AveragingPlan,
+from mpisplit.schemes.averaging import (
+    AveragingPoints,
     average_parameters,
     averaged_tensors,
     client_comm,
-    exchange_step_plans,
-    planned_steps,
-    serve_clients,
-    train_lower_client,
 )
+from mpisplit.schemes.lower_client import train_lower_client
+from mpisplit.schemes.serving import ServeOrder, Upper, serve_clients
+from mpisplit.schemes.turns import exchange_step_budgets
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 
@@ -38,13 +38,13 @@ from mpisplit.topology import Role
 def run(ctx: RankContext) -> RankResult:
     comm = client_comm(ctx)
     epochs = _epoch_lengths(ctx)
-    steps = [planned_steps(length, ctx.config.train) for length in epochs]
+    steps = [step_budget(length, ctx.config.train) for length in epochs]
     samples = ctx.run.meta["train_samples"]
     weights = [n / sum(samples) for n in samples]
     scheme = ctx.config.scheme.options
     every = scheme.fedavg_every_epochs * max(epochs) if scheme.fedavg_every_epochs \
         else scheme.fedavg_every
-    averaging = AveragingPlan.of(steps, every)
+    averaging = AveragingPoints.of(steps, every)
     if scheme.server_order == "random":  # one client's batches may all come first: the
         averaging = dataclasses.replace(averaging, lockstep=False)  # others wait a period
     if ctx.me.role == Role.SERVER:
@@ -66,15 +66,15 @@ def _epoch_lengths(ctx: RankContext) -> list[int]:
 
 
 def _serve(ctx: RankContext, steps: list[int], weights: list[float],
-           averaging: AveragingPlan) -> RankResult:
-    exchange_step_plans(ctx, 0, 0)
+           averaging: AveragingPoints) -> RankResult:
+    exchange_step_budgets(ctx, 0, 0)
     cfg, clients, total = ctx.config, ctx.topology.ranks(Role.CLIENT), sum(steps)
     options = cfg.scheme.options
     if options.splitfed_variant == "v2":
         shared = ctx.build_segment(1, total)
         order = server_order(steps, averaging.every, options.server_order, cfg.train.seed)
-        report = serve_clients(ctx, shared, total, order=[clients[k] for k in order],
-                               round_size=len(clients), until=min(steps))
+        served = ServeOrder([clients[k] for k in order], len(clients), min(steps))
+        report = serve_clients(ctx, Upper.shared(shared), total, order=served)
         return RankResult(steps=report.steps, final_evals=report.final_evals, segment=shared)
     copies = {rank: ctx.build_segment(1, steps[k]) for k, rank in enumerate(clients)}
     done = {rank: 0 for rank in clients}
@@ -84,12 +84,12 @@ def _serve(ctx: RankContext, steps: list[int], weights: list[float],
         for _ in range(_copies_due(averaging, done, clients, steps)):
             _average_copies(list(copies.values()), weights, cfg.scheme.options.average_buffers)
 
-    report = serve_clients(ctx, copies.__getitem__, total, after_step=after_step)
+    report = serve_clients(ctx, Upper.per_client(copies, after_step), total)
     return RankResult(steps=report.steps, final_evals=report.final_evals,
                       segment=copies[clients[0]])
 
 
-def _copies_due(averaging: AveragingPlan, done: dict[int, int], clients: list[int],
+def _copies_due(averaging: AveragingPoints, done: dict[int, int], clients: list[int],
                 steps: list[int]) -> int:
     """Averages due now that the server has served ``done``: the periodic one when every
     client reached the same step, the final one when every client is through."""

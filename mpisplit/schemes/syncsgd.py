@@ -7,51 +7,34 @@ A client whose shard is used up joins the remaining steps with a zero-weight con
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from mpi4py import MPI
 from torch import nn
 
+from mpisplit.driver import step_budget, training_batches
 from mpisplit.engine import RankContext, RankResult
-from mpisplit.schemes.common import (
-    client_reader,
-    evaluate_locally,
-    exchange_step_plans,
-    finish_local_step,
-    make_progress,
-    next_batch,
-    planned_steps,
-    test_reader,
-    training_batches,
-    whole_model_gradients,
-)
+from mpisplit.schemes.readers import client_reader, test_reader
+from mpisplit.schemes.turns import exchange_step_budgets
+from mpisplit.schemes.wholemodel import WholeModel, train_whole_model
 from mpisplit.transport import Kind, Transport
 
 
 def run(ctx: RankContext) -> RankResult:
     cfg = ctx.config
     with client_reader(ctx) as reader, test_reader(ctx) as tests:
-        mine = planned_steps(len(reader), cfg.train)
-        rounds = int(exchange_step_plans(ctx, mine, len(reader))[:, 0].max())
+        mine = step_budget(len(reader), cfg.train)
+        rounds = int(exchange_step_budgets(ctx, mine, len(reader))[:, 0].max())
         segment = ctx.build_segment(0, rounds, through=ctx.run.parts - 1)
-        batches = training_batches(reader, cfg.train)
-        progress = make_progress(ctx, rounds)
-        samples = 0
-        for step in range(1, rounds + 1):
-            if step <= mine:
-                batch = next_batch(ctx, batches, step - 1)
-                size = len(batch.labels)
-                loss = whole_model_gradients(ctx, segment, batch, step - 1)
-            else:  # shard used up: a zero-weight contribution
-                size, loss = 0, float("nan")
-                for param in segment.module.parameters():
-                    param.grad = torch.zeros_like(param)
-            _average_gradients(ctx.transport, ctx.comm, segment.module, size, step - 1)
-            with ctx.tracer.span("optimizer", step=step - 1):
-                segment.step()
-            samples += size
-            finish_local_step(ctx, tests, segment.module, progress, step, rounds, loss)
-        finals = [evaluate_locally(ctx, segment.module, tests, rounds, 0)] \
-            if ctx.me.index == 0 else []
+
+        def exchange(size: int, index: int) -> None:
+            _average_gradients(ctx.transport, ctx.comm, segment.module, size, index)
+
+        model = WholeModel(ctx, segment, tests, exchange=exchange)
+        # after its shard is used up, a client joins the remaining rounds without data
+        batches = itertools.chain(training_batches(reader, cfg.train), itertools.repeat(None))
+        samples, finals = train_whole_model(ctx, model, batches, rounds)
     return RankResult(steps=rounds, samples=samples, final_evals=finals, segment=segment)
 
 

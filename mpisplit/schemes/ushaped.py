@@ -20,22 +20,13 @@ from mpisplit.cut import recv_forward
 from mpisplit.data import Batch, ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
-from mpisplit.schemes.common import (
-    CutSender,
-    EvalTally,
-    Microbatch,
-    client_reader,
-    clients_total_steps,
-    evaluating,
-    microbatches,
-    plan_turns,
-    record_eval,
-    record_traffic_by_kind,
-    relay_activations,
-    run_client_turns,
-    send_marker,
-    test_reader,
-)
+from mpisplit.schemes.evaluation import EvalTally, evaluating, record_eval
+from mpisplit.schemes.instrumentation import record_traffic_by_kind
+from mpisplit.schemes.microbatches import Microbatch, microbatches
+from mpisplit.schemes.readers import client_reader, test_reader
+from mpisplit.schemes.relays import relay_activations
+from mpisplit.schemes.sending import CutSender, send_marker
+from mpisplit.schemes.turns import agree_turns, clients_total_steps, run_client_turns
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 from mpisplit.transport import Flag
@@ -50,58 +41,73 @@ def serve(ctx: RankContext) -> RankResult:
 
 
 def train_client(ctx: RankContext) -> RankResult:
-    transport = ctx.transport
-    server = ctx.topology.ranks(Role.SERVER)[0]
     reader = client_reader(ctx)
     with reader, test_reader(ctx) as tests:
-        plan = plan_turns(ctx, reader)
-        head = ctx.build_segment(0, plan.schedule_steps)
-        tail = ctx.build_segment(2, plan.schedule_steps)
-        sender = CutSender(ctx)
-
-        def train_step(batch: Batch, step: int) -> float:
-            parts = microbatches(batch, ctx.config.transport.microbatches)
-            losses = []
-
-            def forward(index: int) -> tuple[Microbatch, torch.Tensor]:
-                part = parts[index]
-                with ctx.tracer.span("forward", step=step):
-                    features = part.features.to(ctx.device)
-                    return part, sender.train(head.module(features), features, server, step,
-                                              flags=part.flags, aux=len(batch.labels),
-                                              microbatch=index)
-
-            def backward(sent: tuple[Microbatch, torch.Tensor]) -> None:
-                part, anchor = sent
-                with ctx.tracer.span("forward", step=step):
-                    middle, _ = recv_forward(transport, server, device=ctx.device)
-                    loss = check_loss(nn.functional.cross_entropy(
-                        tail.module(middle), part.labels.to(ctx.device)), step + 1)
-                    loss = loss * (len(part.labels) / len(batch.labels))
-                with ctx.tracer.span("backward", step=step):
-                    loss.backward()
-                    anchor.backward()
-                losses.append(float(loss.detach()))
-
-            schedules.run(schedules.of(ctx.config.transport.schedule, len(parts)), forward,
-                          backward)
-            total = sum(losses)
-            with ctx.tracer.span("optimizer", step=step):
-                head.step()
-                tail.step()
-            return total
-
-        def evaluate(step: int, final: bool) -> EvalResult:
-            result = _evaluate_split(ctx, sender, head, tail, tests, server, step, final)
-            if final:
-                send_marker(ctx, server, step, Flag.DONE)
-            return result
-
-        report = run_client_turns(ctx, plan, reader, [head, tail], sender, train_step,
-                                  evaluate, server)
-    parts = _joined(head, tail)
+        turns = agree_turns(ctx, reader)
+        client = UShapedClient(ctx, ctx.build_segment(0, turns.part_steps),
+                               ctx.build_segment(2, turns.part_steps), tests)
+        report = run_client_turns(ctx, turns, client, reader, client.server)
+    parts = _joined(client.head, client.tail)
     return RankResult(steps=report.steps, samples=report.samples,
-                      final_evals=report.final_evals, segment=parts, leakage=sender.leakage)
+                      final_evals=report.final_evals, segment=parts,
+                      leakage=client.sender.leakage)
+
+
+class UShapedClient:
+    """The client's step: head forward, the server's middle, tail and loss here, and back
+    through all three; evaluation through the same path, scored here."""
+
+    def __init__(self, ctx: RankContext, head: Segment, tail: Segment,
+                 tests: ShardReader) -> None:
+        self.ctx, self.head, self.tail, self.tests = ctx, head, tail, tests
+        self.server = ctx.topology.ranks(Role.SERVER)[0]
+        self.sender = CutSender(ctx)
+        self.segments = [head, tail]
+        self.generators = [self.sender.noise]
+
+    def train_step(self, batch: Batch | None, index: int) -> float:
+        assert batch is not None
+        ctx, parts = self.ctx, microbatches(batch, self.ctx.config.transport.microbatches)
+        losses: list[float] = []
+
+        def forward(microbatch: int) -> tuple[Microbatch, torch.Tensor]:
+            part = parts[microbatch]
+            with ctx.tracer.span("forward", step=index):
+                features = part.features.to(ctx.device)
+                return part, self.sender.train(self.head.module(features), features,
+                                               self.server, index, flags=part.flags,
+                                               aux=len(batch.labels), microbatch=microbatch)
+
+        def backward(sent: tuple[Microbatch, torch.Tensor]) -> None:
+            losses.append(self._backward(*sent, index, len(batch.labels)))
+
+        schedules.run(schedules.of(ctx.config.transport.schedule, len(parts)), forward,
+                      backward)
+        with ctx.tracer.span("optimizer", step=index):
+            self.head.step()
+            self.tail.step()
+        return sum(losses)
+
+    def _backward(self, part: Microbatch, anchor: torch.Tensor, index: int,
+                  batch_size: int) -> float:
+        """The middle's output through the tail to the loss, and back to the head."""
+        ctx = self.ctx
+        with ctx.tracer.span("forward", step=index):
+            middle, _ = recv_forward(ctx.transport, self.server, device=ctx.device)
+            loss = check_loss(nn.functional.cross_entropy(
+                self.tail.module(middle), part.labels.to(ctx.device)), index + 1)
+            loss = loss * (len(part.labels) / batch_size)
+        with ctx.tracer.span("backward", step=index):
+            loss.backward()
+            anchor.backward()
+        return float(loss.detach())
+
+    def evaluate(self, step: int, final: bool) -> EvalResult:
+        result = _evaluate_split(self.ctx, self.sender, self.head, self.tail, self.tests,
+                                 self.server, step, final)
+        if final:
+            send_marker(self.ctx, self.server, step, Flag.DONE)
+        return result
 
 
 def _evaluate_split(ctx: RankContext, sender: CutSender, head: Segment, tail: Segment,

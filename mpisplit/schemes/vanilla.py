@@ -10,7 +10,9 @@ server serves cut activations in arrival order, so a slow client never blocks th
 from __future__ import annotations
 
 from mpisplit.engine import RankContext, RankResult
-from mpisplit.schemes.common import clients_total_steps, serve_with, train_lower_client
+from mpisplit.schemes.lower_client import train_lower_client
+from mpisplit.schemes.serving import serve_with
+from mpisplit.schemes.turns import clients_total_steps
 from mpisplit.topology import Role
 
 

@@ -30,6 +30,7 @@ evaluates. The server then never opens a labels file.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,25 +42,16 @@ from mpi4py import MPI
 from torch import nn
 
 from mpisplit import schedules
-from mpisplit.checkpoint import pack, unpack
 from mpisplit.collective_cut import ROOT, CollectiveCut, Gathered
 from mpisplit.cut import recv_forward, send_eval, send_forward
 from mpisplit.data import Batch, DataError, ShardReader, align_rows, intersect_ids, read_ids
+from mpisplit.driver import EvalSchedule, StepDriver, log, step_budget, training_batches
 from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
 from mpisplit.privacy import CutDefence
 from mpisplit.psi import private_intersection
 from mpisplit.schedules import Action, split_sizes
-from mpisplit.schemes.common import (
-    EvalTally,
-    evaluating,
-    log,
-    make_progress,
-    planned_steps,
-    record_client_step,
-    record_eval,
-    training_batches,
-)
+from mpisplit.schemes.evaluation import EvalTally, evaluating, record_eval
 from mpisplit.schemes.vertical_parts import Layout, join, party_part, server_part
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
@@ -175,7 +167,7 @@ def run(ctx: RankContext) -> RankResult:
         stack.callback(train.close)
         test = open_split(ctx, comm, test=True)
         stack.callback(test.close)
-        steps = planned_steps(len(train.sizes), ctx.config.train)
+        steps = step_budget(len(train.sizes), ctx.config.train)
         role = _Server(ctx, layout, cut, steps) if ctx.me.role == Role.SERVER \
             else _Party(ctx, layout, cut, steps)
         result = _drive(ctx, role, train, test, steps)
@@ -213,32 +205,49 @@ def microbatch_actions(ctx: RankContext, size: int) -> tuple[list[int], list[Act
 
 
 def _drive(ctx: RankContext, role: _Role, train: Split, test: Split, steps: int) -> RankResult:
-    """Training steps with periodic and final evaluation, in lockstep on every rank (which
-    makes every step a possible checkpoint)."""
-    cfg, holder, checkpoints = ctx.config, _holds_labels(ctx), ctx.checkpoints
-    resumed, samples, final = checkpoints.resume_step, 0, None
-    progress = make_progress(ctx, steps, resumed) if ctx.me.role == Role.SERVER else None
-    if (saved := checkpoints.restore()) is not None:
-        samples = unpack(saved, [role.segment], role.generators)["samples"]
-    pairs = train.batches(lambda reader: training_batches(reader, cfg.train, skip=resumed))
-    if resumed and cfg.train.eval_every and resumed % cfg.train.eval_every == 0:
-        _evaluate(ctx, role, test, resumed, holder, resumed == steps)  # after the checkpoint
-    for step in range(resumed + 1, steps + 1):
-        size = train.sizes[(step - 1) % len(train.sizes)]
-        loss = role.train_step(step, size, *next(pairs, (None, None)))
-        samples += size
-        record_client_step(ctx, step, loss)
-        if progress is not None:
-            progress.update(step, loss)
-        checkpoints.reached(step, lambda done=samples: pack([role.segment], role.generators,
-                                                            samples=done), steps)
-        last = step == steps
-        if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-            final = _evaluate(ctx, role, test, step, holder, last)
+    """Training steps with periodic and final evaluation on the step driver, in lockstep on
+    every rank (which makes every step a possible checkpoint)."""
+    holder, server = _holds_labels(ctx), ctx.me.role == Role.SERVER
+    driver = StepDriver(ctx, steps, evaluation=EvalSchedule.of(ctx.config.train, steps),
+                        progress=server)
+    steps_role = _Steps(ctx, role, test, holder)
+    driver.restore(steps_role)
+    pairs = train.batches(lambda reader: training_batches(reader, ctx.config.train,
+                                                          skip=driver.resumed))
+    sized = zip(itertools.islice(itertools.cycle(train.sizes), driver.resumed, None),
+                itertools.chain(pairs, itertools.repeat((None, None))), strict=False)
+    driver.train(steps_role, sized, 1, steps, rows=lambda item: item[0])
+    final = steps_role.evaluate(steps, True)
     finals = [final] if holder and final is not None else []
-    counted = samples if ctx.me.role == Role.SERVER else 0
-    return RankResult(steps=steps, samples=counted, final_evals=finals, segment=role.segment,
-                      leakage=role.leakage)
+    return RankResult(steps=steps, samples=driver.samples if server else 0,
+                      final_evals=finals, segment=role.segment, leakage=role.leakage)
+
+
+@dataclass
+class _Steps:
+    """A vertical role as the driver's ``StepRole``: batches are (size, (features,
+    labels)), each part None where this rank does not read it."""
+
+    ctx: RankContext
+    role: _Role
+    test: Split
+    holder: bool
+
+    @property
+    def segments(self) -> list[Segment]:
+        return [self.role.segment]
+
+    @property
+    def generators(self) -> list[torch.Generator]:
+        return self.role.generators
+
+    def train_step(self, batch: tuple[int, tuple[Batch | None, Batch | None]],
+                   index: int) -> float | None:
+        size, pair = batch
+        return self.role.train_step(index + 1, size, *pair)
+
+    def evaluate(self, step: int, final: bool) -> EvalResult | None:
+        return _evaluate(self.ctx, self.role, self.test, step, self.holder, final)
 
 
 def _evaluate(ctx: RankContext, role: _Role, test: Split, step: int, holder: bool,

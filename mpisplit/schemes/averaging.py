@@ -1,0 +1,85 @@
+"""FedAvg-style averages of the clients' parameters: when, with what weight, how."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mpisplit.engine import RankContext
+from mpisplit.topology import Role
+from mpisplit.transport import Kind
+
+
+def client_comm(ctx: RankContext) -> MPI.Comm | None:
+    """A clients-only communicator (None on other ranks); collective over ``ctx.comm``."""
+    is_client = ctx.me.role == Role.CLIENT
+    comm = ctx.comm.Split(0 if is_client else MPI.UNDEFINED, ctx.me.rank)
+    return comm if is_client else None
+
+
+def sample_weight(ctx: RankContext, comm: MPI.Comm, samples: int) -> float:
+    """This member's share of all samples on ``comm``: its FedAvg weight."""
+    total = np.array([samples], np.float64)
+    ctx.transport.complete(comm.Iallreduce(MPI.IN_PLACE, total, op=MPI.SUM), "sample count sum",
+                           kind=Kind.WEIGHTS, sent=total.nbytes, received=total.nbytes)
+    return samples / total[0]
+
+
+def average_parameters(ctx: RankContext, comm: MPI.Comm, module: nn.Module, weight: float,
+                       points: AveragingPoints, step: int = 0) -> None:
+    """Replaces the parameters (and, with ``scheme.average_buffers``, the floating-point
+    buffers) by their ``weight``-ed sum over ``comm`` (one raw Allreduce in the parameters'
+    own dtype: one model's bytes in and out per member). ``step`` (the index of the step it
+    follows) labels the trace span."""
+    tensors = averaged_tensors(module, ctx.config.scheme.options.average_buffers)
+    with torch.no_grad():
+        flat = (torch.cat([t.reshape(-1) for t in tensors]) * weight).to("cpu")
+        buffer = flat.numpy()
+        ctx.transport.complete(comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM),
+                               "weight average", deadline=points.lockstep, kind=Kind.WEIGHTS,
+                               sent=buffer.nbytes, received=buffer.nbytes, step=step)
+        averaged = torch.from_numpy(buffer)
+        for tensor, part in zip(tensors, averaged.split([t.numel() for t in tensors]),
+                                strict=True):
+            tensor.copy_(part.view_as(tensor))
+
+
+def averaged_tensors(module: nn.Module, buffers: bool) -> list[torch.Tensor]:
+    """What a federated average replaces: the parameters, and with ``buffers`` the
+    floating-point buffers (BatchNorm running statistics; FedBN keeps them local). Integer
+    buffers (BatchNorm's batch count) always stay local."""
+    tensors = list(module.parameters())
+    if buffers:
+        tensors += [b for b in module.buffers() if b.is_floating_point()]
+    return tensors
+
+
+@dataclass(frozen=True)
+class AveragingPoints:
+    """When FedAvg-style averages happen, agreed by every member from the same step budgets:
+    after every ``every``-th step that all members reach, then once more after each member's
+    last step unless that point already was the last one for everybody."""
+
+    every: int
+    common: int
+    at_end: bool
+    lockstep: bool
+    """Every member has the same steps, so members reach each average together (it is
+    then waited for under the deadline; otherwise the ones that finish first wait for the
+    others' remaining steps)."""
+
+    @classmethod
+    def of(cls, steps: Sequence[int], every: int) -> AveragingPoints:
+        common = min(steps)
+        return cls(every, common, max(steps) != common or common % every != 0,
+                   max(steps) == common)
+
+    def due(self, step: int, last: int) -> int:
+        """How many averages follow ``step`` for a member whose last step is ``last``."""
+        periodic = step <= self.common and step % self.every == 0
+        return int(periodic) + int(self.at_end and step == last)
