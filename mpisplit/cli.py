@@ -161,11 +161,17 @@ def _parser() -> argparse.ArgumentParser:
                          help="the plot's x axis (default: the first numeric grouping key)")
     results.set_defaults(handler=_results)
 
-    from mpisplit.prof.commands import add_report_arguments, add_resources_arguments
+    from mpisplit.prof.commands import (
+        add_capacity_arguments,
+        add_report_arguments,
+        add_resources_arguments,
+    )
 
     prof = commands.add_parser("prof", help="profiling of traced runs")
     prof_commands = prof.add_subparsers(required=True, metavar="ACTION")
     add_report_arguments(prof_commands.add_parser("report", help="timeline, bytes, PNGs"))
+    add_capacity_arguments(prof_commands.add_parser(
+        "capacity", help="predict step and wall time for K clients on N nodes from a short run"))
     add_resources_arguments(
         commands.add_parser("resources", help="per-client FLOPs and bytes by scheme"))
     return parser

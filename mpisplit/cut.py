@@ -58,6 +58,8 @@ def send_forward(activation: torch.Tensor, transport: Transport, dest: int, step
     """Starts sending the cut activation and returns at once, so the sender can compute the
     next microbatch while it travels; ``.backward()`` on the result completes the send and
     pulls the cut gradient."""
+    if not activation.requires_grad:  # nothing below the cut trains (frozen layers): the
+        activation = activation.detach().requires_grad_()  # cut gradient is still taken
     return _SendActivation.apply(activation, transport, dest, step, flags, aux, microbatch)
 
 

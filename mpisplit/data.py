@@ -33,7 +33,7 @@ Every ``.h5`` file stores rows along axis 0, chunked in blocks of at most a few 
 
 and the attrs ``dataset``, ``num_classes``, ``feature_shape`` (empty for labels files) and
 ``schema_version``. Every dataset carries HDF5's Fletcher-32 checksum per chunk (written by
-``mpisplit.prepare``'s shard writer, the one writer of shards): a reader refuses a file
+the one writer of shards, :class:`ShardWriter`): a reader refuses a file
 without it, and a chunk whose bytes changed fails its read with a ``DataError``. Before a
 run, each rank compares the schema, feature shape and row count of the shards it will read
 with ``meta.json`` (:func:`check_dataset`).
@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -68,6 +69,8 @@ FIELD_DTYPES: dict[str, type[np.generic]] = {
     "ids": np.int64,
     "labels": np.int64,
 }
+_CHUNK_BYTES = 1 << 20  # HDF5 chunk: fits h5py's default 1 MiB chunk cache
+_MAX_CHUNK_ROWS = 512
 _READABLE_FIELDS = ("features", "labels")
 _META_KEYS = (
     "dataset",
@@ -215,6 +218,64 @@ def _check_shard(path: Path, fields: tuple[str, ...], shape: Sequence[int] | Non
                         f"replaced shard?); {_PREPARE_HINT}")
     if size == 0:
         raise DataError(f"{path}: no rows; {_PREPARE_HINT}")
+
+
+def shard_attrs(dataset: str, num_classes: int, feature_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The attrs every shard file carries (see the layout above)."""
+    return {
+        "dataset": dataset,
+        "num_classes": num_classes,
+        "feature_shape": np.asarray(feature_shape, dtype=np.int64),
+        "schema_version": SCHEMA_VERSION,
+    }
+
+
+class ShardWriter:
+    """A pre-sized shard file filled in row order, so shards of any size stream to disk: the
+    one writer of shards (``data prepare``, ``data import``), with a Fletcher-32 checksum on
+    every chunk."""
+
+    def __init__(
+        self,
+        path: Path,
+        rows: int,
+        attrs: dict[str, Any],
+        *,
+        features: tuple[int, ...] | None,
+        labels: bool = True,
+    ) -> None:
+        shapes = {"features": features, "ids": (), "labels": () if labels else None}
+        shapes = {name: shape for name, shape in shapes.items() if shape is not None}
+        row_bytes = sum(
+            np.dtype(FIELD_DTYPES[name]).itemsize * math.prod(shape)
+            for name, shape in shapes.items()
+        )
+        chunk = max(1, min(_MAX_CHUNK_ROWS, _CHUNK_BYTES // row_bytes, rows))
+        self._rows = rows
+        self._filled = 0
+        self._file = h5py.File(path, "w")
+        self._file.attrs.update(attrs)
+        for name, shape in shapes.items():
+            self._file.create_dataset(
+                name, shape=(rows, *shape), dtype=FIELD_DTYPES[name], chunks=(chunk, *shape),
+                fletcher32=True,  # readers refuse a chunk whose bytes changed
+            )
+
+    def append(self, **columns: np.ndarray) -> None:
+        count = len(columns["ids"])
+        if count == 0:
+            return
+        for name, values in columns.items():
+            self._file[name][self._filled : self._filled + count] = values
+        self._filled += count
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self._file.close()
+        if exc_type is None and self._filled != self._rows:
+            raise RuntimeError(f"shard writer filled {self._filled} of {self._rows} rows")
 
 
 def read_ids(path: Path) -> np.ndarray:

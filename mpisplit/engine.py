@@ -116,6 +116,7 @@ def prepare(cfg: Config, world_size: int, *, resume: bool = False, overwrite: bo
             f"model.cuts: scheme {cfg.scheme.name} needs exactly {spec.cuts} cut(s), "
             f"got {len(cfg.model.cuts)}"
         )
+    spec.check_parts(cfg, parts)
     layers, bounds = [], []
     if cfg.model.name in ZOO or spec.zoo_layers:
         layers = layer_plan(cfg.model, meta["feature_shape"], meta["num_classes"])
@@ -126,7 +127,7 @@ def prepare(cfg: Config, world_size: int, *, resume: bool = False, overwrite: bo
                          overwrite=overwrite)
     run = RunPlan(cfg, topology, meta, layers, bounds,
                   find_resume_point(cfg, topology, resume, overwrite=overwrite))
-    spec.check(run)
+    spec.check_planned(run)
     return run
 
 

@@ -4,9 +4,10 @@ a dataset directory in the layout of :mod:`mpisplit.data`).
 Import runs at the site, on the site's own files only: it streams the source twice (first to
 check every row and count them, and, with ``standardize``, to sum the site's own statistics;
 then to write), through the shard writer ``mpisplit data prepare`` uses, to a temporary name
-renamed at the end. The shard's attrs carry the site's schema (feature names and shape,
-classes, how it was normalised) as JSON under ``site``, so assembly compares sites from
-metadata alone, never reading a row.
+renamed at the end, once the written ids are checked for duplicates (in bounded buckets):
+memory stays a few chunks, whatever the size of the source. The shard's attrs carry the
+site's schema (feature names and shape, classes, how it was normalised) as JSON under
+``site``, so assembly compares sites from metadata alone, never reading a row.
 """
 
 from __future__ import annotations
@@ -23,8 +24,15 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mpisplit.data import FIELD_DTYPES, SCHEMA_VERSION, DataError, shard_path
-from mpisplit.prepare import _attrs, _ShardWriter, write_atomically
+from mpisplit.data import (
+    FIELD_DTYPES,
+    SCHEMA_VERSION,
+    DataError,
+    ShardWriter,
+    shard_attrs,
+    shard_path,
+)
+from mpisplit.prepare import write_atomically
 from mpisplit.sources import (
     ArraySource,
     Columns,
@@ -104,12 +112,12 @@ def import_shard(spec: ImportSpec) -> Path:
             "classes": None if schema.classes is None else list(schema.classes),
             "normalization": OWN_STATISTICS if spec.standardize else None,
             "id_column": spec.columns.id}
-    attrs = {**_attrs(spec.dataset, len(schema.classes or ()), schema.feature_shape),
+    attrs = {**shard_attrs(spec.dataset, len(schema.classes or ()), schema.feature_shape),
              SITE_ATTR: json.dumps(site)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        with _ShardWriter(tmp, rows, attrs, features=schema.feature_shape,
+        with ShardWriter(tmp, rows, attrs, features=schema.feature_shape,
                           labels=schema.classes is not None) as writer:
             start = 0
             for chunk in source.chunks(spec.chunk_rows):
@@ -122,6 +130,8 @@ def import_shard(spec: ImportSpec) -> Path:
                     columns["labels"] = chunk.labels
                 writer.append(**columns)
                 start += count
+        if spec.columns.id is not None:
+            _check_unique_ids(tmp, source.path)
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -130,31 +140,49 @@ def import_shard(spec: ImportSpec) -> Path:
 
 
 def _survey(source: Source, spec: ImportSpec) -> tuple[int, tuple[np.ndarray, np.ndarray] | None]:
-    """First pass: every row checked, rows counted, ids unique; the site's own mean and std
-    (float64 sums) when standardizing."""
-    rows, ids = 0, []
+    """First pass: every row checked, rows counted; the site's own mean and std (float64
+    sums) when standardizing."""
+    rows = 0
     total = squares = None
     for chunk in source.chunks(spec.chunk_rows):
         rows += len(chunk.features)
-        if chunk.ids is not None:
-            ids.append(chunk.ids)
         if spec.standardize:
             values = chunk.features.astype(np.float64)
             total = values.sum(axis=0) + (0 if total is None else total)
             squares = (values ** 2).sum(axis=0) + (0 if squares is None else squares)
     if not rows:
         raise DataError(f"{source.path}: no data rows")
-    if ids:
-        unique, counts = np.unique(np.concatenate(ids), return_counts=True)
-        if (counts > 1).any():
-            raise DataError(f"{source.path}: id {unique[np.argmax(counts > 1)]} occurs more "
-                            "than once")
     if total is None:
         return rows, None
     mean = total / rows
     std = np.sqrt(np.maximum(squares / rows - mean ** 2, 0))
     std[std == 0] = 1.0
     return rows, (mean.astype(np.float32), std.astype(np.float32))
+
+
+_IDS_AT_ONCE = 1 << 18
+"""Ids compared at a time by the duplicate check (2 MiB of int64), whatever the rows."""
+
+
+def _check_unique_ids(shard: Path, source: str, at_once: int = _IDS_AT_ONCE) -> None:
+    """No id twice, from the shard just written: its ids in hash buckets of about
+    ``at_once``, one bucket per pass, so memory stays bounded however many rows there are."""
+    with h5py.File(shard, "r") as file:
+        ids = file["ids"]
+        buckets = max(1, -(-len(ids) // at_once))
+        for bucket in range(buckets):
+            kept = [part[_bucket(part, buckets) == bucket] for part in
+                    (ids[start:start + at_once] for start in range(0, len(ids), at_once))]
+            unique, counts = np.unique(np.concatenate(kept), return_counts=True)
+            if (counts > 1).any():
+                raise DataError(f"{source}: id {unique[np.argmax(counts > 1)]} occurs more "
+                                "than once")
+
+
+def _bucket(ids: np.ndarray, buckets: int) -> np.ndarray:
+    """Fibonacci hashing: ids with a common stride (every 7th) still spread evenly."""
+    mixed = ids.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return (mixed >> np.uint64(32)) % np.uint64(buckets)
 
 
 # --- assembly ----------------------------------------------------------------------------

@@ -23,10 +23,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
-from mpisplit.data import FIELD_DTYPES, META_FILE, SCHEMA_VERSION, shard_path
+from mpisplit.data import META_FILE, SCHEMA_VERSION, ShardWriter, shard_attrs, shard_path
 
 DATASETS = ("breast_cancer", "digits", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "vertical")
@@ -44,8 +43,6 @@ COLUMNS = {"breast_cancer": 30, "digits": 8}
 _TEST = 0  # routing destination of test rows; destination k + 1 is train shard k
 # Independent random streams, so that e.g. the test set does not depend on the partition.
 _TEACHER, _FEATURES, _SPLIT, _DEAL, _ORDER = range(5)
-_CHUNK_BYTES = 1 << 20  # HDF5 chunk: fits h5py's default 1 MiB chunk cache
-_MAX_CHUNK_ROWS = 512
 _GENERATE_BYTES = 8 << 20  # synthetic features generated per step
 
 
@@ -163,7 +160,7 @@ def write_arrays(
     shape = tuple(np.asarray(test[0]).shape[1:])
 
     def write(root: Path) -> dict[str, Any]:
-        attrs = _attrs(dataset, num_classes, shape)
+        attrs = shard_attrs(dataset, num_classes, shape)
         paths = _horizontal_paths(root, len(clients))
         start = 0
         for path, (features, labels) in zip(paths, [test, *clients], strict=True):
@@ -295,7 +292,7 @@ def _write_horizontal(spec: PrepareSpec, table: _Table, root: Path) -> dict[str,
     router = _Router(_class_counts(table.labels, table.num_classes), spec, spec.clients)
     destination = router.route(table.labels)
     shape = table.features.shape[1:]
-    attrs = _attrs(spec.dataset, table.num_classes, shape)
+    attrs = shard_attrs(spec.dataset, table.num_classes, shape)
     rng = _rng(spec, _ORDER)
     for index, path in enumerate(_horizontal_paths(root, spec.clients)):
         rows = rng.permutation(np.flatnonzero(destination == index))
@@ -338,14 +335,14 @@ def _write_vertical_split(
 ) -> list[int]:
     """The labels file and the party files of one split; returns the party sizes."""
     ordered = rng.permutation(rows)
-    labels_attrs = _attrs(spec.dataset, table.num_classes, ())
+    labels_attrs = shard_attrs(spec.dataset, table.num_classes, ())
     labels_path = shard_path(root, "labels", test=test)
     _write_shard(labels_path, labels_attrs, ids=ordered, labels=table.labels[ordered])
     sizes = []
     for party, index in enumerate(spec.groups.values()):
         kept = _party_rows(rows, spec.drop_fraction, rng)
         party_features = _group_features(_prepared_features(table, kept), index)
-        attrs = _attrs(spec.dataset, table.num_classes, party_features.shape[1:])
+        attrs = shard_attrs(spec.dataset, table.num_classes, party_features.shape[1:])
         path = shard_path(root, "party", party, test=test)
         _write_shard(path, attrs, features=party_features, ids=kept)
         sizes.append(len(kept))
@@ -371,11 +368,11 @@ def _write_synthetic(spec: PrepareSpec, root: Path) -> dict[str, Any]:
     counts = sum(_class_counts(labels, spec.classes) for _, _, labels in _synthetic_chunks(spec))
     router = _Router(counts, spec, spec.clients)
     sizes = router.sizes
-    attrs = _attrs(spec.dataset, spec.classes, spec.shape)
+    attrs = shard_attrs(spec.dataset, spec.classes, spec.shape)
     paths = _horizontal_paths(root, spec.clients)
     with contextlib.ExitStack() as stack:
         writers = [
-            stack.enter_context(_ShardWriter(path, size, attrs, features=tuple(spec.shape)))
+            stack.enter_context(ShardWriter(path, size, attrs, features=tuple(spec.shape)))
             for path, size in zip(paths, sizes, strict=True)
         ]
         for ids, features, labels in _synthetic_chunks(spec):
@@ -524,15 +521,6 @@ def _horizontal_paths(root: Path, clients: int) -> list[Path]:
     ]
 
 
-def _attrs(dataset: str, num_classes: int, feature_shape: tuple[int, ...]) -> dict[str, Any]:
-    return {
-        "dataset": dataset,
-        "num_classes": num_classes,
-        "feature_shape": np.asarray(feature_shape, dtype=np.int64),
-        "schema_version": SCHEMA_VERSION,
-    }
-
-
 def _meta(
     spec: PrepareSpec,
     num_classes: int,
@@ -554,57 +542,11 @@ def _meta(
     }
 
 
-class _ShardWriter:
-    """A pre-sized shard file filled in row order, so shards of any size stream to disk."""
-
-    def __init__(
-        self,
-        path: Path,
-        rows: int,
-        attrs: dict[str, Any],
-        *,
-        features: tuple[int, ...] | None,
-        labels: bool = True,
-    ) -> None:
-        shapes = {"features": features, "ids": (), "labels": () if labels else None}
-        shapes = {name: shape for name, shape in shapes.items() if shape is not None}
-        row_bytes = sum(
-            np.dtype(FIELD_DTYPES[name]).itemsize * math.prod(shape)
-            for name, shape in shapes.items()
-        )
-        chunk = max(1, min(_MAX_CHUNK_ROWS, _CHUNK_BYTES // row_bytes, rows))
-        self._rows = rows
-        self._filled = 0
-        self._file = h5py.File(path, "w")
-        self._file.attrs.update(attrs)
-        for name, shape in shapes.items():
-            self._file.create_dataset(
-                name, shape=(rows, *shape), dtype=FIELD_DTYPES[name], chunks=(chunk, *shape),
-                fletcher32=True,  # readers refuse a chunk whose bytes changed
-            )
-
-    def append(self, **columns: np.ndarray) -> None:
-        count = len(columns["ids"])
-        if count == 0:
-            return
-        for name, values in columns.items():
-            self._file[name][self._filled : self._filled + count] = values
-        self._filled += count
-
-    def __enter__(self) -> _ShardWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self._file.close()
-        if exc_type is None and self._filled != self._rows:
-            raise RuntimeError(f"shard writer filled {self._filled} of {self._rows} rows")
-
-
 def _write_shard(path: Path, attrs: dict[str, Any], **columns: np.ndarray) -> None:
     """Write a whole in-memory shard at once."""
     features = columns.get("features")
     shape = features.shape[1:] if features is not None else None
-    with _ShardWriter(
+    with ShardWriter(
         path, len(columns["ids"]), attrs, features=shape, labels="labels" in columns
     ) as writer:
         writer.append(**columns)

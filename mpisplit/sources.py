@@ -223,8 +223,8 @@ class ParquetSource(Source):
 # --- arrays, images, torch datasets ---------------------------------------------------------
 
 class ArraySource(Source):
-    """Features in a ``.npy`` (memory-mapped, so it streams) with labels and ids in sibling
-    ``.npy`` files, or named arrays of one ``.npz``."""
+    """Features in a ``.npy`` (read a chunk of rows at a time, so it streams) with labels and
+    ids in sibling ``.npy`` files, or named arrays of one ``.npz`` (loaded whole)."""
 
     def __init__(self, path: Path, *, features: str | None, labels: str | None,
                  ids: str | None, classes: tuple[str, ...] | None) -> None:
@@ -257,8 +257,9 @@ class ArraySource(Source):
                                     f"{', '.join(archive.files)})")
                 return None if key is None else archive[key]
             return get(features or "features"), get(labels), get(ids)
-        sibling = [None if name is None else _npy(path.parent / name) for name in (labels, ids)]
-        return _npy(path), *sibling
+        sibling = [None if name is None else NpyRows(path.parent / name)
+                   for name in (labels, ids)]
+        return NpyRows(path), *sibling
 
     def chunks(self, chunk_rows: int) -> Iterator[Chunk]:
         for start in range(0, len(self._features), chunk_rows):
@@ -399,13 +400,45 @@ def _class_index(path: str, labels: np.ndarray, classes: int, start: int) -> np.
     return labels.astype(np.int64)
 
 
-def _npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npy file ({exc})") from None
+class NpyRows:
+    """The rows of a ``.npy`` file, read from the file on demand. Not ``np.load(mmap_mode)``:
+    pages of a memory map stay resident in the process once read, so its memory would grow
+    to the whole file."""
+
+    _HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as file:
+                version = np.lib.format.read_magic(file)
+                if version not in self._HEADERS:
+                    raise ValueError(f".npy format version {version} is not supported")
+                self.shape, fortran, self.dtype = self._HEADERS[version](file)
+                self._offset = file.tell()
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such file") from None
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable .npy file ({exc})") from None
+        if fortran or self.dtype.hasobject or not self.shape:
+            raise DataError(f"{path}: expected a C-ordered numeric array with rows along "
+                            f"axis 0 (np.save of np.ascontiguousarray(...))")
+        self.ndim = len(self.shape)
+        self._row_items = math.prod(self.shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(len(self))
+        count = max(stop - start, 0) * self._row_items
+        with open(self.path, "rb") as file:
+            file.seek(self._offset + start * self._row_items * self.dtype.itemsize)
+            data = np.fromfile(file, self.dtype, count)
+        if data.size != count:
+            raise DataError(f"{self.path}: truncated (rows {start + 1}..{stop} are missing)")
+        return data.reshape(-1, *self.shape[1:])
 
 
 def _open_text(path: Path):

@@ -23,6 +23,7 @@ names the value and the modules.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 
 from torch import fx, nn
@@ -196,3 +197,20 @@ def check_shared(parts: Sequence[nn.Module], colocated: Iterable[Sequence[int]] 
                     f"{key}: '{name}' (part {index}) and '{other[1]}' (part {other[0]}) are one "
                     f"shared tensor (tied weights) on different ranks; keep the modules that "
                     f"share it on one side of the cuts")
+
+
+def join_parts(parts: Sequence[nn.Module]) -> fx.GraphModule:
+    """One module holding every submodule and weight of ``parts`` (of ``split_model``) under
+    the user's qualified names: the parts one rank keeps (the U-shaped client's head and
+    tail), saved as one state dict even when two cuts fall inside one container (``blocks.1``
+    and ``blocks.5``)."""
+    owned: dict[str, object] = {}
+    for part in parts:
+        for node in part.graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                owned.setdefault(node.target, operator.attrgetter(node.target)(part))
+    graph = fx.Graph()
+    for target in owned:
+        graph.get_attr(target)
+    graph.output(None)
+    return fx.GraphModule(owned, graph, class_name="Joined")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -11,7 +13,8 @@ import pytest
 from PIL import Image
 
 from mpisplit.cli import main
-from mpisplit.data import ShardReader, read_meta, shard_path
+from mpisplit.data import DataError, ShardReader, ShardWriter, read_meta, shard_attrs, shard_path
+from mpisplit.ingest import _check_unique_ids
 
 CSV = """pid,age,weight,scanner,diagnosis
 7,50,70.5,ge,benign
@@ -155,6 +158,60 @@ def test_arrays_images_and_datasets(capsys, tmp_path: Path) -> None:
                     "--out", tmp_path / "ds.h5")
     assert code == 0, err
     assert read(tmp_path / "ds.h5")["labels"].tolist() == [0, 1] * 5
+
+
+PEAK_RSS = """
+import resource, sys
+import mpisplit.ingest
+from mpisplit.cli import main
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+code = main(sys.argv[1:])
+print(code, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_a_large_source_imports_in_bounded_memory(tmp_path: Path) -> None:
+    """A 324 MiB source (.npy features, labels and ids, the ids with a stride) imported by a
+    fresh process whose peak RSS grows by less than a quarter of it: rows are read a chunk at
+    a time (not memory-mapped: a map's pages stay resident once read), ids are checked for
+    duplicates in bounded buckets."""
+    rows, width, step = 1_250_000, 64, 65_536
+    features = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32,
+                                         shape=(rows, width))
+    rng = np.random.default_rng(0)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        features[start:stop] = rng.standard_normal((stop - start, width), dtype=np.float32)
+    features.flush()
+    np.save(tmp_path / "y.npy", np.arange(rows) % 3)
+    np.save(tmp_path / "ids.npy", np.arange(rows) * 7)
+    source = sum((tmp_path / name).stat().st_size for name in ("x.npy", "y.npy", "ids.npy"))
+    assert source > 320 * 2**20
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, "data", "import", str(tmp_path / "x.npy"), "--label",
+         "y.npy", "--id", "ids.npy", "--classes", "a,b,c", "--out", str(tmp_path / "x.h5")],
+        capture_output=True, text=True, timeout=300)
+    code, before_kib, peak_kib = map(int, result.stdout.split()[-3:])
+    assert code == 0, result.stderr
+    assert (peak_kib - before_kib) * 1024 < source / 4, (before_kib, peak_kib, source)
+    with h5py.File(tmp_path / "x.h5", "r") as file:
+        assert file["ids"][-1] == 7 * (rows - 1) and file["labels"][-1] == (rows - 1) % 3
+        assert np.array_equal(file["features"][-1000:], features[-1000:])
+
+
+def test_duplicate_ids_are_found_in_any_bucket(tmp_path: Path) -> None:
+    ids = np.arange(0, 700, 7)
+    ids[-1] = ids[3]
+    with ShardWriter(tmp_path / "s.h5", len(ids), shard_attrs("x", 0, (1,)), features=(1,),
+                     labels=False) as writer:
+        writer.append(ids=ids, features=np.zeros((len(ids), 1), np.float32))
+    with pytest.raises(DataError, match="src: id 21 occurs more than once"):
+        _check_unique_ids(tmp_path / "s.h5", "src", at_once=8)
+    np.save(tmp_path / "x.npy", np.zeros((10, 3), np.float32))
+    truncated = tmp_path / "cut.npy"
+    truncated.write_bytes((tmp_path / "x.npy").read_bytes()[:-13])
+    code = main(["data", "import", str(truncated), "--out", str(tmp_path / "cut.h5")])
+    assert code == 2 and not (tmp_path / "cut.h5").exists()
 
 
 def test_parquet(capsys, tmp_path: Path) -> None:

@@ -173,3 +173,49 @@ def test_bytes_of_a_star_are_bars_and_small_jobs_a_matrix(tmp_path: Path) -> Non
     image = plots.bytes_figure(tmp_path / "bytes.png", star, labels)
     height, width, _ = matplotlib.image.imread(image).shape
     assert width > 2 * height  # one pair of bars per client, not a 17 x 17 grid
+
+
+def test_capacity_from_the_traced_run(profiled, tmp_path: Path) -> None:
+    """`mpisplit prof capacity` reads its costs from the run's own traces and summary (checked
+    here against both, computed independently) and predicts with the model's arithmetic."""
+    run_dir, _, _ = profiled
+    out = tmp_path / "capacity.json"
+    result = subprocess.run([sys.executable, "-m", "mpisplit", "prof", "capacity", str(run_dir),
+                             "--clients", "2", "--clients", "100", "--nodes", "4",
+                             "--cores-per-node", "8", "--json", str(out)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "server compute" in result.stdout or "client chain" in result.stdout
+    capacity = json.loads(out.read_text())
+    costs = capacity["measured"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    clients = [r for r in load(run_dir).ranks if r.label != "server"]
+    steps = sum(summary["steps_per_rank"][r.rank] for r in clients)
+    moved = sum(summary["bytes_sent_per_rank"][r.rank] + summary["bytes_received_per_rank"][r.rank]
+                for r in clients)
+    assert costs["bytes_per_step"] == pytest.approx(moved / steps)
+    per_step = [sum(s.end - s.start for s in r.spans
+                    if s.cat == "compute" and s.args.get("step") == step and s.name != "eval")
+                for r in clients for step in {s.args["step"] for s in r.spans
+                                              if s.cat == "compute" and "step" in s.args}]
+    assert costs["client_compute_s"] == pytest.approx(np.mean(per_step))
+    assert costs["samples"] == summary["train_samples"] and costs["batch_size"] > 0
+    for p in capacity["predictions"]:
+        rounds = costs["epochs"] * -(-costs["samples"] // (p["clients"] * costs["batch_size"]))
+        assert p["steps_per_client"] == rounds
+        assert p["wall_s"] == pytest.approx(costs["startup_s"] + rounds * p["round_s"])
+
+
+def test_capacity_of_an_unmodelled_scheme_is_one_line(profiled, tmp_path: Path) -> None:
+    run_dir, _, _ = profiled
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("summary.json", "trace-rank0.json"):
+        (copy / name).write_text((run_dir / name).read_text())
+    config = (run_dir / "config.yaml").read_text().replace("name: vanilla", "name: fedavg")
+    (copy / "config.yaml").write_text(config)
+    result = subprocess.run([sys.executable, "-m", "mpisplit", "prof", "capacity", str(copy),
+                             "--clients", "4", "--cores-per-node", "2"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "scheme fedavg is not modelled" in result.stderr

@@ -229,4 +229,4 @@ def test_site_must_be_one_weighted_layer_and_activation(cut: str, dataset) -> No
     data = dataset("breast_cancer", clients=3)
     cfg = load_config(CONFIG, [f"model.cuts=[{cut}]", f"data.path={data}"])
     with pytest.raises(ConfigError, match="one weighted layer plus its activation"):
-        prepare(cfg, 4)  # the spec's check_plan, before any traffic
+        prepare(cfg, 4)

@@ -14,12 +14,15 @@ import pytest
 import torch
 
 from mpisplit.config import ConfigError, ModelConfig, load_config
+from mpisplit.data import ShardReader, read_meta
+from mpisplit.engine import prepare
 from mpisplit.models import build_model, build_parts, model_factory
 from mpisplit.prepare import write_arrays
 from mpisplit.schedules import taper_bounds
+from mpisplit.schemes.spatiotemporal import detached_order
 from mpisplit.split import check_one_tensor, check_shared, split_model
 from tests.conftest import ROOT, run_mpi
-from tests.reference import initial_model, merged_parts, train_reference
+from tests.reference import client_batches, initial_model, merged_parts, train_reference
 
 CNN = str(ROOT / "examples/residual_cnn/model.py") + ":residual_cnn"
 LM = str(ROOT / "examples/transformer/model.py") + ":tiny_lm"
@@ -210,6 +213,35 @@ def test_transformer_vanilla(tokens: Path, tmp_path: Path) -> None:
                   initial_model(tokens, model).state_dict())
 
 
+def test_transformer_lora_ushaped_trains_only_the_adapters(tokens: Path,
+                                                          tmp_path: Path) -> None:
+    """Frozen weights with LoRA adapters in the server's blocks; the client's embeddings and
+    head are frozen too. Against the unmodified module trained in one process."""
+    _train(2, "examples/transformer/ushaped.yaml", tokens, tmp_path,
+           "model.options={dim: 64, layers: 2, heads: 4, tie: true, lora: 4}",
+           "train.max_steps=6", "data.batch_size=16", "train.optimizer=sgd", "train.lr=0.05",
+           "train.momentum=0.9")
+    model = ModelConfig(name=LM, options={"dim": 64, "layers": 2, "heads": 4, "tie": True,
+                                          "lora": 4})
+    expected = train_reference(tokens, model, [(0, 6)], optimizer="sgd", lr=0.05, momentum=0.9,
+                               batch_size=16, seed=0)
+    initial = initial_model(tokens, model).state_dict()
+    _assert_equal(merged_parts(tmp_path, [0, 1]), expected, initial)
+    changed = [key for key, value in expected.items() if not torch.equal(initial[key], value)]
+    assert changed and all(".lora_" in key for key in changed), changed
+
+
+def test_transformer_multihop(tokens: Path, tmp_path: Path) -> None:
+    """Client (embeddings) → relay (blocks.0) → server (blocks.1, norm, LM head)."""
+    _train(3, "examples/transformer/vanilla.yaml", tokens, tmp_path, "scheme.name=multihop",
+           "model.cuts=[blocks.0, blocks.1]", "train.max_steps=6", "data.batch_size=16")
+    model = ModelConfig(name=LM, options={"dim": 64, "layers": 2, "heads": 4, "tie": False})
+    expected = train_reference(tokens, model, [(0, 6)], optimizer="adamw", lr=0.003,
+                               batch_size=16, seed=0)
+    _assert_equal(merged_parts(tmp_path, [0, 1, 2]), expected,
+                  initial_model(tokens, model).state_dict())
+
+
 def test_transformer_ushaped_pipelined_equals_whole_batch_and_exports(
     tokens: Path, tmp_path: Path
 ) -> None:
@@ -237,8 +269,152 @@ def test_transformer_ushaped_pipelined_equals_whole_batch_and_exports(
     torch.testing.assert_close(net.embed.weight, expected["embed.weight"], rtol=0, atol=1e-5)
 
 
+def test_ushaped_with_both_cuts_in_one_container_saves_every_weight(
+    tokens: Path, tmp_path: Path
+) -> None:
+    """Both cuts inside the ModuleList ``blocks``: the client's head (``blocks.0``) and tail
+    (``blocks.2``) are saved together under the user's names, and the export loads with
+    strict=True into the unmodified module trained in one process."""
+    run_dir = tmp_path / "run"
+    _train(2, "examples/transformer/ushaped.yaml", tokens, run_dir,
+           "model.options={dim: 64, layers: 3, heads: 4, tie: true}",
+           "model.cuts=[blocks.1, blocks.2]", "train.max_steps=4", "data.batch_size=16",
+           "train.optimizer=sgd", "train.lr=0.05")
+    model = ModelConfig(name=LM, options={"dim": 64, "layers": 3, "heads": 4, "tie": True})
+    expected = train_reference(tokens, model, [(0, 4)], optimizer="sgd", lr=0.05,
+                               batch_size=16, seed=0)
+    out = tmp_path / "lm.pt"
+    result = subprocess.run([sys.executable, "-m", "mpisplit", "export", str(run_dir), "--out",
+                             str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    net = initial_model(tokens, model)
+    initial = {key: value.clone() for key, value in net.state_dict().items()}
+    net.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    _assert_equal(net.state_dict(), expected, initial)
+    assert net.lm_head.weight is net.embed.weight
+
+
+RESIDUAL_NET = """
+import math
+
+from torch import nn
+
+
+class ResidualNet(nn.Module):
+    \"\"\"Flatten, an input layer and its activation, then a residual block and the head.\"\"\"
+
+    def __init__(self, inputs, classes, hidden):
+        super().__init__()
+        self.embed = nn.Linear(inputs, hidden)
+        self.act = nn.Tanh()
+        self.body = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        h = self.act(self.embed(x.flatten(1)))
+        return self.head(h + self.body(h))
+
+
+def net(*, input_shape, num_classes, hidden=16):
+    return ResidualNet(math.prod(input_shape), num_classes, hidden)
+
+
+def fixed_head(*, input_shape, hidden=16):
+    return ResidualNet(math.prod(input_shape), 10, hidden)
+"""
+
+
+@pytest.fixture
+def residual_net(tmp_path: Path) -> ModelConfig:
+    """A user factory (not an nn.Sequential, a skip connection inside the upper part), cut
+    where the site part is one weighted layer and its activation."""
+    (tmp_path / "net.py").write_text(RESIDUAL_NET)
+    return ModelConfig(name=f"{tmp_path / 'net.py'}:net", cuts=("body",))
+
+
+def _user_model(model: ModelConfig) -> tuple[str, ...]:
+    return (f"model.name={model.name}", "model.cuts=[body]", "model.options={}")
+
+
+def test_multitask_with_a_user_factory(dataset, residual_net: ModelConfig,
+                                       tmp_path: Path) -> None:
+    """Each task server's part comes from the factory called with its task's num_classes;
+    against one process summing the tasks' losses over the unmodified module's parts."""
+    data, steps = dataset("digits", clients=1), 8
+    run_dir = tmp_path / "run"
+    _train(3, "configs/multitask-digits.yaml", data, run_dir, *_user_model(residual_net),
+           "scheme.clients=1", f"train.max_steps={steps}", "train.lr=0.003")
+    lower = split_model(initial_model(data, residual_net), ["body"])[0]
+    shape = read_meta(data)["feature_shape"]
+    uppers = [split_model(build_model(residual_net, shape, classes), ["body"])[1]
+              for classes in (10, 2)]
+    initial = {key: value.clone() for part in (lower, uppers[1])
+               for key, value in part.state_dict().items()}
+    opt = torch.optim.Adam([p for net in (lower, *uppers) for p in net.parameters()], lr=0.003)
+    batches, _ = client_batches(data, 0, batch_size=32, seed=0)
+    for _ in range(steps):
+        batch = next(batches)
+        opt.zero_grad()
+        cut = lower(batch.features)
+        loss = (torch.nn.functional.cross_entropy(uppers[0](cut), batch.labels)
+                + torch.nn.functional.cross_entropy(uppers[1](cut), batch.labels % 2))
+        loss.backward()
+        opt.step()
+    for rank, part in ((2, lower), (0, uppers[0]), (1, uppers[1])):
+        saved = torch.load(run_dir / f"model-rank{rank}.pt", weights_only=True)
+        _assert_equal(saved, part.state_dict(), initial)
+    assert saved["head.weight"].shape[0] == 2
+    (tmp_path / "fixed.yaml").write_text("scheme: {name: multitask, clients: 1, tasks: "
+                                         "[class, parity]}\nmodel: {name: net.py:fixed_head, "
+                                         f"cuts: [body]}}\ndata: {{path: {data}}}\n")
+    with pytest.raises(ConfigError, match=r"model\.name: multitask sizes each task's head "
+                       r"by calling the factory with that task's num_classes; .*fixed_head "
+                       r"takes no num_classes"):
+        prepare(load_config(tmp_path / "fixed.yaml"), 3)
+
+
+def test_spatiotemporal_with_a_user_factory(dataset, residual_net: ModelConfig,
+                                            tmp_path: Path) -> None:
+    """One site: the joint phase equals whole-model SGD on its batches, the detached phase
+    the server part's SGD on the frozen site part's outputs, in one process; a cut that
+    leaves more than one weighted layer at the site is refused before training."""
+    data, detached = dataset("breast_cancer", clients=1), 2
+    run_dir = tmp_path / "run"
+    _train(2, "configs/spatiotemporal-breast-cancer.yaml", data, run_dir,
+           *_user_model(residual_net), "scheme.clients=1", "scheme.joint_epochs=1",
+           f"scheme.detached_epochs={detached}", "train.momentum=0", "train.lr=0.05")
+    net = initial_model(data, residual_net)
+    initial = {key: value.clone() for key, value in net.state_dict().items()}
+    site, server = split_model(net, ["body"])
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    batches, samples = client_batches(data, 0, batch_size=16, seed=0)
+    for _ in range(-(-samples // 16)):
+        batch = next(batches)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(batch.features), batch.labels).backward()
+        opt.step()
+    with ShardReader(data / "client-0.h5", batch_size=16, shuffle=False, prefetch=0) as reader:
+        rows = list(reader.epoch(0))
+    with torch.no_grad():
+        cached = torch.cat([site(batch.features) for batch in rows])
+    labels = torch.cat([batch.labels for batch in rows])
+    for epoch in range(detached):
+        for index in detached_order(len(labels), 16, 0, epoch):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(server(cached[index]), labels[index]).backward()
+            opt.step()
+    saved = {**torch.load(run_dir / "model-rank1.pt", weights_only=True),
+             **torch.load(run_dir / "model-rank0.pt", weights_only=True)}
+    _assert_equal(saved, net.state_dict(), initial)
+    cfg = load_config("configs/spatiotemporal-breast-cancer.yaml", [
+        *_user_model(residual_net), "model.cuts=[head]", f"data.path={data}",
+        "scheme.clients=1"])
+    with pytest.raises(ConfigError, match=r"one weighted layer plus its activation, but the "
+                       r"part before the cut is \['flatten', 'embed', 'act', 'body', 'add'\]"):
+        prepare(cfg, 2)
+
+
 def test_write_arrays_roundtrip(tmp_path: Path) -> None:
-    from mpisplit.data import ShardReader, read_meta
 
     features = torch.arange(12, dtype=torch.float32).reshape(6, 2).numpy()
     labels = torch.tensor([0, 1, 2, 0, 1, 2]).numpy()

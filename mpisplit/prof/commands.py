@@ -46,6 +46,25 @@ def add_resources_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_resources)
 
 
+def add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path,
+                        help="run directory of a short run.trace=true run of the workload")
+    parser.add_argument("--clients", type=int, action="append", required=True,
+                        help="client count to predict (repeat for several)")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--cores-per-node", type=int, required=True,
+                        help="cores a node gives the job's ranks")
+    parser.add_argument("--latency-us", type=float, default=None,
+                        help="the target network's latency (default: measured in the run)")
+    parser.add_argument("--bandwidth-gbs", type=float, default=None,
+                        help="the target network's bandwidth in GB/s (default: measured)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the run's")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="training samples in all (default: the run's)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.set_defaults(handler=_capacity)
+
+
 def _mapping(text: str) -> dict:
     import yaml
 
@@ -54,6 +73,22 @@ def _mapping(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"expected a YAML mapping like '{{width: 16}}', got "
                                          f"{text!r}")
     return value
+
+
+def _capacity(args: argparse.Namespace) -> int:
+    from mpisplit.config import ConfigError
+    from mpisplit.prof.capacity import main
+
+    for name in ("clients", "nodes", "cores_per_node", "epochs", "samples"):
+        values = getattr(args, name)
+        if any(v < 1 for v in (values if isinstance(values, list) else [values or 1])):
+            print(f"mpisplit: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    try:
+        return main(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"mpisplit: {err}", file=sys.stderr)
+        return 2
 
 
 def _report(args: argparse.Namespace) -> int:

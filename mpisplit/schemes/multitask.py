@@ -12,16 +12,20 @@ Clients train in parallel; each evaluates on every task server, and the summary 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
+from mpisplit.config import Config, ConfigError
 from mpisplit.engine import RankContext, RankResult
-from mpisplit.models import build_layers, layer_plan
+from mpisplit.models import build_parts, model_factory
 from mpisplit.schemes.lower_client import train_lower_client
 from mpisplit.schemes.serving import serve_with
 from mpisplit.schemes.turns import clients_total_steps
 from mpisplit.segment import Segment
+from mpisplit.split import split_model
 from mpisplit.topology import Role
 
 LabelMap = Callable[[torch.Tensor], torch.Tensor]
@@ -46,14 +50,27 @@ def serve(ctx: RankContext) -> RankResult:
 
 
 def task_segment(ctx: RankContext, task: int, total_steps: int) -> Segment:
-    """The upper segment with task ``task``'s head: the zoo model built for that task's
-    output count, with the usual per-layer seeds (a reference rebuilds it the same way)."""
+    """The upper part of the model that the factory builds for task ``task``'s output count
+    (its ``num_classes``), under the model seed, as a reference rebuilds it."""
     cfg, meta = ctx.config, ctx.run.meta
     _, classes = task_target(cfg.scheme.options.tasks[task], meta["num_classes"])
-    layers = layer_plan(cfg.model, meta["feature_shape"], classes)
-    start, stop = ctx.run.bounds[1]
-    module = build_layers(layers, start, stop, cfg.model.seed)
+    model = build_parts(cfg.model, meta["feature_shape"], classes, [1])
+    module = split_model(model, cfg.model.cuts)[1]
     return Segment.create(module.to(ctx.device), cfg.train, total_steps)
+
+
+def check_heads(cfg: Config, parts: Sequence[nn.Module]) -> None:
+    """Each task's head is sized by calling the factory with that task's ``num_classes``:
+    a factory that takes none (or a fixed one in ``model.options``) would give every task
+    the same head."""
+    try:
+        takes = "num_classes" in inspect.signature(model_factory(cfg.model.name)).parameters
+    except (TypeError, ValueError):  # no signature to read
+        takes = False
+    if not takes or "num_classes" in cfg.model.options:
+        raise ConfigError(f"model.name: multitask sizes each task's head by calling the "
+                          f"factory with that task's num_classes; {cfg.model.name} takes no "
+                          f"num_classes argument (or model.options fixes it)")
 
 
 def train_client(ctx: RankContext) -> RankResult:

@@ -49,26 +49,27 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpisplit.config import ConfigError
+from mpisplit.config import Config, ConfigError
 from mpisplit.cut import post_cut
 from mpisplit.data import Batch, ShardReader
 from mpisplit.driver import StepDriver, log
-from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
+from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
-from mpisplit.privacy import CutDefence
+from mpisplit.privacy import protect
 from mpisplit.schemes.evaluation import EvalTally, evaluating, record_eval
 from mpisplit.schemes.liveness import Dropping
 from mpisplit.schemes.lower_client import train_lower_client
 from mpisplit.schemes.readers import test_reader
 from mpisplit.schemes.serving import Upper, serve_clients
 from mpisplit.schemes.turns import clients_total_steps
+from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 from mpisplit.transport import Flag, Kind, Message, PeerTimeout, Transport
@@ -82,18 +83,19 @@ def run(ctx: RankContext) -> RankResult:
 
 # --- validation ------------------------------------------------------------------------
 
-def check_site_segment(run: RunPlan) -> None:
+def check_site_part(cfg: Config, parts: Sequence[nn.Module]) -> None:
     """The site part must be one weighted layer and its activation (after any parameterless
     reshaping such as flatten): the privacy-preserving layer the issue describes, and the
-    only thing a site keeps. The spec's ``check_plan``: every rank checks it before any
-    traffic."""
-    start, stop = run.bounds[0]
-    names = [name for name, _ in run.layers[start:stop]]
-    with torch.device("meta"):
-        weighted = [any(True for _ in factory().parameters())
-                    for _, factory in run.layers[start:stop]]
+    only thing a site keeps. Checked by ``engine.prepare`` on every rank, before any traffic;
+    the part's steps are its leaf modules and the functions the model's forward calls."""
+    site = parts[0]
+    steps = [node for node in site.graph.nodes if node.op not in ("placeholder", "output")]
+    weighted = [node.op == "get_attr" or (node.op == "call_module" and any(
+        True for _ in site.get_submodule(node.target).parameters())) for node in steps]
     ok = sum(weighted) == 1 and len(weighted) >= 2 and weighted[-2] and not weighted[-1]
     if not ok:
+        names = [str(node.target) if node.op in ("call_module", "get_attr") else node.name
+                 for node in steps]
         raise ConfigError(
             f"model.cuts: spatiotemporal sites hold exactly one weighted layer plus its "
             f"activation, but the part before the cut is {names}; move the cut (e.g. mlp: "
@@ -206,7 +208,9 @@ def _hand_over(ctx: RankContext, segment: Segment, train: ShardReader, tests: Sh
                 outputs.append(segment.module(batch.features.to(ctx.device)))
                 labels.append(batch.labels)
     labels_sent = ctx.transport.isend(torch.cat(labels), server, Kind.LABELS, step=step)
-    sent = CutDefence(ctx.config.privacy, ctx.me.index).defend_handover(torch.cat(outputs))
+    noise = torch.Generator().manual_seed(
+        derive(ctx.config.privacy.seed, Stream.HANDOVER_NOISE, ctx.me.index))
+    sent = protect(torch.cat(outputs), ctx.config.privacy, noise)
     # The labels' send completes only once the server, which takes the outputs first, has
     # them: it is waited for after the outputs are posted.
     for pending in [*post_cut(ctx.transport, sent, server, Kind.ACTIVATION, step=step,

@@ -10,8 +10,6 @@ segments are handed over.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from torch import nn
 
@@ -28,6 +26,7 @@ from mpisplit.schemes.relays import relay_activations
 from mpisplit.schemes.sending import CutSender, send_marker
 from mpisplit.schemes.turns import agree_turns, clients_total_steps, run_client_turns
 from mpisplit.segment import Segment
+from mpisplit.split import join_parts
 from mpisplit.topology import Role
 from mpisplit.transport import Flag
 
@@ -128,6 +127,4 @@ def _evaluate_split(ctx: RankContext, sender: CutSender, head: Segment, tail: Se
 
 def _joined(head: Segment, tail: Segment) -> Segment:
     """Both client parts as one module, so ``model-rank<R>.pt`` holds all of them."""
-    module = nn.Sequential(OrderedDict([*head.module.named_children(),
-                                        *tail.module.named_children()]))
-    return Segment(module, head.optimizer, head.scheduler)
+    return Segment(join_parts([head.module, tail.module]), head.optimizer, head.scheduler)

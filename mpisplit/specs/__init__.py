@@ -139,10 +139,11 @@ class SchemeSpec:
     runners: Mapping[Role, Runner | str]
     """The function each role runs (``"module:function"``, imported when a rank runs)."""
     check_plan: Runner | str | None = None
-    """Structural checks of a planned run that need more than the config (the model's
-    parts against the dataset's shapes): ``RunPlan -> None``, raising ``ConfigError`` or
-    ``DataError``; ``engine.prepare`` calls it on every rank before any traffic, so a
-    problem is one line and exit 2."""
+    """Structural checks of the whole planned run, where the model's parts alone
+    (``check_model``) do not say enough (vertical: each party's part for its own feature
+    shape, the server's against the joined cut outputs): ``RunPlan -> None``, raising
+    ``ConfigError`` or ``DataError``; ``engine.prepare`` calls it on every rank before any
+    traffic, so a problem is one line and exit 2."""
     routes: frozenset[Route] = frozenset()
     """(sender role, receiver role, kind) the transport lets through; nothing else leaves."""
     cuts: int | None = None
@@ -165,6 +166,10 @@ class SchemeSpec:
     """Rebuilds the zoo's layers per party or per task, so it needs a zoo model."""
     pools_shards: bool = False
     """May read every client shard as one pool (``data.pool``): a one-rank baseline."""
+    check_model: Callable[[Config, Any], None] | str | None = None
+    """Checks the model's parts (``torch.fx.GraphModule`` s on the meta device) in
+    ``engine.prepare``, before any rank talks, for a scheme that constrains what a part holds
+    or how the model is built (``"module:function"``, imported then)."""
     samples_evaluation: bool = False
     """Every client evaluates its own model in parallel order, so ``train.eval_clients`` may
     sample the ones that do."""
@@ -187,7 +192,7 @@ class SchemeSpec:
         for role in self.runners:
             if not isinstance(role, Role):
                 raise TypeError(f"scheme {self.name}: runner keys are Roles, got {role!r}")
-        for runner in (*self.runners.values(), self.check_plan):
+        for runner in (*self.runners.values(), self.check_plan, self.check_model):
             if isinstance(runner, str) and runner.count(":") != 1:
                 raise ValueError(f"scheme {self.name}: runner {runner!r} is not module:function")
 
@@ -198,21 +203,26 @@ class SchemeSpec:
             raise ConfigError(f"scheme {self.name} has no {role} role")
         return _imported(found)
 
-    def check(self, run: Any) -> None:
-        """Runs the scheme's ``check_plan`` on a ``RunPlan``, if it has one."""
+    def check_planned(self, run: Any) -> None:
+        """Runs ``check_plan`` on a ``RunPlan``, if the scheme has one."""
         if self.check_plan is not None:
             _imported(self.check_plan)(run)
+
+    def check_parts(self, cfg: Config, parts: Any) -> None:
+        """Runs ``check_model``, if the scheme has one."""
+        if self.check_model is not None:
+            _imported(self.check_model)(cfg, parts)
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]
 
 
-def _imported(function: Runner | str) -> Runner:
-    """``function``, or the function a ``"module:function"`` string names, imported now."""
-    if isinstance(function, str):
-        module, _, name = function.partition(":")
+def _imported(found: Callable[..., Any] | str) -> Callable[..., Any]:
+    """A function, or the one a ``"module:function"`` names (imported now)."""
+    if isinstance(found, str):
+        module, _, name = found.partition(":")
         return getattr(importlib.import_module(module), name)
-    return function
+    return found
 
 
 _COMMON = {"name", "clients", "client_order", "options"}

@@ -57,5 +57,5 @@ SPEC = SchemeSpec(
     options=MultitaskOptions,
     tasks=tasks,
     samples_evaluation=True,
-    zoo_layers=True,
+    check_model="mpisplit.schemes.multitask:check_heads",
 )

@@ -58,9 +58,8 @@ SPEC = SchemeSpec(
     name="spatiotemporal",
     layout=server_and_clients,
     runners={Role.SERVER: RUN, Role.CLIENT: RUN},
-    check_plan="mpisplit.schemes.spatiotemporal:check_site_segment",
     routes=LABELS_AT_SERVER | {("server", "client", Kind.CONTROL)},  # the roster
     cuts=1,
     options=SpatiotemporalOptions,
-    zoo_layers=True,
+    check_model="mpisplit.schemes.spatiotemporal:check_site_part",
 )

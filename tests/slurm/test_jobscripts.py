@@ -487,3 +487,45 @@ def test_cancelled_run_continues_with_the_command_its_log_prints(slurm, data,
     summary = job.summary()
     assert summary["launches"] == 2 and summary["last_launch"]["resumed_from_step"] \
         == int(stopped[1])
+
+
+STUDY = """\
+config: configs/vanilla-breast-cancer.yaml
+out: {out}
+prepare: {{dataset: breast_cancer, clients: 2, out: "{data}/bc-2c"}}
+overrides:
+  scheme.clients: 2
+  data.path: {data}/bc-2c
+  train.max_steps: 4
+  run.progress: none
+  run.save_model: false
+axes:
+  arm:
+    split: {{}}
+    alone: {{scheme.name: centralized, scheme.clients: 1, data.clients: [0]}}
+  train.seed: [0, 1]
+"""
+SUBMITTED = re.compile(r"^sweep: (\S+): Submitted batch job (\d+)$", re.MULTILINE)
+
+
+def test_sweep_study_runs_as_slurm_arrays(slurm, tmp_path: Path) -> None:
+    """README, Studies: `mpisplit sweep FILE --slurm --submit` on a real cluster: one array
+    per rank count (3 ranks for split learning, 1 for a site alone), every point finishes in
+    its own run directory, and the sweep then lists every point as finished."""
+    study = tmp_path / "study.yaml"
+    study.write_text(STUDY.format(out=tmp_path / "out", data=tmp_path))
+    mpisplit = (sys.executable, "-m", "mpisplit", "sweep", str(study))
+    submitted = slurm.run(*mpisplit, "--slurm", "--submit", timeout=300)
+    arrays = dict(SUBMITTED.findall(submitted.stdout))
+    assert sorted(Path(s).name for s in arrays) == ["ntasks-1.sbatch", "ntasks-3.sbatch"], \
+        submitted.stdout
+    for job_id in arrays.values():
+        state = slurm.wait(job_id, timeout=JOB_TIMEOUT_S)
+        assert state == "COMPLETED", slurm.describe(job_id)
+    # "steps" counts client steps: 4 per client.
+    for name, world_size, steps in [("arm-split_seed-0", 3, 8), ("arm-split_seed-1", 3, 8),
+                                    ("arm-alone_seed-0", 1, 4), ("arm-alone_seed-1", 1, 4)]:
+        summary = json.loads((tmp_path / "out" / name / "summary.json").read_text())
+        assert (summary["world_size"], summary["steps"]) == (world_size, steps), name
+    listed = slurm.run(*mpisplit, "--list").stdout.splitlines()
+    assert len(listed) == 4 and all(line.endswith("finished") for line in listed), listed
