@@ -125,8 +125,10 @@ def prepare(cfg: Config, world_size: int, *, resume: bool = False, overwrite: bo
         check_dataset(Path(cfg.data.path), meta, **_own_shards(cfg, topology, rank))
     rundir.check_run_dir(Path(cfg.run.dir), checkpoint_dir(cfg), resume=resume,
                          overwrite=overwrite)
-    return RunPlan(cfg, topology, meta, layers, bounds,
-                   find_resume_point(cfg, topology, resume, overwrite=overwrite))
+    run = RunPlan(cfg, topology, meta, layers, bounds,
+                  find_resume_point(cfg, topology, resume, overwrite=overwrite))
+    spec.check_planned(run)
+    return run
 
 
 def _own_shards(cfg: Config, topology: Topology, rank: int) -> dict[str, Any]:

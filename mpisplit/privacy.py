@@ -67,3 +67,57 @@ def nopeek_penalty(inputs: torch.Tensor, activation: torch.Tensor,
     if cfg.nopeek_weight <= 0:
         return None
     return cfg.nopeek_weight * distance_correlation(inputs, activation)
+
+
+class CutDefence:
+    """Everything one sender's cut activation goes through before it leaves, whichever way
+    it travels (point to point, or a party's slice of a collective): the configured
+    defences (clipping, noise, NoPeek) and the leakage measure on test data.
+
+    ``noise`` is the training noise generator (checkpoints keep it); evaluation noise is
+    reseeded per evaluation (``EvaluationNoise``)."""
+
+    LEAKAGE_SAMPLES = 1000
+    """Test samples the leakage measure keeps, so memory does not grow with the test set."""
+
+    def __init__(self, cfg: PrivacyConfig, sender: int) -> None:
+        self.privacy, self._sender = cfg, sender
+        self.noise = torch.Generator().manual_seed(derive(cfg.seed, Stream.NOISE, sender))
+        self.eval_noise = EvaluationNoise(cfg.seed, sender)
+        self.leakage: float | None = None
+        self._sample: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._sampled = 0
+
+    def defend(self, activation: torch.Tensor,
+               inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(what leaves in training, the NoPeek penalty to add to the sender's loss or
+        None); both differentiable, so back-propagation runs through them."""
+        return (protect(activation, self.privacy, self.noise),
+                nopeek_penalty(inputs, activation, self.privacy))
+
+    def defend_eval(self, activation: torch.Tensor, inputs: torch.Tensor, step: int, *,
+                    final: bool) -> torch.Tensor:
+        """What leaves in evaluation (defended like training traffic); in the final
+        evaluation, keeps the first ``LEAKAGE_SAMPLES`` (input, sent) pairs for
+        ``measure_leakage``."""
+        sent = protect(activation, self.privacy, self.eval_noise.at(step))
+        if final and self._sampled < self.LEAKAGE_SAMPLES:
+            keep = self.LEAKAGE_SAMPLES - self._sampled
+            self._sample.append((inputs[:keep].cpu(), sent[:keep].detach().cpu()))
+            self._sampled += len(self._sample[-1][0])
+        return sent
+
+    def defend_handover(self, activation: torch.Tensor) -> torch.Tensor:
+        """What leaves in a one-off hand-over of cut outputs (a spatio-temporal site's
+        frozen layer): defended with the sender's own hand-over noise stream, which neither
+        training nor evaluation noise draws from."""
+        noise = torch.Generator().manual_seed(
+            derive(self.privacy.seed, Stream.HANDOVER_NOISE, self._sender))
+        return protect(activation, self.privacy, noise)
+
+    def measure_leakage(self) -> None:
+        """Distance correlation between the kept test inputs and what left for them."""
+        x = torch.cat([x for x, _ in self._sample]).double()
+        z = torch.cat([z for _, z in self._sample]).double()
+        self.leakage = float(distance_correlation(x, z))
+        self._sample, self._sampled = [], 0

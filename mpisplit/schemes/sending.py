@@ -10,28 +10,19 @@ import torch
 from mpisplit.cut import send_eval, send_forward
 from mpisplit.data import ShardReader
 from mpisplit.engine import RankContext
-from mpisplit.privacy import EvaluationNoise, distance_correlation, nopeek_penalty, protect
+from mpisplit.privacy import CutDefence
 from mpisplit.protocol import Flag, Kind
 from mpisplit.schemes.evaluation import evaluating
-from mpisplit.seeds import Stream, derive
 from mpisplit.segment import Segment
 
 
-class CutSender:
-    """Everything a client's cut activation goes through before it leaves: the configured
-    defences (clipping, noise, NoPeek), and the leakage measure on test data."""
-
-    LEAKAGE_SAMPLES = 1000
+class CutSender(CutDefence):
+    """A client's point-to-point cut: its activation, defended (``CutDefence``: clipping,
+    noise, NoPeek, the leakage sample), sent through ``mpisplit.cut``."""
 
     def __init__(self, ctx: RankContext) -> None:
+        super().__init__(ctx.config.privacy, ctx.me.index)
         self.ctx = ctx
-        self.privacy = ctx.config.privacy
-        self.noise = torch.Generator().manual_seed(
-            derive(self.privacy.seed, Stream.NOISE, ctx.me.index))
-        self.eval_noise = EvaluationNoise(self.privacy.seed, ctx.me.index)
-        self.leakage: float | None = None
-        self._sample: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._sampled = 0
 
     def train(self, activation: torch.Tensor, inputs: torch.Tensor, dest: int, step: int, *,
               flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> torch.Tensor:
@@ -46,32 +37,19 @@ class CutSender:
         """Sends one defended activation to every rank in ``dests`` (multi-task heads);
         ``torch.autograd.backward`` on the anchors sums their cut gradients. All receivers
         get the same noise draw, and the NoPeek penalty is counted once, not per receiver."""
-        sent = protect(activation, self.privacy, self.noise)
+        sent, penalty = self.defend(activation, inputs)
         anchors = [send_forward(sent, self.ctx.transport, dest, step, flags=flags, aux=aux,
                                 microbatch=microbatch) for dest in dests]
-        penalty = nopeek_penalty(inputs, activation, self.privacy)
         if penalty is not None:
             anchors[0] = anchors[0] + penalty
         return anchors
 
     def evaluate(self, activation: torch.Tensor, inputs: torch.Tensor, dest: int, step: int, *,
                  final: bool) -> None:
-        """Sends a forward-only activation (defended like training traffic); in the final
-        evaluation, keeps the first ``LEAKAGE_SAMPLES`` (input, sent) pairs for the leakage
-        measure, so memory does not grow with the test set."""
-        sent = protect(activation, self.privacy, self.eval_noise.at(step))
-        send_eval(sent, self.ctx.transport, dest, step)
-        if final and self._sampled < self.LEAKAGE_SAMPLES:
-            keep = self.LEAKAGE_SAMPLES - self._sampled
-            self._sample.append((inputs[:keep].cpu(), sent[:keep].detach().cpu()))
-            self._sampled += len(self._sample[-1][0])
-
-    def measure_leakage(self) -> None:
-        """Distance correlation between test inputs and what left for them."""
-        x = torch.cat([x for x, _ in self._sample]).double()
-        z = torch.cat([z for _, z in self._sample]).double()
-        self.leakage = float(distance_correlation(x, z))
-        self._sample, self._sampled = [], 0
+        """Sends a forward-only activation (defended like training traffic; the final
+        evaluation keeps the leakage sample)."""
+        send_eval(self.defend_eval(activation, inputs, step, final=final), self.ctx.transport,
+                  dest, step)
 
 
 def send_eval_pass(ctx: RankContext, sender: CutSender, segment: Segment, reader: ShardReader,

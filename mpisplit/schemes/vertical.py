@@ -1,18 +1,17 @@
 """Vertical split learning: K parties hold different feature groups of the same patients.
 
-Each party runs its own lower network (the zoo model's layers below the cut, built for that
-party's feature shape with ``model.options`` overridden by its ``scheme.party_options`` entry,
-so parties may differ in shape and size, and seeded with ``model.seed + party``) on its own
-columns. The server joins the parties' cut outputs (``scheme.join``: concatenation along the
-feature/channel axis, sum, or mean) and runs the layers above the cut. Under ``concat`` the
-server's first weighted layer (Linear or Conv2d) is widened to take the joined width (the
-sum of the parties' widths); the rest of the zoo plan, built from ``model.options``, is
-unchanged. Shapes are worked out on the meta device, so no rank builds another's weights.
+Each party runs its own lower network on its own columns; the server joins the parties' cut
+outputs (``scheme.join``: concatenation along the feature/channel axis, sum, or mean) and runs
+the layers above the cut. How the parts are built, from a zoo model or from the user's own
+factory (``model.name: file.py:function``), per party with ``scheme.party_options``, is
+:mod:`mpisplit.schemes.vertical_parts`.
 
-Traffic is collective, on a communicator of the server and the parties split from
-``ctx.comm``: one ``Gatherv`` brings every party's cut output to the server, one ``Scatterv``
-returns each party its slice of the gradient. The bytes are counted in the transport's
-traffic as ACTIVATION / GRADIENT routes, so the summary and ``mpisplit audit`` see them.
+The cut is collective (:mod:`mpisplit.collective_cut`): on a communicator of the server and
+the parties split from ``ctx.comm``, one gather brings every party's defended cut output
+(``privacy.CutDefence``, as on the point-to-point cut) to the server, one scatter returns each
+party its slice of the gradient, both inside autograd. A step's microbatches run in the
+order of ``transport.schedule`` (GPipe or 1F1B), the same action list on every rank, so the
+collectives are posted in one order everywhere.
 
 Alignment: parties' files list the patients in different orders and each may miss some.
 At setup the members (every party, and the label holder) intersect the ids of the files they
@@ -32,9 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from math import prod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -43,164 +41,23 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpisplit.config import Config, ConfigError
+from mpisplit import schedules
+from mpisplit.collective_cut import ROOT, CollectiveCut, Gathered
 from mpisplit.cut import recv_forward, send_eval, send_forward
 from mpisplit.data import Batch, DataError, ShardReader, align_rows, intersect_ids, read_ids
 from mpisplit.driver import EvalSchedule, StepDriver, log, step_budget, training_batches
-from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
+from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
-from mpisplit.models import LayerPlan, build_layers, cut_indices, layer_plan
-from mpisplit.privacy import EvaluationNoise, nopeek_penalty, protect
-from mpisplit.protocol import Kind
+from mpisplit.privacy import CutDefence
 from mpisplit.psi import private_intersection
-from mpisplit.schedules import split_sizes
+from mpisplit.schedules import Action, split_sizes
 from mpisplit.schemes.evaluation import EvalTally, evaluating, record_eval
-from mpisplit.seeds import Stream, derive
+from mpisplit.schemes.vertical_parts import Layout, join, party_part, server_part
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
 
-SERVER = 0
+SERVER = ROOT
 """The server's rank in the vertical communicator (the root of every collective)."""
-
-
-# --- model: per-party lower networks, the server's joined upper part --------------------
-
-def party_plan(cfg: Config, meta: dict, party: int) -> tuple[LayerPlan, int]:
-    """The zoo plan built for one party's feature shape and options, and its cut index;
-    a problem is reported against the party's ``scheme.party_options`` entry."""
-    model, overrides = cfg.model, cfg.scheme.options.party_options
-    if overrides:
-        model = replace(model, options={**model.options, **overrides[party]})
-    try:
-        plan = layer_plan(model, meta["party_feature_shapes"][party], meta["num_classes"])
-        (cut,) = cut_indices(plan, model.cuts)
-    except ConfigError as err:
-        if not overrides:
-            raise
-        raise ConfigError(f"scheme.party_options[{party}]: {err}") from None
-    return plan, cut
-
-
-def party_seed(cfg: Config, party: int) -> int:
-    """Party p's lower layers are seeded with ``model.seed + p`` (so parties differ)."""
-    return cfg.model.seed + party
-
-
-def cut_shape(plan: LayerPlan, cut: int, input_shape: Sequence[int]) -> tuple[int, ...]:
-    """Per-sample shape of the output of layers ``0..cut-1``, computed on the meta device."""
-    with torch.device("meta"):
-        lower = nn.Sequential(*(factory() for _, factory in plan[:cut]))
-        return tuple(lower(torch.zeros(1, *input_shape)).shape[1:])
-
-
-def joined_shape(join: str, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
-    """Per-sample shape after the join; concat joins along the first (feature) axis."""
-    rest = {shape[1:] for shape in shapes}
-    if join == "concat":
-        if len(rest) > 1:
-            raise ConfigError(f"scheme.join: concat needs the parties' cut outputs to agree "
-                              f"beyond the first axis, got {list(shapes)}")
-        return (sum(shape[0] for shape in shapes), *shapes[0][1:])
-    if len(set(shapes)) > 1:
-        raise ConfigError(f"scheme.join: {join} needs equal cut-output shapes from every "
-                          f"party, got {list(shapes)}; use join: concat")
-    return shapes[0]
-
-
-def server_plan(run: RunPlan, cut: int, joined: tuple[int, ...]) -> LayerPlan:
-    """The zoo plan whose first weighted layer above the cut takes the joined width."""
-    plan = list(run.layers)
-    single = cut_shape(plan, cut, run.meta["feature_shape"])
-    if joined[0] != single[0]:
-        first = next((i for i in range(cut, len(plan)) if _has_weights(plan[i][1])), None)
-        if first is None:
-            raise ConfigError("model.cuts: the server's part has no weighted layer to take "
-                              "the joined cut outputs")
-        name, factory = plan[first]
-        plan[first] = (name, _widened(factory, joined[0], single[0], name))
-    _check_server_part(plan, cut, joined, run.meta["num_classes"])
-    return plan
-
-
-def _has_weights(factory: Callable[[], nn.Module]) -> bool:
-    with torch.device("meta"):
-        return any(True for _ in factory().parameters())
-
-
-def _widened(factory: Callable[[], nn.Module], joined: int, single: int,
-             name: str) -> Callable[[], nn.Module]:
-    """A factory of the same layer with its input width scaled by ``joined / single``."""
-    with torch.device("meta"):
-        layer = factory()
-    if isinstance(layer, nn.Linear):
-        width = _scaled(layer.in_features, joined, single, name)
-        return lambda: nn.Linear(width, layer.out_features, bias=layer.bias is not None)
-    if isinstance(layer, nn.Conv2d) and layer.groups == 1:
-        width = _scaled(layer.in_channels, joined, single, name)
-        return lambda: nn.Conv2d(width, layer.out_channels, layer.kernel_size, layer.stride,
-                                 layer.padding, layer.dilation, bias=layer.bias is not None)
-    raise ConfigError(f"model.cuts: join concat widens the server's first weighted layer "
-                      f"'{name}', which must be Linear or Conv2d, not {type(layer).__name__}")
-
-
-def _scaled(width: int, joined: int, single: int, name: str) -> int:
-    if width * joined % single:
-        raise ConfigError(f"model.cuts: cannot widen '{name}' ({width} inputs) from a cut "
-                          f"width of {single} to the joined width {joined}")
-    return width * joined // single
-
-
-def _check_server_part(plan: LayerPlan, cut: int, joined: tuple[int, ...],
-                       classes: int) -> None:
-    with torch.device("meta"):
-        upper = nn.Sequential(*(factory() for _, factory in plan[cut:]))
-        try:
-            out = upper(torch.zeros(1, *joined))
-        except RuntimeError as err:
-            raise ConfigError(f"model.cuts: the server's layers cannot take the joined cut "
-                              f"outputs of shape {joined}: {err}") from None
-    if tuple(out.shape[1:]) != (classes,):
-        raise ConfigError(f"model.cuts: the server's part ends in {tuple(out.shape[1:])}, "
-                          f"not {classes} logits")
-
-
-def join(how: str, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The server's join of the parties' cut outputs (part p from party p)."""
-    if how == "concat":
-        return torch.cat(list(parts), dim=1)
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total / len(parts) if how == "mean" else total
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What every rank derives from the config alone (no traffic): cut, shapes, plans."""
-
-    cut: int
-    """Where the server's part starts in its plan (each party's own plan is cut where
-    ``party_plan`` says: parties' plans may differ)."""
-    cut_shapes: list[tuple[int, ...]]
-    server_plan: LayerPlan
-
-    @classmethod
-    def of(cls, run: RunPlan) -> Layout:
-        cfg, meta = run.config, run.meta
-        if meta.get("partition") != "vertical":
-            raise ConfigError(f"data.path: scheme vertical needs a dataset prepared with "
-                              f"--partition vertical; {cfg.data.path} is {meta.get('partition')}")
-        shapes, cut = [], run.bounds[0][1]
-        for party, features in enumerate(meta["party_feature_shapes"]):
-            plan, party_cut = party_plan(cfg, meta, party)
-            shapes.append(cut_shape(plan, party_cut, features))
-        joined = joined_shape(cfg.scheme.options.join, shapes)
-        return cls(cut, shapes, server_plan(run, cut, joined))
-
-    @property
-    def widths(self) -> list[int]:
-        """Floats per sample each party sends."""
-        return [prod(shape) for shape in self.cut_shapes]
 
 
 # --- alignment -----------------------------------------------------------------------
@@ -294,83 +151,6 @@ def _holds_labels(ctx: RankContext) -> bool:
     return ctx.me.role == Role.CLIENT and ctx.me.index == party
 
 
-# --- the cut as collectives ------------------------------------------------------------
-
-class CutCollective:
-    """Gatherv of the parties' cut outputs onto the server, Scatterv of the gradient slices
-    back, as raw float32 buffers; the bytes go into the transport's traffic counters.
-
-    Both are posted nonblocking and completed later (``Posted.wait``, under the deadline),
-    so a pipelined step can post every microbatch's exchange in the same order on every
-    rank, as collectives require, and compute while they travel."""
-
-    def __init__(self, ctx: RankContext, comm: MPI.Comm, widths: Sequence[int]) -> None:
-        self.ctx, self.comm, self.widths = ctx, comm, list(widths)
-        self.traffic = ctx.transport.traffic
-        self.server = ctx.topology.ranks(Role.SERVER)[0]
-        self.parties = ctx.topology.ranks(Role.CLIENT)
-
-    def _layout(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        counts = np.array([0] + [batch * w for w in self.widths], np.int64)
-        return counts, np.concatenate([[0], np.cumsum(counts)[:-1]])
-
-    def gather(self, activation: torch.Tensor | None, batch: int) -> Posted:
-        """Party: sends ``activation``; server (None): receives every party's, flat."""
-        counts, displs = self._layout(batch)
-        if activation is None:
-            out = np.empty(int(counts.sum()), np.float32)
-            request = self.ctx.transport.igatherv(self.comm, np.empty(0, np.float32), out,
-                                                  counts, displs, SERVER)
-            self._count(self.traffic.count_received, Kind.ACTIVATION, counts)
-            return Posted(self.ctx, request, out, Kind.ACTIVATION, received=out.nbytes)
-        sent = _host_floats(activation)
-        self.traffic.count_sent(self.server, Kind.ACTIVATION, sent.nbytes)
-        request = self.ctx.transport.igatherv(self.comm, sent, None, counts, displs, SERVER)
-        return Posted(self.ctx, request, sent, Kind.ACTIVATION, sent=sent.nbytes)
-
-    def scatter(self, gradient: np.ndarray | None, batch: int,
-                shape: Sequence[int] = ()) -> Posted:
-        """Server: sends each party its slice; party (None): receives its gradient."""
-        counts, displs = self._layout(batch)
-        if gradient is not None:
-            sent = np.ascontiguousarray(gradient, np.float32)
-            request = self.ctx.transport.iscatterv(self.comm, sent, np.empty(0, np.float32),
-                                                   counts, displs, SERVER)
-            self._count(self.traffic.count_sent, Kind.GRADIENT, counts)
-            return Posted(self.ctx, request, sent, Kind.GRADIENT, sent=sent.nbytes)
-        out = np.empty(int(np.prod((batch, *shape))), np.float32)
-        self.traffic.count_received(self.server, Kind.GRADIENT, out.nbytes)
-        request = self.ctx.transport.iscatterv(self.comm, None, out, counts, displs, SERVER)
-        return Posted(self.ctx, request, out, Kind.GRADIENT, received=out.nbytes)
-
-    def _count(self, count: Callable[[int, Kind, int], None], kind: Kind,
-               counts: np.ndarray) -> None:
-        for party, floats in zip(self.parties, counts[1:], strict=True):
-            count(party, kind, int(floats) * 4)
-
-
-@dataclass
-class Posted:
-    """A posted cut collective and its buffer (which must live until it completes); the
-    kind and this rank's bytes in and out label its trace span."""
-
-    ctx: RankContext
-    request: list[MPI.Request]
-    buffer: np.ndarray
-    kind: Kind
-    sent: int = 0
-    received: int = 0
-
-    def wait(self) -> np.ndarray:
-        self.ctx.transport.complete(self.request, "cut exchange", kind=self.kind,
-                                    sent=self.sent, received=self.received)
-        return self.buffer
-
-
-def _host_floats(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy()
-
-
 # --- roles ---------------------------------------------------------------------------
 
 def run(ctx: RankContext) -> RankResult:
@@ -379,7 +159,9 @@ def run(ctx: RankContext) -> RankResult:
     comm = ctx.comm.Split(0 if is_member else MPI.UNDEFINED, ctx.me.rank)
     if comm.Get_rank() == SERVER and ctx.me.role != Role.SERVER:
         raise RuntimeError("vertical: the server must be rank 0 of the vertical communicator")
-    cut = CutCollective(ctx, comm, layout.widths)
+    cut = CollectiveCut(ctx.transport, comm, layout.cut_shapes,
+                        ctx.topology.ranks(Role.SERVER)[0], ctx.topology.ranks(Role.CLIENT),
+                        device=ctx.device)
     with contextlib.ExitStack() as stack:
         train = open_split(ctx, comm, test=False)
         stack.callback(train.close)
@@ -399,14 +181,27 @@ class _Role(Protocol):
     segment: Segment
     generators: list[torch.Generator]
     """Random state that checkpoints keep (a party's privacy noise)."""
+    leakage: float | None
+    """The leakage figure of this rank's cut output (a party's, after the final evaluation)."""
 
     def train_step(self, step: int, size: int, features: Batch | None,
                    labels: Batch | None) -> float | None:
         """One training step; returns the loss where this rank computes it."""
 
     def eval_batch(self, step: int, size: int, features: Batch | None, labels: Batch | None,
-                   tally: EvalTally) -> None:
+                   tally: EvalTally, *, final: bool) -> None:
         """One test batch; the label holder adds it to ``tally``."""
+
+    def evaluated(self, final: bool) -> None:
+        """After an evaluation pass (a party measures its leakage after the final one)."""
+
+
+def microbatch_actions(ctx: RankContext, size: int) -> tuple[list[int], list[Action]]:
+    """The sizes a batch of ``size`` splits into (the one policy, ``split_sizes``) and the
+    ``transport.schedule`` action list every vertical rank runs them in: the server and the
+    parties post their cut collectives in this one order, as collectives require."""
+    sizes = split_sizes(size, ctx.config.transport.microbatches)
+    return sizes, schedules.of(ctx.config.transport.schedule, len(sizes))
 
 
 def _drive(ctx: RankContext, role: _Role, train: Split, test: Split, steps: int) -> RankResult:
@@ -425,7 +220,7 @@ def _drive(ctx: RankContext, role: _Role, train: Split, test: Split, steps: int)
     final = steps_role.evaluate(steps, True)
     finals = [final] if holder and final is not None else []
     return RankResult(steps=steps, samples=driver.samples if server else 0,
-                      final_evals=finals, segment=role.segment)
+                      final_evals=finals, segment=role.segment, leakage=role.leakage)
 
 
 @dataclass
@@ -452,120 +247,119 @@ class _Steps:
         return self.role.train_step(index + 1, size, *pair)
 
     def evaluate(self, step: int, final: bool) -> EvalResult | None:
-        return _evaluate(self.ctx, self.role, self.test, step, self.holder)
+        return _evaluate(self.ctx, self.role, self.test, step, self.holder, final)
 
 
-def _evaluate(ctx: RankContext, role: _Role, test: Split, step: int,
-              holder: bool) -> EvalResult | None:
+def _evaluate(ctx: RankContext, role: _Role, test: Split, step: int, holder: bool,
+              final: bool) -> EvalResult | None:
     tally = EvalTally()
     with evaluating(role.segment.module), ctx.tracer.span("eval"):
         for size, pair in zip(test.sizes, test.batches(lambda reader: reader.epoch(0)),
                               strict=False):
-            role.eval_batch(step, size, *pair, tally)
+            role.eval_batch(step, size, *pair, tally, final=final)
+    role.evaluated(final)
     return record_eval(ctx, tally.result(step, 0)) if holder else None
 
 
 class _Server:
-    def __init__(self, ctx: RankContext, layout: Layout, cut: CutCollective, steps: int):
+    def __init__(self, ctx: RankContext, layout: Layout, cut: CollectiveCut, steps: int):
         self.ctx, self.layout, self.cut = ctx, layout, cut
-        module = build_layers(layout.server_plan, layout.cut, len(layout.server_plan),
-                              ctx.config.model.seed)
+        module = server_part(ctx.run, layout)
         self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
         self.generators: list[torch.Generator] = []
+        self.leakage = None
         # where the logits go when a party holds the labels
         self.label_party = ctx.topology.ranks(Role.CLIENT)[label_party(ctx) or 0]
 
-    def _joined(self, flat: np.ndarray, size: int,
-                train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = torch.from_numpy(flat).to(self.ctx.device)
-        flat.requires_grad_(train)
-        pieces = flat.split([size * w for w in self.layout.widths])
-        parts = [p.view(size, *shape) for p, shape in zip(pieces, self.layout.cut_shapes,
-                                                          strict=True)]
-        return flat, join(self.ctx.config.scheme.options.join, parts)
+    def _joined(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return join(self.ctx.config.scheme.options.join, parts)
 
     def train_step(self, step: int, size: int, features: Batch | None,
                    labels: Batch | None) -> float | None:
-        """Microbatch by microbatch as the parties' cut outputs arrive; each gradient slice
-        goes back as soon as it is ready, and the update comes once, after the last."""
+        """A forward action posts the microbatch's gather; its backward action waits for
+        it, runs the server's layers and the loss (or sends the logits to the label party),
+        and back-propagates, which posts the gradient scatter; one update after the last."""
         ctx = self.ctx
-        sizes = split_sizes(size, ctx.config.transport.microbatches)
-        gathers = [self.cut.gather(None, n) for n in sizes]
+        sizes, actions = microbatch_actions(ctx, size)
         targets = labels.labels.to(ctx.device).split(sizes) if labels is not None else None
-        scatters, total = [], 0.0
-        for index, (n, gathered) in enumerate(zip(sizes, gathers, strict=True)):
+        losses = []
+
+        def backward(posted: tuple[int, Gathered]) -> None:
+            index, gathered = posted
+            n = gathered.batch
             with ctx.tracer.span("forward", step=step, microbatch=index):
-                flat, joined = self._joined(gathered.wait(), n, train=True)
-                logits = self.segment.module(joined)
+                logits = self.segment.module(self._joined(gathered.wait()))
                 if targets is not None:
                     loss = check_loss(nn.functional.cross_entropy(logits, targets[index]),
                                       step) * (n / size)
-                    total += float(loss.detach())
+                    losses.append(float(loss.detach()))
                 else:
                     loss = send_forward(logits, ctx.transport, self.label_party, step, aux=size,
                                         microbatch=index)
             with ctx.tracer.span("backward", step=step, microbatch=index):
                 loss.backward()
-                scatters.append(self.cut.scatter(flat.grad.cpu().numpy(), n))
-        for scattered in scatters:
-            scattered.wait()
+
+        schedules.run(actions, lambda index: (index, self.cut.receive(sizes[index])), backward)
+        self.cut.flush()
         with ctx.tracer.span("optimizer", step=step):
             self.segment.step()
-        return total if labels is not None else None
+        return sum(losses) if labels is not None else None
 
     def eval_batch(self, step: int, size: int, features: Batch | None, labels: Batch | None,
-                   tally: EvalTally) -> None:
-        _, joined = self._joined(self.cut.gather(None, size).wait(), size, train=False)
-        logits = self.segment.module(joined)
+                   tally: EvalTally, *, final: bool) -> None:
+        logits = self.segment.module(self._joined(self.cut.receive(size).wait(train=False)))
         if labels is not None:
             tally.add(logits, labels.labels.to(self.ctx.device))
         else:
             send_eval(logits, self.ctx.transport, self.label_party, step)
 
+    def evaluated(self, final: bool) -> None:
+        """The server sends no cut output of its own."""
+
 
 class _Party:
-    def __init__(self, ctx: RankContext, layout: Layout, cut: CutCollective, steps: int):
+    def __init__(self, ctx: RankContext, layout: Layout, cut: CollectiveCut, steps: int):
         self.ctx, self.layout, self.cut = ctx, layout, cut
         party = ctx.me.index
-        plan, cut = party_plan(ctx.config, ctx.run.meta, party)
-        module = build_layers(plan, 0, cut, party_seed(ctx.config, party))
+        module = party_part(ctx.config, ctx.run.meta, party)
         self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
-        self.shape = layout.cut_shapes[party]
         self.server = ctx.topology.ranks(Role.SERVER)[0]
-        self.noise = torch.Generator().manual_seed(
-            derive(ctx.config.privacy.seed, Stream.NOISE, party))
-        self.eval_noise = EvaluationNoise(ctx.config.privacy.seed, party)
-        self.generators = [self.noise]
+        self.defence = CutDefence(ctx.config.privacy, party)
+        self.generators = [self.defence.noise]
+
+    @property
+    def leakage(self) -> float | None:
+        return self.defence.leakage
 
     def train_step(self, step: int, size: int, features: Batch | None,
                    labels: Batch | None) -> float | None:
-        """Forwards every microbatch, posting its cut output as soon as it exists, then
-        back-propagates each gradient slice as it arrives; one update after the last."""
-        ctx, privacy = self.ctx, self.ctx.config.privacy
-        sizes = split_sizes(size, ctx.config.transport.microbatches)
-        forwards = []
-        for index, inputs in enumerate(features.features.to(ctx.device).split(sizes)):
-            with ctx.tracer.span("forward", step=step, microbatch=index):
-                activation = self.segment.module(inputs)
-                sent = protect(activation, privacy, self.noise)
-                forwards.append((inputs, activation, sent, self.cut.gather(sent, len(inputs))))
-        scatters = [self.cut.scatter(None, n, self.shape) for n in sizes]
+        """A forward action runs the party's layers and posts the defended cut output; its
+        backward action (the label party first computes the loss on the server's logits)
+        brings the gradient slice back through them; one update after the last."""
+        ctx = self.ctx
+        sizes, actions = microbatch_actions(ctx, size)
+        inputs = features.features.to(ctx.device).split(sizes)
         targets = labels.labels.split(sizes) if labels is not None else None
-        total = 0.0
-        for index, ((inputs, activation, sent, gathered), scattered) in enumerate(
-                zip(forwards, scatters, strict=True)):
+        losses = []
+
+        def forward(index: int) -> tuple[int, torch.Tensor]:
+            with ctx.tracer.span("forward", step=step, microbatch=index):
+                activation = self.segment.module(inputs[index])
+                sent, penalty = self.defence.defend(activation, inputs[index])
+                anchor = self.cut.send_forward(sent)
+                return index, anchor if penalty is None else anchor + penalty
+
+        def backward(held: tuple[int, torch.Tensor]) -> None:
+            index, anchor = held
             if targets is not None:
-                total += self._loss(targets[index], step, len(inputs) / size)
+                losses.append(self._loss(targets[index], step, sizes[index] / size))
             with ctx.tracer.span("backward", step=step, microbatch=index):
-                gathered.wait()
-                gradient = torch.from_numpy(scattered.wait()).view(len(inputs), *self.shape)
-                penalty = nopeek_penalty(inputs, activation, privacy)
-                outputs = [sent] + ([penalty] if penalty is not None else [])
-                grads = [gradient.to(ctx.device)] + ([None] if penalty is not None else [])
-                torch.autograd.backward(outputs, grads)
+                anchor.backward()
+
+        schedules.run(actions, forward, backward)
         with ctx.tracer.span("optimizer", step=step):
             self.segment.step()
-        return total if targets is not None else None
+        return sum(losses) if targets is not None else None
 
     def _loss(self, labels: torch.Tensor, step: int, share: float) -> float:
         """The label-holding party: the loss on the server's logits (weighted by the
@@ -577,11 +371,15 @@ class _Party:
         return float(loss.detach())
 
     def eval_batch(self, step: int, size: int, features: Batch | None, labels: Batch | None,
-                   tally: EvalTally) -> None:
-        activation = self.segment.module(features.features.to(self.ctx.device))
-        sent = protect(activation, self.ctx.config.privacy, self.eval_noise.at(step))
-        self.cut.gather(sent, size).wait()
+                   tally: EvalTally, *, final: bool) -> None:
+        inputs = features.features.to(self.ctx.device)
+        self.cut.send_eval(self.defence.defend_eval(self.segment.module(inputs), inputs, step,
+                                                    final=final))
         if labels is not None:
             logits, _ = recv_forward(self.ctx.transport, self.server, device=self.ctx.device,
                                      train=False)
             tally.add(logits, labels.labels.to(self.ctx.device))
+
+    def evaluated(self, final: bool) -> None:
+        if final:
+            self.defence.measure_leakage()

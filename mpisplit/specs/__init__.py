@@ -138,6 +138,12 @@ class SchemeSpec:
     """Ranks per role, in rank order; raises ``ConfigError`` for a config it cannot lay out."""
     runners: Mapping[Role, Runner | str]
     """The function each role runs (``"module:function"``, imported when a rank runs)."""
+    check_plan: Runner | str | None = None
+    """Structural checks of the whole planned run, where the model's parts alone
+    (``check_model``) do not say enough (vertical: each party's part for its own feature
+    shape, the server's against the joined cut outputs): ``RunPlan -> None``, raising
+    ``ConfigError`` or ``DataError``; ``engine.prepare`` calls it on every rank before any
+    traffic, so a problem is one line and exit 2."""
     routes: frozenset[Route] = frozenset()
     """(sender role, receiver role, kind) the transport lets through; nothing else leaves."""
     cuts: int | None = None
@@ -183,9 +189,10 @@ class SchemeSpec:
         if clash:
             raise ValueError(f"scheme {self.name}: options {sorted(clash)} clash with the "
                              f"scheme section's own keys")
-        for role, runner in self.runners.items():
+        for role in self.runners:
             if not isinstance(role, Role):
                 raise TypeError(f"scheme {self.name}: runner keys are Roles, got {role!r}")
+        for runner in (*self.runners.values(), self.check_plan, self.check_model):
             if isinstance(runner, str) and runner.count(":") != 1:
                 raise ValueError(f"scheme {self.name}: runner {runner!r} is not module:function")
 
@@ -195,6 +202,11 @@ class SchemeSpec:
         if found is None:
             raise ConfigError(f"scheme {self.name} has no {role} role")
         return _imported(found)
+
+    def check_planned(self, run: Any) -> None:
+        """Runs ``check_plan`` on a ``RunPlan``, if the scheme has one."""
+        if self.check_plan is not None:
+            _imported(self.check_plan)(run)
 
     def check_parts(self, cfg: Config, parts: Any) -> None:
         """Runs ``check_model``, if the scheme has one."""

@@ -58,6 +58,7 @@ SPEC = SchemeSpec(
     layout=server_and_clients,
     runners={Role.SERVER: "mpisplit.schemes.vertical:run",
              Role.CLIENT: "mpisplit.schemes.vertical:run"},
+    check_plan="mpisplit.schemes.vertical_parts:check_plan",
     routes=frozenset({
         # The cut traffic itself is collective (Gatherv/Scatterv), accounted under these routes.
         ("client", "server", Kind.ACTIVATION),
@@ -70,5 +71,4 @@ SPEC = SchemeSpec(
     options=VerticalOptions,
     checkpointable=always,
     vertical=True,
-    zoo_layers=True,
 )
