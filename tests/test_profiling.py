@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +221,22 @@ def test_capacity_of_an_unmodelled_scheme_is_one_line(profiled, tmp_path: Path) 
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "scheme fedavg is not modelled" in result.stderr
+
+
+def test_readme_capacity_commands_run_as_written(tmp_path: Path) -> None:
+    """README, "Capacity planning": its three commands, exactly as written, in a directory
+    holding the checkout's configs."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("### Capacity planning")
+    (block,) = re.findall(r"```bash\n(.*?)```", text[start:text.index("\n## ", start)],
+                          flags=re.DOTALL)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in
+            (["100"], ["500"])]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("100", "8", "101"), ("500", "8", "501")]
+    assert all(float(r[3]) > 0 and float(r[6]) > 0 for r in rows), done.stdout
