@@ -22,7 +22,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from mpisplit import schedules
 from mpisplit.checkpoint import pack, unpack
 from mpisplit.config import TrainConfig
-from mpisplit.cut import recv_forward, send_eval, send_forward
+from mpisplit.cut import (
+    CutValue,
+    cut_features,
+    map_floats,
+    recv_forward,
+    send_eval,
+    send_forward,
+)
 from mpisplit.data import Batch, ShardReader
 from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
@@ -128,37 +135,38 @@ class CutSender:
         self._sample: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._sampled = 0
 
-    def train(self, activation: torch.Tensor, inputs: torch.Tensor, dest: int, step: int, *,
+    def train(self, activation: CutValue, inputs: torch.Tensor, dest: int, step: int, *,
               flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> torch.Tensor:
         """Sends the defended activation; ``.backward()`` on the result completes this
         client's back-propagation (cut gradient plus the NoPeek penalty)."""
         return self.train_fanout(activation, inputs, [dest], step, flags=flags, aux=aux,
                                  microbatch=microbatch)[0]
 
-    def train_fanout(self, activation: torch.Tensor, inputs: torch.Tensor,
+    def train_fanout(self, activation: CutValue, inputs: torch.Tensor,
                      dests: Sequence[int], step: int, *, flags: Flag = Flag.NONE, aux: int = 0,
                      microbatch: int = 0) -> list[torch.Tensor]:
         """Sends one defended activation to every rank in ``dests`` (multi-task heads);
         ``torch.autograd.backward`` on the anchors sums their cut gradients. All receivers
         get the same noise draw, and the NoPeek penalty is counted once, not per receiver."""
-        sent = protect(activation, self.privacy, self.noise)
+        sent = map_floats(lambda t: protect(t, self.privacy, self.noise), activation)
         anchors = [send_forward(sent, self.ctx.transport, dest, step, flags=flags, aux=aux,
                                 microbatch=microbatch) for dest in dests]
-        penalty = nopeek_penalty(inputs, activation, self.privacy)
+        penalty = nopeek_penalty(inputs, cut_features(activation), self.privacy)
         if penalty is not None:
             anchors[0] = anchors[0] + penalty
         return anchors
 
-    def evaluate(self, activation: torch.Tensor, inputs: torch.Tensor, dest: int, step: int, *,
+    def evaluate(self, activation: CutValue, inputs: torch.Tensor, dest: int, step: int, *,
                  final: bool) -> None:
         """Sends a forward-only activation (defended like training traffic); in the final
         evaluation, keeps the first ``LEAKAGE_SAMPLES`` (input, sent) pairs for the leakage
         measure, so memory does not grow with the test set."""
-        sent = protect(activation, self.privacy, self.eval_noise.at(step))
+        noise = self.eval_noise.at(step)
+        sent = map_floats(lambda t: protect(t, self.privacy, noise), activation)
         send_eval(sent, self.ctx.transport, dest, step)
         if final and self._sampled < self.LEAKAGE_SAMPLES:
             keep = self.LEAKAGE_SAMPLES - self._sampled
-            self._sample.append((inputs[:keep].cpu(), sent[:keep].detach().cpu()))
+            self._sample.append((inputs[:keep].cpu(), cut_features(sent)[:keep].detach().cpu()))
             self._sampled += len(self._sample[-1][0])
 
     def measure_leakage(self) -> None:
