@@ -44,7 +44,7 @@ from mpisplit.models import (
 )
 from mpisplit.runlog import MetricsLog, setup_logging, write_resolved_config, write_summary
 from mpisplit.segment import Segment
-from mpisplit.split import check_one_tensor, check_shared, split_model
+from mpisplit.split import check_cut_values, check_shared, split_model
 from mpisplit.topology import Placement, Role, Topology, check_world_size, plan
 from mpisplit.tracing import Tracer
 from mpisplit.transport import Transport
@@ -109,7 +109,7 @@ def prepare(cfg: Config, world_size: int, *, resume: bool = False, overwrite: bo
     meta = select_clients(meta, cfg)
     model = build_model(cfg.model, meta["feature_shape"], meta["num_classes"], device="meta")
     parts = split_model(model, cfg.model.cuts)
-    check_one_tensor(parts, cfg.model.cuts)
+    check_cut_values(parts, cfg.model.cuts, spec.name, spec.tuple_cuts)
     check_shared(parts, spec.colocated)
     if spec.cuts is not None and len(cfg.model.cuts) != spec.cuts:
         raise ConfigError(

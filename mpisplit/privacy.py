@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from mpisplit.config import PrivacyConfig
+from mpisplit.cut import CutValue, cut_features, map_floats
 from mpisplit.seeds import Stream, derive
 
 
@@ -88,22 +89,24 @@ class CutDefence:
         self._sample: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._sampled = 0
 
-    def defend(self, activation: torch.Tensor,
-               inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def defend(self, activation: CutValue,
+               inputs: torch.Tensor) -> tuple[CutValue, torch.Tensor | None]:
         """(what leaves in training, the NoPeek penalty to add to the sender's loss or
-        None); both differentiable, so back-propagation runs through them."""
-        return (protect(activation, self.privacy, self.noise),
-                nopeek_penalty(inputs, activation, self.privacy))
+        None); both differentiable, so back-propagation runs through them. A cut of several
+        tensors is defended in its float tensors; NoPeek reads them side by side."""
+        return (map_floats(lambda t: protect(t, self.privacy, self.noise), activation),
+                nopeek_penalty(inputs, cut_features(activation), self.privacy))
 
-    def defend_eval(self, activation: torch.Tensor, inputs: torch.Tensor, step: int, *,
-                    final: bool) -> torch.Tensor:
+    def defend_eval(self, activation: CutValue, inputs: torch.Tensor, step: int, *,
+                    final: bool) -> CutValue:
         """What leaves in evaluation (defended like training traffic); in the final
         evaluation, keeps the first ``LEAKAGE_SAMPLES`` (input, sent) pairs for
         ``measure_leakage``."""
-        sent = protect(activation, self.privacy, self.eval_noise.at(step))
+        noise = self.eval_noise.at(step)
+        sent = map_floats(lambda t: protect(t, self.privacy, noise), activation)
         if final and self._sampled < self.LEAKAGE_SAMPLES:
             keep = self.LEAKAGE_SAMPLES - self._sampled
-            self._sample.append((inputs[:keep].cpu(), sent[:keep].detach().cpu()))
+            self._sample.append((inputs[:keep].cpu(), cut_features(sent)[:keep].detach().cpu()))
             self._sampled += len(self._sample[-1][0])
         return sent
 

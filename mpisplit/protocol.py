@@ -30,6 +30,10 @@ class Flag(IntFlag):
     """The sender has finished all its steps (empty tensor)."""
     MORE = 8
     """More microbatches of the same step follow; the receiver accumulates before stepping."""
+    TUPLE = 16
+    """Another tensor of the same cut value follows (a cut that carries several tensors)."""
+    RAW = 32
+    """Sent as is, not through the compressor (a non-float cut tensor: an int mask)."""
 
 
 Route = tuple[str, str, Kind]

@@ -55,7 +55,7 @@ from mpisplit.codec import HEADER_BYTES
 from mpisplit.config import ConfigError, ModelConfig, TrainConfig, load_config
 from mpisplit.models import build_model
 from mpisplit.segment import Segment
-from mpisplit.split import split_model
+from mpisplit.split import cut_values, split_model
 
 LABEL_BYTES = 8
 SAMPLE_COUNT_BYTES = 8
@@ -130,8 +130,12 @@ def model_parts(work: Workload) -> tuple[nn.Module, nn.Module]:
     """(client part, whole model), built on the meta device (no memory, no init cost)."""
     config = ModelConfig(name=work.model, cuts=(work.cut,), options=dict(work.options))
     whole = build_model(config, work.input_shape, work.classes, device="meta")
-    client, _ = split_model(whole, [work.cut], key="--cut")
-    return client, whole
+    parts = split_model(whole, [work.cut], key="--cut")
+    values = cut_values(parts)[0]
+    if len(values) > 1:
+        raise ConfigError(f"--cut: the cut before {work.cut!r} carries {len(values)} values "
+                          f"({', '.join(values)}); the cost tables cover one-tensor cuts")
+    return parts[0], whole
 
 
 def handover_bytes(work: Workload) -> int:

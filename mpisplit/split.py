@@ -144,8 +144,16 @@ def _module_of(node: fx.Node) -> str:
 
 def _part_module(model: nn.Module, nodes: list[fx.Node], inputs: list[fx.Node],
                  outputs: list[fx.Node] | None, part: int) -> fx.GraphModule:
+    """The graph of one part. A part after a cut takes one argument, what the part before
+    returns: the one crossing value, or the tuple of them (unpacked here), so parts chain as
+    ``part(previous(x))`` and the cut exchange moves one value, a tensor or a tuple."""
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {value: graph.placeholder(value.name) for value in inputs}
+    if part and len(inputs) > 1:
+        cut = graph.placeholder("cut")
+        env = {value: graph.create_node("call_function", operator.getitem, (cut, i),
+                                        name=value.name) for i, value in enumerate(inputs)}
+    else:
+        env = {value: graph.placeholder(value.name) for value in inputs}
 
     def lookup(value: fx.Node) -> fx.Node:
         if value not in env:  # a parameter or buffer read outside a leaf module
@@ -164,16 +172,29 @@ def _part_module(model: nn.Module, nodes: list[fx.Node], inputs: list[fx.Node],
     return fx.GraphModule(model, graph, class_name=f"Part{part}")
 
 
-def check_one_tensor(parts: Sequence[fx.GraphModule], cuts: Sequence[str | int],
-                     key: str = "model.cuts") -> None:
-    """The cut exchange sends one tensor per cut: refuse a cut that carries several."""
-    for index, part in enumerate(parts[1:]):
-        values = [node.name for node in part.graph.nodes if node.op == "placeholder"]
+def cut_values(parts: Sequence[fx.GraphModule]) -> list[list[str]]:
+    """The names of the values each cut carries, one list per cut (in the order of the
+    tuple that crosses when there are several)."""
+    carried = []
+    for part in parts[1:]:
+        placeholder = next(n for n in part.graph.nodes if n.op == "placeholder")
+        unpacked = sorted((user.args[1], user.name) for user in placeholder.users
+                          if user.target is operator.getitem)
+        carried.append([name for _, name in unpacked] or [placeholder.name])
+    return carried
+
+
+def check_cut_values(parts: Sequence[fx.GraphModule], cuts: Sequence[str | int], scheme: str,
+                     carries_tuples: bool, key: str = "model.cuts") -> None:
+    """A scheme whose cut exchange moves one tensor refuses a cut that carries several."""
+    if carries_tuples:
+        return
+    for index, values in enumerate(cut_values(parts)):
         if len(values) != 1:
             raise ConfigError(
                 f"{key}[{index}]: the cut before {cuts[index]!r} carries {len(values)} values "
-                f"({', '.join(values)}); the cut exchange sends one tensor: cut where one "
-                f"value crosses")
+                f"({', '.join(values)}); scheme {scheme} sends one tensor per cut (vanilla "
+                f"carries several): cut where one value crosses")
 
 
 def check_shared(parts: Sequence[nn.Module], colocated: Iterable[Sequence[int]] = (),

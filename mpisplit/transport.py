@@ -26,9 +26,7 @@ scheme did not declare, so raw inputs or labels cannot leave a rank by accident.
 
 from __future__ import annotations
 
-import ctypes
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import NamedTuple
@@ -43,18 +41,17 @@ from mpisplit.codec import (
     INLINE_LIMIT,
     PART_BYTES,
     CodecError,
-    Header,
     MessageBuffer,
     Round,
     buffer_parts,
     collective_rounds,
     default_part_bytes,
-    large_counts,
     pack_header,
     unpack_header,
 )
 from mpisplit.compression import Compressor
 from mpisplit.deadlines import ANY_SOURCE, Deadlines, PeerTimeout, poll
+from mpisplit.mpilib import cuda_aware_mpi, large_counts, mpix_query_cuda_support
 from mpisplit.protocol import Flag, Kind
 from mpisplit.sendqueue import PendingSend, SendQueue
 from mpisplit.staging import PinnedStaging
@@ -354,14 +351,14 @@ class Transport:
                     if not arrived:
                         self._await_header(request, status, [source], kind, deadline)
         try:
-            header = unpack_header(scratch.view)
+            _, dtype, shape, flags, step, nbytes, inline, aux, microbatch = \
+                unpack_header(scratch.view)
         except CodecError as err:
             raise RuntimeError(f"rank {self.rank}: {err} from rank {source}") from None
-        _, dtype, shape, flags, step, nbytes, inline, aux, microbatch = header
         if waited is not None:  # tracing: the wait span learns what it waited for
             waited.update(peer=source, bytes=nbytes, step=step, shape=list(shape),
                           dtype=str(dtype).removeprefix("torch."), microbatch=microbatch)
-        tensor, staged = self._receive_buffer(kind, header, out)
+        tensor, staged = self._receive_buffer(kind, dtype, shape, nbytes, inline, out)
         if self.tracer.enabled:
             with self._span("recv", kind, source, nbytes, step, shape, dtype, microbatch):
                 self._take_payload(tensor, source, kind, nbytes, inline)
@@ -376,17 +373,17 @@ class Transport:
         # ``_make`` skips the generated ``__new__`` (a keyword-capable call: 0.2 us more)
         return Message._make((tensor, source, kind, step, _FLAGS[flags], aux, microbatch))
 
-    def _receive_buffer(self, kind: Kind, header: Header, out: torch.Tensor | None
+    def _receive_buffer(self, kind: Kind, dtype: torch.dtype, shape: tuple[int, ...],
+                        nbytes: int, inline: int, out: torch.Tensor | None
                         ) -> tuple[torch.Tensor, bool]:
-        """Where the payload of ``header`` goes, and whether it is staged (then it goes on
-        to the device once it has arrived)."""
-        dtype, shape = header.dtype, header.shape
-        on_device = not header.inline and kind in _CUT_KINDS
+        """Where a payload goes, and whether it is staged (then it goes on to the device
+        once it has arrived)."""
+        on_device = not inline and kind in _CUT_KINDS
         if self.cuda_aware and on_device:  # straight into device memory
             return torch.empty(shape, dtype=dtype, device=self.device), False
         staging = self.sends.staging
         if on_device and staging is not None:  # pinned memory, then an asynchronous copy
-            return staging.host_buffer(header.nbytes).view(dtype).view(shape), True
+            return staging.host_buffer(nbytes).view(dtype).view(shape), True
         if (out is not None and out.dtype is dtype and out.shape == shape
                 and not out.is_cuda and out.is_contiguous()):
             return out, False
@@ -513,39 +510,6 @@ def _device_bytes(tensor: torch.Tensor) -> torch.Tensor:
     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
     torch.cuda.current_stream(tensor.device).synchronize()
     return flat
-
-
-def cuda_aware_mpi() -> bool:
-    """Whether the MPI library can read and write CUDA device memory.
-
-    ``MPISPLIT_CUDA_AWARE=1`` or ``0`` decides where the library cannot be asked; otherwise
-    the library's ``MPIX_Query_cuda_support`` (Open MPI, MPICH) is asked, and a library
-    without it stages through host memory (always correct, slower)."""
-    forced = os.environ.get("MPISPLIT_CUDA_AWARE")
-    if forced in ("0", "1"):
-        return forced == "1"
-    query = mpix_query_cuda_support()
-    return query is not None and bool(query())
-
-
-def mpix_query_cuda_support() -> Callable[[], int] | None:
-    """The loaded MPI library's ``MPIX_Query_cuda_support``, if it has one.
-
-    mpi4py loads libmpi without making its symbols global, so the process-wide lookup
-    (``CDLL(None)``) never finds it: the library is opened again by the path it was loaded
-    from (the same handle; found in ``/proc/self/maps`` on Linux)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps
-                            if "/libmpi" in line and ".so" in line})
-    except OSError:
-        paths = []
-    for library in [*(ctypes.CDLL(path) for path in paths), ctypes.CDLL(None)]:
-        query = getattr(library, "MPIX_Query_cuda_support", None)
-        if query is not None:
-            query.restype = ctypes.c_int
-            return query
-    return None
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from mpisplit.transport import cuda_aware_mpi, mpix_query_cuda_support
+from mpisplit.mpilib import cuda_aware_mpi, mpix_query_cuda_support
 
 
 @pytest.mark.parametrize(("value", "expected"), [("1", True), ("0", False)])

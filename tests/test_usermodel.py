@@ -20,7 +20,7 @@ from mpisplit.models import build_model, build_parts, model_factory
 from mpisplit.prepare import write_arrays
 from mpisplit.schedules import taper_bounds
 from mpisplit.schemes.spatiotemporal import detached_order
-from mpisplit.split import check_one_tensor, check_shared, split_model
+from mpisplit.split import check_cut_values, check_shared, split_model
 from tests.conftest import ROOT, run_mpi
 from tests.reference import client_batches, initial_model, merged_parts, train_reference
 
@@ -116,13 +116,15 @@ class TwoInputs(torch.nn.Module):
 
 
 def test_a_cut_carrying_two_values_passes_both_or_is_refused() -> None:
+    """The part after the cut takes the tuple the part before returns."""
     model = TwoInputs()
     parts = split_model(model, ["block"])
     x = torch.randn(3, 4)
-    torch.testing.assert_close(parts[1](*parts[0](x)), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(parts[1](parts[0](x)), model(x), rtol=0, atol=0)
+    check_cut_values(parts, ["block"], "vanilla", True)
     with pytest.raises(ConfigError, match=r"model\.cuts\[0\]: the cut before 'block' carries 2 "
-                       r"values \(embed, gt\)"):
-        check_one_tensor(parts, ["block"])
+                       r"values \(embed, gt\); scheme multihop sends one tensor per cut"):
+        check_cut_values(parts, ["block"], "multihop", False)
 
 
 def test_factory_names(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mpisplit.cut import send_eval, send_forward
+from mpisplit.cut import CutValue, send_eval, send_forward
 from mpisplit.data import ShardReader
 from mpisplit.engine import RankContext
 from mpisplit.privacy import CutDefence
@@ -24,14 +24,14 @@ class CutSender(CutDefence):
         super().__init__(ctx.config.privacy, ctx.me.index)
         self.ctx = ctx
 
-    def train(self, activation: torch.Tensor, inputs: torch.Tensor, dest: int, step: int, *,
+    def train(self, activation: CutValue, inputs: torch.Tensor, dest: int, step: int, *,
               flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> torch.Tensor:
         """Sends the defended activation; ``.backward()`` on the result completes this
         client's back-propagation (cut gradient plus the NoPeek penalty)."""
         return self.train_fanout(activation, inputs, [dest], step, flags=flags, aux=aux,
                                  microbatch=microbatch)[0]
 
-    def train_fanout(self, activation: torch.Tensor, inputs: torch.Tensor,
+    def train_fanout(self, activation: CutValue, inputs: torch.Tensor,
                      dests: Sequence[int], step: int, *, flags: Flag = Flag.NONE, aux: int = 0,
                      microbatch: int = 0) -> list[torch.Tensor]:
         """Sends one defended activation to every rank in ``dests`` (multi-task heads);
@@ -44,7 +44,7 @@ class CutSender(CutDefence):
             anchors[0] = anchors[0] + penalty
         return anchors
 
-    def evaluate(self, activation: torch.Tensor, inputs: torch.Tensor, dest: int, step: int, *,
+    def evaluate(self, activation: CutValue, inputs: torch.Tensor, dest: int, step: int, *,
                  final: bool) -> None:
         """Sends a forward-only activation (defended like training traffic; the final
         evaluation keeps the leakage sample)."""

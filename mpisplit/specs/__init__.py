@@ -173,6 +173,9 @@ class SchemeSpec:
     samples_evaluation: bool = False
     """Every client evaluates its own model in parallel order, so ``train.eval_clients`` may
     sample the ones that do."""
+    tuple_cuts: bool = False
+    """Its cut exchange carries a tuple of tensors where several values cross a cut (hidden
+    states and an attention mask): float ones get gradients back, others travel forward."""
     ignores_other_options: bool = False
     """Accepts other schemes' options and ignores them: a baseline that every scheme's
     config is switched to with ``scheme.name=...`` for a comparison."""

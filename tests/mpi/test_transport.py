@@ -10,6 +10,7 @@ import torch
 from mpi4py import MPI
 
 from mpisplit.codec import part_spans
+from mpisplit.compression import make_compressor
 from mpisplit.cut import recv_forward, send_forward
 from mpisplit.transport import (
     ANY_SOURCE,
@@ -300,4 +301,40 @@ def test_staged_sends_keep_their_order(comm: MPI.Comm, monkeypatch: pytest.Monke
                 message = transport.recv(Kind.ACTIVATION, 1)
                 assert message.step == i and message.tensor.shape == (n,)
                 assert torch.equal(message.tensor.cpu(), torch.full((n,), float(i)))
+    transport.close()
+
+
+@pytest.mark.parametrize("compression", ["none", "int8"])
+def test_tuple_cut_exchange_matches_local_autograd(comm: MPI.Comm, compression: str) -> None:
+    """A cut of two float tensors, a bool mask and int64 lengths: the mask and lengths arrive
+    exactly (never compressed), the float gradients come back, one float unused above the
+    cut gets a zero gradient (and the sender does not wait forever for it)."""
+    transport = make_transport(comm, compressor=make_compressor(compression))
+    torch.manual_seed(2)
+    lower, upper = torch.nn.Linear(6, 4), torch.nn.Linear(4, 2)
+    x, y = torch.randn(5, 6), torch.tensor([0, 1, 1, 0, 1])
+    mask, lengths = x[:, 0] > 0, torch.arange(5)
+
+    def head(hidden, unused, mask, lengths):
+        return upper(hidden * mask.unsqueeze(1)) + 0 * lengths.unsqueeze(1)
+
+    if comm.rank == 1:
+        hidden, unused = lower(x), lower(x) * 2
+        anchor = send_forward((hidden, unused, mask, lengths), transport, 0)
+        anchor.backward()
+        if compression == "none":
+            reference = torch.nn.functional.cross_entropy(head(lower(x), None, mask, lengths), y)
+            expected = torch.autograd.grad(reference, lower.weight)[0]
+            torch.testing.assert_close(lower.weight.grad, expected)
+        assert lower.weight.grad is not None
+    elif comm.rank == 0:
+        value, message = recv_forward(transport, 1)
+        hidden, unused, got_mask, got_lengths = value
+        assert hidden.requires_grad and unused.requires_grad
+        assert got_mask.dtype is torch.bool and torch.equal(got_mask, mask)
+        assert got_lengths.dtype is torch.int64 and torch.equal(got_lengths, lengths)
+        assert not got_mask.requires_grad and message.flags == 0
+        torch.nn.functional.cross_entropy(head(hidden, unused, got_mask, got_lengths),
+                                          y).backward()
+    transport.flush()
     transport.close()

@@ -38,12 +38,12 @@ def _through_the_wire(tensor: torch.Tensor, limit: int | None) -> torch.Tensor:
                                                                 limit))
     if inline:
         message.view[HEADER_BYTES:HEADER_BYTES + nbytes] = payload
-    header = unpack_header(message.view)
-    assert (header.kind, header.step, header.flags, header.aux, header.microbatch) == \
-        (3, 7, 5, 11, 2)
-    assert (header.nbytes, header.inline) == (tensor.nbytes, nbytes <= INLINE_LIMIT)
+    kind, dtype, shape, flags, step, size, inline, aux, microbatch = \
+        unpack_header(message.view)
+    assert (kind, step, flags, aux, microbatch) == (3, 7, 5, 11, 2)
+    assert (size, bool(inline)) == (tensor.nbytes, nbytes <= INLINE_LIMIT)
     data = bytes(message.view[HEADER_BYTES:HEADER_BYTES + nbytes]) if inline else payload
-    out = torch.empty(header.shape, dtype=header.dtype)
+    out = torch.empty(shape, dtype=dtype)
     if nbytes:
         MPI.buffer.fromaddress(out.data_ptr(), nbytes, False)[:] = data
     return out
