@@ -50,6 +50,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    """Every command and its arguments. (Long on purpose: one argparse table read top to
+    bottom is the CLI's reference, and its parts share nothing.)"""
     parser = _Parser(prog="mpisplit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 

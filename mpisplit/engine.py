@@ -361,7 +361,9 @@ _EVAL_COLUMNS = 6
 def _summarize(
     ctx: RankContext, result: RankResult, wall: float, node: str
 ) -> dict[str, Any] | None:
-    """Gathers every member's counters and final evaluations (raw buffers) onto rank 0."""
+    """Gathers every member's counters and final evaluations (raw buffers) onto rank 0.
+    (Long on purpose: the gathers are collectives every member must post in the same order,
+    so they stay in one body.)"""
     comm = ctx.comm if result.members is None else result.members
     if comm == MPI.COMM_NULL:
         return None

@@ -321,6 +321,9 @@ class Transport:
         ``senders`` names the ranks an any-source receive is waiting on, for the timeout error.
         On a device transport, large activations and gradients arrive on the device; small
         (inline) payloads and the other kinds arrive in host memory.
+
+        (Long on purpose: the per-message path -- probe, header, payload, counters -- reads
+        top to bottom in one body.)
         """
         status, waited, scratch = self._status, None, self._recv_buffer
         if source == ANY_SOURCE:
