@@ -12,7 +12,6 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 __version__ = "0.1.0"
 
 
-
 def __getattr__(name: str) -> object:
     """``mpisplit.train`` (``mpisplit.api.train``), imported on first use: the CLI's light
     commands do not pay for torch and MPI."""

@@ -22,8 +22,12 @@ from mpisplit.config import Config, ConfigError, config_from_dict, load_config
 
 
 def train(
-    config: str | Path | dict[str, Any] | Config, *, factory: Callable[..., Any] | None = None,
-    comm: Any = None, resume: bool = False, **overrides: Any,
+    config: str | Path | dict[str, Any] | Config,
+    *,
+    factory: Callable[..., Any] | None = None,
+    comm: Any = None,
+    resume: bool = False,
+    **overrides: Any,
 ) -> dict[str, Any] | None:
     """Trains ``config`` on this rank; returns the run's summary on rank 0, None elsewhere.
 
@@ -50,9 +54,13 @@ def train(
     run = engine.prepare(cfg, comm.Get_size(), resume=resume, rank=comm.Get_rank())
     run = dataclasses.replace(run, resume=agree_on_resume_point(comm, run.resume))
     if comm.Get_rank() == 0:
-        rundir.claim(Path(cfg.run.dir), checkpoint_dir(cfg),
-                     resume_step=run.resume.step if run.resume else None,
-                     scheme=cfg.scheme.name, world_size=comm.Get_size())
+        rundir.claim(
+            Path(cfg.run.dir),
+            checkpoint_dir(cfg),
+            resume_step=run.resume.step if run.resume else None,
+            scheme=cfg.scheme.name,
+            world_size=comm.Get_size(),
+        )
     comm.Barrier()  # the directory is claimed before any rank writes into it
     return engine.train(run, comm)
 
@@ -64,8 +72,9 @@ def _sections(config: str | Path | dict[str, Any] | Config) -> dict[str, Any]:
         return config
     if isinstance(config, (str, Path)):
         return load_config(config).to_dict()
-    raise ConfigError(f"config: expected a path, a mapping or a Config, got "
-                      f"{type(config).__name__}")
+    raise ConfigError(
+        f"config: expected a path, a mapping or a Config, got {type(config).__name__}"
+    )
 
 
 def _apply(sections: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -77,6 +86,7 @@ def _apply(sections: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
         elif isinstance(value, dict):
             result[key] = {**result.get(key, {}), **value}
         else:
-            raise ConfigError(f"override {key}={value!r}: expected section={{key: value}} or "
-                              f"'section.key'=value")
+            raise ConfigError(
+                f"override {key}={value!r}: expected section={{key: value}} or 'section.key'=value"
+            )
     return result

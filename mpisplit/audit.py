@@ -45,8 +45,7 @@ def audit(run_dir: Path) -> list[Route]:
             receiver = int(peer)
             for kind, nbytes in kinds.items():
                 permitted = (role, roles[receiver], Kind[kind]) in allowed
-                routes.append(Route(rank, receiver, role, roles[receiver], kind, nbytes,
-                                    permitted))
+                routes.append(Route(rank, receiver, role, roles[receiver], kind, nbytes, permitted))
     return routes
 
 
@@ -65,8 +64,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"{'sender':>14} {'receiver':>14} {'kind':<11} {'bytes':>12}  verdict")
     for r in sorted(routes, key=lambda r: (r.sender, r.receiver, r.kind)):
         verdict = "ok" if r.allowed else "FORBIDDEN"
-        print(f"{r.sender:>4} {r.sender_role:<9} {r.receiver:>4} {r.receiver_role:<9} "
-              f"{r.kind:<11} {r.bytes:>12}  {verdict}")
+        print(
+            f"{r.sender:>4} {r.sender_role:<9} {r.receiver:>4} {r.receiver_role:<9} "
+            f"{r.kind:<11} {r.bytes:>12}  {verdict}"
+        )
     forbidden = [r for r in routes if not r.allowed]
     if forbidden:
         print(f"audit FAILED: {len(forbidden)} route(s) the scheme does not allow")

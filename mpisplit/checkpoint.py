@@ -86,10 +86,14 @@ class Manifest:
             data = json.loads((path / MANIFEST).read_text())
             manifest = cls(path, data["step"], data["scheme"], data["roles"], data["settings"])
         except (OSError, ValueError, TypeError, KeyError) as err:
-            raise ValueError(f"{path.name}: its {MANIFEST} manifest is unreadable "
-                             f"({type(err).__name__}: {err})") from None
-        if not (isinstance(manifest.step, int) and isinstance(manifest.roles, list)
-                and isinstance(manifest.settings, dict)):
+            raise ValueError(
+                f"{path.name}: its {MANIFEST} manifest is unreadable ({type(err).__name__}: {err})"
+            ) from None
+        if not (
+            isinstance(manifest.step, int)
+            and isinstance(manifest.roles, list)
+            and isinstance(manifest.settings, dict)
+        ):
             raise ValueError(f"{path.name}: its {MANIFEST} manifest is malformed")
         return manifest
 
@@ -99,9 +103,14 @@ class Manifest:
 
 def _committed_dirs(directory: Path) -> list[Path]:
     """Checkpoint directories with a manifest, newest first (uncommitted ones are ignored)."""
-    committed = sorted(((int(m.group(1)), d) for d in directory.glob("step-*")
-                        if (m := _STEP_DIR.search(d.name)) and (d / MANIFEST).is_file()),
-                       reverse=True)
+    committed = sorted(
+        (
+            (int(m.group(1)), d)
+            for d in directory.glob("step-*")
+            if (m := _STEP_DIR.search(d.name)) and (d / MANIFEST).is_file()
+        ),
+        reverse=True,
+    )
     return [d for _, d in committed]
 
 
@@ -126,8 +135,11 @@ def resume_settings(cfg: Config) -> dict[str, Any]:
     """The settings a resumed run must share with its checkpoint: they fix the step plan,
     the data order and every update (paths, logging and the transport may change)."""
     plain = cfg.to_dict()
-    settings = {f"{section}.{key}": value for section in ("scheme", "model", "train", "privacy")
-                for key, value in plain[section].items()}
+    settings = {
+        f"{section}.{key}": value
+        for section in ("scheme", "model", "train", "privacy")
+        for key, value in plain[section].items()
+    }
     settings |= {f"data.{key}": plain["data"][key] for key in ("batch_size", "shuffle")}
     return json.loads(json.dumps(settings))
 
@@ -138,12 +150,14 @@ def default_settings(cfg: Config) -> dict[str, Any]:
     sections = {name: type(getattr(cfg, name))() for name in ("model", "train", "privacy")}
     scheme = SchemeConfig(name=cfg.scheme.name)
     settings = resume_settings(dataclasses.replace(cfg, **sections))
-    return settings | {f"scheme.{key}": value for key, value in
-                       json.loads(json.dumps(scheme.to_dict())).items()}
+    return settings | {
+        f"scheme.{key}": value for key, value in json.loads(json.dumps(scheme.to_dict())).items()
+    }
 
 
-def find_resume_point(cfg: Config, topology: Topology, resume: bool, *,
-                      overwrite: bool = False) -> Manifest | None:
+def find_resume_point(
+    cfg: Config, topology: Topology, resume: bool, *, overwrite: bool = False
+) -> Manifest | None:
     """The checkpoint to resume from, checked against this run's shape (no MPI traffic)."""
     directory = checkpoint_dir(cfg)
     found = latest_committed(directory) if directory.is_dir() else None
@@ -152,7 +166,8 @@ def find_resume_point(cfg: Config, topology: Topology, resume: bool, *,
             raise ConfigError(
                 f"checkpoint.dir: {directory} already holds a committed checkpoint (step "
                 f"{found.step}); pass --resume to continue from it, --overwrite to start "
-                f"over, or use another run.dir")
+                f"over, or use another run.dir"
+            )
         return None
     check_checkpointable(cfg.scheme)
     if found is None:
@@ -162,14 +177,17 @@ def find_resume_point(cfg: Config, topology: Topology, resume: bool, *,
         raise ConfigError(
             f"--resume: the checkpoint at step {found.step} in {directory} was written by a "
             f"{len(found.roles)}-rank {found.scheme} run ({', '.join(found.roles)}); this run "
-            f"is a {len(roles)}-rank {cfg.scheme.name} run ({', '.join(roles)})")
+            f"is a {len(roles)}-rank {cfg.scheme.name} run ({', '.join(roles)})"
+        )
     recorded = {**default_settings(cfg), **found.settings}
-    changed = sorted(key for key, value in resume_settings(cfg).items()
-                     if recorded.get(key) != value)
+    changed = sorted(
+        key for key, value in resume_settings(cfg).items() if recorded.get(key) != value
+    )
     if changed:
         raise ConfigError(
             f"--resume: {', '.join(changed)} differ from the checkpoint at step {found.step} "
-            f"(was {', '.join(repr(found.settings.get(key)) for key in changed)})")
+            f"(was {', '.join(repr(found.settings.get(key)) for key in changed)})"
+        )
     return found
 
 
@@ -186,9 +204,12 @@ def agree_on_resume_point(comm: MPI.Comm, newest: Manifest | None) -> Manifest |
     split the run). One raw Allgather; every rank reaches the same answer, so errors are
     raised on all of them alike."""
     candidates, damaged = committed(newest.path.parent) if newest else ([], [])
-    candidates = [m for m in candidates if m.step <= newest.step
-                  and (m.scheme, m.roles, m.settings) == (newest.scheme, newest.roles,
-                                                         newest.settings)][:_CANDIDATES]
+    candidates = [
+        m
+        for m in candidates
+        if m.step <= newest.step
+        and (m.scheme, m.roles, m.settings) == (newest.scheme, newest.roles, newest.settings)
+    ][:_CANDIDATES]
     damaged = [d for d in damaged if newest and _step_of(d) > newest.step]
     mine = np.full((_CANDIDATES, 2), -1, np.int64)
     for row, manifest in enumerate(candidates):
@@ -197,10 +218,14 @@ def agree_on_resume_point(comm: MPI.Comm, newest: Manifest | None) -> Manifest |
     comm.Allgather(mine, everyone)
     steps = everyone[:, :, 0]
     if (steps != steps[0]).any():
-        seen = ", ".join(f"rank {r}: {'none' if s[0] < 0 else f'step {s[0]}'}"
-                         for r, s in enumerate(steps.tolist()))
-        raise ConfigError(f"--resume: the ranks see different checkpoints ({seen}); is the "
-                          f"checkpoint directory on a filesystem every node sees alike?")
+        seen = ", ".join(
+            f"rank {r}: {'none' if s[0] < 0 else f'step {s[0]}'}"
+            for r, s in enumerate(steps.tolist())
+        )
+        raise ConfigError(
+            f"--resume: the ranks see different checkpoints ({seen}); is the "
+            f"checkpoint directory on a filesystem every node sees alike?"
+        )
     whole = everyone[:, :, 1].min(axis=0) == 1
     for row, manifest in enumerate(candidates):
         if whole[row]:
@@ -208,12 +233,15 @@ def agree_on_resume_point(comm: MPI.Comm, newest: Manifest | None) -> Manifest |
                 say(f"warning: {'; '.join(damaged)}; resuming from step {manifest.step}")
             return manifest
         broken = np.flatnonzero(everyone[:, row, 1] != 1).tolist()
-        damaged.append(f"{manifest.path.name}: the file of rank(s) "
-                       f"{', '.join(map(str, broken))} does not load (truncated?)")
+        damaged.append(
+            f"{manifest.path.name}: the file of rank(s) "
+            f"{', '.join(map(str, broken))} does not load (truncated?)"
+        )
     if newest is None:
         return None
-    raise ConfigError(f"--resume: no whole checkpoint in {newest.path.parent}: "
-                      f"{'; '.join(damaged)}")
+    raise ConfigError(
+        f"--resume: no whole checkpoint in {newest.path.parent}: {'; '.join(damaged)}"
+    )
 
 
 def _step_of(problem: str) -> int:
@@ -238,17 +266,21 @@ def metrics_position(resume: Manifest, rank: int) -> int | None:
     return state.get("metrics_bytes")
 
 
-def pack(segments: Sequence[Segment], generators: Sequence[torch.Generator] = (),
-         **counters: int) -> dict[str, Any]:
+def pack(
+    segments: Sequence[Segment], generators: Sequence[torch.Generator] = (), **counters: int
+) -> dict[str, Any]:
     """A rank's state: its segments (weights, optimizer, schedule), its random generators
     (e.g. the privacy noise) and the counters its loop keeps."""
-    return {"segments": [segment.state_dict() for segment in segments],
-            "generators": [generator.get_state() for generator in generators],
-            "counters": counters}
+    return {
+        "segments": [segment.state_dict() for segment in segments],
+        "generators": [generator.get_state() for generator in generators],
+        "counters": counters,
+    }
 
 
-def unpack(state: dict[str, Any], segments: Sequence[Segment],
-           generators: Sequence[torch.Generator] = ()) -> dict[str, int]:
+def unpack(
+    state: dict[str, Any], segments: Sequence[Segment], generators: Sequence[torch.Generator] = ()
+) -> dict[str, int]:
     """Loads what ``pack`` saved into ``segments`` and ``generators``; returns the counters."""
     for segment, saved in zip(segments, state["segments"], strict=True):
         segment.load_state_dict(saved)
@@ -260,8 +292,15 @@ def unpack(state: dict[str, Any], segments: Sequence[Segment],
 class Checkpointer:
     """This rank's side of the coordinated checkpoints (a no-op when they are off)."""
 
-    def __init__(self, comm: MPI.Comm, transport: Transport, cfg: Config, topology: Topology,
-                 resume: Manifest | None, metrics: MetricsLog) -> None:
+    def __init__(
+        self,
+        comm: MPI.Comm,
+        transport: Transport,
+        cfg: Config,
+        topology: Topology,
+        resume: Manifest | None,
+        metrics: MetricsLog,
+    ) -> None:
         self._comm = comm.Dup()
         self._transport = transport
         self._metrics = metrics
@@ -270,9 +309,11 @@ class Checkpointer:
         self._every_s = cfg.checkpoint.every_s
         self._keep = cfg.checkpoint.keep
         self._dir = checkpoint_dir(cfg)
-        self._manifest = {"scheme": cfg.scheme.name,
-                          "roles": [p.label for p in topology.placements],
-                          "settings": resume_settings(cfg)}
+        self._manifest = {
+            "scheme": cfg.scheme.name,
+            "roles": [p.label for p in topology.placements],
+            "settings": resume_settings(cfg),
+        }
         self._resume = resume
         self.prior = RunTotals()
         """The earlier launches' totals, read by ``restore``."""
@@ -319,11 +360,13 @@ class Checkpointer:
         if not self._every:
             return []
         start = max(first, self.resume_step + 1)
-        return list(range(-(-start // self._every) * self._every, min(last, until - 1) + 1,
-                          self._every))
+        return list(
+            range(-(-start // self._every) * self._every, min(last, until - 1) + 1, self._every)
+        )
 
-    def reached(self, step: int, state: Callable[[], dict[str, Any]], until: int, *,
-                idle: bool = False) -> bool:
+    def reached(
+        self, step: int, state: Callable[[], dict[str, Any]], until: int, *, idle: bool = False
+    ) -> bool:
         """Called after ``step`` on every rank; at meeting steps, agrees, writes and commits.
 
         ``until`` is the first step at which no rank meets any more (the run's end, or the
@@ -334,8 +377,11 @@ class Checkpointer:
         self._step, self._until = step, until
         if not self._every or step % self._every or step >= until or step <= self.resume_step:
             return False
-        skip = self._rank == 0 and self._every_s > 0 \
+        skip = (
+            self._rank == 0
+            and self._every_s > 0
             and time.monotonic() - self._last_write < self._every_s
+        )
         agreed = np.array([self._stop_signal, int(skip)], np.int64)
         self._wait(self._comm.Iallreduce(MPI.IN_PLACE, agreed, MPI.MAX), step, idle)
         stop_signal, write = int(agreed[0]), not agreed[1]
@@ -365,8 +411,7 @@ class Checkpointer:
         self._comm.Free()
 
     def _wait(self, request: MPI.Request, step: int, idle: bool) -> None:
-        self._transport.complete(request, f"checkpoint meeting of step {step}",
-                                 deadline=not idle)
+        self._transport.complete(request, f"checkpoint meeting of step {step}", deadline=not idle)
 
     def _write(self, step: int, state: dict[str, Any]) -> None:
         directory = self._dir / f"step-{step:08d}"
@@ -375,9 +420,17 @@ class Checkpointer:
         tmp = target.with_name(f".{target.name}.tmp")
         with open(tmp, "wb") as out:
             cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-            torch.save({**state, "step": step, "totals": self._totals(state),
-                        "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
-                        "metrics_bytes": self._metrics.flush()}, out)
+            torch.save(
+                {
+                    **state,
+                    "step": step,
+                    "totals": self._totals(state),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": cuda_rng,
+                    "metrics_bytes": self._metrics.flush(),
+                },
+                out,
+            )
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(target)
@@ -386,12 +439,15 @@ class Checkpointer:
     def _totals(self, state: dict[str, Any]) -> dict[str, Any]:
         """The run's totals at this checkpoint: the earlier launches' plus this one's."""
         prior, traffic = self.prior, self._transport.traffic
-        return dataclasses.asdict(RunTotals(
-            launches=prior.launches + 1,
-            wall_s=prior.wall_s + time.perf_counter() - self._started,
-            samples=state.get("counters", {}).get("samples", 0),
-            bytes_sent=prior.bytes_sent + traffic.total_sent,
-            bytes_received=prior.bytes_received + traffic.total_received))
+        return dataclasses.asdict(
+            RunTotals(
+                launches=prior.launches + 1,
+                wall_s=prior.wall_s + time.perf_counter() - self._started,
+                samples=state.get("counters", {}).get("samples", 0),
+                bytes_sent=prior.bytes_sent + traffic.total_sent,
+                bytes_received=prior.bytes_received + traffic.total_received,
+            )
+        )
 
     def _commit(self, step: int) -> None:
         directory = self._dir / f"step-{step:08d}"
@@ -407,10 +463,13 @@ class Checkpointer:
 
     def _prune(self, newest: int) -> None:
         """Drops committed checkpoints beyond ``keep`` and uncommitted older ones."""
-        steps = sorted((int(m.group(1)), d) for d in self._dir.glob("step-*")
-                       if (m := _STEP_DIR.search(d.name)))
+        steps = sorted(
+            (int(m.group(1)), d)
+            for d in self._dir.glob("step-*")
+            if (m := _STEP_DIR.search(d.name))
+        )
         committed = [d for s, d in steps if (d / MANIFEST).is_file()]
-        kept = set(committed[-self._keep:])
+        kept = set(committed[-self._keep :])
         for s, d in steps:
             if s < newest and d not in kept:
                 shutil.rmtree(d, ignore_errors=True)

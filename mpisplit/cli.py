@@ -57,57 +57,91 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train (run under mpiexec -n N)")
     _config_arguments(train)
-    train.add_argument("--pmpi", action="store_true",
-                       help="record every MPI call with the PMPI library (pmpi-rank<R>.json "
-                            "in the run directory)")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from the latest committed checkpoint (automatic in a "
-                            "requeued Slurm job)")
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace the earlier run in run.dir (its config, metrics, "
-                            "summary, model parts, traces and checkpoints)")
+    train.add_argument(
+        "--pmpi",
+        action="store_true",
+        help="record every MPI call with the PMPI library (pmpi-rank<R>.json in the run directory)",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest committed checkpoint (automatic in a requeued Slurm job)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier run in run.dir (its config, metrics, "
+        "summary, model parts, traces and checkpoints)",
+    )
     train.set_defaults(handler=_train)
 
     launch = commands.add_parser(
-        "launch", help="start a command on N local ranks (or srun ranks in a Slurm job) with "
-                       "the launcher and settings of the MPI that mpi4py loads")
+        "launch",
+        help="start a command on N local ranks (or srun ranks in a Slurm job) with "
+        "the launcher and settings of the MPI that mpi4py loads",
+    )
     launch.add_argument("-n", "--ranks", type=int, required=True, help="number of ranks")
-    launch.add_argument("--launcher", default="auto", choices=("auto", "mpiexec", "srun"),
-                        help="auto: srun inside a Slurm allocation, else mpiexec")
-    launch.add_argument("--print", action="store_true", dest="dry_run",
-                        help="print the command line (with the settings it adds) instead")
+    launch.add_argument(
+        "--launcher",
+        default="auto",
+        choices=("auto", "mpiexec", "srun"),
+        help="auto: srun inside a Slurm allocation, else mpiexec",
+    )
+    launch.add_argument(
+        "--print",
+        action="store_true",
+        dest="dry_run",
+        help="print the command line (with the settings it adds) instead",
+    )
     launch.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     launch.set_defaults(handler=_launch)
 
     audit = commands.add_parser(
-        "audit", help="check what crossed between ranks against what the scheme allows")
+        "audit", help="check what crossed between ranks against what the scheme allows"
+    )
     audit.add_argument("run_dir", help="run directory of a finished run")
     audit.set_defaults(handler=_audit)
 
     export = commands.add_parser(
-        "export", help="merge a run's saved parts into one state dict of the whole model")
+        "export", help="merge a run's saved parts into one state dict of the whole model"
+    )
     export.add_argument("run_dir", help="run directory of a finished run (run.save_model)")
     export.add_argument("--out", required=True, help="file to write (torch.save)")
-    export.add_argument("--ranks", type=_ranks, default=None,
-                        help="comma-separated ranks whose parts to take (default: all)")
-    export.add_argument("--no-check", action="store_true",
-                        help="skip loading the result into the run's model (strict=True); "
-                             "for a factory that is not importable here")
+    export.add_argument(
+        "--ranks",
+        type=_ranks,
+        default=None,
+        help="comma-separated ranks whose parts to take (default: all)",
+    )
+    export.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip loading the result into the run's model (strict=True); "
+        "for a factory that is not importable here",
+    )
     export.set_defaults(handler=_export)
 
     metrics = commands.add_parser(
-        "metrics", help="a run's summary and metrics as CSV (and TensorBoard scalars)")
+        "metrics", help="a run's summary and metrics as CSV (and TensorBoard scalars)"
+    )
     metrics.add_argument("run_dir", type=Path, help="run directory")
-    metrics.add_argument("--out", type=Path, default=None,
-                         help="where the CSV files go (default: RUN_DIR)")
-    metrics.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
-                         help="also write TensorBoard scalars per rank here (extra: tensorboard)")
+    metrics.add_argument(
+        "--out", type=Path, default=None, help="where the CSV files go (default: RUN_DIR)"
+    )
+    metrics.add_argument(
+        "--tensorboard",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write TensorBoard scalars per rank here (extra: tensorboard)",
+    )
     metrics.set_defaults(handler=_metrics)
 
     topology = commands.add_parser("topology", help="print the rank → role table")
     _config_arguments(topology)
-    topology.add_argument("--ntasks", action="store_true",
-                          help="print only the number of MPI ranks the config needs")
+    topology.add_argument(
+        "--ntasks", action="store_true", help="print only the number of MPI ranks the config needs"
+    )
     topology.set_defaults(handler=_topology)
 
     data = commands.add_parser("data", help="dataset tools")
@@ -120,47 +154,79 @@ def _parser() -> argparse.ArgumentParser:
     from mpisplit.ingest import add_assemble_arguments, add_import_arguments
 
     data_import = data_commands.add_parser(
-        "import", help="build one site's shard from the site's own files")
+        "import", help="build one site's shard from the site's own files"
+    )
     add_import_arguments(data_import)
     data_import.set_defaults(handler=_import)
     assemble = data_commands.add_parser(
-        "assemble", help="check the sites' shards agree; make a dataset directory of them")
+        "assemble", help="check the sites' shards agree; make a dataset directory of them"
+    )
     add_assemble_arguments(assemble)
     assemble.set_defaults(handler=_assemble)
 
     sweep = commands.add_parser(
-        "sweep", help="run a grid of configs (one YAML file) locally or as Slurm arrays")
+        "sweep", help="run a grid of configs (one YAML file) locally or as Slurm arrays"
+    )
     sweep.add_argument("sweep", help="sweep file (see mpisplit/sweep.py)")
-    sweep.add_argument("--list", action="store_true",
-                       help="print the points (name, ranks, finished) and exit")
-    sweep.add_argument("--launcher", default="auto", choices=("auto", "mpiexec", "srun"),
-                       help="how local points start (as mpisplit launch: auto = srun inside "
-                            "a Slurm allocation, else the MPI's mpiexec)")
-    sweep.add_argument("--timeout-s", type=float, default=None,
-                       help="end a local point's run after this long (default: no limit)")
-    sweep.add_argument("--slurm", action="store_true",
-                       help="write one Slurm array script per rank count to OUT/slurm instead "
-                            "of running")
+    sweep.add_argument(
+        "--list", action="store_true", help="print the points (name, ranks, finished) and exit"
+    )
+    sweep.add_argument(
+        "--launcher",
+        default="auto",
+        choices=("auto", "mpiexec", "srun"),
+        help="how local points start (as mpisplit launch: auto = srun inside "
+        "a Slurm allocation, else the MPI's mpiexec)",
+    )
+    sweep.add_argument(
+        "--timeout-s",
+        type=float,
+        default=None,
+        help="end a local point's run after this long (default: no limit)",
+    )
+    sweep.add_argument(
+        "--slurm",
+        action="store_true",
+        help="write one Slurm array script per rank count to OUT/slurm instead of running",
+    )
     sweep.add_argument("--submit", action="store_true", help="with --slurm: sbatch them")
-    sweep.add_argument("--jobscripts", type=Path, default=None,
-                       help="directory with mpisplit's common.sh (default: "
-                            "$MPISPLIT_JOBSCRIPTS, else ./jobscripts)")
+    sweep.add_argument(
+        "--jobscripts",
+        type=Path,
+        default=None,
+        help="directory with mpisplit's common.sh (default: "
+        "$MPISPLIT_JOBSCRIPTS, else ./jobscripts)",
+    )
     sweep.set_defaults(handler=_sweep)
 
     results = commands.add_parser(
-        "results", help="summaries of many runs as one table (terminal, CSV, plot)")
-    results.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                         help="run directories, or directories holding them (a sweep's out)")
-    results.add_argument("--over", action="append", default=None, metavar="KEY",
-                         help="key whose runs are pooled into mean and range (repeatable; "
-                              "default train.seed)")
-    results.add_argument("--metric", action="append", default=None,
-                         help="summary.json field (repeatable; default test_accuracy); the "
-                              "first is plotted")
+        "results", help="summaries of many runs as one table (terminal, CSV, plot)"
+    )
+    results.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="run directories, or directories holding them (a sweep's out)",
+    )
+    results.add_argument(
+        "--over",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help="key whose runs are pooled into mean and range (repeatable; default train.seed)",
+    )
+    results.add_argument(
+        "--metric",
+        action="append",
+        default=None,
+        help="summary.json field (repeatable; default test_accuracy); the first is plotted",
+    )
     results.add_argument("--csv", type=Path, default=None, help="write the table as CSV")
     results.add_argument("--plot", type=Path, default=None, help="write a PNG plot")
-    results.add_argument("--x", default=None,
-                         help="the plot's x axis (default: the first numeric grouping key)")
+    results.add_argument(
+        "--x", default=None, help="the plot's x axis (default: the first numeric grouping key)"
+    )
     results.set_defaults(handler=_results)
 
     from mpisplit.prof.commands import (
@@ -172,17 +238,25 @@ def _parser() -> argparse.ArgumentParser:
     prof = commands.add_parser("prof", help="profiling of traced runs")
     prof_commands = prof.add_subparsers(required=True, metavar="ACTION")
     add_report_arguments(prof_commands.add_parser("report", help="timeline, bytes, PNGs"))
-    add_capacity_arguments(prof_commands.add_parser(
-        "capacity", help="predict step and wall time for K clients on N nodes from a short run"))
+    add_capacity_arguments(
+        prof_commands.add_parser(
+            "capacity", help="predict step and wall time for K clients on N nodes from a short run"
+        )
+    )
     add_resources_arguments(
-        commands.add_parser("resources", help="per-client FLOPs and bytes by scheme"))
+        commands.add_parser("resources", help="per-client FLOPs and bytes by scheme")
+    )
     return parser
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="override config values (same validation as the file)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="override config values (same validation as the file)",
+    )
 
 
 def _bad_input(err: Exception, rank: int = 0) -> int:
@@ -222,8 +296,13 @@ def _agreed_run(args: argparse.Namespace, comm: MPI.Comm) -> RunPlan | None:
     rank, error, run = comm.Get_rank(), None, None
     try:
         config = load_config(args.config, args.overrides)
-        run = engine.prepare(config, comm.Get_size(), resume=_resuming(args, config),
-                             overwrite=args.overwrite, rank=rank)
+        run = engine.prepare(
+            config,
+            comm.Get_size(),
+            resume=_resuming(args, config),
+            overwrite=args.overwrite,
+            rank=rank,
+        )
     except (ConfigError, DataError) as err:
         error = err
     if not agree_on_input(comm, error):
@@ -235,9 +314,13 @@ def _agreed_run(args: argparse.Namespace, comm: MPI.Comm) -> RunPlan | None:
         return None
     if rank == 0:
         try:
-            rundir.claim(Path(config.run.dir), checkpoint_dir(config),
-                         resume_step=run.resume.step if run.resume else None,
-                         scheme=config.scheme.name, world_size=comm.Get_size())
+            rundir.claim(
+                Path(config.run.dir),
+                checkpoint_dir(config),
+                resume_step=run.resume.step if run.resume else None,
+                scheme=config.scheme.name,
+                world_size=comm.Get_size(),
+            )
         except OSError as err:
             error = ConfigError(f"run.dir: cannot prepare {config.run.dir}: {err}")
     return run if agree_on_input(comm, error) else None
@@ -266,8 +349,15 @@ def _reexec_with_pmpi(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         return _bad_input(err)
     flags = [flag for flag in ("resume", "overwrite") if getattr(args, flag)]
-    command = ["-m", "mpisplit", "train", "--pmpi", *(f"--{flag}" for flag in flags),
-               args.config, *args.overrides]
+    command = [
+        "-m",
+        "mpisplit",
+        "train",
+        "--pmpi",
+        *(f"--{flag}" for flag in flags),
+        args.config,
+        *args.overrides,
+    ]
     os.execve(sys.executable, [sys.executable, *command], env)
 
 
@@ -278,8 +368,12 @@ def _launch(args: argparse.Namespace) -> int:
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        return _bad_input(ValueError("launch: give the command to start, e.g. "
-                                     "mpisplit launch -n 4 -- mpisplit train CONFIG"))
+        return _bad_input(
+            ValueError(
+                "launch: give the command to start, e.g. "
+                "mpisplit launch -n 4 -- mpisplit train CONFIG"
+            )
+        )
     if args.ranks < 1:
         return _bad_input(ValueError(f"launch: -n must be at least 1, got {args.ranks}"))
     try:
@@ -287,8 +381,11 @@ def _launch(args: argparse.Namespace) -> int:
     except LaunchError as err:
         return _bad_input(err)
     if args.dry_run:
-        added = [f"{key}={shlex.quote(value)}" for key, value in env.items()
-                 if os.environ.get(key) != value]
+        added = [
+            f"{key}={shlex.quote(value)}"
+            for key, value in env.items()
+            if os.environ.get(key) != value
+        ]
         print(shlex.join(argv) if not added else " ".join([*added, shlex.join(argv)]))
         return 0
     sys.stdout.flush()
@@ -363,8 +460,9 @@ def _sweep(args: argparse.Namespace) -> int:
             return 0
         sweep.prepare_data(study)
         if args.slurm:
-            jobscripts = args.jobscripts or Path(os.environ.get("MPISPLIT_JOBSCRIPTS",
-                                                                "jobscripts"))
+            jobscripts = args.jobscripts or Path(
+                os.environ.get("MPISPLIT_JOBSCRIPTS", "jobscripts")
+            )
             scripts = sweep.array_scripts(study, jobscripts)
             for script in scripts:
                 print(f"sweep: wrote {script}")
@@ -381,9 +479,14 @@ def _results(args: argparse.Namespace) -> int:
     from mpisplit import results
 
     try:
-        return results.main(args.run_dirs, over=args.over or ["train.seed"],
-                            metrics=args.metric or ["test_accuracy"], csv_path=args.csv,
-                            plot_path=args.plot, x=args.x)
+        return results.main(
+            args.run_dirs,
+            over=args.over or ["train.seed"],
+            metrics=args.metric or ["test_accuracy"],
+            csv_path=args.csv,
+            plot_path=args.plot,
+            x=args.x,
+        )
     except (ValueError, OSError) as err:
         return _bad_input(err)
 
@@ -414,9 +517,15 @@ def _assemble(args: argparse.Namespace) -> int:
     from mpisplit.ingest import assemble
 
     try:
-        path = assemble(args.out, clients=args.clients, test=args.test, parties=args.parties,
-                        labels=args.labels, test_parties=args.test_parties,
-                        test_labels=args.test_labels)
+        path = assemble(
+            args.out,
+            clients=args.clients,
+            test=args.test,
+            parties=args.parties,
+            labels=args.labels,
+            test_parties=args.test_parties,
+            test_labels=args.test_labels,
+        )
     except ValueError as err:
         return _bad_input(err)
     print(f"assembled {path}")

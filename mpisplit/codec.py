@@ -35,8 +35,15 @@ PART_BYTES = 2**30
 """Largest payload one MPI call carries on a library without large counts (below 2**31 - 1)."""
 
 DTYPES: tuple[torch.dtype, ...] = (
-    torch.float32, torch.float64, torch.float16, torch.bfloat16,
-    torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool,
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
 )
 """Every dtype a message may carry; its index is the dtype's code on the wire."""
 _DTYPE_CODE = {dtype: code for code, dtype in enumerate(DTYPES)}
@@ -62,36 +69,68 @@ class MessageBuffer:
         """Slices of it take or give an inline payload in one C-level copy."""
 
 
-def pack_header(view: memoryview, tensor: torch.Tensor, kind: int, step: int, flags: int,
-                aux: int, microbatch: int) -> tuple[int, bool]:
+def pack_header(
+    view: memoryview,
+    tensor: torch.Tensor,
+    kind: int,
+    step: int,
+    flags: int,
+    aux: int,
+    microbatch: int,
+) -> tuple[int, bool]:
     """Writes ``tensor``'s header into ``view``; returns its payload size and whether the
     payload goes inline (the caller copies it after the header)."""
     ndim = tensor.dim()
     if ndim > MAX_DIMS:
-        raise CodecError(f"transport: tensors of at most {MAX_DIMS} dimensions, got "
-                         f"shape {tuple(tensor.shape)}")
+        raise CodecError(
+            f"transport: tensors of at most {MAX_DIMS} dimensions, got shape {tuple(tensor.shape)}"
+        )
     code = _DTYPE_CODE.get(tensor.dtype)
     if code is None:
-        raise CodecError(f"transport: dtype {tensor.dtype} cannot travel (one of "
-                         f"{', '.join(str(d).removeprefix('torch.') for d in DTYPES)})")
+        raise CodecError(
+            f"transport: dtype {tensor.dtype} cannot travel (one of "
+            f"{', '.join(str(d).removeprefix('torch.') for d in DTYPES)})"
+        )
     nbytes = tensor.nbytes
     inline = nbytes <= INLINE_LIMIT
-    _HEADER[ndim].pack_into(view, 0, MAGIC, kind, code, ndim, flags, step, nbytes, inline,
-                            aux, microbatch, *tensor.shape)
+    _HEADER[ndim].pack_into(
+        view,
+        0,
+        MAGIC,
+        kind,
+        code,
+        ndim,
+        flags,
+        step,
+        nbytes,
+        inline,
+        aux,
+        microbatch,
+        *tensor.shape,
+    )
     return nbytes, inline
 
 
-def unpack_header(view: memoryview) -> tuple[int, torch.dtype, tuple[int, ...], int, int, int,
-                                              int, int, int]:
+def unpack_header(
+    view: memoryview,
+) -> tuple[int, torch.dtype, tuple[int, ...], int, int, int, int, int, int]:
     """The header at the start of ``view``: (kind, dtype, shape, flags, step, payload bytes,
     inline, aux, microbatch); ``CodecError`` if it is not one. A plain tuple: this runs for
     every message received, and a named tuple would cost a tenth of a small receive."""
-    magic, kind, code, ndim, flags, step, nbytes, inline, aux, microbatch = \
-        _META.unpack_from(view)
+    magic, kind, code, ndim, flags, step, nbytes, inline, aux, microbatch = _META.unpack_from(view)
     if magic != MAGIC:
         raise CodecError("corrupt message header")
-    return (kind, DTYPES[code], _SHAPE[ndim].unpack_from(view, _META.size), flags, step,
-            nbytes, inline, aux, microbatch)
+    return (
+        kind,
+        DTYPES[code],
+        _SHAPE[ndim].unpack_from(view, _META.size),
+        flags,
+        step,
+        nbytes,
+        inline,
+        aux,
+        microbatch,
+    )
 
 
 def default_part_bytes() -> int | None:
@@ -113,7 +152,7 @@ def buffer_parts(data: torch.Tensor, nbytes: int, limit: int | None) -> list[lis
     spans = part_spans(nbytes, limit)
     if data.is_cuda:  # read through the CUDA array interface
         flat = data.reshape(-1).view(torch.uint8)
-        return [[flat[at:at + size], size, MPI.BYTE] for at, size in spans]
+        return [[flat[at : at + size], size, MPI.BYTE] for at, size in spans]
     address = data.data_ptr()
     return [[MPI.buffer.fromaddress(address + at, size), size, MPI.BYTE] for at, size in spans]
 
@@ -131,8 +170,9 @@ class Round(NamedTuple):
     the window); (0, 0, 0) for a rank with nothing in this window."""
 
 
-def collective_rounds(counts: Sequence[int], displs: Sequence[int], itemsize: int,
-                      limit: int | None) -> list[Round]:
+def collective_rounds(
+    counts: Sequence[int], displs: Sequence[int], itemsize: int, limit: int | None
+) -> list[Round]:
     """A collective over parts of ``counts`` elements at ``displs`` in the root's buffer,
     as rounds over windows of at most ``limit`` bytes (one round if there is no limit or it
     fits): no count or displacement of a round reaches ``limit``, and every rank knows its

@@ -60,8 +60,9 @@ class _Posted:
     received: int = 0
 
     def wait(self) -> np.ndarray:
-        self.transport.complete(self.request, "cut exchange", kind=self.kind, sent=self.sent,
-                                received=self.received)
+        self.transport.complete(
+            self.request, "cut exchange", kind=self.kind, sent=self.sent, received=self.received
+        )
         return self.buffer
 
 
@@ -71,9 +72,16 @@ class CollectiveCut:
     ``shapes``: each party's per-sample cut-output shape (party p is rank p + 1 of ``comm``);
     ``server`` and ``parties``: their ranks in the transport (for the traffic counters)."""
 
-    def __init__(self, transport: Transport, comm: MPI.Comm, shapes: Sequence[tuple[int, ...]],
-                 server: int, parties: Sequence[int], *,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        comm: MPI.Comm,
+        shapes: Sequence[tuple[int, ...]],
+        server: int,
+        parties: Sequence[int],
+        *,
+        device: torch.device | None = None,
+    ) -> None:
         self.transport, self.comm = transport, comm
         self.shapes, self.server, self.parties = [tuple(s) for s in shapes], server, parties
         self.device = device
@@ -87,33 +95,37 @@ class CollectiveCut:
         so every rank knows every size without a message."""
         if (party, batch) not in self._layouts:
             encoded = self.transport.compressor.encode(
-                torch.zeros((batch, *self.shapes[party]), device="meta"))
-            self._layouts[party, batch] = tuple(_Part(part.dtype, tuple(part.shape))
-                                                for part in encoded)
+                torch.zeros((batch, *self.shapes[party]), device="meta")
+            )
+            self._layouts[party, batch] = tuple(
+                _Part(part.dtype, tuple(part.shape)) for part in encoded
+            )
         return self._layouts[party, batch]
 
     def _counts(self, part: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """Bytes per rank of ``comm`` (the root's own: 0) and their displacements."""
-        counts = np.array([0] + [self._parts(p, batch)[part].nbytes
-                                 for p in range(len(self.shapes))], np.int64)
+        counts = np.array(
+            [0] + [self._parts(p, batch)[part].nbytes for p in range(len(self.shapes))], np.int64
+        )
         return counts, np.concatenate([[0], np.cumsum(counts)[:-1]])
 
     def _encode(self, tensor: torch.Tensor) -> list[np.ndarray]:
-        return [part.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-                for part in self.transport.compressor.encode(tensor.detach())]
+        return [
+            part.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            for part in self.transport.compressor.encode(tensor.detach())
+        ]
 
-    def _decode(self, buffers: Sequence[np.ndarray], party: int, batch: int,
-                offsets: Sequence[int]) -> torch.Tensor:
+    def _decode(
+        self, buffers: Sequence[np.ndarray], party: int, batch: int, offsets: Sequence[int]
+    ) -> torch.Tensor:
         parts = []
-        for buffer, offset, part in zip(buffers, offsets, self._parts(party, batch),
-                                        strict=True):
-            raw = torch.from_numpy(buffer[offset:offset + part.nbytes])
+        for buffer, offset, part in zip(buffers, offsets, self._parts(party, batch), strict=True):
+            raw = torch.from_numpy(buffer[offset : offset + part.nbytes])
             parts.append(raw.view(part.dtype).reshape(part.shape))
         return self.transport.compressor.decode(parts).reshape(batch, *self.shapes[party])
 
     def _count(self, sent: bool, kind: Kind, nbytes: Sequence[int]) -> None:
-        count = self.transport.traffic.count_sent if sent else \
-            self.transport.traffic.count_received
+        count = self.transport.traffic.count_sent if sent else self.transport.traffic.count_received
         for party, n in zip(self.parties, nbytes, strict=True):
             count(party, kind, int(n))
 
@@ -133,22 +145,30 @@ class CollectiveCut:
         buffers = self._encode(sent)
         total = sum(buffer.nbytes for buffer in buffers)
         self.transport.traffic.count_sent(self.server, Kind.ACTIVATION, total)
-        return [_Posted(self.transport,
-                        self.transport.igatherv(self.comm, buffer, None,
-                                                *self._counts(part, len(sent)), ROOT),
-                        buffer, Kind.ACTIVATION, sent=buffer.nbytes)
-                for part, buffer in enumerate(buffers)]
+        return [
+            _Posted(
+                self.transport,
+                self.transport.igatherv(
+                    self.comm, buffer, None, *self._counts(part, len(sent)), ROOT
+                ),
+                buffer,
+                Kind.ACTIVATION,
+                sent=buffer.nbytes,
+            )
+            for part, buffer in enumerate(buffers)
+        ]
 
     def _receive_gradient(self, party: int, batch: int) -> torch.Tensor:
         posted = []
         for index, part in enumerate(self._parts(party, batch)):
             out = np.empty(part.nbytes, np.uint8)
-            request = self.transport.iscatterv(self.comm, None, out,
-                                               *self._counts(index, batch), ROOT)
-            posted.append(_Posted(self.transport, request, out, Kind.GRADIENT,
-                                  received=out.nbytes))
+            request = self.transport.iscatterv(
+                self.comm, None, out, *self._counts(index, batch), ROOT
+            )
+            posted.append(_Posted(self.transport, request, out, Kind.GRADIENT, received=out.nbytes))
         self.transport.traffic.count_received(
-            self.server, Kind.GRADIENT, sum(p.buffer.nbytes for p in posted))
+            self.server, Kind.GRADIENT, sum(p.buffer.nbytes for p in posted)
+        )
         return self._decode([p.wait() for p in posted], party, batch, [0] * len(posted))
 
     # --- server --------------------------------------------------------------------------
@@ -159,11 +179,13 @@ class CollectiveCut:
         for part in range(len(self._parts(0, batch))):
             counts, displs = self._counts(part, batch)
             out = np.empty(int(counts.sum()), np.uint8)
-            request = self.transport.igatherv(self.comm, np.empty(0, np.uint8), out, counts,
-                                              displs, ROOT)
+            request = self.transport.igatherv(
+                self.comm, np.empty(0, np.uint8), out, counts, displs, ROOT
+            )
             self._count(False, Kind.ACTIVATION, counts[1:])
-            posted.append(_Posted(self.transport, request, out, Kind.ACTIVATION,
-                                  received=out.nbytes))
+            posted.append(
+                _Posted(self.transport, request, out, Kind.ACTIVATION, received=out.nbytes)
+            )
         return Gathered(self, batch, posted)
 
     def _scatter(self, gradients: Sequence[torch.Tensor]) -> None:
@@ -172,11 +194,13 @@ class CollectiveCut:
         for part in range(len(encoded[0])):
             sent = np.concatenate([np.zeros(0, np.uint8), *(e[part] for e in encoded)])
             counts, displs = self._counts(part, len(gradients[0]))
-            request = self.transport.iscatterv(self.comm, sent, np.empty(0, np.uint8), counts,
-                                               displs, ROOT)
+            request = self.transport.iscatterv(
+                self.comm, sent, np.empty(0, np.uint8), counts, displs, ROOT
+            )
             self._count(True, Kind.GRADIENT, counts[1:])
-            self._scatters.append(_Posted(self.transport, request, sent, Kind.GRADIENT,
-                                          sent=sent.nbytes))
+            self._scatters.append(
+                _Posted(self.transport, request, sent, Kind.GRADIENT, sent=sent.nbytes)
+            )
 
     def flush(self) -> None:
         """Completes the gradient scatters posted so far (before the optimizer step)."""
@@ -199,17 +223,23 @@ class Gathered:
         cut, batch = self.cut, self.batch
         buffers = [posted.wait() for posted in self.posted]
         offsets = [cut._counts(part, batch)[1][1:] for part in range(len(buffers))]
-        parts = [cut._decode(buffers, party, batch, [o[party] for o in offsets])
-                 for party in range(len(cut.shapes))]
+        parts = [
+            cut._decode(buffers, party, batch, [o[party] for o in offsets])
+            for party in range(len(cut.shapes))
+        ]
         if not train:
             return [part.to(cut.device) for part in parts]
         flat = torch.cat([part.reshape(-1) for part in parts]).to(cut.device)
         flat.requires_grad_(True)
         sizes = [part.numel() for part in parts]
-        flat.register_hook(lambda grad: cut._scatter(
-            [g.view(part.shape) for g, part in zip(grad.split(sizes), parts, strict=True)]))
-        return [piece.view(part.shape) for piece, part in zip(flat.split(sizes), parts,
-                                                               strict=True)]
+        flat.register_hook(
+            lambda grad: cut._scatter(
+                [g.view(part.shape) for g, part in zip(grad.split(sizes), parts, strict=True)]
+            )
+        )
+        return [
+            piece.view(part.shape) for piece, part in zip(flat.split(sizes), parts, strict=True)
+        ]
 
 
 class _GatherActivation(torch.autograd.Function):

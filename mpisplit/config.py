@@ -49,14 +49,17 @@ class SchemeConfig:
         _require(self.clients >= 1, "scheme.clients", f"must be >= 1, got {self.clients}")
         if self.options is None:
             object.__setattr__(self, "options", spec.options())
-        _require(isinstance(self.options, spec.options), "scheme.options",
-                 f"scheme {self.name} takes {spec.options.__name__}, got "
-                 f"{type(self.options).__name__}")
+        _require(
+            isinstance(self.options, spec.options),
+            "scheme.options",
+            f"scheme {self.name} takes {spec.options.__name__}, got {type(self.options).__name__}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The section as written in YAML: the scheme's options beside name and clients."""
-        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name != "options"}
+        common = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"
+        }
         return _plain({**common, **dataclasses.asdict(self.options)})
 
 
@@ -100,9 +103,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.prefetch >= 0, "data.prefetch", f"must be >= 0, got {self.prefetch}")
-        _require(all(k >= 0 for k in self.clients) and len(set(self.clients)) == len(self.clients),
-                 "data.clients", f"shard indices must be >= 0 and distinct, got "
-                 f"{list(self.clients)}")
+        _require(
+            all(k >= 0 for k in self.clients) and len(set(self.clients)) == len(self.clients),
+            "data.clients",
+            f"shard indices must be >= 0 and distinct, got {list(self.clients)}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -143,10 +148,16 @@ class TrainConfig:
         _require(self.step_size >= 1, "train.step_size", "must be >= 1")
         _require(0 < self.gamma <= 1, "train.gamma", f"must be in (0, 1], got {self.gamma}")
         _require(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = only at the end)")
-        _require(self.eval_clients >= 0, "train.eval_clients",
-                 f"must be >= 0 (0 = every client), got {self.eval_clients}")
-        _require(self.seed >= 0, "train.seed", f"must be >= 0 (it seeds numpy's data order), "
-                 f"got {self.seed}")
+        _require(
+            self.eval_clients >= 0,
+            "train.eval_clients",
+            f"must be >= 0 (0 = every client), got {self.eval_clients}",
+        )
+        _require(
+            self.seed >= 0,
+            "train.seed",
+            f"must be >= 0 (it seeds numpy's data order), got {self.seed}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -170,10 +181,16 @@ class TransportConfig:
 
     def __post_init__(self) -> None:
         _require(self.timeout_s > 0, "transport.timeout_s", f"must be > 0, got {self.timeout_s}")
-        _require(self.microbatches >= 1, "transport.microbatches",
-                 f"must be >= 1, got {self.microbatches}")
-        _require(0 < self.topk_ratio <= 1, "transport.topk_ratio",
-                 f"must be in (0, 1], got {self.topk_ratio}")
+        _require(
+            self.microbatches >= 1,
+            "transport.microbatches",
+            f"must be >= 1, got {self.microbatches}",
+        )
+        _require(
+            0 < self.topk_ratio <= 1,
+            "transport.topk_ratio",
+            f"must be in (0, 1], got {self.topk_ratio}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -190,8 +207,11 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         _require(self.noise_std >= 0, "privacy.noise_std", f"must be >= 0, got {self.noise_std}")
         _require(self.clip_norm >= 0, "privacy.clip_norm", f"must be >= 0, got {self.clip_norm}")
-        _require(self.nopeek_weight >= 0, "privacy.nopeek_weight",
-                 f"must be >= 0, got {self.nopeek_weight}")
+        _require(
+            self.nopeek_weight >= 0,
+            "privacy.nopeek_weight",
+            f"must be >= 0, got {self.nopeek_weight}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -213,8 +233,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(self.log_every >= 1, "run.log_every", f"must be >= 1, got {self.log_every}")
-        _require(self.trace or not self.count_flops, "run.count_flops",
-                 "records FLOPs in the trace: set run.trace: true as well")
+        _require(
+            self.trace or not self.count_flops,
+            "run.count_flops",
+            "records FLOPs in the trace: set run.trace: true as well",
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -232,11 +255,17 @@ class CheckpointConfig:
     """Where checkpoints go (default: ``<run.dir>/checkpoints``)."""
 
     def __post_init__(self) -> None:
-        _require(self.every_steps >= 0, "checkpoint.every_steps",
-                 f"must be >= 0 (0 = no checkpoints), got {self.every_steps}")
+        _require(
+            self.every_steps >= 0,
+            "checkpoint.every_steps",
+            f"must be >= 0 (0 = no checkpoints), got {self.every_steps}",
+        )
         _require(self.every_s >= 0, "checkpoint.every_s", f"must be >= 0, got {self.every_s}")
-        _require(self.every_s == 0 or self.every_steps > 0, "checkpoint.every_s",
-                 "needs checkpoint.every_steps > 0 (the steps at which ranks meet)")
+        _require(
+            self.every_s == 0 or self.every_steps > 0,
+            "checkpoint.every_s",
+            "needs checkpoint.every_steps > 0 (the steps at which ranks meet)",
+        )
         _require(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
 
 
@@ -258,24 +287,39 @@ class Config:
         if self.checkpoint.every_steps:
             specs.check_checkpointable(self.scheme)
 
-        _require(not self.data.clients or len(self.data.clients) == self.scheme.clients,
-                 "data.clients", f"selects {len(self.data.clients)} shard(s) "
-                 f"{list(self.data.clients)} for scheme.clients={self.scheme.clients}: set "
-                 f"scheme.clients={len(self.data.clients)}")
+        _require(
+            not self.data.clients or len(self.data.clients) == self.scheme.clients,
+            "data.clients",
+            f"selects {len(self.data.clients)} shard(s) "
+            f"{list(self.data.clients)} for scheme.clients={self.scheme.clients}: set "
+            f"scheme.clients={len(self.data.clients)}",
+        )
         spec = specs.get(self.scheme.name)
-        _require(not self.data.clients or not spec.vertical, "data.clients",
-                 "selects horizontal client shards; vertical parties hold feature groups")
-        _require(not self.data.pool or spec.pools_shards, "data.pool",
-                 f"pools the shards for the centralized baseline, not scheme {self.scheme.name}")
+        _require(
+            not self.data.clients or not spec.vertical,
+            "data.clients",
+            "selects horizontal client shards; vertical parties hold feature groups",
+        )
+        _require(
+            not self.data.pool or spec.pools_shards,
+            "data.pool",
+            f"pools the shards for the centralized baseline, not scheme {self.scheme.name}",
+        )
         sampling = [name for name in specs.names() if specs.get(name).samples_evaluation]
-        _require(not self.train.eval_clients or (
-            self.scheme.client_order == "parallel" and self.scheme.name in sampling),
-            "train.eval_clients", f"samples the evaluating clients of "
+        _require(
+            not self.train.eval_clients
+            or (self.scheme.client_order == "parallel" and self.scheme.name in sampling),
+            "train.eval_clients",
+            f"samples the evaluating clients of "
             f"{', '.join(sampling)} in parallel order; scheme {self.scheme.name} "
-            f"with client_order {self.scheme.client_order} has one evaluating rank")
-        _require(self.train.eval_clients <= self.scheme.clients, "train.eval_clients",
-                 f"{self.train.eval_clients} evaluating clients, but scheme.clients is "
-                 f"{self.scheme.clients}")
+            f"with client_order {self.scheme.client_order} has one evaluating rank",
+        )
+        _require(
+            self.train.eval_clients <= self.scheme.clients,
+            "train.eval_clients",
+            f"{self.train.eval_clients} evaluating clients, but scheme.clients is "
+            f"{self.scheme.clients}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, written as the run's resolved config."""
@@ -308,7 +352,8 @@ class _StrictLoader(yaml.SafeLoader):
                 if key in seen:
                     raise ConfigError(
                         f"key {key!r} appears twice in one mapping (lines {seen[key]} and "
-                        f"{key_node.start_mark.line + 1}); keep one")
+                        f"{key_node.start_mark.line + 1}); keep one"
+                    )
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
@@ -326,8 +371,10 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: "
-                          f"{err.object[err.start:err.start + 1]!r}); save it as UTF-8") from None
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {err.start}: "
+            f"{err.object[err.start : err.start + 1]!r}); save it as UTF-8"
+        ) from None
     try:
         data = parse_yaml(text)
     except ConfigError as err:
@@ -335,8 +382,10 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if data is None:
-        raise ConfigError(f"{path} is empty: write the sections the run needs (configs/ has "
-                          f"documented examples), or {{}} to mean every default")
+        raise ConfigError(
+            f"{path} is empty: write the sections the run needs (configs/ has "
+            f"documented examples), or {{}} to mean every default"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return config_from_dict(apply_overrides(_factory_file_from(path, data), overrides))
@@ -410,15 +459,21 @@ def _build_scheme(data: dict[str, Any], prefix: str) -> SchemeConfig:
     for key in sorted(set(data) - set(common) - set(own)):
         owners = specs.owners(key)
         if not owners:
-            raise ConfigError(f"{prefix}{key}: unknown key (valid keys in scheme: "
-                              f"{', '.join(common + own)})")
+            raise ConfigError(
+                f"{prefix}{key}: unknown key (valid keys in scheme: {', '.join(common + own)})"
+            )
         if spec.ignores_other_options:
             continue
-        option = next(f for f in dataclasses.fields(specs.get(owners[0]).options)
-                      if f.name == key)
+        option = next(f for f in dataclasses.fields(specs.get(owners[0]).options) if f.name == key)
         try:
-            default = _coerce(typing.get_type_hints(specs.get(owners[0]).options)[key],
-                              data[key], f"{prefix}{key}") == option.default
+            default = (
+                _coerce(
+                    typing.get_type_hints(specs.get(owners[0]).options)[key],
+                    data[key],
+                    f"{prefix}{key}",
+                )
+                == option.default
+            )
         except ConfigError:
             default = False
         if not default:
@@ -468,8 +523,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if not isinstance(value, hint):
         raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}")
     if hint is int and not -INT_LIMIT <= value <= INT_LIMIT:
-        raise ConfigError(f"{key}: {_short(value)} is out of range (at most {INT_LIMIT} in "
-                          f"magnitude)")
+        raise ConfigError(
+            f"{key}: {_short(value)} is out of range (at most {INT_LIMIT} in magnitude)"
+        )
     return value
 
 

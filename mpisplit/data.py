@@ -147,8 +147,7 @@ def read_meta(root: Path) -> dict[str, Any]:
     return meta
 
 
-def check_partition(meta: dict[str, Any], root: Path, scheme: str, *,
-                    wants_vertical: bool) -> None:
+def check_partition(meta: dict[str, Any], root: Path, scheme: str, *, wants_vertical: bool) -> None:
     """Vertical schemes need a vertical partition and every other scheme a horizontal one:
     said before launch, in words, rather than as a missing file on every rank."""
     vertical = meta["partition"] == "vertical"
@@ -156,16 +155,24 @@ def check_partition(meta: dict[str, Any], root: Path, scheme: str, *,
         raise DataError(
             f"data.path: {root} is a horizontal partition ({meta['partition']}: every client "
             f"holds whole rows); scheme {scheme} needs parties holding feature groups "
-            f"(`mpisplit data prepare --partition vertical`)")
+            f"(`mpisplit data prepare --partition vertical`)"
+        )
     if not wants_vertical and vertical:
         raise DataError(
             f"data.path: {root}: this dataset is a vertical partition (each party holds a "
             f"feature group of the same patients); scheme {scheme} needs a horizontal one "
-            f"(`mpisplit data prepare --partition iid`), or use scheme.name=vertical")
+            f"(`mpisplit data prepare --partition iid`), or use scheme.name=vertical"
+        )
 
 
-def check_dataset(root: Path, meta: dict[str, Any], *, shards: Sequence[int] = (),
-                  test: bool = False, labels: bool = False) -> None:
+def check_dataset(
+    root: Path,
+    meta: dict[str, Any],
+    *,
+    shards: Sequence[int] = (),
+    test: bool = False,
+    labels: bool = False,
+) -> None:
     """Opens the shards one rank will read (headers only: no rows are read) and checks each
     one's schema, checksums, feature shape and row count against ``meta``: the training
     shards of clients (or parties) ``shards``, their test set with ``test``, the label files
@@ -176,46 +183,64 @@ def check_dataset(root: Path, meta: dict[str, Any], *, shards: Sequence[int] = (
     clients, train, test_rows = meta["clients"], meta["train_samples"], meta["test_samples"]
     counts = [*train, test_rows] if isinstance(train, list) else []
     if len(counts) != clients + 1 or not all(isinstance(n, int) and n >= 0 for n in counts):
-        raise DataError(f"{root / META_FILE}: train_samples must list {clients} row counts "
-                        f"and test_samples be a count; {_PREPARE_HINT}")
+        raise DataError(
+            f"{root / META_FILE}: train_samples must list {clients} row counts "
+            f"and test_samples be a count; {_PREPARE_HINT}"
+        )
     if test_rows < 1:
-        raise DataError(f"{root / META_FILE}: the test set is empty (test_samples 0), but "
-                        f"every run ends with a test evaluation; {_PREPARE_HINT}")
+        raise DataError(
+            f"{root / META_FILE}: the test set is empty (test_samples 0), but "
+            f"every run ends with a test evaluation; {_PREPARE_HINT}"
+        )
     if meta["partition"] != "vertical":
         files = meta.get("shards") or range(clients)  # client k of the run reads files[k]
         for client in shards:
-            _check_shard(shard_path(root, "client", files[client]), _READABLE_FIELDS,
-                         meta["feature_shape"], train[client])
+            _check_shard(
+                shard_path(root, "client", files[client]),
+                _READABLE_FIELDS,
+                meta["feature_shape"],
+                train[client],
+            )
         if test:
-            _check_shard(shard_path(root, "client", test=True), _READABLE_FIELDS,
-                         meta["feature_shape"], test_rows)
+            _check_shard(
+                shard_path(root, "client", test=True),
+                _READABLE_FIELDS,
+                meta["feature_shape"],
+                test_rows,
+            )
         return
     shapes = meta.get("party_feature_shapes")
     if not isinstance(shapes, list) or len(shapes) != clients:
-        raise DataError(f"{root / META_FILE}: party_feature_shapes must list {clients} "
-                        f"shapes; {_PREPARE_HINT}")
+        raise DataError(
+            f"{root / META_FILE}: party_feature_shapes must list {clients} shapes; {_PREPARE_HINT}"
+        )
     for party in shards:
-        _check_shard(shard_path(root, "party", party), ("features",), shapes[party],
-                     train[party])
+        _check_shard(shard_path(root, "party", party), ("features",), shapes[party], train[party])
         if test:
-            _check_shard(shard_path(root, "party", party, test=True), ("features",),
-                         shapes[party], None)
+            _check_shard(
+                shard_path(root, "party", party, test=True), ("features",), shapes[party], None
+            )
     if labels:
         _check_shard(shard_path(root, "labels"), ("labels",), None, None)
         _check_shard(shard_path(root, "labels", test=True), ("labels",), None, test_rows)
 
 
-def _check_shard(path: Path, fields: tuple[str, ...], shape: Sequence[int] | None,
-                 rows: int | None) -> None:
+def _check_shard(
+    path: Path, fields: tuple[str, ...], shape: Sequence[int] | None, rows: int | None
+) -> None:
     """One shard's header against what ``meta.json`` promises (None: not promised)."""
     with _open_h5(path) as file:
         _, size, feature_shape = _validate_shard(file, path, fields)
     if shape is not None and list(feature_shape) != list(shape):
-        raise DataError(f"{path}: features have shape {list(feature_shape)} per row, but "
-                        f"meta.json says {list(shape)}; {_PREPARE_HINT}")
+        raise DataError(
+            f"{path}: features have shape {list(feature_shape)} per row, but "
+            f"meta.json says {list(shape)}; {_PREPARE_HINT}"
+        )
     if rows is not None and size != rows:
-        raise DataError(f"{path}: {size} rows, but meta.json promises {rows} (a damaged or "
-                        f"replaced shard?); {_PREPARE_HINT}")
+        raise DataError(
+            f"{path}: {size} rows, but meta.json promises {rows} (a damaged or "
+            f"replaced shard?); {_PREPARE_HINT}"
+        )
     if size == 0:
         raise DataError(f"{path}: no rows; {_PREPARE_HINT}")
 
@@ -257,7 +282,10 @@ class ShardWriter:
         self._file.attrs.update(attrs)
         for name, shape in shapes.items():
             self._file.create_dataset(
-                name, shape=(rows, *shape), dtype=FIELD_DTYPES[name], chunks=(chunk, *shape),
+                name,
+                shape=(rows, *shape),
+                dtype=FIELD_DTYPES[name],
+                chunks=(chunk, *shape),
                 fletcher32=True,  # readers refuse a chunk whose bytes changed
             )
 
@@ -339,8 +367,10 @@ def check_labels(batch: Batch, num_classes: int, source: str | Path = "batch") -
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
         row = int(np.argmax(bad))
-        raise DataError(f"{source}: label {int(labels[row])} of id {int(batch.ids[row])} is "
-                        f"outside 0..{num_classes - 1}")
+        raise DataError(
+            f"{source}: label {int(labels[row])} of id {int(batch.ids[row])} is "
+            f"outside 0..{num_classes - 1}"
+        )
 
 
 class ShardReader:
@@ -404,9 +434,12 @@ class ShardReader:
         while this one ends, so a training client does not wait at an epoch boundary."""
         if first < 0:
             raise ValueError(f"epoch must be >= 0, got {first}")
-        return self._stream(itertools.chain.from_iterable(
-            self._batches(epoch, skip if epoch == first else 0)
-            for epoch in itertools.count(first)))
+        return self._stream(
+            itertools.chain.from_iterable(
+                self._batches(epoch, skip if epoch == first else 0)
+                for epoch in itertools.count(first)
+            )
+        )
 
     def _stream(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         """``batches``, read ahead on a background thread (unless prefetch is 0); abandons
@@ -496,14 +529,16 @@ class PooledReader:
     file, read by index, so it reads slower than ``ShardReader``'s contiguous blocks; memory
     stays one batch (plus ``prefetch`` read ahead on a background thread)."""
 
-    def __init__(self, paths: Sequence[Path], *, batch_size: int, seed: int = 0,
-                 prefetch: int = 2) -> None:
+    def __init__(
+        self, paths: Sequence[Path], *, batch_size: int, seed: int = 0, prefetch: int = 2
+    ) -> None:
         _check_reader_args(batch_size, _READABLE_FIELDS, seed, prefetch)
         self._readers: list[ShardReader] = []
         try:
             for path in paths:
-                self._readers.append(ShardReader(path, batch_size=batch_size, shuffle=False,
-                                                 prefetch=0))
+                self._readers.append(
+                    ShardReader(path, batch_size=batch_size, shuffle=False, prefetch=0)
+                )
         except BaseException:
             self.close()
             raise
@@ -521,8 +556,8 @@ class PooledReader:
         later epoch, as one stream."""
         self.close_stream()
         batches = itertools.chain.from_iterable(
-            self._batches(epoch, skip if epoch == first else 0)
-            for epoch in itertools.count(first))
+            self._batches(epoch, skip if epoch == first else 0) for epoch in itertools.count(first)
+        )
         if self._prefetch == 0:
             return batches
         self._prefetcher = _Prefetcher(batches, self._prefetch, "prefetch-pool")
@@ -533,12 +568,17 @@ class PooledReader:
 
         order = np.random.default_rng([self._seed, epoch]).permutation(self.num_samples)
         for start in range(skip * self.batch_size, self.num_samples, self.batch_size):
-            rows = order[start:start + self.batch_size]
+            rows = order[start : start + self.batch_size]
             owner = np.searchsorted(self._starts, rows, side="right") - 1
-            parts = [self._readers[f].read_rows(rows[owner == f] - self._starts[f])
-                     for f in np.unique(owner)]
-            yield Batch(torch.cat([p.features for p in parts]),
-                        torch.cat([p.labels for p in parts]), torch.cat([p.ids for p in parts]))
+            parts = [
+                self._readers[f].read_rows(rows[owner == f] - self._starts[f])
+                for f in np.unique(owner)
+            ]
+            yield Batch(
+                torch.cat([p.features for p in parts]),
+                torch.cat([p.labels for p in parts]),
+                torch.cat([p.ids for p in parts]),
+            )
 
     def close_stream(self) -> None:
         if self._prefetcher is not None:
@@ -657,8 +697,10 @@ def _dataset(file: h5py.File, path: Path, name: str) -> h5py.Dataset:
     if bad_rank:
         raise DataError(f"{path}: dataset '{name}' has bad shape {column.shape}")
     if not column.fletcher32:
-        raise DataError(f"{path}: dataset '{name}' has no checksum (HDF5 fletcher32), so "
-                        f"damage could not be detected; {_PREPARE_HINT}")
+        raise DataError(
+            f"{path}: dataset '{name}' has no checksum (HDF5 fletcher32), so "
+            f"damage could not be detected; {_PREPARE_HINT}"
+        )
     return column
 
 

@@ -33,8 +33,12 @@ class PeerTimeout(RuntimeError):
         """The ranks waited on (one rank when the wait was for a message under way)."""
 
 
-def poll(attempt: Callable[[], T], timeout_s: float | None,
-         timed_out: Callable[[], Exception], clock: Callable[[], float] = time.monotonic) -> T:
+def poll(
+    attempt: Callable[[], T],
+    timeout_s: float | None,
+    timed_out: Callable[[], Exception],
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
     """Polls ``attempt`` until it returns a true value (``Request.Test`` itself, so no Python
     frame per attempt, or a matched probe) and returns it; after ``timeout_s`` (None: never)
     raises ``timed_out()``. Never blocks inside MPI, so a stalled peer cannot hang the caller.
@@ -64,35 +68,54 @@ class Deadlines:
     ``before_block`` runs before any wait that may block (the send queue posts its staged
     sends then: a peer may need them before it can answer)."""
 
-    def __init__(self, rank: int, roles: Sequence[str], timeout_s: float,
-                 before_block: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        rank: int,
+        roles: Sequence[str],
+        timeout_s: float,
+        before_block: Callable[[], None] = lambda: None,
+    ) -> None:
         self.rank = rank
         self.roles = tuple(roles)
         self.timeout_s = timeout_s
         self.before_block = before_block
 
-    def wait(self, attempt: Callable[[], T], peers: Sequence[int], label: str, what: str,
-             bounded: bool = True) -> T:
+    def wait(
+        self,
+        attempt: Callable[[], T],
+        peers: Sequence[int],
+        label: str,
+        what: str,
+        bounded: bool = True,
+    ) -> T:
         """Polls ``attempt`` under the deadline (``bounded=False``: none); on timeout raises
         the error naming ``peers`` and what was being done (``what`` ``label``)."""
         self.before_block()
-        return poll(attempt, self.timeout_s if bounded else None,
-                    lambda: self.timed_out(peers, label, what))
+        return poll(
+            attempt, self.timeout_s if bounded else None, lambda: self.timed_out(peers, label, what)
+        )
 
     def wait_all(self, requests: list[MPI.Request], peer: int, label: str, what: str) -> None:
         """Completes ``requests`` (one message's) under the deadline."""
         self.wait(lambda: MPI.Request.Testall(requests), [peer], label, what)
 
-    def collective(self, request: MPI.Request | list[MPI.Request], what: str,
-                   bounded: bool = True) -> None:
+    def collective(
+        self, request: MPI.Request | list[MPI.Request], what: str, bounded: bool = True
+    ) -> None:
         """Completes a nonblocking collective (or its rounds) under the deadline."""
         requests = request if isinstance(request, list) else [request]
-        attempt = requests[0].Test if len(requests) == 1 else \
-            (lambda: MPI.Request.Testall(requests))
+        attempt = (
+            requests[0].Test if len(requests) == 1 else (lambda: MPI.Request.Testall(requests))
+        )
         self.before_block()
-        poll(attempt, self.timeout_s if bounded else None,
-             lambda: PeerTimeout(f"{self.me} waited {self.timeout_s:g} s in the {what}: not "
-                                 f"every rank arrived (transport.timeout_s)"))
+        poll(
+            attempt,
+            self.timeout_s if bounded else None,
+            lambda: PeerTimeout(
+                f"{self.me} waited {self.timeout_s:g} s in the {what}: not "
+                f"every rank arrived (transport.timeout_s)"
+            ),
+        )
 
     @property
     def me(self) -> str:
@@ -100,8 +123,12 @@ class Deadlines:
 
     def timed_out(self, peers: Sequence[int], label: str, what: str) -> PeerTimeout:
         """The error for ``peers`` that did not answer within the deadline."""
-        who = ", ".join("any rank" if peer == ANY_SOURCE else
-                        f"rank {peer} ({self.roles[peer]})" for peer in peers)
+        who = ", ".join(
+            "any rank" if peer == ANY_SOURCE else f"rank {peer} ({self.roles[peer]})"
+            for peer in peers
+        )
         return PeerTimeout(
             f"{self.me} waited {self.timeout_s:g} s to {what} {label} with {who}: no answer "
-            f"(transport.timeout_s)", peers)
+            f"(transport.timeout_s)",
+            peers,
+        )

@@ -69,8 +69,7 @@ class EvalSchedule:
         return cls(train.eval_every, final, evaluator)
 
     def due(self, step: int) -> bool:
-        return self.evaluator and bool(self.every) and step % self.every == 0 \
-            and step != self.final
+        return self.evaluator and bool(self.every) and step % self.every == 0 and step != self.final
 
 
 class Checkpointable(Protocol):
@@ -113,18 +112,29 @@ class StepDriver:
     counters.
     """
 
-    def __init__(self, ctx: RankContext, total: int, *, until: int | None = None,
-                 evaluation: EvalSchedule = EvalSchedule(), progress: bool = True,
-                 done: int | None = None, epochs: int | None = None,
-                 traffic: bool = True) -> None:
+    def __init__(
+        self,
+        ctx: RankContext,
+        total: int,
+        *,
+        until: int | None = None,
+        evaluation: EvalSchedule = EvalSchedule(),
+        progress: bool = True,
+        done: int | None = None,
+        epochs: int | None = None,
+        traffic: bool = True,
+    ) -> None:
         self.ctx = ctx
         self.until = total if until is None else until
         self.evaluation = evaluation
         self.resumed = ctx.checkpoints.resume_step
         self.samples = 0
         self.traffic = traffic
-        self.progress = make_progress(ctx, total, self.resumed if done is None else done,
-                                      epochs=epochs) if progress else None
+        self.progress = (
+            make_progress(ctx, total, self.resumed if done is None else done, epochs=epochs)
+            if progress
+            else None
+        )
         self._role: Checkpointable = Parts(())
 
     def restore(self, role: Checkpointable) -> None:
@@ -143,8 +153,9 @@ class StepDriver:
     def batches(self, reader: ShardReader, skip: int | None = None) -> Iterator[Batch]:
         """``reader``'s training batches after the first ``skip`` (default: the resume
         point's step, for a rank that trains every step)."""
-        return training_batches(reader, self.ctx.config.train,
-                                self.resumed if skip is None else skip)
+        return training_batches(
+            reader, self.ctx.config.train, self.resumed if skip is None else skip
+        )
 
     def record(self, step: int, loss: float | None = None, **fields: Any) -> None:
         """The metrics record of ``step`` (with ``fields``), and the progress display."""
@@ -169,8 +180,16 @@ class StepDriver:
         for point in self.ctx.checkpoints.points(first, last, self.until):
             self.meet(point, idle=True)
 
-    def train(self, role: StepRole[B], batches: Iterator[B], first: int, last: int, *,
-              rows: Callable[[B], int] = labelled_rows, **fields: Any) -> None:
+    def train(
+        self,
+        role: StepRole[B],
+        batches: Iterator[B],
+        first: int,
+        last: int,
+        *,
+        rows: Callable[[B], int] = labelled_rows,
+        **fields: Any,
+    ) -> None:
         """Steps ``first..last`` (counted from 1) of ``role``, those after the resume point:
         a batch, ``role.train_step``, the samples count (``rows`` of the batch), the record
         (with ``fields``), the meeting, and the periodic evaluation when due. A resumed run
@@ -201,12 +220,19 @@ def traffic_fields(ctx: RankContext) -> dict[str, int]:
     return {"bytes_sent": traffic.total_sent, "bytes_received": traffic.total_received}
 
 
-def make_progress(ctx: RankContext, total_steps: int, done: int = 0, *,
-                  epochs: int | None = None) -> Progress:
+def make_progress(
+    ctx: RankContext, total_steps: int, done: int = 0, *, epochs: int | None = None
+) -> Progress:
     """``done``: the steps a resumed run starts from; ``epochs``: how many the steps span
     (default ``train.epochs``, unless ``max_steps`` cuts them short; 0 shows none)."""
     train = ctx.config.train
     if epochs is None:
         epochs = 0 if train.max_steps else train.epochs
-    return Progress(total_steps, ctx.config.run.progress, ctx.config.run.log_every, log,
-                    epochs=epochs, done=done)
+    return Progress(
+        total_steps,
+        ctx.config.run.progress,
+        ctx.config.run.log_every,
+        log,
+        epochs=epochs,
+        done=done,
+    )

@@ -9,6 +9,7 @@ rank 0 in between: ``mpisplit.rundir``), hands a ``RankContext`` to the scheme, 
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import socket
@@ -79,8 +80,10 @@ def select_clients(meta: dict[str, Any], cfg: Config) -> dict[str, Any]:
     prepared = meta["clients"]
     shards = list(cfg.data.clients) or list(range(prepared))
     if any(k >= prepared for k in shards):
-        raise ConfigError(f"data.clients: {cfg.data.path} has client shards 0..{prepared - 1}, "
-                          f"got {list(cfg.data.clients)}")
+        raise ConfigError(
+            f"data.clients: {cfg.data.path} has client shards 0..{prepared - 1}, "
+            f"got {list(cfg.data.clients)}"
+        )
     if len(shards) != cfg.scheme.clients:
         raise ConfigError(
             f"scheme.clients: {cfg.scheme.clients} clients, but {cfg.data.path} was prepared "
@@ -90,20 +93,32 @@ def select_clients(meta: dict[str, Any], cfg: Config) -> dict[str, Any]:
         )
     if meta["partition"] == "vertical":
         return {**meta, "shards": shards}
-    return {**meta, "clients": len(shards), "shards": shards,
-            "train_samples": [meta["train_samples"][k] for k in shards]}
+    return {
+        **meta,
+        "clients": len(shards),
+        "shards": shards,
+        "train_samples": [meta["train_samples"][k] for k in shards],
+    }
 
 
-def prepare(cfg: Config, world_size: int, *, resume: bool = False, overwrite: bool = False,
-            rank: int | None = None) -> RunPlan:
+def prepare(
+    cfg: Config,
+    world_size: int,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    rank: int | None = None,
+) -> RunPlan:
     """Checks everything this rank can check alone; with its ``rank``, that includes the
     shards it will read, against ``meta.json``."""
     spec = specs.get(cfg.scheme.name)
     topology = plan(cfg)
     check_world_size(topology, world_size)
     if cfg.transport.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"transport.device: cuda, but torch sees no CUDA device on "
-                          f"{socket.gethostname()} (use cpu or auto)")
+        raise ConfigError(
+            f"transport.device: cuda, but torch sees no CUDA device on "
+            f"{socket.gethostname()} (use cpu or auto)"
+        )
     meta = read_meta(Path(cfg.data.path))
     check_partition(meta, Path(cfg.data.path), cfg.scheme.name, wants_vertical=spec.vertical)
     meta = select_clients(meta, cfg)
@@ -123,10 +138,15 @@ def prepare(cfg: Config, world_size: int, *, resume: bool = False, overwrite: bo
         bounds = segment_bounds(len(layers), cut_indices(layers, cfg.model.cuts))
     if rank is not None:
         check_dataset(Path(cfg.data.path), meta, **_own_shards(cfg, topology, rank))
-    rundir.check_run_dir(Path(cfg.run.dir), checkpoint_dir(cfg), resume=resume,
-                         overwrite=overwrite)
-    run = RunPlan(cfg, topology, meta, layers, bounds,
-                  find_resume_point(cfg, topology, resume, overwrite=overwrite))
+    rundir.check_run_dir(Path(cfg.run.dir), checkpoint_dir(cfg), resume=resume, overwrite=overwrite)
+    run = RunPlan(
+        cfg,
+        topology,
+        meta,
+        layers,
+        bounds,
+        find_resume_point(cfg, topology, resume, overwrite=overwrite),
+    )
     spec.check_planned(run)
     return run
 
@@ -222,8 +242,9 @@ class RankContext:
         if self._model is None or wanted & self._handed_out or not wanted <= self._kept:
             keep = wanted.union(*(group for group in self._colocated if wanted & set(group)))
             meta = self.run.meta
-            self._model = build_parts(self.config.model, meta["feature_shape"],
-                                      meta["num_classes"], keep)
+            self._model = build_parts(
+                self.config.model, meta["feature_shape"], meta["num_classes"], keep
+            )
             self._kept, self._handed_out, self._optimised = set(keep), set(), set()
         self._handed_out |= wanted
         cuts = self.config.model.cuts
@@ -242,60 +263,99 @@ class RankContext:
 
 def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
     """Runs this rank's role; returns the summary on rank 0 (None elsewhere)."""
-    cfg = run.config
     me = run.topology.of(comm.Get_rank())
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     logger = setup_logging(me.rank, me.label)
-    run_dir = Path(cfg.run.dir)
     if me.rank == 0:
-        write_resolved_config(run_dir, cfg.to_dict())
-    spec = specs.get(cfg.scheme.name)
+        write_resolved_config(Path(run.config.run.dir), run.config.to_dict())
+    ctx = _rank_context(run, comm, me, logger)
+    start = time.perf_counter()
+    try:
+        try:
+            with preemptible(ctx.checkpoints.request_stop if ctx.checkpoints.enabled else None):
+                result = specs.get(run.config.scheme.name).runner(me.role)(ctx)
+                ctx.transport.flush()
+        except Preempted as stop:
+            _record_preemption(ctx, stop, time.perf_counter() - start)
+            raise
+        return _finish(ctx, result, time.perf_counter() - start, logger)
+    finally:
+        ctx.metrics.close()
+        ctx.tracer.write(ctx.run_dir)
+        ctx.transport.close()
+        ctx.checkpoints.close()
+
+
+def _rank_context(
+    run: RunPlan, comm: MPI.Comm, me: Placement, logger: logging.Logger
+) -> RankContext:
+    """This rank's transport, tracer, metrics log (cut back to the checkpoint on resume)
+    and checkpointer."""
+    cfg, run_dir = run.config, Path(run.config.run.dir)
     tracer = Tracer(me.rank, me.label, enabled=cfg.run.trace)
     device = _device(cfg, comm)
     transport = Transport(
-        comm, roles=[p.role.value for p in run.topology.placements],
-        timeout_s=cfg.transport.timeout_s, tracer=tracer, allowed=spec.routes, device=device,
+        comm,
+        roles=[p.role.value for p in run.topology.placements],
+        timeout_s=cfg.transport.timeout_s,
+        tracer=tracer,
+        allowed=specs.get(cfg.scheme.name).routes,
+        device=device,
         compressor=make_compressor(cfg.transport.compression, cfg.transport.topk_ratio),
     )
-    header = {"rank": me.rank, "role": me.label, "host": socket.gethostname(),
-              "pid": os.getpid(), "node": os.environ.get("MPISPLIT_NODE", socket.gethostname()),
-              "threads": torch.get_num_threads()}
+    header = {
+        "rank": me.rank,
+        "role": me.label,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "node": _node(),
+        "threads": torch.get_num_threads(),
+    }
     resumed_at = metrics_position(run.resume, me.rank) if run.resume is not None else None
-    metrics = MetricsLog(run_dir, me.rank, header, flush_every=cfg.run.log_every,
-                         append=run.resume is not None, truncate_to=resumed_at)
+    metrics = MetricsLog(
+        run_dir,
+        me.rank,
+        header,
+        flush_every=cfg.run.log_every,
+        append=run.resume is not None,
+        truncate_to=resumed_at,
+    )
     if run.resume is not None:
         metrics.write({"event": "resumed", "step": run.resume.step})
         logger.info("resumed from step %d (checkpoint %s)", run.resume.step, run.resume.path)
     checkpoints = Checkpointer(comm, transport, cfg, run.topology, run.resume, metrics)
-    ctx = RankContext(run, me, comm, transport, tracer, metrics, run_dir, device, checkpoints)
-    start = time.perf_counter()
-    try:
-        try:
-            with preemptible(checkpoints.request_stop if checkpoints.enabled else None):
-                result = spec.runner(me.role)(ctx)
-                transport.flush()
-        except Preempted as stop:
-            _record_preemption(ctx, stop, time.perf_counter() - start)
-            raise
-        wall = time.perf_counter() - start
-        metrics.write({"event": "end", "steps": result.steps, "wall_s": wall,
-                       "bytes_sent": transport.traffic.total_sent,
-                       "bytes_received": transport.traffic.total_received,
-                       "sent_routes": transport.traffic.sent_routes(),
-                       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-        if cfg.run.save_model and result.segment is not None:
-            torch.save(result.segment.module.state_dict(), run_dir / f"model-rank{me.rank}.pt")
-        summary = _summarize(ctx, result, wall, header["node"])
-        if summary is not None:
-            write_summary(run_dir, summary)
-            rundir.mark(run_dir, "finished")
-            _log_final(logger, summary)
-        return summary
-    finally:
-        metrics.close()
-        tracer.write(run_dir)
-        transport.close()
-        checkpoints.close()
+    return RankContext(run, me, comm, transport, tracer, metrics, run_dir, device, checkpoints)
+
+
+def _node() -> str:
+    """The node this rank runs on, as the job scripts name it (else the host name)."""
+    return os.environ.get("MPISPLIT_NODE", socket.gethostname())
+
+
+def _finish(
+    ctx: RankContext, result: RankResult, wall: float, logger: logging.Logger
+) -> dict[str, Any] | None:
+    """The rank's end record and saved part; the summary, written by rank 0."""
+    traffic = ctx.transport.traffic
+    ctx.metrics.write(
+        {
+            "event": "end",
+            "steps": result.steps,
+            "wall_s": wall,
+            "bytes_sent": traffic.total_sent,
+            "bytes_received": traffic.total_received,
+            "sent_routes": traffic.sent_routes(),
+            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    )
+    if ctx.config.run.save_model and result.segment is not None:
+        torch.save(result.segment.module.state_dict(), ctx.run_dir / f"model-rank{ctx.me.rank}.pt")
+    summary = _summarize(ctx, result, wall, _node())
+    if summary is not None:
+        write_summary(ctx.run_dir, summary)
+        rundir.mark(ctx.run_dir, "finished")
+        _log_final(logger, summary)
+    return summary
 
 
 _EXIT_GRACE_S = 5.0
@@ -311,29 +371,45 @@ def _record_preemption(ctx: RankContext, stop: Preempted, wall: float) -> None:
     as SIGTERM. So the ranks first meet; if one never comes, the stop is a failure
     (``stop.clean`` false): metrics end with ``interrupted`` and no summary is written."""
     stop.clean = ctx.checkpoints.meet_before_exit(_EXIT_GRACE_S, quiet=True)
-    ctx.metrics.write({"event": "preempted" if stop.clean else "interrupted",
-                       "signal": stop.signal_name, "wall_s": wall,
-                       "last_step": ctx.metrics.last_step, "checkpoint": stop.checkpoint,
-                       "bytes_sent": ctx.transport.traffic.total_sent,
-                       "bytes_received": ctx.transport.traffic.total_received})
+    ctx.metrics.write(
+        {
+            "event": "preempted" if stop.clean else "interrupted",
+            "signal": stop.signal_name,
+            "wall_s": wall,
+            "last_step": ctx.metrics.last_step,
+            "checkpoint": stop.checkpoint,
+            "bytes_sent": ctx.transport.traffic.total_sent,
+            "bytes_received": ctx.transport.traffic.total_received,
+        }
+    )
     ctx.metrics.close()
     if not stop.clean:
-        say(f"rank {ctx.me.rank} ({ctx.me.label}) stopped by {stop.signal_name}, but not "
-            f"every rank stopped with it: the job failed elsewhere (no summary written)")
+        say(
+            f"rank {ctx.me.rank} ({ctx.me.label}) stopped by {stop.signal_name}, but not "
+            f"every rank stopped with it: the job failed elsewhere (no summary written)"
+        )
         return
     if ctx.me.rank == 0:
-        write_summary(ctx.run_dir, {
-            "scheme": ctx.config.scheme.name, "world_size": ctx.topology.world_size,
-            "preempted": True, "signal": stop.signal_name, "checkpoint": stop.checkpoint,
-            "wall_time_s": round(ctx.checkpoints.prior.wall_s + wall, 4),
-            "steps": ctx.metrics.last_step,
-        })
-        rundir.mark(ctx.run_dir, "preempted", signal=stop.signal_name,
-                    checkpoint=stop.checkpoint)
-    saved = f"checkpoint at step {stop.checkpoint} committed" if stop.checkpoint \
-        else "metrics written"
-    say(f"rank {ctx.me.rank} ({ctx.me.label}) stopped by {stop.signal_name}; {saved} in "
-        f"{ctx.run_dir}")
+        write_summary(
+            ctx.run_dir,
+            {
+                "scheme": ctx.config.scheme.name,
+                "world_size": ctx.topology.world_size,
+                "preempted": True,
+                "signal": stop.signal_name,
+                "checkpoint": stop.checkpoint,
+                "wall_time_s": round(ctx.checkpoints.prior.wall_s + wall, 4),
+                "steps": ctx.metrics.last_step,
+            },
+        )
+        rundir.mark(ctx.run_dir, "preempted", signal=stop.signal_name, checkpoint=stop.checkpoint)
+    saved = (
+        f"checkpoint at step {stop.checkpoint} committed" if stop.checkpoint else "metrics written"
+    )
+    say(
+        f"rank {ctx.me.rank} ({ctx.me.label}) stopped by {stop.signal_name}; {saved} in "
+        f"{ctx.run_dir}"
+    )
     ctx.checkpoints.meet_before_exit(_EXIT_GRACE_S)
 
 
@@ -378,18 +454,31 @@ def _summarize(
 
     leakage = np.nan if result.leakage is None else result.leakage
     prior = ctx.checkpoints.prior
-    counters = np.array([result.steps, result.samples, traffic.total_sent,
-                         traffic.total_received, wall, leakage, prior.samples, prior.bytes_sent,
-                         prior.bytes_received], np.float64)
+    counters = np.array(
+        [
+            result.steps,
+            result.samples,
+            traffic.total_sent,
+            traffic.total_received,
+            wall,
+            leakage,
+            prior.samples,
+            prior.bytes_sent,
+            prior.bytes_received,
+        ],
+        np.float64,
+    )
     all_counters = np.zeros((size, counters.size), np.float64) if is_root else None
     gather(comm.Igather(counters, all_counters, root))
     name = np.zeros(_NODE_BYTES, np.uint8)
     encoded = node.encode()[:_NODE_BYTES]
-    name[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    name[: len(encoded)] = np.frombuffer(encoded, np.uint8)
     all_names = np.zeros((size, _NODE_BYTES), np.uint8) if is_root else None
     gather(comm.Igather(name, all_names, root))
-    rows = np.array([[e.step, e.client, e.loss, e.accuracy, e.count, e.task]
-                     for e in result.final_evals], np.float64).reshape(-1, _EVAL_COLUMNS)
+    rows = np.array(
+        [[e.step, e.client, e.loss, e.accuracy, e.count, e.task] for e in result.final_evals],
+        np.float64,
+    ).reshape(-1, _EVAL_COLUMNS)
     counts = np.zeros(size, np.int64) if is_root else None
     gather(comm.Igather(np.array([rows.size], np.int64), counts, root))
     gathered = np.zeros(int(counts.sum()) if counts is not None else 0, np.float64)
@@ -412,13 +501,22 @@ def _summarize(
         "train_samples": samples,
         **_throughput(samples, prior.wall_s + wall, all_counters[:, 2:4] + all_counters[:, 7:9]),
         "launches": prior.launches + 1,
-        "last_launch": {"resumed_from_step": ctx.checkpoints.resume_step, **_throughput(
-            samples - int(all_counters[:, 6].sum()), wall, all_counters[:, 2:4])},
+        "last_launch": {
+            "resumed_from_step": ctx.checkpoints.resume_step,
+            **_throughput(samples - int(all_counters[:, 6].sum()), wall, all_counters[:, 2:4]),
+        },
         "test_accuracy": float((evals[:, 3] * evals[:, 4]).sum() / total) if total else None,
         "test_loss": float((evals[:, 2] * evals[:, 4]).sum() / total) if total else None,
         "test_by_client": [
-            {"client": int(c), "step": int(s), "loss": float(loss), "accuracy": float(a),
-             "samples": int(n), "task": int(t)} for s, c, loss, a, n, t in evals
+            {
+                "client": int(c),
+                "step": int(s),
+                "loss": float(loss),
+                "accuracy": float(a),
+                "samples": int(n),
+                "task": int(t),
+            }
+            for s, c, loss, a, n, t in evals
         ],
         "test_by_task": _by_task(evals, specs.get(cfg.scheme.name).tasks(cfg.scheme)),
         "leakage_distance_correlation": _mean_or_none(all_counters[:, 5]),
@@ -444,12 +542,14 @@ def _by_task(evals: np.ndarray, tasks: tuple[str, ...]) -> list[dict[str, Any]]:
         rows = evals[evals[:, 5] == index]
         total = rows[:, 4].sum()
         if total:
-            by_task.append({
-                "task": name,
-                "accuracy": float((rows[:, 3] * rows[:, 4]).sum() / total),
-                "loss": float((rows[:, 2] * rows[:, 4]).sum() / total),
-                "samples": int(total),
-            })
+            by_task.append(
+                {
+                    "task": name,
+                    "accuracy": float((rows[:, 3] * rows[:, 4]).sum() / total),
+                    "loss": float((rows[:, 2] * rows[:, 4]).sum() / total),
+                    "samples": int(total),
+                }
+            )
     return by_task
 
 
@@ -463,7 +563,10 @@ def _log_final(logger: Any, summary: dict[str, Any]) -> None:
     launches = f" over {summary['launches']} launches" if summary["launches"] > 1 else ""
     logger.info(
         "done: %d steps in %.2f s%s (%.1f samples/s); test accuracy %s, test loss %s",
-        summary["steps"], summary["wall_time_s"], launches, summary["samples_per_s"],
+        summary["steps"],
+        summary["wall_time_s"],
+        launches,
+        summary["samples_per_s"],
         "n/a" if acc is None else f"{acc:.4f}",
         "n/a" if summary["test_loss"] is None else f"{summary['test_loss']:.4f}",
     )

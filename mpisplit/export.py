@@ -24,15 +24,21 @@ _PART = re.compile(r"model-rank(\d+)\.pt")
 
 def merge_parts(run_dir: Path, ranks: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """The union of the saved parts of ``ranks`` (default: every rank that saved one)."""
-    saved = {int(m[1]): path for path in Path(run_dir).glob("model-rank*.pt")
-             if (m := _PART.fullmatch(path.name))}
+    saved = {
+        int(m[1]): path
+        for path in Path(run_dir).glob("model-rank*.pt")
+        if (m := _PART.fullmatch(path.name))
+    }
     if not saved:
-        raise ConfigError(f"{run_dir}: no model-rank<R>.pt (was the run made with "
-                          f"run.save_model: true, and has it finished?)")
+        raise ConfigError(
+            f"{run_dir}: no model-rank<R>.pt (was the run made with "
+            f"run.save_model: true, and has it finished?)"
+        )
     missing = sorted(set(ranks or ()) - set(saved))
     if missing:
-        raise ConfigError(f"--ranks: {run_dir} has no part of rank(s) {missing} "
-                          f"(parts: {sorted(saved)})")
+        raise ConfigError(
+            f"--ranks: {run_dir} has no part of rank(s) {missing} (parts: {sorted(saved)})"
+        )
     merged: dict[str, torch.Tensor] = {}
     owner: dict[str, int] = {}
     for rank in sorted(saved) if ranks is None else ranks:
@@ -40,7 +46,8 @@ def merge_parts(run_dir: Path, ranks: Sequence[int] | None = None) -> dict[str, 
             if key in merged and not torch.equal(merged[key], value):
                 raise ConfigError(
                     f"{key}: model-rank{owner[key]}.pt and model-rank{rank}.pt hold different "
-                    f"values (each client trained its own); choose one with --ranks")
+                    f"values (each client trained its own); choose one with --ranks"
+                )
             merged.setdefault(key, value)
             owner.setdefault(key, rank)
     return merged
@@ -54,12 +61,14 @@ def check_loads(run_dir: Path, state: dict[str, torch.Tensor]) -> None:
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
-        raise ConfigError(f"{run_dir}: the merged parts do not load into "
-                          f"{config.model.name}: {err}") from None
+        raise ConfigError(
+            f"{run_dir}: the merged parts do not load into {config.model.name}: {err}"
+        ) from None
 
 
-def export(run_dir: Path, out: Path, ranks: Sequence[int] | None = None,
-           *, check: bool = True) -> Path:
+def export(
+    run_dir: Path, out: Path, ranks: Sequence[int] | None = None, *, check: bool = True
+) -> Path:
     state = merge_parts(run_dir, ranks)
     if check:
         check_loads(run_dir, state)

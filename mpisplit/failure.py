@@ -50,8 +50,10 @@ class NonFiniteLoss(RuntimeError):
 def check_loss(loss: torch.Tensor, step: int) -> torch.Tensor:
     """Returns ``loss`` if finite; otherwise stops the run, naming the step."""
     if not bool(torch.isfinite(loss.detach()).all()):
-        raise NonFiniteLoss(f"the loss is {float(loss.detach())} at step {step}; stopped before "
-                            f"it reached any weights (lower train.lr, or check the data)")
+        raise NonFiniteLoss(
+            f"the loss is {float(loss.detach())} at step {step}; stopped before "
+            f"it reached any weights (lower train.lr, or check the data)"
+        )
     return loss
 
 
@@ -84,6 +86,7 @@ def preemptible(defer: Callable[[int], None] | None = None) -> Iterator[None]:
     process, the two signals are ignored with one line: the rank only reports and exits, and
     dying of a late time-limit warning (Slurm's ``--signal``) would make a job script
     requeue a run that has finished."""
+
     def handler(signum: int, _frame: object) -> None:
         if defer is None:
             raise Preempted(signum)
@@ -101,8 +104,9 @@ def preemptible(defer: Callable[[int], None] | None = None) -> Iterator[None]:
 
 
 def _ignore_after_training(signum: int, _frame: object) -> None:
-    logging.getLogger("mpisplit").warning("%s after training had finished: ignored",
-                                          signal.Signals(signum).name)
+    logging.getLogger("mpisplit").warning(
+        "%s after training had finished: ignored", signal.Signals(signum).name
+    )
 
 
 def say(line: str) -> None:
@@ -123,8 +127,9 @@ def agree_on_input(comm: MPI.Comm, error: Exception | None) -> bool:
     return not failed.any()
 
 
-def abort_on_failure(comm: MPI.Comm, label: str, body: Callable[[], T],
-                     run_dir: Path | None = None) -> T:
+def abort_on_failure(
+    comm: MPI.Comm, label: str, body: Callable[[], T], run_dir: Path | None = None
+) -> T:
     """Runs ``body``; on any exception reports it and aborts the job with exit status 3.
     With ``run_dir``, the first failing rank marks the run failed there and reports; a rank
     failing after it does not repeat the news."""
@@ -135,8 +140,9 @@ def abort_on_failure(comm: MPI.Comm, label: str, body: Callable[[], T],
     except BaseException as err:  # noqa: BLE001 - every failure must end the whole job
         rank, host = comm.Get_rank(), socket.gethostname()
         cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-        first = run_dir is None or rundir.mark_failed(run_dir, rank=rank, role=label,
-                                                      host=host, error=cause)
+        first = run_dir is None or rundir.mark_failed(
+            run_dir, rank=rank, role=label, host=host, error=cause
+        )
         if first:
             if not isinstance(err, EXPECTED):
                 traceback.print_exc()

@@ -75,8 +75,10 @@ class ImportSpec:
             return suffix
         if ":" in self.source:
             return "dataset"
-        raise DataError(f"{self.source}: cannot tell the format from the name; give --format "
-                        f"({', '.join(FORMATS)})")
+        raise DataError(
+            f"{self.source}: cannot tell the format from the name; give --format "
+            f"({', '.join(FORMATS)})"
+        )
 
 
 def open_source(spec: ImportSpec) -> Source:
@@ -90,11 +92,13 @@ def open_source(spec: ImportSpec) -> Source:
         names = cols.features or (None,)
         if len(names) != 1:
             raise DataError(f"{path}: arrays take one --features name, got {list(names)}")
-        return ArraySource(path, features=names[0], labels=cols.label, ids=cols.id,
-                           classes=cols.classes)
+        return ArraySource(
+            path, features=names[0], labels=cols.label, ids=cols.id, classes=cols.classes
+        )
     if kind == "images":
-        return ImageFolderSource(path, size=spec.image_size, grayscale=spec.grayscale,
-                                 classes=cols.classes)
+        return ImageFolderSource(
+            path, size=spec.image_size, grayscale=spec.grayscale, classes=cols.classes
+        )
     if kind == "dataset":
         return DatasetSource(spec.source, cols.classes)
     raise DataError(f"--format: unknown {kind!r}; choose from {', '.join(FORMATS)}")
@@ -108,23 +112,32 @@ def import_shard(spec: ImportSpec) -> Path:
     source = open_source(spec)
     rows, stats = _survey(source, spec)
     schema = source.schema
-    site = {"site": spec.site or out.stem, "feature_names": list(schema.feature_names),
-            "classes": None if schema.classes is None else list(schema.classes),
-            "normalization": OWN_STATISTICS if spec.standardize else None,
-            "id_column": spec.columns.id}
-    attrs = {**shard_attrs(spec.dataset, len(schema.classes or ()), schema.feature_shape),
-             SITE_ATTR: json.dumps(site)}
+    site = {
+        "site": spec.site or out.stem,
+        "feature_names": list(schema.feature_names),
+        "classes": None if schema.classes is None else list(schema.classes),
+        "normalization": OWN_STATISTICS if spec.standardize else None,
+        "id_column": spec.columns.id,
+    }
+    attrs = {
+        **shard_attrs(spec.dataset, len(schema.classes or ()), schema.feature_shape),
+        SITE_ATTR: json.dumps(site),
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        with ShardWriter(tmp, rows, attrs, features=schema.feature_shape,
-                          labels=schema.classes is not None) as writer:
+        with ShardWriter(
+            tmp, rows, attrs, features=schema.feature_shape, labels=schema.classes is not None
+        ) as writer:
             start = 0
             for chunk in source.chunks(spec.chunk_rows):
                 count = len(chunk.features)
                 ids = chunk.ids if chunk.ids is not None else np.arange(start, start + count)
-                features = chunk.features if stats is None else \
-                    ((chunk.features - stats[0]) / stats[1]).astype(np.float32)
+                features = (
+                    chunk.features
+                    if stats is None
+                    else ((chunk.features - stats[0]) / stats[1]).astype(np.float32)
+                )
                 columns = {"features": features, "ids": ids}
                 if chunk.labels is not None:
                     columns["labels"] = chunk.labels
@@ -149,13 +162,13 @@ def _survey(source: Source, spec: ImportSpec) -> tuple[int, tuple[np.ndarray, np
         if spec.standardize:
             values = chunk.features.astype(np.float64)
             total = values.sum(axis=0) + (0 if total is None else total)
-            squares = (values ** 2).sum(axis=0) + (0 if squares is None else squares)
+            squares = (values**2).sum(axis=0) + (0 if squares is None else squares)
     if not rows:
         raise DataError(f"{source.path}: no data rows")
     if total is None:
         return rows, None
     mean = total / rows
-    std = np.sqrt(np.maximum(squares / rows - mean ** 2, 0))
+    std = np.sqrt(np.maximum(squares / rows - mean**2, 0))
     std[std == 0] = 1.0
     return rows, (mean.astype(np.float32), std.astype(np.float32))
 
@@ -171,12 +184,15 @@ def _check_unique_ids(shard: Path, source: str, at_once: int = _IDS_AT_ONCE) -> 
         ids = file["ids"]
         buckets = max(1, -(-len(ids) // at_once))
         for bucket in range(buckets):
-            kept = [part[_bucket(part, buckets) == bucket] for part in
-                    (ids[start:start + at_once] for start in range(0, len(ids), at_once))]
+            kept = [
+                part[_bucket(part, buckets) == bucket]
+                for part in (ids[start : start + at_once] for start in range(0, len(ids), at_once))
+            ]
             unique, counts = np.unique(np.concatenate(kept), return_counts=True)
             if (counts > 1).any():
-                raise DataError(f"{source}: id {unique[np.argmax(counts > 1)]} occurs more "
-                                "than once")
+                raise DataError(
+                    f"{source}: id {unique[np.argmax(counts > 1)]} occurs more than once"
+                )
 
 
 def _bucket(ids: np.ndarray, buckets: int) -> np.ndarray:
@@ -186,6 +202,7 @@ def _bucket(ids: np.ndarray, buckets: int) -> np.ndarray:
 
 
 # --- assembly ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Shard:
@@ -212,12 +229,21 @@ def read_shard_meta(path: Path, role: str) -> _Shard:
             for name, column in file.items():
                 expected = FIELD_DTYPES.get(name)
                 if expected is not None and column.dtype != np.dtype(expected):
-                    raise DataError(f"{where}: dataset {name!r} has dtype {column.dtype}, "
-                                    f"expected {np.dtype(expected)}")
+                    raise DataError(
+                        f"{where}: dataset {name!r} has dtype {column.dtype}, "
+                        f"expected {np.dtype(expected)}"
+                    )
             features = file.get("features")
-            return _Shard(path, role, site, str(file.attrs.get("dataset")), len(file["ids"]),
-                          None if features is None else tuple(features.shape[1:]),
-                          "labels" in file, "ids" in file)
+            return _Shard(
+                path,
+                role,
+                site,
+                str(file.attrs.get("dataset")),
+                len(file["ids"]),
+                None if features is None else tuple(features.shape[1:]),
+                "labels" in file,
+                "ids" in file,
+            )
     except FileNotFoundError:
         raise DataError(f"{where}: no such file") from None
     except OSError as exc:
@@ -226,8 +252,10 @@ def read_shard_meta(path: Path, role: str) -> _Shard:
 
 def _agree(first: _Shard, other: _Shard, field: str, a: Any, b: Any) -> None:
     if a != b:
-        raise DataError(f"{other.path} ({other.role}, site {other.site['site']!r}): {field} "
-                        f"{b} differs from {first.role}'s ({first.site['site']!r}) {a}")
+        raise DataError(
+            f"{other.path} ({other.role}, site {other.site['site']!r}): {field} "
+            f"{b} differs from {first.role}'s ({first.site['site']!r}) {a}"
+        )
 
 
 def _check_horizontal(shards: Sequence[_Shard]) -> None:
@@ -235,22 +263,32 @@ def _check_horizontal(shards: Sequence[_Shard]) -> None:
     for shard in shards:
         if shard.feature_shape is None or not shard.has_labels:
             raise DataError(f"{shard.path} ({shard.role}): needs features and labels")
-        _agree(first, shard, "feature_names", first.site["feature_names"],
-               shard.site["feature_names"])
+        _agree(
+            first, shard, "feature_names", first.site["feature_names"], shard.site["feature_names"]
+        )
         _agree(first, shard, "feature shape", first.feature_shape, shard.feature_shape)
         _agree(first, shard, "classes", first.site["classes"], shard.site["classes"])
-        _agree(first, shard, "normalization", first.site["normalization"],
-               shard.site["normalization"])
+        _agree(
+            first, shard, "normalization", first.site["normalization"], shard.site["normalization"]
+        )
         _agree(first, shard, "dataset", first.dataset, shard.dataset)
 
 
-def assemble(out: Path, *, clients: Sequence[Path] = (), test: Path | None = None,
-             parties: Sequence[Path] = (), labels: Path | None = None,
-             test_parties: Sequence[Path] = (), test_labels: Path | None = None) -> Path:
+def assemble(
+    out: Path,
+    *,
+    clients: Sequence[Path] = (),
+    test: Path | None = None,
+    parties: Sequence[Path] = (),
+    labels: Path | None = None,
+    test_parties: Sequence[Path] = (),
+    test_labels: Path | None = None,
+) -> Path:
     """Check the sites' schemas agree and copy their shards into a new dataset directory."""
     if bool(clients) == bool(parties):
-        raise DataError("assemble: give either --client shards (horizontal) or --party "
-                        "shards (vertical)")
+        raise DataError(
+            "assemble: give either --client shards (horizontal) or --party shards (vertical)"
+        )
     if clients:
         files, meta = _horizontal(clients, test)
     else:
@@ -276,49 +314,73 @@ def _horizontal(clients: Sequence[Path], test: Path | None) -> tuple[list, dict[
     return files, _meta(first, shards, test_shard.rows, first.feature_shape, "sites")
 
 
-def _vertical(parties: Sequence[Path], labels: Path | None, test_parties: Sequence[Path],
-              test_labels: Path | None) -> tuple[list, dict[str, Any]]:
+def _vertical(
+    parties: Sequence[Path],
+    labels: Path | None,
+    test_parties: Sequence[Path],
+    test_labels: Path | None,
+) -> tuple[list, dict[str, Any]]:
     if labels is None or test_labels is None or len(test_parties) != len(parties):
-        raise DataError("assemble: vertical needs --labels, --test-labels and one "
-                        "--test-party per --party")
+        raise DataError(
+            "assemble: vertical needs --labels, --test-labels and one --test-party per --party"
+        )
     train = [read_shard_meta(path, f"party {p}") for p, path in enumerate(parties)]
     test = [read_shard_meta(path, f"test party {p}") for p, path in enumerate(test_parties)]
-    label_shards = [read_shard_meta(labels, "labels"), read_shard_meta(test_labels,
-                                                                       "test labels")]
+    label_shards = [read_shard_meta(labels, "labels"), read_shard_meta(test_labels, "test labels")]
     for shard in train + test:
         if shard.feature_shape is None:
             raise DataError(f"{shard.path} ({shard.role}): has no features")
     for shard in train + test + label_shards:
         if not shard.site.get("id_column"):
-            raise DataError(f"{shard.path} ({shard.role}): vertical shards need the ids of an "
-                            "id column (data import --id COLUMN) to be aligned by")
+            raise DataError(
+                f"{shard.path} ({shard.role}): vertical shards need the ids of an "
+                "id column (data import --id COLUMN) to be aligned by"
+            )
     for own, held_out in zip(train, test, strict=True):
-        _agree(own, held_out, "feature_names", own.site["feature_names"],
-               held_out.site["feature_names"])
+        _agree(
+            own,
+            held_out,
+            "feature_names",
+            own.site["feature_names"],
+            held_out.site["feature_names"],
+        )
         _agree(own, held_out, "feature shape", own.feature_shape, held_out.feature_shape)
     for shard in label_shards:
         if not shard.has_labels:
             raise DataError(f"{shard.path} ({shard.role}): has no labels")
-        _agree(label_shards[0], shard, "classes", label_shards[0].site["classes"],
-               shard.site["classes"])
+        _agree(
+            label_shards[0],
+            shard,
+            "classes",
+            label_shards[0].site["classes"],
+            shard.site["classes"],
+        )
     shapes = [shard.feature_shape for shard in train]
     if len({shape[:-1] for shape in shapes}) > 1:
-        raise DataError(f"assemble: party feature shapes {shapes} must agree except in their "
-                        "last axis")
+        raise DataError(
+            f"assemble: party feature shapes {shapes} must agree except in their last axis"
+        )
     joined = (*shapes[0][:-1], sum(shape[-1] for shape in shapes))
     root = Path(".")
     files = [(s.path, shard_path(root, "party", p)) for p, s in enumerate(train)]
     files += [(s.path, shard_path(root, "party", p, test=True)) for p, s in enumerate(test)]
-    files += [(label_shards[0].path, shard_path(root, "labels")),
-              (label_shards[1].path, shard_path(root, "labels", test=True))]
+    files += [
+        (label_shards[0].path, shard_path(root, "labels")),
+        (label_shards[1].path, shard_path(root, "labels", test=True)),
+    ]
     meta = _meta(label_shards[0], train, label_shards[1].rows, joined, "vertical")
     meta["parties"] = [shard.site["site"] for shard in train]
     meta["party_feature_shapes"] = [list(shape) for shape in shapes]
     return files, meta
 
 
-def _meta(first: _Shard, train: Sequence[_Shard], test_rows: int,
-          feature_shape: tuple[int, ...], partition: str) -> dict[str, Any]:
+def _meta(
+    first: _Shard,
+    train: Sequence[_Shard],
+    test_rows: int,
+    feature_shape: tuple[int, ...],
+    partition: str,
+) -> dict[str, Any]:
     return {
         "dataset": first.dataset,
         "num_classes": len(first.site["classes"]),
@@ -342,26 +404,46 @@ _SCHEMA_KEYS = ("label", "id", "features", "categorical", "classes")
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``mpisplit data import``."""
-    parser.add_argument("source", help="CSV/TSV/Parquet/.npy/.npz file, image folder, or "
-                        "package.module:factory / file.py:factory returning a torch Dataset")
+    parser.add_argument(
+        "source",
+        help="CSV/TSV/Parquet/.npy/.npz file, image folder, or "
+        "package.module:factory / file.py:factory returning a torch Dataset",
+    )
     parser.add_argument("--out", required=True, type=Path, help="the site's shard file (.h5)")
     parser.add_argument("--format", choices=FORMATS, help="default: from the source's name")
     parser.add_argument("--label", help="label column (arrays: labels array or .npy file)")
-    parser.add_argument("--id", help="id column (arrays: ids array or .npy file); vertical "
-                        "parties align rows by it")
-    parser.add_argument("--features", type=_names, help="feature columns, comma-separated "
-                        "(default: every other column; arrays: the features array's name)")
-    parser.add_argument("--categorical", action="append", default=[], metavar="COL=V1,V2",
-                        help="a categorical feature column and its vocabulary (one-hot)")
+    parser.add_argument(
+        "--id", help="id column (arrays: ids array or .npy file); vertical parties align rows by it"
+    )
+    parser.add_argument(
+        "--features",
+        type=_names,
+        help="feature columns, comma-separated "
+        "(default: every other column; arrays: the features array's name)",
+    )
+    parser.add_argument(
+        "--categorical",
+        action="append",
+        default=[],
+        metavar="COL=V1,V2",
+        help="a categorical feature column and its vocabulary (one-hot)",
+    )
     parser.add_argument("--classes", type=_names, help="the label's classes, in order")
-    parser.add_argument("--schema", type=Path, help="JSON with any of label, id, features, "
-                        "categorical ({column: [values]}), classes; flags take precedence")
+    parser.add_argument(
+        "--schema",
+        type=Path,
+        help="JSON with any of label, id, features, "
+        "categorical ({column: [values]}), classes; flags take precedence",
+    )
     parser.add_argument("--site", help="the site's name in the dataset (default: file stem)")
     parser.add_argument("--dataset", default="imported", help="dataset name, same at all sites")
     parser.add_argument("--image-size", type=_size, default=(32, 32), metavar="H,W")
     parser.add_argument("--grayscale", action="store_true", help="images: one channel")
-    parser.add_argument("--standardize", action="store_true",
-                        help="scale each feature by this site's own mean and std")
+    parser.add_argument(
+        "--standardize",
+        action="store_true",
+        help="scale each feature by this site's own mean and std",
+    )
     parser.add_argument("--chunk-rows", type=int, default=4096, help="rows read at a time")
 
 
@@ -382,27 +464,56 @@ def spec_from_args(args: argparse.Namespace) -> ImportSpec:
         value = flag if flag is not None else given.get(name)
         return tuple(value) if isinstance(value, list) else value
 
-    columns = Columns(label=pick("label"), id=pick("id"), features=pick("features"),
-                      classes=pick("classes"), categorical={
-                          name: tuple(str(v) for v in values)
-                          for name, values in categorical.items()})
-    return ImportSpec(source=args.source, out=args.out, format=args.format, columns=columns,
-                      site=args.site, dataset=args.dataset, image_size=args.image_size,
-                      grayscale=args.grayscale, standardize=args.standardize,
-                      chunk_rows=args.chunk_rows)
+    columns = Columns(
+        label=pick("label"),
+        id=pick("id"),
+        features=pick("features"),
+        classes=pick("classes"),
+        categorical={name: tuple(str(v) for v in values) for name, values in categorical.items()},
+    )
+    return ImportSpec(
+        source=args.source,
+        out=args.out,
+        format=args.format,
+        columns=columns,
+        site=args.site,
+        dataset=args.dataset,
+        image_size=args.image_size,
+        grayscale=args.grayscale,
+        standardize=args.standardize,
+        chunk_rows=args.chunk_rows,
+    )
 
 
 def add_assemble_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``mpisplit data assemble``."""
     parser.add_argument("--out", required=True, type=Path, help="dataset directory to create")
-    parser.add_argument("--client", dest="clients", action="append", type=Path, default=[],
-                        help="horizontal: a client's shard (repeat, in client order)")
+    parser.add_argument(
+        "--client",
+        dest="clients",
+        action="append",
+        type=Path,
+        default=[],
+        help="horizontal: a client's shard (repeat, in client order)",
+    )
     parser.add_argument("--test", type=Path, help="horizontal: the test shard")
-    parser.add_argument("--party", dest="parties", action="append", type=Path, default=[],
-                        help="vertical: a party's shard (repeat, in party order)")
+    parser.add_argument(
+        "--party",
+        dest="parties",
+        action="append",
+        type=Path,
+        default=[],
+        help="vertical: a party's shard (repeat, in party order)",
+    )
     parser.add_argument("--labels", type=Path, help="vertical: the label holder's shard")
-    parser.add_argument("--test-party", dest="test_parties", action="append", type=Path,
-                        default=[], help="vertical: a party's test shard (same order)")
+    parser.add_argument(
+        "--test-party",
+        dest="test_parties",
+        action="append",
+        type=Path,
+        default=[],
+        help="vertical: a party's test shard (same order)",
+    )
     parser.add_argument("--test-labels", type=Path, help="vertical: the test labels shard")
 
 

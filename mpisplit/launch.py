@@ -56,8 +56,11 @@ class Launcher:
         env = dict(os.environ if base is None else base)
         if self.flavor != "openmpi":
             return env
-        settings = {"OMPI_MCA_rmaps_base_oversubscribe": "1"} if self.version[:1] == (4,) \
+        settings = (
+            {"OMPI_MCA_rmaps_base_oversubscribe": "1"}
+            if self.version[:1] == (4,)
             else {"PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe"}
+        )
         if os.geteuid() == 0:
             settings |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
         return {**settings, **env}
@@ -80,9 +83,11 @@ def find(choice: str = "auto") -> Launcher:
             raise LaunchError("launcher srun: no srun on PATH")
         return Launcher("srun", srun, flavor, version, _srun_mpi(srun, flavor))
     if mpiexec is None:
-        raise LaunchError("no mpiexec beside this Python or on PATH: run tools/install.sh "
-                          "(it installs an MPI from PyPI), load your site's MPI module, or set "
-                          "MPISPLIT_MPIEXEC")
+        raise LaunchError(
+            "no mpiexec beside this Python or on PATH: run tools/install.sh "
+            "(it installs an MPI from PyPI), load your site's MPI module, or set "
+            "MPISPLIT_MPIEXEC"
+        )
     return Launcher("mpiexec", mpiexec, flavor, version)
 
 
@@ -99,8 +104,9 @@ def mpiexec_path() -> str | None:
 def identify(mpiexec: str) -> tuple[str, tuple[int, ...]]:
     """(flavor, version) of the MPI behind ``mpiexec``, from its ``--version``."""
     try:
-        text = subprocess.run([mpiexec, "--version"], capture_output=True, text=True,
-                              timeout=30).stdout
+        text = subprocess.run(
+            [mpiexec, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return "unknown", ()
     match = re.search(r"\((?:Open MPI|OpenRTE)\) (\d+(?:\.\d+)*)", text)
@@ -122,15 +128,15 @@ def _srun_mpi(srun: str, flavor: str) -> str:
         return os.environ["MPISPLIT_SRUN_MPI"]
     wanted = _SRUN_MPI.get(flavor, "")
     try:
-        offered = subprocess.run([srun, "--mpi=list"], capture_output=True, text=True,
-                                 timeout=30)
+        offered = subprocess.run([srun, "--mpi=list"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return wanted if wanted and wanted in offered.stdout + offered.stderr else ""
 
 
-def run_command(ranks: int, argv: Sequence[str], choice: str = "auto"
-                ) -> tuple[list[str], dict[str, str]]:
+def run_command(
+    ranks: int, argv: Sequence[str], choice: str = "auto"
+) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that start ``argv`` on ``ranks`` ranks."""
     launcher = find(choice)
     return launcher.command(ranks, argv), launcher.environment()

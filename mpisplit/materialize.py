@@ -25,15 +25,44 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 aten = torch.ops.aten
-_RANDOM_NEW = {aten.rand, aten.randn, aten.randint, aten.randperm, aten.rand_like,
-               aten.randn_like, aten.randint_like, aten.normal, aten.bernoulli,
-               aten.multinomial, aten.poisson}
-_ALLOCATIONS = _RANDOM_NEW | {aten.empty, aten.empty_strided, aten.zeros, aten.ones,
-                              aten.full, aten.arange, aten.eye, aten.linspace,
-                              aten.empty_like, aten.zeros_like, aten.ones_like,
-                              aten.full_like, aten.scalar_tensor}
-_RANDOM_IN_PLACE = {aten.uniform_, aten.normal_, aten.bernoulli_, aten.random_,
-                    aten.exponential_, aten.geometric_, aten.log_normal_, aten.cauchy_}
+_RANDOM_NEW = {
+    aten.rand,
+    aten.randn,
+    aten.randint,
+    aten.randperm,
+    aten.rand_like,
+    aten.randn_like,
+    aten.randint_like,
+    aten.normal,
+    aten.bernoulli,
+    aten.multinomial,
+    aten.poisson,
+}
+_ALLOCATIONS = _RANDOM_NEW | {
+    aten.empty,
+    aten.empty_strided,
+    aten.zeros,
+    aten.ones,
+    aten.full,
+    aten.arange,
+    aten.eye,
+    aten.linspace,
+    aten.empty_like,
+    aten.zeros_like,
+    aten.ones_like,
+    aten.full_like,
+    aten.scalar_tensor,
+}
+_RANDOM_IN_PLACE = {
+    aten.uniform_,
+    aten.normal_,
+    aten.bernoulli_,
+    aten.random_,
+    aten.exponential_,
+    aten.geometric_,
+    aten.log_normal_,
+    aten.cauchy_,
+}
 
 
 class _Record(TorchDispatchMode):
@@ -94,12 +123,18 @@ def _storages(tensors: Iterable[torch.Tensor]) -> set[int]:
 
 
 def _state(module: nn.Module) -> list[torch.Tensor]:
-    return [t for _, t in (*module.named_parameters(remove_duplicate=False),
-                           *module.named_buffers(remove_duplicate=False))]
+    return [
+        t
+        for _, t in (
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        )
+    ]
 
 
-def build_kept(build: Callable[[], nn.Module], seed: int,
-               kept: Callable[[nn.Module], Iterable[nn.Module]]) -> nn.Module:
+def build_kept(
+    build: Callable[[], nn.Module], seed: int, kept: Callable[[nn.Module], Iterable[nn.Module]]
+) -> nn.Module:
     """``build()`` under ``torch.manual_seed(seed)`` with only the tensors of ``kept(model)``
     (the parts this rank holds) on the CPU; the others stay on the meta device."""
     record = _Record()
@@ -108,8 +143,11 @@ def build_kept(build: Callable[[], nn.Module], seed: int,
         shape = build()
     keep = _storages(t for part in kept(shape) for t in _state(part))
     final = _storages(_state(shape))
-    elsewhere = {number for number, t in enumerate(record.allocations)
-                 if t.untyped_storage()._cdata in final - keep}
+    elsewhere = {
+        number
+        for number, t in enumerate(record.allocations)
+        if t.untyped_storage()._cdata in final - keep
+    }
     materialize = _Materialize(elsewhere)
     with torch.random.fork_rng(devices=[]), materialize:
         torch.manual_seed(seed)
@@ -118,7 +156,8 @@ def build_kept(build: Callable[[], nn.Module], seed: int,
     if materialize.count != len(record.allocations) or any(t.is_meta for t in owned):
         logging.getLogger("mpisplit").warning(
             "the model factory allocated differently on the meta device; building the whole "
-            "model on every rank")
+            "model on every rank"
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build()

@@ -65,8 +65,11 @@ def write_csv(run_dir: Path, out: Path) -> list[Path]:
             writer.writerow(["key", "value"])
             writer.writerows(flatten(json.loads(summary.read_text())).items())
         written.append(out / "summary.csv")
-    rows = [{"rank": rank, **{key: _cell(value) for key, value in record.items()}}
-            for rank, records in metrics.items() for record in records]
+    rows = [
+        {"rank": rank, **{key: _cell(value) for key, value in record.items()}}
+        for rank, records in metrics.items()
+        for record in records
+    ]
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with open(out / "metrics.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, columns)
@@ -84,8 +87,10 @@ def write_tensorboard(run_dir: Path, out: Path) -> Path:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
-        raise ExportError("--tensorboard needs TensorBoard: pip install 'mpisplit[tensorboard]' "
-                          "(or MPISPLIT_EXTRAS=tensorboard bash tools/install.sh)") from err
+        raise ExportError(
+            "--tensorboard needs TensorBoard: pip install 'mpisplit[tensorboard]' "
+            "(or MPISPLIT_EXTRAS=tensorboard bash tools/install.sh)"
+        ) from err
     metrics = read_metrics(run_dir)
     if not metrics:
         raise ExportError(f"{run_dir}: no metrics-rank<R>.jsonl to export")
@@ -102,12 +107,18 @@ def scalars(records: list[dict[str, Any]]) -> list[tuple[str, int, float]]:
     for record in records:
         if record.get("event") == "eval":
             tag = f"eval/client{record.get('client', 0)}"
-            out += [(f"{tag}/{key}", record.get("step", 0), float(record[key]))
-                    for key in ("accuracy", "loss") if record.get(key) is not None]
+            out += [
+                (f"{tag}/{key}", record.get("step", 0), float(record[key]))
+                for key in ("accuracy", "loss")
+                if record.get(key) is not None
+            ]
         elif "event" not in record and "step" in record:
             step = record["step"]
-            out += [(key, step, float(record[key])) for key in
-                    ("loss", "bytes_sent", "bytes_received") if record.get(key) is not None]
+            out += [
+                (key, step, float(record[key]))
+                for key in ("loss", "bytes_sent", "bytes_received")
+                if record.get(key) is not None
+            ]
             if previous is not None:
                 out.append(("step_time_s", step, record["time"] - previous))
             previous = record["time"]

@@ -37,7 +37,10 @@ LayerPlan = list[tuple[str, Callable[[], nn.Module]]]
 
 
 def mlp(
-    *, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (64, 32),
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    hidden: Sequence[int] = (64, 32),
     dropout: float = 0.0,
 ) -> LayerPlan:
     """Fully connected network for tabular (EHR-like) records."""
@@ -56,7 +59,10 @@ def mlp(
 
 
 def cnn(
-    *, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (16, 32),
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    channels: Sequence[int] = (16, 32),
     hidden: int = 64,
 ) -> LayerPlan:
     """Small convolutional network for images (e.g. 8×8 digits)."""
@@ -79,8 +85,10 @@ def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
     """Identity, or a strided 1×1 projection where the block changes shape."""
     if stride == 1 and in_channels == out_channels:
         return nn.Identity()
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                         nn.BatchNorm2d(out_channels))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
 
 
 class ResidualBlock(nn.Module):
@@ -102,7 +110,10 @@ class ResidualBlock(nn.Module):
 
 
 def resnet(
-    *, input_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (16, 32, 64),
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    widths: Sequence[int] = (16, 32, 64),
     blocks_per_stage: int = 1,
 ) -> LayerPlan:
     """ResNet-style network for benchmarks; every residual block is a cuttable layer."""
@@ -131,14 +142,19 @@ def vgg_block(in_channels: int, widths: Sequence[int]) -> nn.Sequential:
     """3×3 conv + BatchNorm + ReLU per width, then a 2×2 max pool (halves the image)."""
     layers: list[nn.Module] = []
     for width in widths:
-        layers += [nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
-                   nn.BatchNorm2d(width), nn.ReLU()]
+        layers += [
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        ]
         in_channels = width
     return nn.Sequential(*layers, nn.MaxPool2d(2))
 
 
 def vgg(
-    *, input_shape: Sequence[int], num_classes: int,
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
     blocks: Sequence[Sequence[int]] = VGG16,
 ) -> LayerPlan:
     """VGG-style network for 32×32 images (VGG-16 by default, CIFAR variant: one linear head
@@ -162,10 +178,14 @@ class Bottleneck(nn.Module):
         super().__init__()
         out_channels = width * self.expansion
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(in_channels, width, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
             nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
         )
         self.shortcut = _shortcut(in_channels, out_channels, stride)
 
@@ -174,7 +194,9 @@ class Bottleneck(nn.Module):
 
 
 def resnet50(
-    *, input_shape: Sequence[int], num_classes: int,
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
     stages: Sequence[int] = (3, 4, 6, 3),
 ) -> LayerPlan:
     """Bottleneck ResNet-50 for 32×32 images (CIFAR stem: one 3×3 conv, no max pool);
@@ -198,7 +220,11 @@ def resnet50(
 
 
 ZOO: dict[str, Callable[..., LayerPlan]] = {
-    "mlp": mlp, "cnn": cnn, "resnet": resnet, "vgg": vgg, "resnet50": resnet50,
+    "mlp": mlp,
+    "cnn": cnn,
+    "resnet": resnet,
+    "vgg": vgg,
+    "resnet50": resnet50,
 }
 """The zoo's layer plans; ``model_factory(name)`` turns one into an ordinary factory."""
 
@@ -221,14 +247,16 @@ def model_factory(name: str) -> Callable[..., nn.Module]:
         return _PYTHON_FACTORIES[name]
     target, colon, attr = name.rpartition(":")
     if not colon or not target or not attr:
-        raise ConfigError(f"model.name: unknown model '{name}' (zoo: {', '.join(ZOO)}; or a "
-                          f"factory as package.module:function or path/to/file.py:function)")
+        raise ConfigError(
+            f"model.name: unknown model '{name}' (zoo: {', '.join(ZOO)}; or a "
+            f"factory as package.module:function or path/to/file.py:function)"
+        )
     try:
-        module = _import_file(target) if target.endswith(".py") else \
-            importlib.import_module(target)
+        module = _import_file(target) if target.endswith(".py") else importlib.import_module(target)
     except Exception as err:  # the user's module may raise anything while importing
-        raise ConfigError(f"model.name: cannot import {target}: {type(err).__name__}: {err}") \
-            from None
+        raise ConfigError(
+            f"model.name: cannot import {target}: {type(err).__name__}: {err}"
+        ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"model.name: {target} has no function '{attr}'")
@@ -265,8 +293,12 @@ def _zoo_factory(builder: Callable[..., LayerPlan]) -> Callable[..., nn.Module]:
     return factory
 
 
-def factory_kwargs(cfg: ModelConfig, factory: Callable[..., nn.Module],
-                   input_shape: Sequence[int], num_classes: int) -> dict[str, object]:
+def factory_kwargs(
+    cfg: ModelConfig,
+    factory: Callable[..., nn.Module],
+    input_shape: Sequence[int],
+    num_classes: int,
+) -> dict[str, object]:
     """``model.options`` plus the dataset's shape and classes where the factory takes them;
     an option the factory does not accept is a config error."""
     try:
@@ -277,8 +309,10 @@ def factory_kwargs(cfg: ModelConfig, factory: Callable[..., nn.Module],
     accepted = set(params) - {"input_shape", "num_classes"}
     for key in cfg.options:
         if key not in accepted and not open_ended:
-            raise ConfigError(f"model.options.{key}: not an option of {cfg.name} "
-                              f"(options: {', '.join(sorted(accepted)) or 'none'})")
+            raise ConfigError(
+                f"model.options.{key}: not an option of {cfg.name} "
+                f"(options: {', '.join(sorted(accepted)) or 'none'})"
+            )
     kwargs: dict[str, object] = {}
     if "input_shape" in params:
         kwargs["input_shape"] = tuple(input_shape)
@@ -287,8 +321,13 @@ def factory_kwargs(cfg: ModelConfig, factory: Callable[..., nn.Module],
     return {**kwargs, **cfg.options}
 
 
-def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int,
-                *, device: torch.device | str | None = None) -> nn.Module:
+def build_model(
+    cfg: ModelConfig,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    device: torch.device | str | None = None,
+) -> nn.Module:
     """``factory(**options)`` under ``torch.manual_seed(model.seed)``: the one way a model is
     made (on ``device``; ``"meta"`` builds the structure without any weights)."""
     build = _builder(cfg, input_shape, num_classes)
@@ -298,8 +337,9 @@ def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int,
             return build()
 
 
-def build_parts(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int,
-                keep: Iterable[int]) -> nn.Module:
+def build_parts(
+    cfg: ModelConfig, input_shape: Sequence[int], num_classes: int, keep: Iterable[int]
+) -> nn.Module:
     """The model of ``build_model`` with only the tensors of parts ``keep`` (of the split at
     ``model.cuts``) materialised on the CPU, bit for bit as in the whole model; the rest
     stays on the meta device (see ``mpisplit.materialize``)."""
@@ -312,8 +352,9 @@ def build_parts(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int,
     return build_kept(_builder(cfg, input_shape, num_classes), cfg.seed, kept)
 
 
-def _builder(cfg: ModelConfig, input_shape: Sequence[int],
-             num_classes: int) -> Callable[[], nn.Module]:
+def _builder(
+    cfg: ModelConfig, input_shape: Sequence[int], num_classes: int
+) -> Callable[[], nn.Module]:
     """``factory(**kwargs)`` with its errors as config errors."""
     factory = model_factory(cfg.name)
     kwargs = factory_kwargs(cfg, factory, input_shape, num_classes)
@@ -326,12 +367,15 @@ def _builder(cfg: ModelConfig, input_shape: Sequence[int],
         except (TypeError, ValueError, RuntimeError) as err:  # e.g. a negative width
             raise ConfigError(f"model.options: {cfg.name} rejected them: {err}") from None
         if not isinstance(model, nn.Module):
-            raise ConfigError(f"model.name: {cfg.name} returned {type(model).__name__}, "
-                              f"not a torch.nn.Module")
+            raise ConfigError(
+                f"model.name: {cfg.name} returned {type(model).__name__}, not a torch.nn.Module"
+            )
         empty = [name for name, p in model.named_parameters() if p.numel() == 0]
         if empty:  # a zero width would train silently to the majority class
-            raise ConfigError(f"model.options: {cfg.name} has a layer with no units "
-                              f"({empty[0]}); every width must be >= 1")
+            raise ConfigError(
+                f"model.options: {cfg.name} has a layer with no units "
+                f"({empty[0]}); every width must be >= 1"
+            )
         return model
 
     return build
@@ -348,8 +392,10 @@ def layer_plan(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -
     builder = ZOO.get(cfg.name)
     if builder is None:
         model_factory(cfg.name)  # says what is wrong with the name, if anything
-        raise ConfigError(f"model.name: this scheme builds per-party or per-task variants of "
-                          f"a zoo model's layers ({', '.join(ZOO)}), not of '{cfg.name}'")
+        raise ConfigError(
+            f"model.name: this scheme builds per-party or per-task variants of "
+            f"a zoo model's layers ({', '.join(ZOO)}), not of '{cfg.name}'"
+        )
     accepted = set(inspect.signature(builder).parameters) - {"input_shape", "num_classes"}
     for key in cfg.options:
         if key not in accepted:
@@ -375,13 +421,17 @@ def _check_plan(plan: LayerPlan, name: str, input_shape: Sequence[int]) -> None:
                 warnings.simplefilter("ignore")  # torch's "zero-element tensors" warning
                 layer = factory()
         except (RuntimeError, TypeError, ValueError) as err:
-            raise ConfigError(f"model.options: layer {layer_name} of {name} cannot be built "
-                              f"for inputs of shape {list(input_shape)}: {err}") from None
+            raise ConfigError(
+                f"model.options: layer {layer_name} of {name} cannot be built "
+                f"for inputs of shape {list(input_shape)}: {err}"
+            ) from None
         empty = [p for p in layer.parameters() if p.numel() == 0]
         if empty:
-            raise ConfigError(f"model.options: layer {layer_name} of {name} has no units "
-                              f"(weight shape {list(empty[0].shape)}); every width must be "
-                              f">= 1")
+            raise ConfigError(
+                f"model.options: layer {layer_name} of {name} has no units "
+                f"(weight shape {list(empty[0].shape)}); every width must be "
+                f">= 1"
+            )
 
 
 def cut_indices(plan: LayerPlan, cuts: Sequence[str | int], key: str = "model.cuts") -> list[int]:

@@ -41,8 +41,9 @@ def mpix_query_cuda_support() -> Callable[[], int] | None:
     from (the same handle; found in ``/proc/self/maps`` on Linux)."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps
-                            if "/libmpi" in line and ".so" in line})
+            paths = sorted(
+                {line.split()[-1] for line in maps if "/libmpi" in line and ".so" in line}
+            )
     except OSError:
         paths = []
     for library in [*(ctypes.CDLL(path) for path in paths), ctypes.CDLL(None)]:

@@ -151,8 +151,12 @@ def prepare_dataset(spec: PrepareSpec) -> Path:
 
 
 def write_arrays(
-    out: str | Path, clients: Sequence[tuple[np.ndarray, np.ndarray]],
-    test: tuple[np.ndarray, np.ndarray], *, dataset: str, num_classes: int,
+    out: str | Path,
+    clients: Sequence[tuple[np.ndarray, np.ndarray]],
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    dataset: str,
+    num_classes: int,
 ) -> Path:
     """A horizontal dataset from in-memory ``(features, labels)`` arrays, one pair per client
     and one for the shared test set (e.g. token windows and their next tokens); all or
@@ -165,14 +169,26 @@ def write_arrays(
         start = 0
         for path, (features, labels) in zip(paths, [test, *clients], strict=True):
             ids = np.arange(start, start + len(labels), dtype=np.int64)
-            _write_shard(path, attrs, features=np.asarray(features, np.float32), ids=ids,
-                         labels=np.asarray(labels, np.int64))
+            _write_shard(
+                path,
+                attrs,
+                features=np.asarray(features, np.float32),
+                ids=ids,
+                labels=np.asarray(labels, np.int64),
+            )
             start += len(labels)
-        return {"dataset": dataset, "num_classes": num_classes, "feature_shape": list(shape),
-                "partition": "iid", "alpha": None, "seed": 0, "clients": len(clients),
-                "schema_version": SCHEMA_VERSION,
-                "train_samples": [len(labels) for _, labels in clients],
-                "test_samples": len(test[1])}
+        return {
+            "dataset": dataset,
+            "num_classes": num_classes,
+            "feature_shape": list(shape),
+            "partition": "iid",
+            "alpha": None,
+            "seed": 0,
+            "clients": len(clients),
+            "schema_version": SCHEMA_VERSION,
+            "train_samples": [len(labels) for _, labels in clients],
+            "test_samples": len(test[1]),
+        }
 
     return write_atomically(Path(out), write)
 
@@ -298,8 +314,10 @@ def _write_horizontal(spec: PrepareSpec, table: _Table, root: Path) -> dict[str,
         rows = rng.permutation(np.flatnonzero(destination == index))
         features = _prepared_features(table, rows)
         _write_shard(path, attrs, features=features, ids=rows, labels=table.labels[rows])
-    return {**_meta(spec, table.num_classes, shape, router.sizes[1:], router.sizes[_TEST]),
-            **_normalization(table)}
+    return {
+        **_meta(spec, table.num_classes, shape, router.sizes[1:], router.sizes[_TEST]),
+        **_normalization(table),
+    }
 
 
 def _write_vertical(spec: PrepareSpec, table: _Table, root: Path) -> dict[str, Any]:
@@ -492,8 +510,11 @@ def _prepared_features(table: _Table, rows: np.ndarray) -> np.ndarray:
 
 def _normalization(table: _Table) -> dict[str, str]:
     """The meta.json statement of how features were scaled, where they were."""
-    return {"normalization": "standardized per file, with its own rows' mean and std"} \
-        if table.standardize else {}
+    return (
+        {"normalization": "standardized per file, with its own rows' mean and std"}
+        if table.standardize
+        else {}
+    )
 
 
 def standardize(features: np.ndarray) -> np.ndarray:

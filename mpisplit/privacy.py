@@ -29,12 +29,17 @@ def distance_correlation(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 def _double_centred(rows: torch.Tensor) -> torch.Tensor:
     distances = torch.cdist(rows, rows)
-    return (distances - distances.mean(dim=0, keepdim=True) - distances.mean(dim=1, keepdim=True)
-            + distances.mean())
+    return (
+        distances
+        - distances.mean(dim=0, keepdim=True)
+        - distances.mean(dim=1, keepdim=True)
+        + distances.mean()
+    )
 
 
-def protect(activation: torch.Tensor, cfg: PrivacyConfig,
-            generator: torch.Generator | None = None) -> torch.Tensor:
+def protect(
+    activation: torch.Tensor, cfg: PrivacyConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The cut activation as it may leave the client: norm-clipped, then noised."""
     if cfg.clip_norm > 0:
         norms = activation.reshape(len(activation), -1).norm(dim=1).clamp(min=1e-12)
@@ -62,8 +67,9 @@ class EvaluationNoise:
         return self._generator
 
 
-def nopeek_penalty(inputs: torch.Tensor, activation: torch.Tensor,
-                   cfg: PrivacyConfig) -> torch.Tensor | None:
+def nopeek_penalty(
+    inputs: torch.Tensor, activation: torch.Tensor, cfg: PrivacyConfig
+) -> torch.Tensor | None:
     """The NoPeek term added to the client's loss, or None when disabled."""
     if cfg.nopeek_weight <= 0:
         return None
@@ -89,16 +95,20 @@ class CutDefence:
         self._sample: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._sampled = 0
 
-    def defend(self, activation: CutValue,
-               inputs: torch.Tensor) -> tuple[CutValue, torch.Tensor | None]:
+    def defend(
+        self, activation: CutValue, inputs: torch.Tensor
+    ) -> tuple[CutValue, torch.Tensor | None]:
         """(what leaves in training, the NoPeek penalty to add to the sender's loss or
         None); both differentiable, so back-propagation runs through them. A cut of several
         tensors is defended in its float tensors; NoPeek reads them side by side."""
-        return (map_floats(lambda t: protect(t, self.privacy, self.noise), activation),
-                nopeek_penalty(inputs, cut_features(activation), self.privacy))
+        return (
+            map_floats(lambda t: protect(t, self.privacy, self.noise), activation),
+            nopeek_penalty(inputs, cut_features(activation), self.privacy),
+        )
 
-    def defend_eval(self, activation: CutValue, inputs: torch.Tensor, step: int, *,
-                    final: bool) -> CutValue:
+    def defend_eval(
+        self, activation: CutValue, inputs: torch.Tensor, step: int, *, final: bool
+    ) -> CutValue:
         """What leaves in evaluation (defended like training traffic); in the final
         evaluation, keeps the first ``LEAKAGE_SAMPLES`` (input, sent) pairs for
         ``measure_leakage``."""
@@ -115,7 +125,8 @@ class CutDefence:
         frozen layer): defended with the sender's own hand-over noise stream, which neither
         training nor evaluation noise draws from."""
         noise = torch.Generator().manual_seed(
-            derive(self.privacy.seed, Stream.HANDOVER_NOISE, self._sender))
+            derive(self.privacy.seed, Stream.HANDOVER_NOISE, self._sender)
+        )
         return protect(activation, self.privacy, noise)
 
     def measure_leakage(self) -> None:

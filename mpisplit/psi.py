@@ -44,6 +44,7 @@ Observer = Callable[[str, np.ndarray], None]
 
 # --- the pure core ----------------------------------------------------------------------
 
+
 def hash_ids(ids: np.ndarray) -> np.ndarray:
     """[N, 32] uint8: one Curve25519 u-coordinate per id (SHA-256 of tag + int64 LE id)."""
     ids = np.ascontiguousarray(ids, dtype="<i8")
@@ -88,6 +89,7 @@ def select_ids(ids: np.ndarray, blinded: np.ndarray, common: np.ndarray) -> np.n
 
 # --- the protocol over MPI --------------------------------------------------------------
 
+
 def private_intersection(
     comm: MPI.Comm,
     mine: np.ndarray | None,
@@ -110,8 +112,7 @@ def private_intersection(
     blinded = ids = None
     if mine is not None:
         ids = rng.permutation(np.asarray(mine, np.int64))
-        blinded = _ring(comm, members, sizes, ids, key or BlindingKey(), comparator, observe,
-                        rng)
+        blinded = _ring(comm, members, sizes, ids, key or BlindingKey(), comparator, observe, rng)
     common = _compare(comm, members, sizes, blinded, comparator, observe)
     if ids is None:
         return None, len(common), sizes
@@ -129,9 +130,16 @@ def private_intersection(
     return result, len(result), sizes
 
 
-def _ring(comm: MPI.Comm, members: list[int], sizes: np.ndarray, ids: np.ndarray,
-          key: BlindingKey, comparator: int, observe: Observer,
-          rng: np.random.Generator) -> np.ndarray:
+def _ring(
+    comm: MPI.Comm,
+    members: list[int],
+    sizes: np.ndarray,
+    ids: np.ndarray,
+    key: BlindingKey,
+    comparator: int,
+    observe: Observer,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """This member's own ids (in the order of ``ids``), blinded by every member's key."""
     me, count = members.index(comm.Get_rank()), len(members)
     nxt, prev = members[(me + 1) % count], members[(me - 1) % count]
@@ -141,15 +149,22 @@ def _ring(comm: MPI.Comm, members: list[int], sizes: np.ndarray, ids: np.ndarray
         if hop == count and owner == comparator:
             held = held[rng.permutation(len(held))]  # the comparator must not link its own
         incoming = np.empty((sizes[members[(me - hop) % count]], POINT_BYTES), np.uint8)
-        comm.Sendrecv(held, dest=nxt, sendtag=_TAG_RING, recvbuf=incoming, source=prev,
-                      recvtag=_TAG_RING)
+        comm.Sendrecv(
+            held, dest=nxt, sendtag=_TAG_RING, recvbuf=incoming, source=prev, recvtag=_TAG_RING
+        )
         observe("ring", incoming)
         held = key.blind(incoming) if hop < count else incoming
     return held
 
 
-def _compare(comm: MPI.Comm, members: list[int], sizes: np.ndarray,
-             blinded: np.ndarray | None, comparator: int, observe: Observer) -> np.ndarray:
+def _compare(
+    comm: MPI.Comm,
+    members: list[int],
+    sizes: np.ndarray,
+    blinded: np.ndarray | None,
+    comparator: int,
+    observe: Observer,
+) -> np.ndarray:
     """The blinded intersection, computed by the comparator and broadcast to all."""
     if comm.Get_rank() == comparator:
         sets = [] if blinded is None else [blinded]

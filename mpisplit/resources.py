@@ -133,8 +133,10 @@ def model_parts(work: Workload) -> tuple[nn.Module, nn.Module]:
     parts = split_model(whole, [work.cut], key="--cut")
     values = cut_values(parts)[0]
     if len(values) > 1:
-        raise ConfigError(f"--cut: the cut before {work.cut!r} carries {len(values)} values "
-                          f"({', '.join(values)}); the cost tables cover one-tensor cuts")
+        raise ConfigError(
+            f"--cut: the cut before {work.cut!r} carries {len(values)} values "
+            f"({', '.join(values)}); the cost tables cover one-tensor cuts"
+        )
     return parts[0], whole
 
 
@@ -208,17 +210,38 @@ def per_client(work: Workload, costs: ModelCosts) -> list[ClientCost]:
     model_average = work.averages * costs.model_param_bytes
     gradients = work.steps * (costs.model_param_bytes + costs.param_element_bytes)
     return [
-        ClientCost("split", client_flops, up + handover, cut["gradients"] + handover,
-                   {**cut, "handover_in": handover, "handover_out": handover}),
-        ClientCost("splitfed", client_flops, up + client_average,
-                   cut["gradients"] + client_average,
-                   {**cut, "average_sent": client_average, "average_received": client_average}),
-        ClientCost("fedavg", model_flops, model_average + SAMPLE_COUNT_BYTES,
-                   model_average + SAMPLE_COUNT_BYTES,
-                   {"average_sent": model_average, "average_received": model_average,
-                    "sample_count": SAMPLE_COUNT_BYTES}),
-        ClientCost("syncsgd", model_flops, gradients, gradients,
-                   {"allreduce_sent": gradients, "allreduce_received": gradients}),
+        ClientCost(
+            "split",
+            client_flops,
+            up + handover,
+            cut["gradients"] + handover,
+            {**cut, "handover_in": handover, "handover_out": handover},
+        ),
+        ClientCost(
+            "splitfed",
+            client_flops,
+            up + client_average,
+            cut["gradients"] + client_average,
+            {**cut, "average_sent": client_average, "average_received": client_average},
+        ),
+        ClientCost(
+            "fedavg",
+            model_flops,
+            model_average + SAMPLE_COUNT_BYTES,
+            model_average + SAMPLE_COUNT_BYTES,
+            {
+                "average_sent": model_average,
+                "average_received": model_average,
+                "sample_count": SAMPLE_COUNT_BYTES,
+            },
+        ),
+        ClientCost(
+            "syncsgd",
+            model_flops,
+            gradients,
+            gradients,
+            {"allreduce_sent": gradients, "allreduce_received": gradients},
+        ),
     ]
 
 
@@ -227,9 +250,16 @@ def estimate(work: Workload) -> dict[str, Any]:
     return {
         "workload": asdict(work),
         "model": asdict(costs),
-        "per_client": {c.scheme: {"flops": c.flops, "bytes": c.bytes, "bytes_sent": c.bytes_sent,
-                                  "bytes_received": c.bytes_received, "detail": c.detail}
-                       for c in per_client(work, costs)},
+        "per_client": {
+            c.scheme: {
+                "flops": c.flops,
+                "bytes": c.bytes,
+                "bytes_sent": c.bytes_sent,
+                "bytes_received": c.bytes_received,
+                "detail": c.detail,
+            }
+            for c in per_client(work, costs)
+        },
     }
 
 
@@ -244,8 +274,10 @@ def render(result: dict[str, Any]) -> str:
         f"  {'scheme':<10}{'FLOPs/client':>14}{'bytes/client':>14}{'sent':>12}{'received':>12}",
     ]
     for scheme, cost in result["per_client"].items():
-        lines.append(f"  {scheme:<10}{cost['flops']:>14.3e}{cost['bytes']:>14.3e}"
-                     f"{cost['bytes_sent']:>12.3e}{cost['bytes_received']:>12.3e}")
+        lines.append(
+            f"  {scheme:<10}{cost['flops']:>14.3e}{cost['bytes']:>14.3e}"
+            f"{cost['bytes_sent']:>12.3e}{cost['bytes_received']:>12.3e}"
+        )
     return "\n".join(lines)
 
 
@@ -259,8 +291,10 @@ def model_arguments(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]
         cut = cut or (str(model.cuts[0]) if len(model.cuts) == 1 else None)
         options = {**model.options, **(options or {})}
         if cut is None:
-            raise ConfigError(f"--cut: {args.config} has {len(model.cuts)} cuts; name the one "
-                              f"between client and server")
+            raise ConfigError(
+                f"--cut: {args.config} has {len(model.cuts)} cuts; name the one "
+                f"between client and server"
+            )
     if not name or not cut:
         raise ConfigError("--model and --cut (or --config FILE) are required")
     return name, cut, options or {}
@@ -270,9 +304,20 @@ def main(args: argparse.Namespace) -> int:
     results = []
     name, cut, options = model_arguments(args)
     for clients in args.clients:
-        work = Workload(name, cut, args.input_shape, args.classes, args.samples,
-                        clients, args.epochs, args.batch_size, args.average_every,
-                        args.optimizer, args.momentum, options)
+        work = Workload(
+            name,
+            cut,
+            args.input_shape,
+            args.classes,
+            args.samples,
+            clients,
+            args.epochs,
+            args.batch_size,
+            args.average_every,
+            args.optimizer,
+            args.momentum,
+            options,
+        )
         results.append(estimate(work))
         print(render(results[-1]))
     if args.json is not None:

@@ -49,16 +49,24 @@ def find_runs(paths: Sequence[Path]) -> tuple[list[Run], int]:
     for root in paths:
         if not root.is_dir():
             raise ValueError(f"{root}: not a directory")
-        candidates = [root] if (root / "summary.json").exists() else sorted(
-            p.parent for p in root.rglob("summary.json"))
+        candidates = (
+            [root]
+            if (root / "summary.json").exists()
+            else sorted(p.parent for p in root.rglob("summary.json"))
+        )
         if not candidates:
             raise ValueError(f"{root}: no summary.json in it or below it")
         for directory in candidates:
             if not finished(directory):
                 skipped += 1
                 continue
-            runs.append(Run(directory, _point_values(directory),
-                            json.loads((directory / "summary.json").read_text())))
+            runs.append(
+                Run(
+                    directory,
+                    _point_values(directory),
+                    json.loads((directory / "summary.json").read_text()),
+                )
+            )
     return runs, skipped
 
 
@@ -74,17 +82,29 @@ def swept_keys(runs: Sequence[Run]) -> tuple[list[str], list[Run]]:
         keys = list(dict.fromkeys(k for r in runs for k in r.values))
         return keys, list(runs)
     configs = [_flat_config(r.path) for r in runs]
-    keys = sorted({k for c in configs for k in c
-                   if k not in _IGNORED and len({_hashable(x.get(k)) for x in configs}) > 1})
-    return keys, [Run(r.path, {k: c.get(k) for k in keys}, r.summary)
-                  for r, c in zip(runs, configs, strict=True)]
+    keys = sorted(
+        {
+            k
+            for c in configs
+            for k in c
+            if k not in _IGNORED and len({_hashable(x.get(k)) for x in configs}) > 1
+        }
+    )
+    return keys, [
+        Run(r.path, {k: c.get(k) for k in keys}, r.summary)
+        for r, c in zip(runs, configs, strict=True)
+    ]
 
 
 def _flat_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.yaml"
     data = yaml.safe_load(path.read_text()) if path.exists() else {}
-    return {f"{section}.{key}": value for section, items in (data or {}).items()
-            if isinstance(items, dict) for key, value in items.items()}
+    return {
+        f"{section}.{key}": value
+        for section, items in (data or {}).items()
+        if isinstance(items, dict)
+        for key, value in items.items()
+    }
 
 
 def _hashable(value: Any) -> Any:
@@ -101,25 +121,34 @@ def table(runs: Sequence[Run], keys: Sequence[str], metrics: Sequence[str]) -> l
     for members in groups.values():
         stats = {}
         for metric in metrics:
-            values = [float(v) for r in members
-                      if isinstance(v := r.summary.get(metric), (int, float)) and math.isfinite(v)]
-            stats[metric] = (sum(values) / len(values), min(values), max(values)) \
-                if values else None
+            values = [
+                float(v)
+                for r in members
+                if isinstance(v := r.summary.get(metric), (int, float)) and math.isfinite(v)
+            ]
+            stats[metric] = (
+                (sum(values) / len(values), min(values), max(values)) if values else None
+            )
         rows.append(Row(tuple(members[0].values.get(k) for k in keys), len(members), stats))
     return sorted(rows, key=lambda row: [_sort_key(v) for v in row.key])
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:
-    return (0, value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+    return (
+        (0, value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
         else (1, str(value))
+    )
 
 
 def _cells(row: Row, metrics: Sequence[str]) -> list[str]:
     cells = [_show(v) for v in row.key] + [str(row.runs)]
     for metric in metrics:
         stat = row.stats[metric]
-        cells += ["" if stat is None else _number(stat[0]),
-                  "" if stat is None else f"{_number(stat[1])}-{_number(stat[2])}"]
+        cells += [
+            "" if stat is None else _number(stat[0]),
+            "" if stat is None else f"{_number(stat[1])}-{_number(stat[2])}",
+        ]
     return cells
 
 
@@ -142,17 +171,18 @@ def print_table(rows: Sequence[Row], keys: Sequence[str], metrics: Sequence[str]
     lines = [header(keys, metrics), *(_cells(row, metrics) for row in rows)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     for line in lines:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
-              .rstrip())
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
 
 
-def write_csv(path: Path, rows: Sequence[Row], keys: Sequence[str],
-              metrics: Sequence[str]) -> None:
+def write_csv(path: Path, rows: Sequence[Row], keys: Sequence[str], metrics: Sequence[str]) -> None:
     """Mean, min and max of each metric in separate columns."""
     with path.open("w", newline="") as out:
         writer = csv.writer(out)
-        writer.writerow([*keys, "runs", *(f"{m}_{s}" for m in metrics
-                                          for s in ("mean", "min", "max"))])
+        writer.writerow(
+            [*keys, "runs", *(f"{m}_{s}" for m in metrics for s in ("mean", "min", "max"))]
+        )
         for row in rows:
             numbers = [x for m in metrics for x in (row.stats[m] or ("", "", ""))]
             writer.writerow([*map(_show, row.key), row.runs, *numbers])
@@ -196,12 +226,18 @@ def plot(path: Path, rows: Sequence[Row], keys: Sequence[str], metric: str, x: s
     plt.close(figure)
 
 
-def main(paths: Sequence[Path], *, over: Sequence[str], metrics: Sequence[str],
-         csv_path: Path | None, plot_path: Path | None, x: str | None) -> int:
+def main(
+    paths: Sequence[Path],
+    *,
+    over: Sequence[str],
+    metrics: Sequence[str],
+    csv_path: Path | None,
+    plot_path: Path | None,
+    x: str | None,
+) -> int:
     runs, skipped = find_runs(paths)
     if not runs:
-        raise ValueError(f"no finished runs in {', '.join(map(str, paths))} ({skipped} "
-                         f"unfinished)")
+        raise ValueError(f"no finished runs in {', '.join(map(str, paths))} ({skipped} unfinished)")
     swept, runs = swept_keys(runs)
     keys = [k for k in swept if k not in over]
     rows = table(runs, keys, metrics)
@@ -211,11 +247,11 @@ def main(paths: Sequence[Path], *, over: Sequence[str], metrics: Sequence[str],
     if csv_path is not None:
         write_csv(csv_path, rows, keys, metrics)
     if plot_path is not None:
-        numeric = [k for i, k in enumerate(keys)
-                   if all(isinstance(r.key[i], (int, float)) for r in rows)]
+        numeric = [
+            k for i, k in enumerate(keys) if all(isinstance(r.key[i], (int, float)) for r in rows)
+        ]
         x = x or (numeric[0] if numeric else (keys[0] if keys else None))
         if x is None or x not in keys:
-            raise ValueError(f"--x: choose one of the grouping keys ({', '.join(keys)}), "
-                             f"got {x}")
+            raise ValueError(f"--x: choose one of the grouping keys ({', '.join(keys)}), got {x}")
         plot(plot_path, rows, keys, metrics[0], x)
     return 0

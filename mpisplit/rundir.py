@@ -25,8 +25,16 @@ from mpisplit.config import ConfigError
 STATUS = "status.json"
 _FAILED_CLAIM = ".failed"
 """Created exclusively by the first rank that fails: the others stay silent."""
-RUN_FILES = ("config.yaml", "summary.json", "metrics-rank*.jsonl", "model-rank*.pt",
-             "trace-rank*.json", "pmpi-rank*.json", STATUS, _FAILED_CLAIM)
+RUN_FILES = (
+    "config.yaml",
+    "summary.json",
+    "metrics-rank*.jsonl",
+    "model-rank*.pt",
+    "trace-rank*.json",
+    "pmpi-rank*.json",
+    STATUS,
+    _FAILED_CLAIM,
+)
 """What a run writes into its directory (checkpoints aside)."""
 
 
@@ -67,7 +75,8 @@ def check_run_dir(run_dir: Path, checkpoints: Path, *, resume: bool, overwrite: 
     raise ConfigError(
         f"run.dir: {run_dir} holds another run ({state}; {names}); pass --overwrite to "
         f"replace it{', --resume to continue it from its checkpoint' if resumable else ''}, "
-        f"or choose another run.dir")
+        f"or choose another run.dir"
+    )
 
 
 def _same_requeued_job(run_dir: Path) -> bool:
@@ -77,8 +86,7 @@ def _same_requeued_job(run_dir: Path) -> bool:
     return restarted and job is not None and read_status(run_dir).get("slurm_job_id") == job
 
 
-def claim(run_dir: Path, checkpoints: Path, *, resume_step: int | None,
-          **details: Any) -> None:
+def claim(run_dir: Path, checkpoints: Path, *, resume_step: int | None, **details: Any) -> None:
     """Rank 0, after every rank's checks and before any rank writes: removes an earlier
     run's files unless resuming it, and marks the directory ``running``."""
     run_dir = Path(run_dir)
@@ -90,8 +98,14 @@ def claim(run_dir: Path, checkpoints: Path, *, resume_step: int | None,
                 path.unlink(missing_ok=True)
     else:
         (run_dir / _FAILED_CLAIM).unlink(missing_ok=True)
-    mark(run_dir, "running", resumed_from=resume_step,
-         slurm_job_id=os.environ.get("SLURM_JOB_ID"), started=_now(), **details)
+    mark(
+        run_dir,
+        "running",
+        resumed_from=resume_step,
+        slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+        started=_now(),
+        **details,
+    )
 
 
 def mark(run_dir: Path, state: str, **details: Any) -> None:

@@ -42,14 +42,26 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 class MetricsLog:
     """``metrics-rank<R>.jsonl``: one JSON object per step or evaluation, buffered."""
 
-    def __init__(self, run_dir: Path, rank: int, header: dict[str, Any], flush_every: int, *,
-                 append: bool = False, truncate_to: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        header: dict[str, Any],
+        flush_every: int,
+        *,
+        append: bool = False,
+        truncate_to: int | None = None,
+    ) -> None:
         """``append``: a resumed run continues the file of the run it resumes, cut back to
         ``truncate_to`` bytes (where it stood at the checkpoint), so that what the lost
         attempt recorded after its checkpoint is neither duplicated nor left as a gap."""
         path = run_dir / f"metrics-rank{rank}.jsonl"
-        if append and truncate_to is not None and path.is_file() \
-                and path.stat().st_size > truncate_to:
+        if (
+            append
+            and truncate_to is not None
+            and path.is_file()
+            and path.stat().st_size > truncate_to
+        ):
             os.truncate(path, truncate_to)
         self._file: TextIO = open(path, "a" if append else "w")  # noqa: SIM115
         self._flush_every = flush_every
@@ -97,8 +109,17 @@ class Progress:
     """Rank 0's display: a bar on a terminal, a plain line every ``every`` steps otherwise;
     both show the epoch, the time elapsed and the estimated time left."""
 
-    def __init__(self, total: int, mode: str, every: int, logger: logging.Logger,
-                 stream: TextIO = sys.stderr, *, epochs: int = 0, done: int = 0) -> None:
+    def __init__(
+        self,
+        total: int,
+        mode: str,
+        every: int,
+        logger: logging.Logger,
+        stream: TextIO = sys.stderr,
+        *,
+        epochs: int = 0,
+        done: int = 0,
+    ) -> None:
         """``epochs``: how many epochs the ``total`` steps span (0: the epoch is not shown);
         ``done``: the steps already taken when this process starts (a resumed run's
         checkpoint): the rate and the time left count only the steps taken since."""
@@ -123,14 +144,23 @@ class Progress:
         times = f"{_clock(elapsed)} elapsed, ETA {eta}"
         if self.mode == "bar":
             filled = int(30 * step / self.total)
-            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total}"
-                              f"{epoch_text}{loss_text} {rate:.1f} steps/s {times}")
+            self.stream.write(
+                f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total}"
+                f"{epoch_text}{loss_text} {rate:.1f} steps/s {times}"
+            )
             if step >= self.total:
                 self.stream.write("\n")
             self.stream.flush()
         else:
-            self.logger.info("step %d/%d%s%s (%.1f steps/s, %s)", step, self.total, epoch_text,
-                             loss_text, rate, times)
+            self.logger.info(
+                "step %d/%d%s%s (%.1f steps/s, %s)",
+                step,
+                self.total,
+                epoch_text,
+                loss_text,
+                rate,
+                times,
+            )
 
 
 def _clock(seconds: float) -> str:

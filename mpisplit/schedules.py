@@ -40,8 +40,9 @@ class Action(NamedTuple):
 
 def gpipe(count: int, stage: int = 0) -> list[Action]:
     """Every forward, then every backward."""
-    return [Action(stage, FORWARD, i) for i in range(count)] + \
-        [Action(stage, BACKWARD, i) for i in range(count)]
+    return [Action(stage, FORWARD, i) for i in range(count)] + [
+        Action(stage, BACKWARD, i) for i in range(count)
+    ]
 
 
 def one_f_one_b(count: int, stage: int = 0) -> list[Action]:
@@ -83,8 +84,7 @@ def validate(actions: Sequence[Action], count: int) -> None:
         else:
             raise ValueError(f"{action}: unknown op {action.op!r}")
     if backward_order != list(range(count)) or len(forwarded) != count:
-        raise ValueError(f"backwards {backward_order} of {count} microbatches: each once, "
-                         f"in order")
+        raise ValueError(f"backwards {backward_order} of {count} microbatches: each once, in order")
 
 
 def peak_in_flight(actions: Sequence[Action]) -> int:
@@ -96,8 +96,9 @@ def peak_in_flight(actions: Sequence[Action]) -> int:
     return peak
 
 
-def run(actions: Sequence[Action], forward: Callable[[int], T],
-        backward: Callable[[T], None]) -> None:
+def run(
+    actions: Sequence[Action], forward: Callable[[int], T], backward: Callable[[T], None]
+) -> None:
     """Runs a stage's actions: ``forward(microbatch)`` returns what ``backward`` takes."""
     held: dict[int, T] = {}
     for action in actions:
@@ -118,8 +119,13 @@ class Timeline:
         return 1 - self.server_busy / self.makespan
 
 
-def simulate(actions: Sequence[Action], sizes: Sequence[float], client_forward: float,
-             client_backward: float, server: float) -> Timeline:
+def simulate(
+    actions: Sequence[Action],
+    sizes: Sequence[float],
+    client_forward: float,
+    client_backward: float,
+    server: float,
+) -> Timeline:
     """One step of a client running ``actions`` against a server that takes each
     microbatch's forward and backward in arrival order (times per unit of microbatch size;
     messages take no time). A backward waits for its gradient from the server."""

@@ -23,8 +23,9 @@ class Segment:
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
     @classmethod
-    def create(cls, module: nn.Module, train: TrainConfig, total_steps: int,
-               params: Any = None) -> Segment:
+    def create(
+        cls, module: nn.Module, train: TrainConfig, total_steps: int, params: Any = None
+    ) -> Segment:
         """``total_steps`` is the length of the schedule (cosine decays to zero over it);
         ``params`` (default: the module's) are what the optimizer updates, less a weight tied
         to a part this rank already optimises."""

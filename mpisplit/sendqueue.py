@@ -34,9 +34,16 @@ class PendingSend:
     A staged send is posted to MPI only once its copy has ended: by ``done``, ``wait``, the
     queue's next send to the same rank, or any wait of the transport's."""
 
-    def __init__(self, queue: SendQueue, requests: list[MPI.Request], keep: object,
-                 message: MessageBuffer | None, dest: int, kind: Kind,
-                 ready: torch.cuda.Event | None = None) -> None:
+    def __init__(
+        self,
+        queue: SendQueue,
+        requests: list[MPI.Request],
+        keep: object,
+        message: MessageBuffer | None,
+        dest: int,
+        kind: Kind,
+        ready: torch.cuda.Event | None = None,
+    ) -> None:
         self.queue = queue
         self.requests = requests
         self.keep = keep
@@ -79,8 +86,9 @@ class PendingSend:
             self.queue.start_staged(self.dest)
         if self.requests:
             with self.queue.span("wait", self.kind, self.dest):
-                self.queue.wait(self.requests, self.dest, self.kind, "send",
-                                keep=(self.keep, self.message))
+                self.queue.wait(
+                    self.requests, self.dest, self.kind, "send", keep=(self.keep, self.message)
+                )
             if self.pinned:
                 self.queue.release_staged(self.keep)
             self.requests, self.keep = [], None
@@ -92,8 +100,13 @@ class PendingSend:
 class SendQueue:
     """The sends of one transport that have not completed, and the memory they hold."""
 
-    def __init__(self, deadlines: Deadlines, staging: PinnedStaging | None,
-                 post_payload: PostPayload, span: Span) -> None:
+    def __init__(
+        self,
+        deadlines: Deadlines,
+        staging: PinnedStaging | None,
+        post_payload: PostPayload,
+        span: Span,
+    ) -> None:
         self.deadlines = deadlines
         self.staging = staging
         """Pinned host staging of device payloads, for an MPI that cannot read the device."""
@@ -112,8 +125,15 @@ class SendQueue:
         """A header buffer no send is using."""
         return self.pool.pop() if self.pool else MessageBuffer()
 
-    def pending(self, requests: list[MPI.Request], keep: object, message: MessageBuffer,
-                dest: int, kind: Kind, ready: torch.cuda.Event | None) -> PendingSend:
+    def pending(
+        self,
+        requests: list[MPI.Request],
+        keep: object,
+        message: MessageBuffer,
+        dest: int,
+        kind: Kind,
+        ready: torch.cuda.Event | None,
+    ) -> PendingSend:
         """A send just posted (or, with ``ready``, staged: posted once its copy ends)."""
         send = PendingSend(self, requests, keep, message, dest, kind, ready)
         if ready is not None:
@@ -125,8 +145,11 @@ class SendQueue:
         to ``dest`` (of all, if ``everything``: before this rank blocks, since a peer may
         need them to answer). In the order they were staged: their copies run on one
         stream, so a later one is never ready before an earlier one."""
-        self.staged = [send for send in self.staged if not send.post_when_copied(
-            block=everything or send.dest == dest)]
+        self.staged = [
+            send
+            for send in self.staged
+            if not send.post_when_copied(block=everything or send.dest == dest)
+        ]
 
     def before_block(self) -> None:
         """Posts every staged send (the rank is about to wait on a peer)."""
@@ -137,13 +160,13 @@ class SendQueue:
         assert self.staging is not None and isinstance(host, torch.Tensor)
         self.staging.release(host)
 
-    def wait(self, requests: list[MPI.Request], peer: int, kind: Kind, what: str, *,
-             keep: object = None) -> None:
+    def wait(
+        self, requests: list[MPI.Request], peer: int, kind: Kind, what: str, *, keep: object = None
+    ) -> None:
         """Waits for a message under way; if it times out, the requests and ``keep`` (the
         memory MPI still reads or writes) become orphans, alive until the transport closes."""
         try:
-            self.deadlines.wait(partial(MPI.Request.Testall, requests), [peer], kind.name,
-                                what)
+            self.deadlines.wait(partial(MPI.Request.Testall, requests), [peer], kind.name, what)
         except PeerTimeout:
             self.orphans.append((requests, keep))
             raise

@@ -65,6 +65,7 @@ class Source:
 
 # --- tables: CSV / TSV / Parquet ----------------------------------------------------------
 
+
 class _Encoder:
     """Turns a table's columns into (ids, features, labels), naming the row and column of
     any bad value; categorical columns become one-hot features ``column=value``."""
@@ -73,8 +74,7 @@ class _Encoder:
         self.path, self.columns = path, columns
         _no_duplicates(path, header)
         used = {columns.label, columns.id} - {None}
-        wanted = columns.features or tuple(
-            name for name in header if name not in used)
+        wanted = columns.features or tuple(name for name in header if name not in used)
         missing = [name for name in (*used, *wanted, *columns.categorical) if name not in header]
         if missing:
             raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(header)})")
@@ -82,13 +82,17 @@ class _Encoder:
         if unused:
             raise DataError(f"{path}: categorical column {unused[0]!r} is not a feature column")
         if columns.label is not None and not columns.classes:
-            raise DataError(f"{path}: label column {columns.label!r} needs its classes "
-                            "(--classes or the schema file's 'classes')")
+            raise DataError(
+                f"{path}: label column {columns.label!r} needs its classes "
+                "(--classes or the schema file's 'classes')"
+            )
         self.features = wanted
-        names = [f"{name}={value}" if name in columns.categorical else name
-                 for name in wanted for value in columns.categorical.get(name, (None,))]
-        self.schema = Schema(tuple(names), (len(names),), columns.classes,
-                             columns.id is not None)
+        names = [
+            f"{name}={value}" if name in columns.categorical else name
+            for name in wanted
+            for value in columns.categorical.get(name, (None,))
+        ]
+        self.schema = Schema(tuple(names), (len(names),), columns.classes, columns.id is not None)
 
     def encode(self, table: dict[str, Sequence[Any]], rows: Sequence[str]) -> Chunk:
         """``table``: column → values (text or numbers) of the rows named by ``rows``."""
@@ -101,12 +105,14 @@ class _Encoder:
                 index = self._lookup(table[name], rows, name, vocabulary, "category")
                 parts.append(np.eye(len(vocabulary), dtype=np.float32)[index])
         count = len(rows)
-        features = (np.concatenate(parts, axis=1) if parts
-                    else np.zeros((count, 0), np.float32)).astype(np.float32)
+        features = (
+            np.concatenate(parts, axis=1) if parts else np.zeros((count, 0), np.float32)
+        ).astype(np.float32)
         labels = ids = None
         if self.columns.label is not None:
-            labels = self._lookup(table[self.columns.label], rows, self.columns.label,
-                                  self.columns.classes, "class")
+            labels = self._lookup(
+                table[self.columns.label], rows, self.columns.label, self.columns.classes, "class"
+            )
         if self.columns.id is not None:
             ids = self._integers(table[self.columns.id], rows, self.columns.id)
         return Chunk(ids, features, labels)
@@ -117,11 +123,13 @@ class _Encoder:
             try:
                 out[i] = float(value)
             except (TypeError, ValueError):
-                raise DataError(f"{self.path}: {rows[i]}, column {name!r}: cannot read "
-                                f"{value!r} as a number") from None
+                raise DataError(
+                    f"{self.path}: {rows[i]}, column {name!r}: cannot read {value!r} as a number"
+                ) from None
             if not math.isfinite(out[i]):
-                raise DataError(f"{self.path}: {rows[i]}, column {name!r}: {value!r} is "
-                                "not finite (NaN or inf)")
+                raise DataError(
+                    f"{self.path}: {rows[i]}, column {name!r}: {value!r} is not finite (NaN or inf)"
+                )
         return out
 
     def _integers(self, values: Sequence[Any], rows: Sequence[str], name: str) -> np.ndarray:
@@ -130,19 +138,28 @@ class _Encoder:
             try:
                 out[i] = int(value)
             except (TypeError, ValueError, OverflowError):
-                raise DataError(f"{self.path}: {rows[i]}, column {name!r}: id {value!r} is "
-                                "not an integer") from None
+                raise DataError(
+                    f"{self.path}: {rows[i]}, column {name!r}: id {value!r} is not an integer"
+                ) from None
         return out
 
-    def _lookup(self, values: Sequence[Any], rows: Sequence[str], name: str,
-                vocabulary: tuple[str, ...], what: str) -> np.ndarray:
+    def _lookup(
+        self,
+        values: Sequence[Any],
+        rows: Sequence[str],
+        name: str,
+        vocabulary: tuple[str, ...],
+        what: str,
+    ) -> np.ndarray:
         index = {value: i for i, value in enumerate(vocabulary)}
         out = np.empty(len(values), np.int64)
         for i, value in enumerate(values):
             found = index.get(str(value).strip())
             if found is None:
-                raise DataError(f"{self.path}: {rows[i]}, column {name!r}: unknown {what} "
-                                f"{value!r} (known: {', '.join(vocabulary)})")
+                raise DataError(
+                    f"{self.path}: {rows[i]}, column {name!r}: unknown {what} "
+                    f"{value!r} (known: {', '.join(vocabulary)})"
+                )
             out[i] = found
         return out
 
@@ -179,8 +196,10 @@ class CsvSource(Source):
                 if not row:
                     continue  # a blank line
                 if len(row) != len(self._header):
-                    raise DataError(f"{self.path}: line {reader.line_num}: {len(row)} fields, "
-                                    f"the header has {len(self._header)}")
+                    raise DataError(
+                        f"{self.path}: line {reader.line_num}: {len(row)} fields, "
+                        f"the header has {len(self._header)}"
+                    )
                 rows.append(row)
                 lines.append(f"line {reader.line_num}")
                 if len(rows) == chunk_rows:
@@ -201,8 +220,9 @@ class ParquetSource(Source):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise DataError(f"{path}: reading Parquet needs pyarrow: "
-                            "pip install 'mpisplit[parquet]'") from None
+            raise DataError(
+                f"{path}: reading Parquet needs pyarrow: pip install 'mpisplit[parquet]'"
+            ) from None
         self.path = str(path)
         try:
             self._file = pq.ParquetFile(path)
@@ -222,28 +242,43 @@ class ParquetSource(Source):
 
 # --- arrays, images, torch datasets ---------------------------------------------------------
 
+
 class ArraySource(Source):
     """Features in a ``.npy`` (read a chunk of rows at a time, so it streams) with labels and
     ids in sibling ``.npy`` files, or named arrays of one ``.npz`` (loaded whole)."""
 
-    def __init__(self, path: Path, *, features: str | None, labels: str | None,
-                 ids: str | None, classes: tuple[str, ...] | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        features: str | None,
+        labels: str | None,
+        ids: str | None,
+        classes: tuple[str, ...] | None,
+    ) -> None:
         self.path = str(path)
         arrays = self._load(path, features, labels, ids)
         self._features, self._labels, self._ids = arrays
         if self._features.ndim < 2:
-            raise DataError(f"{self.path}: features need shape [rows, ...], got "
-                            f"{self._features.shape}")
+            raise DataError(
+                f"{self.path}: features need shape [rows, ...], got {self._features.shape}"
+            )
         for name, array in (("labels", self._labels), ("ids", self._ids)):
             if array is not None and array.shape != (len(self._features),):
-                raise DataError(f"{self.path}: {name} have shape {array.shape}, expected "
-                                f"({len(self._features)},) like the features' rows")
+                raise DataError(
+                    f"{self.path}: {name} have shape {array.shape}, expected "
+                    f"({len(self._features)},) like the features' rows"
+                )
         if self._labels is not None and not classes:
             raise DataError(f"{self.path}: labels need their classes (--classes)")
         if not len(self._features):
             raise DataError(f"{self.path}: empty (no rows)")
-        self.schema = Schema((), tuple(self._features.shape[1:]),
-                             classes if self._labels is not None else None, ids is not None)
+        self.schema = Schema(
+            (),
+            tuple(self._features.shape[1:]),
+            classes if self._labels is not None else None,
+            ids is not None,
+        )
 
     def _load(self, path: Path, features: str | None, labels: str | None, ids: str | None):
         if path.suffix == ".npz":
@@ -251,23 +286,29 @@ class ArraySource(Source):
                 archive = np.load(path)
             except (OSError, ValueError) as exc:
                 raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+
             def get(key: str | None) -> np.ndarray | None:
                 if key is not None and key not in archive.files:
-                    raise DataError(f"{path}: no array {key!r} (arrays: "
-                                    f"{', '.join(archive.files)})")
+                    raise DataError(
+                        f"{path}: no array {key!r} (arrays: {', '.join(archive.files)})"
+                    )
                 return None if key is None else archive[key]
+
             return get(features or "features"), get(labels), get(ids)
-        sibling = [None if name is None else NpyRows(path.parent / name)
-                   for name in (labels, ids)]
+        sibling = [None if name is None else NpyRows(path.parent / name) for name in (labels, ids)]
         return NpyRows(path), *sibling
 
     def chunks(self, chunk_rows: int) -> Iterator[Chunk]:
         for start in range(0, len(self._features), chunk_rows):
             stop = min(start + chunk_rows, len(self._features))
-            features = _finite(self.path, np.asarray(self._features[start:stop], np.float32),
-                               start)
-            labels = None if self._labels is None else _class_index(
-                self.path, np.asarray(self._labels[start:stop]), len(self.schema.classes), start)
+            features = _finite(self.path, np.asarray(self._features[start:stop], np.float32), start)
+            labels = (
+                None
+                if self._labels is None
+                else _class_index(
+                    self.path, np.asarray(self._labels[start:stop]), len(self.schema.classes), start
+                )
+            )
             ids = None if self._ids is None else np.asarray(self._ids[start:stop], np.int64)
             yield Chunk(ids, features, labels)
 
@@ -275,13 +316,15 @@ class ArraySource(Source):
 class ImageFolderSource(Source):
     """``root/<class>/<image>``: PNG or JPEG, resized to ``size`` (H, W), values in [0, 1]."""
 
-    def __init__(self, root: Path, *, size: tuple[int, int], grayscale: bool,
-                 classes: tuple[str, ...] | None) -> None:
+    def __init__(
+        self, root: Path, *, size: tuple[int, int], grayscale: bool, classes: tuple[str, ...] | None
+    ) -> None:
         try:
             from PIL import Image  # noqa: F401
         except ImportError:
-            raise DataError(f"{root}: image folders need Pillow: "
-                            "pip install 'mpisplit[images]'") from None
+            raise DataError(
+                f"{root}: image folders need Pillow: pip install 'mpisplit[images]'"
+            ) from None
         self.path, self._size, self._mode = str(root), size, "L" if grayscale else "RGB"
         if not root.is_dir():
             raise DataError(f"{root}: not a folder (expected one subfolder per class)")
@@ -290,8 +333,12 @@ class ImageFolderSource(Source):
         unknown = [name for name in found if name not in chosen]
         if unknown:
             raise DataError(f"{root}/{unknown[0]}: unknown class (known: {', '.join(chosen)})")
-        self._files = [(path, label) for label, name in enumerate(chosen)
-                       for path in sorted((root / name).glob("[!.]*")) if (root / name).is_dir()]
+        self._files = [
+            (path, label)
+            for label, name in enumerate(chosen)
+            for path in sorted((root / name).glob("[!.]*"))
+            if (root / name).is_dir()
+        ]
         if not self._files:
             raise DataError(f"{root}: no images (expected <class>/<image>.png or .jpg)")
         channels = 1 if grayscale else 3
@@ -299,7 +346,7 @@ class ImageFolderSource(Source):
 
     def chunks(self, chunk_rows: int) -> Iterator[Chunk]:
         for start in range(0, len(self._files), chunk_rows):
-            part = self._files[start:start + chunk_rows]
+            part = self._files[start : start + chunk_rows]
             features = np.stack([self._image(path) for path, _ in part])
             yield Chunk(None, features, np.array([label for _, label in part], np.int64))
 
@@ -337,8 +384,9 @@ class DatasetSource(Source):
             raise DataError(f"{spec}: empty dataset")
         classes = classes or tuple(str(name) for name in getattr(self._dataset, "classes", ()))
         if not classes:
-            raise DataError(f"{spec}: name the classes (--classes) or give the dataset a "
-                            "'classes' attribute")
+            raise DataError(
+                f"{spec}: name the classes (--classes) or give the dataset a 'classes' attribute"
+            )
         shape = tuple(np.asarray(self._dataset[0][0]).shape)
         self.schema = Schema((), shape, classes, False)
 
@@ -352,11 +400,15 @@ class DatasetSource(Source):
                 x, y = self._dataset[i][:2]
                 x = np.asarray(x, np.float32)
                 if x.shape != shape:
-                    raise DataError(f"{self.path}: item {i} has features of shape {x.shape}, "
-                                    f"item 0 {shape}")
+                    raise DataError(
+                        f"{self.path}: item {i} has features of shape {x.shape}, item 0 {shape}"
+                    )
                 features[i - start], labels[i - start] = x, int(y)
-            yield Chunk(None, _finite(self.path, features, start),
-                        _class_index(self.path, labels, len(self.schema.classes), start))
+            yield Chunk(
+                None,
+                _finite(self.path, features, start),
+                _class_index(self.path, labels, len(self.schema.classes), start),
+            )
 
 
 def load_object(spec: str) -> Any:
@@ -366,8 +418,7 @@ def load_object(spec: str) -> Any:
         raise DataError(f"{spec}: expected package.module:name or file.py:name")
     try:
         if module_name.endswith(".py"):
-            location = importlib.util.spec_from_file_location(Path(module_name).stem,
-                                                              module_name)
+            location = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
             if location is None or not Path(module_name).is_file():
                 raise DataError(f"{module_name}: no such file")
             module = importlib.util.module_from_spec(location)
@@ -381,11 +432,13 @@ def load_object(spec: str) -> Any:
 
 # --- shared checks -----------------------------------------------------------------------
 
+
 def _finite(path: str, features: np.ndarray, start: int) -> np.ndarray:
     finite = np.isfinite(features.reshape(len(features), -1)).all(axis=1)
     if not finite.all():
-        raise DataError(f"{path}: row {start + int(np.argmin(finite)) + 1}: features contain "
-                        "NaN or inf")
+        raise DataError(
+            f"{path}: row {start + int(np.argmin(finite)) + 1}: features contain NaN or inf"
+        )
     return features
 
 
@@ -395,8 +448,10 @@ def _class_index(path: str, labels: np.ndarray, classes: int, start: int) -> np.
     bad = (labels < 0) | (labels >= classes)
     if bad.any():
         row = int(np.argmax(bad))
-        raise DataError(f"{path}: row {start + row + 1}: unknown class {int(labels[row])} "
-                        f"(expected 0..{classes - 1})")
+        raise DataError(
+            f"{path}: row {start + row + 1}: unknown class {int(labels[row])} "
+            f"(expected 0..{classes - 1})"
+        )
     return labels.astype(np.int64)
 
 
@@ -405,8 +460,10 @@ class NpyRows:
     pages of a memory map stay resident in the process once read, so its memory would grow
     to the whole file."""
 
-    _HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0}
+    _HEADERS = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -422,8 +479,10 @@ class NpyRows:
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: not a readable .npy file ({exc})") from None
         if fortran or self.dtype.hasobject or not self.shape:
-            raise DataError(f"{path}: expected a C-ordered numeric array with rows along "
-                            f"axis 0 (np.save of np.ascontiguousarray(...))")
+            raise DataError(
+                f"{path}: expected a C-ordered numeric array with rows along "
+                f"axis 0 (np.save of np.ascontiguousarray(...))"
+            )
         self.ndim = len(self.shape)
         self._row_items = math.prod(self.shape[1:])
 

@@ -42,12 +42,14 @@ def cut_names(model: nn.Module, cuts: Sequence[str | int], key: str = "model.cut
             if not 1 <= cut < len(children):
                 raise ConfigError(
                     f"{key}[{i}]: cut {cut!r} leaves a segment empty; use a layer after "
-                    f"'{children[0] if children else ''}' (indices 1..{len(children) - 1})")
+                    f"'{children[0] if children else ''}' (indices 1..{len(children) - 1})"
+                )
             cut = children[cut]
         if not cut or cut not in modules:
             raise ConfigError(
                 f"{key}[{i}]: '{cut}' is not a layer of this model (a module name as print(model) "
-                f"shows it; top-level layers: {', '.join(children)})")
+                f"shows it; top-level layers: {', '.join(children)})"
+            )
         names.append(cut)
     return names
 
@@ -64,8 +66,10 @@ def split_model(
     edges = [0, *starts, len(nodes)]
     for part, (begin, end) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
         part_of.update({node: part for node in nodes[begin:end]})
-    crossing = [_crossing(nodes, start, name, part_of, i, key)
-                for i, (start, name) in enumerate(zip(starts, names, strict=True))]
+    crossing = [
+        _crossing(nodes, start, name, part_of, i, key)
+        for i, (start, name) in enumerate(zip(starts, names, strict=True))
+    ]
     parts = []
     for part, (begin, end) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
         inputs = crossing[part - 1] if part else [n for n in nodes if n.op == "placeholder"]
@@ -106,17 +110,22 @@ def _starts(nodes: list[fx.Node], names: list[str], key: str) -> list[int]:
         if start is None:
             raise ConfigError(f"{key}[{i}]: '{name}' is never called by the model's forward")
         if start <= first:
-            raise ConfigError(f"{key}[{i}]: cut {name!r} leaves a segment empty (nothing runs "
-                              f"before it); cut at a later module")
+            raise ConfigError(
+                f"{key}[{i}]: cut {name!r} leaves a segment empty (nothing runs "
+                f"before it); cut at a later module"
+            )
         if starts and start <= starts[-1]:
-            raise ConfigError(f"{key}[{i}]: cuts must be in increasing layer order "
-                              f"('{name}' runs before '{names[i - 1]}')")
+            raise ConfigError(
+                f"{key}[{i}]: cuts must be in increasing layer order "
+                f"('{name}' runs before '{names[i - 1]}')"
+            )
         starts.append(start)
     return starts
 
 
-def _crossing(nodes: list[fx.Node], start: int, name: str, part_of: dict, index: int,
-              key: str) -> list[fx.Node]:
+def _crossing(
+    nodes: list[fx.Node], start: int, name: str, part_of: dict, index: int, key: str
+) -> list[fx.Node]:
     """The values defined before ``start`` and used from there on; each must feed ``name``."""
     values = []
     for node in nodes[:start]:
@@ -128,7 +137,8 @@ def _crossing(nodes: list[fx.Node], start: int, name: str, part_of: dict, index:
             raise ConfigError(
                 f"{key}[{index}]: the cut before '{name}' is crossed by '{node.name}' (from "
                 f"{_module_of(node)}, used by {', '.join(users)}): a skip connection around "
-                f"the cut; cut where every value that crosses is an input of the module")
+                f"the cut; cut where every value that crosses is an input of the module"
+            )
         values.append(node)
     return values
 
@@ -142,16 +152,23 @@ def _module_of(node: fx.Node) -> str:
     return f"'{stack[-1]}'" if stack else "the model's own forward"
 
 
-def _part_module(model: nn.Module, nodes: list[fx.Node], inputs: list[fx.Node],
-                 outputs: list[fx.Node] | None, part: int) -> fx.GraphModule:
+def _part_module(
+    model: nn.Module,
+    nodes: list[fx.Node],
+    inputs: list[fx.Node],
+    outputs: list[fx.Node] | None,
+    part: int,
+) -> fx.GraphModule:
     """The graph of one part. A part after a cut takes one argument, what the part before
     returns: the one crossing value, or the tuple of them (unpacked here), so parts chain as
     ``part(previous(x))`` and the cut exchange moves one value, a tensor or a tuple."""
     graph = fx.Graph()
     if part and len(inputs) > 1:
         cut = graph.placeholder("cut")
-        env = {value: graph.create_node("call_function", operator.getitem, (cut, i),
-                                        name=value.name) for i, value in enumerate(inputs)}
+        env = {
+            value: graph.create_node("call_function", operator.getitem, (cut, i), name=value.name)
+            for i, value in enumerate(inputs)
+        }
     else:
         env = {value: graph.placeholder(value.name) for value in inputs}
 
@@ -178,14 +195,22 @@ def cut_values(parts: Sequence[fx.GraphModule]) -> list[list[str]]:
     carried = []
     for part in parts[1:]:
         placeholder = next(n for n in part.graph.nodes if n.op == "placeholder")
-        unpacked = sorted((user.args[1], user.name) for user in placeholder.users
-                          if user.target is operator.getitem)
+        unpacked = sorted(
+            (user.args[1], user.name)
+            for user in placeholder.users
+            if user.target is operator.getitem
+        )
         carried.append([name for _, name in unpacked] or [placeholder.name])
     return carried
 
 
-def check_cut_values(parts: Sequence[fx.GraphModule], cuts: Sequence[str | int], scheme: str,
-                     carries_tuples: bool, key: str = "model.cuts") -> None:
+def check_cut_values(
+    parts: Sequence[fx.GraphModule],
+    cuts: Sequence[str | int],
+    scheme: str,
+    carries_tuples: bool,
+    key: str = "model.cuts",
+) -> None:
     """A scheme whose cut exchange moves one tensor refuses a cut that carries several."""
     if carries_tuples:
         return
@@ -194,11 +219,13 @@ def check_cut_values(parts: Sequence[fx.GraphModule], cuts: Sequence[str | int],
             raise ConfigError(
                 f"{key}[{index}]: the cut before {cuts[index]!r} carries {len(values)} values "
                 f"({', '.join(values)}); scheme {scheme} sends one tensor per cut (vanilla "
-                f"carries several): cut where one value crosses")
+                f"carries several): cut where one value crosses"
+            )
 
 
-def check_shared(parts: Sequence[nn.Module], colocated: Iterable[Sequence[int]] = (),
-                 key: str = "model.cuts") -> None:
+def check_shared(
+    parts: Sequence[nn.Module], colocated: Iterable[Sequence[int]] = (), key: str = "model.cuts"
+) -> None:
     """A parameter or buffer held by two parts on different ranks would diverge: refuse it.
 
     ``colocated`` lists groups of part indices held by one rank (the U-shaped client's head and
@@ -209,15 +236,18 @@ def check_shared(parts: Sequence[nn.Module], colocated: Iterable[Sequence[int]] 
             together[i] = set(group)
     seen: dict[int, tuple[int, str]] = {}
     for index, part in enumerate(parts):
-        tensors = [*part.named_parameters(remove_duplicate=False),
-                   *part.named_buffers(remove_duplicate=False)]
+        tensors = [
+            *part.named_parameters(remove_duplicate=False),
+            *part.named_buffers(remove_duplicate=False),
+        ]
         for name, tensor in tensors:
             other = seen.setdefault(id(tensor), (index, name))
             if other[0] not in together[index]:
                 raise ConfigError(
                     f"{key}: '{name}' (part {index}) and '{other[1]}' (part {other[0]}) are one "
                     f"shared tensor (tied weights) on different ranks; keep the modules that "
-                    f"share it on one side of the cuts")
+                    f"share it on one side of the cuts"
+                )
 
 
 def join_parts(parts: Sequence[nn.Module]) -> fx.GraphModule:

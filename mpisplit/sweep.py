@@ -121,16 +121,21 @@ def load_sweep(path: str | Path) -> Sweep:
         _check_prepare(_mapping(prepare, f"{path}: prepare"), path)
     slurm = _mapping(data.get("slurm") or {}, f"{path}: slurm")
     if unknown := sorted(set(slurm) - set(_SLURM_KEYS)):
-        raise SweepError(f"{path}: slurm: unknown key {unknown[0]} (valid: "
-                         f"{', '.join(_SLURM_KEYS)})")
+        raise SweepError(
+            f"{path}: slurm: unknown key {unknown[0]} (valid: {', '.join(_SLURM_KEYS)})"
+        )
     config, out = Path(str(data["config"])), Path(str(data["out"]))
-    points = [_point(config, out, combo, overrides, prepare)
-              for combo in itertools.product(*(
-                  [(name, value) for value in values] for name, values in axes.items()))]
+    points = [
+        _point(config, out, combo, overrides, prepare)
+        for combo in itertools.product(
+            *([(name, value) for value in values] for name, values in axes.items())
+        )
+    ]
     names = [p.name for p in points]
     if len(set(names)) != len(names):
-        raise SweepError(f"{path}: two points share a directory name: give the axes "
-                         f"distinct values")
+        raise SweepError(
+            f"{path}: two points share a directory name: give the axes distinct values"
+        )
     return Sweep(path, config, out, points, slurm)
 
 
@@ -146,13 +151,17 @@ def _axes(raw: Any, path: Path) -> dict[str, list[Any]]:
     result: dict[str, list[Any]] = {}
     for name, values in axes.items():
         if isinstance(values, dict):
-            result[name] = [_Variant(str(k), _mapping(v or {}, f"{path}: axes: {name}: {k}"))
-                            for k, v in values.items()]
+            result[name] = [
+                _Variant(str(k), _mapping(v or {}, f"{path}: axes: {name}: {k}"))
+                for k, v in values.items()
+            ]
         elif isinstance(values, list) and values:
             result[name] = values
         else:
-            raise SweepError(f"{path}: axes: {name}: expected a non-empty list of values or "
-                             f"a mapping of named variants, got {values!r}")
+            raise SweepError(
+                f"{path}: axes: {name}: expected a non-empty list of values or "
+                f"a mapping of named variants, got {values!r}"
+            )
     return result
 
 
@@ -167,14 +176,18 @@ def _check_prepare(prepare: dict[str, Any], path: Path) -> None:
 
     valid = [f.name for f in fields(PrepareSpec)]
     if unknown := sorted(set(prepare) - set(valid)):
-        raise SweepError(f"{path}: prepare: unknown key {unknown[0]} (valid: "
-                         f"{', '.join(valid)})")
+        raise SweepError(f"{path}: prepare: unknown key {unknown[0]} (valid: {', '.join(valid)})")
     if "dataset" not in prepare or "out" not in prepare:
         raise SweepError(f"{path}: prepare: needs dataset and out")
 
 
-def _point(config: Path, out: Path, combo: tuple[tuple[str, Any], ...],
-           overrides: dict[str, Any], prepare: dict[str, Any] | None) -> Point:
+def _point(
+    config: Path,
+    out: Path,
+    combo: tuple[tuple[str, Any], ...],
+    overrides: dict[str, Any],
+    prepare: dict[str, Any] | None,
+) -> Point:
     env = {name: value.name if isinstance(value, _Variant) else value for name, value in combo}
     name = _point_name(env)
     settings = {key: _render(value, env) for key, value in overrides.items()}
@@ -207,8 +220,7 @@ def _render(value: Any, env: dict[str, Any]) -> Any:
         return value
     for name in _TEMPLATE.findall(value):
         if name not in env:
-            raise SweepError(f"template ${{{name}}}: no axis named {name} (axes: "
-                             f"{', '.join(env)})")
+            raise SweepError(f"template ${{{name}}}: no axis named {name} (axes: {', '.join(env)})")
     if (whole := _TEMPLATE.fullmatch(value)) is not None:
         return env[whole[1]]
     return _TEMPLATE.sub(lambda m: str(env[m[1]]), value)
@@ -218,8 +230,12 @@ def _yaml(value: Any) -> str:
     """A value as ``mpisplit train`` parses an override (YAML, one line)."""
     if isinstance(value, str):
         return value
-    return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip().removesuffix(
-        "\n...").strip()
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=1 << 16)
+        .strip()
+        .removesuffix("\n...")
+        .strip()
+    )
 
 
 def _point_name(env: dict[str, Any]) -> str:
@@ -254,11 +270,17 @@ def prepare_data(sweep: Sweep) -> None:
                 meta = read_meta(spec.out)
             except DataError as err:
                 raise SweepError(str(err)) from None
-            wanted = {"dataset": spec.dataset, "clients": spec.clients,
-                      "partition": spec.partition, "seed": spec.seed}
+            wanted = {
+                "dataset": spec.dataset,
+                "clients": spec.clients,
+                "partition": spec.partition,
+                "seed": spec.seed,
+            }
             if differs := {k: meta[k] for k, v in wanted.items() if meta[k] != v}:
-                raise SweepError(f"point {point.name}: {spec.out} was prepared with {differs}, "
-                                 f"the sweep asks for {wanted}: remove it or change prepare.out")
+                raise SweepError(
+                    f"point {point.name}: {spec.out} was prepared with {differs}, "
+                    f"the sweep asks for {wanted}: remove it or change prepare.out"
+                )
             continue
         try:
             prepare_dataset(spec)
@@ -271,9 +293,19 @@ def write_point(sweep: Sweep, point: Point) -> None:
     """The point's directory with ``point.json`` (what ``mpisplit results`` groups by) and
     ``args`` (what a Slurm array task runs)."""
     point.dir.mkdir(parents=True, exist_ok=True)
-    (point.dir / POINT_FILE).write_text(json.dumps(
-        {"sweep": str(sweep.path), "values": point.values, "config": str(point.config),
-         "overrides": point.overrides, "world_size": point.world_size}, indent=2) + "\n")
+    (point.dir / POINT_FILE).write_text(
+        json.dumps(
+            {
+                "sweep": str(sweep.path),
+                "values": point.values,
+                "config": str(point.config),
+                "overrides": point.overrides,
+                "world_size": point.world_size,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     (point.dir / ARGS_FILE).write_text("\n".join([str(point.config), *point.overrides]) + "\n")
 
 
@@ -287,8 +319,11 @@ def set_aside(point: Point) -> None:
     """Moves a failed attempt (no summary, no checkpoint) out of the point's way."""
     if not point.dir.exists() or not any(point.dir.glob("metrics-rank*.jsonl")):
         return
-    attempt = next(n for n in itertools.count(1)
-                   if not point.dir.with_name(f"{point.name}.failed-{n}").exists())
+    attempt = next(
+        n
+        for n in itertools.count(1)
+        if not point.dir.with_name(f"{point.name}.failed-{n}").exists()
+    )
     point.dir.rename(point.dir.with_name(f"{point.name}.failed-{attempt}"))
 
 
@@ -305,9 +340,18 @@ def run_local(sweep: Sweep, launcher: Launcher, timeout_s: float | None) -> int:
         if not resume:
             set_aside(point)
         write_point(sweep, point)
-        command = launcher.command(point.world_size, [
-            sys.executable, "-m", "mpisplit", "train", *(["--resume"] if resume else []),
-            str(point.config), *point.overrides])
+        command = launcher.command(
+            point.world_size,
+            [
+                sys.executable,
+                "-m",
+                "mpisplit",
+                "train",
+                *(["--resume"] if resume else []),
+                str(point.config),
+                *point.overrides,
+            ],
+        )
         start = time.monotonic()
         status = _run(command, launcher.environment(), point.dir / "sweep.log", timeout_s)
         took = time.monotonic() - start
@@ -318,8 +362,11 @@ def run_local(sweep: Sweep, launcher: Launcher, timeout_s: float | None) -> int:
             print(f"sweep: {where}: test accuracy {shown} ({took:.1f} s)", flush=True)
         else:
             failed += 1
-            print(f"sweep: {where}: failed with status {status} after {took:.1f} s; see "
-                  f"{point.dir / 'sweep.log'}", flush=True)
+            print(
+                f"sweep: {where}: failed with status {status} after {took:.1f} s; see "
+                f"{point.dir / 'sweep.log'}",
+                flush=True,
+            )
     return int(failed > 0)
 
 
@@ -328,8 +375,9 @@ def _run(command: list[str], env: dict[str, str], log: Path, timeout_s: float | 
         out.write(f"$ {shlex.join(command)}\n")
         out.flush()
         try:
-            return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                  timeout=timeout_s).returncode
+            return subprocess.run(
+                command, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout_s
+            ).returncode
         except subprocess.TimeoutExpired:
             out.write(f"sweep: killed after {timeout_s} s\n")
             return 124
@@ -344,8 +392,9 @@ def array_scripts(sweep: Sweep, jobscripts: Path) -> list[Path]:
     ``jobscripts/common.sh`` (task-count check, launcher, pre-emption and requeue)."""
     common = (jobscripts / "common.sh").resolve()
     if not common.is_file():
-        raise SweepError(f"{common}: not found; pass --jobscripts DIR (the directory with "
-                         f"mpisplit's common.sh)")
+        raise SweepError(
+            f"{common}: not found; pass --jobscripts DIR (the directory with mpisplit's common.sh)"
+        )
     pending = [p for p in sweep.points if not p.finished()]
     directory = sweep.out / "slurm"
     directory.mkdir(parents=True, exist_ok=True)
@@ -361,34 +410,43 @@ def array_scripts(sweep: Sweep, jobscripts: Path) -> list[Path]:
 
 
 def _array_script(sweep: Sweep, points: list[Point], size: int, common: Path) -> str:
-    slurm = sweep.slurm
-    options = [f"--job-name=mpisplit-sweep-n{size}", f"--array=0-{len(points) - 1}",
-               f"--ntasks={size}", f"--cpus-per-task={slurm.get('cpus_per_task', 1)}",
-               f"--time={slurm.get('time', '01:00:00')}", "--requeue", "--open-mode=append",
-               "--signal=B:USR1@120", f"--output={sweep.out.resolve()}/slurm/%x-%A_%a.out",
-               *map(str, slurm.get("sbatch", []))]
+    slurm, jobscripts = sweep.slurm, shlex.quote(str(common.parent))
+    options = [
+        f"--job-name=mpisplit-sweep-n{size}",
+        f"--array=0-{len(points) - 1}",
+        f"--ntasks={size}",
+        f"--cpus-per-task={slurm.get('cpus_per_task', 1)}",
+        f"--time={slurm.get('time', '01:00:00')}",
+        "--requeue",
+        "--open-mode=append",
+        "--signal=B:USR1@120",
+        f"--output={sweep.out.resolve()}/slurm/%x-%A_%a.out",
+        *map(str, slurm.get("sbatch", [])),
+    ]
     entries = "\n".join(f"  {shlex.quote(str(p.dir))}" for p in points)
     resume = "\n".join(f"  {'--resume' if resumable(p) else '-'}" for p in points)
-    return "\n".join([
-        "#!/bin/bash",
-        f"# Generated by `mpisplit sweep --slurm {sweep.path}`: the points of world size "
-        f"{size}, one array task each. Submit from the directory the sweep ran in.",
-        *(f"#SBATCH {option}" for option in options),
-        f"export MPISPLIT_JOBSCRIPTS=${{MPISPLIT_JOBSCRIPTS:-{shlex.quote(str(common.parent))}}}",
-        '. "$MPISPLIT_JOBSCRIPTS/common.sh" || exit 2',
-        f"POINTS=(\n{entries}\n)",
-        f"RESUME=(\n{resume}\n)",
-        'task=${SLURM_ARRAY_TASK_ID:?a sweep array: submit with sbatch}',
-        'point=${POINTS[$task]}',
-        'mapfile -t args <"$point/args"',
-        "mpisplit_setup",
-        'mpisplit_args "${args[@]}"',
-        'mpisplit_check_ntasks "$MPISPLIT_CONFIG" "${MPISPLIT_ARGS[@]}"',
-        'resume=(); [ "${RESUME[$task]}" = --resume ] && resume=(--resume)',
-        'mpisplit_launch -- $MPISPLIT train "${resume[@]}" "$MPISPLIT_CONFIG" '
-        '"${MPISPLIT_ARGS[@]}"',
-        "",
-    ])
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            f"# Generated by `mpisplit sweep --slurm {sweep.path}`: the points of world size "
+            f"{size}, one array task each. Submit from the directory the sweep ran in.",
+            *(f"#SBATCH {option}" for option in options),
+            f"export MPISPLIT_JOBSCRIPTS=${{MPISPLIT_JOBSCRIPTS:-{jobscripts}}}",
+            '. "$MPISPLIT_JOBSCRIPTS/common.sh" || exit 2',
+            f"POINTS=(\n{entries}\n)",
+            f"RESUME=(\n{resume}\n)",
+            "task=${SLURM_ARRAY_TASK_ID:?a sweep array: submit with sbatch}",
+            "point=${POINTS[$task]}",
+            'mapfile -t args <"$point/args"',
+            "mpisplit_setup",
+            'mpisplit_args "${args[@]}"',
+            'mpisplit_check_ntasks "$MPISPLIT_CONFIG" "${MPISPLIT_ARGS[@]}"',
+            'resume=(); [ "${RESUME[$task]}" = --resume ] && resume=(--resume)',
+            'mpisplit_launch -- $MPISPLIT train "${resume[@]}" "$MPISPLIT_CONFIG" '
+            '"${MPISPLIT_ARGS[@]}"',
+            "",
+        ]
+    )
 
 
 def submit(scripts: list[Path]) -> None:

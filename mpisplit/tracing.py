@@ -37,19 +37,35 @@ class Tracer:
         try:
             yield args
         finally:
-            self._events.append({
-                "name": name, "cat": cat, "ph": "X", "ts": start, "dur": self.now_us() - start,
-                "pid": self.rank, "tid": 0, "args": args,
-            })
+            self._events.append(
+                {
+                    "name": name,
+                    "cat": cat,
+                    "ph": "X",
+                    "ts": start,
+                    "dur": self.now_us() - start,
+                    "pid": self.rank,
+                    "tid": 0,
+                    "args": args,
+                }
+            )
 
     def write(self, run_dir: Path) -> Path | None:
         if not self.enabled:
             return None
         meta = [
-            {"name": "process_name", "ph": "M", "pid": self.rank,
-             "args": {"name": f"rank {self.rank} {self.label}"}},
-            {"name": "process_sort_index", "ph": "M", "pid": self.rank,
-             "args": {"sort_index": self.rank}},
+            {
+                "name": "process_name",
+                "ph": "M",
+                "pid": self.rank,
+                "args": {"name": f"rank {self.rank} {self.label}"},
+            },
+            {
+                "name": "process_sort_index",
+                "ph": "M",
+                "pid": self.rank,
+                "args": {"sort_index": self.rank},
+            },
         ]
         path = run_dir / f"trace-rank{self.rank}.json"
         tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -58,9 +58,21 @@ from mpisplit.staging import PinnedStaging
 from mpisplit.tracing import Tracer
 
 __all__ = [
-    "ANY_SOURCE", "HEADER_BYTES", "INLINE_LIMIT", "PART_BYTES", "Kind", "Message",
-    "PeerTimeout", "PendingSend", "PolicyViolation", "Traffic", "Transport", "cuda_aware_mpi",
-    "large_counts", "mpix_query_cuda_support", "poll",
+    "ANY_SOURCE",
+    "HEADER_BYTES",
+    "INLINE_LIMIT",
+    "PART_BYTES",
+    "Kind",
+    "Message",
+    "PeerTimeout",
+    "PendingSend",
+    "PolicyViolation",
+    "Traffic",
+    "Transport",
+    "cuda_aware_mpi",
+    "large_counts",
+    "mpix_query_cuda_support",
+    "poll",
 ]
 
 _MAX_PERSISTENT = 256
@@ -119,8 +131,11 @@ class Traffic:
 
     def sent_routes(self) -> dict[int, dict[str, int]]:
         """Bytes sent per destination and kind (non-zero only): the evidence for audits."""
-        return {peer: {Kind(kind).name: row[kind] for kind in Kind if row[kind]}
-                for peer, row in enumerate(self.sent) if any(row)}
+        return {
+            peer: {Kind(kind).name: row[kind] for kind in Kind if row[kind]}
+            for peer, row in enumerate(self.sent)
+            if any(row)
+        }
 
     @property
     def total_sent(self) -> int:
@@ -163,8 +178,11 @@ class Transport:
         # The counters, bound once: the per-message updates skip a lookup and a call.
         self._sent, self._received = self.traffic.sent, self.traffic.received
         self.deadlines = Deadlines(self.rank, self.roles, timeout_s)
-        staging = (PinnedStaging(self.device)
-                   if self.device.type == "cuda" and not self.cuda_aware else None)
+        staging = (
+            PinnedStaging(self.device)
+            if self.device.type == "cuda" and not self.cuda_aware
+            else None
+        )
         self.sends = SendQueue(self.deadlines, staging, self._post_payload, self._span)
         """Every send not yet completed, and the memory MPI still reads for it."""
         self.deadlines.before_block = self.sends.before_block
@@ -192,24 +210,43 @@ class Transport:
         self._headers.Free()
         self._payloads.Free()
 
-    def send(self, tensor: torch.Tensor, dest: int, kind: Kind, *, step: int = 0,
-             flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> None:
+    def send(
+        self,
+        tensor: torch.Tensor,
+        dest: int,
+        kind: Kind,
+        *,
+        step: int = 0,
+        flags: Flag = Flag.NONE,
+        aux: int = 0,
+        microbatch: int = 0,
+    ) -> None:
         """Sends ``tensor`` to ``dest``; returns once its buffer may be reused.
 
         The steady-state path (no tracing, a small host tensor) is one header message built
         in a reused buffer: no allocation, no torch-to-numpy conversion, and a persistent
         send started."""
         if self.tracer.enabled:
-            with self._span("send", kind, dest, tensor.nbytes, step, tensor.shape,
-                            tensor.dtype, microbatch):
+            with self._span(
+                "send", kind, dest, tensor.nbytes, step, tensor.shape, tensor.dtype, microbatch
+            ):
                 self._send(tensor, dest, kind, step, flags, aux, microbatch)
         else:
             self._send(tensor, dest, kind, step, flags, aux, microbatch)
 
-    def _send(self, tensor: torch.Tensor, dest: int, kind: Kind, step: int, flags: Flag,
-              aux: int, microbatch: int) -> None:
-        requests, keep, ready = self._post(tensor, dest, kind, step, flags, aux, microbatch,
-                                           self._send_buffer)
+    def _send(
+        self,
+        tensor: torch.Tensor,
+        dest: int,
+        kind: Kind,
+        step: int,
+        flags: Flag,
+        aux: int,
+        microbatch: int,
+    ) -> None:
+        requests, keep, ready = self._post(
+            tensor, dest, kind, step, flags, aux, microbatch, self._send_buffer
+        )
         if ready is not None:  # a staged device payload: post it once its copy has ended
             ready.synchronize()
             requests = self._post_payload(self._send_buffer, keep, dest, kind)
@@ -219,24 +256,34 @@ class Transport:
                 self.sends.wait(requests, dest, kind, "send", keep=(keep, self._send_buffer))
             except PeerTimeout:
                 # The old buffer and its persistent sends are MPI's now (kept as orphans).
-                self.sends.orphans.append((list(self._inline_sends.values()),
-                                           self._send_buffer))
+                self.sends.orphans.append((list(self._inline_sends.values()), self._send_buffer))
                 self._send_buffer = MessageBuffer()
                 self._inline_sends = {}
                 raise
         if ready is not None:
             self.sends.release_staged(keep)
 
-    def isend(self, tensor: torch.Tensor, dest: int, kind: Kind, *, step: int = 0,
-              flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> PendingSend:
+    def isend(
+        self,
+        tensor: torch.Tensor,
+        dest: int,
+        kind: Kind,
+        *,
+        step: int = 0,
+        flags: Flag = Flag.NONE,
+        aux: int = 0,
+        microbatch: int = 0,
+    ) -> PendingSend:
         """Starts sending ``tensor``; the caller overlaps work and calls ``wait`` later.
 
         The tensor must not be modified until then (the pending send keeps it alive)."""
-        with self._span("send", kind, dest, tensor.nbytes, step, tensor.shape, tensor.dtype,
-                        microbatch):
+        with self._span(
+            "send", kind, dest, tensor.nbytes, step, tensor.shape, tensor.dtype, microbatch
+        ):
             message = self.sends.message_buffer()
-            requests, keep, ready = self._post(tensor, dest, kind, step, flags, aux,
-                                               microbatch, message)
+            requests, keep, ready = self._post(
+                tensor, dest, kind, step, flags, aux, microbatch, message
+            )
             return self.sends.pending(requests, keep, message, dest, kind, ready)
 
     def detach(self, pending: Sequence[PendingSend]) -> None:
@@ -256,10 +303,17 @@ class Transport:
         """Completes every detached send (under the deadline)."""
         self.sends.flush()
 
-    def _post(self, tensor: torch.Tensor, dest: int, kind: Kind, step: int, flags: Flag,
-              aux: int, microbatch: int,
-              message: MessageBuffer
-              ) -> tuple[list[MPI.Request], object, torch.cuda.Event | None]:
+    def _post(
+        self,
+        tensor: torch.Tensor,
+        dest: int,
+        kind: Kind,
+        step: int,
+        flags: Flag,
+        aux: int,
+        microbatch: int,
+        message: MessageBuffer,
+    ) -> tuple[list[MPI.Request], object, torch.cuda.Event | None]:
         """Posts the header (with a small payload inline) and a large payload as
         nonblocking sends; returns the requests, what must stay alive until they end, and
         for a staged device payload the event of its copy (then nothing is posted yet: the
@@ -272,15 +326,18 @@ class Transport:
         if inline:
             keep = tensor if not tensor.is_cuda and tensor.is_contiguous() else _host(tensor)
             if nbytes:
-                message.view[HEADER_BYTES:HEADER_BYTES + nbytes] = \
-                    MPI.buffer.fromaddress(keep.data_ptr(), nbytes)
+                message.view[HEADER_BYTES : HEADER_BYTES + nbytes] = MPI.buffer.fromaddress(
+                    keep.data_ptr(), nbytes
+                )
             if message is self._send_buffer:
-                request = (self._inline_sends.get((dest, kind, HEADER_BYTES + nbytes))
-                           or self._inline_send(dest, kind, HEADER_BYTES + nbytes))
+                request = self._inline_sends.get(
+                    (dest, kind, HEADER_BYTES + nbytes)
+                ) or self._inline_send(dest, kind, HEADER_BYTES + nbytes)
                 request.Start()
             else:
-                request = self._headers.Isend([message.array, HEADER_BYTES + nbytes, MPI.BYTE],
-                                              dest, kind)
+                request = self._headers.Isend(
+                    [message.array, HEADER_BYTES + nbytes, MPI.BYTE], dest, kind
+                )
             requests = [request]
         elif self.sends.staging is not None and tensor.is_cuda:
             keep, ready = self.sends.staging.to_host(tensor)
@@ -292,13 +349,19 @@ class Transport:
         self._sent[dest][kind] += HEADER_BYTES + nbytes
         return requests, keep, None
 
-    def _post_payload(self, message: MessageBuffer, payload: torch.Tensor, dest: int,
-                      kind: Kind) -> list[MPI.Request]:
+    def _post_payload(
+        self, message: MessageBuffer, payload: torch.Tensor, dest: int, kind: Kind
+    ) -> list[MPI.Request]:
         """Posts a packed header and its separate payload (host memory, or device memory
         for a CUDA-aware MPI)."""
         header = self._headers.Isend([message.array, HEADER_BYTES, MPI.BYTE], dest, kind)
-        return [header, *(self._payloads.Isend(part, dest, kind)
-                          for part in buffer_parts(payload, payload.nbytes, self.part_bytes))]
+        return [
+            header,
+            *(
+                self._payloads.Isend(part, dest, kind)
+                for part in buffer_parts(payload, payload.nbytes, self.part_bytes)
+            ),
+        ]
 
     def _inline_send(self, dest: int, kind: Kind, size: int) -> MPI.Prequest:
         """A new persistent send of the first ``size`` bytes of ``_send_buffer``."""
@@ -307,11 +370,19 @@ class Transport:
                 stale.Free()
             self._inline_sends.clear()
         request = self._inline_sends[(dest, kind, size)] = self._headers.Send_init(
-            [self._send_buffer.array, size, MPI.BYTE], dest, kind)
+            [self._send_buffer.array, size, MPI.BYTE], dest, kind
+        )
         return request
 
-    def recv(self, kind: Kind, source: int = ANY_SOURCE, *, deadline: bool = True,
-             out: torch.Tensor | None = None, senders: Sequence[int] = ()) -> Message:
+    def recv(
+        self,
+        kind: Kind,
+        source: int = ANY_SOURCE,
+        *,
+        deadline: bool = True,
+        out: torch.Tensor | None = None,
+        senders: Sequence[int] = (),
+    ) -> Message:
         """Receives the next ``kind`` message from ``source`` (any source by default).
 
         With ``deadline=False`` the wait is unbounded; use it only where another rank is
@@ -336,7 +407,11 @@ class Transport:
                     if probe is None:
                         probe = self.deadlines.wait(
                             lambda: self._headers.Improbe(source, kind, status),
-                            senders or [source], kind.name, "receive", deadline)
+                            senders or [source],
+                            kind.name,
+                            "receive",
+                            deadline,
+                        )
             source = status.Get_source()
             probe.Recv(scratch.view)
         else:
@@ -346,7 +421,8 @@ class Transport:
             request = self._header_receives.get((source, kind))
             if request is None:
                 request = self._header_receives[(source, kind)] = self._headers.Recv_init(
-                    scratch.view, source, kind)
+                    scratch.view, source, kind
+                )
             request.Start()
             arrived = request.Test(status)
             if not arrived or self.tracer.enabled:
@@ -354,20 +430,28 @@ class Transport:
                     if not arrived:
                         self._await_header(request, status, [source], kind, deadline)
         try:
-            _, dtype, shape, flags, step, nbytes, inline, aux, microbatch = \
-                unpack_header(scratch.view)
+            _, dtype, shape, flags, step, nbytes, inline, aux, microbatch = unpack_header(
+                scratch.view
+            )
         except CodecError as err:
             raise RuntimeError(f"rank {self.rank}: {err} from rank {source}") from None
         if waited is not None:  # tracing: the wait span learns what it waited for
-            waited.update(peer=source, bytes=nbytes, step=step, shape=list(shape),
-                          dtype=str(dtype).removeprefix("torch."), microbatch=microbatch)
+            waited.update(
+                peer=source,
+                bytes=nbytes,
+                step=step,
+                shape=list(shape),
+                dtype=str(dtype).removeprefix("torch."),
+                microbatch=microbatch,
+            )
         tensor, staged = self._receive_buffer(kind, dtype, shape, nbytes, inline, out)
         if self.tracer.enabled:
             with self._span("recv", kind, source, nbytes, step, shape, dtype, microbatch):
                 self._take_payload(tensor, source, kind, nbytes, inline)
         elif inline and nbytes:  # the common small message: one copy, no call
-            MPI.buffer.fromaddress(tensor.data_ptr(), nbytes, False)[:] = \
-                scratch.view[HEADER_BYTES:HEADER_BYTES + nbytes]
+            MPI.buffer.fromaddress(tensor.data_ptr(), nbytes, False)[:] = scratch.view[
+                HEADER_BYTES : HEADER_BYTES + nbytes
+            ]
         else:
             self._take_payload(tensor, source, kind, nbytes, inline)
         if staged:
@@ -376,9 +460,15 @@ class Transport:
         # ``_make`` skips the generated ``__new__`` (a keyword-capable call: 0.2 us more)
         return Message._make((tensor, source, kind, step, _FLAGS[flags], aux, microbatch))
 
-    def _receive_buffer(self, kind: Kind, dtype: torch.dtype, shape: tuple[int, ...],
-                        nbytes: int, inline: int, out: torch.Tensor | None
-                        ) -> tuple[torch.Tensor, bool]:
+    def _receive_buffer(
+        self,
+        kind: Kind,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        nbytes: int,
+        inline: int,
+        out: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, bool]:
         """Where a payload goes, and whether it is staged (then it goes on to the device
         once it has arrived)."""
         on_device = not inline and kind in _CUT_KINDS
@@ -387,50 +477,82 @@ class Transport:
         staging = self.sends.staging
         if on_device and staging is not None:  # pinned memory, then an asynchronous copy
             return staging.host_buffer(nbytes).view(dtype).view(shape), True
-        if (out is not None and out.dtype is dtype and out.shape == shape
-                and not out.is_cuda and out.is_contiguous()):
+        if (
+            out is not None
+            and out.dtype is dtype
+            and out.shape == shape
+            and not out.is_cuda
+            and out.is_contiguous()
+        ):
             return out, False
         return torch.empty(shape, dtype=dtype), False
 
-    def _take_payload(self, tensor: torch.Tensor, source: int, kind: Kind, nbytes: int,
-                      inline: int) -> None:
+    def _take_payload(
+        self, tensor: torch.Tensor, source: int, kind: Kind, nbytes: int, inline: int
+    ) -> None:
         """Fills ``tensor`` with the payload of the header just received: from the scratch
         buffer when it came inline, else by receiving the payload message into it."""
         if inline:
             if nbytes:
-                MPI.buffer.fromaddress(tensor.data_ptr(), nbytes, False)[:] = \
-                    self._recv_buffer.view[HEADER_BYTES:HEADER_BYTES + nbytes]
+                MPI.buffer.fromaddress(tensor.data_ptr(), nbytes, False)[:] = (
+                    self._recv_buffer.view[HEADER_BYTES : HEADER_BYTES + nbytes]
+                )
         else:
             target = _device_bytes(tensor) if tensor.is_cuda else tensor
-            requests = [self._payloads.Irecv(part, source, kind)
-                        for part in buffer_parts(target, nbytes, self.part_bytes)]
+            requests = [
+                self._payloads.Irecv(part, source, kind)
+                for part in buffer_parts(target, nbytes, self.part_bytes)
+            ]
             if not MPI.Request.Testall(requests):
                 self.sends.wait(requests, source, kind, "receive", keep=tensor)
 
-    def _await_header(self, request: MPI.Request, status: MPI.Status, peers: Sequence[int],
-                      kind: Kind, deadline: bool) -> None:
+    def _await_header(
+        self,
+        request: MPI.Request,
+        status: MPI.Status,
+        peers: Sequence[int],
+        kind: Kind,
+        deadline: bool,
+    ) -> None:
         """Waits for a posted header receive; on timeout it is cancelled, unless the message
         arrived meanwhile (then it is taken: nothing is lost for a caller that goes on)."""
         try:
-            self.deadlines.wait(partial(request.Test, status), peers, kind.name, "receive",
-                                deadline)
+            self.deadlines.wait(
+                partial(request.Test, status), peers, kind.name, "receive", deadline
+            )
         except PeerTimeout:
             request.Cancel()
             request.Wait(status)
             if status.Is_cancelled():
                 raise
 
-    def _span(self, what: str, kind: Kind, peer: int, nbytes: int = 0, step: int = 0,
-              shape: Sequence[int] = (), dtype: torch.dtype | None = None,
-              microbatch: int = 0) -> AbstractContextManager[object]:
+    def _span(
+        self,
+        what: str,
+        kind: Kind,
+        peer: int,
+        nbytes: int = 0,
+        step: int = 0,
+        shape: Sequence[int] = (),
+        dtype: torch.dtype | None = None,
+        microbatch: int = 0,
+    ) -> AbstractContextManager[object]:
         """A trace span for one message phase (its tag is the kind); free when tracing is off."""
         if not self.tracer.enabled:
             return _NO_SPAN
         category = "wait" if what == "wait" else "comm"
-        return self.tracer.span(f"{what} {kind.name.lower()}", category, peer=peer,
-                                bytes=nbytes, step=step, shape=list(shape), kind=kind.name,
-                                tag=int(kind), dtype=str(dtype).removeprefix("torch."),
-                                microbatch=microbatch)
+        return self.tracer.span(
+            f"{what} {kind.name.lower()}",
+            category,
+            peer=peer,
+            bytes=nbytes,
+            step=step,
+            shape=list(shape),
+            kind=kind.name,
+            tag=int(kind),
+            dtype=str(dtype).removeprefix("torch."),
+            microbatch=microbatch,
+        )
 
     def _check_policy(self, dest: int, kind: Kind) -> None:
         if self.allowed is None:
@@ -447,9 +569,17 @@ class Transport:
         blocking ``Barrier`` would hang on a stalled rank)."""
         self.complete(self._headers.Ibarrier(), "barrier")
 
-    def complete(self, request: MPI.Request | list[MPI.Request], what: str, *,
-                 deadline: bool = True, kind: Kind = Kind.CONTROL, sent: int = 0,
-                 received: int = 0, step: int = 0) -> None:
+    def complete(
+        self,
+        request: MPI.Request | list[MPI.Request],
+        what: str,
+        *,
+        deadline: bool = True,
+        kind: Kind = Kind.CONTROL,
+        sent: int = 0,
+        received: int = 0,
+        step: int = 0,
+    ) -> None:
         """Completes a nonblocking collective (or the requests of its rounds), under the
         deadline unless ``deadline=False`` (a blocking collective would hang every rank on
         one stalled rank).
@@ -457,44 +587,76 @@ class Transport:
         ``sent`` and ``received`` are the bytes this rank contributes to and gets from the
         collective (its buffers, not the MPI library's wire traffic, which depends on its
         algorithm); with ``kind`` and ``step`` they label the trace span."""
-        span = (self.tracer.span(f"collective {what}", "collective", kind=kind.name,
-                                 tag=int(kind), bytes_sent=sent, bytes_received=received,
-                                 step=step)
-                if self.tracer.enabled else _NO_SPAN)
+        span = (
+            self.tracer.span(
+                f"collective {what}",
+                "collective",
+                kind=kind.name,
+                tag=int(kind),
+                bytes_sent=sent,
+                bytes_received=received,
+                step=step,
+            )
+            if self.tracer.enabled
+            else _NO_SPAN
+        )
         with span:
             self.deadlines.collective(request, what, deadline)
 
-    def iallreduce(self, comm: MPI.Comm, buffer: np.ndarray,
-                   op: MPI.Op = MPI.SUM) -> list[MPI.Request]:
+    def iallreduce(
+        self, comm: MPI.Comm, buffer: np.ndarray, op: MPI.Op = MPI.SUM
+    ) -> list[MPI.Request]:
         """Posts an in-place Allreduce of ``buffer`` (1-D, contiguous) over ``comm``, in
         rounds below ``part_bytes`` on an MPI without large counts; ``complete`` ends it."""
-        return [comm.Iallreduce(MPI.IN_PLACE, buffer[r.start:r.start + r.size], op)
-                for r in collective_rounds([buffer.size], [0], buffer.itemsize,
-                                           self.part_bytes)]
+        return [
+            comm.Iallreduce(MPI.IN_PLACE, buffer[r.start : r.start + r.size], op)
+            for r in collective_rounds([buffer.size], [0], buffer.itemsize, self.part_bytes)
+        ]
 
-    def igatherv(self, comm: MPI.Comm, part: np.ndarray, out: np.ndarray | None,
-                 counts: Sequence[int], displs: Sequence[int], root: int
-                 ) -> list[MPI.Request]:
+    def igatherv(
+        self,
+        comm: MPI.Comm,
+        part: np.ndarray,
+        out: np.ndarray | None,
+        counts: Sequence[int],
+        displs: Sequence[int],
+        root: int,
+    ) -> list[MPI.Request]:
         """Posts a Gatherv of every rank's ``part`` (``counts[rank]`` elements) into the
         root's ``out`` at ``displs`` (``out`` None elsewhere), in rounds as ``iallreduce``.
         Every rank passes the whole layout (it tells each its piece of every round)."""
         rounds = collective_rounds(counts, displs, part.itemsize, self.part_bytes)
         rank, kind = comm.Get_rank(), from_numpy_dtype(part.dtype)
-        return [comm.Igatherv(
-            part[r.pieces[rank][0]:r.pieces[rank][0] + r.pieces[rank][1]],
-            _window(out, r, kind) if out is not None else None, root) for r in rounds]
+        return [
+            comm.Igatherv(
+                part[r.pieces[rank][0] : r.pieces[rank][0] + r.pieces[rank][1]],
+                _window(out, r, kind) if out is not None else None,
+                root,
+            )
+            for r in rounds
+        ]
 
-    def iscatterv(self, comm: MPI.Comm, whole: np.ndarray | None, part: np.ndarray,
-                  counts: Sequence[int], displs: Sequence[int], root: int
-                  ) -> list[MPI.Request]:
+    def iscatterv(
+        self,
+        comm: MPI.Comm,
+        whole: np.ndarray | None,
+        part: np.ndarray,
+        counts: Sequence[int],
+        displs: Sequence[int],
+        root: int,
+    ) -> list[MPI.Request]:
         """Posts a Scatterv of the root's ``whole`` (None elsewhere) at ``displs`` into every
         rank's ``part`` (``counts[rank]`` elements), in rounds as ``iallreduce``."""
         rounds = collective_rounds(counts, displs, part.itemsize, self.part_bytes)
         rank, kind = comm.Get_rank(), from_numpy_dtype(part.dtype)
-        return [comm.Iscatterv(
-            _window(whole, r, kind) if whole is not None else None,
-            part[r.pieces[rank][0]:r.pieces[rank][0] + r.pieces[rank][1]], root)
-            for r in rounds]
+        return [
+            comm.Iscatterv(
+                _window(whole, r, kind) if whole is not None else None,
+                part[r.pieces[rank][0] : r.pieces[rank][0] + r.pieces[rank][1]],
+                root,
+            )
+            for r in rounds
+        ]
 
     def timed_out(self, peers: Sequence[int], kind: Kind, what: str) -> PeerTimeout:
         """The error for ``peers`` that did not answer within the deadline."""
@@ -503,8 +665,12 @@ class Transport:
 
 def _window(buffer: np.ndarray, round_: Round, kind: MPI.Datatype) -> list:
     """The root's buffer specification of one round of a Gatherv or Scatterv."""
-    return [buffer[round_.start:round_.start + round_.size],
-            [n for _, n, _ in round_.pieces], [d for _, _, d in round_.pieces], kind]
+    return [
+        buffer[round_.start : round_.start + round_.size],
+        [n for _, n, _ in round_.pieces],
+        [d for _, _, d in round_.pieces],
+        kind,
+    ]
 
 
 def _device_bytes(tensor: torch.Tensor) -> torch.Tensor:

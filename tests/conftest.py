@@ -39,21 +39,28 @@ def mpi_command(ranks: int, *args: str) -> tuple[list[str], dict[str, str]]:
     return found.command(ranks, [sys.executable, "-m", "mpisplit", *args]), env
 
 
-def start_mpi(ranks: int, *args: str, env: dict[str, str] | None = None
-              ) -> subprocess.Popen[str]:
+def start_mpi(ranks: int, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """``python -m mpisplit args`` on ``ranks`` ranks in the background (pipes for both
     outputs; ``env`` adds variables); the caller owns its timeout and its end."""
     command, environment = mpi_command(ranks, *args)
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**environment, **(env or {})}, cwd=ROOT)
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**environment, **(env or {})},
+        cwd=ROOT,
+    )
 
 
-def run_mpi(ranks: int, *args: str, timeout: float = MPIEXEC_TIMEOUT_S,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_mpi(
+    ranks: int, *args: str, timeout: float = MPIEXEC_TIMEOUT_S, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """``python -m mpisplit args`` on ``ranks`` ranks with a hard timeout."""
     command, env = mpi_command(ranks, *args)
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=cwd or ROOT)
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd or ROOT
+    )
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +73,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         if key not in cache:
             out = tmp_path_factory.mktemp("data") / f"{name}-{clients}c"
             cache[key] = prepare_dataset(
-                PrepareSpec(dataset=name, out=out, clients=clients, **options))
+                PrepareSpec(dataset=name, out=out, clients=clients, **options)
+            )
         return cache[key]
 
     return make
@@ -78,5 +86,8 @@ def launch() -> Callable[..., subprocess.CompletedProcess[str]]:
 
 
 def overrides(**sections: dict[str, object]) -> Sequence[str]:
-    return [f"{section}.{key}={value}" for section, values in sections.items()
-            for key, value in values.items()]
+    return [
+        f"{section}.{key}={value}"
+        for section, values in sections.items()
+        for key, value in values.items()
+    ]

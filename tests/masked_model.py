@@ -18,8 +18,13 @@ class MaskedBlock(nn.Module):
         self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
         self.ff = nn.Linear(dim, dim)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                lengths: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> torch.Tensor:
         h = tokens + positions
         attended, _ = self.attn(h, h, h, key_padding_mask=~mask, need_weights=False)
         h = h + torch.relu(self.ff(attended))
@@ -41,6 +46,7 @@ class MaskedEncoder(nn.Module):
         return self.head(self.block(self.embed(tokens), positions, mask, mask.sum(1)))
 
 
-def masked_encoder(input_shape: Sequence[int], num_classes: int, vocab: int = 12,
-                   dim: int = 16) -> MaskedEncoder:
+def masked_encoder(
+    input_shape: Sequence[int], num_classes: int, vocab: int = 12, dim: int = 16
+) -> MaskedEncoder:
     return MaskedEncoder(input_shape[0], num_classes, vocab, dim)

@@ -19,8 +19,15 @@ from mpisplit.seeds import Stream, derive
 
 
 def train_reference(
-    data: Path, model: ModelConfig, turns: Sequence[tuple[int, int]], *, optimizer: str,
-    lr: float, batch_size: int, seed: int, momentum: float = 0.0,
+    data: Path,
+    model: ModelConfig,
+    turns: Sequence[tuple[int, int]],
+    *,
+    optimizer: str,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    momentum: float = 0.0,
     split_at: Sequence[int] = (),
 ) -> dict[str, torch.Tensor]:
     """Trains the whole model on ``turns`` = [(client, batches), ...] in that order; with
@@ -36,14 +43,21 @@ def train_reference(
     streams = {}
     for client, count in turns:
         if client not in streams:
-            reader = ShardReader(data / f"client-{client}.h5", batch_size=batch_size,
-                                 seed=derive(seed, Stream.DATA, client), prefetch=0)
+            reader = ShardReader(
+                data / f"client-{client}.h5",
+                batch_size=batch_size,
+                seed=derive(seed, Stream.DATA, client),
+                prefetch=0,
+            )
             streams[client] = _endless(reader)
         for _ in range(count):
             batch = next(streams[client])
             opt.zero_grad()
-            for x, y in zip(batch.features.tensor_split(list(split_at)),
-                            batch.labels.tensor_split(list(split_at)), strict=True):
+            for x, y in zip(
+                batch.features.tensor_split(list(split_at)),
+                batch.labels.tensor_split(list(split_at)),
+                strict=True,
+            ):
                 loss = torch.nn.functional.cross_entropy(net(x), y)
                 (loss * len(y) / len(batch.labels)).backward()
             opt.step()
@@ -69,8 +83,12 @@ def merged_parts(run_dir: Path, ranks: Sequence[int]) -> dict[str, torch.Tensor]
 
 def client_batches(data: Path, client: int, *, batch_size: int, seed: int):
     """Client ``client``'s training batches, epoch after epoch, as the engine reads them."""
-    reader = ShardReader(data / f"client-{client}.h5", batch_size=batch_size,
-                         seed=derive(seed, Stream.DATA, client), prefetch=0)
+    reader = ShardReader(
+        data / f"client-{client}.h5",
+        batch_size=batch_size,
+        seed=derive(seed, Stream.DATA, client),
+        prefetch=0,
+    )
     return _endless(reader), reader.num_samples
 
 

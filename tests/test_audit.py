@@ -17,9 +17,16 @@ def runs(dataset, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made = {}
     for scheme in ("vanilla", "ushaped"):
         run_dir = tmp_path_factory.mktemp(scheme)
-        result = run_mpi(3, "train", f"configs/{scheme}-breast-cancer.yaml", "scheme.clients=2",
-                         f"data.path={data}", f"run.dir={run_dir}", "train.max_steps=4",
-                         "run.progress=none")
+        result = run_mpi(
+            3,
+            "train",
+            f"configs/{scheme}-breast-cancer.yaml",
+            "scheme.clients=2",
+            f"data.path={data}",
+            f"run.dir={run_dir}",
+            "train.max_steps=4",
+            "run.progress=none",
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         made[scheme] = run_dir
     return made
@@ -30,8 +37,9 @@ def test_runs_pass_the_audit(scheme: str, runs, capsys) -> None:
     assert main(["audit", str(runs[scheme])]) == 0
     out = capsys.readouterr().out
     assert "audit passed" in out
-    labels_to_server = [line for line in out.splitlines()
-                        if "client" in line.split()[1:2] and "LABELS" in line]
+    labels_to_server = [
+        line for line in out.splitlines() if "client" in line.split()[1:2] and "LABELS" in line
+    ]
     assert bool(labels_to_server) == (scheme == "vanilla")
 
 

@@ -27,13 +27,25 @@ QUICK = ("run.progress=none", "run.log_every=1", "train.epochs=4")
 """log_every=1: every record reaches disk at once, so the test sees each rank's pid."""
 
 SCHEMES = {  # scheme: (config, ranks, overrides); every one has 3 clients
-    "vanilla": ("configs/vanilla-sequential-breast-cancer.yaml", 4,
-                ("train.optimizer=adam", "train.lr=0.001", "train.schedule=cosine",
-                 "privacy.noise_std=0.1", "transport.microbatches=2", "train.eval_every=10")),
+    "vanilla": (
+        "configs/vanilla-sequential-breast-cancer.yaml",
+        4,
+        (
+            "train.optimizer=adam",
+            "train.lr=0.001",
+            "train.schedule=cosine",
+            "privacy.noise_std=0.1",
+            "transport.microbatches=2",
+            "train.eval_every=10",
+        ),
+    ),
     "ushaped": ("configs/ushaped-breast-cancer.yaml", 4, ("scheme.client_order=sequential",)),
     "vertical": ("configs/vertical-breast-cancer.yaml", 4, ()),
-    "splitfed": ("configs/splitfed-breast-cancer.yaml", 4,  # 10 rounds an epoch: 12 epochs
-                 ("scheme.splitfed_variant=v2", "scheme.fedavg_every=5", "train.epochs=12")),
+    "splitfed": (
+        "configs/splitfed-breast-cancer.yaml",
+        4,  # 10 rounds an epoch: 12 epochs
+        ("scheme.splitfed_variant=v2", "scheme.fedavg_every=5", "train.epochs=12"),
+    ),
     "multihop": ("configs/multihop-breast-cancer.yaml", 6, ("scheme.client_order=sequential",)),
 }
 EVERY = 10
@@ -48,8 +60,14 @@ def _data(dataset, scheme: str) -> Path:
 
 def _args(dataset, scheme: str, run_dir: Path) -> list[str]:
     config, _, extra = SCHEMES[scheme]
-    return [config, f"data.path={_data(dataset, scheme)}", f"run.dir={run_dir}",
-            f"checkpoint.every_steps={EVERY}", *QUICK, *extra]
+    return [
+        config,
+        f"data.path={_data(dataset, scheme)}",
+        f"run.dir={run_dir}",
+        f"checkpoint.every_steps={EVERY}",
+        *QUICK,
+        *extra,
+    ]
 
 
 def _start(args: list[str], ranks: int, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -61,8 +79,9 @@ def _wait_for_commits(run_dir: Path, count: int, process: subprocess.Popen) -> N
     while (latest_committed(run_dir / "checkpoints") or NONE).step < count * EVERY:
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise AssertionError(f"{count} checkpoints never committed: "
-                                 f"{process.communicate()[1][-2000:]}")
+            raise AssertionError(
+                f"{count} checkpoints never committed: {process.communicate()[1][-2000:]}"
+            )
         time.sleep(0.02)
 
 
@@ -85,8 +104,7 @@ def _assert_identical(expected: Path, actual: Path) -> None:
 
 def _resumed_at(run_dir: Path, rank: int = 0) -> list[int]:
     lines = (run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines()
-    return [record["step"] for record in map(json.loads, lines)
-            if record.get("event") == "resumed"]
+    return [record["step"] for record in map(json.loads, lines) if record.get("event") == "resumed"]
 
 
 def _steps_evaluated_after_resume(run_dir: Path) -> list[int]:
@@ -102,8 +120,9 @@ def uninterrupted(dataset, tmp_path_factory) -> dict[str, Path]:
     runs = {}
     for scheme in SCHEMES:
         run_dir = tmp_path_factory.mktemp(f"full-{scheme}")
-        result = run_mpi(SCHEMES[scheme][1], "train", *_args(dataset, scheme, run_dir),
-                         timeout=LIMIT_S)
+        result = run_mpi(
+            SCHEMES[scheme][1], "train", *_args(dataset, scheme, run_dir), timeout=LIMIT_S
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         runs[scheme] = run_dir
     return runs
@@ -114,8 +133,10 @@ def _recorded(run_dir: Path, rank: int) -> tuple[list[int], list[tuple[int, int]
     server tallies parallel clients' evaluation passes in the order they arrive)."""
     lines = (run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    return ([r["step"] for r in records if "step" in r and "event" not in r],
-            sorted((r["step"], r["client"]) for r in records if r.get("event") == "eval"))
+    return (
+        [r["step"] for r in records if "step" in r and "event" not in r],
+        sorted((r["step"], r["client"]) for r in records if r.get("event") == "eval"),
+    )
 
 
 DAMAGED = {"vanilla": "rank file", "ushaped": "manifest"}
@@ -127,12 +148,13 @@ def _damage_newest(committed, ranks: int, damage: str, chooser: random.Random) -
         (committed.path / MANIFEST).write_text('{"step": ')
     else:
         path = committed.rank_file(chooser.randrange(ranks))
-        path.write_bytes(path.read_bytes()[:chooser.randrange(1, path.stat().st_size)])
+        path.write_bytes(path.read_bytes()[: chooser.randrange(1, path.stat().st_size)])
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
-def test_killed_run_resumes_bit_identical(scheme: str, dataset, uninterrupted,
-                                          tmp_path: Path) -> None:
+def test_killed_run_resumes_bit_identical(
+    scheme: str, dataset, uninterrupted, tmp_path: Path
+) -> None:
     """SIGKILL a random rank after a random number of checkpoints; leave a half-written newer
     checkpoint behind (a crash mid-checkpoint); resume ends with every rank's parameters
     bit-identical to the uninterrupted run, and every rank's metrics reading as one run (the
@@ -190,7 +212,8 @@ def test_each_party_checkpoint_holds_only_its_own_part(uninterrupted) -> None:
 
 
 def test_preemption_signal_checkpoints_then_resume_finishes_identically(
-        dataset, uninterrupted, tmp_path: Path) -> None:
+    dataset, uninterrupted, tmp_path: Path
+) -> None:
     """SIGUSR1 (Slurm's pre-emption warning): every rank stops after committing the same
     checkpoint, exit status 4; the resumed run ends bit-identical."""
     args = _args(dataset, "vanilla", tmp_path)
@@ -201,8 +224,10 @@ def test_preemption_signal_checkpoints_then_resume_finishes_identically(
     assert process.returncode == 4, stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["preempted"] and summary["checkpoint"] > 0
-    assert stderr.count(f"stopped by SIGUSR1; checkpoint at step {summary['checkpoint']} "
-                        "committed in") == RANKS
+    assert (
+        stderr.count(f"stopped by SIGUSR1; checkpoint at step {summary['checkpoint']} committed in")
+        == RANKS
+    )
     assert latest_committed(tmp_path / "checkpoints").step == summary["checkpoint"]
     stops = [_record(tmp_path, rank, "preempted") for rank in range(RANKS)]
 
@@ -215,8 +240,10 @@ def test_preemption_signal_checkpoints_then_resume_finishes_identically(
 
 def _record(run_dir: Path, rank: int, event: str) -> dict:
     """The one ``event`` record of ``rank``'s metrics."""
-    records = [json.loads(line) for line in
-               (run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (run_dir / f"metrics-rank{rank}.jsonl").read_text().splitlines()
+    ]
     (record,) = [r for r in records if r.get("event") == event]
     return record
 
@@ -228,35 +255,55 @@ def _assert_whole_run_summary(run_dir: Path, resumed_from: int, stops: list[dict
     summary = json.loads((run_dir / "summary.json").read_text())
     last = summary["last_launch"]
     assert summary["launches"] == 2 and last["resumed_from_step"] == resumed_from
-    for rank, (sent, received) in enumerate(zip(summary["bytes_sent_per_rank"],
-                                                summary["bytes_received_per_rank"], strict=True)):
+    for rank, (sent, received) in enumerate(
+        zip(summary["bytes_sent_per_rank"], summary["bytes_received_per_rank"], strict=True)
+    ):
         stopped, end = stops[rank], _record(run_dir, rank, "end")
-        assert (last["bytes_sent_per_rank"][rank], last["bytes_received_per_rank"][rank]) \
-            == (end["bytes_sent"], end["bytes_received"])
-        assert (sent, received) == (stopped["bytes_sent"] + end["bytes_sent"],
-                                    stopped["bytes_received"] + end["bytes_received"])
+        assert (last["bytes_sent_per_rank"][rank], last["bytes_received_per_rank"][rank]) == (
+            end["bytes_sent"],
+            end["bytes_received"],
+        )
+        assert (sent, received) == (
+            stopped["bytes_sent"] + end["bytes_sent"],
+            stopped["bytes_received"] + end["bytes_received"],
+        )
         if rank == 0:  # the first launch's time up to its checkpoint, then the second's
-            assert stopped["wall_s"] * 0.5 < summary["wall_time_s"] - end["wall_s"] \
+            assert (
+                stopped["wall_s"] * 0.5
+                < summary["wall_time_s"] - end["wall_s"]
                 <= stopped["wall_s"] + 1e-3
+            )
     assert summary["samples_per_s"] == pytest.approx(  # wall_time_s is rounded to 0.1 ms
-        summary["train_samples"] / summary["wall_time_s"], rel=1e-4)
+        summary["train_samples"] / summary["wall_time_s"], rel=1e-4
+    )
     assert last["samples_per_s"] > summary["samples_per_s"]
 
 
 def test_resume_with_another_topology_is_refused(dataset, uninterrupted) -> None:
     """The vanilla checkpoint (server + 3 clients) resumed as server + 2 clients."""
     run_dir = uninterrupted["vanilla"]
-    result = run_mpi(3, "train", "--resume", "configs/vanilla-sequential-breast-cancer.yaml",
-                     f"data.path={dataset('breast_cancer', clients=2)}", "scheme.clients=2",
-                     f"run.dir={run_dir}", *QUICK, timeout=LIMIT_S)
+    result = run_mpi(
+        3,
+        "train",
+        "--resume",
+        "configs/vanilla-sequential-breast-cancer.yaml",
+        f"data.path={dataset('breast_cancer', clients=2)}",
+        "scheme.clients=2",
+        f"run.dir={run_dir}",
+        *QUICK,
+        timeout=LIMIT_S,
+    )
     assert result.returncode == 2
-    assert "was written by a 4-rank vanilla run (server, client0, client1, client2); this " \
-           "run is a 3-rank vanilla run" in result.stderr
+    assert (
+        "was written by a 4-rank vanilla run (server, client0, client1, client2); this "
+        "run is a 3-rank vanilla run" in result.stderr
+    )
 
 
 def _config(tmp_path: Path, *extra: str):
-    return load_config(ROOT / "configs/vanilla-sequential-breast-cancer.yaml",
-                       [f"run.dir={tmp_path}", *extra])
+    return load_config(
+        ROOT / "configs/vanilla-sequential-breast-cancer.yaml", [f"run.dir={tmp_path}", *extra]
+    )
 
 
 def test_resume_without_a_checkpoint_or_with_other_settings_is_refused(tmp_path: Path) -> None:
@@ -266,20 +313,29 @@ def test_resume_without_a_checkpoint_or_with_other_settings_is_refused(tmp_path:
         find_resume_point(cfg, plan(cfg), resume=True)
     committed = tmp_path / "checkpoints" / "step-00000005"
     committed.mkdir(parents=True)
-    (committed / MANIFEST).write_text(json.dumps(
-        {"step": 5, "scheme": "vanilla", "roles": ["server", "client0", "client1", "client2"],
-         "settings": resume_settings(cfg)}))
+    (committed / MANIFEST).write_text(
+        json.dumps(
+            {
+                "step": 5,
+                "scheme": "vanilla",
+                "roles": ["server", "client0", "client1", "client2"],
+                "settings": resume_settings(cfg),
+            }
+        )
+    )
     with pytest.raises(ConfigError, match="already holds a committed checkpoint .step 5."):
         find_resume_point(cfg, plan(cfg), resume=False)
     assert find_resume_point(cfg, plan(cfg), resume=True).step == 5
     changed = _config(tmp_path, "checkpoint.every_steps=5", "train.lr=0.5", "data.batch_size=8")
-    with pytest.raises(ConfigError, match=r"--resume: data.batch_size, train.lr differ from the "
-                                          r"checkpoint at step 5 \(was 16, 0.05\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--resume: data.batch_size, train.lr differ from the "
+        r"checkpoint at step 5 \(was 16, 0.05\)",
+    ):
         find_resume_point(changed, plan(changed), resume=True)
 
 
-def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(
-        tmp_path: Path) -> None:
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_path: Path) -> None:
     """A manifest without a setting was written by a run that used its default; one written
     before the options moved to their schemes lists every scheme's options."""
     cfg = _config(tmp_path, "checkpoint.every_steps=5")
@@ -287,9 +343,16 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(
     del settings["scheme.turn_steps"]
     committed = tmp_path / "checkpoints" / "step-00000005"
     committed.mkdir(parents=True)
-    (committed / MANIFEST).write_text(json.dumps(
-        {"step": 5, "scheme": "vanilla", "roles": ["server", "client0", "client1", "client2"],
-         "settings": settings}))
+    (committed / MANIFEST).write_text(
+        json.dumps(
+            {
+                "step": 5,
+                "scheme": "vanilla",
+                "roles": ["server", "client0", "client1", "client2"],
+                "settings": settings,
+            }
+        )
+    )
     assert find_resume_point(cfg, plan(cfg), resume=True).step == 5
     changed = _config(tmp_path, "checkpoint.every_steps=5", "train.lr=0.5")
     with pytest.raises(ConfigError, match=r"--resume: train.lr differ"):
@@ -297,18 +360,26 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(
 
 
 def test_checkpoints_need_a_deterministic_step_order(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="checkpoint.every_steps: coordinated checkpoints "
-                                          "need a deterministic step order"):
+    with pytest.raises(
+        ConfigError,
+        match="checkpoint.every_steps: coordinated checkpoints need a deterministic step order",
+    ):
         _config(tmp_path, "checkpoint.every_steps=5", "scheme.client_order=parallel")
 
 
 @pytest.mark.parametrize(("every_s", "written"), [(3600.0, False), (0.001, True)])
-def test_every_s_decides_whether_a_meeting_writes(every_s: float, written: bool, dataset,
-                                                  tmp_path: Path) -> None:
+def test_every_s_decides_whether_a_meeting_writes(
+    every_s: float, written: bool, dataset, tmp_path: Path
+) -> None:
     """Ranks meet every 10 steps; with every_s an hour none of the meetings of a short run
     writes, with every_s a millisecond each does (the newest ``keep`` are kept)."""
-    result = run_mpi(RANKS, "train", *_args(dataset, "vertical", tmp_path),
-                     f"checkpoint.every_s={every_s}", timeout=LIMIT_S)
+    result = run_mpi(
+        RANKS,
+        "train",
+        *_args(dataset, "vertical", tmp_path),
+        f"checkpoint.every_s={every_s}",
+        timeout=LIMIT_S,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     committed = list((tmp_path / "checkpoints").glob(f"step-*/{MANIFEST}"))
     assert len(committed) == (2 if written else 0)

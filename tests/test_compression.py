@@ -13,8 +13,9 @@ from mpisplit.compression import make_compressor
 from tests.conftest import run_mpi
 
 
-@pytest.mark.parametrize(("name", "tolerance"), [("none", 0.0), ("fp16", 1e-3),
-                                                 ("bf16", 1e-2), ("int8", 1e-2)])
+@pytest.mark.parametrize(
+    ("name", "tolerance"), [("none", 0.0), ("fp16", 1e-3), ("bf16", 1e-2), ("int8", 1e-2)]
+)
 def test_round_trip_error_is_bounded(name: str, tolerance: float) -> None:
     tensor = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
     codec = make_compressor(name)
@@ -38,10 +39,19 @@ def test_compressed_run_sends_fewer_bytes(dataset, tmp_path: Path) -> None:
     sent = {}
     for name in ("none", "int8"):
         run_dir = tmp_path / name
-        result = run_mpi(2, "train", "configs/vanilla-breast-cancer.yaml", "scheme.clients=1",
-                         f"data.path={data}", f"run.dir={run_dir}", "train.max_steps=30",
-                         "train.eval_every=0", "run.progress=none", "data.batch_size=64",
-                         f"transport.compression={name}")
+        result = run_mpi(
+            2,
+            "train",
+            "configs/vanilla-breast-cancer.yaml",
+            "scheme.clients=1",
+            f"data.path={data}",
+            f"run.dir={run_dir}",
+            "train.max_steps=30",
+            "train.eval_every=0",
+            "run.progress=none",
+            "data.batch_size=64",
+            f"transport.compression={name}",
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         summary = json.loads((run_dir / "summary.json").read_text())
         sent[name] = summary["bytes_sent_per_rank"]

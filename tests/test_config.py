@@ -29,23 +29,39 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.ya
         ({"model": {"cuts": []}}, "model.cuts: needs at least one cut"),
         ({"data": "oops"}, "data: expected a mapping"),
         ({"transport": {"timeout_s": 0}}, "transport.timeout_s: must be > 0"),
-        ({"scheme": {"name": "multitask", "tasks": ["class"]}},
-         "scheme.tasks: multitask needs two or more tasks"),
-        ({"scheme": {"name": "multitask", "tasks": ["class", "class"]}},
-         "scheme.tasks: needs at least one task, each at most once"),
-        ({"scheme": {"name": "splitfed", "fedavg_every": 5, "fedavg_every_epochs": 2}},
-         "scheme.fedavg_every_epochs: counts epochs instead of scheme.fedavg_every steps"),
-        ({"scheme": {"fedavg_every_epochs": 1}},
-         "scheme.fedavg_every_epochs: only used by scheme splitfed"),
-        ({"scheme": {"name": "splitfed", "fedavg_every_epochs": -1}},
-         "scheme.fedavg_every_epochs: must be >= 0"),
-        ({"scheme": {"name": "vertical", "clients": 2, "label_holder": "party2"}},
-         "scheme.label_holder: must be server or party<k> with k < scheme.clients"),
-        ({"scheme": {"name": "vertical", "label_holder": "client0"}},
-         "scheme.label_holder: must be server or party<k>"),
+        (
+            {"scheme": {"name": "multitask", "tasks": ["class"]}},
+            "scheme.tasks: multitask needs two or more tasks",
+        ),
+        (
+            {"scheme": {"name": "multitask", "tasks": ["class", "class"]}},
+            "scheme.tasks: needs at least one task, each at most once",
+        ),
+        (
+            {"scheme": {"name": "splitfed", "fedavg_every": 5, "fedavg_every_epochs": 2}},
+            "scheme.fedavg_every_epochs: counts epochs instead of scheme.fedavg_every steps",
+        ),
+        (
+            {"scheme": {"fedavg_every_epochs": 1}},
+            "scheme.fedavg_every_epochs: only used by scheme splitfed",
+        ),
+        (
+            {"scheme": {"name": "splitfed", "fedavg_every_epochs": -1}},
+            "scheme.fedavg_every_epochs: must be >= 0",
+        ),
+        (
+            {"scheme": {"name": "vertical", "clients": 2, "label_holder": "party2"}},
+            "scheme.label_holder: must be server or party<k> with k < scheme.clients",
+        ),
+        (
+            {"scheme": {"name": "vertical", "label_holder": "client0"}},
+            "scheme.label_holder: must be server or party<k>",
+        ),
         ({"scheme": {"party_options": [{}]}}, "scheme.party_options: only used by scheme vertical"),
-        ({"scheme": {"name": "spatiotemporal", "site_timeout_s": 0}},
-         "scheme.site_timeout_s: must be > 0"),
+        (
+            {"scheme": {"name": "spatiotemporal", "site_timeout_s": 0}},
+            "scheme.site_timeout_s: must be > 0",
+        ),
     ],
 )
 def test_bad_values_name_the_key(data: dict, message: str) -> None:
@@ -83,10 +99,14 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
 
 
 def test_wrong_world_size_shows_the_arithmetic(dataset) -> None:
-    cfg = config_from_dict({"scheme": {"clients": 3},
-                            "data": {"path": str(dataset("breast_cancer", clients=3))}})
-    with pytest.raises(ConfigError, match=r"needs 1 server \+ 3 clients = 4 MPI ranks, but the "
-                                          r"job has 3; run with mpiexec -n 4"):
+    cfg = config_from_dict(
+        {"scheme": {"clients": 3}, "data": {"path": str(dataset("breast_cancer", clients=3))}}
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"needs 1 server \+ 3 clients = 4 MPI ranks, but the "
+        r"job has 3; run with mpiexec -n 4",
+    ):
         prepare(cfg, 3)
 
 

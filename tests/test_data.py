@@ -488,7 +488,10 @@ def write_big_shard(path: Path, rows: int, feature_shape: tuple[int, ...]) -> Pa
     with h5py.File(path, "w") as file:
         set_attrs(file, feature_shape)
         features = file.create_dataset(
-            "features", (rows, *feature_shape), np.float32, chunks=(64, *feature_shape),
+            "features",
+            (rows, *feature_shape),
+            np.float32,
+            chunks=(64, *feature_shape),
             fletcher32=True,
         )
         for start in range(0, rows, 1024):

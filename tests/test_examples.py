@@ -20,25 +20,37 @@ def readme_blocks() -> list[str]:
     """The bash blocks of README's "Your data" subsection."""
     text = ROOT.joinpath("README.md").read_text()
     start = text.index(SECTION[0])
-    section = text[start:text.index(SECTION[1], start)]
+    section = text[start : text.index(SECTION[1], start)]
     return re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
 
 
 def test_the_section_has_the_three_examples() -> None:
     blocks = readme_blocks()
     assert [re.search(r"train (\S+)", block).group(1) for block in blocks] == [
-        "examples/hospitals/config.yaml", "examples/vertical/config.yaml",
-        "examples/images/config.yaml"]
+        "examples/hospitals/config.yaml",
+        "examples/vertical/config.yaml",
+        "examples/images/config.yaml",
+    ]
 
 
-@pytest.mark.parametrize("index,minimum", [(0, 0.85), (1, 0.85), (2, 0.6)],
-                         ids=["hospitals", "vertical", "images"])
+@pytest.mark.parametrize(
+    "index,minimum", [(0, 0.85), (1, 0.85), (2, 0.6)], ids=["hospitals", "vertical", "images"]
+)
 def test_readme_example_runs_as_written(index: int, minimum: float, tmp_path: Path) -> None:
     (tmp_path / "examples").symlink_to(ROOT / "examples")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_blocks()[index]],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", readme_blocks()[index]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (summary,) = tmp_path.glob("runs/*/summary.json")
     assert json.loads(summary.read_text())["test_accuracy"] >= minimum

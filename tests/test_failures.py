@@ -42,8 +42,10 @@ def _run_to_failure(ranks: int, *args: str, config: str = CONFIG) -> tuple[int, 
     the first rank's failure line to the end of the job."""
     process = start_mpi(ranks, "train", config, "run.progress=none", *args)
     lines: list[tuple[float, str]] = []
-    reader = threading.Thread(target=lambda: lines.extend(
-        (time.monotonic(), line) for line in process.stderr), daemon=True)
+    reader = threading.Thread(
+        target=lambda: lines.extend((time.monotonic(), line) for line in process.stderr),
+        daemon=True,
+    )
     reader.start()
     try:
         process.wait(timeout=MPIEXEC_TIMEOUT_S)
@@ -94,13 +96,19 @@ def test_missing_dataset_is_reported_before_training(tmp_path: Path) -> None:
     assert "mpisplit data prepare" in result.stderr
 
 
-@pytest.mark.parametrize(("case", "message"), [
-    ("vertical_scheme", "is a horizontal partition (iid: every client holds whole rows); "
-                        "scheme vertical needs"),
-    ("missing_test", "test.h5: shard file not found"),
-])
-def test_data_mismatch_is_one_line_before_launch(case: str, message: str, dataset,
-                                                 tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        (
+            "vertical_scheme",
+            "is a horizontal partition (iid: every client holds whole rows); scheme vertical needs",
+        ),
+        ("missing_test", "test.h5: shard file not found"),
+    ],
+)
+def test_data_mismatch_is_one_line_before_launch(
+    case: str, message: str, dataset, tmp_path: Path
+) -> None:
     """Before: found after launch, printed by every rank (lines run together), never saying
     what was wrong with the dataset; a missing test.h5 was reported three times. (A vertical
     dataset given to vanilla: tests/test_fuzz.py.)"""
@@ -110,8 +118,15 @@ def test_data_mismatch_is_one_line_before_launch(case: str, message: str, datase
         data = tmp_path / "data"
         (data / "test.h5").unlink()
     config = "configs/vertical-breast-cancer.yaml" if case == "vertical_scheme" else CONFIG
-    result = run_mpi(4, "train", config, "run.progress=none", f"data.path={data}",
-                     f"run.dir={tmp_path / 'run'}", timeout=LIMIT_S + 30)
+    result = run_mpi(
+        4,
+        "train",
+        config,
+        "run.progress=none",
+        f"data.path={data}",
+        f"run.dir={tmp_path / 'run'}",
+        timeout=LIMIT_S + 30,
+    )
     assert result.returncode == 2, result.stderr[-1500:]
     assert result.stderr.count("mpisplit:") == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "run" / "metrics-rank0.jsonl").exists()
@@ -124,8 +139,12 @@ def test_rank_failing_mid_training_ends_the_job(dataset, tmp_path: Path) -> None
     with h5py.File(data / "client-1.h5", "r+") as shard:
         shard["features"][100, 3] = np.nan
     status, stderr, elapsed = _run_to_failure(
-        4, f"data.path={data}", f"run.dir={tmp_path / 'run'}", "data.shuffle=false",
-        "train.epochs=3")
+        4,
+        f"data.path={data}",
+        f"run.dir={tmp_path / 'run'}",
+        "data.shuffle=false",
+        "train.epochs=3",
+    )
     assert status not in (0, 4)
     assert elapsed < LIMIT_S
     assert "rank 2 (client1)" in stderr and "failed: DataError" in stderr
@@ -140,19 +159,30 @@ def test_diverging_loss_stops_at_its_step(config: str, dataset, tmp_path: Path) 
     """A learning rate of 1e30 makes the loss NaN within a few steps; whoever computes the
     loss (the server; the client in U-shaped) stops the job there, naming the step."""
     data = dataset("breast_cancer", clients=3)
-    status, stderr, elapsed = _run_to_failure(4, f"data.path={data}", f"run.dir={tmp_path}",
-                                              "train.lr=1e30", config=config)
+    status, stderr, elapsed = _run_to_failure(
+        4, f"data.path={data}", f"run.dir={tmp_path}", "train.lr=1e30", config=config
+    )
     assert status == 3
     assert elapsed < LIMIT_S
     assert "failed: NonFiniteLoss: the loss is nan at step" in stderr, stderr[-1500:]
     _no_clean_stop_recorded(tmp_path)
 
 
-def _start_long_run(dataset, run_dir: Path, *extra: str, config: str = CONFIG,
-                    partition: str | None = None) -> subprocess.Popen:
+def _start_long_run(
+    dataset, run_dir: Path, *extra: str, config: str = CONFIG, partition: str | None = None
+) -> subprocess.Popen:
     data = dataset("breast_cancer", clients=3, **({"partition": partition} if partition else {}))
-    return start_mpi(4, "train", config, f"data.path={data}", f"run.dir={run_dir}",
-                     "run.progress=none", "train.epochs=500", "run.log_every=1", *extra)
+    return start_mpi(
+        4,
+        "train",
+        config,
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        "run.progress=none",
+        "train.epochs=500",
+        "run.log_every=1",
+        *extra,
+    )
 
 
 def _pid_once_training(run_dir: Path, rank: int, process: subprocess.Popen) -> int:
@@ -169,8 +199,9 @@ def _pid_once_training(run_dir: Path, rank: int, process: subprocess.Popen) -> i
     raise AssertionError(f"rank {rank} never started training: {process.communicate()[1][-2000:]}")
 
 
-def _signal_rank_2_and_wait_for_the_end(process: subprocess.Popen, run_dir: Path,
-                                        signum: int) -> str:
+def _signal_rank_2_and_wait_for_the_end(
+    process: subprocess.Popen, run_dir: Path, signum: int
+) -> str:
     """Sends ``signum`` to rank 2 once it trains; the job must fail within ``LIMIT_S``.
     Returns its stderr."""
     pid = _pid_once_training(run_dir, 2, process)
@@ -203,8 +234,13 @@ def test_killed_or_stalled_client_ends_the_job(signal_name: str, dataset, tmp_pa
 def test_stalled_party_ends_a_vertical_job(dataset, tmp_path: Path) -> None:
     """Vertical steps are collectives: the others wait for the stalled party under the
     deadline instead of blocking in MPI, and the job ends."""
-    process = _start_long_run(dataset, tmp_path, f"transport.timeout_s={STALL_S}",
-                              config="configs/vertical-breast-cancer.yaml", partition="vertical")
+    process = _start_long_run(
+        dataset,
+        tmp_path,
+        f"transport.timeout_s={STALL_S}",
+        config="configs/vertical-breast-cancer.yaml",
+        partition="vertical",
+    )
     stderr = _signal_rank_2_and_wait_for_the_end(process, tmp_path, signal.SIGSTOP)
     assert "failed: PeerTimeout" in stderr and "in the cut exchange" in stderr, stderr[-1500:]
 

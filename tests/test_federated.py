@@ -19,9 +19,17 @@ CLIENTS, STEPS, LR, MOMENTUM = 3, 21, 0.05, 0.9
 
 
 def _train(scheme: str, data: Path, run_dir: Path, *overrides: str) -> dict:
-    result = run_mpi(CLIENTS, "train", f"configs/{scheme}-breast-cancer.yaml",
-                     f"data.path={data}", f"run.dir={run_dir}", "run.progress=none",
-                     f"train.max_steps={STEPS}", "train.eval_every=0", *overrides)
+    result = run_mpi(
+        CLIENTS,
+        "train",
+        f"configs/{scheme}-breast-cancer.yaml",
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        "run.progress=none",
+        f"train.max_steps={STEPS}",
+        "train.eval_every=0",
+        *overrides,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -47,8 +55,10 @@ def _fedavg_reference(data: Path, every: int) -> dict:
             opt.step()
         if step % every == 0 or step == STEPS:
             states = [net.state_dict() for net in nets]
-            average = {key: sum(w * state[key] for w, state in zip(weights, states, strict=True))
-                       for key in states[0]}
+            average = {
+                key: sum(w * state[key] for w, state in zip(weights, states, strict=True))
+                for key in states[0]
+            }
             for net in nets:
                 net.load_state_dict(copy.deepcopy(average))
     return nets[0].state_dict()
@@ -82,8 +92,9 @@ def test_syncsgd_equals_one_large_batch(dataset, tmp_path: Path) -> None:
     assert summary["train_samples"] == samples
 
 
-def test_fedavg_averages_batchnorm_statistics_unless_told_to_keep_them(dataset,
-                                                                       tmp_path: Path) -> None:
+def test_fedavg_averages_batchnorm_statistics_unless_told_to_keep_them(
+    dataset, tmp_path: Path
+) -> None:
     """A model with BatchNorm (resnet): by default the running statistics are averaged with
     the weights, so every client ends with the same ones; ``average_buffers=false`` (FedBN)
     keeps each client's own, while the weights are still averaged."""
@@ -91,13 +102,22 @@ def test_fedavg_averages_batchnorm_statistics_unless_told_to_keep_them(dataset,
     models = {}
     for average in (True, False):
         run_dir = tmp_path / str(average)
-        result = run_mpi(2, "train", "configs/fedavg-digits.yaml", f"data.path={data}",
-                         f"run.dir={run_dir}", "run.progress=none", "train.max_steps=3",
-                         "model.name=resnet", "model.options={widths: [4, 8]}",
-                         f"scheme.average_buffers={str(average).lower()}")
+        result = run_mpi(
+            2,
+            "train",
+            "configs/fedavg-digits.yaml",
+            f"data.path={data}",
+            f"run.dir={run_dir}",
+            "run.progress=none",
+            "train.max_steps=3",
+            "model.name=resnet",
+            "model.options={widths: [4, 8]}",
+            f"scheme.average_buffers={str(average).lower()}",
+        )
         assert result.returncode == 0, result.stderr[-3000:]
-        models[average] = [torch.load(run_dir / f"model-rank{r}.pt", weights_only=True)
-                           for r in range(2)]
+        models[average] = [
+            torch.load(run_dir / f"model-rank{r}.pt", weights_only=True) for r in range(2)
+        ]
     for average, (first, second) in models.items():
         torch.testing.assert_close(first["stem.weight"], second["stem.weight"])
         same = torch.equal(first["stem_bn.running_mean"], second["stem_bn.running_mean"])

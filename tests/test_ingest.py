@@ -29,15 +29,31 @@ def run(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def import_csv(capsys, tmp_path: Path, text: str | bytes, name: str = "site.csv",
-               *extra: object) -> tuple[int, str, Path]:
+def import_csv(
+    capsys, tmp_path: Path, text: str | bytes, name: str = "site.csv", *extra: object
+) -> tuple[int, str, Path]:
     source = tmp_path / name
     source.write_bytes(text if isinstance(text, bytes) else text.encode())
     out = tmp_path / "out" / f"{Path(name).stem}.h5"
-    code, err = run(capsys, "data", "import", source, "--out", out, "--id", "pid",
-                    "--label", "diagnosis", "--classes", "benign,malignant",
-                    "--features", "age,weight,scanner", "--categorical", "scanner=siemens,ge",
-                    *extra)
+    code, err = run(
+        capsys,
+        "data",
+        "import",
+        source,
+        "--out",
+        out,
+        "--id",
+        "pid",
+        "--label",
+        "diagnosis",
+        "--classes",
+        "benign,malignant",
+        "--features",
+        "age,weight,scanner",
+        "--categorical",
+        "scanner=siemens,ge",
+        *extra,
+    )
     return code, err, out
 
 
@@ -57,8 +73,9 @@ def test_csv_columns_one_hot_and_own_statistics(capsys, tmp_path: Path) -> None:
         site = json.loads(file.attrs["site"])
     assert site["feature_names"] == ["age", "weight", "scanner=siemens", "scanner=ge"]
 
-    code, err, scaled = import_csv(capsys, tmp_path, CSV, "scaled.csv", "--standardize",
-                                   "--chunk-rows", "2")
+    code, err, scaled = import_csv(
+        capsys, tmp_path, CSV, "scaled.csv", "--standardize", "--chunk-rows", "2"
+    )
     assert code == 0, err
     raw = data["features"].astype(np.float64)
     expected = (raw - raw.mean(0)) / raw.std(0)
@@ -68,14 +85,20 @@ def test_csv_columns_one_hot_and_own_statistics(capsys, tmp_path: Path) -> None:
 BAD_CSV = {
     "missing column": ("pid,age,scanner,diagnosis\n1,2,ge,benign\n", "no column 'weight'"),
     "ragged row": (CSV + "4,50,ge,benign\n", "line 5: 4 fields, the header has 5"),
-    "unparsable": (CSV.replace("80,", "eighty,"),
-                   "line 3, column 'weight': cannot read 'eighty' as a number"),
+    "unparsable": (
+        CSV.replace("80,", "eighty,"),
+        "line 3, column 'weight': cannot read 'eighty' as a number",
+    ),
     "nan": (CSV.replace("65,", "nan,"), "line 4, column 'weight': 'nan' is not finite"),
     "inf": (CSV.replace("50,", "inf,"), "line 2, column 'age': 'inf' is not finite"),
-    "unknown class": (CSV.replace("malignant", "unsure"),
-                      "line 3, column 'diagnosis': unknown class 'unsure'"),
-    "unknown category": (CSV.replace("siemens", "philips"),
-                         "line 3, column 'scanner': unknown category 'philips'"),
+    "unknown class": (
+        CSV.replace("malignant", "unsure"),
+        "line 3, column 'diagnosis': unknown class 'unsure'",
+    ),
+    "unknown category": (
+        CSV.replace("siemens", "philips"),
+        "line 3, column 'scanner': unknown category 'philips'",
+    ),
     "empty": ("", "empty file"),
     "not text": (CSV.encode() + b"\xff\xfe,1,2,ge,benign\n", "not a readable UTF-8"),
     "header only": (CSV.splitlines()[0] + "\n", "no data rows"),
@@ -85,8 +108,7 @@ BAD_CSV = {
 
 
 @pytest.mark.parametrize("case", BAD_CSV)
-def test_bad_csv_is_one_line_naming_file_row_and_column(capsys, tmp_path: Path,
-                                                        case: str) -> None:
+def test_bad_csv_is_one_line_naming_file_row_and_column(capsys, tmp_path: Path, case: str) -> None:
     text, expected = BAD_CSV[case]
     code, err, out = import_csv(capsys, tmp_path, text, "bad.csv")
     assert code == 2
@@ -126,25 +148,69 @@ def test_arrays_images_and_datasets(capsys, tmp_path: Path) -> None:
     features = np.arange(24, dtype=np.float64).reshape(6, 2, 2)
     np.save(tmp_path / "x.npy", features)
     np.save(tmp_path / "y.npy", np.array([0, 1, 2, 0, 1, 2]))
-    code, err = run(capsys, "data", "import", tmp_path / "x.npy", "--label", "y.npy",
-                    "--classes", "a,b,c", "--out", tmp_path / "npy.h5", "--chunk-rows", "4")
+    code, err = run(
+        capsys,
+        "data",
+        "import",
+        tmp_path / "x.npy",
+        "--label",
+        "y.npy",
+        "--classes",
+        "a,b,c",
+        "--out",
+        tmp_path / "npy.h5",
+        "--chunk-rows",
+        "4",
+    )
     assert code == 0, err
     assert np.array_equal(read(tmp_path / "npy.h5")["features"], features)
 
     np.savez(tmp_path / "d.npz", x=features, y=np.array([0, 1, 2, 0, 1, 3]))
-    code, err = run(capsys, "data", "import", tmp_path / "d.npz", "--features", "x",
-                    "--label", "y", "--classes", "a,b,c", "--out", tmp_path / "npz.h5")
+    code, err = run(
+        capsys,
+        "data",
+        "import",
+        tmp_path / "d.npz",
+        "--features",
+        "x",
+        "--label",
+        "y",
+        "--classes",
+        "a,b,c",
+        "--out",
+        tmp_path / "npz.h5",
+    )
     assert code == 2 and "d.npz: row 6: unknown class 3" in err, err
     np.savez(tmp_path / "e.npz", x=features, y=np.array([0, 1]))
-    code, err = run(capsys, "data", "import", tmp_path / "e.npz", "--features", "x",
-                    "--label", "y", "--classes", "a,b,c", "--out", tmp_path / "npz.h5")
+    code, err = run(
+        capsys,
+        "data",
+        "import",
+        tmp_path / "e.npz",
+        "--features",
+        "x",
+        "--label",
+        "y",
+        "--classes",
+        "a,b,c",
+        "--out",
+        tmp_path / "npz.h5",
+    )
     assert code == 2 and "labels have shape (2,), expected (6,)" in err, err
 
     for label, shade in (("cat", 0), ("dog", 255)):
         (tmp_path / "img" / label).mkdir(parents=True)
         Image.new("RGB", (10, 6), (shade, 0, 0)).save(tmp_path / "img" / label / "1.png")
-    code, err = run(capsys, "data", "import", tmp_path / "img", "--image-size", "4,5",
-                    "--out", tmp_path / "img.h5")
+    code, err = run(
+        capsys,
+        "data",
+        "import",
+        tmp_path / "img",
+        "--image-size",
+        "4,5",
+        "--out",
+        tmp_path / "img.h5",
+    )
     assert code == 0, err
     images = read(tmp_path / "img.h5")
     assert images["features"].shape == (2, 3, 4, 5) and images["labels"].tolist() == [0, 1]
@@ -154,8 +220,9 @@ def test_arrays_images_and_datasets(capsys, tmp_path: Path) -> None:
     assert code == 2 and f"{tmp_path / 'img' / 'dog' / '2.png'}: unreadable image" in err, err
 
     FailsWhileWriting.reads = -1000  # never fails in this run
-    code, err = run(capsys, "data", "import", f"{__name__}:make_failing",
-                    "--out", tmp_path / "ds.h5")
+    code, err = run(
+        capsys, "data", "import", f"{__name__}:make_failing", "--out", tmp_path / "ds.h5"
+    )
     assert code == 0, err
     assert read(tmp_path / "ds.h5")["labels"].tolist() == [0, 1] * 5
 
@@ -176,8 +243,9 @@ def test_a_large_source_imports_in_bounded_memory(tmp_path: Path) -> None:
     a time (not memory-mapped: a map's pages stay resident once read), ids are checked for
     duplicates in bounded buckets."""
     rows, width, step = 1_250_000, 64, 65_536
-    features = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32,
-                                         shape=(rows, width))
+    features = np.lib.format.open_memmap(
+        tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=(rows, width)
+    )
     rng = np.random.default_rng(0)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
@@ -188,9 +256,26 @@ def test_a_large_source_imports_in_bounded_memory(tmp_path: Path) -> None:
     source = sum((tmp_path / name).stat().st_size for name in ("x.npy", "y.npy", "ids.npy"))
     assert source > 320 * 2**20
     result = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS, "data", "import", str(tmp_path / "x.npy"), "--label",
-         "y.npy", "--id", "ids.npy", "--classes", "a,b,c", "--out", str(tmp_path / "x.h5")],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-c",
+            PEAK_RSS,
+            "data",
+            "import",
+            str(tmp_path / "x.npy"),
+            "--label",
+            "y.npy",
+            "--id",
+            "ids.npy",
+            "--classes",
+            "a,b,c",
+            "--out",
+            str(tmp_path / "x.h5"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     code, before_kib, peak_kib = map(int, result.stdout.split()[-3:])
     assert code == 0, result.stderr
     assert (peak_kib - before_kib) * 1024 < source / 4, (before_kib, peak_kib, source)
@@ -202,8 +287,9 @@ def test_a_large_source_imports_in_bounded_memory(tmp_path: Path) -> None:
 def test_duplicate_ids_are_found_in_any_bucket(tmp_path: Path) -> None:
     ids = np.arange(0, 700, 7)
     ids[-1] = ids[3]
-    with ShardWriter(tmp_path / "s.h5", len(ids), shard_attrs("x", 0, (1,)), features=(1,),
-                     labels=False) as writer:
+    with ShardWriter(
+        tmp_path / "s.h5", len(ids), shard_attrs("x", 0, (1,)), features=(1,), labels=False
+    ) as writer:
         writer.append(ids=ids, features=np.zeros((len(ids), 1), np.float32))
     with pytest.raises(DataError, match="src: id 21 occurs more than once"):
         _check_unique_ids(tmp_path / "s.h5", "src", at_once=8)
@@ -220,31 +306,83 @@ def test_parquet(capsys, tmp_path: Path) -> None:
 
     table = pa.table({"pid": [1, 2, 3], "age": [50.0, 61.0, None], "diagnosis": ["a", "b", "a"]})
     pq.write_table(table, tmp_path / "t.parquet", row_group_size=2)
-    code, err = run(capsys, "data", "import", tmp_path / "t.parquet", "--id", "pid",
-                    "--label", "diagnosis", "--classes", "a,b", "--out", tmp_path / "p.h5")
+    code, err = run(
+        capsys,
+        "data",
+        "import",
+        tmp_path / "t.parquet",
+        "--id",
+        "pid",
+        "--label",
+        "diagnosis",
+        "--classes",
+        "a,b",
+        "--out",
+        tmp_path / "p.h5",
+    )
     assert code == 2 and "row 3, column 'age': cannot read None as a number" in err, err
     pq.write_table(table.slice(0, 2), tmp_path / "t.parquet")
-    code, err = run(capsys, "data", "import", tmp_path / "t.parquet", "--id", "pid",
-                    "--label", "diagnosis", "--classes", "a,b", "--out", tmp_path / "p.h5")
+    code, err = run(
+        capsys,
+        "data",
+        "import",
+        tmp_path / "t.parquet",
+        "--id",
+        "pid",
+        "--label",
+        "diagnosis",
+        "--classes",
+        "a,b",
+        "--out",
+        tmp_path / "p.h5",
+    )
     assert code == 0, err
     assert read(tmp_path / "p.h5")["features"].tolist() == [[50.0], [61.0]]
 
 
 def test_assemble_checks_schemas_from_metadata(capsys, tmp_path: Path) -> None:
     sites = {}
-    for name, text in (("a", CSV), ("b", CSV), ("t", CSV),
-                       ("renamed", CSV.replace("weight", "mass")),
-                       ("other_classes", CSV)):
+    for name, text in (
+        ("a", CSV),
+        ("b", CSV),
+        ("t", CSV),
+        ("renamed", CSV.replace("weight", "mass")),
+        ("other_classes", CSV),
+    ):
         classes = "benign,malignant,unknown" if name == "other_classes" else "benign,malignant"
         source = tmp_path / f"{name}.csv"
         source.write_text(text)
         sites[name] = tmp_path / f"{name}.h5"
-        code, err = run(capsys, "data", "import", source, "--out", sites[name], "--id", "pid",
-                        "--label", "diagnosis", "--classes", classes,
-                        "--categorical", "scanner=siemens,ge")
+        code, err = run(
+            capsys,
+            "data",
+            "import",
+            source,
+            "--out",
+            sites[name],
+            "--id",
+            "pid",
+            "--label",
+            "diagnosis",
+            "--classes",
+            classes,
+            "--categorical",
+            "scanner=siemens,ge",
+        )
         assert code == 0, err
-    code, err = run(capsys, "data", "assemble", "--client", sites["a"], "--client", sites["b"],
-                    "--test", sites["t"], "--out", tmp_path / "ok")
+    code, err = run(
+        capsys,
+        "data",
+        "assemble",
+        "--client",
+        sites["a"],
+        "--client",
+        sites["b"],
+        "--test",
+        sites["t"],
+        "--out",
+        tmp_path / "ok",
+    )
     assert code == 0, err
     meta = read_meta(tmp_path / "ok")
     assert meta["clients"] == 2 and meta["feature_shape"] == [4] and meta["num_classes"] == 2
@@ -252,8 +390,19 @@ def test_assemble_checks_schemas_from_metadata(capsys, tmp_path: Path) -> None:
         assert sum(len(batch.ids) for batch in reader.epoch(0)) == 3
 
     for bad, field in (("renamed", "feature_names"), ("other_classes", "classes")):
-        code, err = run(capsys, "data", "assemble", "--client", sites["a"], "--client",
-                        sites[bad], "--test", sites["t"], "--out", tmp_path / bad)
+        code, err = run(
+            capsys,
+            "data",
+            "assemble",
+            "--client",
+            sites["a"],
+            "--client",
+            sites[bad],
+            "--test",
+            sites["t"],
+            "--out",
+            tmp_path / bad,
+        )
         assert code == 2, err
         assert f"{sites[bad]} (client 1, site '{bad}'): {field}" in err, err
         assert not (tmp_path / bad).exists()
@@ -265,19 +414,63 @@ def test_vertical_assembly_needs_id_columns(capsys, tmp_path: Path) -> None:
     shards = {}
     for name, extra in (("with_ids", ["--id", "pid"]), ("no_ids", [])):
         shards[name] = tmp_path / f"{name}.h5"
-        code, err = run(capsys, "data", "import", source, "--out", shards[name], "--label",
-                        "diagnosis", "--classes", "benign,malignant", "--features", "age",
-                        *extra)
+        code, err = run(
+            capsys,
+            "data",
+            "import",
+            source,
+            "--out",
+            shards[name],
+            "--label",
+            "diagnosis",
+            "--classes",
+            "benign,malignant",
+            "--features",
+            "age",
+            *extra,
+        )
         assert code == 0, err
     good, bad = shards["with_ids"], shards["no_ids"]
-    code, err = run(capsys, "data", "assemble", "--party", good, "--party", good, "--labels",
-                    good, "--test-party", good, "--test-party", good, "--test-labels", good,
-                    "--out", tmp_path / "v")
+    code, err = run(
+        capsys,
+        "data",
+        "assemble",
+        "--party",
+        good,
+        "--party",
+        good,
+        "--labels",
+        good,
+        "--test-party",
+        good,
+        "--test-party",
+        good,
+        "--test-labels",
+        good,
+        "--out",
+        tmp_path / "v",
+    )
     assert code == 0, err
     meta = read_meta(tmp_path / "v")
     assert meta["partition"] == "vertical" and meta["party_feature_shapes"] == [[1], [1]]
     assert meta["feature_shape"] == [2]
-    code, err = run(capsys, "data", "assemble", "--party", good, "--party", bad, "--labels",
-                    good, "--test-party", good, "--test-party", good, "--test-labels", good,
-                    "--out", tmp_path / "w")
+    code, err = run(
+        capsys,
+        "data",
+        "assemble",
+        "--party",
+        good,
+        "--party",
+        bad,
+        "--labels",
+        good,
+        "--test-party",
+        good,
+        "--test-party",
+        good,
+        "--test-labels",
+        good,
+        "--out",
+        tmp_path / "w",
+    )
     assert code == 2 and f"{bad} (party 1): vertical shards need the ids of an id column" in err

@@ -25,8 +25,13 @@ _LAUNCHER_PREFIXES = ("SLURM", "MPI_", "PMI", "OMPI_", "CUDA_", "MPISPLIT", "OMP
 def task_env(**variables: str) -> dict[str, str]:
     """Environment that ``common.sh task env`` hands its command, given ``variables``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
-    proc = subprocess.run(["bash", str(COMMON), "task", "env"], capture_output=True, text=True,
-                          timeout=30, env={**env, **variables})
+    proc = subprocess.run(
+        ["bash", str(COMMON), "task", "env"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**env, **variables},
+    )
     assert proc.returncode == 0, proc.stderr
     return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
 
@@ -44,8 +49,9 @@ def test_binding_keeps_the_ids_slurm_gave() -> None:
 
 @pytest.mark.parametrize("local_rank", ["0", "1", "2", "3"])
 def test_one_shared_gpu_stays_shared(local_rank: str) -> None:
-    assert task_env(CUDA_VISIBLE_DEVICES="0", SLURM_LOCALID=local_rank)["CUDA_VISIBLE_DEVICES"] \
-        == "0"
+    assert (
+        task_env(CUDA_VISIBLE_DEVICES="0", SLURM_LOCALID=local_rank)["CUDA_VISIBLE_DEVICES"] == "0"
+    )
 
 
 def test_gpu_bind_none_leaves_the_list() -> None:
@@ -66,13 +72,16 @@ def test_no_gpus_none_invented() -> None:
     assert "CUDA_VISIBLE_DEVICES" not in task_env(SLURM_LOCALID="1")
 
 
-@pytest.mark.parametrize(("variables", "threads"), [
-    ({}, "1"),
-    ({"OMP_NUM_THREADS": "3"}, "3"),
-    # sbatch exports the submitter's OMP_NUM_THREADS: the job's request wins over it.
-    ({"SLURM_CPUS_PER_TASK": "2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, "2"),
-    ({"SLURM_CPUS_PER_TASK": "2", "MPISPLIT_THREADS": "4"}, "4"),
-])
+@pytest.mark.parametrize(
+    ("variables", "threads"),
+    [
+        ({}, "1"),
+        ({"OMP_NUM_THREADS": "3"}, "3"),
+        # sbatch exports the submitter's OMP_NUM_THREADS: the job's request wins over it.
+        ({"SLURM_CPUS_PER_TASK": "2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, "2"),
+        ({"SLURM_CPUS_PER_TASK": "2", "MPISPLIT_THREADS": "4"}, "4"),
+    ],
+)
 def test_threads(variables: dict[str, str], threads: str) -> None:
     env = task_env(**variables)
     assert (env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]) == (threads, threads)
@@ -85,8 +94,12 @@ def test_node_name_from_slurmd() -> None:
 def test_mpiexec_ranks_take_hydras_local_rank_not_the_proxys_slurm_localid() -> None:
     """Under MPISPLIT_LAUNCHER=mpiexec the ranks inherit SLURM_LOCALID=0 from the proxy srun
     started on their node: hydra's MPI_LOCALRANKID is theirs."""
-    env = task_env(CUDA_VISIBLE_DEVICES="0,1", SLURM_LOCALID="0", MPI_LOCALRANKID="1",
-                   MPISPLIT_LAUNCHER="mpiexec")
+    env = task_env(
+        CUDA_VISIBLE_DEVICES="0,1",
+        SLURM_LOCALID="0",
+        MPI_LOCALRANKID="1",
+        MPISPLIT_LAUNCHER="mpiexec",
+    )
     assert env["CUDA_VISIBLE_DEVICES"] == "1"
 
 
@@ -112,8 +125,7 @@ def test_restart_removes_this_job_steps_stale_segments_only(tmp_path: Path) -> N
     try:
         for path in [*ours, theirs]:
             path.write_bytes(b"")
-        task_env(SLURM_RESTART_COUNT="1", SLURM_LOCALID="0", SLURM_JOB_ID=job,
-                 SLURM_STEP_ID="0")
+        task_env(SLURM_RESTART_COUNT="1", SLURM_LOCALID="0", SLURM_JOB_ID=job, SLURM_STEP_ID="0")
         assert [path.exists() for path in ours] == [False, False]
         assert theirs.exists()
     finally:
@@ -124,16 +136,26 @@ def test_restart_removes_this_job_steps_stale_segments_only(tmp_path: Path) -> N
 def job_shell(script: str, **variables: str) -> subprocess.CompletedProcess[str]:
     """``script`` run in bash after sourcing common.sh (as a job script does)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
-    return subprocess.run(["bash", "-c", f'. "{COMMON}"; {script}'], capture_output=True,
-                          text=True, timeout=60, env={**env, **variables}, cwd=ROOT)
+    return subprocess.run(
+        ["bash", "-c", f'. "{COMMON}"; {script}'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, **variables},
+        cwd=ROOT,
+    )
 
 
 def test_without_mpisplit_on_path_the_job_stops_with_one_line_saying_how_to_fix_it(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """A job submitted without the venv active: mpisplit is not on PATH and the python3
     there lacks its packages -- one line, exit 2, no traceback."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")],
-                   check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")],
+        check=True,
+        timeout=120,
+    )
     proc = job_shell("mpisplit_setup", PATH=f"{tmp_path / 'bare' / 'bin'}:/usr/bin:/bin")
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.splitlines()
@@ -151,7 +173,13 @@ def test_script_arguments_take_resume_and_refuse_unknown_options() -> None:
 
 
 def test_start_line_names_every_het_components_nodes() -> None:
-    proc = job_shell("mpisplit_setup", PATH=os.environ["PATH"], SLURM_HET_SIZE="2",
-                     SLURM_JOB_NODELIST="g1", SLURM_JOB_NODELIST_HET_GROUP_0="g1",
-                     SLURM_JOB_NODELIST_HET_GROUP_1="n[1-3]", MPISPLIT="mpisplit")
+    proc = job_shell(
+        "mpisplit_setup",
+        PATH=os.environ["PATH"],
+        SLURM_HET_SIZE="2",
+        SLURM_JOB_NODELIST="g1",
+        SLURM_JOB_NODELIST_HET_GROUP_0="g1",
+        SLURM_JOB_NODELIST_HET_GROUP_1="n[1-3]",
+        MPISPLIT="mpisplit",
+    )
     assert " on g1 + n[1-3]: launcher srun" in proc.stderr, proc.stderr

@@ -22,19 +22,39 @@ def run_dir(tmp_path: Path) -> Path:
     for rank in (0, 1):
         log = MetricsLog(tmp_path, rank, {"rank": rank, "role": "r"}, flush_every=1)
         for step in (1, 2, 3):
-            log.write({"step": step, "bytes_sent": 100 * step, "bytes_received": 10 * step,
-                       **({"loss": 1.0 / step} if rank == 0 else {})})
-        log.write({"event": "eval", "step": 3, "client": 0, "loss": 0.25, "accuracy": 0.9,
-                   "count": 10, "task": 0})
+            log.write(
+                {
+                    "step": step,
+                    "bytes_sent": 100 * step,
+                    "bytes_received": 10 * step,
+                    **({"loss": 1.0 / step} if rank == 0 else {}),
+                }
+            )
+        log.write(
+            {
+                "event": "eval",
+                "step": 3,
+                "client": 0,
+                "loss": 0.25,
+                "accuracy": 0.9,
+                "count": 10,
+                "task": 0,
+            }
+        )
         log.close()
-    write_summary(tmp_path, {"scheme": "vanilla", "test_accuracy": 0.9,
-                             "bytes_sent_by_rank": [600, 60]})
+    write_summary(
+        tmp_path, {"scheme": "vanilla", "test_accuracy": 0.9, "bytes_sent_by_rank": [600, 60]}
+    )
     return tmp_path
 
 
 def _export(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mpisplit", "metrics", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mpisplit", "metrics", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_csv_of_summary_and_metrics(run_dir: Path, tmp_path: Path) -> None:
@@ -47,7 +67,10 @@ def test_csv_of_summary_and_metrics(run_dir: Path, tmp_path: Path) -> None:
         rows = list(csv.DictReader(file))
     steps = [row for row in rows if row["step"] and not row["event"]]
     assert [(row["rank"], row["step"], row["bytes_sent"]) for row in steps][:3] == [
-        ("0", "1", "100"), ("0", "2", "200"), ("0", "3", "300")]
+        ("0", "1", "100"),
+        ("0", "2", "200"),
+        ("0", "3", "300"),
+    ]
     assert len(steps) == 6 and sum(row["event"] == "eval" for row in rows) == 2
 
 
@@ -57,11 +80,19 @@ def test_tensorboard_scalars_per_rank(run_dir: Path, tmp_path: Path) -> None:
     result = _export(str(run_dir), "--tensorboard", str(tmp_path / "tb"))
     assert result.returncode == 0, result.stderr
     events = EventAccumulator(str(tmp_path / "tb" / "rank0")).Reload()
-    assert set(events.Tags()["scalars"]) == {"loss", "bytes_sent", "bytes_received",
-                                             "step_time_s", "eval/client0/accuracy",
-                                             "eval/client0/loss"}
+    assert set(events.Tags()["scalars"]) == {
+        "loss",
+        "bytes_sent",
+        "bytes_received",
+        "step_time_s",
+        "eval/client0/accuracy",
+        "eval/client0/loss",
+    }
     assert [(e.step, e.value) for e in events.Scalars("bytes_sent")] == [
-        (1, 100), (2, 200), (3, 300)]
+        (1, 100),
+        (2, 200),
+        (3, 300),
+    ]
     rank1 = EventAccumulator(str(tmp_path / "tb" / "rank1")).Reload()
     assert "loss" not in rank1.Tags()["scalars"]  # rank 1 computes no loss
 

@@ -8,8 +8,13 @@ import torch
 from mpisplit.config import ConfigError, ModelConfig
 from mpisplit.models import ZOO, build_layers, cut_indices, layer_plan, segment_bounds
 
-SHAPES = {"mlp": ((30,), 2), "cnn": ((1, 8, 8), 10), "resnet": ((3, 16, 16), 10),
-          "vgg": ((3, 32, 32), 10), "resnet50": ((3, 32, 32), 100)}
+SHAPES = {
+    "mlp": ((30,), 2),
+    "cnn": ((1, 8, 8), 10),
+    "resnet": ((3, 16, 16), 10),
+    "vgg": ((3, 32, 32), 10),
+    "resnet50": ((3, 32, 32), 100),
+}
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))

@@ -21,8 +21,16 @@ STEPS = 25
 
 
 def _train(ranks: int, data: Path, run_dir: Path, *overrides: str) -> dict:
-    result = run_mpi(ranks, "train", CONFIG, f"data.path={data}", f"run.dir={run_dir}",
-                     "run.progress=none", f"train.lr={LR}", *overrides)
+    result = run_mpi(
+        ranks,
+        "train",
+        CONFIG,
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        "run.progress=none",
+        f"train.lr={LR}",
+        *overrides,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -45,8 +53,10 @@ def _reference(data: Path, heads: dict[str, int]) -> list[dict[str, torch.Tensor
         batch = next(batches)
         opt.zero_grad()
         cut_output = lower(batch.features)
-        loss = sum(torch.nn.functional.cross_entropy(upper(cut_output), targets[task](batch.labels))
-                   for task, upper in zip(heads, uppers, strict=True))
+        loss = sum(
+            torch.nn.functional.cross_entropy(upper(cut_output), targets[task](batch.labels))
+            for task, upper in zip(heads, uppers, strict=True)
+        )
         loss.backward()
         opt.step()
     return [lower.state_dict(), *(upper.state_dict() for upper in uppers)]
@@ -63,8 +73,9 @@ def test_two_heads_equal_single_process_sum_of_losses(dataset, tmp_path: Path) -
         actual = torch.load(tmp_path / f"model-rank{rank}.pt", weights_only=True)
         assert actual.keys() == want.keys()
         for key, value in want.items():
-            torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-5,
-                                       msg=f"rank {rank} {key}")
+            torch.testing.assert_close(
+                actual[key], value, rtol=0, atol=1e-5, msg=f"rank {rank} {key}"
+            )
         if rank in head_of:
             assert actual["head.weight"].shape[0] == head_of[rank]
 
@@ -80,6 +91,10 @@ def test_summary_reports_each_task(dataset, tmp_path: Path) -> None:
         assert 0.0 <= entry["accuracy"] <= 1.0 and entry["loss"] > 0
     assert by_task["binary"]["accuracy"] > 0.6  # two balanced classes: above chance
     assert sorted((e["task"], e["client"]) for e in summary["test_by_client"]) == [
-        (0, 0), (0, 1), (1, 0), (1, 1)]
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+    ]
     accuracies = [e["accuracy"] for e in summary["test_by_task"]]
     assert min(accuracies) <= summary["test_accuracy"] <= max(accuracies)

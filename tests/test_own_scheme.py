@@ -54,8 +54,7 @@ def train_client(ctx: Any) -> Any:
     cfg = ctx.config
     train = dataclasses.replace(cfg.train, max_steps=cfg.scheme.options.steps)
     run = dataclasses.replace(ctx.run, config=dataclasses.replace(cfg, train=train))
-    return train_lower_client(dataclasses.replace(ctx, run=run),
-                              ctx.topology.ranks(Role.SERVER)[0])
+    return train_lower_client(dataclasses.replace(ctx, run=run), ctx.topology.ranks(Role.SERVER)[0])
 
 
 SPEC = SchemeSpec(
@@ -76,8 +75,12 @@ def test_options_and_layout_come_from_the_spec() -> None:
     _registered()
     cfg = config_from_dict({"scheme": {"name": "capped", "clients": 2, "steps": 3}})
     assert cfg.scheme.options == CappedOptions(steps=3)
-    assert cfg.to_dict()["scheme"] == {"name": "capped", "clients": 2,
-                                       "client_order": "parallel", "steps": 3}
+    assert cfg.to_dict()["scheme"] == {
+        "name": "capped",
+        "clients": 2,
+        "client_order": "parallel",
+        "steps": 3,
+    }
     assert [p.label for p in plan(cfg).placements] == ["server", "client0", "client1"]
     with pytest.raises(ConfigError, match=r"scheme\.steps: must be >= 1, got 0"):
         config_from_dict({"scheme": {"name": "capped", "steps": 0}})
@@ -93,13 +96,23 @@ def test_a_scheme_defined_here_trains_under_mpiexec(dataset, tmp_path: Path) -> 
     from mpisplit.audit import audit
 
     data = dataset("breast_cancer", clients=2)
-    command = [str(Path(sys.executable).with_name("mpiexec")), "-n", "3", sys.executable,
-               str(HERE), "train", "configs/vanilla-breast-cancer.yaml", "scheme.name=capped",
-               "scheme.clients=2", "scheme.steps=4", f"data.path={data}",
-               f"run.dir={tmp_path}", "run.progress=none"]
+    command = [
+        str(Path(sys.executable).with_name("mpiexec")),
+        "-n",
+        "3",
+        sys.executable,
+        str(HERE),
+        "train",
+        "configs/vanilla-breast-cancer.yaml",
+        "scheme.name=capped",
+        "scheme.clients=2",
+        "scheme.steps=4",
+        f"data.path={data}",
+        f"run.dir={tmp_path}",
+        "run.progress=none",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env,
-                            cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["scheme"] == "capped" and summary["steps_per_rank"] == [8, 4, 4]

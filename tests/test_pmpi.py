@@ -64,14 +64,16 @@ def pmpi_lib() -> Path:
     return lib
 
 
-def _mpirun(lib: Path, n: int, argv: list[str], out_dir: Path, cwd: Path, *,
-            finalized: bool = True):
+def _mpirun(
+    lib: Path, n: int, argv: list[str], out_dir: Path, cwd: Path, *, finalized: bool = True
+):
     """Runs ``argv`` on ``n`` ranks with the library preloaded; it must succeed. Without
     ``finalized`` the ranks exit without ``MPI_Finalize``, which Open MPI's launcher reports
     (exit status 1 and a message saying so) and MPICH's does not."""
     launcher = launch.find("mpiexec")
-    env = pmpi.preload_env(out_dir, base=launcher.environment(
-        dict(os.environ, **{pmpi.ENV_LIB: str(lib)})))
+    env = pmpi.preload_env(
+        out_dir, base=launcher.environment(dict(os.environ, **{pmpi.ENV_LIB: str(lib)}))
+    )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     cmd = ["timeout", "-k", "5", str(TIMEOUT_S - 5)] if shutil.which("timeout") else []
     cmd += launcher.command(n, argv)
@@ -416,8 +418,9 @@ THREADS = """
 @pytest.mark.xfail(
     strict=False,
     reason="suspected race (to fix in the C library): a completed request's handle can be reused "
-           "by another thread's receive before the completion's bookkeeping is done, losing one "
-           "count in ~1000 (seen once on Open MPI and once on MPICH in a dozen runs)")
+    "by another thread's receive before the completion's bookkeeping is done, losing one "
+    "count in ~1000 (seen once on Open MPI and once on MPICH in a dozen runs)",
+)
 def test_threads_concurrent_counts(pmpi_lib, tmp_path):
     """MPI_THREAD_MULTIPLE: 4 threads per rank; no update may be lost."""
     T, N = 4, 250

@@ -12,9 +12,11 @@ from mpisplit.privacy import distance_correlation, nopeek_penalty, protect
 
 def _dcor_numpy(x: np.ndarray, z: np.ndarray) -> float:
     """Textbook distance correlation with explicit loops over the double centring."""
+
     def centred(m: np.ndarray) -> np.ndarray:
         d = np.sqrt(((m[:, None, :] - m[None, :, :]) ** 2).sum(-1))
         return d - d.mean(0) - d.mean(1)[:, None] + d.mean()
+
     a, b = centred(x), centred(z)
     return float(np.sqrt((a * b).mean() / np.sqrt((a * a).mean() * (b * b).mean())))
 
@@ -27,16 +29,21 @@ def test_distance_correlation_matches_textbook() -> None:
     assert ours == pytest.approx(_dcor_numpy(x, z), rel=1e-9)
     assert float(distance_correlation(torch.tensor(x), torch.tensor(x))) == pytest.approx(1.0)
     independent = rng.normal(size=(400, 3))
-    assert float(distance_correlation(torch.tensor(rng.normal(size=(400, 5))),
-                                      torch.tensor(independent))) < 0.2
+    assert (
+        float(
+            distance_correlation(torch.tensor(rng.normal(size=(400, 5))), torch.tensor(independent))
+        )
+        < 0.2
+    )
 
 
 def test_clip_then_noise() -> None:
     h = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
     clipped = protect(h, PrivacyConfig(clip_norm=1.0))
     torch.testing.assert_close(clipped, torch.tensor([[0.6, 0.8], [0.3, 0.4]]))
-    noisy = protect(torch.zeros(2000, 4), PrivacyConfig(noise_std=0.5),
-                    torch.Generator().manual_seed(1))
+    noisy = protect(
+        torch.zeros(2000, 4), PrivacyConfig(noise_std=0.5), torch.Generator().manual_seed(1)
+    )
     assert float(noisy.std()) == pytest.approx(0.5, rel=0.05)
     assert protect(h, PrivacyConfig()) is h
 
@@ -65,10 +72,19 @@ def test_defences_lower_the_measured_leakage(dataset, tmp_path) -> None:
     leakage = {}
     for name, extra in {"plain": [], "noisy": ["privacy.noise_std=3.0"]}.items():
         run_dir = tmp_path / name
-        result = run_mpi(3, "train", "configs/vanilla-breast-cancer.yaml", "scheme.clients=2",
-                         f"data.path={data}", f"run.dir={run_dir}", "train.max_steps=20",
-                         "run.progress=none", *extra)
+        result = run_mpi(
+            3,
+            "train",
+            "configs/vanilla-breast-cancer.yaml",
+            "scheme.clients=2",
+            f"data.path={data}",
+            f"run.dir={run_dir}",
+            "train.max_steps=20",
+            "run.progress=none",
+            *extra,
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         leakage[name] = json.loads((run_dir / "summary.json").read_text())[
-            "leakage_distance_correlation"]
+            "leakage_distance_correlation"
+        ]
     assert 0 < leakage["noisy"] < leakage["plain"] - 0.2 < 1

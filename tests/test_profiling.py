@@ -31,13 +31,26 @@ def profiled(dataset, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
     run_dir = tmp_path_factory.mktemp("run")
     out = run_dir / "report"
     data = dataset("breast_cancer", clients=2)
-    result = run_mpi(3, "train", "--pmpi", "configs/vanilla-breast-cancer.yaml",
-                     "scheme.clients=2", f"data.path={data}", f"run.dir={run_dir}",
-                     f"train.max_steps={STEPS}", "run.trace=true", "run.progress=none")
+    result = run_mpi(
+        3,
+        "train",
+        "--pmpi",
+        "configs/vanilla-breast-cancer.yaml",
+        "scheme.clients=2",
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        f"train.max_steps={STEPS}",
+        "run.trace=true",
+        "run.progress=none",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = subprocess.run([sys.executable, "-m", "mpisplit", "prof", "report", str(run_dir),
-                             "--out", str(out)], capture_output=True, text=True, timeout=120,
-                            cwd=ROOT)
+    report = subprocess.run(
+        [sys.executable, "-m", "mpisplit", "prof", "report", str(run_dir), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     assert "PMPI vs trace" in report.stdout and "DISAGREE" not in report.stdout
     return run_dir, out, json.loads((out / "profile.json").read_text())
@@ -57,7 +70,11 @@ def test_bytes_matrix_is_what_was_sent(profiled) -> None:
     assert all(row["agree"] for row in profile["pmpi"])
     assert sent[1, 2] == sent[2, 1] == 0 and np.all(np.diag(sent) == 0)
     assert {(b["sender"], b["receiver"]) for b in profile["bandwidth"]} == {
-        (0, 1), (0, 2), (1, 0), (2, 0)}
+        (0, 1),
+        (0, 2),
+        (1, 0),
+        (2, 0),
+    }
     assert all(b["mb_per_s"] > 0 for b in profile["bandwidth"])
     assert sorted(profile["collective_bytes"]) == ["0", "1", "2"]  # step plans, summary
 
@@ -104,22 +121,33 @@ def test_pictures(profiled, name: str) -> None:
 def test_collectives_are_communication() -> None:
     """Time inside a collective is comm, not compute, even inside a compute span; its bytes
     go to the per-rank, per-kind collective table, not the point-to-point matrix."""
-    def collective(name: str, start: float, end: float, kind: str, nbytes: int) -> Span:
-        return Span(f"collective {name}", "collective", start, end,
-                    {"kind": kind, "bytes_sent": nbytes, "bytes_received": nbytes, "step": 0})
 
-    spans = [Span("backward", "compute", 0.0, 10.0, {"step": 0}),
-             collective("weight average", 2.0, 5.0, "WEIGHTS", 400),
-             collective("gradient average", 6.0, 7.0, "GRADIENT", 100),
-             collective("weight average", 12.0, 13.0, "WEIGHTS", 400)]
+    def collective(name: str, start: float, end: float, kind: str, nbytes: int) -> Span:
+        return Span(
+            f"collective {name}",
+            "collective",
+            start,
+            end,
+            {"kind": kind, "bytes_sent": nbytes, "bytes_received": nbytes, "step": 0},
+        )
+
+    spans = [
+        Span("backward", "compute", 0.0, 10.0, {"step": 0}),
+        collective("weight average", 2.0, 5.0, "WEIGHTS", 400),
+        collective("gradient average", 6.0, 7.0, "GRADIENT", 100),
+        collective("weight average", 12.0, 13.0, "WEIGHTS", 400),
+    ]
     timeline = Timeline([RankTrace(0, "client0", spans)], [], {0: 0.0}, {0: 0.0})
     profile, states = build(timeline)
     assert states[0].comm.tolist() == [[2, 5], [6, 7], [12, 13]]
     row = profile["breakdown"][0]
     assert (row["compute_s"], row["comm_s"], row["idle_s"]) == (6, 5, 2)
-    assert profile["collective_bytes"] == {0: {
-        "WEIGHTS": {"sent": 800, "received": 800, "calls": 2},
-        "GRADIENT": {"sent": 100, "received": 100, "calls": 1}}}
+    assert profile["collective_bytes"] == {
+        0: {
+            "WEIGHTS": {"sent": 800, "received": 800, "calls": 2},
+            "GRADIENT": {"sent": 100, "received": 100, "calls": 1},
+        }
+    }
     assert profile["bytes"] == [[0]]
     assert "collective bytes per rank and kind" in render(profile)
 
@@ -137,26 +165,36 @@ def test_interval_arithmetic() -> None:
 def test_parser_does_not_initialise_mpi() -> None:
     """``train --pmpi`` builds the parser, then re-executes itself with the PMPI library:
     MPI initialised before that (e.g. by importing the transport) hangs the rank."""
-    code = ("import sys; from mpisplit.cli import _parser; _parser(); "
-            "sys.exit('mpi4py.MPI' in sys.modules)")
+    code = (
+        "import sys; from mpisplit.cli import _parser; _parser(); "
+        "sys.exit('mpi4py.MPI' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], timeout=60, cwd=ROOT).returncode == 0
 
 
 def test_report_without_traces_is_one_line(tmp_path: Path) -> None:
-    for run_dir, message in [(tmp_path, "no trace-rank<R>.json (train with run.trace=true)"),
-                             (tmp_path / "missing", "no such run directory")]:
-        result = subprocess.run([sys.executable, "-m", "mpisplit", "prof", "report",
-                                 str(run_dir)], capture_output=True, text=True, timeout=120)
+    for run_dir, message in [
+        (tmp_path, "no trace-rank<R>.json (train with run.trace=true)"),
+        (tmp_path / "missing", "no such run directory"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "mpisplit", "prof", "report", str(run_dir)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 2
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
 def test_forward_and_backward_phases() -> None:
     """Compute inside forward and backward spans, less the comm nested in them."""
-    spans = [Span("data", "compute", 0.0, 1.0, {"step": 0}),
-             Span("forward", "compute", 1.0, 3.0, {"step": 0}),
-             Span("send", "comm", 2.5, 3.0, {"step": 0, "peer": 0, "bytes": 8}),
-             Span("backward", "compute", 4.0, 6.0, {"step": 0})]
+    spans = [
+        Span("data", "compute", 0.0, 1.0, {"step": 0}),
+        Span("forward", "compute", 1.0, 3.0, {"step": 0}),
+        Span("send", "comm", 2.5, 3.0, {"step": 0, "peer": 0, "bytes": 8}),
+        Span("backward", "compute", 4.0, 6.0, {"step": 0}),
+    ]
     timeline = Timeline([RankTrace(0, "client0", spans)], [], {0: 0.0}, {0: 0.0})
     _, states = build(timeline)
     found = analysis.phases(timeline.ranks[0], states[0])
@@ -182,10 +220,30 @@ def test_capacity_from_the_traced_run(profiled, tmp_path: Path) -> None:
     here against both, computed independently) and predicts with the model's arithmetic."""
     run_dir, _, _ = profiled
     out = tmp_path / "capacity.json"
-    result = subprocess.run([sys.executable, "-m", "mpisplit", "prof", "capacity", str(run_dir),
-                             "--clients", "2", "--clients", "100", "--nodes", "4",
-                             "--cores-per-node", "8", "--json", str(out)],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpisplit",
+            "prof",
+            "capacity",
+            str(run_dir),
+            "--clients",
+            "2",
+            "--clients",
+            "100",
+            "--nodes",
+            "4",
+            "--cores-per-node",
+            "8",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     assert "server compute" in result.stdout or "client chain" in result.stdout
     capacity = json.loads(out.read_text())
@@ -193,13 +251,20 @@ def test_capacity_from_the_traced_run(profiled, tmp_path: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     clients = [r for r in load(run_dir).ranks if r.label != "server"]
     steps = sum(summary["steps_per_rank"][r.rank] for r in clients)
-    moved = sum(summary["bytes_sent_per_rank"][r.rank] + summary["bytes_received_per_rank"][r.rank]
-                for r in clients)
+    moved = sum(
+        summary["bytes_sent_per_rank"][r.rank] + summary["bytes_received_per_rank"][r.rank]
+        for r in clients
+    )
     assert costs["bytes_per_step"] == pytest.approx(moved / steps)
-    per_step = [sum(s.end - s.start for s in r.spans
-                    if s.cat == "compute" and s.args.get("step") == step and s.name != "eval")
-                for r in clients for step in {s.args["step"] for s in r.spans
-                                              if s.cat == "compute" and "step" in s.args}]
+    per_step = [
+        sum(
+            s.end - s.start
+            for s in r.spans
+            if s.cat == "compute" and s.args.get("step") == step and s.name != "eval"
+        )
+        for r in clients
+        for step in {s.args["step"] for s in r.spans if s.cat == "compute" and "step" in s.args}
+    ]
     assert costs["client_compute_s"] == pytest.approx(np.mean(per_step))
     assert costs["samples"] == summary["train_samples"] and costs["batch_size"] > 0
     for p in capacity["predictions"]:
@@ -216,9 +281,24 @@ def test_capacity_of_an_unmodelled_scheme_is_one_line(profiled, tmp_path: Path) 
         (copy / name).write_text((run_dir / name).read_text())
     config = (run_dir / "config.yaml").read_text().replace("name: vanilla", "name: fedavg")
     (copy / "config.yaml").write_text(config)
-    result = subprocess.run([sys.executable, "-m", "mpisplit", "prof", "capacity", str(copy),
-                             "--clients", "4", "--cores-per-node", "2"],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpisplit",
+            "prof",
+            "capacity",
+            str(copy),
+            "--clients",
+            "4",
+            "--cores-per-node",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "scheme fedavg is not modelled" in result.stderr
 
@@ -228,15 +308,26 @@ def test_readme_capacity_commands_run_as_written(tmp_path: Path) -> None:
     holding the checkout's configs."""
     text = (ROOT / "README.md").read_text()
     start = text.index("### Capacity planning")
-    (block,) = re.findall(r"```bash\n(.*?)```", text[start:text.index("\n## ", start)],
-                          flags=re.DOTALL)
+    (block,) = re.findall(
+        r"```bash\n(.*?)```", text[start : text.index("\n## ", start)], flags=re.DOTALL
+    )
     (tmp_path / "configs").symlink_to(ROOT / "configs")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in
-            (["100"], ["500"])]
+    rows = [
+        line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["100"], ["500"])
+    ]
     assert [(r[0], r[1], r[2]) for r in rows] == [("100", "8", "101"), ("500", "8", "501")]
     assert all(float(r[3]) > 0 and float(r[6]) > 0 for r in rows), done.stdout

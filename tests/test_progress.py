@@ -18,8 +18,9 @@ def test_bar_shows_epoch_elapsed_and_eta(monkeypatch: pytest.MonkeyPatch) -> Non
     stream = io.StringIO()
     progress = Progress(300, "bar", 100, logging.getLogger("test"), stream, epochs=3)
     progress.update(100, 0.5)
-    assert stream.getvalue().endswith("100/300 epoch 1/3 loss 0.5000 3.3 steps/s "
-                                      "0:30 elapsed, ETA 1:00")
+    assert stream.getvalue().endswith(
+        "100/300 epoch 1/3 loss 0.5000 3.3 steps/s 0:30 elapsed, ETA 1:00"
+    )
     progress.update(101, None)  # not a display step
     progress.update(200, None)
     assert "200/300 epoch 2/3 3.3 steps/s 1:00 elapsed, ETA 0:30" in stream.getvalue()
@@ -27,21 +28,22 @@ def test_bar_shows_epoch_elapsed_and_eta(monkeypatch: pytest.MonkeyPatch) -> Non
     assert stream.getvalue().endswith("epoch 3/3 3.3 steps/s 1:30 elapsed, ETA 0:00\n")
 
 
-def test_lines_without_epochs(monkeypatch: pytest.MonkeyPatch,
-                              caplog: pytest.LogCaptureFixture) -> None:
+def test_lines_without_epochs(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     clock = iter([0.0, 4000.0])
     monkeypatch.setattr(runlog.time, "perf_counter", lambda: next(clock))
     logger = logging.getLogger("test-progress")
     progress = Progress(20, "lines", 10, logger)
     with caplog.at_level(logging.INFO, logger="test-progress"):
         progress.update(10, 1.25)
-    assert caplog.messages == ["step 10/20 loss 1.2500 (0.0 steps/s, 1:06:40 elapsed, "
-                               "ETA 1:06:40)"]
+    assert caplog.messages == ["step 10/20 loss 1.2500 (0.0 steps/s, 1:06:40 elapsed, ETA 1:06:40)"]
 
 
 @pytest.mark.parametrize(("done", "rate"), [(0, "15.0"), (100, "5.0")])
-def test_rate_counts_only_the_steps_since_start(done: int, rate: str,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rate_counts_only_the_steps_since_start(
+    done: int, rate: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     clock = iter([1000.0, 1010.0])
     monkeypatch.setattr(runlog.time, "perf_counter", lambda: next(clock))
     stream = io.StringIO()

@@ -34,8 +34,16 @@ def test_linear_flops_by_hand() -> None:
 
 def breast_cancer_workload(data: Path) -> Workload:
     meta = read_meta(data)
-    return Workload("mlp", "fc2", tuple(meta["feature_shape"]), meta["num_classes"],
-                    sum(meta["train_samples"]), meta["clients"], EPOCHS, BATCH)
+    return Workload(
+        "mlp",
+        "fc2",
+        tuple(meta["feature_shape"]),
+        meta["num_classes"],
+        sum(meta["train_samples"]),
+        meta["clients"],
+        EPOCHS,
+        BATCH,
+    )
 
 
 def test_client_flops_match_an_independent_count(dataset) -> None:
@@ -46,8 +54,12 @@ def test_client_flops_match_an_independent_count(dataset) -> None:
     segment = build_layers(plan, 0, [name for name, _ in plan].index("fc2"), 0)
     counted = []
     for client in range(work.clients):
-        with ShardReader(data / f"client-{client}.h5", batch_size=BATCH, shuffle=False,
-                         prefetch=0) as reader, FlopCounterMode(display=False) as counter:
+        with (
+            ShardReader(
+                data / f"client-{client}.h5", batch_size=BATCH, shuffle=False, prefetch=0
+            ) as reader,
+            FlopCounterMode(display=False) as counter,
+        ):
             for epoch in range(EPOCHS):
                 for batch in reader.epoch(epoch):
                     out = segment(batch.features)
@@ -94,19 +106,36 @@ def test_prediction_matches_a_traced_run(scheme: str, dataset, tmp_path: Path) -
     final part once more to the client that did not train last."""
     data = dataset("breast_cancer", clients=2)
     config, ranks = RUNS[scheme]
-    averaging = [f"scheme.fedavg_every={AVERAGE_EVERY}"] if scheme in ("splitfed", "fedavg") \
-        else []  # an option of the averaging schemes only
-    result = run_mpi(ranks, "train", config, "scheme.clients=2", f"data.path={data}",
-                     f"run.dir={tmp_path}", f"train.epochs={EPOCHS}", f"data.batch_size={BATCH}",
-                     *averaging, f"train.momentum={MOMENTUM}",
-                     "train.eval_every=0", "run.trace=true", "run.count_flops=true",
-                     "run.progress=none")
+    averaging = (
+        [f"scheme.fedavg_every={AVERAGE_EVERY}"] if scheme in ("splitfed", "fedavg") else []
+    )  # an option of the averaging schemes only
+    result = run_mpi(
+        ranks,
+        "train",
+        config,
+        "scheme.clients=2",
+        f"data.path={data}",
+        f"run.dir={tmp_path}",
+        f"train.epochs={EPOCHS}",
+        f"data.batch_size={BATCH}",
+        *averaging,
+        f"train.momentum={MOMENTUM}",
+        "train.eval_every=0",
+        "run.trace=true",
+        "run.count_flops=true",
+        "run.progress=none",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     clients = range(ranks - 2, ranks)
-    costs = np.array([traced_client_costs(json.loads(
-        (tmp_path / f"trace-rank{rank}.json").read_text())["traceEvents"]) for rank in clients])
-    work = replace(breast_cancer_workload(data), average_every=AVERAGE_EVERY,
-                   momentum=MOMENTUM)
+    costs = np.array(
+        [
+            traced_client_costs(
+                json.loads((tmp_path / f"trace-rank{rank}.json").read_text())["traceEvents"]
+            )
+            for rank in clients
+        ]
+    )
+    work = replace(breast_cancer_workload(data), average_every=AVERAGE_EVERY, momentum=MOMENTUM)
     predicted = {c.scheme: c for c in per_client(work, model_costs(work))}[scheme]
     sent, received, flops = costs.mean(axis=0)
     assert sent == pytest.approx(predicted.bytes_sent, rel=0.05)
@@ -128,9 +157,14 @@ def literature() -> dict[tuple[str, int], dict[str, object]]:
     return out
 
 
-@pytest.mark.parametrize(("case", "bytes_ratio"), [
-    (("vgg", 100), 1.0), (("vgg", 500), 0.2), (("resnet50", 500), 0.3),
-])
+@pytest.mark.parametrize(
+    ("case", "bytes_ratio"),
+    [
+        (("vgg", 100), 1.0),
+        (("vgg", 500), 0.2),
+        (("resnet50", 500), 0.3),
+    ],
+)
 def test_split_learning_is_far_cheaper_per_client(literature, case, bytes_ratio) -> None:
     """With many clients and a large model, a split-learning client computes and sends far
     less than a federated-averaging one (with 100 clients VGG still less, ResNet-50 not:
@@ -162,9 +196,28 @@ def test_cli_writes_json(tmp_path: Path, capsys) -> None:
     parser = argparse.ArgumentParser()
     add_resources_arguments(parser)
     out = tmp_path / "r.json"
-    args = parser.parse_args(["--model", "mlp", "--cut", "fc2", "--input-shape", "30",
-                              "--classes", "2", "--samples", "455", "--clients", "2",
-                              "--clients", "5", "--batch-size", "16", "--json", str(out)])
+    args = parser.parse_args(
+        [
+            "--model",
+            "mlp",
+            "--cut",
+            "fc2",
+            "--input-shape",
+            "30",
+            "--classes",
+            "2",
+            "--samples",
+            "455",
+            "--clients",
+            "2",
+            "--clients",
+            "5",
+            "--batch-size",
+            "16",
+            "--json",
+            str(out),
+        ]
+    )
     assert args.handler(args) == 0
     results = json.loads(out.read_text())
     assert [r["workload"]["clients"] for r in results] == [2, 5]

@@ -31,13 +31,19 @@ from tests.test_failures import _pid_once_training
 CONFIG = "configs/spatiotemporal-breast-cancer.yaml"
 DETACHED = 3
 # Stateless optimizer (plain SGD, constant lr), so the replay can start from the saved weights.
-COMMON = ("scheme.joint_epochs=1", "train.momentum=0", "train.lr=0.05", "train.eval_every=0",
-          "run.progress=none")
+COMMON = (
+    "scheme.joint_epochs=1",
+    "train.momentum=0",
+    "train.lr=0.05",
+    "train.eval_every=0",
+    "run.progress=none",
+)
 
 
 def _train(ranks: int, data: Path, run_dir: Path, *overrides: str) -> dict:
-    result = run_mpi(ranks, "train", CONFIG, f"data.path={data}", f"run.dir={run_dir}",
-                     *COMMON, *overrides)
+    result = run_mpi(
+        ranks, "train", CONFIG, f"data.path={data}", f"run.dir={run_dir}", *COMMON, *overrides
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -52,14 +58,18 @@ def _records(run_dir: Path, rank: int) -> list[dict]:
 
 
 def _event(records: list[dict], name: str, **match: object) -> dict:
-    return next(r for r in records if r.get("event") == name
-                and all(r.get(k) == v for k, v in match.items()))
+    return next(
+        r
+        for r in records
+        if r.get("event") == name and all(r.get(k) == v for k, v in match.items())
+    )
 
 
 def _sha256(state: dict[str, torch.Tensor]) -> str:
     """The tensors' bytes in state-dict order, hashed here on their own."""
-    return hashlib.sha256(b"".join(t.contiguous().numpy().tobytes()
-                                   for t in state.values())).hexdigest()
+    return hashlib.sha256(
+        b"".join(t.contiguous().numpy().tobytes() for t in state.values())
+    ).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +93,7 @@ def test_site_layer_bit_identical_from_hand_over_to_end_of_run(one_site) -> None
     assert [r for r in _records(detached, 0) if r.get("phase") == "detached"]
     initial = initial_model(data, ModelConfig(cuts=("fc2",))).state_dict()
     assert not torch.equal(saved["fc1.weight"], initial["fc1.weight"]), "joint phase trained"
+
 
 def test_detached_phase_equals_single_process_replay(one_site) -> None:
     data, joint, detached = one_site
@@ -108,7 +119,6 @@ def test_detached_phase_equals_single_process_replay(one_site) -> None:
     assert len(steps) == DETACHED * -(-len(labels) // 16)
 
 
-
 def test_no_site_contacted_after_its_hand_over(dataset, tmp_path: Path) -> None:
     """Three sites. Each site's counters at its hand-over equal its final ones but for the
     empty roster message; the server's bytes to and from each site at that site's hand-over
@@ -132,8 +142,10 @@ def test_no_site_contacted_after_its_hand_over(dataset, tmp_path: Path) -> None:
     assert len({(r["bytes_sent"], r["bytes_received"]) for r in detached}) == 1
     routes = _event(server, "end")["sent_routes"]
     assert set(routes) == {"1", "2", "3"}
-    assert all(set(kinds) == {"GRADIENT", "CONTROL"} and kinds["CONTROL"] == HEADER_BYTES
-               for kinds in routes.values())
+    assert all(
+        set(kinds) == {"GRADIENT", "CONTROL"} and kinds["CONTROL"] == HEADER_BYTES
+        for kinds in routes.values()
+    )
     joint = [r for r in server if "client" in r and "event" not in r]
     assert summary["steps"] == len(joint) + len(detached) and summary["dropped"] == []
     assert sorted(e["client"] for e in summary["test_by_client"]) == [0, 1, 2]
@@ -142,9 +154,18 @@ def test_no_site_contacted_after_its_hand_over(dataset, tmp_path: Path) -> None:
 
 def _start(data: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
     """Three sites with a long joint phase, every metric record flushed at once."""
-    return start_mpi(4, "train", CONFIG, f"data.path={data}", f"run.dir={run_dir}",
-                     "run.progress=none", "run.log_every=1", "scheme.detached_epochs=1",
-                     "train.eval_every=0", *overrides)
+    return start_mpi(
+        4,
+        "train",
+        CONFIG,
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        "run.progress=none",
+        "run.log_every=1",
+        "scheme.detached_epochs=1",
+        "train.eval_every=0",
+        *overrides,
+    )
 
 
 @contextlib.contextmanager
@@ -186,8 +207,13 @@ def test_absent_site_is_dropped_and_the_run_completes(dataset, tmp_path: Path) -
     afterwards, the site finds the notice when its own wait times out and leaves, so the job
     ends cleanly."""
     data = dataset("breast_cancer", clients=3)
-    process = _start(data, tmp_path, "scheme.joint_epochs=100", "scheme.site_timeout_s=3",
-                     "transport.timeout_s=20")
+    process = _start(
+        data,
+        tmp_path,
+        "scheme.joint_epochs=100",
+        "scheme.site_timeout_s=3",
+        "transport.timeout_s=20",
+    )
     summary_path, deadline = tmp_path / "summary.json", time.monotonic() + 120
     with _stopped_then_released(process, _pid_once_training(tmp_path, 2, process)):
         while not summary_path.exists() and process.poll() is None:
@@ -212,16 +238,28 @@ def test_hand_over_labels_above_the_eager_limit(dataset, tmp_path: Path) -> None
     completes only once the server takes them, after the outputs, so the site must post the
     outputs before it waits for the labels."""
     data = dataset("synthetic", clients=1, samples=3000, shape=(8,))
-    summary = _train(2, data, tmp_path, "scheme.clients=1", "scheme.detached_epochs=1",
-                     "data.batch_size=200", "transport.timeout_s=20", "scheme.site_timeout_s=10")
+    summary = _train(
+        2,
+        data,
+        tmp_path,
+        "scheme.clients=1",
+        "scheme.detached_epochs=1",
+        "data.batch_size=200",
+        "transport.timeout_s=20",
+        "scheme.site_timeout_s=10",
+    )
     assert summary["dropped"] == []
     assert summary["test_by_client"][0]["samples"] == 600
 
 
 def test_site_timeout_must_be_below_the_transport_deadline() -> None:
     with pytest.raises(ConfigError, match=r"scheme\.site_timeout_s: 120 s must be below"):
-        config_from_dict({"scheme": {"name": "spatiotemporal", "site_timeout_s": 120},
-                          "transport": {"timeout_s": 120}})
+        config_from_dict(
+            {
+                "scheme": {"name": "spatiotemporal", "site_timeout_s": 120},
+                "transport": {"timeout_s": 120},
+            }
+        )
 
 
 @pytest.mark.parametrize("cut", ["relu1", "relu2", "head"])

@@ -27,9 +27,18 @@ CLIENTS, STEPS, EVERY, LR, MOMENTUM = 3, 21, 5, 0.05, 0.9
 
 
 def _train(data: Path, run_dir: Path, *overrides: str) -> dict:
-    result = run_mpi(CLIENTS + 1, "train", CONFIG, f"data.path={data}", f"run.dir={run_dir}",
-                     "run.progress=none", f"train.max_steps={STEPS}", "train.eval_every=0",
-                     f"scheme.fedavg_every={EVERY}", *overrides)
+    result = run_mpi(
+        CLIENTS + 1,
+        "train",
+        CONFIG,
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        "run.progress=none",
+        f"train.max_steps={STEPS}",
+        "train.eval_every=0",
+        f"scheme.fedavg_every={EVERY}",
+        *overrides,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -41,8 +50,9 @@ def _sgd(module: nn.Module) -> torch.optim.Optimizer:
 def _average(modules: Sequence[nn.Module], weights: Sequence[float]) -> None:
     """Sample-weighted FedAvg of the parameters, in place (optimizer state untouched)."""
     states = [m.state_dict() for m in modules]
-    average = {key: sum(w * s[key] for w, s in zip(weights, states, strict=True))
-               for key in states[0]}
+    average = {
+        key: sum(w * s[key] for w, s in zip(weights, states, strict=True)) for key in states[0]
+    }
     for module in modules:
         module.load_state_dict(copy.deepcopy(average))
 
@@ -55,8 +65,9 @@ ROUNDS = [k for _ in range(STEPS) for k in range(CLIENTS)]
 """The fixed v2 order: round after round, each client in index order."""
 
 
-def _v2_reference(data: Path, order: list[int] = ROUNDS,
-                  every: int = EVERY) -> tuple[list[dict], dict]:
+def _v2_reference(
+    data: Path, order: list[int] = ROUNDS, every: int = EVERY
+) -> tuple[list[dict], dict]:
     """For each client in ``order``: its lower copy → the shared upper model, backward,
     server step, client step; FedAvg of the lower copies once every client has reached an
     averaging point."""
@@ -136,8 +147,13 @@ def test_v2_averaging_every_epoch(dataset, tmp_path: Path) -> None:
     """scheme.fedavg_every_epochs=1: the shards (152, 152, 151 rows) are 10 batches of 16
     each, so the clients average after steps 10 and 20 (and after the last, 21)."""
     data = dataset("breast_cancer", clients=CLIENTS)
-    _train(data, tmp_path, "scheme.splitfed_variant=v2", "scheme.fedavg_every=1",
-           "scheme.fedavg_every_epochs=1")
+    _train(
+        data,
+        tmp_path,
+        "scheme.splitfed_variant=v2",
+        "scheme.fedavg_every=1",
+        "scheme.fedavg_every_epochs=1",
+    )
     _assert_v2(tmp_path, _v2_reference(data, every=10))
 
 
@@ -153,10 +169,10 @@ def test_v2_random_order_per_batch_is_reproducible(dataset, tmp_path: Path) -> N
         orders.append(_served(tmp_path / run))
     order = orders[0]
     assert orders[1] == order != ROUNDS
-    rounds = [sorted(order[i:i + CLIENTS]) for i in range(0, len(order), CLIENTS)]
+    rounds = [sorted(order[i : i + CLIENTS]) for i in range(0, len(order), CLIENTS)]
     assert any(r != list(range(CLIENTS)) for r in rounds), "shuffled per round, not per batch"
     for start in range(0, len(order), EVERY * CLIENTS):
-        period = order[start:start + EVERY * CLIENTS]
+        period = order[start : start + EVERY * CLIENTS]
         assert all(period.count(k) == len(period) // CLIENTS for k in range(CLIENTS))
     expected = _v2_reference(data, order)
     for run in ("a", "b"):

@@ -36,10 +36,13 @@ def test_centralized_runs_on_one_rank() -> None:
 
 def test_topology_command_does_not_load_torch() -> None:
     """Job scripts call it before every launch; torch's import alone takes over a second."""
-    code = ("import sys; from mpisplit.cli import main; "
-            "main(['topology', '--ntasks', 'configs/vanilla-breast-cancer.yaml']); "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=ROOT, timeout=60)
+    code = (
+        "import sys; from mpisplit.cli import main; "
+        "main(['topology', '--ntasks', 'configs/vanilla-breast-cancer.yaml']); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "4"

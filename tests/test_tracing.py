@@ -39,8 +39,11 @@ def model_of(config: str, data: Path) -> tuple[nn.Sequential, nn.Sequential, lis
     plan = layer_plan(cfg.model, meta["feature_shape"], meta["num_classes"])
     (cut,) = cut_indices(plan, cfg.model.cuts)
     with torch.device("meta"):
-        return build_layers(plan, 0, cut, 0), build_layers(plan, 0, len(plan), 0), \
-            meta["feature_shape"]
+        return (
+            build_layers(plan, 0, cut, 0),
+            build_layers(plan, 0, len(plan), 0),
+            meta["feature_shape"],
+        )
 
 
 def cut_width(data: Path) -> int:
@@ -60,9 +63,19 @@ def vanilla(dataset, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     require_pmpi()
     data = dataset("breast_cancer", clients=2)
     run_dir = tmp_path_factory.mktemp("vanilla")
-    result = run_mpi(3, "train", "--pmpi", VANILLA, "scheme.clients=2", f"data.path={data}",
-                     f"run.dir={run_dir}", f"train.max_steps={STEPS}",
-                     f"train.eval_every={EVAL_EVERY}", "run.trace=true", "run.progress=none")
+    result = run_mpi(
+        3,
+        "train",
+        "--pmpi",
+        VANILLA,
+        "scheme.clients=2",
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        f"train.max_steps={STEPS}",
+        f"train.eval_every={EVAL_EVERY}",
+        "run.trace=true",
+        "run.progress=none",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, data
 
@@ -78,8 +91,9 @@ def test_trace_and_pmpi_agree_on_every_link(vanilla) -> None:
             if event["name"].startswith("send "):
                 peer = event["args"]["peer"]
                 expected[peer] = expected.get(peer, 0) + event["args"]["bytes"] + HEADER_BYTES
-        measured = {int(p): v["sent_bytes"] for p, v in reports[rank]["peers"].items()
-                    if v["sent_bytes"]}
+        measured = {
+            int(p): v["sent_bytes"] for p, v in reports[rank]["peers"].items() if v["sent_bytes"]
+        }
         assert measured == expected, f"rank {rank}"
         assert sum(expected.values()) == summary["bytes_sent_per_rank"][rank]
 
@@ -104,31 +118,37 @@ def test_message_spans_record_what_travelled(vanilla) -> None:
                 args = event["args"]
                 assert args["tag"] == Kind[args["kind"]].value
                 assert event["name"].endswith(args["kind"].lower())
-        activations = [e["args"] for e in messages(events, "send activation")
-                       if e["args"]["shape"] != [1]]  # [1]: the end-of-evaluation markers
-        assert activations == [{**cut, "peer": 0, "step": step, "kind": "ACTIVATION",
-                                "tag": Kind.ACTIVATION.value} for step in range(STEPS)]
+        activations = [
+            e["args"] for e in messages(events, "send activation") if e["args"]["shape"] != [1]
+        ]  # [1]: the end-of-evaluation markers
+        assert activations == [
+            {**cut, "peer": 0, "step": step, "kind": "ACTIVATION", "tag": Kind.ACTIVATION.value}
+            for step in range(STEPS)
+        ]
         gradients = [e["args"] for e in messages(events, "recv gradient")]
-        assert gradients == [{**cut, "peer": 0, "step": step, "kind": "GRADIENT",
-                              "tag": Kind.GRADIENT.value} for step in range(STEPS)]
+        assert gradients == [
+            {**cut, "peer": 0, "step": step, "kind": "GRADIENT", "tag": Kind.GRADIENT.value}
+            for step in range(STEPS)
+        ]
         labels = [e["args"] for e in messages(events, "send labels")]
-        assert [(a["shape"], a["dtype"], a["bytes"]) for a in labels] == \
-            [([batch], "int64", batch * 8)] * STEPS
+        assert [(a["shape"], a["dtype"], a["bytes"]) for a in labels] == [
+            ([batch], "int64", batch * 8)
+        ] * STEPS
         waits = messages(events, "wait gradient")
         assert len(waits) == STEPS and {e["cat"] for e in waits} == {"wait"}
         assert [e["args"] for e in waits] == gradients  # it learns what it waited for
     server = spans(run_dir, 0)
     for client in (1, 2):
-        sent = [e["args"] for e in messages(server, "send gradient")
-                if e["args"]["peer"] == client]
+        sent = [e["args"] for e in messages(server, "send gradient") if e["args"]["peer"] == client]
         assert sum(a["bytes"] for a in sent) == STEPS * nbytes
         assert [a["step"] for a in sent] == list(range(STEPS))
     waits = messages(server, "wait activation")
     assert {e["cat"] for e in waits} == {"wait"}
     assert {e["args"]["peer"] for e in waits} == {1, 2}  # the actual source, not "any"
     assert {"forward", "backward", "optimizer"} <= {e["name"] for e in server}
-    assert {"data", "forward", "backward", "optimizer", "eval"} <= \
-        {e["name"] for e in spans(run_dir, 1)}
+    assert {"data", "forward", "backward", "optimizer", "eval"} <= {
+        e["name"] for e in spans(run_dir, 1)
+    }
 
 
 def test_flop_counting_needs_the_trace() -> None:
@@ -142,10 +162,19 @@ def test_fedavg_collectives_are_traced_and_agree_with_pmpi(dataset, tmp_path: Pa
     ``MPI_Iallreduce`` (the data each rank hands in)."""
     require_pmpi()
     data = dataset("breast_cancer", clients=2)
-    result = run_mpi(2, "train", "--pmpi", "configs/fedavg-breast-cancer.yaml",
-                     "scheme.clients=2", f"data.path={data}", f"run.dir={tmp_path}",
-                     f"train.max_steps={STEPS}", f"scheme.fedavg_every={AVERAGE_EVERY}",
-                     "run.trace=true", "run.progress=none")
+    result = run_mpi(
+        2,
+        "train",
+        "--pmpi",
+        "configs/fedavg-breast-cancer.yaml",
+        "scheme.clients=2",
+        f"data.path={data}",
+        f"run.dir={tmp_path}",
+        f"train.max_steps={STEPS}",
+        f"scheme.fedavg_every={AVERAGE_EVERY}",
+        "run.trace=true",
+        "run.progress=none",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _, model, _ = model_of("configs/fedavg-breast-cancer.yaml", data)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -154,11 +183,20 @@ def test_fedavg_collectives_are_traced_and_agree_with_pmpi(dataset, tmp_path: Pa
         events = spans(tmp_path, rank)
         averages = [e for e in events if e["name"] == "collective weight average"]
         assert {e["cat"] for e in averages} == {"collective"}
-        assert [(a["args"]["step"], a["args"]["bytes_sent"], a["args"]["bytes_received"],
-                 a["args"]["kind"]) for a in averages] == \
-            [(step - 1, model_bytes, model_bytes, "WEIGHTS") for step in (5, 10, 12)]
-        allreduces = [e for e in events if e["name"] in
-                      ("collective weight average", "collective sample count sum")]
+        assert [
+            (
+                a["args"]["step"],
+                a["args"]["bytes_sent"],
+                a["args"]["bytes_received"],
+                a["args"]["kind"],
+            )
+            for a in averages
+        ] == [(step - 1, model_bytes, model_bytes, "WEIGHTS") for step in (5, 10, 12)]
+        allreduces = [
+            e
+            for e in events
+            if e["name"] in ("collective weight average", "collective sample count sum")
+        ]
         pmpi = merged_calls(reports[rank])["MPI_Iallreduce"]
         assert pmpi["count"] == len(allreduces) == 4
         assert pmpi["bytes"] == sum(e["args"]["bytes_sent"] for e in allreduces)

@@ -20,8 +20,10 @@ def test_mpich_from_pypi_is_not_cuda_aware(monkeypatch: pytest.MonkeyPatch) -> N
     assert cuda_aware_mpi() is False or torch.cuda.is_available()
 
 
-@pytest.mark.skipif(not any(name in MPI.Get_library_version() for name in ("MPICH", "Open MPI")),
-                    reason="MPIX_Query_cuda_support is an MPICH / Open MPI extension")
+@pytest.mark.skipif(
+    not any(name in MPI.Get_library_version() for name in ("MPICH", "Open MPI")),
+    reason="MPIX_Query_cuda_support is an MPICH / Open MPI extension",
+)
 def test_the_mpi_library_is_asked() -> None:
     """The query is found in the libmpi that mpi4py loaded (its symbols are not global)."""
     query = mpix_query_cuda_support()

@@ -33,8 +33,13 @@ def padded(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tokens[np.arange(8) >= rng.integers(2, 9, (n, 1))] = 0
         return tokens.astype(np.float32), tokens.sum(1) % 3
 
-    return write_arrays(tmp_path_factory.mktemp("padded") / "d", [sequences(192)],
-                        sequences(64), dataset="padded", num_classes=3)
+    return write_arrays(
+        tmp_path_factory.mktemp("padded") / "d",
+        [sequences(192)],
+        sequences(64),
+        dataset="padded",
+        num_classes=3,
+    )
 
 
 def _config(tmp_path: Path, data: Path) -> Path:
@@ -44,24 +49,27 @@ scheme: {{name: vanilla, clients: 1}}
 model: {{name: "{MODEL}", cuts: [block]}}
 data: {{path: "{data}", batch_size: 16}}
 train: {{optimizer: sgd, lr: 0.05, momentum: 0.9, max_steps: 6}}
-run: {{dir: "{tmp_path / 'run'}", progress: none}}
+run: {{dir: "{tmp_path / "run"}", progress: none}}
 """)
     return path
 
 
 @pytest.mark.parametrize("microbatches", [1, 2])
-def test_vanilla_with_a_tuple_cut_equals_single_process(padded: Path, tmp_path: Path,
-                                                        microbatches: int) -> None:
+def test_vanilla_with_a_tuple_cut_equals_single_process(
+    padded: Path, tmp_path: Path, microbatches: int
+) -> None:
     """Gradients of both float tensors come back (both embeddings train); the mask and the
     lengths only go forward. Pipelined (M = 2) equals the whole batch: no batch coupling.
     SGD, not Adam: the attention's key bias has a zero gradient in exact arithmetic, and Adam
     would scale its rounding noise (which depends on the summation order) up to a step."""
-    result = run_mpi(2, "train", str(_config(tmp_path, padded)),
-                     f"transport.microbatches={microbatches}")
+    result = run_mpi(
+        2, "train", str(_config(tmp_path, padded)), f"transport.microbatches={microbatches}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     model = ModelConfig(name=MODEL)
-    expected = train_reference(padded, model, [(0, 6)], optimizer="sgd", lr=0.05, momentum=0.9,
-                               batch_size=16, seed=0)
+    expected = train_reference(
+        padded, model, [(0, 6)], optimizer="sgd", lr=0.05, momentum=0.9, batch_size=16, seed=0
+    )
     actual = merged_parts(tmp_path / "run", [0, 1])
     initial = initial_model(padded, model).state_dict()
     assert actual.keys() == expected.keys()
@@ -73,22 +81,49 @@ def test_vanilla_with_a_tuple_cut_equals_single_process(padded: Path, tmp_path: 
 
 
 @pytest.mark.parametrize("scheme", ["splitfed", "ushaped"])
-def test_schemes_that_send_one_tensor_refuse_a_tuple_cut(padded: Path, tmp_path: Path,
-                                                          scheme: str) -> None:
-    config = load_config(_config(tmp_path, padded), [f"scheme.name={scheme}"] +
-                         (["model.cuts=[block, head]"] if scheme == "ushaped" else []))
-    with pytest.raises(ConfigError, match=rf"model\.cuts\[0\]: the cut before 'block' carries "
-                       rf"4 values \(ne, expand, embed, sum_1\); scheme {scheme} sends one "
-                       rf"tensor per cut"):
+def test_schemes_that_send_one_tensor_refuse_a_tuple_cut(
+    padded: Path, tmp_path: Path, scheme: str
+) -> None:
+    config = load_config(
+        _config(tmp_path, padded),
+        [f"scheme.name={scheme}"] + (["model.cuts=[block, head]"] if scheme == "ushaped" else []),
+    )
+    with pytest.raises(
+        ConfigError,
+        match=rf"model\.cuts\[0\]: the cut before 'block' carries "
+        rf"4 values \(ne, expand, embed, sum_1\); scheme {scheme} sends one "
+        rf"tensor per cut",
+    ):
         prepare(config, 2)
 
 
 def test_cost_tables_refuse_a_tuple_cut_in_one_line() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "mpisplit", "resources", "--model", MODEL, "--cut", "block",
-         "--input-shape", "8", "--classes", "3", "--samples", "100", "--clients", "1"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "mpisplit",
+            "resources",
+            "--model",
+            MODEL,
+            "--cut",
+            "block",
+            "--input-shape",
+            "8",
+            "--classes",
+            "3",
+            "--samples",
+            "100",
+            "--clients",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "mpisplit: --cut: the cut before 'block' carries 4 values (ne, expand, embed, sum_1); "
-        "the cost tables cover one-tensor cuts"]
+        "the cost tables cover one-tensor cuts"
+    ]

@@ -57,9 +57,14 @@ def test_fresh_model_is_the_factory_under_the_seed() -> None:
     assert all(torch.equal(actual[k], v) for k, v in expected.items())
 
 
-@pytest.mark.parametrize(("name", "cuts", "shape", "classes"), [
-    (CNN, ("layer1.1", "fc"), (1, 8, 8), 10), (LM, ("blocks.0", "norm"), (16,), 128),
-    ("resnet", ("block2_1", "head"), (3, 16, 16), 10)])
+@pytest.mark.parametrize(
+    ("name", "cuts", "shape", "classes"),
+    [
+        (CNN, ("layer1.1", "fc"), (1, 8, 8), 10),
+        (LM, ("blocks.0", "norm"), (16,), 128),
+        ("resnet", ("block2_1", "head"), (3, 16, 16), 10),
+    ],
+)
 def test_a_rank_materialises_its_parts_bit_for_bit(name, cuts, shape, classes) -> None:
     config = ModelConfig(name=name, cuts=cuts, seed=4)
     whole = build_model(config, shape, classes).state_dict()
@@ -83,16 +88,22 @@ def test_zoo_vgg_keeps_only_the_first_convolution_on_the_client() -> None:
 
 def test_errors_name_the_crossing_value_and_the_modules() -> None:
     cnn = build_model(ModelConfig(name=CNN), (1, 8, 8), 10, device="meta")
-    with pytest.raises(ConfigError, match=r"model\.cuts\[0\]: the cut before 'layer1\.0\.conv2' "
-                       r"is crossed by 'stem' \(from 'stem', used by 'layer1\.0\.skip'\): a skip "):
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.cuts\[0\]: the cut before 'layer1\.0\.conv2' "
+        r"is crossed by 'stem' \(from 'stem', used by 'layer1\.0\.skip'\): a skip ",
+    ):
         split_model(cnn, ["layer1.0.conv2"])
     with pytest.raises(ConfigError, match=r"model\.cuts\[0\]: 'layer9' is not a layer"):
         split_model(cnn, ["layer9"])
     with pytest.raises(ConfigError, match="increasing layer order"):
         split_model(cnn, ["layer2", "layer1"])
     lm = build_model(ModelConfig(name=LM), (16,), 128, device="meta")
-    with pytest.raises(ConfigError, match=r"'lm_head\.weight' \(part 1\) and 'embed\.weight' "
-                       r"\(part 0\) are one shared tensor"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'lm_head\.weight' \(part 1\) and 'embed\.weight' "
+        r"\(part 0\) are one shared tensor",
+    ):
         check_shared(split_model(lm, ["blocks.1"]))
     check_shared(split_model(lm, ["blocks.0", "norm"]), colocated=[(0, 2)])
 
@@ -122,8 +133,11 @@ def test_a_cut_carrying_two_values_passes_both_or_is_refused() -> None:
     x = torch.randn(3, 4)
     torch.testing.assert_close(parts[1](parts[0](x)), model(x), rtol=0, atol=0)
     check_cut_values(parts, ["block"], "vanilla", True)
-    with pytest.raises(ConfigError, match=r"model\.cuts\[0\]: the cut before 'block' carries 2 "
-                       r"values \(embed, gt\); scheme multihop sends one tensor per cut"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.cuts\[0\]: the cut before 'block' carries 2 "
+        r"values \(embed, gt\); scheme multihop sends one tensor per cut",
+    ):
         check_cut_values(parts, ["block"], "multihop", False)
 
 
@@ -131,7 +145,8 @@ def test_factory_names(tmp_path: Path) -> None:
     assert model_factory("mpisplit.models:mlp").__name__ == "mlp"
     (tmp_path / "nets").mkdir()
     (tmp_path / "nets/mine.py").write_text(
-        "from torch import nn\ndef net(width=4):\n    return nn.Sequential(nn.Linear(3, width))\n")
+        "from torch import nn\ndef net(width=4):\n    return nn.Sequential(nn.Linear(3, width))\n"
+    )
     (tmp_path / "run.yaml").write_text("model: {name: nets/mine.py:net, cuts: [0]}\n")
     config = load_config(tmp_path / "run.yaml")
     assert config.model.name == f"{tmp_path / 'nets/mine.py'}:net"
@@ -148,15 +163,35 @@ def test_factory_names(tmp_path: Path) -> None:
 def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The transformer example's corpus, written by its script (one client)."""
     out = tmp_path_factory.mktemp("tokens") / "pydoc-1c"
-    subprocess.run([sys.executable, str(ROOT / "examples/transformer/corpus.py"), "--out",
-                    str(out), "--windows", "512", "--test-windows", "64", "--context", "16"],
-                   check=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples/transformer/corpus.py"),
+            "--out",
+            str(out),
+            "--windows",
+            "512",
+            "--test-windows",
+            "64",
+            "--context",
+            "16",
+        ],
+        check=True,
+        timeout=120,
+    )
     return out
 
 
 def _train(ranks: int, config: str, data: Path, run_dir: Path, *overrides: str) -> dict:
-    result = run_mpi(ranks, "train", config, f"data.path={data}", f"run.dir={run_dir}",
-                     "run.progress=none", *overrides)
+    result = run_mpi(
+        ranks,
+        "train",
+        config,
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        "run.progress=none",
+        *overrides,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -170,63 +205,110 @@ def _assert_equal(actual: dict, expected: dict, initial: dict) -> None:
 
 def test_residual_cnn_vanilla_sequential(dataset, tmp_path: Path) -> None:
     data = dataset("digits", clients=2)
-    _train(3, "examples/residual_cnn/vanilla.yaml", data, tmp_path, "scheme.turn_steps=3",
-           "train.max_steps=6", "data.batch_size=16")
+    _train(
+        3,
+        "examples/residual_cnn/vanilla.yaml",
+        data,
+        tmp_path,
+        "scheme.turn_steps=3",
+        "train.max_steps=6",
+        "data.batch_size=16",
+    )
     model = ModelConfig(name=CNN, options={"width": 8})
     turns = [(client, 3) for _ in range(2) for client in range(2)]
-    expected = train_reference(data, model, turns, optimizer="adam", lr=0.003, batch_size=16,
-                               seed=0)
-    _assert_equal(merged_parts(tmp_path, [0, 2]), expected,
-                  initial_model(data, model).state_dict())
+    expected = train_reference(
+        data, model, turns, optimizer="adam", lr=0.003, batch_size=16, seed=0
+    )
+    _assert_equal(merged_parts(tmp_path, [0, 2]), expected, initial_model(data, model).state_dict())
 
 
 def test_residual_cnn_multihop(dataset, tmp_path: Path) -> None:
     data = dataset("digits", clients=1)
-    _train(3, "examples/residual_cnn/vanilla.yaml", data, tmp_path, "scheme.name=multihop",
-           "scheme.clients=1", "model.cuts=[layer1.1, layer2]", "train.max_steps=8",
-           "data.batch_size=16")
+    _train(
+        3,
+        "examples/residual_cnn/vanilla.yaml",
+        data,
+        tmp_path,
+        "scheme.name=multihop",
+        "scheme.clients=1",
+        "model.cuts=[layer1.1, layer2]",
+        "train.max_steps=8",
+        "data.batch_size=16",
+    )
     model = ModelConfig(name=CNN, options={"width": 8})
-    expected = train_reference(data, model, [(0, 8)], optimizer="adam", lr=0.003,
-                               batch_size=16, seed=0)
-    _assert_equal(merged_parts(tmp_path, [0, 1, 2]), expected,
-                  initial_model(data, model).state_dict())
+    expected = train_reference(
+        data, model, [(0, 8)], optimizer="adam", lr=0.003, batch_size=16, seed=0
+    )
+    _assert_equal(
+        merged_parts(tmp_path, [0, 1, 2]), expected, initial_model(data, model).state_dict()
+    )
 
 
 def test_residual_cnn_ushaped_pipelined(dataset, tmp_path: Path) -> None:
     """M = 4 with BatchNorm: each microbatch is normalised by its own statistics (as in
     GPipe), so the reference accumulates over the same four row ranges."""
     data = dataset("digits", clients=1)
-    _train(2, "examples/residual_cnn/ushaped.yaml", data, tmp_path, "train.max_steps=6",
-           "data.batch_size=24")
+    _train(
+        2,
+        "examples/residual_cnn/ushaped.yaml",
+        data,
+        tmp_path,
+        "train.max_steps=6",
+        "data.batch_size=24",
+    )
     model = ModelConfig(name=CNN, options={"width": 8})
-    expected = train_reference(data, model, [(0, 6)], optimizer="adam", lr=0.003,
-                               batch_size=24, seed=0, split_at=taper_bounds(24, 4))
-    _assert_equal(merged_parts(tmp_path, [0, 1]), expected,
-                  initial_model(data, model).state_dict())
+    expected = train_reference(
+        data,
+        model,
+        [(0, 6)],
+        optimizer="adam",
+        lr=0.003,
+        batch_size=24,
+        seed=0,
+        split_at=taper_bounds(24, 4),
+    )
+    _assert_equal(merged_parts(tmp_path, [0, 1]), expected, initial_model(data, model).state_dict())
 
 
 def test_transformer_vanilla(tokens: Path, tmp_path: Path) -> None:
-    _train(2, "examples/transformer/vanilla.yaml", tokens, tmp_path, "train.max_steps=6",
-           "data.batch_size=16")
+    _train(
+        2,
+        "examples/transformer/vanilla.yaml",
+        tokens,
+        tmp_path,
+        "train.max_steps=6",
+        "data.batch_size=16",
+    )
     model = ModelConfig(name=LM, options={"dim": 64, "layers": 2, "heads": 4, "tie": False})
-    expected = train_reference(tokens, model, [(0, 6)], optimizer="adamw", lr=0.003,
-                               batch_size=16, seed=0)
-    _assert_equal(merged_parts(tmp_path, [0, 1]), expected,
-                  initial_model(tokens, model).state_dict())
+    expected = train_reference(
+        tokens, model, [(0, 6)], optimizer="adamw", lr=0.003, batch_size=16, seed=0
+    )
+    _assert_equal(
+        merged_parts(tmp_path, [0, 1]), expected, initial_model(tokens, model).state_dict()
+    )
 
 
-def test_transformer_lora_ushaped_trains_only_the_adapters(tokens: Path,
-                                                          tmp_path: Path) -> None:
+def test_transformer_lora_ushaped_trains_only_the_adapters(tokens: Path, tmp_path: Path) -> None:
     """Frozen weights with LoRA adapters in the server's blocks; the client's embeddings and
     head are frozen too. Against the unmodified module trained in one process."""
-    _train(2, "examples/transformer/ushaped.yaml", tokens, tmp_path,
-           "model.options={dim: 64, layers: 2, heads: 4, tie: true, lora: 4}",
-           "train.max_steps=6", "data.batch_size=16", "train.optimizer=sgd", "train.lr=0.05",
-           "train.momentum=0.9")
-    model = ModelConfig(name=LM, options={"dim": 64, "layers": 2, "heads": 4, "tie": True,
-                                          "lora": 4})
-    expected = train_reference(tokens, model, [(0, 6)], optimizer="sgd", lr=0.05, momentum=0.9,
-                               batch_size=16, seed=0)
+    _train(
+        2,
+        "examples/transformer/ushaped.yaml",
+        tokens,
+        tmp_path,
+        "model.options={dim: 64, layers: 2, heads: 4, tie: true, lora: 4}",
+        "train.max_steps=6",
+        "data.batch_size=16",
+        "train.optimizer=sgd",
+        "train.lr=0.05",
+        "train.momentum=0.9",
+    )
+    model = ModelConfig(
+        name=LM, options={"dim": 64, "layers": 2, "heads": 4, "tie": True, "lora": 4}
+    )
+    expected = train_reference(
+        tokens, model, [(0, 6)], optimizer="sgd", lr=0.05, momentum=0.9, batch_size=16, seed=0
+    )
     initial = initial_model(tokens, model).state_dict()
     _assert_equal(merged_parts(tmp_path, [0, 1]), expected, initial)
     changed = [key for key, value in expected.items() if not torch.equal(initial[key], value)]
@@ -235,13 +317,23 @@ def test_transformer_lora_ushaped_trains_only_the_adapters(tokens: Path,
 
 def test_transformer_multihop(tokens: Path, tmp_path: Path) -> None:
     """Client (embeddings) → relay (blocks.0) → server (blocks.1, norm, LM head)."""
-    _train(3, "examples/transformer/vanilla.yaml", tokens, tmp_path, "scheme.name=multihop",
-           "model.cuts=[blocks.0, blocks.1]", "train.max_steps=6", "data.batch_size=16")
+    _train(
+        3,
+        "examples/transformer/vanilla.yaml",
+        tokens,
+        tmp_path,
+        "scheme.name=multihop",
+        "model.cuts=[blocks.0, blocks.1]",
+        "train.max_steps=6",
+        "data.batch_size=16",
+    )
     model = ModelConfig(name=LM, options={"dim": 64, "layers": 2, "heads": 4, "tie": False})
-    expected = train_reference(tokens, model, [(0, 6)], optimizer="adamw", lr=0.003,
-                               batch_size=16, seed=0)
-    _assert_equal(merged_parts(tmp_path, [0, 1, 2]), expected,
-                  initial_model(tokens, model).state_dict())
+    expected = train_reference(
+        tokens, model, [(0, 6)], optimizer="adamw", lr=0.003, batch_size=16, seed=0
+    )
+    _assert_equal(
+        merged_parts(tmp_path, [0, 1, 2]), expected, initial_model(tokens, model).state_dict()
+    )
 
 
 def test_transformer_ushaped_pipelined_equals_whole_batch_and_exports(
@@ -254,16 +346,31 @@ def test_transformer_ushaped_pipelined_equals_whole_batch_and_exports(
     ignores a shift), so its computed gradient is rounding noise that Adam would scale up to
     a step of lr, differently for any other summation order (whole batch or microbatches)."""
     run_dir = tmp_path / "run"
-    _train(2, "examples/transformer/ushaped.yaml", tokens, run_dir, "train.max_steps=6",
-           "data.batch_size=16", "train.optimizer=sgd", "train.lr=0.05", "train.momentum=0.9")
+    _train(
+        2,
+        "examples/transformer/ushaped.yaml",
+        tokens,
+        run_dir,
+        "train.max_steps=6",
+        "data.batch_size=16",
+        "train.optimizer=sgd",
+        "train.lr=0.05",
+        "train.momentum=0.9",
+    )
     model = ModelConfig(name=LM, options={"dim": 64, "layers": 2, "heads": 4, "tie": True})
-    expected = train_reference(tokens, model, [(0, 6)], optimizer="sgd", lr=0.05, momentum=0.9,
-                               batch_size=16, seed=0)
-    _assert_equal(merged_parts(run_dir, [0, 1]), expected,
-                  initial_model(tokens, model).state_dict())
+    expected = train_reference(
+        tokens, model, [(0, 6)], optimizer="sgd", lr=0.05, momentum=0.9, batch_size=16, seed=0
+    )
+    _assert_equal(
+        merged_parts(run_dir, [0, 1]), expected, initial_model(tokens, model).state_dict()
+    )
     out = tmp_path / "lm.pt"
-    result = subprocess.run([sys.executable, "-m", "mpisplit", "export", str(run_dir), "--out",
-                             str(out)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mpisplit", "export", str(run_dir), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     net = initial_model(tokens, model)
     net.load_state_dict(torch.load(out, weights_only=True), strict=True)
@@ -278,16 +385,29 @@ def test_ushaped_with_both_cuts_in_one_container_saves_every_weight(
     (``blocks.2``) are saved together under the user's names, and the export loads with
     strict=True into the unmodified module trained in one process."""
     run_dir = tmp_path / "run"
-    _train(2, "examples/transformer/ushaped.yaml", tokens, run_dir,
-           "model.options={dim: 64, layers: 3, heads: 4, tie: true}",
-           "model.cuts=[blocks.1, blocks.2]", "train.max_steps=4", "data.batch_size=16",
-           "train.optimizer=sgd", "train.lr=0.05")
+    _train(
+        2,
+        "examples/transformer/ushaped.yaml",
+        tokens,
+        run_dir,
+        "model.options={dim: 64, layers: 3, heads: 4, tie: true}",
+        "model.cuts=[blocks.1, blocks.2]",
+        "train.max_steps=4",
+        "data.batch_size=16",
+        "train.optimizer=sgd",
+        "train.lr=0.05",
+    )
     model = ModelConfig(name=LM, options={"dim": 64, "layers": 3, "heads": 4, "tie": True})
-    expected = train_reference(tokens, model, [(0, 4)], optimizer="sgd", lr=0.05,
-                               batch_size=16, seed=0)
+    expected = train_reference(
+        tokens, model, [(0, 4)], optimizer="sgd", lr=0.05, batch_size=16, seed=0
+    )
     out = tmp_path / "lm.pt"
-    result = subprocess.run([sys.executable, "-m", "mpisplit", "export", str(run_dir), "--out",
-                             str(out)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mpisplit", "export", str(run_dir), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     net = initial_model(tokens, model)
     initial = {key: value.clone() for key, value in net.state_dict().items()}
@@ -338,53 +458,80 @@ def _user_model(model: ModelConfig) -> tuple[str, ...]:
     return (f"model.name={model.name}", "model.cuts=[body]", "model.options={}")
 
 
-def test_multitask_with_a_user_factory(dataset, residual_net: ModelConfig,
-                                       tmp_path: Path) -> None:
+def test_multitask_with_a_user_factory(dataset, residual_net: ModelConfig, tmp_path: Path) -> None:
     """Each task server's part comes from the factory called with its task's num_classes;
     against one process summing the tasks' losses over the unmodified module's parts."""
     data, steps = dataset("digits", clients=1), 8
     run_dir = tmp_path / "run"
-    _train(3, "configs/multitask-digits.yaml", data, run_dir, *_user_model(residual_net),
-           "scheme.clients=1", f"train.max_steps={steps}", "train.lr=0.003")
+    _train(
+        3,
+        "configs/multitask-digits.yaml",
+        data,
+        run_dir,
+        *_user_model(residual_net),
+        "scheme.clients=1",
+        f"train.max_steps={steps}",
+        "train.lr=0.003",
+    )
     lower = split_model(initial_model(data, residual_net), ["body"])[0]
     shape = read_meta(data)["feature_shape"]
-    uppers = [split_model(build_model(residual_net, shape, classes), ["body"])[1]
-              for classes in (10, 2)]
-    initial = {key: value.clone() for part in (lower, uppers[1])
-               for key, value in part.state_dict().items()}
+    uppers = [
+        split_model(build_model(residual_net, shape, classes), ["body"])[1] for classes in (10, 2)
+    ]
+    initial = {
+        key: value.clone()
+        for part in (lower, uppers[1])
+        for key, value in part.state_dict().items()
+    }
     opt = torch.optim.Adam([p for net in (lower, *uppers) for p in net.parameters()], lr=0.003)
     batches, _ = client_batches(data, 0, batch_size=32, seed=0)
     for _ in range(steps):
         batch = next(batches)
         opt.zero_grad()
         cut = lower(batch.features)
-        loss = (torch.nn.functional.cross_entropy(uppers[0](cut), batch.labels)
-                + torch.nn.functional.cross_entropy(uppers[1](cut), batch.labels % 2))
+        loss = torch.nn.functional.cross_entropy(
+            uppers[0](cut), batch.labels
+        ) + torch.nn.functional.cross_entropy(uppers[1](cut), batch.labels % 2)
         loss.backward()
         opt.step()
     for rank, part in ((2, lower), (0, uppers[0]), (1, uppers[1])):
         saved = torch.load(run_dir / f"model-rank{rank}.pt", weights_only=True)
         _assert_equal(saved, part.state_dict(), initial)
     assert saved["head.weight"].shape[0] == 2
-    (tmp_path / "fixed.yaml").write_text("scheme: {name: multitask, clients: 1, tasks: "
-                                         "[class, parity]}\nmodel: {name: net.py:fixed_head, "
-                                         f"cuts: [body]}}\ndata: {{path: {data}}}\n")
-    with pytest.raises(ConfigError, match=r"model\.name: multitask sizes each task's head "
-                       r"by calling the factory with that task's num_classes; .*fixed_head "
-                       r"takes no num_classes"):
+    (tmp_path / "fixed.yaml").write_text(
+        "scheme: {name: multitask, clients: 1, tasks: "
+        "[class, parity]}\nmodel: {name: net.py:fixed_head, "
+        f"cuts: [body]}}\ndata: {{path: {data}}}\n"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.name: multitask sizes each task's head "
+        r"by calling the factory with that task's num_classes; .*fixed_head "
+        r"takes no num_classes",
+    ):
         prepare(load_config(tmp_path / "fixed.yaml"), 3)
 
 
-def test_spatiotemporal_with_a_user_factory(dataset, residual_net: ModelConfig,
-                                            tmp_path: Path) -> None:
+def test_spatiotemporal_with_a_user_factory(
+    dataset, residual_net: ModelConfig, tmp_path: Path
+) -> None:
     """One site: the joint phase equals whole-model SGD on its batches, the detached phase
     the server part's SGD on the frozen site part's outputs, in one process; a cut that
     leaves more than one weighted layer at the site is refused before training."""
     data, detached = dataset("breast_cancer", clients=1), 2
     run_dir = tmp_path / "run"
-    _train(2, "configs/spatiotemporal-breast-cancer.yaml", data, run_dir,
-           *_user_model(residual_net), "scheme.clients=1", "scheme.joint_epochs=1",
-           f"scheme.detached_epochs={detached}", "train.momentum=0", "train.lr=0.05")
+    _train(
+        2,
+        "configs/spatiotemporal-breast-cancer.yaml",
+        data,
+        run_dir,
+        *_user_model(residual_net),
+        "scheme.clients=1",
+        "scheme.joint_epochs=1",
+        f"scheme.detached_epochs={detached}",
+        "train.momentum=0",
+        "train.lr=0.05",
+    )
     net = initial_model(data, residual_net)
     initial = {key: value.clone() for key, value in net.state_dict().items()}
     site, server = split_model(net, ["body"])
@@ -405,14 +552,20 @@ def test_spatiotemporal_with_a_user_factory(dataset, residual_net: ModelConfig,
             opt.zero_grad()
             torch.nn.functional.cross_entropy(server(cached[index]), labels[index]).backward()
             opt.step()
-    saved = {**torch.load(run_dir / "model-rank1.pt", weights_only=True),
-             **torch.load(run_dir / "model-rank0.pt", weights_only=True)}
+    saved = {
+        **torch.load(run_dir / "model-rank1.pt", weights_only=True),
+        **torch.load(run_dir / "model-rank0.pt", weights_only=True),
+    }
     _assert_equal(saved, net.state_dict(), initial)
-    cfg = load_config("configs/spatiotemporal-breast-cancer.yaml", [
-        *_user_model(residual_net), "model.cuts=[head]", f"data.path={data}",
-        "scheme.clients=1"])
-    with pytest.raises(ConfigError, match=r"one weighted layer plus its activation, but the "
-                       r"part before the cut is \['flatten', 'embed', 'act', 'body', 'add'\]"):
+    cfg = load_config(
+        "configs/spatiotemporal-breast-cancer.yaml",
+        [*_user_model(residual_net), "model.cuts=[head]", f"data.path={data}", "scheme.clients=1"],
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"one weighted layer plus its activation, but the "
+        r"part before the cut is \['flatten', 'embed', 'act', 'body', 'add'\]",
+    ):
         prepare(cfg, 2)
 
 
@@ -420,18 +573,24 @@ def test_write_arrays_roundtrip(tmp_path: Path) -> None:
 
     features = torch.arange(12, dtype=torch.float32).reshape(6, 2).numpy()
     labels = torch.tensor([0, 1, 2, 0, 1, 2]).numpy()
-    out = write_arrays(tmp_path / "d", [(features[:4], labels[:4])], (features[4:], labels[4:]),
-                       dataset="toy", num_classes=3)
+    out = write_arrays(
+        tmp_path / "d",
+        [(features[:4], labels[:4])],
+        (features[4:], labels[4:]),
+        dataset="toy",
+        num_classes=3,
+    )
     assert read_meta(out)["train_samples"] == [4]
-    batch = next(iter(ShardReader(out / "client-0.h5", batch_size=4, shuffle=False,
-                                  prefetch=0).epoch(0)))
+    batch = next(
+        iter(ShardReader(out / "client-0.h5", batch_size=4, shuffle=False, prefetch=0).epoch(0))
+    )
     assert batch.features.tolist() == features[:4].tolist()
 
 
 def _readme_commands(heading: str) -> list[str]:
     """The first bash block after ``heading`` in README.md, one command a line."""
     text = (ROOT / "README.md").read_text()
-    block = text[text.index(heading):].split("```bash\n", 1)[1].split("```", 1)[0]
+    block = text[text.index(heading) :].split("```bash\n", 1)[1].split("```", 1)[0]
     return [line for line in block.splitlines() if line.strip()]
 
 
@@ -445,15 +604,17 @@ def test_readme_your_model_commands_run_as_written(tmp_path: Path) -> None:
             assert words[3] == "mpisplit"
             result = run_mpi(ranks, *args, cwd=tmp_path, timeout=300)
         else:
-            command = {"mpisplit": [sys.executable, "-m", "mpisplit"],
-                       "python": [sys.executable]}[words[0]] + words[1:]
-            result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
-                                    timeout=300)
+            command = {"mpisplit": [sys.executable, "-m", "mpisplit"], "python": [sys.executable]}[
+                words[0]
+            ] + words[1:]
+            result = subprocess.run(
+                command, cwd=tmp_path, capture_output=True, text=True, timeout=300
+            )
         assert result.returncode == 0, f"{line}\n{result.stderr[-3000:]}"
     assert (tmp_path / "tiny-lm.pt").exists()
 
 
-API_SCRIPT = '''
+API_SCRIPT = """
 import json, sys
 import mpisplit
 from mpisplit.config import ConfigError
@@ -474,7 +635,7 @@ from mpi4py import MPI  # rank 0 prints every rank's outcome: the ranks' output 
 outcomes = MPI.COMM_WORLD.gather([raised, None if summary is None else summary["steps_per_rank"]])
 if MPI.COMM_WORLD.Get_rank() == 0:
     print(json.dumps(outcomes))
-'''
+"""
 
 
 def test_python_api_returns_the_summary_on_rank_0_and_raises(dataset, tmp_path: Path) -> None:
@@ -484,9 +645,21 @@ def test_python_api_returns_the_summary_on_rank_0_and_raises(dataset, tmp_path: 
     script = tmp_path / "script.py"
     script.write_text(API_SCRIPT)
     result = subprocess.run(
-        [mpiexec(), "-n", "2", sys.executable, str(script), str(data), str(tmp_path / "run"),
-         str(ROOT / "examples/residual_cnn")], capture_output=True, text=True, timeout=180,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            mpiexec(),
+            "-n",
+            "2",
+            sys.executable,
+            str(script),
+            str(data),
+            str(tmp_path / "run"),
+            str(ROOT / "examples/residual_cnn"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     outcomes = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcomes == [["model.cuts[0]", [3, 3]], ["model.cuts[0]", None]], result.stdout

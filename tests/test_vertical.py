@@ -42,10 +42,17 @@ def _aligned_batches(data: Path) -> tuple[Iterator, int]:
     paths = [data / f"party-{p}.h5" for p in range(PARTIES)] + [data / "labels.h5"]
     ids = [read_ids(path) for path in paths]
     common = intersect_ids(ids)
-    readers = [ShardReader(path, batch_size=BATCH, fields=(field,), seed=SEED, prefetch=0,
-                           rows=align_rows(own, common))
-               for path, own, field in zip(paths, ids, ["features"] * PARTIES + ["labels"],
-                                           strict=True)]
+    readers = [
+        ShardReader(
+            path,
+            batch_size=BATCH,
+            fields=(field,),
+            seed=SEED,
+            prefetch=0,
+            rows=align_rows(own, common),
+        )
+        for path, own, field in zip(paths, ids, ["features"] * PARTIES + ["labels"], strict=True)
+    ]
 
     def endless() -> Iterator:
         epoch = 0
@@ -65,11 +72,18 @@ def _reference(data: Path, join: str, widths: tuple[int, ...]) -> tuple[list[dic
     """The whole joined model in one process: party p's fc1 (``widths[p]`` wide, seed
     model.seed + p), the join, the server's fc2 (taking sum(widths) inputs under concat)
     and head."""
-    parties = [build_layers(layer_plan(ModelConfig(options={"hidden": [w, 32]}), (10,), 2),
-                            0, CUT, MODEL.seed + p) for p, w in enumerate(widths)]
+    parties = [
+        build_layers(
+            layer_plan(ModelConfig(options={"hidden": [w, 32]}), (10,), 2), 0, CUT, MODEL.seed + p
+        )
+        for p, w in enumerate(widths)
+    ]
     width = sum(widths) if join == "concat" else widths[0]
-    server = nn.Sequential(OrderedDict(fc2=_seeded(2, nn.Linear, width, 32), relu2=nn.ReLU(),
-                                       head=_seeded(4, nn.Linear, 32, 2)))
+    server = nn.Sequential(
+        OrderedDict(
+            fc2=_seeded(2, nn.Linear, width, 32), relu2=nn.ReLU(), head=_seeded(4, nn.Linear, 32, 2)
+        )
+    )
     params = [p for m in (*parties, server) for p in m.parameters()]
     opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
     batches, _ = _aligned_batches(data)
@@ -87,28 +101,42 @@ def _reference(data: Path, join: str, widths: tuple[int, ...]) -> tuple[list[dic
     return [party.state_dict() for party in parties], server.state_dict()
 
 
-def _assert_parts(run_dir: Path, data: Path, join: str,
-                  widths: tuple[int, ...] = (64,) * PARTIES) -> None:
+def _assert_parts(
+    run_dir: Path, data: Path, join: str, widths: tuple[int, ...] = (64,) * PARTIES
+) -> None:
     parties, server = _reference(data, join, widths)
     for rank, expected in enumerate([server, *parties]):
         actual = torch.load(run_dir / f"model-rank{rank}.pt", weights_only=True)
         assert actual.keys() == expected.keys()
         for key, value in expected.items():
-            torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-5,
-                                       msg=f"rank {rank} {key}")
+            torch.testing.assert_close(
+                actual[key], value, rtol=0, atol=1e-5, msg=f"rank {rank} {key}"
+            )
 
 
-def run_with_server_data(config: str, server_data: Path, data: Path, others: int,
-                         *overrides: str) -> subprocess.CompletedProcess[str]:
+def run_with_server_data(
+    config: str, server_data: Path, data: Path, others: int, *overrides: str
+) -> subprocess.CompletedProcess[str]:
     """MPMD under ``mpiexec``: rank 0 (the server) trains with ``data.path=server_data``,
     the ``others`` ranks after it with ``data``; same hard timeout as ``run_mpi``."""
     common = [sys.executable, "-m", "mpisplit", "train", config, *overrides]
     found = mpi_launcher()
-    command = [found.program, "-n", "1", *common, f"data.path={server_data}", ":",
-               "-n", str(others), *common, f"data.path={data}"]
+    command = [
+        found.program,
+        "-n",
+        "1",
+        *common,
+        f"data.path={server_data}",
+        ":",
+        "-n",
+        str(others),
+        *common,
+        f"data.path={data}",
+    ]
     env = found.environment({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=MPIEXEC_TIMEOUT_S)
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=MPIEXEC_TIMEOUT_S
+    )
 
 
 def _records(run_dir: Path, rank: int) -> list[dict]:
@@ -117,12 +145,20 @@ def _records(run_dir: Path, rank: int) -> list[dict]:
 
 @pytest.mark.parametrize("join", ["concat", "sum", "mean"])
 def test_equals_the_joined_model_in_one_process(join: str, data: Path, tmp_path: Path) -> None:
-    result = run_mpi(PARTIES + 1, "train", CONFIG, f"data.path={data}", f"run.dir={tmp_path}",
-                     f"scheme.join={join}", *ARGS)
+    result = run_mpi(
+        PARTIES + 1,
+        "train",
+        CONFIG,
+        f"data.path={data}",
+        f"run.dir={tmp_path}",
+        f"scheme.join={join}",
+        *ARGS,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_parts(tmp_path, data, join)
-    alignment = next(r for r in _records(tmp_path, 0)
-                     if r.get("event") == "alignment" and r["split"] == "train")
+    alignment = next(
+        r for r in _records(tmp_path, 0) if r.get("event") == "alignment" and r["split"] == "train"
+    )
     _, common = _aligned_batches(data)
     assert alignment["common"] == common
     assert all(alignment["dropped"][f"client{p}"] > 0 for p in range(PARTIES))
@@ -141,8 +177,16 @@ def test_labels_stay_at_party0(data: Path, tmp_path: Path) -> None:
         if "labels" not in path.name:
             (blind / path.name).symlink_to(path)
     run_dir = tmp_path / "run"
-    result = run_with_server_data(CONFIG, blind, data, PARTIES, f"run.dir={run_dir}",
-                                  "scheme.join=mean", "scheme.label_holder=party0", *ARGS)
+    result = run_with_server_data(
+        CONFIG,
+        blind,
+        data,
+        PARTIES,
+        f"run.dir={run_dir}",
+        "scheme.join=mean",
+        "scheme.label_holder=party0",
+        *ARGS,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_parts(run_dir, data, "mean")
     server, party0 = _records(run_dir, 0), _records(run_dir, 1)
@@ -161,8 +205,16 @@ def test_parties_of_different_widths_with_labels_at_party1(data: Path, tmp_path:
     trained in one process."""
     widths = (64, 32, 16)
     options = ", ".join(f"{{hidden: [{w}, 32]}}" for w in widths)
-    result = run_mpi(PARTIES + 1, "train", CONFIG, f"data.path={data}", f"run.dir={tmp_path}",
-                     f"scheme.party_options=[{options}]", "scheme.label_holder=party1", *ARGS)
+    result = run_mpi(
+        PARTIES + 1,
+        "train",
+        CONFIG,
+        f"data.path={data}",
+        f"run.dir={tmp_path}",
+        f"scheme.party_options=[{options}]",
+        "scheme.label_holder=party1",
+        *ARGS,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_parts(tmp_path, data, "concat", widths)
     routes = next(r for r in _records(tmp_path, 0) if r.get("event") == "end")["sent_routes"]
@@ -189,8 +241,15 @@ def test_smallest_run_two_digits_halves(dataset, tmp_path: Path) -> None:
     """The smallest vertical run, 3 ranks: the shipped digits config (left and right image
     halves, CNN cut before its pool) learns in 60 steps."""
     digits = dataset("digits", clients=2, partition="vertical")
-    result = run_mpi(3, "train", "configs/vertical-digits.yaml", f"data.path={digits}",
-                     f"run.dir={tmp_path}", "run.progress=none", "train.max_steps=60")
+    result = run_mpi(
+        3,
+        "train",
+        "configs/vertical-digits.yaml",
+        f"data.path={digits}",
+        f"run.dir={tmp_path}",
+        "run.progress=none",
+        "train.max_steps=60",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["roles"] == ["server", "client0", "client1"]
@@ -204,9 +263,13 @@ def test_join_shapes_are_checked_before_any_traffic(dataset) -> None:
     digits = dataset("digits", clients=2, partition="vertical")
     widths = {}
     for join in ("concat", "sum"):
-        cfg = config_from_dict({"scheme": {"name": "vertical", "clients": 2, "join": join},
-                                "model": {"name": "cnn", "cuts": ["pool"]},
-                                "data": {"path": str(digits)}})
+        cfg = config_from_dict(
+            {
+                "scheme": {"name": "vertical", "clients": 2, "join": join},
+                "model": {"name": "cnn", "cuts": ["pool"]},
+                "data": {"path": str(digits)},
+            }
+        )
         layout = Layout.of(prepare(cfg, 3))
         assert layout.cut_shapes == [(32, 8, 4), (32, 8, 4)]
         widths[join] = dict(layout.server_plan)["fc"]().in_features
@@ -218,16 +281,25 @@ def test_join_shapes_are_checked_before_any_traffic(dataset) -> None:
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_microbatches_in_either_schedule_equal_the_whole_batch(schedule: str, data: Path,
-                                                                tmp_path: Path) -> None:
+def test_microbatches_in_either_schedule_equal_the_whole_batch(
+    schedule: str, data: Path, tmp_path: Path
+) -> None:
     """Four microbatches per step, in the order of ``transport.schedule`` (the server and
     the parties post their cut collectives in that one order); labels at party 1, so the
     logits' point-to-point exchange interleaves with the collectives. The update equals the
     whole batch's: the joined model trained in one process. The parties' leakage figure is
     in the summary."""
-    result = run_mpi(PARTIES + 1, "train", CONFIG, f"data.path={data}", f"run.dir={tmp_path}",
-                     "transport.microbatches=4", f"transport.schedule={schedule}",
-                     "scheme.label_holder=party1", *ARGS)
+    result = run_mpi(
+        PARTIES + 1,
+        "train",
+        CONFIG,
+        f"data.path={data}",
+        f"run.dir={tmp_path}",
+        "transport.microbatches=4",
+        f"transport.schedule={schedule}",
+        "scheme.label_holder=party1",
+        *ARGS,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_parts(tmp_path, data, "concat")
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -240,9 +312,17 @@ def test_cut_collectives_take_the_transport_compression(data: Path, tmp_path: Pa
     received = {}
     for compression in ("none", "fp16", "int8"):
         run_dir = tmp_path / compression
-        result = run_mpi(PARTIES + 1, "train", CONFIG, f"data.path={data}",
-                         f"run.dir={run_dir}", f"transport.compression={compression}",
-                         "run.progress=none", "train.max_steps=5", "train.eval_every=0")
+        result = run_mpi(
+            PARTIES + 1,
+            "train",
+            CONFIG,
+            f"data.path={data}",
+            f"run.dir={run_dir}",
+            f"transport.compression={compression}",
+            "run.progress=none",
+            "train.max_steps=5",
+            "train.eval_every=0",
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         summary = json.loads((run_dir / "summary.json").read_text())
         received[compression] = summary["bytes_received_per_rank"][0]
@@ -255,8 +335,15 @@ def test_cut_collectives_take_the_transport_compression(data: Path, tmp_path: Pa
 def test_structural_problem_is_one_line_before_launch(data: Path, tmp_path: Path) -> None:
     """A party whose network is too shallow for the cut: found by the spec's check_plan in
     ``engine.prepare`` on every rank, reported once, exit 2, no traceback, no training."""
-    result = run_mpi(PARTIES + 1, "train", CONFIG, f"data.path={data}", f"run.dir={tmp_path}",
-                     "scheme.party_options=[{}, {hidden: [8]}, {}]", *ARGS)
+    result = run_mpi(
+        PARTIES + 1,
+        "train",
+        CONFIG,
+        f"data.path={data}",
+        f"run.dir={tmp_path}",
+        "scheme.party_options=[{}, {hidden: [8]}, {}]",
+        *ARGS,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.count("scheme.party_options[1]: model.cuts[0]") == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -293,7 +380,8 @@ def _user_config(tmp_path: Path, data: Path, widths: tuple[int, ...] = USER_WIDT
         f"data: {{path: {data}, batch_size: {BATCH}}}\n"
         f"train: {{epochs: 20, optimizer: sgd, lr: {LR}, momentum: {MOMENTUM}, seed: {SEED}, "
         f"max_steps: {STEPS}, eval_every: 0}}\n"
-        f"run: {{dir: {tmp_path / 'run'}, progress: none}}\n")
+        f"run: {{dir: {tmp_path / 'run'}, progress: none}}\n"
+    )
     return folder / "vertical.yaml"
 
 
@@ -307,8 +395,7 @@ def _user_reference(folder: Path, data: Path) -> tuple[list[dict], dict]:
     parties = []
     for party, width in enumerate(USER_WIDTHS):
         torch.manual_seed(SEED + party)
-        parties.append(factory(input_shape=(10,), num_classes=2, width=width,
-                               joined=48).bottom)
+        parties.append(factory(input_shape=(10,), num_classes=2, width=width, joined=48).bottom)
     torch.manual_seed(SEED)
     server = factory(input_shape=(30,), num_classes=2, joined=48).top
     params = [p for m in (*parties, server) for p in m.parameters()]
@@ -316,17 +403,19 @@ def _user_reference(folder: Path, data: Path) -> tuple[list[dict], dict]:
     batches, _ = _aligned_batches(data)
     for _ in range(STEPS):
         *features, labels = next(batches)
-        joined = torch.cat([party(batch.features)
-                            for party, batch in zip(parties, features, strict=True)], dim=1)
+        joined = torch.cat(
+            [party(batch.features) for party, batch in zip(parties, features, strict=True)], dim=1
+        )
         opt.zero_grad()
         nn.functional.cross_entropy(server(joined), labels.labels).backward()
         opt.step()
-    return ([{f"bottom.{k}": v for k, v in party.state_dict().items()} for party in parties],
-            {f"top.{k}": v for k, v in server.state_dict().items()})
+    return (
+        [{f"bottom.{k}": v for k, v in party.state_dict().items()} for party in parties],
+        {f"top.{k}": v for k, v in server.state_dict().items()},
+    )
 
 
-def test_user_factories_equal_the_joined_model_in_one_process(data: Path,
-                                                              tmp_path: Path) -> None:
+def test_user_factories_equal_the_joined_model_in_one_process(data: Path, tmp_path: Path) -> None:
     """Issue #13's vertical acceptance: each party's bottom (Linear, BatchNorm, ReLU; 16, 8
     and 24 wide) and the server's top come from the user's own factory file; trained under
     mpiexec, every part equals the joined model trained in one process, keeping the user's
@@ -339,8 +428,9 @@ def test_user_factories_equal_the_joined_model_in_one_process(data: Path,
         actual = torch.load(tmp_path / "run" / f"model-rank{rank}.pt", weights_only=True)
         assert actual.keys() == expected.keys()
         for key, value in expected.items():
-            torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-5,
-                                       msg=f"rank {rank} {key}")
+            torch.testing.assert_close(
+                actual[key], value, rtol=0, atol=1e-5, msg=f"rank {rank} {key}"
+            )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps_per_rank"] == [STEPS] * (PARTIES + 1)
     assert 0 < summary["leakage_distance_correlation"] <= 1
@@ -350,7 +440,10 @@ def test_user_factory_top_must_take_the_joined_width(data: Path, tmp_path: Path)
     """Parties 16 + 8 + 16 wide make 40 joined inputs; the user's top takes 48: a config
     error before any traffic, naming what to change."""
     cfg = load_config(_user_config(tmp_path, data, (16, 8, 16)), [])
-    with pytest.raises(ConfigError, match=r"cannot take the joined cut outputs of shape "
-                                          r"\(40,\) \(the server's part is built from "
-                                          r"model.options"):
+    with pytest.raises(
+        ConfigError,
+        match=r"cannot take the joined cut outputs of shape "
+        r"\(40,\) \(the server's part is built from "
+        r"model.options",
+    ):
         prepare(cfg, PARTIES + 1)

@@ -33,13 +33,26 @@ CONFIG = ROOT / "configs" / "vanilla-digits.yaml"
 
 def traced_run(clients: int, steps: int, data: Path, run_dir: Path) -> float:
     """Runs ``clients`` clients for ``steps`` steps each; its measured round time (s)."""
-    command = [sys.executable, "-m", "mpisplit", "train", str(CONFIG), f"data.path={data}",
-               f"run.dir={run_dir}", f"scheme.clients={clients}", "run.trace=true",
-               "run.progress=none", "run.save_model=false", f"train.max_steps={steps}",
-               "train.eval_every=0", "--overwrite"]
+    command = [
+        sys.executable,
+        "-m",
+        "mpisplit",
+        "train",
+        str(CONFIG),
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        f"scheme.clients={clients}",
+        "run.trace=true",
+        "run.progress=none",
+        "run.save_model=false",
+        f"train.max_steps={steps}",
+        "train.eval_every=0",
+        "--overwrite",
+    ]
     argv, env = run_command(clients + 1, command)
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=900,
-                          env={**env, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=900, env={**env, "OMP_NUM_THREADS": "1"}
+    )
     if done.returncode != 0:
         raise SystemExit(f"run with {clients} clients failed:\n{done.stderr[-3000:]}")
     return load(run_dir).wall / steps
@@ -47,9 +60,24 @@ def traced_run(clients: int, steps: int, data: Path, run_dir: Path) -> float:
 
 def prepare(clients: int, out: Path) -> Path:
     path = out / f"digits-{clients}c"
-    subprocess.run([sys.executable, "-m", "mpisplit", "data", "prepare", "--dataset", "digits",
-                    "--clients", str(clients), "--out", str(path)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpisplit",
+            "data",
+            "prepare",
+            "--dataset",
+            "digits",
+            "--clients",
+            str(clients),
+            "--out",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return path
 
 
@@ -72,21 +100,34 @@ def main() -> None:
             for k in args.clients:
                 measured[k].append(traced_run(k, args.steps, data[k], out / f"run-{k}"))
     rows = []
-    print(f"capacity model vs measured runs ({cores} cores, digits CNN, {args.steps} steps "
-          f"per client, costs from a {args.measure}-client run)")
-    print(f"{'clients':>8} {'ranks':>6} {'predicted ms':>13} {'measured ms':>12} {'ratio':>7}"
-          f"  bound")
+    print(
+        f"capacity model vs measured runs ({cores} cores, digits CNN, {args.steps} steps "
+        f"per client, costs from a {args.measure}-client run)"
+    )
+    print(
+        f"{'clients':>8} {'ranks':>6} {'predicted ms':>13} {'measured ms':>12} {'ratio':>7}  bound"
+    )
     for k in args.clients:
         prediction = predict(costs, k, 1, cores)
         actual = statistics.median(measured[k])
-        rows.append({"clients": k, "predicted_round_s": prediction.round_s,
-                     "measured_round_s": actual, "ratio": prediction.round_s / actual,
-                     "bound": prediction.bound, "samples_s": measured[k]})
-        print(f"{k:>8} {k + 1:>6} {prediction.round_s * 1e3:>13.2f} {actual * 1e3:>12.2f} "
-              f"{prediction.round_s / actual:>7.2f}  {prediction.bound}")
+        rows.append(
+            {
+                "clients": k,
+                "predicted_round_s": prediction.round_s,
+                "measured_round_s": actual,
+                "ratio": prediction.round_s / actual,
+                "bound": prediction.bound,
+                "samples_s": measured[k],
+            }
+        )
+        print(
+            f"{k:>8} {k + 1:>6} {prediction.round_s * 1e3:>13.2f} {actual * 1e3:>12.2f} "
+            f"{prediction.round_s / actual:>7.2f}  {prediction.bound}"
+        )
     if args.json is not None:
-        args.json.write_text(json.dumps({"cores": cores, "costs": costs.__dict__,
-                                         "rows": rows}, indent=1))
+        args.json.write_text(
+            json.dumps({"cores": cores, "costs": costs.__dict__, "rows": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":

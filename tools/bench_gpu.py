@@ -38,8 +38,13 @@ def _transport(comm: MPI.Comm, device: torch.device, cuda_aware: bool) -> Transp
     previous = os.environ.get("MPISPLIT_CUDA_AWARE")
     os.environ["MPISPLIT_CUDA_AWARE"] = "1" if cuda_aware else "0"
     try:
-        return Transport(comm, roles=["a", "b"], timeout_s=120, device=device,
-                         tracer=Tracer(comm.Get_rank(), "bench", enabled=False))
+        return Transport(
+            comm,
+            roles=["a", "b"],
+            timeout_s=120,
+            device=device,
+            tracer=Tracer(comm.Get_rank(), "bench", enabled=False),
+        )
     finally:
         if previous is None:
             del os.environ["MPISPLIT_CUDA_AWARE"]
@@ -47,8 +52,9 @@ def _transport(comm: MPI.Comm, device: torch.device, cuda_aware: bool) -> Transp
             os.environ["MPISPLIT_CUDA_AWARE"] = previous
 
 
-def methods(comm: MPI.Comm, tensor: torch.Tensor,
-            transports: dict[str, Transport]) -> dict[str, Callable[[], None]]:
+def methods(
+    comm: MPI.Comm, tensor: torch.Tensor, transports: dict[str, Transport]
+) -> dict[str, Callable[[], None]]:
     rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
 
     def through(transport: Transport) -> Callable[[], None]:
@@ -60,6 +66,7 @@ def methods(comm: MPI.Comm, tensor: torch.Tensor,
                 received = transport.recv(Kind.ACTIVATION, peer).tensor.to(tensor.device)
                 transport.send(received, peer, Kind.GRADIENT)
             torch.cuda.synchronize()
+
         return exchange
 
     host = torch.empty(tensor.shape, dtype=tensor.dtype)
@@ -75,8 +82,10 @@ def methods(comm: MPI.Comm, tensor: torch.Tensor,
             comm.Send(received.cpu().numpy(), peer, 2)
         torch.cuda.synchronize()
 
-    return {**{name: through(transport) for name, transport in transports.items()},
-            "host_copy": host_copy}
+    return {
+        **{name: through(transport) for name, transport in transports.items()},
+        "host_copy": host_copy,
+    }
 
 
 def main() -> None:
@@ -96,12 +105,12 @@ def main() -> None:
     for nbytes in SIZES:
         tensor = torch.rand(nbytes // 4, device=device)
         row: dict[str, float | int | str] = {"bytes": nbytes}
-        samples = interleaved(comm, methods(comm, tensor, transports), iterations_for(nbytes),
-                              args.repeats)
+        samples = interleaved(
+            comm, methods(comm, tensor, transports), iterations_for(nbytes), args.repeats
+        )
         for name, times in samples.items():
             row[f"{name}_s"] = statistics.median(times)
-        row["speedup_staged_vs_host_copy"] = paired_ratio(samples["host_copy"],
-                                                          samples["staged"])
+        row["speedup_staged_vs_host_copy"] = paired_ratio(samples["host_copy"], samples["staged"])
         if "device" in samples:
             row["speedup_device_vs_staged"] = paired_ratio(samples["staged"], samples["device"])
         results.append(row)
@@ -113,20 +122,32 @@ def main() -> None:
 
 def _report(results: list[dict], json_path: str | None, gpu: str, device_aware: bool) -> None:
     print(f"GPU: {gpu}; CUDA-aware MPI: {'yes' if device_aware else 'no'}")
-    print(f"{'size':>8} {'staged':>10} {'host_copy':>10} {'device':>10} "
-          f"{'staged vs host_copy':>20} {'device vs staged':>17}")
+    print(
+        f"{'size':>8} {'staged':>10} {'host_copy':>10} {'device':>10} "
+        f"{'staged vs host_copy':>20} {'device vs staged':>17}"
+    )
     for row in results:
         device = ""
         if "speedup_device_vs_staged" in row:
             device = f"{row['speedup_device_vs_staged']:>16.2f}x"
-        print(f"{size_label(row['bytes']):>8} {row['staged_s'] * 1e6:>8.1f}us "
-              f"{row['host_copy_s'] * 1e6:>8.1f}us "
-              f"{row.get('device_s', float('nan')) * 1e6:>8.1f}us "
-              f"{row['speedup_staged_vs_host_copy']:>19.2f}x {device}")
+        print(
+            f"{size_label(row['bytes']):>8} {row['staged_s'] * 1e6:>8.1f}us "
+            f"{row['host_copy_s'] * 1e6:>8.1f}us "
+            f"{row.get('device_s', float('nan')) * 1e6:>8.1f}us "
+            f"{row['speedup_staged_vs_host_copy']:>19.2f}x {device}"
+        )
     if json_path:
         with open(json_path, "w") as out:
-            json.dump({"benchmark": "gpu transport", "gpu": gpu, "cuda_aware": device_aware,
-                       "results": results}, out, indent=2)
+            json.dump(
+                {
+                    "benchmark": "gpu transport",
+                    "gpu": gpu,
+                    "cuda_aware": device_aware,
+                    "results": results,
+                },
+                out,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -29,18 +29,27 @@ def _measure(what: str, width: int, layers: int) -> dict[str, float]:
     from mpisplit.config import ModelConfig
     from mpisplit.models import build_model, build_parts
 
-    config = ModelConfig(name=f"{Path(__file__).resolve()}:wide_mlp", cuts=(str(layers // 2),),
-                         options={"width": width, "layers": layers})
+    config = ModelConfig(
+        name=f"{Path(__file__).resolve()}:wide_mlp",
+        cuts=(str(layers // 2),),
+        options={"width": width, "layers": layers},
+    )
     if what == "whole":
         model = build_model(config, (width,), width)
     elif what.startswith("part"):
         model = build_parts(config, (width,), width, [int(what[4:])])
     else:
         model = None
-    held = 0 if model is None else sum(t.numel() * t.element_size()
-                                       for t in model.state_dict().values() if not t.is_meta)
-    return {"what": what, "held_mb": held / 2**20,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    held = (
+        0
+        if model is None
+        else sum(t.numel() * t.element_size() for t in model.state_dict().values() if not t.is_meta)
+    )
+    return {
+        "what": what,
+        "held_mb": held / 2**20,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
@@ -55,20 +64,39 @@ def main() -> None:
         return
     rows = []
     for what in ("floor", "whole", "part0", "part1"):
-        out = subprocess.run([sys.executable, __file__, "--measure", what, "--width",
-                              str(args.width), "--layers", str(args.layers)],
-                             capture_output=True, text=True, check=True, timeout=600)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--measure",
+                what,
+                "--width",
+                str(args.width),
+                "--layers",
+                str(args.layers),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        )
         rows.append(json.loads(out.stdout.splitlines()[-1]))
     model_mb = args.layers * (args.width + 1) * args.width * 4 / 2**20
     whole = rows[1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]
-    print(f"model: {args.layers} x Linear({args.width}, {args.width}) = {model_mb:.0f} MiB "
-          f"float32, cut at layer {args.layers // 2}")
-    print(f"{'build':<8}{'tensors held MiB':>18}{'peak RSS MiB':>14}{'above floor':>13}"
-          f"{'vs whole':>10}")
+    print(
+        f"model: {args.layers} x Linear({args.width}, {args.width}) = {model_mb:.0f} MiB "
+        f"float32, cut at layer {args.layers // 2}"
+    )
+    print(
+        f"{'build':<8}{'tensors held MiB':>18}{'peak RSS MiB':>14}{'above floor':>13}"
+        f"{'vs whole':>10}"
+    )
     for row in rows:
         above = row["peak_rss_mb"] - rows[0]["peak_rss_mb"]
-        print(f"{row['what']:<8}{row['held_mb']:>18.0f}{row['peak_rss_mb']:>14.0f}"
-              f"{above:>13.0f}{above / whole:>10.2f}")
+        print(
+            f"{row['what']:<8}{row['held_mb']:>18.0f}{row['peak_rss_mb']:>14.0f}"
+            f"{above:>13.0f}{above / whole:>10.2f}"
+        )
     if args.json is not None:
         args.json.write_text(json.dumps({"model_mb": model_mb, "rows": rows}, indent=1))
 

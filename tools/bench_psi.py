@@ -52,8 +52,18 @@ def main() -> None:
     for size in args.sizes:
         rng = np.random.default_rng(rank)
         shared = np.arange(size // 2, dtype=np.int64)
-        mine = rng.permutation(np.concatenate([shared, rng.choice(
-            np.arange(size, 100 * size, dtype=np.int64), size - len(shared), replace=False)]))
+        mine = rng.permutation(
+            np.concatenate(
+                [
+                    shared,
+                    rng.choice(
+                        np.arange(size, 100 * size, dtype=np.int64),
+                        size - len(shared),
+                        replace=False,
+                    ),
+                ]
+            )
+        )
         plain, private, ratios = [], [], []
         for _ in range(args.repeats):
             t_plain, expected = timed(comm, partial(plain_intersection, comm, mine))
@@ -62,14 +72,23 @@ def main() -> None:
             plain.append(t_plain)
             private.append(t_psi)
             ratios.append(t_psi / t_plain)
-        results.append({"ids_per_rank": size, "ranks": comm.Get_size(),
-                        "common": len(expected), "plain_s": statistics.median(plain),
-                        "psi_s": statistics.median(private),
-                        "ratio": statistics.median(ratios)})
+        results.append(
+            {
+                "ids_per_rank": size,
+                "ranks": comm.Get_size(),
+                "common": len(expected),
+                "plain_s": statistics.median(plain),
+                "psi_s": statistics.median(private),
+                "ratio": statistics.median(ratios),
+            }
+        )
         if rank == 0:
             row = results[-1]
-            print(f"{size:>9} ids/rank  plain {row['plain_s'] * 1e3:9.2f} ms  "
-                  f"psi {row['psi_s']:8.2f} s  psi/plain {row['ratio']:9.0f}x", flush=True)
+            print(
+                f"{size:>9} ids/rank  plain {row['plain_s'] * 1e3:9.2f} ms  "
+                f"psi {row['psi_s']:8.2f} s  psi/plain {row['ratio']:9.0f}x",
+                flush=True,
+            )
     if rank == 0 and args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=2)

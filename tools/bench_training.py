@@ -39,9 +39,17 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {}
 
 # A 2-stage MLP with balanced stages: the client holds two 1024-wide layers, the server the
 # other two and the head.
-BALANCED = ["model.name=mlp", "model.options={hidden: [1024, 1024, 1024, 1024]}",
-            "model.cuts=[fc3]", "train.optimizer=sgd", "train.lr=0.01", "train.eval_every=0",
-            "run.progress=none", "run.save_model=false", "data.prefetch=2"]
+BALANCED = [
+    "model.name=mlp",
+    "model.options={hidden: [1024, 1024, 1024, 1024]}",
+    "model.cuts=[fc3]",
+    "train.optimizer=sgd",
+    "train.lr=0.01",
+    "train.eval_every=0",
+    "run.progress=none",
+    "run.save_model=false",
+    "data.prefetch=2",
+]
 
 
 def benchmark(fn: Callable[[argparse.Namespace], list[dict]]) -> Callable:
@@ -52,22 +60,61 @@ def benchmark(fn: Callable[[argparse.Namespace], list[dict]]) -> Callable:
 def prepare(work: Path, clients: int, samples: int, width: int = 1024) -> Path:
     out = work / f"synthetic-{clients}c-{samples}-{width}"
     if not (out / "meta.json").exists():
-        subprocess.run([sys.executable, "-m", "mpisplit", "data", "prepare", "--dataset",
-                        "synthetic", "--samples", str(samples), "--shape", str(width),
-                        "--classes", "10", "--clients", str(clients), "--out", str(out)],
-                       check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mpisplit",
+                "data",
+                "prepare",
+                "--dataset",
+                "synthetic",
+                "--samples",
+                str(samples),
+                "--shape",
+                str(width),
+                "--classes",
+                "10",
+                "--clients",
+                str(clients),
+                "--out",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
     return out
 
 
-def train(ranks: int, data: Path, run_dir: Path, overrides: Sequence[str],
-          scheme: str = "vanilla", clients: int = 1, threads: int = 1) -> Path:
+def train(
+    ranks: int,
+    data: Path,
+    run_dir: Path,
+    overrides: Sequence[str],
+    scheme: str = "vanilla",
+    clients: int = 1,
+    threads: int = 1,
+) -> Path:
     """One real training job (``threads`` torch threads per rank); returns its run dir."""
     launcher = launch.find()
-    command = launcher.command(ranks, [
-        sys.executable, "-m", "mpisplit", "train", "--overwrite",
-        str(ROOT / "configs/vanilla-breast-cancer.yaml"),
-        f"scheme.name={scheme}", f"scheme.clients={clients}", f"data.path={data}",
-        f"run.dir={run_dir}", *BALANCED, *overrides])
+    command = launcher.command(
+        ranks,
+        [
+            sys.executable,
+            "-m",
+            "mpisplit",
+            "train",
+            "--overwrite",
+            str(ROOT / "configs/vanilla-breast-cancer.yaml"),
+            f"scheme.name={scheme}",
+            f"scheme.clients={clients}",
+            f"data.path={data}",
+            f"run.dir={run_dir}",
+            *BALANCED,
+            *overrides,
+        ],
+    )
     env = launcher.environment({**os.environ, "OMP_NUM_THREADS": str(threads)})
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     if result.returncode:
@@ -78,7 +125,7 @@ def train(ranks: int, data: Path, run_dir: Path, overrides: Sequence[str],
 def steady_step_s(run_dir: Path, rank: int = 0) -> float:
     """Median time between consecutive steps of ``rank``, after the warm-up."""
     times = [r["time"] for r in _records(run_dir, rank) if "step" in r and "event" not in r]
-    gaps = [b - a for a, b in zip(times[WARMUP_STEPS:], times[WARMUP_STEPS + 1:], strict=False)]
+    gaps = [b - a for a, b in zip(times[WARMUP_STEPS:], times[WARMUP_STEPS + 1 :], strict=False)]
     return statistics.median(gaps)
 
 
@@ -95,16 +142,19 @@ def repeated(args: argparse.Namespace, variants: dict[str, Callable[[Path], floa
     for repeat in range(args.repeats):
         for name, run in variants.items():
             samples[name].append(run(args.work / f"run-{name}-{repeat}"))
-    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "samples": v}
-            for name, v in samples.items()}
+    return {
+        name: {"median": statistics.median(v), "min": min(v), "max": max(v), "samples": v}
+        for name, v in samples.items()
+    }
 
 
 def paired_ratio(stats: dict, numerator: str, denominator: str) -> float:
     """The median over repeats of one variant's time over another's from the same repeat
     (jobs run minutes apart on a machine whose speed drifts: see ``bench_transport``)."""
-    return statistics.median(a / b for a, b in zip(stats[numerator]["samples"],
-                                                   stats[denominator]["samples"],
-                                                   strict=True))
+    return statistics.median(
+        a / b
+        for a, b in zip(stats[numerator]["samples"], stats[denominator]["samples"], strict=True)
+    )
 
 
 @benchmark
@@ -129,8 +179,12 @@ def pipeline(args: argparse.Namespace) -> list[dict]:
 
     def run(m: int, schedule: str) -> Callable[[Path], float]:
         def once(run_dir: Path) -> float:
-            train(2, data, run_dir, [*steps, f"transport.microbatches={m}",
-                                     f"transport.schedule={schedule}"])
+            train(
+                2,
+                data,
+                run_dir,
+                [*steps, f"transport.microbatches={m}", f"transport.schedule={schedule}"],
+            )
             timeline = trace.load(run_dir)
             server, client = timeline.ranks[0], timeline.ranks[1]
             measured = analysis.bubble(server, analysis.states(server, timeline.window))
@@ -139,15 +193,21 @@ def pipeline(args: argparse.Namespace) -> list[dict]:
                 window = (measured["window_start_s"], measured["window_end_s"])
                 balance.append(_compute_s(client, window) / _compute_s(server, window))
             return steady_step_s(run_dir)
+
         return once
 
     stats = repeated(args, {name(*v): run(*v) for v in variants})
-    return [{"microbatches": m, "schedule": schedule,
-             "step_s": stats[name(m, schedule)]["median"],
-             "speedup_vs_M1": paired_ratio(stats, name(1, "gpipe"), name(m, schedule)),
-             "bubble_measured": statistics.median(bubbles[name(m, schedule)]),
-             "bubble_gpipe_estimate": (2 - 1) / (m + 2 - 1)} for m, schedule in variants] + [
-        {"stage_balance_client_over_server": statistics.median(balance)}]
+    return [
+        {
+            "microbatches": m,
+            "schedule": schedule,
+            "step_s": stats[name(m, schedule)]["median"],
+            "speedup_vs_M1": paired_ratio(stats, name(1, "gpipe"), name(m, schedule)),
+            "bubble_measured": statistics.median(bubbles[name(m, schedule)]),
+            "bubble_gpipe_estimate": (2 - 1) / (m + 2 - 1),
+        }
+        for m, schedule in variants
+    ] + [{"stage_balance_client_over_server": statistics.median(balance)}]
 
 
 def _compute_s(rank: RankTrace, window: tuple[float, float]) -> float:
@@ -164,21 +224,51 @@ def vertical(args: argparse.Namespace) -> list[dict]:
     balanced MLP; 3 ranks) at M = 1, 4, 8: the pipelined Gatherv/Scatterv exchange."""
     data = args.work / "digits-vertical-2c"
     if not (data / "meta.json").exists():
-        subprocess.run([sys.executable, "-m", "mpisplit", "data", "prepare", "--dataset",
-                        "digits", "--partition", "vertical", "--clients", "2", "--out",
-                        str(data)], check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mpisplit",
+                "data",
+                "prepare",
+                "--dataset",
+                "digits",
+                "--partition",
+                "vertical",
+                "--clients",
+                "2",
+                "--out",
+                str(data),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
     steps = ["train.max_steps=40", "data.batch_size=512", "train.epochs=100"]
 
     def run(m: int) -> Callable[[Path], float]:
         def once(run_dir: Path) -> float:
-            train(3, data, run_dir, [*steps, f"transport.microbatches={m}"],
-                  scheme="vertical", clients=2)
+            train(
+                3,
+                data,
+                run_dir,
+                [*steps, f"transport.microbatches={m}"],
+                scheme="vertical",
+                clients=2,
+            )
             return steady_step_s(run_dir)
+
         return once
 
     stats = repeated(args, {f"M={m}": run(m) for m in (1, 4, 8)})
-    return [{"microbatches": m, "step_s": stats[f"M={m}"]["median"],
-             "speedup_vs_M1": paired_ratio(stats, "M=1", f"M={m}")} for m in (1, 4, 8)]
+    return [
+        {
+            "microbatches": m,
+            "step_s": stats[f"M={m}"]["median"],
+            "speedup_vs_M1": paired_ratio(stats, "M=1", f"M={m}"),
+        }
+        for m in (1, 4, 8)
+    ]
 
 
 @benchmark
@@ -195,31 +285,40 @@ def gpu(args: argparse.Namespace) -> list[dict]:
     training the same model on the same GPU; cut tensors cross by device buffers or pinned
     staging, whichever the MPI supports."""
     import torch
+
     if not torch.cuda.is_available():
         raise SystemExit("bench_training gpu: needs a CUDA device")
     return _split_vs_centralized(args, ["transport.device=cuda"], centralized_threads=1)
 
 
-def _split_vs_centralized(args: argparse.Namespace, overrides: Sequence[str],
-                          centralized_threads: int) -> list[dict]:
+def _split_vs_centralized(
+    args: argparse.Namespace, overrides: Sequence[str], centralized_threads: int
+) -> list[dict]:
     data = prepare(args.work, 1, 10240, width=1536)
     variants: dict[str, Callable[[Path], float]] = {}
     for batch in (2048, 4096):
-        steps = ["train.max_steps=16", "train.epochs=20", f"data.batch_size={batch}",
-                 *overrides]
+        steps = ["train.max_steps=16", "train.epochs=20", f"data.batch_size={batch}", *overrides]
         variants[f"centralized_{centralized_threads}_threads_b{batch}"] = partial(
-            _step_s, 1, data, steps, scheme="centralized", threads=centralized_threads)
+            _step_s, 1, data, steps, scheme="centralized", threads=centralized_threads
+        )
         variants[f"split_M8_b{batch}"] = partial(
-            _step_s, 2, data, [*steps, "transport.microbatches=8"])
+            _step_s, 2, data, [*steps, "transport.microbatches=8"]
+        )
     stats = repeated(args, variants)
     return [{"variant": k, "step_s": v["median"]} for k, v in stats.items()] + [
-        {"variant": f"split / centralized samples/s, batch {batch}",
-         "ratio": paired_ratio(stats, f"centralized_{centralized_threads}_threads_b{batch}",
-                               f"split_M8_b{batch}")} for batch in (2048, 4096)]
+        {
+            "variant": f"split / centralized samples/s, batch {batch}",
+            "ratio": paired_ratio(
+                stats, f"centralized_{centralized_threads}_threads_b{batch}", f"split_M8_b{batch}"
+            ),
+        }
+        for batch in (2048, 4096)
+    ]
 
 
-def _step_s(ranks: int, data: Path, overrides: Sequence[str], run_dir: Path,
-            **options: Any) -> float:
+def _step_s(
+    ranks: int, data: Path, overrides: Sequence[str], run_dir: Path, **options: Any
+) -> float:
     """The steady step time of one training job (``train``'s arguments)."""
     return steady_step_s(train(ranks, data, run_dir, overrides, **options))
 
@@ -229,12 +328,16 @@ def tracing(args: argparse.Namespace) -> list[dict]:
     """Step time with tracing on vs off (target: at most 3% slower)."""
     data = prepare(args.work, 1, 8192)
     steps = ["train.max_steps=40", "data.batch_size=256"]
-    stats = repeated(args, {
-        "off": lambda d: steady_step_s(train(2, data, d, steps)),
-        "on": lambda d: steady_step_s(train(2, data, d, [*steps, "run.trace=true"])),
-    })
+    stats = repeated(
+        args,
+        {
+            "off": lambda d: steady_step_s(train(2, data, d, steps)),
+            "on": lambda d: steady_step_s(train(2, data, d, [*steps, "run.trace=true"])),
+        },
+    )
     return [{"tracing": k, "step_s": v["median"]} for k, v in stats.items()] + [
-        {"tracing": "overhead", "ratio": paired_ratio(stats, "on", "off") - 1}]
+        {"tracing": "overhead", "ratio": paired_ratio(stats, "on", "off") - 1}
+    ]
 
 
 @benchmark
@@ -245,15 +348,25 @@ def clients(args: argparse.Namespace) -> list[dict]:
     rows = []
     for k in args.clients:
         data = prepare(args.work, k, 2048 * k)
-        run_dir = train(k + 1, data, args.work / f"clients-{k}",
-                        ["train.max_steps=30", "data.batch_size=256", "run.trace=true"],
-                        clients=k)
+        run_dir = train(
+            k + 1,
+            data,
+            args.work / f"clients-{k}",
+            ["train.max_steps=30", "data.batch_size=256", "run.trace=true"],
+            clients=k,
+        )
         timeline = trace.load(run_dir)
         server = timeline.ranks[0]
         measured = analysis.bubble(server, analysis.states(server, timeline.window))
         summary = json.loads((run_dir / "summary.json").read_text())
-        rows.append({"clients": k, "server_busy_fraction": 1 - measured["bubble_fraction"],
-                     "samples_per_s": summary["samples_per_s"], "cores": os.cpu_count()})
+        rows.append(
+            {
+                "clients": k,
+                "server_busy_fraction": 1 - measured["bubble_fraction"],
+                "samples_per_s": summary["samples_per_s"],
+                "cores": os.cpu_count(),
+            }
+        )
     return rows
 
 
@@ -263,23 +376,47 @@ def memory(args: argparse.Namespace) -> list[dict]:
     rows = []
     for samples in (4096, 65536):
         data = prepare(args.work, 1, samples)
-        run_dir = train(2, data, args.work / f"mem-{samples}",
-                        ["train.max_steps=30", "data.batch_size=256"])
-        rows.append({"shard_samples": samples, "shard_mb": samples * 1024 * 4 / 2**20,
-                     "peak_rss_mb": _peak_rss_mb(run_dir)})
+        run_dir = train(
+            2, data, args.work / f"mem-{samples}", ["train.max_steps=30", "data.batch_size=256"]
+        )
+        rows.append(
+            {
+                "shard_samples": samples,
+                "shard_mb": samples * 1024 * 4 / 2**20,
+                "peak_rss_mb": _peak_rss_mb(run_dir),
+            }
+        )
     data = prepare(args.work, 1, 4096)
     for m in (1, 8):
-        run_dir = train(2, data, args.work / f"mem-m{m}",
-                        ["train.max_steps=30", "data.batch_size=256",
-                         f"transport.microbatches={m}"])
+        run_dir = train(
+            2,
+            data,
+            args.work / f"mem-m{m}",
+            ["train.max_steps=30", "data.batch_size=256", f"transport.microbatches={m}"],
+        )
         rows.append({"microbatches": m, "peak_rss_mb": _peak_rss_mb(run_dir)})
     data = prepare(args.work, 1, 10240, width=1536)
     for schedule in ("gpipe", "1f1b"):  # the client holds M vs 2 microbatches' activations
-        run_dir = train(2, data, args.work / f"mem-{schedule}",
-                        ["train.max_steps=6", "train.epochs=10", "data.batch_size=8192",
-                         "transport.microbatches=8", f"transport.schedule={schedule}"])
-        rows.append({"schedule": schedule, "microbatches": 8, "batch": 8192,
-                     "client_peak_rss_mb": _peak_rss_mb(run_dir, ranks=[1])})
+        run_dir = train(
+            2,
+            data,
+            args.work / f"mem-{schedule}",
+            [
+                "train.max_steps=6",
+                "train.epochs=10",
+                "data.batch_size=8192",
+                "transport.microbatches=8",
+                f"transport.schedule={schedule}",
+            ],
+        )
+        rows.append(
+            {
+                "schedule": schedule,
+                "microbatches": 8,
+                "batch": 8192,
+                "client_peak_rss_mb": _peak_rss_mb(run_dir, ranks=[1]),
+            }
+        )
     return rows
 
 
@@ -287,10 +424,19 @@ def memory(args: argparse.Namespace) -> list[dict]:
 def soak(args: argparse.Namespace) -> list[dict]:
     """A long run (12,000 steps at small size): memory and step time early vs late."""
     data = prepare(args.work, 1, 4096, width=32)
-    run_dir = train(2, data, args.work / "soak",
-                    ["model.options={hidden: [64, 32]}", "model.cuts=[fc2]",
-                     "data.batch_size=16", "train.epochs=1000", "train.max_steps=12000",
-                     "run.log_every=100"])
+    run_dir = train(
+        2,
+        data,
+        args.work / "soak",
+        [
+            "model.options={hidden: [64, 32]}",
+            "model.cuts=[fc2]",
+            "data.batch_size=16",
+            "train.epochs=1000",
+            "train.max_steps=12000",
+            "run.log_every=100",
+        ],
+    )
     rows = []
     for rank in range(2):
         records = [r for r in _records(run_dir, rank) if "rss_mb" in r and "step" in r]
@@ -298,20 +444,27 @@ def soak(args: argparse.Namespace) -> list[dict]:
         late = [r for r in records if r["step"] >= 11000]
         times = [r["time"] for r in _records(run_dir, rank) if "step" in r and "event" not in r]
         gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-        rows.append({
-            "rank": rank, "steps": len(times),
-            "rss_mb_at_1k_2k": statistics.median(r["rss_mb"] for r in early),
-            "rss_mb_after_11k": statistics.median(r["rss_mb"] for r in late),
-            "step_ms_1k_2k": 1e3 * statistics.median(gaps[1000:2000]),
-            "step_ms_last_1k": 1e3 * statistics.median(gaps[-1000:]),
-        })
+        rows.append(
+            {
+                "rank": rank,
+                "steps": len(times),
+                "rss_mb_at_1k_2k": statistics.median(r["rss_mb"] for r in early),
+                "rss_mb_after_11k": statistics.median(r["rss_mb"] for r in late),
+                "step_ms_1k_2k": 1e3 * statistics.median(gaps[1000:2000]),
+                "step_ms_last_1k": 1e3 * statistics.median(gaps[-1000:]),
+            }
+        )
     return rows
 
 
 def _peak_rss_mb(run_dir: Path, ranks: Sequence[int] = (0, 1)) -> float:
     """Peak RSS (MiB) over ``ranks``, from each rank's own getrusage at exit."""
-    return max(r["max_rss_mb"] for rank in ranks
-               for r in _records(run_dir, rank) if r.get("event") == "end")
+    return max(
+        r["max_rss_mb"]
+        for rank in ranks
+        for r in _records(run_dir, rank)
+        if r.get("event") == "end"
+    )
 
 
 def main() -> None:
@@ -327,8 +480,11 @@ def main() -> None:
         args.work.mkdir(parents=True, exist_ok=True)
         rows = BENCHMARKS[args.name](args)
     for row in rows:
-        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in row.items()))
+        print(
+            "  ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+            )
+        )
     if args.json:
         args.json.write_text(json.dumps({"benchmark": args.name, "results": rows}, indent=2))
 

@@ -42,8 +42,9 @@ def time_pingpong(comm: MPI.Comm, exchange: Callable[[], None], iterations: int)
     return (time.perf_counter() - start) / iterations / 2
 
 
-def interleaved(comm: MPI.Comm, exchanges: dict[str, Callable[[], None]], iterations: int,
-                repeats: int) -> dict[str, list[float]]:
+def interleaved(
+    comm: MPI.Comm, exchanges: dict[str, Callable[[], None]], iterations: int, repeats: int
+) -> dict[str, list[float]]:
     """``time_pingpong`` samples per method, the methods taking turns in every repeat (a
     drift of the machine's speed touches them all alike), in the orders of a balanced Latin
     square: over a full cycle of repeats each method runs right after every other once (a
@@ -54,16 +55,14 @@ def interleaved(comm: MPI.Comm, exchanges: dict[str, Callable[[], None]], iterat
     samples: dict[str, list[float]] = {name: [] for name in names}
     for repeat in range(repeats):
         for index in orders[repeat % len(orders)]:
-            samples[names[index]].append(time_pingpong(comm, exchanges[names[index]],
-                                                       iterations))
+            samples[names[index]].append(time_pingpong(comm, exchanges[names[index]], iterations))
     return samples
 
 
 def balanced_orders(count: int) -> list[list[int]]:
     """Williams' balanced Latin square for ``count`` methods: within its rows every method
     follows every other equally often (the rows and their reverses when ``count`` is odd)."""
-    offsets = [0] + [step for k in range(1, count // 2 + 1)
-                     for step in (k, count - k)][:count - 1]
+    offsets = [0] + [step for k in range(1, count // 2 + 1) for step in (k, count - k)][: count - 1]
     rows = [[(start + offset) % count for offset in offsets] for start in range(count)]
     return rows if count % 2 == 0 else rows + [row[::-1] for row in rows]
 
@@ -76,8 +75,9 @@ def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
 
 
-def methods(comm: MPI.Comm, tensor: torch.Tensor,
-            transport: Transport) -> dict[str, Callable[[], None]]:
+def methods(
+    comm: MPI.Comm, tensor: torch.Tensor, transport: Transport
+) -> dict[str, Callable[[], None]]:
     rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
     raw = tensor.numpy()
     reply = torch.empty_like(tensor)
@@ -113,18 +113,21 @@ def methods(comm: MPI.Comm, tensor: torch.Tensor,
             dist.recv(reply, peer)
             dist.send(reply, peer)
 
-    return {"mpisplit": mpisplit, "mpi4py_raw": raw_mpi4py, "mpi4py_pickle": pickled,
-            "gloo": gloo}
+    return {"mpisplit": mpisplit, "mpi4py_raw": raw_mpi4py, "mpi4py_pickle": pickled, "gloo": gloo}
 
 
 def ping_pong_arguments(description: str) -> argparse.Namespace:
     """The options of the ping-pong benchmarks (this one and ``bench_gpu``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--repeats", type=int, default=8,
-                        help="timings per method; a multiple of the number of balanced "
-                             "orders (as many as methods, twice that if odd) runs whole "
-                             "cycles")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=8,
+        help="timings per method; a multiple of the number of balanced "
+        "orders (as many as methods, twice that if odd) runs whole "
+        "cycles",
+    )
     return parser.parse_args()
 
 
@@ -138,14 +141,19 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000 if comm.rank == 0 else 0))
     os.environ["MASTER_PORT"] = str(comm.bcast(os.environ["MASTER_PORT"], root=0))
     dist.init_process_group("gloo", rank=comm.Get_rank(), world_size=2)
-    transport = Transport(comm, roles=["a", "b"], timeout_s=120,
-                          tracer=Tracer(comm.Get_rank(), "bench", enabled=False))
+    transport = Transport(
+        comm,
+        roles=["a", "b"],
+        timeout_s=120,
+        tracer=Tracer(comm.Get_rank(), "bench", enabled=False),
+    )
     results = []
     for nbytes in SIZES:
         tensor = torch.rand(nbytes // 4)
         row: dict[str, float | int] = {"bytes": nbytes}
-        samples = interleaved(comm, methods(comm, tensor, transport), iterations_for(nbytes),
-                              args.repeats)
+        samples = interleaved(
+            comm, methods(comm, tensor, transport), iterations_for(nbytes), args.repeats
+        )
         for name, times in samples.items():
             row[f"{name}_s"] = statistics.median(times)
             row[f"{name}_spread"] = (max(times) - min(times)) / statistics.median(times)
@@ -162,18 +170,24 @@ def main() -> None:
 
 
 def _report(results: list[dict], json_path: str | None) -> None:
-    print(f"{'size':>8} {'mpisplit':>10} {'raw':>10} {'MB/s':>8} "
-          f"{'vs raw':>7} {'time/raw':>8} {'vs pickle':>9} {'vs gloo':>8}")
+    print(
+        f"{'size':>8} {'mpisplit':>10} {'raw':>10} {'MB/s':>8} "
+        f"{'vs raw':>7} {'time/raw':>8} {'vs pickle':>9} {'vs gloo':>8}"
+    )
     for row in results:
         ours = row["mpisplit_s"]
-        print(f"{size_label(row['bytes']):>8} {ours * 1e6:>8.1f}us "
-              f"{row['mpi4py_raw_s'] * 1e6:>8.1f}us "
-              f"{row['bytes'] / ours / 1e6:>8.0f} {row['ratio_vs_raw_bandwidth']:>6.2f}x "
-              f"{row['ratio_vs_raw_latency']:>7.2f}x "
-              f"{row['speedup_vs_pickle']:>8.2f}x {row['speedup_vs_gloo']:>7.2f}x")
-    print("medians of per-repeat ratios; vs raw: raw time / mpisplit time (1.0 = as fast as "
-          "raw mpi4py buffers); time/raw: the latency ratio; vs pickle, vs gloo: how many "
-          "times faster mpisplit is")
+        print(
+            f"{size_label(row['bytes']):>8} {ours * 1e6:>8.1f}us "
+            f"{row['mpi4py_raw_s'] * 1e6:>8.1f}us "
+            f"{row['bytes'] / ours / 1e6:>8.0f} {row['ratio_vs_raw_bandwidth']:>6.2f}x "
+            f"{row['ratio_vs_raw_latency']:>7.2f}x "
+            f"{row['speedup_vs_pickle']:>8.2f}x {row['speedup_vs_gloo']:>7.2f}x"
+        )
+    print(
+        "medians of per-repeat ratios; vs raw: raw time / mpisplit time (1.0 = as fast as "
+        "raw mpi4py buffers); time/raw: the latency ratio; vs pickle, vs gloo: how many "
+        "times faster mpisplit is"
+    )
     if json_path:
         with open(json_path, "w") as out:
             json.dump({"benchmark": "transport", "results": results}, out, indent=2)

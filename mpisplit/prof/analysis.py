@@ -55,9 +55,9 @@ class States:
 
 def states(rank: RankTrace, window: tuple[float, float]) -> States:
     """The rank's states inside the run window."""
+
     def of(cat: str) -> iv.Intervals:
-        return iv.clip(iv.union([(s.start, s.end) for s in rank.spans if s.cat == cat]),
-                       *window)
+        return iv.clip(iv.union([(s.start, s.end) for s in rank.spans if s.cat == cat]), *window)
 
     wait = of("wait")
     comm = iv.subtract(iv.join(of("comm"), of("collective")), wait)
@@ -71,10 +71,15 @@ PHASES = ("forward", "backward")
 def phases(rank: RankTrace, st: States) -> dict[str, iv.Intervals]:
     """The rank's compute time inside ``forward`` and inside ``backward`` spans (the rest
     of its compute is data reads, optimizer steps and evaluation)."""
-    return {name: iv.intersect(iv.union([(s.start, s.end) for s in rank.spans
-                                         if s.cat == "compute" and s.name == name]),
-                               st.compute)
-            for name in PHASES}
+    return {
+        name: iv.intersect(
+            iv.union(
+                [(s.start, s.end) for s in rank.spans if s.cat == "compute" and s.name == name]
+            ),
+            st.compute,
+        )
+        for name in PHASES
+    }
 
 
 def star_centre(sent: np.ndarray, min_ranks: int = 7) -> int | None:
@@ -93,11 +98,16 @@ def breakdown(timeline: Timeline, all_states: dict[int, States]) -> dict[int, di
     wall = max(timeline.wall, 1e-12)
     out = {}
     for rank, st in all_states.items():
-        seconds = {"compute": iv.length(st.compute), "comm": iv.length(st.comm),
-                   "wait": iv.length(st.wait)}
+        seconds = {
+            "compute": iv.length(st.compute),
+            "comm": iv.length(st.comm),
+            "wait": iv.length(st.wait),
+        }
         seconds["idle"] = max(wall - sum(seconds.values()), 0.0)
-        out[rank] = {**{f"{k}_s": v for k, v in seconds.items()},
-                     **{f"{k}_fraction": v / wall for k, v in seconds.items()}}
+        out[rank] = {
+            **{f"{k}_s": v for k, v in seconds.items()},
+            **{f"{k}_fraction": v / wall for k, v in seconds.items()},
+        }
     return out
 
 
@@ -121,7 +131,8 @@ def collective_bytes(timeline: Timeline) -> dict[int, dict[str, dict[str, int]]]
             if span.cat != "collective":
                 continue
             row = out.setdefault(r.rank, {}).setdefault(
-                span.args["kind"], {"sent": 0, "received": 0, "calls": 0})
+                span.args["kind"], {"sent": 0, "received": 0, "calls": 0}
+            )
             row["sent"] += span.args["bytes_sent"]
             row["received"] += span.args["bytes_received"]
             row["calls"] += 1
@@ -134,11 +145,20 @@ def bandwidth(timeline: Timeline, sent: np.ndarray) -> list[dict[str, float]]:
     links = []
     for a, b in zip(*np.nonzero(sent), strict=True):
         a, b = int(a), int(b)
-        busy = iv.union([(s.start, s.end) for s in by_rank[a].messages("send") if s.peer == b]
-                        + [(s.start, s.end) for s in by_rank[b].messages("recv") if s.peer == a])
+        busy = iv.union(
+            [(s.start, s.end) for s in by_rank[a].messages("send") if s.peer == b]
+            + [(s.start, s.end) for s in by_rank[b].messages("recv") if s.peer == a]
+        )
         seconds = iv.length(busy)
-        links.append({"sender": a, "receiver": b, "bytes": int(sent[a, b]), "busy_s": seconds,
-                      "mb_per_s": sent[a, b] / seconds / 1e6 if seconds else float("nan")})
+        links.append(
+            {
+                "sender": a,
+                "receiver": b,
+                "bytes": int(sent[a, b]),
+                "busy_s": seconds,
+                "mb_per_s": sent[a, b] / seconds / 1e6 if seconds else float("nan"),
+            }
+        )
     return links
 
 
@@ -176,9 +196,14 @@ def bubble(rank: RankTrace, st: States) -> dict[str, float] | None:
     window = hi - lo
     busy = iv.length(iv.clip(iv.join(st.compute, st.comm), lo, hi))
     wait = iv.length(iv.clip(st.wait, lo, hi))
-    return {"rank": rank.rank, "window_start_s": lo, "window_end_s": hi,
-            "bubble_fraction": 1 - busy / window, "wait_fraction": wait / window,
-            "idle_fraction": 1 - (busy + wait) / window}
+    return {
+        "rank": rank.rank,
+        "window_start_s": lo,
+        "window_end_s": hi,
+        "bubble_fraction": 1 - busy / window,
+        "wait_fraction": wait / window,
+        "idle_fraction": 1 - (busy + wait) / window,
+    }
 
 
 def step_stats(rank: RankTrace) -> dict[str, float] | None:
@@ -186,5 +211,9 @@ def step_stats(rank: RankTrace) -> dict[str, float] | None:
     times = np.diff(step_starts(rank))
     if not len(times):
         return None
-    return {"steps": len(times) + 1, "mean_s": float(times.mean()),
-            "median_s": float(np.median(times)), "p95_s": float(np.percentile(times, 95))}
+    return {
+        "steps": len(times) + 1,
+        "mean_s": float(times.mean()),
+        "median_s": float(np.median(times)),
+        "p95_s": float(np.percentile(times, 95)),
+    }

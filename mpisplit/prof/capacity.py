@@ -78,8 +78,10 @@ def measure(run_dir: Path) -> Costs:
     summary = json.loads((run_dir / "summary.json").read_text())
     scheme = config["scheme"]["name"]
     if scheme not in MODELLED:
-        raise ConfigError(f"{run_dir}: capacity models one-server split learning "
-                          f"({', '.join(MODELLED)}); scheme {scheme} is not modelled")
+        raise ConfigError(
+            f"{run_dir}: capacity models one-server split learning "
+            f"({', '.join(MODELLED)}); scheme {scheme} is not modelled"
+        )
     timeline = load(run_dir)
     roles = summary["roles"]
     server = roles.index("server")
@@ -87,20 +89,26 @@ def measure(run_dir: Path) -> Costs:
     client_steps = sum(summary["steps_per_rank"][r.rank] for r in clients)
     if client_steps == 0:
         raise ConfigError(f"{run_dir}: the run took no client steps")
-    moved = sum(summary["bytes_sent_per_rank"][r.rank] + summary["bytes_received_per_rank"][r.rank]
-                for r in clients)
+    moved = sum(
+        summary["bytes_sent_per_rank"][r.rank] + summary["bytes_received_per_rank"][r.rank]
+        for r in clients
+    )
     messages = sum(len(r.messages("send")) + len(r.messages("recv")) for r in clients)
     latency, bandwidth = link(timeline)
     return Costs(
-        scheme=scheme, order=config["scheme"].get("client_order", "parallel"),
-        batch_size=int(config["data"]["batch_size"]), samples=int(summary["train_samples"]),
+        scheme=scheme,
+        order=config["scheme"].get("client_order", "parallel"),
+        batch_size=int(config["data"]["batch_size"]),
+        samples=int(summary["train_samples"]),
         epochs=int(config["train"]["epochs"]),
-        client_compute_s=statistics.fmean(
-            t for r in clients for t in compute_per_step(r).values()),
+        client_compute_s=statistics.fmean(t for r in clients for t in compute_per_step(r).values()),
         server_compute_s=_training_compute(timeline.ranks[server]) / client_steps,
-        messages_per_step=messages / client_steps, bytes_per_step=moved / client_steps,
-        latency_s=latency, bandwidth_bytes_per_s=bandwidth,
-        startup_s=timeline.first_step - timeline.start)
+        messages_per_step=messages / client_steps,
+        bytes_per_step=moved / client_steps,
+        latency_s=latency,
+        bandwidth_bytes_per_s=bandwidth,
+        startup_s=timeline.first_step - timeline.start,
+    )
 
 
 def compute_per_step(rank: RankTrace) -> dict[int, float]:
@@ -131,8 +139,14 @@ def link(timeline: Timeline) -> tuple[float, float]:
     return latency, (large_bytes / large_s if large_s > 0 else math.inf)
 
 
-def predict(costs: Costs, clients: int, nodes: int, cores_per_node: int,
-            latency_s: float | None = None, bandwidth: float | None = None) -> Prediction:
+def predict(
+    costs: Costs,
+    clients: int,
+    nodes: int,
+    cores_per_node: int,
+    latency_s: float | None = None,
+    bandwidth: float | None = None,
+) -> Prediction:
     """Round time and wall time of ``clients`` clients on ``nodes`` nodes (module docstring)."""
     latency = costs.latency_s if latency_s is None else latency_s
     bandwidth = costs.bandwidth_bytes_per_s if bandwidth is None else bandwidth
@@ -142,28 +156,42 @@ def predict(costs: Costs, clients: int, nodes: int, cores_per_node: int,
         bounds = {"sequential turns": clients * cycle}
     else:
         cores = min(nodes * cores_per_node, clients + 1)
-        bounds = {"client chain": cycle, "server compute": clients * s,
-                  "server link": clients * costs.bytes_per_step / bandwidth,
-                  "cores": clients * (c + s) / cores}
+        bounds = {
+            "client chain": cycle,
+            "server compute": clients * s,
+            "server link": clients * costs.bytes_per_step / bandwidth,
+            "cores": clients * (c + s) / cores,
+        }
     bound, round_s = max(bounds.items(), key=lambda item: item[1])
     steps = costs.epochs * math.ceil(costs.samples / (clients * costs.batch_size))
-    return Prediction(clients, nodes, clients + 1, round_s, bound,
-                      clients * costs.batch_size / round_s, steps,
-                      costs.startup_s + steps * round_s)
+    return Prediction(
+        clients,
+        nodes,
+        clients + 1,
+        round_s,
+        bound,
+        clients * costs.batch_size / round_s,
+        steps,
+        costs.startup_s + steps * round_s,
+    )
 
 
 def render(costs: Costs, predictions: list[Prediction]) -> str:
-    lines = [f"measured ({costs.scheme}, {costs.order}): client compute "
-             f"{costs.client_compute_s * 1e3:.2f} ms/step, server "
-             f"{costs.server_compute_s * 1e3:.2f} ms per client step, "
-             f"{costs.bytes_per_step / 1e3:.1f} kB in {costs.messages_per_step:.1f} messages "
-             f"per client step, start-up {costs.startup_s:.2f} s",
-             f"{'clients':>8} {'nodes':>6} {'ranks':>6} {'round ms':>10} {'samples/s':>10} "
-             f"{'steps':>7} {'wall s':>9}  bound"]
+    lines = [
+        f"measured ({costs.scheme}, {costs.order}): client compute "
+        f"{costs.client_compute_s * 1e3:.2f} ms/step, server "
+        f"{costs.server_compute_s * 1e3:.2f} ms per client step, "
+        f"{costs.bytes_per_step / 1e3:.1f} kB in {costs.messages_per_step:.1f} messages "
+        f"per client step, start-up {costs.startup_s:.2f} s",
+        f"{'clients':>8} {'nodes':>6} {'ranks':>6} {'round ms':>10} {'samples/s':>10} "
+        f"{'steps':>7} {'wall s':>9}  bound",
+    ]
     for p in predictions:
-        lines.append(f"{p.clients:>8} {p.nodes:>6} {p.ranks:>6} {p.round_s * 1e3:>10.2f} "
-                     f"{p.samples_per_s:>10.1f} {p.steps_per_client:>7} {p.wall_s:>9.1f}  "
-                     f"{p.bound}")
+        lines.append(
+            f"{p.clients:>8} {p.nodes:>6} {p.ranks:>6} {p.round_s * 1e3:>10.2f} "
+            f"{p.samples_per_s:>10.1f} {p.steps_per_client:>7} {p.wall_s:>9.1f}  "
+            f"{p.bound}"
+        )
     return "\n".join(lines)
 
 
@@ -175,11 +203,14 @@ def main(args: argparse.Namespace) -> int:
         costs = Costs(**{**asdict(costs), "samples": args.samples})
     latency = None if args.latency_us is None else args.latency_us * 1e-6
     bandwidth = None if args.bandwidth_gbs is None else args.bandwidth_gbs * 1e9
-    predictions = [predict(costs, k, args.nodes, args.cores_per_node, latency, bandwidth)
-                   for k in args.clients]
+    predictions = [
+        predict(costs, k, args.nodes, args.cores_per_node, latency, bandwidth) for k in args.clients
+    ]
     print(render(costs, predictions))
     if args.json is not None:
-        result: dict[str, Any] = {"measured": asdict(costs),
-                                  "predictions": [asdict(p) for p in predictions]}
+        result: dict[str, Any] = {
+            "measured": asdict(costs),
+            "predictions": [asdict(p) for p in predictions],
+        }
         args.json.write_text(json.dumps(result, indent=1))
     return 0

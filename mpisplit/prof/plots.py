@@ -31,9 +31,15 @@ def rank_labels(labels: dict[int, str]) -> list[str]:
     return [f"{rank} {label}" for rank, label in sorted(labels.items())]
 
 
-def timeline(path: Path, all_states: dict[int, States], labels: dict[int, str],
-             window: tuple[float, float], zoom: tuple[float, float] | None,
-             phases: dict[int, dict[str, iv.Intervals]], steps: dict[int, np.ndarray]) -> Path:
+def timeline(
+    path: Path,
+    all_states: dict[int, States],
+    labels: dict[int, str],
+    window: tuple[float, float],
+    zoom: tuple[float, float] | None,
+    phases: dict[int, dict[str, iv.Intervals]],
+    steps: dict[int, np.ndarray],
+) -> Path:
     """Ranks as rows, the run window on top and, when given, a zoom on a few steady-state
     steps below (single steps are invisible at the scale of the whole run). Forward and
     backward compute in their own shades; a black tick where each of the rank's steps
@@ -41,16 +47,21 @@ def timeline(path: Path, all_states: dict[int, States], labels: dict[int, str],
     panels = [(*window, "whole run (from the first training step)")]
     if zoom is not None:
         panels.append((*zoom, "steady state (zoom)"))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 1.2 + 1.6 * len(panels)
-                                                      + 0.35 * len(labels) * len(panels)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(11, 1.2 + 1.6 * len(panels) + 0.35 * len(labels) * len(panels)),
+        squeeze=False,
+    )
     for ax, (lo, hi, title) in zip(axes[:, 0], panels, strict=True):
         _timeline_panel(ax, all_states, labels, lo, hi)
         _overlay(ax, phases, steps, lo, hi)
         ax.set_title(title, fontsize=10, loc="left")
-    handles = [Patch(color=COLORS["compute"], label="compute (data, optimizer, eval)"),
-               *(Patch(color=color, label=name) for name, color in PHASE_COLORS.items()),
-               *(Patch(color=COLORS[k], label=k) for k in ("comm", "wait"))]
+    handles = [
+        Patch(color=COLORS["compute"], label="compute (data, optimizer, eval)"),
+        *(Patch(color=color, label=name) for name, color in PHASE_COLORS.items()),
+        *(Patch(color=COLORS[k], label=k) for k in ("comm", "wait")),
+    ]
     handles.append(Patch(facecolor="white", edgecolor="#999999", label="idle"))
     handles.append(Line2D([], [], color="black", linewidth=0.8, label="step start"))
     fig.legend(handles=handles, loc="upper right", ncol=4, frameon=False, fontsize=8)
@@ -60,16 +71,21 @@ def timeline(path: Path, all_states: dict[int, States], labels: dict[int, str],
     return path
 
 
-def _timeline_panel(ax: Axes, all_states: dict[int, States], labels: dict[int, str],
-                    lo: float, hi: float) -> None:
+def _timeline_panel(
+    ax: Axes, all_states: dict[int, States], labels: dict[int, str], lo: float, hi: float
+) -> None:
     ranks = sorted(all_states)
     for row, rank in enumerate(ranks):
         st = all_states[rank]
         for state in ("compute", "comm", "wait"):
             spans = iv.clip(getattr(st, state), lo, hi)
             if len(spans):
-                ax.broken_barh([((a - lo) * 1e3, (b - a) * 1e3) for a, b in spans],
-                               (row - 0.4, 0.8), facecolors=COLORS[state], linewidth=0)
+                ax.broken_barh(
+                    [((a - lo) * 1e3, (b - a) * 1e3) for a, b in spans],
+                    (row - 0.4, 0.8),
+                    facecolors=COLORS[state],
+                    linewidth=0,
+                )
     ax.set_xlim(0, (hi - lo) * 1e3)
     ax.set_ylim(len(ranks) - 0.5, -0.5)
     ax.set_yticks(range(len(ranks)), rank_labels({r: labels[r] for r in ranks}))
@@ -77,20 +93,28 @@ def _timeline_panel(ax: Axes, all_states: dict[int, States], labels: dict[int, s
     ax.grid(axis="x", alpha=0.3)
 
 
-def _overlay(ax: Axes, phases: dict[int, dict[str, iv.Intervals]], steps: dict[int, np.ndarray],
-             lo: float, hi: float) -> None:
+def _overlay(
+    ax: Axes,
+    phases: dict[int, dict[str, iv.Intervals]],
+    steps: dict[int, np.ndarray],
+    lo: float,
+    hi: float,
+) -> None:
     """Forward and backward over the rows' compute, and the step boundaries."""
     for row, rank in enumerate(sorted(phases)):
         for name, color in PHASE_COLORS.items():
             spans = iv.clip(phases[rank][name], lo, hi)
             if len(spans):
-                ax.broken_barh([((a - lo) * 1e3, (b - a) * 1e3) for a, b in spans],
-                               (row - 0.4, 0.8), facecolors=color, linewidth=0)
+                ax.broken_barh(
+                    [((a - lo) * 1e3, (b - a) * 1e3) for a, b in spans],
+                    (row - 0.4, 0.8),
+                    facecolors=color,
+                    linewidth=0,
+                )
         starts = steps.get(rank, np.empty(0))
         starts = starts[(starts >= lo) & (starts <= hi)]
         if 0 < len(starts) <= _MAX_STEP_MARKS:
-            ax.vlines((starts - lo) * 1e3, row - 0.45, row + 0.45, colors="black",
-                      linewidth=0.6)
+            ax.vlines((starts - lo) * 1e3, row - 0.45, row + 0.45, colors="black", linewidth=0.6)
 
 
 def bytes_figure(path: Path, sent: np.ndarray, labels: dict[int, str]) -> Path:
@@ -109,12 +133,18 @@ def _star_bars(path: Path, sent: np.ndarray, labels: dict[int, str], hub: int) -
     x = np.arange(len(clients))
     ax.bar(x - 0.2, sent[clients, hub], 0.4, color=COLORS["comm"], label=f"to {hub_name}")
     ax.bar(x + 0.2, sent[hub, clients], 0.4, color=COLORS["wait"], label=f"from {hub_name}")
-    ax.set_xticks(x, [f"{rank} {labels.get(rank, '(no trace)')}" for rank in clients],
-                  rotation=60 if len(clients) > 12 else 30, ha="right", fontsize=8)
+    ax.set_xticks(
+        x,
+        [f"{rank} {labels.get(rank, '(no trace)')}" for rank in clients],
+        rotation=60 if len(clients) > 12 else 30,
+        ha="right",
+        fontsize=8,
+    )
     ax.yaxis.set_major_formatter(_BYTES)
     ax.set_ylabel("bytes (payload + headers)")
-    ax.set_title(f"bytes each rank exchanged with {hub_name} (star: {len(clients)} ranks)",
-                 fontsize=10)
+    ax.set_title(
+        f"bytes each rank exchanged with {hub_name} (star: {len(clients)} ranks)", fontsize=10
+    )
     ax.legend(frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -136,8 +166,15 @@ def bytes_heatmap(path: Path, sent: np.ndarray, labels: dict[int, str]) -> Path:
     threshold = sent.max() / 2 if sent.size else 0
     for a in range(size):
         for b in range(size):
-            ax.text(b, a, human_bytes(int(sent[a, b])), ha="center", va="center", fontsize=9,
-                    color="white" if sent[a, b] > threshold else "black")
+            ax.text(
+                b,
+                a,
+                human_bytes(int(sent[a, b])),
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if sent[a, b] > threshold else "black",
+            )
     ax.set_title("bytes sent (payload + headers)", fontsize=10)
     fig.colorbar(image, ax=ax, label="bytes", shrink=0.8, format=_BYTES)
     fig.tight_layout()
@@ -146,16 +183,18 @@ def bytes_heatmap(path: Path, sent: np.ndarray, labels: dict[int, str]) -> Path:
     return path
 
 
-def breakdown_bars(path: Path, fractions: dict[int, dict[str, float]],
-                   labels: dict[int, str]) -> Path:
+def breakdown_bars(
+    path: Path, fractions: dict[int, dict[str, float]], labels: dict[int, str]
+) -> Path:
     """Stacked bars of the state fractions per rank."""
     ranks = sorted(fractions)
     fig, ax = plt.subplots(figsize=(2.5 + 1.2 * len(ranks), 4))
     bottom = np.zeros(len(ranks))
     for state in ("compute", "comm", "wait", "idle"):
         values = np.array([fractions[r][f"{state}_fraction"] for r in ranks])
-        ax.bar(range(len(ranks)), values, bottom=bottom, color=COLORS[state], label=state,
-               width=0.6)
+        ax.bar(
+            range(len(ranks)), values, bottom=bottom, color=COLORS[state], label=state, width=0.6
+        )
         for x, (v, b) in enumerate(zip(values, bottom, strict=True)):
             if v > 0.04:
                 ax.text(x, b + v / 2, f"{v:.0%}", ha="center", va="center", fontsize=8)
@@ -173,5 +212,5 @@ def breakdown_bars(path: Path, fractions: dict[int, dict[str, float]],
 def human_bytes(n: float) -> str:
     """Decimal units (1 KB = 1000 B), like network rates."""
     exponent = min(int(math.log10(n)) // 3, 4) if n >= 1000 else 0
-    value = n / 1000 ** exponent
+    value = n / 1000**exponent
     return f"{value:.0f} B" if exponent == 0 else f"{value:.1f} {_UNITS[exponent]}"

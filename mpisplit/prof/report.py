@@ -50,8 +50,15 @@ def compare_pmpi(sent: np.ndarray, reports: list[dict[str, Any]]) -> list[dict[s
         measured = {int(p): v["sent_bytes"] for p, v in report.get("peers", {}).items()}
         for peer in sorted(set(measured) | set(np.flatnonzero(sent[rank]).tolist())):
             traced, counted = int(sent[rank, peer]), int(measured.get(peer, 0))
-            rows.append({"rank": rank, "peer": peer, "trace_bytes": traced,
-                         "pmpi_bytes": counted, "agree": traced == counted})
+            rows.append(
+                {
+                    "rank": rank,
+                    "peer": peer,
+                    "trace_bytes": traced,
+                    "pmpi_bytes": counted,
+                    "agree": traced == counted,
+                }
+            )
     return rows
 
 
@@ -80,8 +87,15 @@ def write(run_dir: Path, out: Path) -> dict[str, Any]:
     (out / "profile.json").write_text(json.dumps(profile, indent=1))
     phases = {r.rank: analysis.phases(r, all_states[r.rank]) for r in timeline.ranks}
     steps = {r.rank: analysis.step_starts(r) for r in timeline.ranks}
-    plots.timeline(out / "timeline.png", all_states, labels, timeline.window,
-                   zoom_window(profile), phases, steps)
+    plots.timeline(
+        out / "timeline.png",
+        all_states,
+        labels,
+        timeline.window,
+        zoom_window(profile),
+        phases,
+        steps,
+    )
     plots.bytes_figure(out / "bytes.png", np.array(profile["bytes"]), labels)
     plots.breakdown_bars(out / "breakdown.png", profile["breakdown"], labels)
     return profile
@@ -90,48 +104,64 @@ def write(run_dir: Path, out: Path) -> dict[str, Any]:
 def render(profile: dict[str, Any]) -> str:
     """The profile as text tables."""
     labels = {r["rank"]: r["label"] for r in profile["ranks"]}
-    lines = [f"run window {profile['wall_s']:.3f} s from the first training step (start-up "
-             f"before it {profile['setup_s']:.3f} s), {len(labels)} ranks", "",
-             f"{'rank':<12}{'compute':>16}{'comm':>16}{'wait':>16}{'idle':>16}"
-             f"{'overlap':>9}{'step ms (mean/median/p95)':>28}"]
+    lines = [
+        f"run window {profile['wall_s']:.3f} s from the first training step (start-up "
+        f"before it {profile['setup_s']:.3f} s), {len(labels)} ranks",
+        "",
+        f"{'rank':<12}{'compute':>16}{'comm':>16}{'wait':>16}{'idle':>16}"
+        f"{'overlap':>9}{'step ms (mean/median/p95)':>28}",
+    ]
     for rank, label in labels.items():
         row = profile["breakdown"][rank]
-        cells = "".join(f"{row[f'{k}_s']:>8.3f} s {row[f'{k}_fraction']:>4.0%}"
-                        for k in analysis.STATES)
+        cells = "".join(
+            f"{row[f'{k}_s']:>8.3f} s {row[f'{k}_fraction']:>4.0%}" for k in analysis.STATES
+        )
         over = profile["comm_overlap_fraction"][rank]
         steps = profile["steps"][rank]
-        timing = ("-" if steps is None else
-                  f"{steps['mean_s'] * 1e3:.2f}/{steps['median_s'] * 1e3:.2f}/"
-                  f"{steps['p95_s'] * 1e3:.2f}")
-        lines.append(f"{rank} {label:<10}{cells}{'-' if over is None else f'{over:.0%}':>9}"
-                     f"{timing:>28}")
+        timing = (
+            "-"
+            if steps is None
+            else f"{steps['mean_s'] * 1e3:.2f}/{steps['median_s'] * 1e3:.2f}/"
+            f"{steps['p95_s'] * 1e3:.2f}"
+        )
+        lines.append(
+            f"{rank} {label:<10}{cells}{'-' if over is None else f'{over:.0%}':>9}{timing:>28}"
+        )
     lines += ["", "bytes sent (row: sender, column: receiver), payload + headers:"]
     lines += ["  " + " ".join(f"{v:>12}" for v in row) for row in profile["bytes"]]
     lines += _render_collectives(profile["collective_bytes"], labels)
     lines += ["", "links:"]
-    lines += [f"  {b['sender']} -> {b['receiver']}: {plots.human_bytes(b['bytes']):>9} in "
-              f"{b['busy_s'] * 1e3:.1f} ms busy = {b['mb_per_s']:.1f} MB/s"
-              for b in profile["bandwidth"]]
+    lines += [
+        f"  {b['sender']} -> {b['receiver']}: {plots.human_bytes(b['bytes']):>9} in "
+        f"{b['busy_s'] * 1e3:.1f} ms busy = {b['mb_per_s']:.1f} MB/s"
+        for b in profile["bandwidth"]
+    ]
     bubble = profile["bubble"]
     if bubble:
-        lines += ["", f"pipeline bubble of rank {bubble['rank']}: {bubble['bubble_fraction']:.1%}"
-                      f" (wait {bubble['wait_fraction']:.1%}, idle {bubble['idle_fraction']:.1%})"
-                      f" in the steady window {bubble['window_start_s']:.3f}-"
-                      f"{bubble['window_end_s']:.3f} s"]
+        lines += [
+            "",
+            f"pipeline bubble of rank {bubble['rank']}: {bubble['bubble_fraction']:.1%}"
+            f" (wait {bubble['wait_fraction']:.1%}, idle {bubble['idle_fraction']:.1%})"
+            f" in the steady window {bubble['window_start_s']:.3f}-"
+            f"{bubble['window_end_s']:.3f} s",
+        ]
     lines += _render_pmpi(profile.get("pmpi"))
     return "\n".join(lines)
 
 
-def _render_collectives(table: dict[int, dict[str, dict[str, int]]],
-                        labels: dict[int, str]) -> list[str]:
+def _render_collectives(
+    table: dict[int, dict[str, dict[str, int]]], labels: dict[int, str]
+) -> list[str]:
     if not table:
         return []
     lines = ["", "collective bytes per rank and kind (contributed / got back, calls):"]
     for rank, kinds in table.items():
         for kind, row in sorted(kinds.items()):
-            lines.append(f"  {rank} {labels[rank]:<10} {kind:<11}"
-                         f"{plots.human_bytes(row['sent']):>10} /"
-                         f"{plots.human_bytes(row['received']):>10}  {row['calls']:>6}")
+            lines.append(
+                f"  {rank} {labels[rank]:<10} {kind:<11}"
+                f"{plots.human_bytes(row['sent']):>10} /"
+                f"{plots.human_bytes(row['received']):>10}  {row['calls']:>6}"
+            )
     return lines
 
 
@@ -141,8 +171,10 @@ def _render_pmpi(rows: list[dict[str, Any]] | None) -> list[str]:
     lines = ["", "PMPI vs trace, bytes sent per peer:"]
     for row in rows:
         flag = "ok" if row["agree"] else "DISAGREE"
-        lines.append(f"  {row['rank']} -> {row['peer']}: trace {row['trace_bytes']:>12} "
-                     f"pmpi {row['pmpi_bytes']:>12}  {flag}")
+        lines.append(
+            f"  {row['rank']} -> {row['peer']}: trace {row['trace_bytes']:>12} "
+            f"pmpi {row['pmpi_bytes']:>12}  {flag}"
+        )
     return lines
 
 

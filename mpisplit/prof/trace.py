@@ -45,8 +45,10 @@ class RankTrace:
 
     def messages(self, what: str) -> list[Span]:
         """``send`` or ``recv`` comm spans, in start order."""
-        return sorted((s for s in self.spans if s.cat == "comm" and s.name.startswith(what)),
-                      key=lambda s: s.start)
+        return sorted(
+            (s for s in self.spans if s.cat == "comm" and s.name.startswith(what)),
+            key=lambda s: s.start,
+        )
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,15 @@ class Timeline:
     def first_step(self) -> float:
         """When the first training step began on any rank (its first compute span carrying a
         ``step``): the end of start-up (step plans, building the parts and optimizers)."""
-        return min((s.start for r in self.ranks for s in r.spans
-                    if s.cat == "compute" and "step" in s.args), default=self.start)
+        return min(
+            (
+                s.start
+                for r in self.ranks
+                for s in r.spans
+                if s.cat == "compute" and "step" in s.args
+            ),
+            default=self.start,
+        )
 
     @property
     def window(self) -> tuple[float, float]:
@@ -96,8 +105,7 @@ class Timeline:
 def trace_files(run_dir: Path) -> dict[int, Path]:
     if not Path(run_dir).is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    found = {int(m.group(1)): p for p in Path(run_dir).iterdir()
-             if (m := _TRACE_RE.match(p.name))}
+    found = {int(m.group(1)): p for p in Path(run_dir).iterdir() if (m := _TRACE_RE.match(p.name))}
     if not found:
         raise FileNotFoundError(f"{run_dir}: no trace-rank<R>.json (train with run.trace=true)")
     return dict(sorted(found.items()))
@@ -108,8 +116,17 @@ def load_rank(rank: int, path: Path) -> RankTrace:
     meta = [e for e in events if e.get("ph") == "M"]
     names = [e["args"]["name"] for e in meta if e["name"] == "process_name"]
     label = m.group(1) if names and (m := _LABEL_RE.match(names[0])) else f"rank{rank}"
-    spans = [Span(e["name"], e.get("cat", ""), e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6,
-                  e.get("args", {})) for e in events if e.get("ph") == "X"]
+    spans = [
+        Span(
+            e["name"],
+            e.get("cat", ""),
+            e["ts"] / 1e6,
+            (e["ts"] + e["dur"]) / 1e6,
+            e.get("args", {}),
+        )
+        for e in events
+        if e.get("ph") == "X"
+    ]
     return RankTrace(rank, label, sorted(spans, key=lambda s: s.start), meta)
 
 
@@ -181,12 +198,21 @@ def merged_events(timeline: Timeline) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
     for r in timeline.ranks:
         events.extend(r.meta)
-        events.extend({"name": s.name, "cat": s.cat, "ph": "X", "ts": s.start * 1e6,
-                       "dur": (s.end - s.start) * 1e6, "pid": r.rank, "tid": 0,
-                       "args": s.args} for s in r.spans)
+        events.extend(
+            {
+                "name": s.name,
+                "cat": s.cat,
+                "ph": "X",
+                "ts": s.start * 1e6,
+                "dur": (s.end - s.start) * 1e6,
+                "pid": r.rank,
+                "tid": 0,
+                "args": s.args,
+            }
+            for s in r.spans
+        )
     for n, m in enumerate(timeline.matches):
         flow = {"name": m.send.name.split(" ", 1)[-1], "cat": "message", "id": n, "tid": 0}
         events.append({**flow, "ph": "s", "pid": m.sender, "ts": m.send.start * 1e6})
-        events.append({**flow, "ph": "f", "bp": "e", "pid": m.receiver,
-                       "ts": m.recv.start * 1e6})
+        events.append({**flow, "ph": "f", "bp": "e", "pid": m.receiver, "ts": m.recv.start * 1e6})
     return {"traceEvents": events, "displayTimeUnit": "ms"}

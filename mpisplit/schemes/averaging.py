@@ -25,13 +25,24 @@ def client_comm(ctx: RankContext) -> MPI.Comm | None:
 def sample_weight(ctx: RankContext, comm: MPI.Comm, samples: int) -> float:
     """This member's share of all samples on ``comm``: its FedAvg weight."""
     total = np.array([samples], np.float64)
-    ctx.transport.complete(comm.Iallreduce(MPI.IN_PLACE, total, op=MPI.SUM), "sample count sum",
-                           kind=Kind.WEIGHTS, sent=total.nbytes, received=total.nbytes)
+    ctx.transport.complete(
+        comm.Iallreduce(MPI.IN_PLACE, total, op=MPI.SUM),
+        "sample count sum",
+        kind=Kind.WEIGHTS,
+        sent=total.nbytes,
+        received=total.nbytes,
+    )
     return samples / total[0]
 
 
-def average_parameters(ctx: RankContext, comm: MPI.Comm, module: nn.Module, weight: float,
-                       points: AveragingPoints, step: int = 0) -> None:
+def average_parameters(
+    ctx: RankContext,
+    comm: MPI.Comm,
+    module: nn.Module,
+    weight: float,
+    points: AveragingPoints,
+    step: int = 0,
+) -> None:
     """Replaces the parameters (and, with ``scheme.average_buffers``, the floating-point
     buffers) by their ``weight``-ed sum over ``comm`` (one raw Allreduce in the parameters'
     own dtype: one model's bytes in and out per member). ``step`` (the index of the step it
@@ -40,12 +51,17 @@ def average_parameters(ctx: RankContext, comm: MPI.Comm, module: nn.Module, weig
     with torch.no_grad():
         flat = (torch.cat([t.reshape(-1) for t in tensors]) * weight).to("cpu")
         buffer = flat.numpy()
-        ctx.transport.complete(ctx.transport.iallreduce(comm, buffer),
-                               "weight average", deadline=points.lockstep, kind=Kind.WEIGHTS,
-                               sent=buffer.nbytes, received=buffer.nbytes, step=step)
+        ctx.transport.complete(
+            ctx.transport.iallreduce(comm, buffer),
+            "weight average",
+            deadline=points.lockstep,
+            kind=Kind.WEIGHTS,
+            sent=buffer.nbytes,
+            received=buffer.nbytes,
+            step=step,
+        )
         averaged = torch.from_numpy(buffer)
-        for tensor, part in zip(tensors, averaged.split([t.numel() for t in tensors]),
-                                strict=True):
+        for tensor, part in zip(tensors, averaged.split([t.numel() for t in tensors]), strict=True):
             tensor.copy_(part.view_as(tensor))
 
 
@@ -76,8 +92,7 @@ class AveragingPoints:
     @classmethod
     def of(cls, steps: Sequence[int], every: int) -> AveragingPoints:
         common = min(steps)
-        return cls(every, common, max(steps) != common or common % every != 0,
-                   max(steps) == common)
+        return cls(every, common, max(steps) != common or common % every != 0, max(steps) == common)
 
     def due(self, step: int, last: int) -> int:
         """How many averages follow ``step`` for a member whose last step is ``last``."""

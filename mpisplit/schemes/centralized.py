@@ -21,25 +21,29 @@ from mpisplit.seeds import Stream, derive
 
 def _pool(ctx: RankContext) -> PooledReader:
     cfg = ctx.config
-    return PooledReader([ctx.shard("client", k) for k in range(cfg.scheme.clients)],
-                        batch_size=cfg.data.batch_size,
-                        seed=derive(cfg.train.seed, Stream.POOL), prefetch=cfg.data.prefetch)
+    return PooledReader(
+        [ctx.shard("client", k) for k in range(cfg.scheme.clients)],
+        batch_size=cfg.data.batch_size,
+        seed=derive(cfg.train.seed, Stream.POOL),
+        prefetch=cfg.data.prefetch,
+    )
 
 
 def run(ctx: RankContext) -> RankResult:
     cfg = ctx.config
     with contextlib.ExitStack() as stack:
-        readers = [stack.enter_context(_pool(ctx))] if cfg.data.pool else [
-            stack.enter_context(shard_reader(ctx, k)) for k in range(cfg.scheme.clients)
-        ]
+        readers = (
+            [stack.enter_context(_pool(ctx))]
+            if cfg.data.pool
+            else [stack.enter_context(shard_reader(ctx, k)) for k in range(cfg.scheme.clients)]
+        )
         tests = stack.enter_context(test_reader(ctx))
         steps = [step_budget(len(reader), cfg.train) for reader in readers]
         lengths = [cfg.scheme.options.turn_steps or len(reader) for reader in readers]
         total = sum(steps)
         segment = ctx.build_segment(0, total, through=ctx.run.parts - 1)
         model = WholeModel(ctx, segment, tests)
-        driver = StepDriver(ctx, total, evaluation=EvalSchedule.of(cfg.train, total),
-                            traffic=False)
+        driver = StepDriver(ctx, total, evaluation=EvalSchedule.of(cfg.train, total), traffic=False)
         batches = [driver.batches(reader) for reader in readers]
         step = 0
         for client, length in round_robin_turns(steps, lengths):

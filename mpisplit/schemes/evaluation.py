@@ -38,12 +38,12 @@ class EvalTally:
 
     def result(self, step: int, client: int, task: int = 0) -> EvalResult:
         count = max(self.count, 1)
-        return EvalResult(step, client, self.loss / count, self.correct / count, self.count,
-                          task)
+        return EvalResult(step, client, self.loss / count, self.correct / count, self.count, task)
 
 
-def evaluate_locally(ctx: RankContext, module: nn.Module, reader: ShardReader, step: int,
-                     client: int) -> EvalResult:
+def evaluate_locally(
+    ctx: RankContext, module: nn.Module, reader: ShardReader, step: int, client: int
+) -> EvalResult:
     """Test metrics of a model that ends in logits, computed on this rank (labels local)."""
     tally = EvalTally()
     module.eval()
@@ -56,6 +56,11 @@ def evaluate_locally(ctx: RankContext, module: nn.Module, reader: ShardReader, s
 
 def record_eval(ctx: RankContext, result: EvalResult) -> EvalResult:
     ctx.metrics.write({"event": "eval", **vars(result)})
-    log.info("eval client %d at step %d: accuracy %.4f, loss %.4f",
-             result.client, result.step, result.accuracy, result.loss)
+    log.info(
+        "eval client %d at step %d: accuracy %.4f, loss %.4f",
+        result.client,
+        result.step,
+        result.accuracy,
+        result.loss,
+    )
     return result

@@ -34,7 +34,6 @@ def run(ctx: RankContext) -> RankResult:
                 average_parameters(ctx, comm, segment.module, weight, averaging, step - 1)
 
         model = WholeModel(ctx, segment, tests, after_step=after_step)
-        samples, finals = train_whole_model(ctx, model, training_batches(reader, cfg.train),
-                                            steps)
+        samples, finals = train_whole_model(ctx, model, training_batches(reader, cfg.train), steps)
         comm.Free()
     return RankResult(steps=steps, samples=samples, final_evals=finals, segment=segment)

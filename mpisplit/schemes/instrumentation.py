@@ -15,8 +15,12 @@ from mpisplit.protocol import Kind
 def record_traffic_by_kind(ctx: RankContext) -> None:
     """Bytes received per message kind: evidence of what reached this rank (e.g. no labels)."""
     received = ctx.transport.traffic.recv_bytes.sum(axis=0)
-    ctx.metrics.write({"event": "traffic_by_kind",
-                       "bytes_received": {kind.name: int(received[kind]) for kind in Kind}})
+    ctx.metrics.write(
+        {
+            "event": "traffic_by_kind",
+            "bytes_received": {kind.name: int(received[kind]) for kind in Kind},
+        }
+    )
 
 
 @contextlib.contextmanager

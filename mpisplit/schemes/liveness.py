@@ -35,8 +35,7 @@ class SilenceWatch:
         if now < self.next_check:
             return []
         self.next_check = now + self.limit_s / self.CHECKS_PER_TIMEOUT
-        return [rank for rank in feeders
-                if now - self.last.get(rank, self.start) > self.limit_s]
+        return [rank for rank in feeders if now - self.last.get(rank, self.start) > self.limit_s]
 
 
 @dataclass
@@ -62,8 +61,9 @@ class Liveness:
     (``SilenceWatch``, for parallel clients it hears directly) and, with ``dropping``, lets
     them go; without, a lost client ends the job with the transport's timeout."""
 
-    def __init__(self, transport: Transport, dropping: Dropping | None,
-                 watch: SilenceWatch | None) -> None:
+    def __init__(
+        self, transport: Transport, dropping: Dropping | None, watch: SilenceWatch | None
+    ) -> None:
         self.transport, self.dropping, self.watch = transport, dropping, watch
 
     @classmethod

@@ -21,9 +21,13 @@ from mpisplit.transport import PendingSend
 LabelMap = Callable[[torch.Tensor], torch.Tensor]
 
 
-def train_lower_client(ctx: RankContext, first_hop: int | Sequence[int],
-                       after_step: Callable[[Segment, int], None] | None = None, *,
-                       labels: Sequence[LabelMap] | None = None) -> RankResult:
+def train_lower_client(
+    ctx: RankContext,
+    first_hop: int | Sequence[int],
+    after_step: Callable[[Segment, int], None] | None = None,
+    *,
+    labels: Sequence[LabelMap] | None = None,
+) -> RankResult:
     """A client that holds segment 0 and sends cut activations with labels to ``first_hop``
     (the server, or the first relay); ``after_step(segment, model_step)`` runs after each
     step.
@@ -36,21 +40,36 @@ def train_lower_client(ctx: RankContext, first_hop: int | Sequence[int],
     reader = client_reader(ctx)
     with reader, test_reader(ctx) as tests:
         turns = agree_turns(ctx, reader)
-        client = LowerClient(ctx, ctx.build_segment(0, turns.part_steps), hops, tests,
-                             list(labels) if labels is not None else [_same] * len(hops),
-                             after_step)
+        client = LowerClient(
+            ctx,
+            ctx.build_segment(0, turns.part_steps),
+            hops,
+            tests,
+            list(labels) if labels is not None else [_same] * len(hops),
+            after_step,
+        )
         report = run_client_turns(ctx, turns, client, reader, hops)
-    return RankResult(steps=report.steps, samples=report.samples, segment=client.segment,
-                      leakage=client.sender.leakage)
+    return RankResult(
+        steps=report.steps,
+        samples=report.samples,
+        segment=client.segment,
+        leakage=client.sender.leakage,
+    )
 
 
 class LowerClient:
     """The lower client's step (microbatches forward to every hop, their gradients back,
     one update) and evaluation (a forward-only pass over the test set to every hop)."""
 
-    def __init__(self, ctx: RankContext, segment: Segment, hops: list[int],
-                 tests: ShardReader, label_maps: list[LabelMap],
-                 after_step: Callable[[Segment, int], None] | None) -> None:
+    def __init__(
+        self,
+        ctx: RankContext,
+        segment: Segment,
+        hops: list[int],
+        tests: ShardReader,
+        label_maps: list[LabelMap],
+        after_step: Callable[[Segment, int], None] | None,
+    ) -> None:
         self.ctx, self.segment, self.hops, self.tests = ctx, segment, hops, tests
         self.label_maps, self.after_step = label_maps, after_step
         self.sender = CutSender(ctx)
@@ -63,15 +82,17 @@ class LowerClient:
         label_sends: list[PendingSend] = []
 
         def forward(microbatch: int) -> list[torch.Tensor]:
-            return self._forward(parts[microbatch], microbatch, index, len(batch.labels),
-                                 label_sends)
+            return self._forward(
+                parts[microbatch], microbatch, index, len(batch.labels), label_sends
+            )
 
         def backward(anchors: list[torch.Tensor]) -> None:
             with compute_span(self.ctx, "backward", step=index):
                 torch.autograd.backward(anchors)
 
-        schedules.run(schedules.of(self.ctx.config.transport.schedule, len(parts)), forward,
-                      backward)
+        schedules.run(
+            schedules.of(self.ctx.config.transport.schedule, len(parts)), forward, backward
+        )
         for pending in label_sends:
             pending.wait()
         with self.ctx.tracer.span("optimizer", step=index):
@@ -79,25 +100,48 @@ class LowerClient:
         if self.after_step is not None:
             self.after_step(self.segment, index + 1)
 
-    def _forward(self, part: Microbatch, microbatch: int, index: int, batch_size: int,
-                 label_sends: list[PendingSend]) -> list[torch.Tensor]:
+    def _forward(
+        self,
+        part: Microbatch,
+        microbatch: int,
+        index: int,
+        batch_size: int,
+        label_sends: list[PendingSend],
+    ) -> list[torch.Tensor]:
         with compute_span(self.ctx, "forward", step=index, microbatch=microbatch):
             features = part.features.to(self.ctx.device)
             activation = self.segment.module(features)
         # Labels go first: MPI libraries deliver one sender's eager messages in the order
         # posted, so a client stopped right after sending cannot leave the server with an
         # activation whose labels never come (spatio-temporal drops).
-        label_sends.extend(self.ctx.transport.isend(label_map(part.labels), hop, Kind.LABELS,
-                                                    step=index, microbatch=microbatch)
-                           for hop, label_map in zip(self.hops, self.label_maps, strict=True))
-        return self.sender.train_fanout(activation, features, self.hops, index,
-                                        flags=part.flags, aux=batch_size,
-                                        microbatch=microbatch)
+        label_sends.extend(
+            self.ctx.transport.isend(
+                label_map(part.labels), hop, Kind.LABELS, step=index, microbatch=microbatch
+            )
+            for hop, label_map in zip(self.hops, self.label_maps, strict=True)
+        )
+        return self.sender.train_fanout(
+            activation,
+            features,
+            self.hops,
+            index,
+            flags=part.flags,
+            aux=batch_size,
+            microbatch=microbatch,
+        )
 
     def evaluate(self, step: int, final: bool) -> None:
         for hop, label_map in zip(self.hops, self.label_maps, strict=True):
-            send_eval_pass(self.ctx, self.sender, self.segment, self.tests, hop, step,
-                           final=final, labels=label_map)
+            send_eval_pass(
+                self.ctx,
+                self.sender,
+                self.segment,
+                self.tests,
+                hop,
+                step,
+                final=final,
+                labels=label_map,
+            )
 
 
 def _same(labels: torch.Tensor) -> torch.Tensor:

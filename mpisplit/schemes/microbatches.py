@@ -27,11 +27,14 @@ def microbatches(batch: Batch, count: int) -> list[Microbatch]:
     for the first one's forward before it can start, the client for the last one's gradient
     before it can step, and halving them halves that fill and drain."""
     bounds = schedules.taper_bounds(len(batch.labels), count)
-    pairs = list(zip(batch.features.tensor_split(bounds), batch.labels.tensor_split(bounds),
-                     strict=True))
+    pairs = list(
+        zip(batch.features.tensor_split(bounds), batch.labels.tensor_split(bounds), strict=True)
+    )
     pairs = [(x, y) for x, y in pairs if len(y)]
-    return [Microbatch(x, y, Flag.MORE if i < len(pairs) - 1 else Flag.NONE)
-            for i, (x, y) in enumerate(pairs)]
+    return [
+        Microbatch(x, y, Flag.MORE if i < len(pairs) - 1 else Flag.NONE)
+        for i, (x, y) in enumerate(pairs)
+    ]
 
 
 def microbatch_share(labels: torch.Tensor, message: Message) -> float:

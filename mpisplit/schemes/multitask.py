@@ -68,9 +68,11 @@ def check_heads(cfg: Config, parts: Sequence[nn.Module]) -> None:
     except (TypeError, ValueError):  # no signature to read
         takes = False
     if not takes or "num_classes" in cfg.model.options:
-        raise ConfigError(f"model.name: multitask sizes each task's head by calling the "
-                          f"factory with that task's num_classes; {cfg.model.name} takes no "
-                          f"num_classes argument (or model.options fixes it)")
+        raise ConfigError(
+            f"model.name: multitask sizes each task's head by calling the "
+            f"factory with that task's num_classes; {cfg.model.name} takes no "
+            f"num_classes argument (or model.options fixes it)"
+        )
 
 
 def train_client(ctx: RankContext) -> RankResult:

@@ -8,8 +8,9 @@ from mpisplit.seeds import Stream, derive
 
 
 def test_reader(ctx: RankContext, kind: str = "client") -> ShardReader:
-    return ShardReader(ctx.shard(kind, test=True), batch_size=ctx.config.data.batch_size,
-                       shuffle=False, prefetch=0)
+    return ShardReader(
+        ctx.shard(kind, test=True), batch_size=ctx.config.data.batch_size, shuffle=False, prefetch=0
+    )
 
 
 def client_reader(ctx: RankContext) -> ShardReader:
@@ -21,7 +22,10 @@ def shard_reader(ctx: RankContext, client: int) -> ShardReader:
     """Client ``client``'s training shard, shuffled by that client's stream of
     ``train.seed`` (the centralized baseline visits every client's)."""
     cfg = ctx.config
-    return ShardReader(ctx.shard("client", client), batch_size=cfg.data.batch_size,
-                       shuffle=cfg.data.shuffle,
-                       seed=derive(cfg.train.seed, Stream.DATA, client),
-                       prefetch=cfg.data.prefetch)
+    return ShardReader(
+        ctx.shard("client", client),
+        batch_size=cfg.data.batch_size,
+        shuffle=cfg.data.shuffle,
+        seed=derive(cfg.train.seed, Stream.DATA, client),
+        prefetch=cfg.data.prefetch,
+    )

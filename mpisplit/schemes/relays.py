@@ -14,8 +14,9 @@ from mpisplit.topology import Role
 from mpisplit.transport import ANY_SOURCE, Message, Transport
 
 
-def relay_activations(ctx: RankContext, segment: Segment, total_steps: int,
-                      next_hop: int | None) -> int:
+def relay_activations(
+    ctx: RankContext, segment: Segment, total_steps: int, next_hop: int | None
+) -> int:
     """The loop of a rank in the middle of the model: receive a cut activation from any
     sender, run ``segment``, send the result on, and on the way back pass the gradient to
     the sender and step. Returns the training steps taken.
@@ -31,8 +32,9 @@ def relay_activations(ctx: RankContext, segment: Segment, total_steps: int,
 class Relay:
     """``relay_activations``' state: its segment, where results go, the step driver."""
 
-    def __init__(self, ctx: RankContext, segment: Segment, total_steps: int,
-                 next_hop: int | None) -> None:
+    def __init__(
+        self, ctx: RankContext, segment: Segment, total_steps: int, next_hop: int | None
+    ) -> None:
         self.ctx, self.segment, self.next_hop = ctx, segment, next_hop
         self.transport: Transport = ctx.transport
         self.driver = StepDriver(ctx, total_steps)
@@ -46,8 +48,9 @@ class Relay:
             dest = message.source if self.next_hop is None else self.next_hop
             if message.flags & (Flag.LAST | Flag.DONE):
                 if self.next_hop is not None:
-                    self.transport.send(activation, dest, Kind.ACTIVATION, step=message.step,
-                                        flags=message.flags)
+                    self.transport.send(
+                        activation, dest, Kind.ACTIVATION, step=message.step, flags=message.flags
+                    )
                 remaining -= bool(message.flags & Flag.DONE)
                 source = ANY_SOURCE
             elif message.flags & Flag.EVAL:
@@ -69,9 +72,15 @@ class Relay:
         gradients accumulate until then). Returns whether more microbatches follow."""
         tracer, more = self.ctx.tracer, message.flags & Flag.MORE
         with tracer.span("forward", step=self.steps):
-            anchor = send_forward(self.segment.module(activation), self.transport, dest,
-                                  message.step, flags=more, aux=message.aux,
-                                  microbatch=message.microbatch)
+            anchor = send_forward(
+                self.segment.module(activation),
+                self.transport,
+                dest,
+                message.step,
+                flags=more,
+                aux=message.aux,
+                microbatch=message.microbatch,
+            )
         if self.next_hop is not None:
             self._pass_labels(message, dest)
         with tracer.span("backward", step=self.steps):
@@ -87,5 +96,4 @@ class Relay:
 
     def _pass_labels(self, message: Message, dest: int) -> None:
         labels = self.transport.recv(Kind.LABELS, message.source)
-        self.transport.send(labels.tensor, dest, Kind.LABELS, step=labels.step,
-                            flags=labels.flags)
+        self.transport.send(labels.tensor, dest, Kind.LABELS, step=labels.step, flags=labels.flags)

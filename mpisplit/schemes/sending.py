@@ -24,37 +24,69 @@ class CutSender(CutDefence):
         super().__init__(ctx.config.privacy, ctx.me.index)
         self.ctx = ctx
 
-    def train(self, activation: CutValue, inputs: torch.Tensor, dest: int, step: int, *,
-              flags: Flag = Flag.NONE, aux: int = 0, microbatch: int = 0) -> torch.Tensor:
+    def train(
+        self,
+        activation: CutValue,
+        inputs: torch.Tensor,
+        dest: int,
+        step: int,
+        *,
+        flags: Flag = Flag.NONE,
+        aux: int = 0,
+        microbatch: int = 0,
+    ) -> torch.Tensor:
         """Sends the defended activation; ``.backward()`` on the result completes this
         client's back-propagation (cut gradient plus the NoPeek penalty)."""
-        return self.train_fanout(activation, inputs, [dest], step, flags=flags, aux=aux,
-                                 microbatch=microbatch)[0]
+        return self.train_fanout(
+            activation, inputs, [dest], step, flags=flags, aux=aux, microbatch=microbatch
+        )[0]
 
-    def train_fanout(self, activation: CutValue, inputs: torch.Tensor,
-                     dests: Sequence[int], step: int, *, flags: Flag = Flag.NONE, aux: int = 0,
-                     microbatch: int = 0) -> list[torch.Tensor]:
+    def train_fanout(
+        self,
+        activation: CutValue,
+        inputs: torch.Tensor,
+        dests: Sequence[int],
+        step: int,
+        *,
+        flags: Flag = Flag.NONE,
+        aux: int = 0,
+        microbatch: int = 0,
+    ) -> list[torch.Tensor]:
         """Sends one defended activation to every rank in ``dests`` (multi-task heads);
         ``torch.autograd.backward`` on the anchors sums their cut gradients. All receivers
         get the same noise draw, and the NoPeek penalty is counted once, not per receiver."""
         sent, penalty = self.defend(activation, inputs)
-        anchors = [send_forward(sent, self.ctx.transport, dest, step, flags=flags, aux=aux,
-                                microbatch=microbatch) for dest in dests]
+        anchors = [
+            send_forward(
+                sent, self.ctx.transport, dest, step, flags=flags, aux=aux, microbatch=microbatch
+            )
+            for dest in dests
+        ]
         if penalty is not None:
             anchors[0] = anchors[0] + penalty
         return anchors
 
-    def evaluate(self, activation: CutValue, inputs: torch.Tensor, dest: int, step: int, *,
-                 final: bool) -> None:
+    def evaluate(
+        self, activation: CutValue, inputs: torch.Tensor, dest: int, step: int, *, final: bool
+    ) -> None:
         """Sends a forward-only activation (defended like training traffic; the final
         evaluation keeps the leakage sample)."""
-        send_eval(self.defend_eval(activation, inputs, step, final=final), self.ctx.transport,
-                  dest, step)
+        send_eval(
+            self.defend_eval(activation, inputs, step, final=final), self.ctx.transport, dest, step
+        )
 
 
-def send_eval_pass(ctx: RankContext, sender: CutSender, segment: Segment, reader: ShardReader,
-                   dest: int, step: int, *, final: bool,
-                   labels: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+def send_eval_pass(
+    ctx: RankContext,
+    sender: CutSender,
+    segment: Segment,
+    reader: ShardReader,
+    dest: int,
+    step: int,
+    *,
+    final: bool,
+    labels: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
     """Forwards the whole test set through ``segment`` to ``dest``, then an end marker; the
     final pass also measures leakage. ``labels`` maps the dataset's labels to what ``dest``
     scores (a multitask server's task labels)."""
@@ -66,8 +98,7 @@ def send_eval_pass(ctx: RankContext, sender: CutSender, segment: Segment, reader
             # Labels first but not waited for until the activation is posted: the receiver
             # takes the activation first, and labels above MPI's eager limit (~1000
             # samples) would otherwise wait for it forever.
-            labels_sent = transport.isend(targets, dest, Kind.LABELS, step=step,
-                                          flags=Flag.EVAL)
+            labels_sent = transport.isend(targets, dest, Kind.LABELS, step=step, flags=Flag.EVAL)
             sender.evaluate(segment.module(features), features, dest, step, final=final)
             labels_sent.wait()
     if final:

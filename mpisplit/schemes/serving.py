@@ -45,8 +45,7 @@ class Upper:
         return cls(lambda _source: segment, [segment])
 
     @classmethod
-    def per_client(cls, copies: Mapping[int, Segment],
-                   after_step: Callable[[int], None]) -> Upper:
+    def per_client(cls, copies: Mapping[int, Segment], after_step: Callable[[int], None]) -> Upper:
         """One copy per client rank (splitfed v1; not checkpointable)."""
         return cls(copies.__getitem__, [], after_step)
 
@@ -67,9 +66,16 @@ class ServeReport:
     final_evals: list[EvalResult] = field(default_factory=list)
 
 
-def serve_clients(ctx: RankContext, upper: Upper, total_steps: int, *, task: int = 0,
-                  order: ServeOrder | None = None, after_done: AfterDone | None = None,
-                  dropping: Dropping | None = None) -> ServeReport:
+def serve_clients(
+    ctx: RankContext,
+    upper: Upper,
+    total_steps: int,
+    *,
+    task: int = 0,
+    order: ServeOrder | None = None,
+    after_done: AfterDone | None = None,
+    dropping: Dropping | None = None,
+) -> ServeReport:
     """Serves every client until each is done; ``task`` labels the evaluations (a multitask
     server's task index). ``after_done(activation, message)`` takes the one message a
     client sends after its DONE marker (a spatio-temporal site's hand-over; it receives the
@@ -78,8 +84,9 @@ def serve_clients(ctx: RankContext, upper: Upper, total_steps: int, *, task: int
     return Server(ctx, upper, total_steps, task, order, after_done, dropping).run()
 
 
-def serve_with(ctx: RankContext, segment: Segment, total_steps: int, *, task: int = 0
-               ) -> RankResult:
+def serve_with(
+    ctx: RankContext, segment: Segment, total_steps: int, *, task: int = 0
+) -> RankResult:
     """``serve_clients`` with one upper ``segment``, reported as this rank's result."""
     report = serve_clients(ctx, Upper.shared(segment), total_steps, task=task)
     return RankResult(steps=report.steps, final_evals=report.final_evals, segment=segment)
@@ -89,9 +96,16 @@ class Server:
     """``serve_clients``' state: who is still active, the open evaluation tallies, whose
     microbatch is expected next, and the step driver."""
 
-    def __init__(self, ctx: RankContext, upper: Upper, total_steps: int, task: int,
-                 order: ServeOrder | None, after_done: AfterDone | None,
-                 dropping: Dropping | None) -> None:
+    def __init__(
+        self,
+        ctx: RankContext,
+        upper: Upper,
+        total_steps: int,
+        task: int,
+        order: ServeOrder | None,
+        after_done: AfterDone | None,
+        dropping: Dropping | None,
+    ) -> None:
         self.ctx, self.upper, self.task, self.after_done = ctx, upper, task, after_done
         self.transport = ctx.transport
         self.clients = ctx.topology.ranks(Role.CLIENT)
@@ -99,10 +113,11 @@ class Server:
         self.last_relay = ctx.topology.ranks(Role.RELAY)[-1:]
         self.round_size = order.round_size if order else 1
         self.report = ServeReport(steps=ctx.checkpoints.resume_step * self.round_size)
-        self.driver = StepDriver(ctx, total_steps, until=order.until if order else None,
-                                 done=self.report.steps)
+        self.driver = StepDriver(
+            ctx, total_steps, until=order.until if order else None, done=self.report.steps
+        )
         self.driver.restore(Parts(upper.owned))
-        self.senders = iter((order.senders if order else ())[self.report.steps:])
+        self.senders = iter((order.senders if order else ())[self.report.steps :])
         self.expected = next(self.senders, ANY_SOURCE)
         self.active = set(range(len(self.clients)))
         self.finished: set[int] = set()  # past their DONE marker, their last message to come
@@ -121,8 +136,9 @@ class Server:
         """The next message from a client still served (None: nothing to handle)."""
         feeders = self.last_relay or sorted(self.clients[k] for k in self.active)
         try:
-            activation, message = recv_forward(self.transport, self.expected,
-                                               device=self.ctx.device, senders=feeders)
+            activation, message = recv_forward(
+                self.transport, self.expected, device=self.ctx.device, senders=feeders
+            )
         except PeerTimeout as err:  # nobody, or the client mid-step or mid-message, spoke
             self._stalled(err, err.peers, in_step=self.expected != ANY_SOURCE)
             return None
@@ -158,8 +174,9 @@ class Server:
         source, step, tracer = message.source, self.report.steps, self.ctx.tracer
         segment = self.upper.segment_for(source)
         with tracer.span("forward", step=step):
-            loss = check_loss(nn.functional.cross_entropy(segment.module(activation), labels),
-                              step + 1) * microbatch_share(labels, message)
+            loss = check_loss(
+                nn.functional.cross_entropy(segment.module(activation), labels), step + 1
+            ) * microbatch_share(labels, message)
         with tracer.span("backward", step=step):
             loss.backward()
         if message.flags & Flag.MORE:  # accumulate the step's microbatches, then step
@@ -171,10 +188,12 @@ class Server:
             self.upper.after_step(source)
         self.expected = next(self.senders, ANY_SOURCE)
         self.report.steps += 1
-        self.driver.record(self.report.steps, float(loss.detach()),
-                           client=self.client_index.get(source))
-        if self.report.steps % self.round_size == 0 \
-                and self.driver.meet(self.report.steps // self.round_size):
+        self.driver.record(
+            self.report.steps, float(loss.detach()), client=self.client_index.get(source)
+        )
+        if self.report.steps % self.round_size == 0 and self.driver.meet(
+            self.report.steps // self.round_size
+        ):
             self.liveness.restart()  # the clients were writing checkpoints, not stalled
 
     def _end_marker(self, activation: torch.Tensor, message: Message) -> None:

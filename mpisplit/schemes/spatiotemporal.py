@@ -84,6 +84,7 @@ def run(ctx: RankContext) -> RankResult:
 
 # --- validation ------------------------------------------------------------------------
 
+
 def check_site_part(cfg: Config, parts: Sequence[nn.Module]) -> None:
     """The site part must be one weighted layer and its activation (after any parameterless
     reshaping such as flatten): the privacy-preserving layer the issue describes, and the
@@ -91,12 +92,20 @@ def check_site_part(cfg: Config, parts: Sequence[nn.Module]) -> None:
     the part's steps are its leaf modules and the functions the model's forward calls."""
     site = parts[0]
     steps = [node for node in site.graph.nodes if node.op not in ("placeholder", "output")]
-    weighted = [node.op == "get_attr" or (node.op == "call_module" and any(
-        True for _ in site.get_submodule(node.target).parameters())) for node in steps]
+    weighted = [
+        node.op == "get_attr"
+        or (
+            node.op == "call_module"
+            and any(True for _ in site.get_submodule(node.target).parameters())
+        )
+        for node in steps
+    ]
     ok = sum(weighted) == 1 and len(weighted) >= 2 and weighted[-2] and not weighted[-1]
     if not ok:
-        names = [str(node.target) if node.op in ("call_module", "get_attr") else node.name
-                 for node in steps]
+        names = [
+            str(node.target) if node.op in ("call_module", "get_attr") else node.name
+            for node in steps
+        ]
         raise ConfigError(
             f"model.cuts: spatiotemporal sites hold exactly one weighted layer plus its "
             f"activation, but the part before the cut is {names}; move the cut (e.g. mlp: "
@@ -105,6 +114,7 @@ def check_site_part(cfg: Config, parts: Sequence[nn.Module]) -> None:
 
 
 # --- membership ----------------------------------------------------------------------------
+
 
 def _send_roster(transport: Transport, dropped: list[int], rank: int) -> None:
     """The server's word on who left the run (a notice to a dropped site, the final roster
@@ -126,6 +136,7 @@ def survivors(ctx: RankContext, dropped: list[int]) -> MPI.Comm | None:
 
 # --- site --------------------------------------------------------------------------------
 
+
 def _site(ctx: RankContext) -> RankResult:
     """Joint phase (vanilla parallel client, ``joint_epochs`` passes), then the hand-over,
     then the roster."""
@@ -142,9 +153,14 @@ def _site(ctx: RankContext) -> RankResult:
             _hand_over(ctx, segment, train, tests, server, result.steps)
     except PeerTimeout as stalled:  # e.g. stopped mid-hand-over, and dropped meanwhile
         return _leave_if_dropped(ctx, server, stalled)
-    ctx.metrics.write({"event": "handover", "layer_sha256": layer_digest(segment.module),
-                       "bytes_sent": ctx.transport.traffic.total_sent,
-                       "bytes_received": ctx.transport.traffic.total_received})
+    ctx.metrics.write(
+        {
+            "event": "handover",
+            "layer_sha256": layer_digest(segment.module),
+            "bytes_sent": ctx.transport.traffic.total_sent,
+            "bytes_received": ctx.transport.traffic.total_received,
+        }
+    )
     # The server sends it after its detached phase, however long; like the summary gather,
     # this wait needs no deadline of its own.
     dropped = _receive_roster(ctx, server, deadline=False)
@@ -166,8 +182,10 @@ def _leave_if_dropped(ctx: RankContext, server: int, stalled: PeerTimeout) -> Ra
 
 
 def _left(ctx: RankContext, result: RankResult) -> RankResult:
-    log.warning("the server dropped this site after it fell silent (scheme.site_timeout_s); "
-                "it leaves the run without joining the summary")
+    log.warning(
+        "the server dropped this site after it fell silent (scheme.site_timeout_s); "
+        "it leaves the run without joining the summary"
+    )
     return dataclasses.replace(result, members=MPI.COMM_NULL)
 
 
@@ -191,12 +209,22 @@ def _joint_context(ctx: RankContext) -> RankContext:
 
 def _train_shard(ctx: RankContext) -> ShardReader:
     """The site's training shard in file order (the detached phase shuffles on the server)."""
-    return ShardReader(ctx.shard("client", ctx.me.index), batch_size=ctx.config.data.batch_size,
-                       shuffle=False, prefetch=0)
+    return ShardReader(
+        ctx.shard("client", ctx.me.index),
+        batch_size=ctx.config.data.batch_size,
+        shuffle=False,
+        prefetch=0,
+    )
 
 
-def _hand_over(ctx: RankContext, segment: Segment, train: ShardReader, tests: ShardReader,
-               server: int, step: int) -> None:
+def _hand_over(
+    ctx: RankContext,
+    segment: Segment,
+    train: ShardReader,
+    tests: ShardReader,
+    server: int,
+    step: int,
+) -> None:
     """Forwards the training shard, then the test set, once through the frozen layer, and
     sends the labels of both (one message), then the cut outputs of both (one message,
     defended like training traffic, ``aux`` = the training rows). Labels first, outputs in
@@ -210,16 +238,28 @@ def _hand_over(ctx: RankContext, segment: Segment, train: ShardReader, tests: Sh
                 labels.append(batch.labels)
     labels_sent = ctx.transport.isend(torch.cat(labels), server, Kind.LABELS, step=step)
     noise = torch.Generator().manual_seed(
-        derive(ctx.config.privacy.seed, Stream.HANDOVER_NOISE, ctx.me.index))
+        derive(ctx.config.privacy.seed, Stream.HANDOVER_NOISE, ctx.me.index)
+    )
     sent = protect(torch.cat(outputs), ctx.config.privacy, noise)
     # The labels' send completes only once the server, which takes the outputs first, has
     # them: it is waited for after the outputs are posted.
-    for pending in [*post_cut(ctx.transport, sent, server, Kind.ACTIVATION, step=step,
-                              flags=Flag.EVAL, aux=train.num_samples), labels_sent]:
+    for pending in [
+        *post_cut(
+            ctx.transport,
+            sent,
+            server,
+            Kind.ACTIVATION,
+            step=step,
+            flags=Flag.EVAL,
+            aux=train.num_samples,
+        ),
+        labels_sent,
+    ]:
         pending.wait()
 
 
 # --- server ------------------------------------------------------------------------------
+
 
 @dataclass
 class SiteData:
@@ -252,9 +292,13 @@ class Sites:
     def drop(self, rank: int) -> None:
         """One warning line, a notice to the site, and it is out of the run."""
         site = self.ranks.index(rank)
-        log.warning("site %d (rank %d) sent nothing for over scheme.site_timeout_s = %g s: "
-                    "dropped, the run goes on without it", site, rank,
-                    self.ctx.config.scheme.options.site_timeout_s)
+        log.warning(
+            "site %d (rank %d) sent nothing for over scheme.site_timeout_s = %g s: "
+            "dropped, the run goes on without it",
+            site,
+            rank,
+            self.ctx.config.scheme.options.site_timeout_s,
+        )
         self.dropped.append(rank)
         self.ctx.metrics.write({"event": "dropped", "client": site})
         _send_roster(self.ctx.transport, self.dropped, rank)
@@ -266,16 +310,17 @@ class Sites:
         """(site, data) of every site that handed over, in site order (arrival order must
         not change the detached phase)."""
         if not self.data:
-            raise PeerTimeout("rank 0 (server): every site was dropped; there is nothing to "
-                              "train on (scheme.site_timeout_s)")
+            raise PeerTimeout(
+                "rank 0 (server): every site was dropped; there is nothing to "
+                "train on (scheme.site_timeout_s)"
+            )
         return sorted(self.data.items())
 
     def finish(self) -> MPI.Comm | None:
         """After the server's training: each site's counters for the record, then the roster
         to every site still in the run; returns the survivors' communicator."""
         for site, rank in enumerate(self.ranks):
-            self.ctx.metrics.write({"event": "site_traffic", "client": site,
-                                    **self._traffic(rank)})
+            self.ctx.metrics.write({"event": "site_traffic", "client": site, **self._traffic(rank)})
         for rank in self.ranks:
             if rank not in self.dropped:
                 _send_roster(self.ctx.transport, self.dropped, rank)
@@ -283,8 +328,10 @@ class Sites:
 
     def _traffic(self, rank: int) -> dict[str, int]:
         traffic = self.ctx.transport.traffic
-        return {"sent_to_site": int(traffic.sent_bytes[rank].sum()),
-                "received_from_site": int(traffic.recv_bytes[rank].sum())}
+        return {
+            "sent_to_site": int(traffic.sent_bytes[rank].sum()),
+            "received_from_site": int(traffic.recv_bytes[rank].sum()),
+        }
 
 
 def _serve(ctx: RankContext) -> RankResult:
@@ -292,8 +339,9 @@ def _serve(ctx: RankContext) -> RankResult:
     segment = ctx.build_segment(1, joint_steps + detached_steps(ctx))
     sites = Sites(ctx)
     dropping = Dropping(ctx.config.scheme.options.site_timeout_s, sites.drop, sites.is_dropped)
-    report = serve_clients(ctx, Upper.shared(segment), joint_steps, after_done=sites.take,
-                           dropping=dropping)
+    report = serve_clients(
+        ctx, Upper.shared(segment), joint_steps, after_done=sites.take, dropping=dropping
+    )
     handed = sites.handed_over()
     steps = train_detached(ctx, segment, [data for _, data in handed], report.steps)
     evals = [_evaluate_site(ctx, segment.module, data, steps, site) for site, data in handed]
@@ -314,17 +362,24 @@ def detached_order(samples: int, batch_size: int, seed: int, epoch: int) -> list
     return list(order.split(batch_size))
 
 
-def train_detached(ctx: RankContext, segment: Segment, sites: list[SiteData],
-                   start_step: int) -> int:
+def train_detached(
+    ctx: RankContext, segment: Segment, sites: list[SiteData], start_step: int
+) -> int:
     """The server alone on the cached cut outputs, on the step driver (no checkpoint
     meetings: the sites have left); sends nothing. Returns its last step."""
     cfg = ctx.config
     rows = sum(len(site.train_y) for site in sites)  # fewer than planned if sites dropped
     steps = cfg.scheme.options.detached_epochs * math.ceil(rows / cfg.data.batch_size)
-    driver = StepDriver(ctx, start_step + detached_steps(ctx), until=0, done=0,
-                        epochs=0)  # the phases' epochs differ
-    driver.train(_Detached(ctx, segment), _detached_batches(ctx, sites), start_step + 1,
-                 start_step + steps, phase="detached")
+    driver = StepDriver(
+        ctx, start_step + detached_steps(ctx), until=0, done=0, epochs=0
+    )  # the phases' epochs differ
+    driver.train(
+        _Detached(ctx, segment),
+        _detached_batches(ctx, sites),
+        start_step + 1,
+        start_step + steps,
+        phase="detached",
+    )
     return start_step + steps
 
 
@@ -356,8 +411,10 @@ class _Detached:
     def train_step(self, batch: Batch | None, index: int) -> float:
         assert batch is not None and batch.labels is not None
         with self.ctx.tracer.span("detached", step=index):
-            loss = check_loss(nn.functional.cross_entropy(self.segment.module(batch.features),
-                                                          batch.labels), index + 1)
+            loss = check_loss(
+                nn.functional.cross_entropy(self.segment.module(batch.features), batch.labels),
+                index + 1,
+            )
             loss.backward()
             self.segment.step()
         return float(loss.detach())
@@ -366,8 +423,9 @@ class _Detached:
         """Per site, after the phase (``_evaluate_site``)."""
 
 
-def _evaluate_site(ctx: RankContext, module: nn.Module, site: SiteData, step: int,
-                   client: int) -> EvalResult:
+def _evaluate_site(
+    ctx: RankContext, module: nn.Module, site: SiteData, step: int, client: int
+) -> EvalResult:
     """Test metrics of site ``client``'s frozen layer under the detached server model."""
     tally = EvalTally()
     with evaluating(module):

@@ -42,8 +42,11 @@ def run(ctx: RankContext) -> RankResult:
     samples = ctx.run.meta["train_samples"]
     weights = [n / sum(samples) for n in samples]
     scheme = ctx.config.scheme.options
-    every = scheme.fedavg_every_epochs * max(epochs) if scheme.fedavg_every_epochs \
+    every = (
+        scheme.fedavg_every_epochs * max(epochs)
+        if scheme.fedavg_every_epochs
         else scheme.fedavg_every
+    )
     averaging = AveragingPoints.of(steps, every)
     if scheme.server_order == "random":  # one client's batches may all come first: the
         averaging = dataclasses.replace(averaging, lockstep=False)  # others wait a period
@@ -65,8 +68,9 @@ def _epoch_lengths(ctx: RankContext) -> list[int]:
     return [math.ceil(n / batch) for n in ctx.run.meta["train_samples"]]
 
 
-def _serve(ctx: RankContext, steps: list[int], weights: list[float],
-           averaging: AveragingPoints) -> RankResult:
+def _serve(
+    ctx: RankContext, steps: list[int], weights: list[float], averaging: AveragingPoints
+) -> RankResult:
     exchange_step_budgets(ctx, 0, 0)
     cfg, clients, total = ctx.config, ctx.topology.ranks(Role.CLIENT), sum(steps)
     options = cfg.scheme.options
@@ -85,17 +89,22 @@ def _serve(ctx: RankContext, steps: list[int], weights: list[float],
             _average_copies(list(copies.values()), weights, cfg.scheme.options.average_buffers)
 
     report = serve_clients(ctx, Upper.per_client(copies, after_step), total)
-    return RankResult(steps=report.steps, final_evals=report.final_evals,
-                      segment=copies[clients[0]])
+    return RankResult(
+        steps=report.steps, final_evals=report.final_evals, segment=copies[clients[0]]
+    )
 
 
-def _copies_due(averaging: AveragingPoints, done: dict[int, int], clients: list[int],
-                steps: list[int]) -> int:
+def _copies_due(
+    averaging: AveragingPoints, done: dict[int, int], clients: list[int], steps: list[int]
+) -> int:
     """Averages due now that the server has served ``done``: the periodic one when every
     client reached the same step, the final one when every client is through."""
     step = done[clients[0]]
-    periodic = all(done[r] == step for r in clients) and step <= averaging.common \
+    periodic = (
+        all(done[r] == step for r in clients)
+        and step <= averaging.common
         and step % averaging.every == 0
+    )
     finished = all(done[r] == steps[k] for k, r in enumerate(clients))
     return int(periodic) + int(averaging.at_end and finished)
 

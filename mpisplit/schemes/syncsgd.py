@@ -39,19 +39,26 @@ def run(ctx: RankContext) -> RankResult:
     return RankResult(steps=rounds, samples=samples, final_evals=finals, segment=segment)
 
 
-def _average_gradients(transport: Transport, comm: MPI.Comm, module: nn.Module,
-                       batch_size: int, step: int) -> None:
+def _average_gradients(
+    transport: Transport, comm: MPI.Comm, module: nn.Module, batch_size: int, step: int
+) -> None:
     """Batch-size-weighted mean of every rank's gradients, in place (one raw Allreduce in
     the parameters' dtype, the batch size as its last element)."""
     params = list(module.parameters())
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([*(g.reshape(-1) for g in grads), grads[0].new_ones(1)]).cpu() * batch_size
     buffer = flat.numpy()
-    transport.complete(transport.iallreduce(comm, buffer), "gradient average",
-                       kind=Kind.GRADIENT, sent=buffer.nbytes, received=buffer.nbytes, step=step)
+    transport.complete(
+        transport.iallreduce(comm, buffer),
+        "gradient average",
+        kind=Kind.GRADIENT,
+        sent=buffer.nbytes,
+        received=buffer.nbytes,
+        step=step,
+    )
     mean = flat[:-1] / flat[-1]
     offset = 0
     for param in params:
         count = param.numel()
-        param.grad = mean[offset:offset + count].view_as(param).to(param)
+        param.grad = mean[offset : offset + count].view_as(param).to(param)
         offset += count

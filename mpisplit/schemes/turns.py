@@ -33,8 +33,7 @@ def exchange_step_budgets(ctx: RankContext, steps: int, epoch_length: int) -> np
     return everyone
 
 
-def round_robin_turns(steps: Sequence[int], turn_lengths: Sequence[int]
-                      ) -> list[tuple[int, int]]:
+def round_robin_turns(steps: Sequence[int], turn_lengths: Sequence[int]) -> list[tuple[int, int]]:
     """Round-robin turns ``(client index, batches)`` until every client has used its steps.
 
     This is the original split-learning order: client k trains ``turn_lengths[k]`` batches,
@@ -80,8 +79,11 @@ class ClientTurns:
 
     def my_steps_through(self, step: int) -> int:
         """How many batches this client has trained on by the model's ``step``."""
-        return sum(max(0, min(last, step) - first + 1)
-                   for client, first, last in self.spans() if client == self.me)
+        return sum(
+            max(0, min(last, step) - first + 1)
+            for client, first, last in self.spans()
+            if client == self.me
+        )
 
     @property
     def evaluates_final(self) -> bool:
@@ -91,8 +93,9 @@ class ClientTurns:
 
     def evaluation(self, train: TrainConfig) -> EvalSchedule:
         """When this client evaluates between its steps."""
-        return EvalSchedule.of(train, self.part_steps if self.evaluates_final else None,
-                               self.evaluator)
+        return EvalSchedule.of(
+            train, self.part_steps if self.evaluates_final else None, self.evaluator
+        )
 
 
 def agree_turns(ctx: RankContext, reader: ShardReader) -> ClientTurns:
@@ -104,8 +107,13 @@ def agree_turns(ctx: RankContext, reader: ShardReader) -> ClientTurns:
     if cfg.scheme.client_order == "sequential":
         lengths = [cfg.scheme.options.turn_steps or int(budgets[rank, 1]) for rank in clients]
         return ClientTurns(round_robin_turns(steps, lengths), me.index, sum(steps), sum(steps))
-    return ClientTurns([(me.index, steps[me.index])], me.index, steps[me.index], min(steps),
-                       evaluator=me.index in evaluating_clients(cfg.train, len(clients)))
+    return ClientTurns(
+        [(me.index, steps[me.index])],
+        me.index,
+        steps[me.index],
+        min(steps),
+        evaluator=me.index in evaluating_clients(cfg.train, len(clients)),
+    )
 
 
 def evaluating_clients(train: TrainConfig, clients: int) -> list[int]:
@@ -124,8 +132,13 @@ class ClientReport:
     final_evals: list[EvalResult] = field(default_factory=list)
 
 
-def run_client_turns(ctx: RankContext, turns: ClientTurns, role: StepRole,
-                     reader: ShardReader, first_hop: int | Sequence[int]) -> ClientReport:
+def run_client_turns(
+    ctx: RankContext,
+    turns: ClientTurns,
+    role: StepRole,
+    reader: ShardReader,
+    first_hop: int | Sequence[int],
+) -> ClientReport:
     """A client's turns on the step driver: the hand-over of ``role.segments`` in, its steps
     and periodic evaluations, the hand-over out; the checkpoint meetings of other clients'
     turns while this one waits. At the end the final turn's client calls
@@ -136,8 +149,13 @@ def run_client_turns(ctx: RankContext, turns: ClientTurns, role: StepRole,
 
     A resumed run starts after the checkpoint's step, with the same data position.
     """
-    driver = StepDriver(ctx, turns.part_steps, until=turns.until,
-                        evaluation=turns.evaluation(ctx.config.train), progress=False)
+    driver = StepDriver(
+        ctx,
+        turns.part_steps,
+        until=turns.until,
+        evaluation=turns.evaluation(ctx.config.train),
+        progress=False,
+    )
     driver.restore(role)
     batches = driver.batches(reader, skip=turns.my_steps_through(driver.resumed))
     hand_over = PartsHandOver(ctx.transport, ctx.topology.ranks(Role.CLIENT), role.segments)
@@ -178,13 +196,15 @@ class PartsHandOver:
 
     def send(self, client: int, step: int) -> None:
         for segment in self.segments:
-            self.transport.send(segment.state_bytes(), self.clients[client], Kind.WEIGHTS,
-                                step=step)
+            self.transport.send(
+                segment.state_bytes(), self.clients[client], Kind.WEIGHTS, step=step
+            )
 
     def receive(self, client: int) -> None:
         for segment in self.segments:
             segment.load_state_bytes(
-                self.transport.recv(Kind.WEIGHTS, self.clients[client], deadline=False).tensor)
+                self.transport.recv(Kind.WEIGHTS, self.clients[client], deadline=False).tensor
+            )
 
     def share_final(self, last: int, turns: ClientTurns) -> None:
         """The final turn's client sends its parts to every other client, which load them."""

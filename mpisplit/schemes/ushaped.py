@@ -43,21 +43,28 @@ def train_client(ctx: RankContext) -> RankResult:
     reader = client_reader(ctx)
     with reader, test_reader(ctx) as tests:
         turns = agree_turns(ctx, reader)
-        client = UShapedClient(ctx, ctx.build_segment(0, turns.part_steps),
-                               ctx.build_segment(2, turns.part_steps), tests)
+        client = UShapedClient(
+            ctx,
+            ctx.build_segment(0, turns.part_steps),
+            ctx.build_segment(2, turns.part_steps),
+            tests,
+        )
         report = run_client_turns(ctx, turns, client, reader, client.server)
     parts = _joined(client.head, client.tail)
-    return RankResult(steps=report.steps, samples=report.samples,
-                      final_evals=report.final_evals, segment=parts,
-                      leakage=client.sender.leakage)
+    return RankResult(
+        steps=report.steps,
+        samples=report.samples,
+        final_evals=report.final_evals,
+        segment=parts,
+        leakage=client.sender.leakage,
+    )
 
 
 class UShapedClient:
     """The client's step: head forward, the server's middle, tail and loss here, and back
     through all three; evaluation through the same path, scored here."""
 
-    def __init__(self, ctx: RankContext, head: Segment, tail: Segment,
-                 tests: ShardReader) -> None:
+    def __init__(self, ctx: RankContext, head: Segment, tail: Segment, tests: ShardReader) -> None:
         self.ctx, self.head, self.tail, self.tests = ctx, head, tail, tests
         self.server = ctx.topology.ranks(Role.SERVER)[0]
         self.sender = CutSender(ctx)
@@ -73,28 +80,36 @@ class UShapedClient:
             part = parts[microbatch]
             with ctx.tracer.span("forward", step=index):
                 features = part.features.to(ctx.device)
-                return part, self.sender.train(self.head.module(features), features,
-                                               self.server, index, flags=part.flags,
-                                               aux=len(batch.labels), microbatch=microbatch)
+                return part, self.sender.train(
+                    self.head.module(features),
+                    features,
+                    self.server,
+                    index,
+                    flags=part.flags,
+                    aux=len(batch.labels),
+                    microbatch=microbatch,
+                )
 
         def backward(sent: tuple[Microbatch, torch.Tensor]) -> None:
             losses.append(self._backward(*sent, index, len(batch.labels)))
 
-        schedules.run(schedules.of(ctx.config.transport.schedule, len(parts)), forward,
-                      backward)
+        schedules.run(schedules.of(ctx.config.transport.schedule, len(parts)), forward, backward)
         with ctx.tracer.span("optimizer", step=index):
             self.head.step()
             self.tail.step()
         return sum(losses)
 
-    def _backward(self, part: Microbatch, anchor: torch.Tensor, index: int,
-                  batch_size: int) -> float:
+    def _backward(
+        self, part: Microbatch, anchor: torch.Tensor, index: int, batch_size: int
+    ) -> float:
         """The middle's output through the tail to the loss, and back to the head."""
         ctx = self.ctx
         with ctx.tracer.span("forward", step=index):
             middle, _ = recv_forward(ctx.transport, self.server, device=ctx.device)
-            loss = check_loss(nn.functional.cross_entropy(
-                self.tail.module(middle), part.labels.to(ctx.device)), index + 1)
+            loss = check_loss(
+                nn.functional.cross_entropy(self.tail.module(middle), part.labels.to(ctx.device)),
+                index + 1,
+            )
             loss = loss * (len(part.labels) / batch_size)
         with ctx.tracer.span("backward", step=index):
             loss.backward()
@@ -102,15 +117,24 @@ class UShapedClient:
         return float(loss.detach())
 
     def evaluate(self, step: int, final: bool) -> EvalResult:
-        result = _evaluate_split(self.ctx, self.sender, self.head, self.tail, self.tests,
-                                 self.server, step, final)
+        result = _evaluate_split(
+            self.ctx, self.sender, self.head, self.tail, self.tests, self.server, step, final
+        )
         if final:
             send_marker(self.ctx, self.server, step, Flag.DONE)
         return result
 
 
-def _evaluate_split(ctx: RankContext, sender: CutSender, head: Segment, tail: Segment,
-                    tests: ShardReader, server: int, step: int, final: bool) -> EvalResult:
+def _evaluate_split(
+    ctx: RankContext,
+    sender: CutSender,
+    head: Segment,
+    tail: Segment,
+    tests: ShardReader,
+    server: int,
+    step: int,
+    final: bool,
+) -> EvalResult:
     """Test metrics through head → server middle → tail; labels stay here. The final
     evaluation also measures leakage."""
     tally = EvalTally()

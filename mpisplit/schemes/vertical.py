@@ -62,8 +62,10 @@ SERVER = ROOT
 
 # --- alignment -----------------------------------------------------------------------
 
-def common_ids(comm: MPI.Comm, mine: np.ndarray | None) -> tuple[np.ndarray | None, int,
-                                                                 np.ndarray]:
+
+def common_ids(
+    comm: MPI.Comm, mine: np.ndarray | None
+) -> tuple[np.ndarray | None, int, np.ndarray]:
     """(the ids every contributing member holds, or None on a server that reads no file;
     their number; each member's set size, -1: none), by private set intersection
     (:mod:`mpisplit.psi`, the server compares): no member learns another's other ids."""
@@ -86,14 +88,17 @@ class Split:
     features: ShardReader | None
     labels: ShardReader | None
 
-    def batches(self, stream: Callable[[ShardReader], Iterator[Batch]]) -> Iterator[
-            tuple[Batch | None, Batch | None]]:
+    def batches(
+        self, stream: Callable[[ShardReader], Iterator[Batch]]
+    ) -> Iterator[tuple[Batch | None, Batch | None]]:
         """Aligned (features, labels) batches; None for what this rank does not read."""
         features = stream(self.features) if self.features else None
         labels = stream(self.labels) if self.labels else None
         while True:
-            pair = (next(features, None) if features else None,
-                    next(labels, None) if labels else None)
+            pair = (
+                next(features, None) if features else None,
+                next(labels, None) if labels else None,
+            )
             if all(part is None for part in pair) and (features or labels):
                 return
             yield pair
@@ -117,10 +122,15 @@ def open_split(ctx: RankContext, comm: MPI.Comm, *, test: bool) -> Split:
         raise DataError(f"{cfg.data.path}: the parties have no patient id in common")
 
     def reader(path: Path, field: str, ids: np.ndarray) -> ShardReader:
-        return ShardReader(path, batch_size=cfg.data.batch_size, fields=(field,),
-                           shuffle=cfg.data.shuffle and not test, seed=cfg.train.seed,
-                           prefetch=0 if test else cfg.data.prefetch,
-                           rows=align_rows(ids, common, source=path))
+        return ShardReader(
+            path,
+            batch_size=cfg.data.batch_size,
+            fields=(field,),
+            shuffle=cfg.data.shuffle and not test,
+            seed=cfg.train.seed,
+            prefetch=0 if test else cfg.data.prefetch,
+            rows=align_rows(ids, common, source=path),
+        )
 
     features = reader(feature_path, "features", owned[0]) if feature_path else None
     labels = reader(label_path, "labels", owned[-1]) if label_path else None
@@ -133,10 +143,13 @@ def _report_alignment(ctx: RankContext, common: int, counts: np.ndarray, test: b
     labels = ctx.topology.placements
     dropped = {labels[r].label: int(n - common) for r, n in enumerate(counts) if n >= 0}
     split = "test" if test else "train"
-    log.info("vertical %s: %d ids common to all parties; rows dropped: %s", split,
-             common, ", ".join(f"{who} {n}" for who, n in dropped.items()))
-    ctx.metrics.write({"event": "alignment", "split": split, "common": common,
-                       "dropped": dropped})
+    log.info(
+        "vertical %s: %d ids common to all parties; rows dropped: %s",
+        split,
+        common,
+        ", ".join(f"{who} {n}" for who, n in dropped.items()),
+    )
+    ctx.metrics.write({"event": "alignment", "split": split, "common": common, "dropped": dropped})
 
 
 def label_party(ctx: RankContext) -> int | None:
@@ -153,23 +166,32 @@ def _holds_labels(ctx: RankContext) -> bool:
 
 # --- roles ---------------------------------------------------------------------------
 
+
 def run(ctx: RankContext) -> RankResult:
     layout = Layout.of(ctx.run)
     is_member = ctx.me.role in (Role.SERVER, Role.CLIENT)
     comm = ctx.comm.Split(0 if is_member else MPI.UNDEFINED, ctx.me.rank)
     if comm.Get_rank() == SERVER and ctx.me.role != Role.SERVER:
         raise RuntimeError("vertical: the server must be rank 0 of the vertical communicator")
-    cut = CollectiveCut(ctx.transport, comm, layout.cut_shapes,
-                        ctx.topology.ranks(Role.SERVER)[0], ctx.topology.ranks(Role.CLIENT),
-                        device=ctx.device)
+    cut = CollectiveCut(
+        ctx.transport,
+        comm,
+        layout.cut_shapes,
+        ctx.topology.ranks(Role.SERVER)[0],
+        ctx.topology.ranks(Role.CLIENT),
+        device=ctx.device,
+    )
     with contextlib.ExitStack() as stack:
         train = open_split(ctx, comm, test=False)
         stack.callback(train.close)
         test = open_split(ctx, comm, test=True)
         stack.callback(test.close)
         steps = step_budget(len(train.sizes), ctx.config.train)
-        role = _Server(ctx, layout, cut, steps) if ctx.me.role == Role.SERVER \
+        role = (
+            _Server(ctx, layout, cut, steps)
+            if ctx.me.role == Role.SERVER
             else _Party(ctx, layout, cut, steps)
+        )
         result = _drive(ctx, role, train, test, steps)
     comm.Free()
     return result
@@ -184,12 +206,21 @@ class _Role(Protocol):
     leakage: float | None
     """The leakage figure of this rank's cut output (a party's, after the final evaluation)."""
 
-    def train_step(self, step: int, size: int, features: Batch | None,
-                   labels: Batch | None) -> float | None:
+    def train_step(
+        self, step: int, size: int, features: Batch | None, labels: Batch | None
+    ) -> float | None:
         """One training step; returns the loss where this rank computes it."""
 
-    def eval_batch(self, step: int, size: int, features: Batch | None, labels: Batch | None,
-                   tally: EvalTally, *, final: bool) -> None:
+    def eval_batch(
+        self,
+        step: int,
+        size: int,
+        features: Batch | None,
+        labels: Batch | None,
+        tally: EvalTally,
+        *,
+        final: bool,
+    ) -> None:
         """One test batch; the label holder adds it to ``tally``."""
 
     def evaluated(self, final: bool) -> None:
@@ -208,19 +239,29 @@ def _drive(ctx: RankContext, role: _Role, train: Split, test: Split, steps: int)
     """Training steps with periodic and final evaluation on the step driver, in lockstep on
     every rank (which makes every step a possible checkpoint)."""
     holder, server = _holds_labels(ctx), ctx.me.role == Role.SERVER
-    driver = StepDriver(ctx, steps, evaluation=EvalSchedule.of(ctx.config.train, steps),
-                        progress=server)
+    driver = StepDriver(
+        ctx, steps, evaluation=EvalSchedule.of(ctx.config.train, steps), progress=server
+    )
     steps_role = _Steps(ctx, role, test, holder)
     driver.restore(steps_role)
-    pairs = train.batches(lambda reader: training_batches(reader, ctx.config.train,
-                                                          skip=driver.resumed))
-    sized = zip(itertools.islice(itertools.cycle(train.sizes), driver.resumed, None),
-                itertools.chain(pairs, itertools.repeat((None, None))), strict=False)
+    pairs = train.batches(
+        lambda reader: training_batches(reader, ctx.config.train, skip=driver.resumed)
+    )
+    sized = zip(
+        itertools.islice(itertools.cycle(train.sizes), driver.resumed, None),
+        itertools.chain(pairs, itertools.repeat((None, None))),
+        strict=False,
+    )
     driver.train(steps_role, sized, 1, steps, rows=lambda item: item[0])
     final = steps_role.evaluate(steps, True)
     finals = [final] if holder and final is not None else []
-    return RankResult(steps=steps, samples=driver.samples if server else 0,
-                      final_evals=finals, segment=role.segment, leakage=role.leakage)
+    return RankResult(
+        steps=steps,
+        samples=driver.samples if server else 0,
+        final_evals=finals,
+        segment=role.segment,
+        leakage=role.leakage,
+    )
 
 
 @dataclass
@@ -241,8 +282,9 @@ class _Steps:
     def generators(self) -> list[torch.Generator]:
         return self.role.generators
 
-    def train_step(self, batch: tuple[int, tuple[Batch | None, Batch | None]],
-                   index: int) -> float | None:
+    def train_step(
+        self, batch: tuple[int, tuple[Batch | None, Batch | None]], index: int
+    ) -> float | None:
         size, pair = batch
         return self.role.train_step(index + 1, size, *pair)
 
@@ -250,12 +292,14 @@ class _Steps:
         return _evaluate(self.ctx, self.role, self.test, step, self.holder, final)
 
 
-def _evaluate(ctx: RankContext, role: _Role, test: Split, step: int, holder: bool,
-              final: bool) -> EvalResult | None:
+def _evaluate(
+    ctx: RankContext, role: _Role, test: Split, step: int, holder: bool, final: bool
+) -> EvalResult | None:
     tally = EvalTally()
     with evaluating(role.segment.module), ctx.tracer.span("eval"):
-        for size, pair in zip(test.sizes, test.batches(lambda reader: reader.epoch(0)),
-                              strict=False):
+        for size, pair in zip(
+            test.sizes, test.batches(lambda reader: reader.epoch(0)), strict=False
+        ):
             role.eval_batch(step, size, *pair, tally, final=final)
     role.evaluated(final)
     return record_eval(ctx, tally.result(step, 0)) if holder else None
@@ -274,8 +318,9 @@ class _Server:
     def _joined(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return join(self.ctx.config.scheme.options.join, parts)
 
-    def train_step(self, step: int, size: int, features: Batch | None,
-                   labels: Batch | None) -> float | None:
+    def train_step(
+        self, step: int, size: int, features: Batch | None, labels: Batch | None
+    ) -> float | None:
         """A forward action posts the microbatch's gather; its backward action waits for
         it, runs the server's layers and the loss (or sends the logits to the label party),
         and back-propagates, which posts the gradient scatter; one update after the last."""
@@ -290,12 +335,14 @@ class _Server:
             with ctx.tracer.span("forward", step=step, microbatch=index):
                 logits = self.segment.module(self._joined(gathered.wait()))
                 if targets is not None:
-                    loss = check_loss(nn.functional.cross_entropy(logits, targets[index]),
-                                      step) * (n / size)
+                    loss = check_loss(nn.functional.cross_entropy(logits, targets[index]), step) * (
+                        n / size
+                    )
                     losses.append(float(loss.detach()))
                 else:
-                    loss = send_forward(logits, ctx.transport, self.label_party, step, aux=size,
-                                        microbatch=index)
+                    loss = send_forward(
+                        logits, ctx.transport, self.label_party, step, aux=size, microbatch=index
+                    )
             with ctx.tracer.span("backward", step=step, microbatch=index):
                 loss.backward()
 
@@ -305,8 +352,16 @@ class _Server:
             self.segment.step()
         return sum(losses) if labels is not None else None
 
-    def eval_batch(self, step: int, size: int, features: Batch | None, labels: Batch | None,
-                   tally: EvalTally, *, final: bool) -> None:
+    def eval_batch(
+        self,
+        step: int,
+        size: int,
+        features: Batch | None,
+        labels: Batch | None,
+        tally: EvalTally,
+        *,
+        final: bool,
+    ) -> None:
         logits = self.segment.module(self._joined(self.cut.receive(size).wait(train=False)))
         if labels is not None:
             tally.add(logits, labels.labels.to(self.ctx.device))
@@ -331,8 +386,9 @@ class _Party:
     def leakage(self) -> float | None:
         return self.defence.leakage
 
-    def train_step(self, step: int, size: int, features: Batch | None,
-                   labels: Batch | None) -> float | None:
+    def train_step(
+        self, step: int, size: int, features: Batch | None, labels: Batch | None
+    ) -> float | None:
         """A forward action runs the party's layers and posts the defended cut output; its
         backward action (the label party first computes the loss on the server's logits)
         brings the gradient slice back through them; one update after the last."""
@@ -365,19 +421,31 @@ class _Party:
         """The label-holding party: the loss on the server's logits (weighted by the
         microbatch's share of the batch); its gradient goes back through the cut hook."""
         logits, _ = recv_forward(self.ctx.transport, self.server, device=self.ctx.device)
-        loss = check_loss(nn.functional.cross_entropy(logits, labels.to(self.ctx.device)),
-                          step) * share
+        loss = (
+            check_loss(nn.functional.cross_entropy(logits, labels.to(self.ctx.device)), step)
+            * share
+        )
         loss.backward()
         return float(loss.detach())
 
-    def eval_batch(self, step: int, size: int, features: Batch | None, labels: Batch | None,
-                   tally: EvalTally, *, final: bool) -> None:
+    def eval_batch(
+        self,
+        step: int,
+        size: int,
+        features: Batch | None,
+        labels: Batch | None,
+        tally: EvalTally,
+        *,
+        final: bool,
+    ) -> None:
         inputs = features.features.to(self.ctx.device)
-        self.cut.send_eval(self.defence.defend_eval(self.segment.module(inputs), inputs, step,
-                                                    final=final))
+        self.cut.send_eval(
+            self.defence.defend_eval(self.segment.module(inputs), inputs, step, final=final)
+        )
         if labels is not None:
-            logits, _ = recv_forward(self.ctx.transport, self.server, device=self.ctx.device,
-                                     train=False)
+            logits, _ = recv_forward(
+                self.ctx.transport, self.server, device=self.ctx.device, train=False
+            )
             tally.add(logits, labels.labels.to(self.ctx.device))
 
     def evaluated(self, final: bool) -> None:

@@ -64,8 +64,9 @@ def party_plan(cfg: Config, meta: dict, party: int) -> tuple[LayerPlan, int]:
     return plan, cut
 
 
-def _factory_part(model: ModelConfig, meta: dict, shape: Sequence[int], part: int, *,
-                  keep: bool) -> nn.Module:
+def _factory_part(
+    model: ModelConfig, meta: dict, shape: Sequence[int], part: int, *, keep: bool
+) -> nn.Module:
     """Part ``part`` of a user's factory model at ``model.cuts``: materialised alone, bit for
     bit as in ``factory(**options)`` under the model's seed (``keep``), or on the meta
     device."""
@@ -85,8 +86,9 @@ def party_part(cfg: Config, meta: dict, party: int, *, keep: bool = True) -> nn.
         with torch.device("cpu" if keep else "meta"):
             return build_layers(plan, 0, cut, seed)
     with _as_party(cfg, party):
-        return _factory_part(party_model(cfg, party), meta,
-                             meta["party_feature_shapes"][party], 0, keep=keep)
+        return _factory_part(
+            party_model(cfg, party), meta, meta["party_feature_shapes"][party], 0, keep=keep
+        )
 
 
 def server_part(run: RunPlan, layout: Layout, *, keep: bool = True) -> nn.Module:
@@ -96,8 +98,9 @@ def server_part(run: RunPlan, layout: Layout, *, keep: bool = True) -> nn.Module
     cfg = run.config
     if layout.server_plan:
         with torch.device("cpu" if keep else "meta"):
-            return build_layers(layout.server_plan, layout.cut, len(layout.server_plan),
-                                cfg.model.seed)
+            return build_layers(
+                layout.server_plan, layout.cut, len(layout.server_plan), cfg.model.seed
+            )
     return _factory_part(cfg.model, run.meta, run.meta["feature_shape"], 1, keep=keep)
 
 
@@ -118,12 +121,16 @@ def joined_shape(join: str, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...
     rest = {shape[1:] for shape in shapes}
     if join == "concat":
         if len(rest) > 1:
-            raise ConfigError(f"scheme.join: concat needs the parties' cut outputs to agree "
-                              f"beyond the first axis, got {list(shapes)}")
+            raise ConfigError(
+                f"scheme.join: concat needs the parties' cut outputs to agree "
+                f"beyond the first axis, got {list(shapes)}"
+            )
         return (sum(shape[0] for shape in shapes), *shapes[0][1:])
     if len(set(shapes)) > 1:
-        raise ConfigError(f"scheme.join: {join} needs equal cut-output shapes from every "
-                          f"party, got {list(shapes)}; use join: concat")
+        raise ConfigError(
+            f"scheme.join: {join} needs equal cut-output shapes from every "
+            f"party, got {list(shapes)}; use join: concat"
+        )
     return shapes[0]
 
 
@@ -136,8 +143,9 @@ def server_plan(run: RunPlan, cut: int, joined: tuple[int, ...]) -> LayerPlan:
     if joined[0] != single[0]:
         first = next((i for i in range(cut, len(plan)) if _has_weights(plan[i][1])), None)
         if first is None:
-            raise ConfigError("model.cuts: the server's part has no weighted layer to take "
-                              "the joined cut outputs")
+            raise ConfigError(
+                "model.cuts: the server's part has no weighted layer to take the joined cut outputs"
+            )
         name, factory = plan[first]
         plan[first] = (name, _widened(factory, joined[0], single[0], name))
     return plan
@@ -148,8 +156,9 @@ def _has_weights(factory: Callable[[], nn.Module]) -> bool:
         return any(True for _ in factory().parameters())
 
 
-def _widened(factory: Callable[[], nn.Module], joined: int, single: int,
-             name: str) -> Callable[[], nn.Module]:
+def _widened(
+    factory: Callable[[], nn.Module], joined: int, single: int, name: str
+) -> Callable[[], nn.Module]:
     """A factory of the same layer with its input width scaled by ``joined / single``."""
     with torch.device("meta"):
         layer = factory()
@@ -158,31 +167,50 @@ def _widened(factory: Callable[[], nn.Module], joined: int, single: int,
         return lambda: nn.Linear(width, layer.out_features, bias=layer.bias is not None)
     if isinstance(layer, nn.Conv2d) and layer.groups == 1:
         width = _scaled(layer.in_channels, joined, single, name)
-        return lambda: nn.Conv2d(width, layer.out_channels, layer.kernel_size, layer.stride,
-                                 layer.padding, layer.dilation, bias=layer.bias is not None)
-    raise ConfigError(f"model.cuts: join concat widens the server's first weighted layer "
-                      f"'{name}', which must be Linear or Conv2d, not {type(layer).__name__}")
+        return lambda: nn.Conv2d(
+            width,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            bias=layer.bias is not None,
+        )
+    raise ConfigError(
+        f"model.cuts: join concat widens the server's first weighted layer "
+        f"'{name}', which must be Linear or Conv2d, not {type(layer).__name__}"
+    )
 
 
 def _scaled(width: int, joined: int, single: int, name: str) -> int:
     if width * joined % single:
-        raise ConfigError(f"model.cuts: cannot widen '{name}' ({width} inputs) from a cut "
-                          f"width of {single} to the joined width {joined}")
+        raise ConfigError(
+            f"model.cuts: cannot widen '{name}' ({width} inputs) from a cut "
+            f"width of {single} to the joined width {joined}"
+        )
     return width * joined // single
 
 
-def _check_server_part(upper: nn.Module, joined: tuple[int, ...], classes: int,
-                       zoo: bool) -> None:
-    fix = "" if zoo else (" (the server's part is built from model.options; the parties' "
-                          "from theirs, with scheme.party_options)")
+def _check_server_part(upper: nn.Module, joined: tuple[int, ...], classes: int, zoo: bool) -> None:
+    fix = (
+        ""
+        if zoo
+        else (
+            " (the server's part is built from model.options; the parties' "
+            "from theirs, with scheme.party_options)"
+        )
+    )
     try:
         out = _meta_output(upper, joined)
     except (RuntimeError, ValueError) as err:  # torch's shape errors
-        raise ConfigError(f"model.cuts: the server's layers cannot take the joined cut "
-                          f"outputs of shape {joined}{fix}: {err}") from None
+        raise ConfigError(
+            f"model.cuts: the server's layers cannot take the joined cut "
+            f"outputs of shape {joined}{fix}: {err}"
+        ) from None
     if tuple(out.shape[1:]) != (classes,):
-        raise ConfigError(f"model.cuts: the server's part ends in {tuple(out.shape[1:])}, "
-                          f"not {classes} logits")
+        raise ConfigError(
+            f"model.cuts: the server's part ends in {tuple(out.shape[1:])}, not {classes} logits"
+        )
 
 
 def join(how: str, parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -209,14 +237,15 @@ class Layout:
     @classmethod
     def of(cls, run: RunPlan) -> Layout:
         cfg, meta = run.config, run.meta
-        shapes = [cut_shape(party_part(cfg, meta, party, keep=False), features)
-                  for party, features in enumerate(meta["party_feature_shapes"])]
+        shapes = [
+            cut_shape(party_part(cfg, meta, party, keep=False), features)
+            for party, features in enumerate(meta["party_feature_shapes"])
+        ]
         joined = joined_shape(cfg.scheme.options.join, shapes)
         zoo = cfg.model.name in ZOO
         cut = run.bounds[0][1] if zoo else 0
         layout = cls(cut, shapes, server_plan(run, cut, joined) if zoo else [])
-        _check_server_part(server_part(run, layout, keep=False), joined, meta["num_classes"],
-                           zoo)
+        _check_server_part(server_part(run, layout, keep=False), joined, meta["num_classes"], zoo)
         return layout
 
     @property
@@ -231,5 +260,3 @@ def check_plan(run: RunPlan) -> None:
     takes the joined cut outputs and ends in the class logits (``data.check_partition``
     has already said whether the dataset is a vertical partition)."""
     Layout.of(run)
-
-

@@ -32,8 +32,11 @@ from mpisplit.topology import Role
 if TYPE_CHECKING:
     from mpisplit.config import Config, SchemeConfig
 
-BUILTIN = tuple(sorted(module.name for module in pkgutil.iter_modules(__path__)
-                       if not module.name.startswith("_")))
+BUILTIN = tuple(
+    sorted(
+        module.name for module in pkgutil.iter_modules(__path__) if not module.name.startswith("_")
+    )
+)
 """The schemes that ship with mpisplit: every module ``mpisplit.specs.<name>`` (its ``SPEC``)."""
 
 RoleCounts = list[tuple[Role, int]]
@@ -81,17 +84,22 @@ class AveragingOptions(SchemeOptions):
     buffers (batches seen) always stay local."""
 
     def __post_init__(self) -> None:
-        require(self.fedavg_every >= 1, "scheme.fedavg_every",
-                f"must be >= 1, got {self.fedavg_every}")
+        require(
+            self.fedavg_every >= 1, "scheme.fedavg_every", f"must be >= 1, got {self.fedavg_every}"
+        )
 
 
 def parallel_only(cfg: Config, why: str) -> None:
     """For schemes whose clients cannot take turns: ``why`` ends the message."""
-    require(cfg.scheme.client_order == "parallel", "scheme.client_order",
-            f"{cfg.scheme.name} {why}; set client_order: parallel")
+    require(
+        cfg.scheme.client_order == "parallel",
+        "scheme.client_order",
+        f"{cfg.scheme.name} {why}; set client_order: parallel",
+    )
 
 
 # --- layouts: how many ranks of each role, server(s) first, then relays, then clients ------
+
 
 def server_and_clients(cfg: Config) -> RoleCounts:
     return [(Role.SERVER, 1), (Role.CLIENT, cfg.scheme.clients)]
@@ -104,16 +112,19 @@ def clients_only(cfg: Config) -> RoleCounts:
 
 # --- routes ------------------------------------------------------------------------------
 
-LABELS_AT_SERVER: frozenset[Route] = frozenset({
-    ("client", "server", Kind.ACTIVATION),
-    ("client", "server", Kind.LABELS),
-    ("server", "client", Kind.GRADIENT),
-})
+LABELS_AT_SERVER: frozenset[Route] = frozenset(
+    {
+        ("client", "server", Kind.ACTIVATION),
+        ("client", "server", Kind.LABELS),
+        ("server", "client", Kind.GRADIENT),
+    }
+)
 """The routes of every scheme in which clients send cut activations with labels to a server
 and get the cut gradient back (vanilla adds the hand-over of weights between clients)."""
 
 
 # --- checkpoints -------------------------------------------------------------------------
+
 
 def never(scheme: SchemeConfig) -> bool:
     return False
@@ -185,13 +196,16 @@ class SchemeSpec:
     def __post_init__(self) -> None:
         if not self.NAME.fullmatch(self.name):
             raise ValueError(f"scheme name {self.name!r}: lowercase letters, digits, _")
-        if not dataclasses.is_dataclass(self.options) or not issubclass(self.options,
-                                                                        SchemeOptions):
+        if not dataclasses.is_dataclass(self.options) or not issubclass(
+            self.options, SchemeOptions
+        ):
             raise TypeError(f"scheme {self.name}: options must be a SchemeOptions dataclass")
         clash = _COMMON & {f.name for f in dataclasses.fields(self.options)}
         if clash:
-            raise ValueError(f"scheme {self.name}: options {sorted(clash)} clash with the "
-                             f"scheme section's own keys")
+            raise ValueError(
+                f"scheme {self.name}: options {sorted(clash)} clash with the "
+                f"scheme section's own keys"
+            )
         for role in self.runners:
             if not isinstance(role, Role):
                 raise TypeError(f"scheme {self.name}: runner keys are Roles, got {role!r}")
@@ -264,9 +278,13 @@ def check_checkpointable(scheme: SchemeConfig) -> None:
     order must be deterministic."""
     if get(scheme.name).checkpointable(scheme):
         return
-    rules = "; ".join(" with ".join(filter(None, (spec.name, spec.checkpoint_rule)))
-                      for spec in map(get, names()) if spec.checkpointable is not never)
-    raise ConfigError(f"checkpoint.every_steps: coordinated checkpoints need a deterministic "
-                      f"step order ({rules}); scheme {scheme.name} with client_order "
-                      f"{scheme.client_order} has none")
-
+    rules = "; ".join(
+        " with ".join(filter(None, (spec.name, spec.checkpoint_rule)))
+        for spec in map(get, names())
+        if spec.checkpointable is not never
+    )
+    raise ConfigError(
+        f"checkpoint.every_steps: coordinated checkpoints need a deterministic "
+        f"step order ({rules}); scheme {scheme.name} with client_order "
+        f"{scheme.client_order} has none"
+    )

@@ -21,28 +21,35 @@ def chain(cfg: Config) -> RoleCounts:
             f"model.cuts: multihop needs at least 2 cuts (client → relay → server), "
             f"got {len(cfg.model.cuts)}"
         )
-    return [(Role.SERVER, 1), (Role.RELAY, len(cfg.model.cuts) - 1),
-            (Role.CLIENT, cfg.scheme.clients)]
+    return [
+        (Role.SERVER, 1),
+        (Role.RELAY, len(cfg.model.cuts) - 1),
+        (Role.CLIENT, cfg.scheme.clients),
+    ]
 
 
 SPEC = SchemeSpec(
     name="multihop",
     layout=chain,
-    runners={Role.SERVER: "mpisplit.schemes.multihop:serve",
-             Role.RELAY: "mpisplit.schemes.multihop:relay",
-             Role.CLIENT: "mpisplit.schemes.multihop:train_client"},
-    routes=frozenset({
-        ("client", "relay", Kind.ACTIVATION),
-        ("client", "relay", Kind.LABELS),
-        ("relay", "relay", Kind.ACTIVATION),
-        ("relay", "relay", Kind.LABELS),
-        ("relay", "server", Kind.ACTIVATION),
-        ("relay", "server", Kind.LABELS),
-        ("server", "relay", Kind.GRADIENT),
-        ("relay", "relay", Kind.GRADIENT),
-        ("relay", "client", Kind.GRADIENT),
-        ("client", "client", Kind.WEIGHTS),
-    }),
+    runners={
+        Role.SERVER: "mpisplit.schemes.multihop:serve",
+        Role.RELAY: "mpisplit.schemes.multihop:relay",
+        Role.CLIENT: "mpisplit.schemes.multihop:train_client",
+    },
+    routes=frozenset(
+        {
+            ("client", "relay", Kind.ACTIVATION),
+            ("client", "relay", Kind.LABELS),
+            ("relay", "relay", Kind.ACTIVATION),
+            ("relay", "relay", Kind.LABELS),
+            ("relay", "server", Kind.ACTIVATION),
+            ("relay", "server", Kind.LABELS),
+            ("server", "relay", Kind.GRADIENT),
+            ("relay", "relay", Kind.GRADIENT),
+            ("relay", "client", Kind.GRADIENT),
+            ("client", "client", Kind.WEIGHTS),
+        }
+    ),
     options=TurnOptions,
     checkpointable=in_turns,
     checkpoint_rule="scheme.client_order: sequential",

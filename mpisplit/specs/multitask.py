@@ -24,18 +24,25 @@ class MultitaskOptions(SchemeOptions):
     Parallel client order only."""
 
     def __post_init__(self) -> None:
-        require(len(self.tasks) >= 1 and len(set(self.tasks)) == len(self.tasks),
-                "scheme.tasks", f"needs at least one task, each at most once; got "
-                f"{list(self.tasks)}")
-        require(set(self.tasks) <= set(TASKS), "scheme.tasks",
-                f"unknown task(s) {sorted(set(self.tasks) - set(TASKS))} "
-                f"(tasks: {', '.join(TASKS)})")
+        require(
+            len(self.tasks) >= 1 and len(set(self.tasks)) == len(self.tasks),
+            "scheme.tasks",
+            f"needs at least one task, each at most once; got {list(self.tasks)}",
+        )
+        require(
+            set(self.tasks) <= set(TASKS),
+            "scheme.tasks",
+            f"unknown task(s) {sorted(set(self.tasks) - set(TASKS))} (tasks: {', '.join(TASKS)})",
+        )
 
     def check(self, cfg: Config) -> None:
         parallel_only(cfg, "trains its clients in parallel")
-        require(len(self.tasks) >= 2, "scheme.tasks",
-                f"multitask needs two or more tasks (one head each, e.g. [class, parity]); "
-                f"got {list(self.tasks)}")
+        require(
+            len(self.tasks) >= 2,
+            "scheme.tasks",
+            f"multitask needs two or more tasks (one head each, e.g. [class, parity]); "
+            f"got {list(self.tasks)}",
+        )
 
 
 def task_servers(cfg: Config) -> list[tuple[Role, int]]:
@@ -50,8 +57,10 @@ def tasks(scheme: SchemeConfig) -> tuple[str, ...]:
 SPEC = SchemeSpec(
     name="multitask",
     layout=task_servers,
-    runners={Role.SERVER: "mpisplit.schemes.multitask:serve",
-             Role.CLIENT: "mpisplit.schemes.multitask:train_client"},
+    runners={
+        Role.SERVER: "mpisplit.schemes.multitask:serve",
+        Role.CLIENT: "mpisplit.schemes.multitask:train_client",
+    },
     routes=LABELS_AT_SERVER,
     cuts=1,
     options=MultitaskOptions,

@@ -36,21 +36,30 @@ class SpatiotemporalOptions(SchemeOptions):
     warning line, instead of ending the job. Must be below transport.timeout_s."""
 
     def __post_init__(self) -> None:
-        require(self.joint_epochs >= 0, "scheme.joint_epochs",
-                f"must be >= 0, got {self.joint_epochs}")
-        require(self.detached_epochs >= 0, "scheme.detached_epochs",
-                f"must be >= 0 (0 = no detached phase), got {self.detached_epochs}")
-        require(self.site_timeout_s > 0, "scheme.site_timeout_s",
-                f"must be > 0, got {self.site_timeout_s}")
+        require(
+            self.joint_epochs >= 0, "scheme.joint_epochs", f"must be >= 0, got {self.joint_epochs}"
+        )
+        require(
+            self.detached_epochs >= 0,
+            "scheme.detached_epochs",
+            f"must be >= 0 (0 = no detached phase), got {self.detached_epochs}",
+        )
+        require(
+            self.site_timeout_s > 0,
+            "scheme.site_timeout_s",
+            f"must be > 0, got {self.site_timeout_s}",
+        )
 
     def check(self, cfg: Config) -> None:
-        parallel_only(cfg, "sites train in parallel, each with its own layer (never handed "
-                           "over)")
-        require(self.site_timeout_s < cfg.transport.timeout_s, "scheme.site_timeout_s",
-                f"{self.site_timeout_s:g} s must be below transport.timeout_s "
-                f"({cfg.transport.timeout_s:g} s): a site stalled longer than "
-                f"transport.timeout_s times out on waking, so the server must have dropped it "
-                f"by then")
+        parallel_only(cfg, "sites train in parallel, each with its own layer (never handed over)")
+        require(
+            self.site_timeout_s < cfg.transport.timeout_s,
+            "scheme.site_timeout_s",
+            f"{self.site_timeout_s:g} s must be below transport.timeout_s "
+            f"({cfg.transport.timeout_s:g} s): a site stalled longer than "
+            f"transport.timeout_s times out on waking, so the server must have dropped it "
+            f"by then",
+        )
 
 
 RUN = "mpisplit.schemes.spatiotemporal:run"

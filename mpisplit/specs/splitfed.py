@@ -36,16 +36,24 @@ class SplitfedOptions(AveragingOptions):
 
     def __post_init__(self) -> None:
         AveragingOptions.__post_init__(self)
-        require(self.fedavg_every_epochs >= 0, "scheme.fedavg_every_epochs",
-                f"must be >= 0 (0 = count steps), got {self.fedavg_every_epochs}")
-        require(not self.fedavg_every_epochs or self.fedavg_every == 1,
-                "scheme.fedavg_every_epochs", f"counts epochs instead of scheme.fedavg_every "
-                f"steps: set only one of them (leave fedavg_every at 1, got "
-                f"{self.fedavg_every})")
+        require(
+            self.fedavg_every_epochs >= 0,
+            "scheme.fedavg_every_epochs",
+            f"must be >= 0 (0 = count steps), got {self.fedavg_every_epochs}",
+        )
+        require(
+            not self.fedavg_every_epochs or self.fedavg_every == 1,
+            "scheme.fedavg_every_epochs",
+            f"counts epochs instead of scheme.fedavg_every "
+            f"steps: set only one of them (leave fedavg_every at 1, got "
+            f"{self.fedavg_every})",
+        )
 
     def check(self, cfg: Config) -> None:
-        parallel_only(cfg, "trains its clients in parallel (their lower weights are "
-                           "averaged, never handed over)")
+        parallel_only(
+            cfg,
+            "trains its clients in parallel (their lower weights are averaged, never handed over)",
+        )
 
 
 def deterministic(scheme: SchemeConfig) -> bool:

@@ -10,15 +10,19 @@ from mpisplit.topology import Role
 SPEC = SchemeSpec(
     name="ushaped",
     layout=server_and_clients,
-    runners={Role.SERVER: "mpisplit.schemes.ushaped:serve",
-             Role.CLIENT: "mpisplit.schemes.ushaped:train_client"},
-    routes=frozenset({
-        ("client", "server", Kind.ACTIVATION),
-        ("server", "client", Kind.ACTIVATION),
-        ("client", "server", Kind.GRADIENT),
-        ("server", "client", Kind.GRADIENT),
-        ("client", "client", Kind.WEIGHTS),
-    }),
+    runners={
+        Role.SERVER: "mpisplit.schemes.ushaped:serve",
+        Role.CLIENT: "mpisplit.schemes.ushaped:train_client",
+    },
+    routes=frozenset(
+        {
+            ("client", "server", Kind.ACTIVATION),
+            ("server", "client", Kind.ACTIVATION),
+            ("client", "server", Kind.GRADIENT),
+            ("server", "client", Kind.GRADIENT),
+            ("client", "client", Kind.WEIGHTS),
+        }
+    ),
     cuts=2,
     colocated=((0, 2),),
     options=TurnOptions,

@@ -10,8 +10,10 @@ from mpisplit.topology import Role
 SPEC = SchemeSpec(
     name="vanilla",
     layout=server_and_clients,
-    runners={Role.SERVER: "mpisplit.schemes.vanilla:serve",
-             Role.CLIENT: "mpisplit.schemes.vanilla:train_client"},
+    runners={
+        Role.SERVER: "mpisplit.schemes.vanilla:serve",
+        Role.CLIENT: "mpisplit.schemes.vanilla:train_client",
+    },
     routes=LABELS_AT_SERVER | {("client", "client", Kind.WEIGHTS)},
     cuts=1,
     options=TurnOptions,

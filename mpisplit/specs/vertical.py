@@ -40,12 +40,18 @@ class VerticalOptions(SchemeOptions):
 
     def check(self, cfg: Config) -> None:
         clients = cfg.scheme.clients
-        require(self.label_holder == "server" or self.label_party(clients) is not None,
-                "scheme.label_holder", f"must be server or party<k> with k < scheme.clients "
-                f"({clients}), got {self.label_holder!r}")
-        require(len(self.party_options) in (0, clients), "scheme.party_options",
-                f"one mapping per party: {clients} for scheme.clients={clients}, "
-                f"got {len(self.party_options)}")
+        require(
+            self.label_holder == "server" or self.label_party(clients) is not None,
+            "scheme.label_holder",
+            f"must be server or party<k> with k < scheme.clients "
+            f"({clients}), got {self.label_holder!r}",
+        )
+        require(
+            len(self.party_options) in (0, clients),
+            "scheme.party_options",
+            f"one mapping per party: {clients} for scheme.clients={clients}, "
+            f"got {len(self.party_options)}",
+        )
 
 
 def always(scheme: SchemeConfig) -> bool:
@@ -56,17 +62,21 @@ def always(scheme: SchemeConfig) -> bool:
 SPEC = SchemeSpec(
     name="vertical",
     layout=server_and_clients,
-    runners={Role.SERVER: "mpisplit.schemes.vertical:run",
-             Role.CLIENT: "mpisplit.schemes.vertical:run"},
+    runners={
+        Role.SERVER: "mpisplit.schemes.vertical:run",
+        Role.CLIENT: "mpisplit.schemes.vertical:run",
+    },
     check_plan="mpisplit.schemes.vertical_parts:check_plan",
-    routes=frozenset({
-        # The cut traffic itself is collective (Gatherv/Scatterv), accounted under these routes.
-        ("client", "server", Kind.ACTIVATION),
-        ("server", "client", Kind.GRADIENT),
-        # label_holder: party<k> — logits to party k, their gradient back.
-        ("server", "client", Kind.ACTIVATION),
-        ("client", "server", Kind.GRADIENT),
-    }),
+    routes=frozenset(
+        {
+            # The cut traffic itself is collective (Gatherv/Scatterv), accounted under these routes.
+            ("client", "server", Kind.ACTIVATION),
+            ("server", "client", Kind.GRADIENT),
+            # label_holder: party<k> — logits to party k, their gradient back.
+            ("server", "client", Kind.ACTIVATION),
+            ("client", "server", Kind.GRADIENT),
+        }
+    ),
     cuts=1,
     options=VerticalOptions,
     checkpointable=always,

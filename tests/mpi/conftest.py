@@ -14,8 +14,13 @@ from mpisplit.transport import Transport
 def make_transport(comm: MPI.Comm, **kwargs) -> Transport:
     """A transport over ``comm``: rank 0 the server, the others clients; 30 s deadline."""
     roles = ["server"] + ["client"] * (comm.Get_size() - 1)
-    return Transport(comm, roles=roles, timeout_s=kwargs.pop("timeout_s", 30.0),
-                     tracer=Tracer(comm.Get_rank(), "t", enabled=False), **kwargs)
+    return Transport(
+        comm,
+        roles=roles,
+        timeout_s=kwargs.pop("timeout_s", 30.0),
+        tracer=Tracer(comm.Get_rank(), "t", enabled=False),
+        **kwargs,
+    )
 
 
 @pytest.fixture

@@ -42,8 +42,7 @@ def test_gatherv_and_scatterv_in_rounds(comm: MPI.Comm, part_bytes: int | None) 
     counts, displs = _layout(comm.size)
     total, root = sum(counts), 0
     mine = np.arange(counts[comm.rank], dtype=np.float32) + 1e6 * comm.rank
-    whole = np.concatenate([np.arange(c, dtype=np.float32) + 1e6 * r
-                            for r, c in enumerate(counts)])
+    whole = np.concatenate([np.arange(c, dtype=np.float32) + 1e6 * r for r, c in enumerate(counts)])
     out = np.full(total, -1, np.float32) if comm.rank == root else None
     transport.complete(transport.igatherv(comm, mine, out, counts, displs, root), "gather")
     if comm.rank == root:

@@ -28,8 +28,9 @@ def _ids(rank: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("comparator_holds_ids", [True, False])
-def test_intersection_is_plain_and_leaks_no_outside_id(comm: MPI.Comm,
-                                                       comparator_holds_ids: bool) -> None:
+def test_intersection_is_plain_and_leaks_no_outside_id(
+    comm: MPI.Comm, comparator_holds_ids: bool
+) -> None:
     rank = comm.Get_rank()
     holders = [r for r in range(comm.Get_size()) if r or comparator_holds_ids]
     mine = _ids(rank) if rank in holders else None
@@ -38,8 +39,12 @@ def test_intersection_is_plain_and_leaks_no_outside_id(comm: MPI.Comm,
         plain = np.intersect1d(plain, _ids(other))
     key, received = BlindingKey(), []
     common, size, sizes = private_intersection(
-        comm, mine, comparator=0, key=key,
-        observe=lambda what, array: received.append((what, array.copy())))
+        comm,
+        mine,
+        comparator=0,
+        key=key,
+        observe=lambda what, array: received.append((what, array.copy())),
+    )
     assert size == len(plain)
     assert sizes.tolist() == [len(_ids(r)) if r in holders else -1 for r in range(len(sizes))]
     if mine is None:

@@ -36,9 +36,9 @@ TENSORS = [
     torch.arange(5, dtype=torch.int64),
     torch.empty(0, 30),
     torch.tensor(3.5),
-    torch.randn(INLINE_LIMIT // 4 + 1, generator=_gen),             # just above the inline limit
-    torch.randn(3, 1024, 1024, generator=_gen),                   # 12 MiB, large path
-    torch.randn(10, 6, generator=_gen).t(),                       # non-contiguous
+    torch.randn(INLINE_LIMIT // 4 + 1, generator=_gen),  # just above the inline limit
+    torch.randn(3, 1024, 1024, generator=_gen),  # 12 MiB, large path
+    torch.randn(10, 6, generator=_gen).t(),  # non-contiguous
 ]
 
 
@@ -75,8 +75,9 @@ def test_shapes_may_change_every_message(comm: MPI.Comm) -> None:
 def test_any_source_serves_every_sender(comm: MPI.Comm) -> None:
     transport = make_transport(comm)
     if comm.rank == 0:
-        seen = sorted(int(transport.recv(Kind.ACTIVATION, ANY_SOURCE).tensor)
-                      for _ in range(comm.size - 1))
+        seen = sorted(
+            int(transport.recv(Kind.ACTIVATION, ANY_SOURCE).tensor) for _ in range(comm.size - 1)
+        )
         assert seen == list(range(1, comm.size))
     else:
         transport.send(torch.tensor(comm.rank), 0, Kind.ACTIVATION)
@@ -223,8 +224,10 @@ def test_payloads_split_into_parts_arrive_whole(comm: MPI.Comm, part_bytes: int)
     without large counts sets at 1 GiB, forced small here): blocking, nonblocking and into
     a given buffer, sizes that are and are not multiples of the part, in order."""
     transport = make_transport(comm, part_bytes=part_bytes)
-    tensors = [torch.randn(n, generator=torch.Generator().manual_seed(n))
-               for n in (INLINE_LIMIT // 4 + 1, 25_000, 1024 * part_bytes // 4)]
+    tensors = [
+        torch.randn(n, generator=torch.Generator().manual_seed(n))
+        for n in (INLINE_LIMIT // 4 + 1, 25_000, 1024 * part_bytes // 4)
+    ]
     assert len(part_spans(tensors[1].nbytes, transport.part_bytes)) == -(-100_000 // part_bytes)
     if comm.rank == 1:
         for tensor in tensors:
@@ -241,8 +244,9 @@ def test_payloads_split_into_parts_arrive_whole(comm: MPI.Comm, part_bytes: int)
     transport.close()
 
 
-def test_persistent_send_cache_starts_afresh(comm: MPI.Comm,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_persistent_send_cache_starts_afresh(
+    comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Inline sends of more sizes than the persistent-request cache holds still arrive
     whole and in order (the cache is freed and rebuilt)."""
     monkeypatch.setattr("mpisplit.transport._MAX_PERSISTENT", 2)
@@ -250,8 +254,9 @@ def test_persistent_send_cache_starts_afresh(comm: MPI.Comm,
     sizes = [3, 1, 4, 1, 5, 9, 2, 6, 3, 5]
     if comm.rank == 1:
         for step, n in enumerate(sizes):
-            transport.send(torch.arange(n, dtype=torch.float32) + step, 0, Kind.ACTIVATION,
-                           step=step)
+            transport.send(
+                torch.arange(n, dtype=torch.float32) + step, 0, Kind.ACTIVATION, step=step
+            )
         assert len(transport._inline_sends) <= 2
     elif comm.rank == 0:
         for step, n in enumerate(sizes):
@@ -263,8 +268,9 @@ def test_persistent_send_cache_starts_afresh(comm: MPI.Comm,
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("cuda_aware", [False, True])
-def test_device_tensors_round_trip(comm: MPI.Comm, cuda_aware: bool,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_device_tensors_round_trip(
+    comm: MPI.Comm, cuda_aware: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Device buffers go straight to a CUDA-aware MPI, or are staged through pinned host
     memory; either way a large payload arrives on the device."""
     monkeypatch.setenv("MPISPLIT_CUDA_AWARE", "1" if cuda_aware else "0")
@@ -290,8 +296,12 @@ def test_staged_sends_keep_their_order(comm: MPI.Comm, monkeypatch: pytest.Monke
     sizes = [1 << 20, 3 << 18, 1 << 20, 5, 1 << 20]
     if comm.rank == 1:
         for _ in range(2):
-            pending = [transport.isend(torch.full((n,), float(i), device="cuda"), 0,
-                                       Kind.ACTIVATION, step=i) for i, n in enumerate(sizes)]
+            pending = [
+                transport.isend(
+                    torch.full((n,), float(i), device="cuda"), 0, Kind.ACTIVATION, step=i
+                )
+                for i, n in enumerate(sizes)
+            ]
             for send in pending:
                 send.wait()
         assert not transport.sends.staged
@@ -334,7 +344,6 @@ def test_tuple_cut_exchange_matches_local_autograd(comm: MPI.Comm, compression: 
         assert got_mask.dtype is torch.bool and torch.equal(got_mask, mask)
         assert got_lengths.dtype is torch.int64 and torch.equal(got_lengths, lengths)
         assert not got_mask.requires_grad and message.flags == 0
-        torch.nn.functional.cross_entropy(head(hidden, unused, got_mask, got_lengths),
-                                          y).backward()
+        torch.nn.functional.cross_entropy(head(hidden, unused, got_mask, got_lengths), y).backward()
     transport.flush()
     transport.close()

@@ -37,8 +37,17 @@ VENV_BIN = Path(sys.executable).parent
 # States after which a job never changes again (a requeued job passes through REQUEUED
 # and PENDING, which are not final).
 FINAL_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-    "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+    "REVOKED",
 }
 INSTALL_TIMEOUT_S = 600
 START_TIMEOUT_S = 90
@@ -57,8 +66,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.slurm)
-    users = [item for item in items
-             if {"slurm", "slurm_installed"} & set(getattr(item, "fixturenames", ()))]
+    users = [
+        item
+        for item in items
+        if {"slurm", "slurm_installed"} & set(getattr(item, "fixturenames", ()))
+    ]
     base = _timeout(config)
     if not users or not base:
         return
@@ -142,17 +154,35 @@ class Cluster:
             self.env.pop(name, None)
 
     # -- commands ---------------------------------------------------------------------
-    def run(self, *command: str, check: bool = True, timeout: float = 60,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout,
-                              env={**self.env, **(env or {})}, cwd=ROOT)
+    def run(
+        self,
+        *command: str,
+        check: bool = True,
+        timeout: float = 60,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            list(command),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**self.env, **(env or {})},
+            cwd=ROOT,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(command)} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout}{proc.stderr}")
+            raise AssertionError(
+                f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
+            )
         return proc
 
-    def submit(self, script: str | Path, *args: str, env: dict[str, str] | None = None,
-               options: tuple[str, ...] | list[str] = (), output: Path | None = None) -> str:
+    def submit(
+        self,
+        script: str | Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        options: tuple[str, ...] | list[str] = (),
+        output: Path | None = None,
+    ) -> str:
         """``sbatch --parsable [options] script args`` from the checkout root → job id.
 
         ``env`` is added to the job's environment (sbatch exports the submitting one).
@@ -188,7 +218,8 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise AssertionError(
                     f"job {job_id} still {sorted(got)} after {timeout:.0f}s (wanted "
-                    f"{sorted(wanted) if states else 'a final state'})\n{self.describe(job_id)}")
+                    f"{sorted(wanted) if states else 'a final state'})\n{self.describe(job_id)}"
+                )
             time.sleep(0.5)
 
     def output(self, job_id: str) -> str:
@@ -201,8 +232,11 @@ class Cluster:
 
     def describe(self, job_id: str) -> str:
         """scontrol record, the job's output and the daemons' log tails, for a failure."""
-        parts = [self.run("scontrol", "show", "job", job_id, check=False).stdout,
-                 "--- job output ---", self.output(job_id)[-6000:]]
+        parts = [
+            self.run("scontrol", "show", "job", job_id, check=False).stdout,
+            "--- job output ---",
+            self.output(job_id)[-6000:],
+        ]
         for log in sorted((self.dir / "log").glob("slurm*.log")):
             lines = log.read_text(errors="replace").splitlines()[-15:]
             parts += [f"--- {log.name} ---", *lines]
@@ -217,34 +251,54 @@ def slurm_installed() -> None:
         _unavailable("Slurm is not installed and there is no apt-get to install it")
     if os.geteuid() != 0:
         _unavailable("the Slurm test cluster needs root (slurmd runs jobs as their owner)")
-    install = subprocess.run(["bash", str(TOOLS / "install.sh")], capture_output=True, text=True,
-                             timeout=INSTALL_TIMEOUT_S)
+    install = subprocess.run(
+        ["bash", str(TOOLS / "install.sh")],
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_TIMEOUT_S,
+    )
     if install.returncode != 0:
-        _unavailable("tools/slurm/install.sh could not install Slurm "
-                     f"(exit {install.returncode}): {install.stderr.strip()[-800:]}")
+        _unavailable(
+            "tools/slurm/install.sh could not install Slurm "
+            f"(exit {install.returncode}): {install.stderr.strip()[-800:]}"
+        )
 
 
 @pytest.fixture(scope="session")
 def slurm(slurm_installed: None, tmp_path_factory: pytest.TempPathFactory):
     """The running test cluster (session-scoped). Installs Slurm first if needed."""
     directory = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ,
-           "MPISPLIT_SLURM_PORT": str(_free_port(20000)),
-           "MPISPLIT_SLURM_NODE_PORT": str(_free_port(30000, NODES + 1)),
-           "MPISPLIT_SLURM_TIMEOUT": str(START_TIMEOUT_S - 10),
-           # n1, n2 as the multi-node scripts need; n3, n4 so that vertical.sbatch can put
-           # each of the 4 ranks of configs/vertical-breast-cancer.yaml on a node of its own.
-           "MPISPLIT_SLURM_NODES": str(NODES)}
+    env = {
+        **os.environ,
+        "MPISPLIT_SLURM_PORT": str(_free_port(20000)),
+        "MPISPLIT_SLURM_NODE_PORT": str(_free_port(30000, NODES + 1)),
+        "MPISPLIT_SLURM_TIMEOUT": str(START_TIMEOUT_S - 10),
+        # n1, n2 as the multi-node scripts need; n3, n4 so that vertical.sbatch can put
+        # each of the 4 ranks of configs/vertical-breast-cancer.yaml on a node of its own.
+        "MPISPLIT_SLURM_NODES": str(NODES),
+    }
     cluster_sh = ["bash", str(TOOLS / "cluster.sh")]
-    start = subprocess.run([*cluster_sh, "start", str(directory)], capture_output=True,
-                           text=True, timeout=START_TIMEOUT_S, env=env)
+    start = subprocess.run(
+        [*cluster_sh, "start", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT_S,
+        env=env,
+    )
     try:
         if start.returncode != 0:
-            pytest.fail(f"tools/slurm/cluster.sh start failed ({start.returncode}):\n"
-                        f"{start.stdout}{start.stderr}")
+            pytest.fail(
+                f"tools/slurm/cluster.sh start failed ({start.returncode}):\n"
+                f"{start.stdout}{start.stderr}"
+            )
         yield Cluster(directory)
     finally:
-        stop = subprocess.run([*cluster_sh, "stop", str(directory)], capture_output=True,
-                              text=True, timeout=STOP_TIMEOUT_S, env=env)
+        stop = subprocess.run(
+            [*cluster_sh, "stop", str(directory)],
+            capture_output=True,
+            text=True,
+            timeout=STOP_TIMEOUT_S,
+            env=env,
+        )
         if stop.returncode != 0:
             print(f"cluster.sh stop failed:\n{stop.stdout}{stop.stderr}", file=sys.stderr)

@@ -38,8 +38,10 @@ def test_two_node_batch_job_runs_on_both_nodes(slurm, tmp_path: Path) -> None:
     assert slurm.wait(job, timeout=60) == "COMPLETED", slurm.describe(job)
     out = slurm.output(job)
     assert "batch on n1" in out
-    assert {line.split()[3] for line in out.splitlines() if line.startswith("task ")} \
-        == {"n1", "n2"}, out
+    assert {line.split()[3] for line in out.splitlines() if line.startswith("task ")} == {
+        "n1",
+        "n2",
+    }, out
     (record,) = slurm.records(job)
     assert record["NodeList"] == "n[1-2]"
 

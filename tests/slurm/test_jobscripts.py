@@ -34,19 +34,30 @@ VANILLA = "configs/vanilla-breast-cancer.yaml"
 SEQUENTIAL = "configs/vanilla-sequential-breast-cancer.yaml"
 JOB_TIMEOUT_S = 420
 TINY = ("train.epochs=1", "train.eval_every=0", "run.log_every=1000")
-RANK_LINE = re.compile(r"mpisplit-job: rank (\d+) on (\S+) \(local (\S+)\): "
-                       r"OMP_NUM_THREADS=(\d+) CUDA_VISIBLE_DEVICES=(\S+)")
-CONTINUE = re.compile(r"^mpisplit-job: to continue from the checkpoint at step (\d+): (.*)$",
-                      re.MULTILINE)
+RANK_LINE = re.compile(
+    r"mpisplit-job: rank (\d+) on (\S+) \(local (\S+)\): "
+    r"OMP_NUM_THREADS=(\d+) CUDA_VISIBLE_DEVICES=(\S+)"
+)
+CONTINUE = re.compile(
+    r"^mpisplit-job: to continue from the checkpoint at step (\d+): (.*)$", re.MULTILINE
+)
 
 
 def _expected_srun_mpi() -> str:
     """The --mpi type common.sh must pick here: pmix for a PMIx-based MPI (Open MPI), pmi2
     for MPICH (srun here offers both)."""
     library = subprocess.run(
-        [sys.executable, "-c", "import mpi4py; mpi4py.rc.initialize = False\n"
-         "from mpi4py import MPI; print(MPI.Get_library_version())"],
-        capture_output=True, text=True, timeout=60, check=True).stdout
+        [
+            sys.executable,
+            "-c",
+            "import mpi4py; mpi4py.rc.initialize = False\n"
+            "from mpi4py import MPI; print(MPI.Get_library_version())",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     return "pmix" if "Open MPI" in library else "pmi2"
 
 
@@ -57,13 +68,21 @@ def config_clients(config: str) -> int:
 class Submitted:
     """One submitted job script: its id, the base of its run dirs, its arguments."""
 
-    def __init__(self, slurm, script: str, runs: Path, *args: str,
-                 options: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        slurm,
+        script: str,
+        runs: Path,
+        *args: str,
+        options: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.slurm, self.script, self.runs = slurm, script, runs
         runs.mkdir(parents=True, exist_ok=True)
         self.env = {"MPISPLIT_RUNS": str(runs), **(env or {})}
-        self.id = slurm.submit(JOBSCRIPTS / script, *args, env=self.env, options=options,
-                               output=runs / "%x-%j.out")
+        self.id = slurm.submit(
+            JOBSCRIPTS / script, *args, env=self.env, options=options, output=runs / "%x-%j.out"
+        )
         self._state: str | None = None
 
     def wait(self, timeout: float = JOB_TIMEOUT_S) -> str:
@@ -93,14 +112,18 @@ class Submitted:
 
     def metrics_headers(self, name: str | None = None) -> list[dict]:
         """The first record ("start") of each rank's metrics-rank<R>.jsonl, by rank."""
-        files = sorted(self.run_dir(name).glob("metrics-rank*.jsonl"),
-                       key=lambda f: int(f.stem.removeprefix("metrics-rank")))
+        files = sorted(
+            self.run_dir(name).glob("metrics-rank*.jsonl"),
+            key=lambda f: int(f.stem.removeprefix("metrics-rank")),
+        )
         return [json.loads(f.read_text().splitlines()[0]) for f in files]
 
     def rank_lines(self) -> dict[int, tuple[str, int, str]]:
         """common.sh's per-rank line: rank -> (node, OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES)."""
-        return {int(m[1]): (m[2], int(m[4]), m[5])
-                for m in RANK_LINE.finditer(self.slurm.output(self.id))}
+        return {
+            int(m[1]): (m[2], int(m[4]), m[5])
+            for m in RANK_LINE.finditer(self.slurm.output(self.id))
+        }
 
     def local_ranks(self) -> dict[int, tuple[str, str]]:
         """rank -> (local rank, CUDA_VISIBLE_DEVICES) from common.sh's per-rank lines."""
@@ -128,24 +151,51 @@ def jobs(slurm, data: dict[int, Path], tmp_path_factory) -> dict[str, Submitted]
     path3 = f"data.path={data[config_clients(VANILLA)]}"
     submitted = {
         "single": Submitted(slurm, "single-node.sbatch", base / "single", VANILLA, path3, *TINY),
-        "multi-srun": Submitted(slurm, "multi-node.sbatch", base / "multi-srun",
-                                VANILLA, path3, *TINY),
-        "multi-mpiexec": Submitted(slurm, "multi-node.sbatch", base / "multi-mpiexec",
-                                   VANILLA, path3, *TINY, env={"MPISPLIT_LAUNCHER": "mpiexec"}),
+        "multi-srun": Submitted(
+            slurm, "multi-node.sbatch", base / "multi-srun", VANILLA, path3, *TINY
+        ),
+        "multi-mpiexec": Submitted(
+            slurm,
+            "multi-node.sbatch",
+            base / "multi-mpiexec",
+            VANILLA,
+            path3,
+            *TINY,
+            env={"MPISPLIT_LAUNCHER": "mpiexec"},
+        ),
         "het": Submitted(slurm, "hetjob.sbatch", base / "het", VANILLA, path3, *TINY),
         # The script's own grid: its default cuts x configs over its default --array.
-        "sweep": Submitted(slurm, "sweep.sbatch", base / "sweep", path3, *TINY,
-                           "train.max_steps=4"),
+        "sweep": Submitted(
+            slurm, "sweep.sbatch", base / "sweep", path3, *TINY, "train.max_steps=4"
+        ),
         # The submitting shell's OMP_NUM_THREADS=1 (as tools/test.sh exports) must not win
         # over --cpus-per-task=2.
-        "threads": Submitted(slurm, "multi-node.sbatch", base / "threads", VANILLA, path3,
-                             *TINY, "train.max_steps=4", options=("--cpus-per-task=2",),
-                             env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
+        "threads": Submitted(
+            slurm,
+            "multi-node.sbatch",
+            base / "threads",
+            VANILLA,
+            path3,
+            *TINY,
+            "train.max_steps=4",
+            options=("--cpus-per-task=2",),
+            env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        ),
         # One node with two (declared) GPUs and four ranks, under either launcher.
-        **{f"gpus-{launcher}": Submitted(
-            slurm, "single-node.sbatch", base / f"gpus-{launcher}", VANILLA, path3, *TINY,
-            "train.max_steps=4", options=("--partition=gpu", "--gres=gpu:2"),
-            env={"MPISPLIT_LAUNCHER": launcher}) for launcher in ("srun", "mpiexec")},
+        **{
+            f"gpus-{launcher}": Submitted(
+                slurm,
+                "single-node.sbatch",
+                base / f"gpus-{launcher}",
+                VANILLA,
+                path3,
+                *TINY,
+                "train.max_steps=4",
+                options=("--partition=gpu", "--gres=gpu:2"),
+                env={"MPISPLIT_LAUNCHER": launcher},
+            )
+            for launcher in ("srun", "mpiexec")
+        },
     }
     yield submitted
     for job in submitted.values():
@@ -179,8 +229,9 @@ def test_multi_node_spreads_clients(jobs: dict[str, Submitted], launcher: str) -
         job.assert_srun_mpi(_expected_srun_mpi())
     else:
         assert "launching with srun" not in out
-    assert {rank: node for rank, (node, _, _) in job.rank_lines().items()} \
-        == dict(enumerate(summary["nodes"]))
+    assert {rank: node for rank, (node, _, _) in job.rank_lines().items()} == dict(
+        enumerate(summary["nodes"])
+    )
 
 
 def test_cpus_per_task_sets_torch_threads(jobs: dict[str, Submitted]) -> None:
@@ -231,8 +282,10 @@ def test_hetjob_server_on_gpu_partition(jobs: dict[str, Submitted]) -> None:
     assert [ranks[r][2] for r in (1, 2, 3)] == ["unset"] * 3
     job.assert_srun_mpi(_expected_srun_mpi())
     # The start line names both components' nodes.
-    assert f" on {records[0]['NodeList']} + {records[1]['NodeList']}: launcher srun" \
+    assert (
+        f" on {records[0]['NodeList']} + {records[1]['NodeList']}: launcher srun"
         in job.slurm.output(job.id)
+    )
 
 
 def test_sweep_array_runs_each_task_in_its_own_dir(jobs: dict[str, Submitted]) -> None:
@@ -241,8 +294,12 @@ def test_sweep_array_runs_each_task_in_its_own_dir(jobs: dict[str, Submitted]) -
     job.assert_completed()
     records = job.slurm.records(job.id)
     assert sorted(int(r["ArrayTaskId"]) for r in records) == [0, 1, 2, 3], records
-    expected = {0: ("fc2", "vanilla"), 1: ("head", "vanilla"),
-                2: ("fc2", "splitfed"), 3: ("head", "splitfed")}
+    expected = {
+        0: ("fc2", "vanilla"),
+        1: ("head", "vanilla"),
+        2: ("fc2", "splitfed"),
+        3: ("head", "splitfed"),
+    }
     for task, (cut, scheme) in expected.items():
         run = job.run_dir(f"sweep-{job.id}/{task}")
         summary = job.summary(f"sweep-{job.id}/{task}")
@@ -270,14 +327,16 @@ def test_vertical_one_rank_per_node(slurm, dataset, tmp_path: Path) -> None:
     path = dataset("breast_cancer", clients=config_clients(config), partition="vertical")
     args = (config, f"data.path={path}", *TINY)
     ntasks = int(slurm.run("mpisplit", "topology", *args, "--ntasks").stdout.split()[-1])
-    header = re.search(r"^#SBATCH --ntasks=(\d+)$", (JOBSCRIPTS / "vertical.sbatch").read_text(),
-                       re.MULTILINE)
+    header = re.search(
+        r"^#SBATCH --ntasks=(\d+)$", (JOBSCRIPTS / "vertical.sbatch").read_text(), re.MULTILINE
+    )
     assert header and int(header[1]) == ntasks, "vertical.sbatch's --ntasks != the config's ranks"
     nodes = len(_partition_nodes(slurm, "debug"))
     assert ntasks <= nodes, f"{config} needs {ntasks} nodes; the test cluster has {nodes}"
     # More ranks than the partition has nodes: sbatch refuses at once (it does not pend).
-    refused = slurm.run("sbatch", f"--ntasks={nodes + 1}", str(JOBSCRIPTS / "vertical.sbatch"),
-                        check=False)
+    refused = slurm.run(
+        "sbatch", f"--ntasks={nodes + 1}", str(JOBSCRIPTS / "vertical.sbatch"), check=False
+    )
     assert refused.returncode != 0, refused.stdout
     assert "Requested node configuration is not available" in refused.stderr
     job = Submitted(slurm, "vertical.sbatch", tmp_path, *args)
@@ -294,8 +353,9 @@ def _wait_for_training(job: Submitted, timeout: float = 120) -> None:
     metrics = job.run_dir() / "metrics-rank0.jsonl"
     while not metrics.exists():
         assert time.monotonic() < deadline, f"no {metrics}\n{job.slurm.describe(job.id)}"
-        assert job.slurm.state(job.id) in {"PENDING", "RUNNING", "CONFIGURING"}, \
-            job.slurm.describe(job.id)
+        assert job.slurm.state(job.id) in {"PENDING", "RUNNING", "CONFIGURING"}, job.slurm.describe(
+            job.id
+        )
         time.sleep(0.5)
 
 
@@ -312,8 +372,9 @@ def test_preempted_job_is_requeued_and_finishes(slurm, data, tmp_path: Path) -> 
     The killed run leaves its MPICH shared-memory segment behind, which the restart would
     attach to: local rank 0 removes it first -- and only it, not another job's stale one."""
     path = f"data.path={data[config_clients(VANILLA)]}"
-    job = Submitted(slurm, "single-node.sbatch", tmp_path, VANILLA, path, "train.epochs=3",
-                    "train.eval_every=0")
+    job = Submitted(
+        slurm, "single-node.sbatch", tmp_path, VANILLA, path, "train.epochs=3", "train.eval_every=0"
+    )
     _wait_for_training(job)
     assert slurm.state(job.id) == "RUNNING"
     other = Path(f"/dev/shm/mpich_shm_{_fnv1a(f'{int(job.id) + 1}.0')}_0")
@@ -337,9 +398,17 @@ def test_usr1_checkpoints_requeues_and_the_job_resumes(slurm, data, tmp_path: Pa
     it to the job step (hydra's, via scancel); the ranks checkpoint and stop; the script
     requeues the job, whose second run resumes from that checkpoint and completes."""
     path = f"data.path={data[config_clients(SEQUENTIAL)]}"
-    job = Submitted(slurm, "multi-node.sbatch", tmp_path, SEQUENTIAL, path, "train.epochs=20",
-                    "train.eval_every=0", "checkpoint.every_steps=20",
-                    env={"MPISPLIT_LAUNCHER": "mpiexec"})
+    job = Submitted(
+        slurm,
+        "multi-node.sbatch",
+        tmp_path,
+        SEQUENTIAL,
+        path,
+        "train.epochs=20",
+        "train.eval_every=0",
+        "checkpoint.every_steps=20",
+        env={"MPISPLIT_LAUNCHER": "mpiexec"},
+    )
     _wait_for_training(job)
     slurm.run("scancel", "--batch", "--signal=USR1", job.id)
     job.assert_completed()
@@ -376,13 +445,15 @@ def test_usr1_checkpoints_requeues_and_the_job_resumes(slurm, data, tmp_path: Pa
     (end,) = [r for r in job.metrics() if r.get("event") == "end"]
     assert summary["wall_time_s"] > end["wall_s"] + 0.1
     assert summary["samples_per_s"] == pytest.approx(  # wall_time_s is rounded to 0.1 ms
-        summary["train_samples"] / summary["wall_time_s"], rel=1e-4)
+        summary["train_samples"] / summary["wall_time_s"], rel=1e-4
+    )
 
 
 def test_ntasks_mismatch_fails_with_clear_message(slurm, data, tmp_path: Path) -> None:
     path = f"data.path={data[config_clients(VANILLA)]}"
-    job = Submitted(slurm, "single-node.sbatch", tmp_path, VANILLA, path, *TINY,
-                    options=("--ntasks=3",))
+    job = Submitted(
+        slurm, "single-node.sbatch", tmp_path, VANILLA, path, *TINY, options=("--ntasks=3",)
+    )
     assert job.wait(timeout=120) == "FAILED", slurm.describe(job.id)
     out = slurm.output(job.id)
     assert "ntasks mismatch" in out and "needs 4 MPI ranks" in out and "has 3 Slurm tasks" in out
@@ -421,35 +492,57 @@ def _wait_until(condition, job: Submitted, what: str, timeout: float = 120) -> N
         time.sleep(0.2)
 
 
-def test_usr1_after_the_final_summary_neither_kills_nor_requeues(slurm, data,
-                                                                 tmp_path: Path) -> None:
+def test_usr1_after_the_final_summary_neither_kills_nor_requeues(
+    slurm, data, tmp_path: Path
+) -> None:
     """The time-limit warning comes after training has finished, while the ranks exit: they
     ignore it (the engine no longer handles USR1 by dying), and the job is not requeued."""
     gate, env = _exit_gate(tmp_path, "train")
-    job = Submitted(slurm, "single-node.sbatch", tmp_path, VANILLA,
-                    f"data.path={data[config_clients(VANILLA)]}", *TINY, env=env)
+    job = Submitted(
+        slurm,
+        "single-node.sbatch",
+        tmp_path,
+        VANILLA,
+        f"data.path={data[config_clients(VANILLA)]}",
+        *TINY,
+        env=env,
+    )
     _wait_until(lambda: len(list(gate.glob("held-*"))) == 4, job, "the ranks never exited")
     assert "preempted" not in job.summary()
     slurm.run("scancel", "--batch", "--signal=USR1", job.id)
-    _wait_until(lambda: slurm.output(job.id).count("SIGUSR1 after training had finished: "
-                                                   "ignored") == 4
-                or slurm.state(job.id) != "RUNNING", job, "USR1 never reached the ranks")
+    _wait_until(
+        lambda: (
+            slurm.output(job.id).count("SIGUSR1 after training had finished: ignored") == 4
+            or slurm.state(job.id) != "RUNNING"
+        ),
+        job,
+        "USR1 never reached the ranks",
+    )
     (gate / "open").touch()
     job.assert_completed()
     (record,) = slurm.records(job.id)
     assert record["Restarts"] == "0"
     out = slurm.output(job.id)
     assert "pre-emption warning (USR1), but the run finished first; not requeued" in out
-    assert [r["event"] for r in job.metrics() if r.get("event") in ("end", "start")] \
-        == ["start", "end"]
+    assert [r["event"] for r in job.metrics() if r.get("event") in ("end", "start")] == [
+        "start",
+        "end",
+    ]
 
 
 def test_usr1_during_start_up_is_logged_and_requeues(slurm, data, tmp_path: Path) -> None:
     """The pre-emption warning while the script checks the task count, before the launch:
     the job says so and is requeued (its rerun completes), instead of dying unlogged."""
     gate, env = _exit_gate(tmp_path, "topology")
-    job = Submitted(slurm, "single-node.sbatch", tmp_path, VANILLA,
-                    f"data.path={data[config_clients(VANILLA)]}", *TINY, env=env)
+    job = Submitted(
+        slurm,
+        "single-node.sbatch",
+        tmp_path,
+        VANILLA,
+        f"data.path={data[config_clients(VANILLA)]}",
+        *TINY,
+        env=env,
+    )
     _wait_until(lambda: any(gate.glob("held-*")), job, "the task-count check never ran")
     slurm.run("scancel", "--batch", "--signal=USR1", job.id)
     job.assert_completed()
@@ -461,14 +554,22 @@ def test_usr1_during_start_up_is_logged_and_requeues(slurm, data, tmp_path: Path
     assert job.summary()["world_size"] == 4
 
 
-def test_cancelled_run_continues_with_the_command_its_log_prints(slurm, data,
-                                                                 tmp_path: Path) -> None:
+def test_cancelled_run_continues_with_the_command_its_log_prints(
+    slurm, data, tmp_path: Path
+) -> None:
     """`scancel` sends TERM: the ranks commit a checkpoint and the job ends CANCELLED, its log
     ending with the exact command that continues the run; run as printed (from anywhere), it
     resumes there and finishes, its summary covering both jobs."""
-    job = Submitted(slurm, "single-node.sbatch", tmp_path, SEQUENTIAL,
-                    f"data.path={data[config_clients(SEQUENTIAL)]}", "train.epochs=4",
-                    "train.eval_every=0", "checkpoint.every_steps=5")
+    job = Submitted(
+        slurm,
+        "single-node.sbatch",
+        tmp_path,
+        SEQUENTIAL,
+        f"data.path={data[config_clients(SEQUENTIAL)]}",
+        "train.epochs=4",
+        "train.eval_every=0",
+        "checkpoint.every_steps=5",
+    )
     checkpoints = job.run_dir() / "checkpoints"
     _wait_until(lambda: any(checkpoints.glob("step-*/COMMITTED")), job, "no checkpoint")
     slurm.run("scancel", job.id)
@@ -479,14 +580,16 @@ def test_cancelled_run_continues_with_the_command_its_log_prints(slurm, data,
     assert stopped and printed, out[-3000:]
     assert printed[1] == stopped[1]
     assert f" jobscripts/single-node.sbatch --resume {SEQUENTIAL} " in printed[2]
-    submitted = slurm.run("bash", "-c", printed[2], env={
-        "SBATCH_OUTPUT": str(tmp_path / "%x-%j.out")}).stdout  # not into the checkout
+    submitted = slurm.run(
+        "bash", "-c", printed[2], env={"SBATCH_OUTPUT": str(tmp_path / "%x-%j.out")}
+    ).stdout  # not into the checkout
     resumed = submitted.split()[-1]
     assert slurm.wait(resumed, timeout=JOB_TIMEOUT_S) == "COMPLETED", slurm.describe(resumed)
     assert f"resumed from step {stopped[1]} (checkpoint " in slurm.output(resumed)
     summary = job.summary()
-    assert summary["launches"] == 2 and summary["last_launch"]["resumed_from_step"] \
-        == int(stopped[1])
+    assert summary["launches"] == 2 and summary["last_launch"]["resumed_from_step"] == int(
+        stopped[1]
+    )
 
 
 STUDY = """\
@@ -517,14 +620,19 @@ def test_sweep_study_runs_as_slurm_arrays(slurm, tmp_path: Path) -> None:
     mpisplit = (sys.executable, "-m", "mpisplit", "sweep", str(study))
     submitted = slurm.run(*mpisplit, "--slurm", "--submit", timeout=300)
     arrays = dict(SUBMITTED.findall(submitted.stdout))
-    assert sorted(Path(s).name for s in arrays) == ["ntasks-1.sbatch", "ntasks-3.sbatch"], \
+    assert sorted(Path(s).name for s in arrays) == ["ntasks-1.sbatch", "ntasks-3.sbatch"], (
         submitted.stdout
+    )
     for job_id in arrays.values():
         state = slurm.wait(job_id, timeout=JOB_TIMEOUT_S)
         assert state == "COMPLETED", slurm.describe(job_id)
     # "steps" counts client steps: 4 per client.
-    for name, world_size, steps in [("arm-split_seed-0", 3, 8), ("arm-split_seed-1", 3, 8),
-                                    ("arm-alone_seed-0", 1, 4), ("arm-alone_seed-1", 1, 4)]:
+    for name, world_size, steps in [
+        ("arm-split_seed-0", 3, 8),
+        ("arm-split_seed-1", 3, 8),
+        ("arm-alone_seed-0", 1, 4),
+        ("arm-alone_seed-1", 1, 4),
+    ]:
         summary = json.loads((tmp_path / "out" / name / "summary.json").read_text())
         assert (summary["world_size"], summary["steps"]) == (world_size, steps), name
     listed = slurm.run(*mpisplit, "--list").stdout.splitlines()

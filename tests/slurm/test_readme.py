@@ -38,9 +38,17 @@ JOB = re.compile(r"JobId=(\d+) .*?JobState=(\S+) .*?StdOut=(\S*)")
 def fresh_checkout(target: Path) -> Path:
     """The checkout's tracked and not-ignored files copied to ``target``, with ``.venv``
     linking to the environment running the tests (what tools/install.sh makes)."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
-                             "--exclude-standard"], cwd=ROOT, capture_output=True, check=True,
-                            timeout=60).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         if (ROOT / name).is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
@@ -60,23 +68,32 @@ def readme_blocks() -> tuple[str, str]:
 
 def bash(text: str, cwd: Path, env: dict[str, str], timeout: float) -> None:
     """Runs README lines with ``set -e`` (``tail -f`` lines as described above)."""
-    lines = [f"_readme_watch {line}" if WATCH.match(line) else line
-             for line in text.splitlines()]
-    proc = subprocess.run(["bash", "-c", "set -e\n" + WATCH_FUNCTION + "\n".join(lines)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"README commands failed ({proc.returncode}):\n{text}\n" \
-                                 f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    lines = [f"_readme_watch {line}" if WATCH.match(line) else line for line in text.splitlines()]
+    proc = subprocess.run(
+        ["bash", "-c", "set -e\n" + WATCH_FUNCTION + "\n".join(lines)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (
+        f"README commands failed ({proc.returncode}):\n{text}\n"
+        f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    )
 
 
 def wait_for_jobs(env: dict[str, str]) -> list[tuple[str, str, str]]:
     """Waits until the cluster has no pending or running job; (id, state, log) of each."""
     deadline = time.monotonic() + TIMEOUT_S
-    while subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True,
-                         timeout=60).stdout.strip():
+    while subprocess.run(
+        ["squeue", "-h"], env=env, capture_output=True, text=True, timeout=60
+    ).stdout.strip():
         assert time.monotonic() < deadline, "README jobs still running"
         time.sleep(1)
-    out = subprocess.run(["scontrol", "-o", "show", "job"], env=env, capture_output=True,
-                         text=True, timeout=60).stdout
+    out = subprocess.run(
+        ["scontrol", "-o", "show", "job"], env=env, capture_output=True, text=True, timeout=60
+    ).stdout
     return JOB.findall(out)
 
 
@@ -85,8 +102,9 @@ def test_every_command_of_the_jobscripts_readme(slurm_installed: None, tmp_path:
     checkout = fresh_checkout(tmp_path / "checkout")
     venv_bin = str(Path(sys.prefix) / "bin")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "MPISPLIT"))}
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
-                                  if p != venv_bin)  # the README activates it
+    env["PATH"] = os.pathsep.join(
+        p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin
+    )  # the README activates it
     commands, stop = readme_blocks()
     conf = re.search(r"export SLURM_CONF=(\S+)", commands)
     assert conf, "README: no `export SLURM_CONF=...` after starting the cluster"
@@ -94,8 +112,11 @@ def test_every_command_of_the_jobscripts_readme(slurm_installed: None, tmp_path:
         bash(commands, checkout, env, TIMEOUT_S)
         jobs = wait_for_jobs({**env, "SLURM_CONF": conf[1]})
         assert len(jobs) >= 5, jobs
-        failed = [(job, state, Path(log).read_text()[-2000:] if Path(log).is_file() else "")
-                  for job, state, log in jobs if state != "COMPLETED"]
+        failed = [
+            (job, state, Path(log).read_text()[-2000:] if Path(log).is_file() else "")
+            for job, state, log in jobs
+            if state != "COMPLETED"
+        ]
         assert not failed, failed
     finally:
         bash(stop, checkout, env, 300)

@@ -8,9 +8,20 @@ import pytest
 
 from mpisplit.prof.capacity import Costs, predict
 
-COSTS = Costs(scheme="vanilla", order="parallel", batch_size=32, samples=64_000, epochs=2,
-              client_compute_s=0.010, server_compute_s=0.002, messages_per_step=4,
-              bytes_per_step=1e6, latency_s=1e-5, bandwidth_bytes_per_s=1e9, startup_s=3.0)
+COSTS = Costs(
+    scheme="vanilla",
+    order="parallel",
+    batch_size=32,
+    samples=64_000,
+    epochs=2,
+    client_compute_s=0.010,
+    server_compute_s=0.002,
+    messages_per_step=4,
+    bytes_per_step=1e6,
+    latency_s=1e-5,
+    bandwidth_bytes_per_s=1e9,
+    startup_s=3.0,
+)
 CYCLE = 0.010 + 0.002 + 4 * 1e-5 + 1e6 / 1e9
 
 
@@ -22,13 +33,15 @@ def test_one_client_is_its_own_chain() -> None:
     assert p.samples_per_s == pytest.approx(32 / CYCLE)
 
 
-@pytest.mark.parametrize(("clients", "nodes", "cores", "bound", "round_s"), [
-    (100, 50, 64, "server compute", 100 * 0.002),    # cores to spare: the server serialises
-    (7, 1, 2, "cores", 7 * 0.012 / 2),                 # 8 ranks on 2 cores share them
-    (4, 1, 64, "client chain", CYCLE),                 # few clients, many cores
-])
-def test_parallel_bounds(clients: int, nodes: int, cores: int, bound: str,
-                         round_s: float) -> None:
+@pytest.mark.parametrize(
+    ("clients", "nodes", "cores", "bound", "round_s"),
+    [
+        (100, 50, 64, "server compute", 100 * 0.002),  # cores to spare: the server serialises
+        (7, 1, 2, "cores", 7 * 0.012 / 2),  # 8 ranks on 2 cores share them
+        (4, 1, 64, "client chain", CYCLE),  # few clients, many cores
+    ],
+)
+def test_parallel_bounds(clients: int, nodes: int, cores: int, bound: str, round_s: float) -> None:
     p = predict(COSTS, clients, nodes, cores)
     assert (p.bound, p.round_s) == (bound, pytest.approx(round_s))
     assert p.steps_per_client == 2 * -(-64_000 // (clients * 32))

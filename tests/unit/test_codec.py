@@ -34,15 +34,13 @@ def _through_the_wire(tensor: torch.Tensor, limit: int | None) -> torch.Tensor:
     decoded from those bytes alone."""
     message = MessageBuffer()
     nbytes, inline = pack_header(message.view, tensor, 3, 7, 5, 11, 2)
-    payload = b"".join(bytes(part[0]) for part in buffer_parts(tensor.contiguous(), nbytes,
-                                                                limit))
+    payload = b"".join(bytes(part[0]) for part in buffer_parts(tensor.contiguous(), nbytes, limit))
     if inline:
-        message.view[HEADER_BYTES:HEADER_BYTES + nbytes] = payload
-    kind, dtype, shape, flags, step, size, inline, aux, microbatch = \
-        unpack_header(message.view)
+        message.view[HEADER_BYTES : HEADER_BYTES + nbytes] = payload
+    kind, dtype, shape, flags, step, size, inline, aux, microbatch = unpack_header(message.view)
     assert (kind, step, flags, aux, microbatch) == (3, 7, 5, 11, 2)
     assert (size, bool(inline)) == (tensor.nbytes, nbytes <= INLINE_LIMIT)
-    data = bytes(message.view[HEADER_BYTES:HEADER_BYTES + nbytes]) if inline else payload
+    data = bytes(message.view[HEADER_BYTES : HEADER_BYTES + nbytes]) if inline else payload
     out = torch.empty(shape, dtype=dtype)
     if nbytes:
         MPI.buffer.fromaddress(out.data_ptr(), nbytes, False)[:] = data
@@ -50,8 +48,9 @@ def _through_the_wire(tensor: torch.Tensor, limit: int | None) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(), (0, 3), (5,), (3, 4, 2), (1,) * MAX_DIMS,
-                                   (INLINE_LIMIT // 2 + 3,)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(), (0, 3), (5,), (3, 4, 2), (1,) * MAX_DIMS, (INLINE_LIMIT // 2 + 3,)], ids=str
+)
 def test_round_trip_of_every_dtype_and_shape(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     tensor = _sample(dtype, shape)
     for limit in (None, 1000):
@@ -70,27 +69,33 @@ def test_what_cannot_travel_is_a_codec_error() -> None:
         unpack_header(memoryview(bytes(HEADER_BYTES)))
 
 
-@pytest.mark.parametrize("nbytes", [0, 1, PART_BYTES, PART_BYTES + 1, (2 << 30) + 4096,
-                                    5 * PART_BYTES - 3, 17 << 30])
+@pytest.mark.parametrize(
+    "nbytes", [0, 1, PART_BYTES, PART_BYTES + 1, (2 << 30) + 4096, 5 * PART_BYTES - 3, 17 << 30]
+)
 def test_parts_cover_payloads_over_two_gib_below_the_int_limit(nbytes: int) -> None:
     spans = part_spans(nbytes, PART_BYTES)
     assert len(spans) == max(1, -(-nbytes // PART_BYTES))
     assert all(0 <= size <= PART_BYTES < INT_LIMIT for _, size in spans)
-    assert [at for at, _ in spans] == [sum(size for _, size in spans[:i])
-                                       for i in range(len(spans))]
+    assert [at for at, _ in spans] == [
+        sum(size for _, size in spans[:i]) for i in range(len(spans))
+    ]
     assert sum(size for _, size in spans) == nbytes
     assert part_spans(nbytes, None) == [(0, nbytes)]  # large counts: one message
 
 
-@pytest.mark.parametrize(("counts", "itemsize", "limit"), [
-    ([3 << 30], 4, PART_BYTES),                    # an Allreduce of 12 GiB of float32
-    ([0, 600 << 20, 1 << 20, 900 << 20], 4, PART_BYTES),  # a Gatherv of 2**31 + 2**20 floats
-    ([10, 0, 7], 4, 12),                           # the small limit the MPI tests force
-    ([5, 5, 5], 8, 3),                             # a limit below one element
-    ([100], 1, None),
-])
-def test_collective_rounds_cover_every_part_within_the_limit(counts: list[int], itemsize: int,
-                                                             limit: int | None) -> None:
+@pytest.mark.parametrize(
+    ("counts", "itemsize", "limit"),
+    [
+        ([3 << 30], 4, PART_BYTES),  # an Allreduce of 12 GiB of float32
+        ([0, 600 << 20, 1 << 20, 900 << 20], 4, PART_BYTES),  # a Gatherv of 2**31 + 2**20 floats
+        ([10, 0, 7], 4, 12),  # the small limit the MPI tests force
+        ([5, 5, 5], 8, 3),  # a limit below one element
+        ([100], 1, None),
+    ],
+)
+def test_collective_rounds_cover_every_part_within_the_limit(
+    counts: list[int], itemsize: int, limit: int | None
+) -> None:
     displs = [sum(counts[:rank]) for rank in range(len(counts))]
     rounds = collective_rounds(counts, displs, itemsize, limit)
     covered = [0] * len(counts)

@@ -31,8 +31,12 @@ def test_evaluation_noise_leaves_the_training_noise_alone() -> None:
     activation = torch.randn(8, 4)
     defence, untouched = CutDefence(cfg, sender=0), CutDefence(cfg, sender=0)
     defence.defend_eval(activation, activation, step=5, final=False)
-    torch.testing.assert_close(defence.defend(activation, activation)[0],
-                               untouched.defend(activation, activation)[0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        defence.defend(activation, activation)[0],
+        untouched.defend(activation, activation)[0],
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_leakage_sample_is_capped_and_measured_on_what_left() -> None:

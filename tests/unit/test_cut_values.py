@@ -10,8 +10,7 @@ from mpisplit.cut import cut_features, map_floats, tensors
 
 
 def test_defences_touch_only_the_float_tensors() -> None:
-    hidden, mask, lengths = torch.ones(3, 2, 4), torch.ones(3, 2, dtype=torch.bool), \
-        torch.arange(3)
+    hidden, mask, lengths = torch.ones(3, 2, 4), torch.ones(3, 2, dtype=torch.bool), torch.arange(3)
     doubled = map_floats(lambda t: t * 2, (hidden, mask, lengths))
     assert torch.equal(doubled[0], hidden * 2)
     assert doubled[1] is mask and doubled[2] is lengths

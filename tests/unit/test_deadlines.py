@@ -33,8 +33,7 @@ def test_poll_returns_the_first_true_result() -> None:
     assert poll(attempt, 1.0, lambda: AssertionError("no timeout")) == "ready"
     assert len(calls) == 1
     attempt, calls = _succeeds_after(1000)  # past the tight polls, into the yields
-    assert poll(attempt, None, lambda: AssertionError("no timeout"),
-                clock=_Clock(1e-4)) == "ready"
+    assert poll(attempt, None, lambda: AssertionError("no timeout"), clock=_Clock(1e-4)) == "ready"
     assert len(calls) == 1000
 
 
@@ -55,8 +54,10 @@ def test_errors_name_who_was_waited_for() -> None:
     deadlines = Deadlines(0, ["server", "client", "client"], 2.5)
     error = deadlines.timed_out([1, 2], "ACTIVATION", "receive")
     assert isinstance(error, PeerTimeout) and error.peers == (1, 2)
-    assert str(error) == ("rank 0 (server) waited 2.5 s to receive ACTIVATION with rank 1 "
-                          "(client), rank 2 (client): no answer (transport.timeout_s)")
+    assert str(error) == (
+        "rank 0 (server) waited 2.5 s to receive ACTIVATION with rank 1 "
+        "(client), rank 2 (client): no answer (transport.timeout_s)"
+    )
     assert "with any rank:" in str(deadlines.timed_out([ANY_SOURCE], "GRADIENT", "send"))
 
 
@@ -64,8 +65,11 @@ def test_every_wait_first_runs_the_hook_before_blocking() -> None:
     """The send queue posts its staged sends before any wait (a peer may need them)."""
     hooked = []
     deadlines = Deadlines(1, ["server", "client"], 0.0, before_block=lambda: hooked.append(1))
-    with pytest.raises(PeerTimeout, match=r"rank 1 \(client\) waited 0 s to send LABELS "
-                                          r"with rank 0 \(server\)"):
+    with pytest.raises(
+        PeerTimeout,
+        match=r"rank 1 \(client\) waited 0 s to send LABELS "
+        r"with rank 0 \(server\)",
+    ):
         deadlines.wait(lambda: False, [0], "LABELS", "send")
     assert deadlines.wait(lambda: 7, [0], "LABELS", "send", bounded=False) == 7
     assert len(hooked) == 2

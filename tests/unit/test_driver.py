@@ -52,8 +52,9 @@ def test_evaluating_clients_are_all_or_a_fixed_sample() -> None:
     assert sample == evaluating_clients(TrainConfig(eval_clients=2, seed=5), 6)
 
 
-@pytest.mark.parametrize(("rows", "count", "sizes"),
-                         [(8, 1, [8]), (8, 2, [4, 4]), (8, 3, [2, 4, 2]), (2, 4, [1, 1])])
+@pytest.mark.parametrize(
+    ("rows", "count", "sizes"), [(8, 1, [8]), (8, 2, [4, 4]), (8, 3, [2, 4, 2]), (2, 4, [1, 1])]
+)
 def test_microbatches_split_and_flag(rows: int, count: int, sizes: list[int]) -> None:
     batch = Batch(torch.arange(rows * 2.0).view(rows, 2), torch.arange(rows), torch.arange(rows))
     parts = microbatches(batch, count)

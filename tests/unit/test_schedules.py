@@ -56,13 +56,16 @@ def test_every_schedule_is_valid(name: str) -> None:
         validate(schedules.of(name, count), count)
 
 
-@pytest.mark.parametrize(("actions", "problem"), [
-    ("0F0 0B0 0F0", "forwarded twice"),
-    ("0B0 0F0", "backward before its forward"),
-    ("0F0 0F1 0B1 0B0", "in order"),
-    ("0F0 0F1 0B0", "in order"),
-    ("0F0 0F3", "out of range"),
-])
+@pytest.mark.parametrize(
+    ("actions", "problem"),
+    [
+        ("0F0 0B0 0F0", "forwarded twice"),
+        ("0B0 0F0", "backward before its forward"),
+        ("0F0 0F1 0B1 0B0", "in order"),
+        ("0F0 0F1 0B0", "in order"),
+        ("0F0 0F3", "out of range"),
+    ],
+)
 def test_invalid_orders_are_refused(actions: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         validate([Action.parse(a) for a in actions.split()], 2)
