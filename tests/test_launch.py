@@ -58,8 +58,8 @@ def test_print_shows_the_command_and_settings() -> None:
     assert result.returncode == 0, result.stderr
     words = shlex.split(result.stdout)
     launcher = find("mpiexec")
-    assert words[-6:] == [launcher.program, "-n", "4", "mpisplit", "train",
-                          "configs/vanilla-breast-cancer.yaml"]
+    assert words[-9:] == [launcher.program, "-n", "4", sys.executable, "-m", "mpisplit.supervise",
+                          "mpisplit", "train", "configs/vanilla-breast-cancer.yaml"]
     if launcher.flavor == "openmpi" and "PRTE_MCA_rmaps_default_mapping_policy" not in os.environ:
         assert "PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe" in words
 
