@@ -270,7 +270,7 @@ def _train(args: argparse.Namespace) -> int:
         return _reexec_with_pmpi(args)
     from mpi4py import MPI
 
-    from mpisplit import engine
+    from mpisplit import engine, supervise
     from mpisplit.failure import Preempted, abort_on_failure
 
     comm = MPI.COMM_WORLD
@@ -278,10 +278,11 @@ def _train(args: argparse.Namespace) -> int:
     if run is None:
         return EXIT_BAD_INPUT
     label = run.topology.of(comm.Get_rank()).label
+    supervise.tell(comm.Get_rank(), label)
     try:
         abort_on_failure(comm, label, lambda: engine.train(run, comm), Path(run.config.run.dir))
     except Preempted as stop:
-        os._exit(stop.exit_status)  # said so and met the others; skip the MPI_Finalize handshake
+        supervise.exit_now(stop.exit_status)  # said so and met the others; no MPI_Finalize
     return 0
 
 

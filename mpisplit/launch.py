@@ -45,10 +45,12 @@ class Launcher:
     """srun's ``--mpi`` plugin (empty: the site's default)."""
 
     def command(self, ranks: int, argv: Sequence[str]) -> list[str]:
+        """Under ``mpiexec`` each rank starts through ``mpisplit.supervise``, which names
+        the rank a signal killed (srun does that itself)."""
         if self.kind == "srun":
             plugin = [f"--mpi={self.srun_mpi}"] if self.srun_mpi else []
             return [self.program, "-n", str(ranks), *plugin, *argv]
-        return [self.program, "-n", str(ranks), *argv]
+        return [self.program, "-n", str(ranks), sys.executable, "-m", "mpisplit.supervise", *argv]
 
     def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """``base`` (default: this process's environment) plus what the MPI needs to start

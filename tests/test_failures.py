@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -201,9 +202,9 @@ def _pid_once_training(run_dir: Path, rank: int, process: subprocess.Popen) -> i
 
 def _signal_rank_2_and_wait_for_the_end(
     process: subprocess.Popen, run_dir: Path, signum: int
-) -> str:
+) -> tuple[str, int]:
     """Sends ``signum`` to rank 2 once it trains; the job must fail within ``LIMIT_S``.
-    Returns its stderr."""
+    Returns its stderr and rank 2's pid."""
     pid = _pid_once_training(run_dir, 2, process)
     try:
         os.kill(pid, signum)
@@ -217,15 +218,24 @@ def _signal_rank_2_and_wait_for_the_end(
     assert process.returncode not in (0, 4)
     assert elapsed < LIMIT_S
     _no_clean_stop_recorded(run_dir)
-    return stderr
+    return stderr, pid
 
 
 @pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGSTOP"])
 def test_killed_or_stalled_client_ends_the_job(signal_name: str, dataset, tmp_path: Path) -> None:
-    """SIGKILL: the launcher takes the job down. SIGSTOP (a stall): the server's deadline
-    fires, names the silent peer, and the abort takes every rank down."""
+    """SIGKILL: the launcher takes the job down, and the rank's supervisor names it
+    (mpisplit.supervise). SIGSTOP (a stall): the server's deadline fires, names the silent
+    peer, and the abort takes every rank down."""
     process = _start_long_run(dataset, tmp_path, f"transport.timeout_s={STALL_S}")
-    stderr = _signal_rank_2_and_wait_for_the_end(process, tmp_path, getattr(signal, signal_name))
+    stderr, pid = _signal_rank_2_and_wait_for_the_end(
+        process, tmp_path, getattr(signal, signal_name)
+    )
+    if signal_name == "SIGKILL":
+        assert stderr.count("was killed by signal") == 1, stderr[-1500:]
+        assert (
+            f"mpisplit: rank 2 (client1, host {socket.gethostname()}, pid {pid}) "
+            "was killed by signal 9 (SIGKILL)\n"
+        ) in stderr, stderr[-1500:]
     if signal_name == "SIGSTOP":
         assert "rank 0 (server)" in stderr and "failed: PeerTimeout" in stderr, stderr[-1500:]
         assert "with rank 2 (client)" in stderr  # the silent one, named
@@ -241,7 +251,7 @@ def test_stalled_party_ends_a_vertical_job(dataset, tmp_path: Path) -> None:
         config="configs/vertical-breast-cancer.yaml",
         partition="vertical",
     )
-    stderr = _signal_rank_2_and_wait_for_the_end(process, tmp_path, signal.SIGSTOP)
+    stderr, _ = _signal_rank_2_and_wait_for_the_end(process, tmp_path, signal.SIGSTOP)
     assert "failed: PeerTimeout" in stderr and "in the cut exchange" in stderr, stderr[-1500:]
 
 

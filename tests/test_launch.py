@@ -77,10 +77,13 @@ def test_print_shows_the_command_and_settings() -> None:
     assert result.returncode == 0, result.stderr
     words = shlex.split(result.stdout)
     launcher = find("mpiexec")
-    assert words[-6:] == [
+    assert words[-9:] == [
         launcher.program,
         "-n",
         "4",
+        sys.executable,
+        "-m",
+        "mpisplit.supervise",
         "mpisplit",
         "train",
         "configs/vanilla-breast-cancer.yaml",

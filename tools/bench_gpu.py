@@ -21,7 +21,6 @@ from collections.abc import Callable
 
 import torch
 from bench_transport import (
-    SIZES,
     interleaved,
     iterations_for,
     paired_ratio,
@@ -102,7 +101,7 @@ def main() -> None:
     if device_aware:
         transports["device"] = _transport(comm, device, True)
     results = []
-    for nbytes in SIZES:
+    for nbytes in args.sizes:
         tensor = torch.rand(nbytes // 4, device=device)
         row: dict[str, float | int | str] = {"bytes": nbytes}
         samples = interleaved(

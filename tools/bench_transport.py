@@ -128,6 +128,12 @@ def ping_pong_arguments(description: str) -> argparse.Namespace:
         "orders (as many as methods, twice that if odd) runs whole "
         "cycles",
     )
+    parser.add_argument(
+        "--sizes",
+        type=lambda text: [int(size) for size in text.split(",")],
+        default=SIZES,
+        help="message sizes in bytes, comma-separated (default: 4 KiB to 64 MiB)",
+    )
     return parser.parse_args()
 
 
@@ -148,7 +154,7 @@ def main() -> None:
         tracer=Tracer(comm.Get_rank(), "bench", enabled=False),
     )
     results = []
-    for nbytes in SIZES:
+    for nbytes in args.sizes:
         tensor = torch.rand(nbytes // 4)
         row: dict[str, float | int] = {"bytes": nbytes}
         samples = interleaved(

@@ -297,6 +297,7 @@ typedef struct {
     int16_t call;     /* call id the operation's bytes are attributed to */
     uint8_t used;
     uint8_t flags;
+    uint32_t seq;     /* request: which registration of this handle value (see req_put) */
 } ent_t;
 
 typedef struct {
@@ -306,6 +307,7 @@ typedef struct {
 } table_t;
 
 static table_t g_reqs, g_msgs;  /* guarded by g_lock */
+static uint32_t g_req_seq;     /* guarded by g_lock */
 static size_t g_nreqs_hint;    /* racy copy of g_reqs.n for a lock-free fast path */
 
 static inline uint64_t mix64(uint64_t x)
@@ -405,12 +407,33 @@ static inline int maybe_tracked(void)
     return __atomic_load_n(&g_nreqs_hint, __ATOMIC_RELAXED) != 0;
 }
 
+/* A new registration of request handle `req`, told apart from an earlier request with the
+ * same handle value by its sequence number; caller holds g_lock. */
+static ent_t *req_put(MPI_Request req)
+{
+    ent_t *e = tab_put(&g_reqs, req_key(req));
+    if (e) e->seq = ++g_req_seq;
+    return e;
+}
+
+/* A tracked request's entry as it stands before the completion call that may free it
+ * (.used == 0: not tracked).  The call's thread records the completion from this copy: once
+ * the library frees the handle, another thread's new request can get the same handle value
+ * and register it before this thread takes g_lock again.  Caller holds g_lock. */
+static ent_t req_snapshot(MPI_Request req)
+{
+    ent_t none = {0};
+    if (req == MPI_REQUEST_NULL) return none;
+    ent_t *e = tab_find(&g_reqs, req_key(req));
+    return e ? *e : none;
+}
+
 /* Register a receive request; caller holds g_lock. */
 static void track_recv(MPI_Request req, int call, MPI_Comm comm, int has_comm, int peer,
                        int persistent)
 {
     if (req == MPI_REQUEST_NULL) return;
-    ent_t *e = tab_put(&g_reqs, req_key(req));
+    ent_t *e = req_put(req);
     if (!e) return;
     e->flags = (uint8_t)(F_RECV | (persistent ? F_PERSIST : F_ACTIVE) | (has_comm ? F_HAS_COMM : 0));
     e->comm = comm;
@@ -425,7 +448,7 @@ __attribute__((unused)) static void track_recv_posted(MPI_Request req, int call,
                                                       int peer, uint64_t bytes)
 {
     if (req == MPI_REQUEST_NULL) return;
-    ent_t *e = tab_put(&g_reqs, req_key(req));
+    ent_t *e = req_put(req);
     if (!e) return;
     e->flags = F_RECV | F_ACTIVE | F_HAS_COMM | F_POSTED;
     e->comm = comm;
@@ -435,13 +458,14 @@ __attribute__((unused)) static void track_recv_posted(MPI_Request req, int call,
     reqs_changed();
 }
 
-/* A request that was `saved` before the completion call has completed with
- * status `st`; `t` is its share of the completion call's time.  Caller holds g_lock. */
-static void complete_req(MPI_Request saved, const MPI_Status *st, double t)
+/* The request whose entry was `saved` (req_snapshot) before the completion call has
+ * completed with status `st`; `t` is its share of the completion call's time.  Its entry
+ * goes (a persistent one turns inactive) unless the handle now belongs to a newer request.
+ * Caller holds g_lock. */
+static void complete_req(const ent_t *saved, const MPI_Status *st, double t)
 {
-    if (saved == MPI_REQUEST_NULL) return;
-    ent_t *e = tab_find(&g_reqs, req_key(saved));
-    if (!e) return;
+    if (!saved->used) return;
+    const ent_t *e = saved;
     if ((e->flags & F_RECV) && (e->flags & F_POSTED)) {
         /* only the source may be taken from this status, and only if unknown */
         int peer = e->peer;
@@ -455,10 +479,12 @@ static void complete_req(MPI_Request saved, const MPI_Status *st, double t)
         if (st->MPI_SOURCE != MPI_PROC_NULL) st_recv(peer, b, t);
         g_calls[e->call].bytes += b;
     }
-    if (e->flags & F_PERSIST) {
-        e->flags &= (uint8_t)~F_ACTIVE;
+    ent_t *now = tab_find(&g_reqs, saved->key);
+    if (!now || now->seq != saved->seq) return;
+    if (now->flags & F_PERSIST) {
+        now->flags &= (uint8_t)~F_ACTIVE;
     } else {
-        tab_del(&g_reqs, e);
+        tab_del(&g_reqs, now);
         reqs_changed();
     }
 }
@@ -691,7 +717,7 @@ int MPI_Finalize(void)
         lock();                                                                    \
         st_call(ID_##NAME, 0, dt_);                                                \
         if (rc == MPI_SUCCESS && dest != MPI_PROC_NULL && *request != MPI_REQUEST_NULL) { \
-            ent_t *e = tab_put(&g_reqs, req_key(*request));                        \
+            ent_t *e = req_put(*request);                                          \
             if (e) {                                                               \
                 e->flags = F_PSEND | F_PERSIST;                                    \
                 e->bytes = b;                                                      \
@@ -988,20 +1014,20 @@ int MPI_Improbe(int source, int tag, MPI_Comm comm, int *flag, MPI_Message *mess
 
 #define STACK_REQS 128
 
-/* Copies the request handles (completion overwrites them) when any request
+/* Snapshots of the requests' entries (completion frees the handles) when any request
  * might be tracked; returns 1 when statuses are needed. */
-static int save_requests(int n, const MPI_Request *reqs, MPI_Request **saved,
-                         MPI_Request *stackbuf)
+static int save_requests(int n, const MPI_Request *reqs, ent_t **saved, ent_t *stackbuf)
 {
     *saved = NULL;
     if (n <= 0 || !maybe_tracked()) return 0;
-    MPI_Request *s = n <= STACK_REQS ? stackbuf : malloc(sizeof(MPI_Request) * (size_t)n);
+    ent_t *s = n <= STACK_REQS ? stackbuf : malloc(sizeof(ent_t) * (size_t)n);
     if (!s) return 0;
-    memcpy(s, reqs, sizeof(MPI_Request) * (size_t)n);
     int any = 0;
     lock();
-    for (int i = 0; i < n && !any; i++)
-        if (s[i] != MPI_REQUEST_NULL && tab_find(&g_reqs, req_key(s[i]))) any = 1;
+    for (int i = 0; i < n; i++) {
+        s[i] = req_snapshot(reqs[i]);
+        any |= s[i].used;
+    }
     unlock();
     if (!any) {
         if (s != stackbuf) free(s);
@@ -1018,35 +1044,46 @@ static MPI_Status *status_array(int n, MPI_Status *user, MPI_Status *stackbuf)
     return malloc(sizeof(MPI_Status) * (size_t)n);
 }
 
+/* The entry of one request before its completion call (see req_snapshot). */
+static ent_t save_request(MPI_Request req)
+{
+    ent_t none = {0};
+    if (!maybe_tracked()) return none;
+    lock();
+    ent_t saved = req_snapshot(req);
+    unlock();
+    return saved;
+}
+
 int MPI_Wait(MPI_Request *request, MPI_Status *status)
 {
-    MPI_Request saved = *request;
+    ent_t saved = save_request(*request);
     MPI_Status local_;
     MPI_Status *st = (status == MPI_STATUS_IGNORE) ? &local_ : status;
     TIMED(PMPI_Wait(request, st));
     lock();
     st_call(ID_MPI_Wait, 0, dt_);
-    if (rc == MPI_SUCCESS && maybe_tracked()) complete_req(saved, st, dt_);
+    if (rc == MPI_SUCCESS) complete_req(&saved, st, dt_);
     unlock();
     return rc;
 }
 
 int MPI_Test(MPI_Request *request, int *flag, MPI_Status *status)
 {
-    MPI_Request saved = *request;
+    ent_t saved = save_request(*request);
     MPI_Status local_;
     MPI_Status *st = (status == MPI_STATUS_IGNORE) ? &local_ : status;
     TIMED(PMPI_Test(request, flag, st));
     lock();
     st_call(ID_MPI_Test, 0, dt_);
-    if (rc == MPI_SUCCESS && *flag && maybe_tracked()) complete_req(saved, st, dt_);
+    if (rc == MPI_SUCCESS && *flag) complete_req(&saved, st, dt_);
     unlock();
     return rc;
 }
 
 int MPI_Waitany(int count, MPI_Request array_of_requests[], int *indx, MPI_Status *status)
 {
-    MPI_Request sbuf[STACK_REQS], *saved;
+    ent_t sbuf[STACK_REQS], *saved;
     int need = save_requests(count, array_of_requests, &saved, sbuf);
     MPI_Status local_;
     MPI_Status *st = (status == MPI_STATUS_IGNORE) ? &local_ : status;
@@ -1054,7 +1091,7 @@ int MPI_Waitany(int count, MPI_Request array_of_requests[], int *indx, MPI_Statu
     lock();
     st_call(ID_MPI_Waitany, 0, dt_);
     if (need && rc == MPI_SUCCESS && *indx != MPI_UNDEFINED)
-        complete_req(saved[*indx], st, dt_);
+        complete_req(&saved[*indx], st, dt_);
     unlock();
     if (saved && saved != sbuf) free(saved);
     return rc;
@@ -1063,7 +1100,7 @@ int MPI_Waitany(int count, MPI_Request array_of_requests[], int *indx, MPI_Statu
 int MPI_Testany(int count, MPI_Request array_of_requests[], int *indx, int *flag,
                 MPI_Status *status)
 {
-    MPI_Request sbuf[STACK_REQS], *saved;
+    ent_t sbuf[STACK_REQS], *saved;
     int need = save_requests(count, array_of_requests, &saved, sbuf);
     MPI_Status local_;
     MPI_Status *st = (status == MPI_STATUS_IGNORE) ? &local_ : status;
@@ -1071,7 +1108,7 @@ int MPI_Testany(int count, MPI_Request array_of_requests[], int *indx, int *flag
     lock();
     st_call(ID_MPI_Testany, 0, dt_);
     if (need && rc == MPI_SUCCESS && *flag && *indx != MPI_UNDEFINED)
-        complete_req(saved[*indx], st, dt_);
+        complete_req(&saved[*indx], st, dt_);
     unlock();
     if (saved && saved != sbuf) free(saved);
     return rc;
@@ -1079,18 +1116,18 @@ int MPI_Testany(int count, MPI_Request array_of_requests[], int *indx, int *flag
 
 /* Waitall/Testall: on MPI_ERR_IN_STATUS only entries whose MPI_ERROR is
  * MPI_SUCCESS have completed.  The call's time `t` is shared evenly by its requests. */
-static void complete_all(int n, const MPI_Request *saved, const MPI_Status *st, int rc,
+static void complete_all(int n, const ent_t *saved, const MPI_Status *st, int rc,
                          double t)
 {
     for (int i = 0; i < n; i++) {
         if (rc == MPI_SUCCESS || (rc == MPI_ERR_IN_STATUS && st[i].MPI_ERROR == MPI_SUCCESS))
-            complete_req(saved[i], &st[i], t / n);
+            complete_req(&saved[i], &st[i], t / n);
     }
 }
 
 int MPI_Waitall(int count, MPI_Request array_of_requests[], MPI_Status *array_of_statuses)
 {
-    MPI_Request sbuf[STACK_REQS], *saved;
+    ent_t sbuf[STACK_REQS], *saved;
     MPI_Status stbuf[STACK_REQS];
     int need = save_requests(count, array_of_requests, &saved, sbuf);
     MPI_Status *st = need ? status_array(count, array_of_statuses, stbuf) : array_of_statuses;
@@ -1108,7 +1145,7 @@ int MPI_Waitall(int count, MPI_Request array_of_requests[], MPI_Status *array_of
 int MPI_Testall(int count, MPI_Request array_of_requests[], int *flag,
                 MPI_Status *array_of_statuses)
 {
-    MPI_Request sbuf[STACK_REQS], *saved;
+    ent_t sbuf[STACK_REQS], *saved;
     MPI_Status stbuf[STACK_REQS];
     int need = save_requests(count, array_of_requests, &saved, sbuf);
     MPI_Status *st = need ? status_array(count, array_of_statuses, stbuf) : array_of_statuses;
@@ -1123,20 +1160,20 @@ int MPI_Testall(int count, MPI_Request array_of_requests[], int *flag,
     return rc;
 }
 
-static void complete_some(int outcount, const int *indices, const MPI_Request *saved,
+static void complete_some(int outcount, const int *indices, const ent_t *saved,
                           const MPI_Status *st, int rc, double t)
 {
     if (outcount == MPI_UNDEFINED) return;
     for (int k = 0; k < outcount; k++) {
         if (rc == MPI_SUCCESS || (rc == MPI_ERR_IN_STATUS && st[k].MPI_ERROR == MPI_SUCCESS))
-            complete_req(saved[indices[k]], &st[k], t / outcount);
+            complete_req(&saved[indices[k]], &st[k], t / outcount);
     }
 }
 
 int MPI_Waitsome(int incount, MPI_Request array_of_requests[], int *outcount,
                  int array_of_indices[], MPI_Status *array_of_statuses)
 {
-    MPI_Request sbuf[STACK_REQS], *saved;
+    ent_t sbuf[STACK_REQS], *saved;
     MPI_Status stbuf[STACK_REQS];
     int need = save_requests(incount, array_of_requests, &saved, sbuf);
     MPI_Status *st = need ? status_array(incount, array_of_statuses, stbuf) : array_of_statuses;
@@ -1155,7 +1192,7 @@ int MPI_Waitsome(int incount, MPI_Request array_of_requests[], int *outcount,
 int MPI_Testsome(int incount, MPI_Request array_of_requests[], int *outcount,
                  int array_of_indices[], MPI_Status *array_of_statuses)
 {
-    MPI_Request sbuf[STACK_REQS], *saved;
+    ent_t sbuf[STACK_REQS], *saved;
     MPI_Status stbuf[STACK_REQS];
     int need = save_requests(incount, array_of_requests, &saved, sbuf);
     MPI_Status *st = need ? status_array(incount, array_of_statuses, stbuf) : array_of_statuses;
@@ -1199,13 +1236,13 @@ int MPI_Startall(int count, MPI_Request array_of_requests[])
 
 int MPI_Request_free(MPI_Request *request)
 {
-    MPI_Request r = *request;
+    ent_t saved = save_request(*request);
     TIMED(PMPI_Request_free(request));
     lock();
     st_call(ID_MPI_Request_free, 0, dt_);
-    if (rc == MPI_SUCCESS && maybe_tracked()) {
-        ent_t *e = tab_find(&g_reqs, req_key(r));
-        if (e) {
+    if (rc == MPI_SUCCESS && saved.used) {
+        ent_t *e = tab_find(&g_reqs, saved.key);
+        if (e && e->seq == saved.seq) {  /* not a newer request's */
             tab_del(&g_reqs, e);
             reqs_changed();
         }
