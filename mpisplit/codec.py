@@ -1,9 +1,11 @@
 """The wire layout of one tensor message, and payloads cut into parts an MPI library accepts.
 
 A message starts with a 16-word int64 header (magic, kind, dtype, shape, step, flags, payload
-size, inline or not, a scheme-defined integer, microbatch). Payloads up to ``INLINE_LIMIT``
-bytes travel inside the header message; larger ones follow as raw bytes. The header is packed
-and unpacked here, with no MPI call: the transport moves it, this module says what it means.
+size, inline or not, a scheme-defined integer, and one word holding the microbatch and the
+logical client the message is from or for, 32 bits each: a rank may host several clients).
+Payloads up to ``INLINE_LIMIT`` bytes travel inside the header message; larger ones follow
+as raw bytes. The header is packed and unpacked here, with no MPI call: the transport moves
+it, this module says what it means.
 Flags are an opaque integer here (``mpisplit.protocol`` gives them their meaning).
 
 An MPI library without large counts (MPI < 4: counts are C ints) carries less than 2 GiB per
@@ -61,6 +63,7 @@ class Header(NamedTuple):
     inline: bool
     aux: int
     microbatch: int
+    client: int
 
 
 class MessageBuffer:
@@ -75,7 +78,7 @@ class MessageBuffer:
 
 
 def pack_header(view: memoryview, tensor: torch.Tensor, kind: int, step: int, flags: int,
-                aux: int, microbatch: int) -> tuple[int, bool]:
+                aux: int, microbatch: int, client: int = 0) -> tuple[int, bool]:
     """Writes ``tensor``'s header into ``view``; returns its payload size and whether the
     payload goes inline (the caller copies it after the header)."""
     ndim = tensor.dim()
@@ -89,18 +92,19 @@ def pack_header(view: memoryview, tensor: torch.Tensor, kind: int, step: int, fl
     nbytes = tensor.nbytes
     inline = nbytes <= INLINE_LIMIT
     _HEADER[ndim].pack_into(view, 0, MAGIC, kind, code, ndim, flags, step, nbytes, inline,
-                            aux, microbatch, *tensor.shape)
+                            aux, microbatch | client << 32, *tensor.shape)
     return nbytes, inline
 
 
 def unpack_header(view: memoryview) -> Header:
     """The header at the start of ``view``; ``CodecError`` if it is not one."""
-    magic, kind, code, ndim, flags, step, nbytes, inline, aux, microbatch = \
+    magic, kind, code, ndim, flags, step, nbytes, inline, aux, position = \
         _META.unpack_from(view)
     if magic != MAGIC:
         raise CodecError("corrupt message header")
     shape = _SHAPE[ndim].unpack_from(view, _META.size)
-    return Header(kind, DTYPES[code], shape, flags, step, nbytes, bool(inline), aux, microbatch)
+    return Header(kind, DTYPES[code], shape, flags, step, nbytes, bool(inline), aux,
+                  position & 0xFFFFFFFF, position >> 32)
 
 
 def large_counts() -> bool:

@@ -164,6 +164,9 @@ class RankResult:
     final_evals: list[EvalResult] = field(default_factory=list)
     segment: Segment | None = None
     """The part this rank trained, saved as ``model-rank<R>.pt`` when ``run.save_model``."""
+    client_parts: dict[int, Segment] = field(default_factory=dict)
+    """The part of each logical client a rank hosts (``scheme.clients_per_rank`` > 1), saved
+    as ``model-rank<R>-client<k>.pt``."""
     leakage: float | None = None
     """Distance correlation between this client's test inputs and the cut activations that
     left for them (clients that send cut activations only)."""
@@ -255,6 +258,7 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
         timeout_s=cfg.transport.timeout_s, tracer=tracer, allowed=spec.routes, device=device,
         compressor=make_compressor(cfg.transport.compression, cfg.transport.topk_ratio),
     )
+    transport.client = me.index if me.role == Role.CLIENT else 0
     header = {"rank": me.rank, "role": me.label, "host": socket.gethostname(),
               "pid": os.getpid(), "node": os.environ.get("MPISPLIT_NODE", socket.gethostname()),
               "threads": torch.get_num_threads()}
@@ -283,6 +287,8 @@ def train(run: RunPlan, comm: MPI.Comm) -> dict[str, Any] | None:
                        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         if cfg.run.save_model and result.segment is not None:
             torch.save(result.segment.module.state_dict(), run_dir / f"model-rank{me.rank}.pt")
+        for client, part in result.client_parts.items() if cfg.run.save_model else ():
+            torch.save(part.module.state_dict(), run_dir / f"model-rank{me.rank}-client{client}.pt")
         summary = _summarize(ctx, result, wall, header["node"])
         if summary is not None:
             write_summary(run_dir, summary)

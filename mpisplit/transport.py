@@ -94,6 +94,8 @@ class Message(NamedTuple):
     """Scheme-defined integer (e.g. the full batch size a microbatch belongs to)."""
     microbatch: int
     """Index of the microbatch within its step (0 when the batch is not split)."""
+    client: int = 0
+    """The logical client the sender sent for (``Transport.client``)."""
 
 
 class Traffic:
@@ -179,6 +181,9 @@ class Transport:
         starting one costs half of posting an ``Isend`` (no buffer or argument parsing)."""
         self._header_receives: dict[tuple[int, int], MPI.Prequest] = {}
         """Persistent header receives into ``_recv_buffer`` per (source, kind)."""
+        self.client = 0
+        """The logical client this rank sends for, carried in every header: a client rank
+        that hosts several sets it before each one's turn (``scheme.clients_per_rank``)."""
 
     @property
     def timeout_s(self) -> float:
@@ -271,7 +276,8 @@ class Transport:
             self._check_policy(dest, kind)
         if self.sends.staged:  # messages to one rank leave in order: staged ones first
             self.sends.start_staged(dest)
-        nbytes, inline = pack_header(message.view, tensor, kind, step, flags, aux, microbatch)
+        nbytes, inline = pack_header(message.view, tensor, kind, step, flags, aux, microbatch,
+                                     self.client)
         if inline:
             keep = tensor if not tensor.is_cuda and tensor.is_contiguous() else _host(tensor)
             if nbytes:
@@ -357,13 +363,15 @@ class Transport:
             header = unpack_header(scratch.view)
         except CodecError as err:
             raise RuntimeError(f"rank {self.rank}: {err} from rank {source}") from None
-        _, dtype, shape, flags, step, nbytes, inline, aux, microbatch = header
+        _, dtype, shape, flags, step, nbytes, inline, aux, microbatch, client = header
         if waited is not None:  # tracing: the wait span learns what it waited for
             waited.update(peer=source, bytes=nbytes, step=step, shape=list(shape),
-                          dtype=str(dtype).removeprefix("torch."), microbatch=microbatch)
+                          dtype=str(dtype).removeprefix("torch."), microbatch=microbatch,
+                          client=client)
         tensor, staged = self._receive_buffer(kind, header, out)
         if self.tracer.enabled:
-            with self._span("recv", kind, source, nbytes, step, shape, dtype, microbatch):
+            with self._span("recv", kind, source, nbytes, step, shape, dtype, microbatch,
+                            client):
                 self._take_payload(tensor, source, kind, nbytes, inline)
         elif inline and nbytes:  # the common small message: one copy, no call
             MPI.buffer.fromaddress(tensor.data_ptr(), nbytes, False)[:] = \
@@ -374,7 +382,8 @@ class Transport:
             tensor = self.sends.staging.to_device(tensor)
         self._received[source][kind] += HEADER_BYTES + nbytes
         # ``_make`` skips the generated ``__new__`` (a keyword-capable call: 0.2 us more)
-        return Message._make((tensor, source, kind, step, _FLAGS[flags], aux, microbatch))
+        return Message._make((tensor, source, kind, step, _FLAGS[flags], aux, microbatch,
+                              client))
 
     def _receive_buffer(self, kind: Kind, header: Header, out: torch.Tensor | None
                         ) -> tuple[torch.Tensor, bool]:
@@ -422,15 +431,17 @@ class Transport:
 
     def _span(self, what: str, kind: Kind, peer: int, nbytes: int = 0, step: int = 0,
               shape: Sequence[int] = (), dtype: torch.dtype | None = None,
-              microbatch: int = 0) -> AbstractContextManager[object]:
-        """A trace span for one message phase (its tag is the kind); free when tracing is off."""
+              microbatch: int = 0, client: int | None = None) -> AbstractContextManager[object]:
+        """A trace span for one message phase (its tag is the kind) and the logical client it
+        belongs to (a send's: ``client``); free when tracing is off."""
         if not self.tracer.enabled:
             return _NO_SPAN
         category = "wait" if what == "wait" else "comm"
         return self.tracer.span(f"{what} {kind.name.lower()}", category, peer=peer,
                                 bytes=nbytes, step=step, shape=list(shape), kind=kind.name,
                                 tag=int(kind), dtype=str(dtype).removeprefix("torch."),
-                                microbatch=microbatch)
+                                microbatch=microbatch,
+                                client=self.client if client is None else client)
 
     def _check_policy(self, dest: int, kind: Kind) -> None:
         if self.allowed is None:

@@ -7,6 +7,8 @@ optimizer and loss are written here from plain PyTorch.
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,12 +29,7 @@ def train_reference(
     ``split_at``, each batch's gradient is accumulated over the rows split there (the
     microbatches of a pipelined run: BatchNorm normalises each one by its own statistics)."""
     net = initial_model(data, model)
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
-    elif optimizer == "adamw":
-        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
-    else:
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
+    opt = _optimizer(net.parameters(), optimizer, lr, momentum)
     streams = {}
     for client, count in turns:
         if client not in streams:
@@ -48,6 +45,45 @@ def train_reference(
                 (loss * len(y) / len(batch.labels)).backward()
             opt.step()
     return net.state_dict()
+
+
+def train_parallel_reference(
+    data: Path, model: ModelConfig, cut: str, turns: Sequence[tuple[int, int]], *,
+    clients: int, optimizer: str, lr: float, batch_size: int, seed: int,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Parallel split learning served in the order of ``turns``: every client trains its own
+    copy of the top-level layers before ``cut``, all share the layers from it on. Returns the
+    shared layers' state and each client's own."""
+    net = initial_model(data, model)
+    names = [name for name, _ in net.named_children()]
+    below = set(names[:names.index(cut)])
+    lowers = [torch.nn.Sequential(OrderedDict(
+        (name, copy.deepcopy(module)) for name, module in net.named_children() if name in below))
+        for _ in range(clients)]
+    upper = torch.nn.Sequential(OrderedDict(
+        (name, module) for name, module in net.named_children() if name not in below))
+    opts = [_optimizer(lower.parameters(), optimizer, lr, 0.0) for lower in lowers]
+    upper_opt = _optimizer(upper.parameters(), optimizer, lr, 0.0)
+    streams = [client_batches(data, k, batch_size=batch_size, seed=seed)[0]
+               for k in range(clients)]
+    for client, count in turns:
+        for _ in range(count):
+            batch = next(streams[client])
+            loss = torch.nn.functional.cross_entropy(upper(lowers[client](batch.features)),
+                                                     batch.labels)
+            loss.backward()
+            for opt in (opts[client], upper_opt):
+                opt.step()
+                opt.zero_grad()
+    return upper.state_dict(), [lower.state_dict() for lower in lowers]
+
+
+def _optimizer(params, optimizer: str, lr: float, momentum: float) -> torch.optim.Optimizer:
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return torch.optim.Adam(params, lr=lr)
 
 
 def _endless(reader: ShardReader):

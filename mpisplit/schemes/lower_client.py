@@ -37,7 +37,7 @@ def train_lower_client(ctx: RankContext, first_hop: int | Sequence[int],
     with reader, test_reader(ctx) as tests:
         turns = agree_turns(ctx, reader)
         client = LowerClient(ctx, ctx.build_segment(0, turns.part_steps), hops, tests,
-                             list(labels) if labels is not None else [_same] * len(hops),
+                             list(labels) if labels is not None else [unchanged] * len(hops),
                              after_step)
         report = run_client_turns(ctx, turns, client, reader, hops)
     return RankResult(steps=report.steps, samples=report.samples, segment=client.segment,
@@ -100,5 +100,6 @@ class LowerClient:
                            final=final, labels=label_map)
 
 
-def _same(labels: torch.Tensor) -> torch.Tensor:
+def unchanged(labels: torch.Tensor) -> torch.Tensor:
+    """The labels a server scores as they are (not a multitask head's mapping)."""
     return labels

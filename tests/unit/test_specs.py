@@ -52,7 +52,8 @@ def test_options_belong_to_their_scheme() -> None:
     cfg = config_from_dict({"scheme": {"name": "splitfed", "fedavg_every": 4}})
     assert cfg.scheme.options.fedavg_every == 4 and cfg.scheme.options.splitfed_variant == "v1"
     assert cfg.to_dict()["scheme"] == {
-        "name": "splitfed", "clients": 1, "client_order": "parallel", "fedavg_every": 4,
+        "name": "splitfed", "clients": 1, "client_order": "parallel", "clients_per_rank": 1,
+        "fedavg_every": 4,
         "average_buffers": True, "fedavg_every_epochs": 0, "splitfed_variant": "v1",
         "server_order": "fixed"}
     # another scheme's option at its default: a resolved config from before the move
@@ -65,7 +66,8 @@ def test_options_belong_to_their_scheme() -> None:
                                           r"fedavg, splitfed, not syncsgd"):
         config_from_dict({"scheme": {"name": "syncsgd", "fedavg_every": 3}})
     with pytest.raises(ConfigError, match=r"scheme\.bogus: unknown key \(valid keys in scheme: "
-                                          r"name, clients, client_order, turn_steps\)"):
+                                          r"name, clients, client_order, clients_per_rank, "
+                                          r"turn_steps\)"):
         config_from_dict({"scheme": {"bogus": 1}})
     # the comparison baseline takes any scheme's config
     central = config_from_dict({"scheme": {"name": "centralized", "tasks": ["class", "parity"],
