@@ -8,7 +8,6 @@ optimizer and loss are written here from plain PyTorch.
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,34 +47,35 @@ def train_reference(
 
 
 def train_parallel_reference(
-    data: Path, model: ModelConfig, cut: str, turns: Sequence[tuple[int, int]], *,
+    data: Path, model: ModelConfig, own: Sequence[str], turns: Sequence[tuple[int, int]], *,
     clients: int, optimizer: str, lr: float, batch_size: int, seed: int,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """Parallel split learning served in the order of ``turns``: every client trains its own
-    copy of the top-level layers before ``cut``, all share the layers from it on. Returns the
-    shared layers' state and each client's own."""
+    copy of the top-level layers named in ``own`` (vanilla: those below the cut; U-shaped:
+    the head and the tail), all share the others. Returns the shared layers' state and each
+    client's own."""
     net = initial_model(data, model)
-    names = [name for name, _ in net.named_children()]
-    below = set(names[:names.index(cut)])
-    lowers = [torch.nn.Sequential(OrderedDict(
-        (name, copy.deepcopy(module)) for name, module in net.named_children() if name in below))
-        for _ in range(clients)]
-    upper = torch.nn.Sequential(OrderedDict(
-        (name, module) for name, module in net.named_children() if name not in below))
-    opts = [_optimizer(lower.parameters(), optimizer, lr, 0.0) for lower in lowers]
-    upper_opt = _optimizer(upper.parameters(), optimizer, lr, 0.0)
+    shared = torch.nn.ModuleDict({name: module for name, module in net.named_children()
+                                  if name not in own})
+    mine = [torch.nn.ModuleDict({name: copy.deepcopy(module)
+                                 for name, module in net.named_children() if name in own})
+            for _ in range(clients)]
+    opts = [_optimizer(layers.parameters(), optimizer, lr, 0.0) for layers in mine]
+    shared_opt = _optimizer(shared.parameters(), optimizer, lr, 0.0)
     streams = [client_batches(data, k, batch_size=batch_size, seed=seed)[0]
                for k in range(clients)]
+    order = [name for name, _ in net.named_children()]
     for client, count in turns:
         for _ in range(count):
             batch = next(streams[client])
-            loss = torch.nn.functional.cross_entropy(upper(lowers[client](batch.features)),
-                                                     batch.labels)
-            loss.backward()
-            for opt in (opts[client], upper_opt):
+            x = batch.features
+            for name in order:
+                x = (mine[client] if name in own else shared)[name](x)
+            torch.nn.functional.cross_entropy(x, batch.labels).backward()
+            for opt in (opts[client], shared_opt):
                 opt.step()
                 opt.zero_grad()
-    return upper.state_dict(), [lower.state_dict() for lower in lowers]
+    return shared.state_dict(), [layers.state_dict() for layers in mine]
 
 
 def _optimizer(params, optimizer: str, lr: float, momentum: float) -> torch.optim.Optimizer:

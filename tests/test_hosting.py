@@ -48,7 +48,8 @@ def test_parallel_clients_on_one_rank_equal_the_oracle(dataset, tmp_path: Path) 
     assert summary["steps_per_rank"] == [45, 45]
     assert sorted(e["client"] for e in summary["test_by_client"]) == [0, 1, 2]
     upper, lowers = train_parallel_reference(
-        data, ModelConfig(cuts=("fc2",)), "fc2", [(k, 1) for _ in range(15) for k in range(3)],
+        data, ModelConfig(cuts=("fc2",)), ("fc1", "relu1"),
+        [(k, 1) for _ in range(15) for k in range(3)],
         clients=3, optimizer="adam", lr=0.01, batch_size=16, seed=0)
     _assert_equal(_part(tmp_path / "model-rank0.pt"), upper)
     for k, lower in enumerate(lowers):
@@ -111,3 +112,37 @@ def test_readme_many_clients_commands_run_as_written(tmp_path: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["roles"] == ["server", "clients0-9"] and summary["steps"] == 20
     assert (run / "profile.json").exists() and "1 clients0-9" in done.stdout
+
+
+USHAPED = ModelConfig(cuts=("fc2", "head"))
+
+
+def test_ushaped_parallel_clients_on_one_rank_equal_the_oracle(dataset, tmp_path: Path) -> None:
+    """Each hosted client keeps its own head and tail; the server's middle is shared."""
+    data = dataset("breast_cancer", clients=3)
+    summary = _train(2, data, tmp_path, "scheme.name=ushaped", "model.cuts=[fc2, head]",
+                     "scheme.clients=3", "scheme.clients_per_rank=3", "train.max_steps=10",
+                     "train.optimizer=adam", "train.lr=0.01")
+    assert sorted(e["client"] for e in summary["test_by_client"]) == [0, 1, 2]
+    middle, own = train_parallel_reference(
+        data, USHAPED, ("fc1", "relu1", "head"), [(k, 1) for _ in range(10) for k in range(3)],
+        clients=3, optimizer="adam", lr=0.01, batch_size=16, seed=0)
+    _assert_equal(_part(tmp_path / "model-rank0.pt"), middle)
+    for k, layers in enumerate(own):
+        _assert_equal(_part(tmp_path / f"model-rank1-client{k}.pt"), layers)
+
+
+def test_ushaped_sequential_turns_equal_the_oracle(dataset, tmp_path: Path) -> None:
+    data = dataset("breast_cancer", clients=4)
+    summary = _train(3, data, tmp_path, "scheme.name=ushaped", "model.cuts=[fc2, head]",
+                     "scheme.clients=4", "scheme.clients_per_rank=2",
+                     "scheme.client_order=sequential", "scheme.turn_steps=2",
+                     "train.max_steps=4", "train.optimizer=sgd", "train.lr=0.05")
+    turns = [(k, 2) for _ in range(2) for k in range(4)]
+    expected = train_reference(data, USHAPED, turns, optimizer="sgd", lr=0.05, momentum=0.9,
+                               batch_size=16, seed=0)
+    middle = _part(tmp_path / "model-rank0.pt")
+    for rank, k in [(1, 0), (1, 1), (2, 2), (2, 3)]:
+        _assert_equal({**middle, **_part(tmp_path / f"model-rank{rank}-client{k}.pt")},
+                      expected)
+    assert [e["client"] for e in summary["test_by_client"]] == [3]

@@ -64,7 +64,7 @@ def test_a_rank_hosts_many_clients() -> None:
     ({"clients": 4, "clients_per_rank": 0}, r"scheme\.clients_per_rank: must be >= 1, got 0"),
     ({"name": "splitfed", "clients": 4, "clients_per_rank": 2},
      r"scheme\.clients_per_rank: scheme splitfed runs one client per rank \(clients_per_rank "
-     r"> 1: vanilla\)"),
+     r"> 1: ushaped, vanilla\)"),
 ])
 def test_hosting_many_clients_is_checked_with_the_layout(scheme: dict, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
@@ -81,9 +81,9 @@ def test_checkpoints_refuse_many_clients_per_rank() -> None:
 
 def test_an_unsupported_scheme_is_refused_before_launch() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "mpisplit", "train", "configs/ushaped-breast-cancer.yaml",
+        [sys.executable, "-m", "mpisplit", "train", "configs/multihop-breast-cancer.yaml",
          "scheme.clients_per_rank=3"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "mpisplit: scheme.clients_per_rank: scheme ushaped runs one client per rank "
-        "(clients_per_rank > 1: vanilla)"]
+        "mpisplit: scheme.clients_per_rank: scheme multihop runs one client per rank "
+        "(clients_per_rank > 1: ushaped, vanilla)"]

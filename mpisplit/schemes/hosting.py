@@ -1,5 +1,6 @@
 """Many logical clients on one rank (``scheme.clients_per_rank``): the process and the torch
-runtime are shared, nothing else.
+runtime are shared, nothing else. The scheme supplies each client's step role (vanilla's
+``LowerClient``, U-shaped's client) over that client's segments.
 
 Each hosted client has its own context (``RankContext`` as that client: its shard, its
 random streams, its end markers), its own reader position, ``CutSender`` and step driver (its
@@ -17,20 +18,31 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Protocol
 
 from mpisplit.data import Batch, ShardReader
-from mpisplit.driver import StepDriver
-from mpisplit.engine import RankContext, RankResult
+from mpisplit.driver import StepDriver, StepRole
+from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.protocol import Flag
-from mpisplit.schemes.lower_client import LowerClient, unchanged
 from mpisplit.schemes.readers import client_reader, test_reader
-from mpisplit.schemes.sending import send_marker
+from mpisplit.schemes.sending import CutSender, send_marker
 from mpisplit.schemes.turns import ClientTurns, PartsHandOver, hosted_turns
 from mpisplit.segment import Segment
 from mpisplit.topology import Role
+
+
+class HostedRole(StepRole[Batch | None], Protocol):
+    """A client's step role with the ``CutSender`` its traffic leaves through."""
+
+    sender: CutSender
+
+
+MakeRole = Callable[[RankContext, list[Segment], ShardReader], HostedRole]
+"""A client's role from its context, its segments (the model parts it trains) and the
+test reader."""
 
 
 @dataclass
@@ -38,7 +50,7 @@ class Hosted:
     """One logical client on this rank: its turns, step role, batches and driver."""
 
     turns: ClientTurns
-    role: LowerClient
+    role: HostedRole
     batches: Iterator[Batch]
     driver: StepDriver
 
@@ -47,19 +59,26 @@ class Hosted:
         return self.turns.me
 
 
-def train_hosted_clients(ctx: RankContext, server: int) -> RankResult:
-    """The vanilla lower clients this rank hosts, in parallel rounds or sequential turns."""
+def train_hosted_clients(ctx: RankContext, server: int, parts: Sequence[int],
+                         make_role: MakeRole, saved: Callable[[HostedRole], Segment]
+                         ) -> RankResult:
+    """The clients this rank hosts, in parallel rounds or sequential turns: each trains model
+    ``parts`` through ``make_role``'s role with ``server`` as its first hop; ``saved`` is
+    what its ``model-rank<R>-client<k>.pt`` holds."""
     contexts = [dataclasses.replace(ctx, me=ctx.me.as_client(k)) for k in ctx.me.clients]
     sequential = ctx.config.scheme.client_order == "sequential"
+    evals: list[EvalResult] = []
     with ExitStack() as stack:
         readers = [stack.enter_context(client_reader(c)) for c in contexts]
         tests = stack.enter_context(test_reader(ctx))
         turns = hosted_turns(ctx, readers)
-        shared = ctx.build_segment(0, turns[0].part_steps) if sequential else None
-        hosted = [_host(c, t, shared or c.build_segment(0, t.part_steps), tests, r, server)
+        shared = [ctx.build_segment(i, turns[0].part_steps) for i in parts] \
+            if sequential else None
+        hosted = [_host(c, t, make_role(c, shared or [c.build_segment(i, t.part_steps)
+                                                      for i in parts], tests), r)
                   for c, t, r in zip(contexts, turns, readers, strict=True)]
         hand_over = PartsHandOver(ctx.transport, ctx.topology.client_ranks(),
-                                  [hosted[0].role.segment])
+                                  hosted[0].role.segments)
         for client, first, last in _schedule(ctx, hosted, hand_over):
             mine = hosted[client - ctx.me.clients[0]]
             ctx.transport.client = client
@@ -67,24 +86,24 @@ def train_hosted_clients(ctx: RankContext, server: int) -> RankResult:
         for mine in hosted:
             ctx.transport.client = mine.index
             if mine.turns.evaluates_final:
-                mine.role.evaluate(mine.turns.part_steps, True)
+                result = mine.role.evaluate(mine.turns.part_steps, True)
+                evals += [] if result is None else [result]
             else:
                 send_marker(mine.driver.ctx, server, mine.turns.part_steps, Flag.DONE)
         if sequential:
             _share_final(ctx, hand_over, hosted[0].turns)
     leakages = [m.role.sender.leakage for m in hosted if m.role.sender.leakage is not None]
     return RankResult(steps=sum(m.turns.my_steps for m in hosted),
-                      samples=sum(m.driver.samples for m in hosted),
-                      client_parts={m.index: m.role.segment for m in hosted},
+                      samples=sum(m.driver.samples for m in hosted), final_evals=evals,
+                      client_parts={m.index: saved(m.role) for m in hosted},
                       leakage=statistics.fmean(leakages) if leakages else None)
 
 
-def _host(ctx: RankContext, turns: ClientTurns, segment: Segment, tests: ShardReader,
-          reader: ShardReader, server: int) -> Hosted:
+def _host(ctx: RankContext, turns: ClientTurns, role: HostedRole, reader: ShardReader
+          ) -> Hosted:
     """Logical client ``turns.me`` as ``ctx`` (that client's context) sees it."""
     driver = StepDriver(ctx, turns.part_steps, until=0,
                         evaluation=turns.evaluation(ctx.config.train), progress=False)
-    role = LowerClient(ctx, segment, [server], tests, [unchanged], None)
     return Hosted(turns, role, driver.batches(reader, skip=0), driver)
 
 
