@@ -42,6 +42,7 @@ class Relay:
         remaining, source = len(self.ctx.topology.client_ranks()), ANY_SOURCE
         while remaining:
             activation, message = recv_forward(self.transport, source, device=self.ctx.device)
+            self.transport.client = message.client  # what goes back names its client
             dest = message.source if self.next_hop is None else self.next_hop
             if message.flags & (Flag.LAST | Flag.DONE):
                 if self.next_hop is not None:

@@ -138,6 +138,7 @@ class Server:
 
     def _handle(self, activation: torch.Tensor, message: Message) -> None:
         source = message.source
+        self.transport.client = message.client  # the gradient's header names its client
         if self._client_of(message) in self.finished:
             self._take_last(activation, message)
             return
