@@ -1,9 +1,11 @@
 """The wire layout of one tensor message, and payloads cut into parts an MPI library accepts.
 
 A message starts with a 16-word int64 header (magic, kind, dtype, shape, step, flags, payload
-size, inline or not, a scheme-defined integer, microbatch). Payloads up to ``INLINE_LIMIT``
-bytes travel inside the header message; larger ones follow as raw bytes. The header is packed
-and unpacked here, with no MPI call: the transport moves it, this module says what it means.
+size, inline or not, a scheme-defined integer, and one word holding the microbatch and the
+logical client the message is from or for, 32 bits each: a rank may host several clients).
+Payloads up to ``INLINE_LIMIT`` bytes travel inside the header message; larger ones follow
+as raw bytes. The header is packed and unpacked here, with no MPI call: the transport moves
+it, this module says what it means.
 Flags are an opaque integer here (``mpisplit.protocol`` gives them their meaning).
 
 An MPI library without large counts (MPI < 4: counts are C ints) carries less than 2 GiB per
@@ -77,6 +79,7 @@ def pack_header(
     flags: int,
     aux: int,
     microbatch: int,
+    client: int = 0,
 ) -> tuple[int, bool]:
     """Writes ``tensor``'s header into ``view``; returns its payload size and whether the
     payload goes inline (the caller copies it after the header)."""
@@ -105,7 +108,7 @@ def pack_header(
         nbytes,
         inline,
         aux,
-        microbatch,
+        microbatch | client << 32,
         *tensor.shape,
     )
     return nbytes, inline
@@ -113,11 +116,12 @@ def pack_header(
 
 def unpack_header(
     view: memoryview,
-) -> tuple[int, torch.dtype, tuple[int, ...], int, int, int, int, int, int]:
+) -> tuple[int, torch.dtype, tuple[int, ...], int, int, int, int, int, int, int]:
     """The header at the start of ``view``: (kind, dtype, shape, flags, step, payload bytes,
-    inline, aux, microbatch); ``CodecError`` if it is not one. A plain tuple: this runs for
-    every message received, and a named tuple would cost a tenth of a small receive."""
-    magic, kind, code, ndim, flags, step, nbytes, inline, aux, microbatch = _META.unpack_from(view)
+    inline, aux, microbatch, client); ``CodecError`` if it is not one. A plain tuple: this
+    runs for every message received, and a named tuple would cost a tenth of a small receive.
+    The microbatch and the logical client share one word (client in the upper 32 bits)."""
+    magic, kind, code, ndim, flags, step, nbytes, inline, aux, position = _META.unpack_from(view)
     if magic != MAGIC:
         raise CodecError("corrupt message header")
     return (
@@ -129,7 +133,8 @@ def unpack_header(
         nbytes,
         inline,
         aux,
-        microbatch,
+        position & 0xFFFFFFFF,
+        position >> 32,
     )
 
 

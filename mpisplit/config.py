@@ -39,6 +39,9 @@ class SchemeConfig:
     """Number of data-holding client ranks."""
     client_order: Literal["sequential", "parallel"] = "parallel"
     """sequential: round-robin with weight hand-over; parallel: all clients at once."""
+    clients_per_rank: int = 1
+    """Logical clients one client rank hosts, each with its own part, optimizer, data
+    position and random streams (schemes whose spec allows it; see ``mpisplit.specs``)."""
     options: Any = None
     """The scheme's own options, read from the section's other keys (None: their defaults)."""
 
@@ -47,6 +50,7 @@ class SchemeConfig:
 
         spec = specs.get(self.name)
         _require(self.clients >= 1, "scheme.clients", f"must be >= 1, got {self.clients}")
+        specs.check_hosting(self)
         if self.options is None:
             object.__setattr__(self, "options", spec.options())
         _require(

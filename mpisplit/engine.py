@@ -186,6 +186,9 @@ class RankResult:
     final_evals: list[EvalResult] = field(default_factory=list)
     segment: Segment | None = None
     """The part this rank trained, saved as ``model-rank<R>.pt`` when ``run.save_model``."""
+    client_parts: dict[int, Segment] = field(default_factory=dict)
+    """The part of each logical client a rank hosts (``scheme.clients_per_rank`` > 1), saved
+    as ``model-rank<R>-client<k>.pt``."""
     leakage: float | None = None
     """Distance correlation between this client's test inputs and the cut activations that
     left for them (clients that send cut activations only)."""
@@ -303,6 +306,7 @@ def _rank_context(
         device=device,
         compressor=make_compressor(cfg.transport.compression, cfg.transport.topk_ratio),
     )
+    transport.client = me.index if me.role == Role.CLIENT else 0
     header = {
         "rank": me.rank,
         "role": me.label,
@@ -350,6 +354,10 @@ def _finish(
     )
     if ctx.config.run.save_model and result.segment is not None:
         torch.save(result.segment.module.state_dict(), ctx.run_dir / f"model-rank{ctx.me.rank}.pt")
+    for client, part in result.client_parts.items() if ctx.config.run.save_model else ():
+        torch.save(
+            part.module.state_dict(), ctx.run_dir / f"model-rank{ctx.me.rank}-client{client}.pt"
+        )
     summary = _summarize(ctx, result, wall, _node())
     if summary is not None:
         write_summary(ctx.run_dir, summary)

@@ -25,9 +25,23 @@ class Placement:
     role: Role
     index: int
     """Position among the ranks of the same role (client k is the k-th client)."""
+    hosted: int = 1
+    """Logical clients this rank hosts (``scheme.clients_per_rank``; 1: the rank is one)."""
+
+    @property
+    def clients(self) -> range:
+        """The logical clients a client rank hosts: ``hosted`` of them from index x hosted."""
+        return range(self.index * self.hosted, (self.index + 1) * self.hosted)
+
+    def as_client(self, client: int) -> Placement:
+        """This rank as logical client ``client`` (one of ``clients``), for its own streams,
+        shard and markers."""
+        return Placement(self.rank, self.role, client)
 
     @property
     def label(self) -> str:
+        if self.hosted > 1:
+            return f"clients{self.clients[0]}-{self.clients[-1]}"
         return f"{self.role}{self.index}" if self.role != Role.SERVER or self.index else "server"
 
 
@@ -46,6 +60,14 @@ class Topology:
     def ranks(self, role: Role) -> list[int]:
         return [p.rank for p in self.placements if p.role == role]
 
+    @property
+    def clients_per_rank(self) -> int:
+        return max((p.hosted for p in self.placements), default=1)
+
+    def client_ranks(self) -> list[int]:
+        """The rank of each logical client, in client order."""
+        return [p.rank for p in self.placements if p.role == Role.CLIENT for _ in p.clients]
+
     def table(self) -> str:
         lines = [f"scheme {self.scheme}: {self.world_size} MPI ranks", "rank  role"]
         lines += [f"{p.rank:>4}  {p.label}" for p in self.placements]
@@ -59,7 +81,10 @@ def plan(cfg: Config) -> Topology:
 
     placements: list[Placement] = []
     for role, count in specs.get(cfg.scheme.name).layout(cfg):
-        placements += [Placement(len(placements) + i, role, i) for i in range(count)]
+        hosted = cfg.scheme.clients_per_rank if role == Role.CLIENT else 1
+        placements += [
+            Placement(len(placements) + i, role, i, hosted) for i in range(count // hosted)
+        ]
     return Topology(cfg.scheme.name, tuple(placements))
 
 
@@ -70,9 +95,16 @@ def check_world_size(topology: Topology, world_size: int) -> None:
     counts: dict[Role, int] = {}
     for p in topology.placements:
         counts[p.role] = counts.get(p.role, 0) + 1
-    parts = " + ".join(f"{n} {role}{'s' if n > 1 else ''}" for role, n in counts.items())
+    per_rank = topology.clients_per_rank
+    parts = " + ".join(
+        f"{n} {role}{'s' if n > 1 else ''}"
+        if role != Role.CLIENT or per_rank == 1
+        else f"{n} client rank{'s' if n > 1 else ''} ({n * per_rank} clients / {per_rank} per rank)"
+        for role, n in counts.items()
+    )
+    knobs = "scheme.clients" + (" or scheme.clients_per_rank" if per_rank > 1 else "")
     raise ConfigError(
         f"world size: scheme {topology.scheme} needs {parts} = {topology.world_size} MPI ranks, "
         f"but the job has {world_size}; run with mpiexec -n {topology.world_size} "
-        f"(or change scheme.clients)"
+        f"(or change {knobs})"
     )

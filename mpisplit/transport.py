@@ -103,6 +103,8 @@ class Message(NamedTuple):
     """Scheme-defined integer (e.g. the full batch size a microbatch belongs to)."""
     microbatch: int
     """Index of the microbatch within its step (0 when the batch is not split)."""
+    client: int = 0
+    """The logical client the sender sent for (``Transport.client``)."""
 
 
 class Traffic:
@@ -194,6 +196,9 @@ class Transport:
         starting one costs half of posting an ``Isend`` (no buffer or argument parsing)."""
         self._header_receives: dict[tuple[int, int], MPI.Prequest] = {}
         """Persistent header receives into ``_recv_buffer`` per (source, kind)."""
+        self.client = 0
+        """The logical client this rank sends for, carried in every header: a client rank
+        that hosts several sets it before each one's turn (``scheme.clients_per_rank``)."""
 
     @property
     def timeout_s(self) -> float:
@@ -322,7 +327,9 @@ class Transport:
             self._check_policy(dest, kind)
         if self.sends.staged:  # messages to one rank leave in order: staged ones first
             self.sends.start_staged(dest)
-        nbytes, inline = pack_header(message.view, tensor, kind, step, flags, aux, microbatch)
+        nbytes, inline = pack_header(
+            message.view, tensor, kind, step, flags, aux, microbatch, self.client
+        )
         if inline:
             keep = tensor if not tensor.is_cuda and tensor.is_contiguous() else _host(tensor)
             if nbytes:
@@ -430,7 +437,7 @@ class Transport:
                     if not arrived:
                         self._await_header(request, status, [source], kind, deadline)
         try:
-            _, dtype, shape, flags, step, nbytes, inline, aux, microbatch = unpack_header(
+            _, dtype, shape, flags, step, nbytes, inline, aux, microbatch, client = unpack_header(
                 scratch.view
             )
         except CodecError as err:
@@ -443,10 +450,11 @@ class Transport:
                 shape=list(shape),
                 dtype=str(dtype).removeprefix("torch."),
                 microbatch=microbatch,
+                client=client,
             )
         tensor, staged = self._receive_buffer(kind, dtype, shape, nbytes, inline, out)
         if self.tracer.enabled:
-            with self._span("recv", kind, source, nbytes, step, shape, dtype, microbatch):
+            with self._span("recv", kind, source, nbytes, step, shape, dtype, microbatch, client):
                 self._take_payload(tensor, source, kind, nbytes, inline)
         elif inline and nbytes:  # the common small message: one copy, no call
             MPI.buffer.fromaddress(tensor.data_ptr(), nbytes, False)[:] = scratch.view[
@@ -458,7 +466,7 @@ class Transport:
             tensor = self.sends.staging.to_device(tensor)
         self._received[source][kind] += HEADER_BYTES + nbytes
         # ``_make`` skips the generated ``__new__`` (a keyword-capable call: 0.2 us more)
-        return Message._make((tensor, source, kind, step, _FLAGS[flags], aux, microbatch))
+        return Message._make((tensor, source, kind, step, _FLAGS[flags], aux, microbatch, client))
 
     def _receive_buffer(
         self,
@@ -536,8 +544,10 @@ class Transport:
         shape: Sequence[int] = (),
         dtype: torch.dtype | None = None,
         microbatch: int = 0,
+        client: int | None = None,
     ) -> AbstractContextManager[object]:
-        """A trace span for one message phase (its tag is the kind); free when tracing is off."""
+        """A trace span for one message phase (its tag is the kind) and the logical client it
+        belongs to (a send's: ``client``); free when tracing is off."""
         if not self.tracer.enabled:
             return _NO_SPAN
         category = "wait" if what == "wait" else "comm"
@@ -552,6 +562,7 @@ class Transport:
             tag=int(kind),
             dtype=str(dtype).removeprefix("torch."),
             microbatch=microbatch,
+            client=self.client if client is None else client,
         )
 
     def _check_policy(self, dest: int, kind: Kind) -> None:

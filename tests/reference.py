@@ -7,6 +7,7 @@ optimizer and loss are written here from plain PyTorch.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,12 +35,7 @@ def train_reference(
     ``split_at``, each batch's gradient is accumulated over the rows split there (the
     microbatches of a pipelined run: BatchNorm normalises each one by its own statistics)."""
     net = initial_model(data, model)
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
-    elif optimizer == "adamw":
-        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
-    else:
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
+    opt = _optimizer(net.parameters(), optimizer, lr, momentum)
     streams = {}
     for client, count in turns:
         if client not in streams:
@@ -62,6 +58,57 @@ def train_reference(
                 (loss * len(y) / len(batch.labels)).backward()
             opt.step()
     return net.state_dict()
+
+
+def train_parallel_reference(
+    data: Path,
+    model: ModelConfig,
+    own: Sequence[str],
+    turns: Sequence[tuple[int, int]],
+    *,
+    clients: int,
+    optimizer: str,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Parallel split learning served in the order of ``turns``: every client trains its own
+    copy of the top-level layers named in ``own`` (vanilla: those below the cut; U-shaped:
+    the head and the tail), all share the others. Returns the shared layers' state and each
+    client's own."""
+    net = initial_model(data, model)
+    shared = torch.nn.ModuleDict(
+        {name: module for name, module in net.named_children() if name not in own}
+    )
+    mine = [
+        torch.nn.ModuleDict(
+            {name: copy.deepcopy(module) for name, module in net.named_children() if name in own}
+        )
+        for _ in range(clients)
+    ]
+    opts = [_optimizer(layers.parameters(), optimizer, lr, 0.0) for layers in mine]
+    shared_opt = _optimizer(shared.parameters(), optimizer, lr, 0.0)
+    streams = [client_batches(data, k, batch_size=batch_size, seed=seed)[0] for k in range(clients)]
+    order = [name for name, _ in net.named_children()]
+    for client, count in turns:
+        for _ in range(count):
+            batch = next(streams[client])
+            x = batch.features
+            for name in order:
+                x = (mine[client] if name in own else shared)[name](x)
+            torch.nn.functional.cross_entropy(x, batch.labels).backward()
+            for opt in (opts[client], shared_opt):
+                opt.step()
+                opt.zero_grad()
+    return shared.state_dict(), [layers.state_dict() for layers in mine]
+
+
+def _optimizer(params, optimizer: str, lr: float, momentum: float) -> torch.optim.Optimizer:
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return torch.optim.Adam(params, lr=lr)
 
 
 def _endless(reader: ShardReader):

@@ -131,6 +131,8 @@ def test_every_shipped_config_validates(path: Path, dataset) -> None:
     name = Path(cfg.data.path).name.rsplit("-", 1)[0]
     name, vertical, _ = name.partition("-vertical")  # NAME-vertical-<K>c: feature groups
     options = {"partition": "vertical"} if vertical else {}
+    if name == "synthetic":  # CIFAR-shaped images (vanilla-cifar-many-clients.yaml)
+        options |= {"shape": (3, 32, 32), "classes": 10}
     prepared = dataset(name, clients=cfg.scheme.clients, **options)
     cfg = load_config(path, [f"data.path={prepared}"])
     run = prepare(cfg, plan(cfg).world_size)

@@ -46,3 +46,75 @@ def test_topology_command_does_not_load_torch() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "4"
+
+
+def test_a_rank_hosts_many_clients() -> None:
+    topology = plan(config_from_dict({"scheme": {"clients": 6, "clients_per_rank": 3}}))
+    assert topology.world_size == 3 and topology.clients_per_rank == 3
+    assert topology.client_ranks() == [1, 1, 1, 2, 2, 2]
+    assert [list(p.clients) for p in topology.placements[1:]] == [[0, 1, 2], [3, 4, 5]]
+    assert "   2  clients3-5" in topology.table()
+    expected = (
+        r"1 server \+ 2 client ranks \(6 clients / 3 per rank\) = 3 MPI ranks, but the "
+        r"job has 7; run with mpiexec -n 3 \(or change scheme.clients or "
+        r"scheme.clients_per_rank\)"
+    )
+    with pytest.raises(ConfigError, match=expected):
+        check_world_size(topology, 7)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "expected"),
+    [
+        (
+            {"clients": 7, "clients_per_rank": 3},
+            r"scheme\.clients_per_rank: 7 clients at 3 per rank "
+            r"= 2 client rank\(s\) and 1 client\(s\) left over; set scheme.clients to a multiple of 3",
+        ),
+        ({"clients": 4, "clients_per_rank": 0}, r"scheme\.clients_per_rank: must be >= 1, got 0"),
+        (
+            {"name": "splitfed", "clients": 4, "clients_per_rank": 2},
+            r"scheme\.clients_per_rank: scheme splitfed runs one client per rank \(clients_per_rank "
+            r"> 1: ushaped, vanilla\)",
+        ),
+    ],
+)
+def test_hosting_many_clients_is_checked_with_the_layout(scheme: dict, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        config_from_dict({"scheme": scheme})
+
+
+def test_checkpoints_refuse_many_clients_per_rank() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"checkpoint\.every_steps: checkpoints hold one "
+        r"client per rank; scheme\.clients_per_rank is 2",
+    ):
+        config_from_dict(
+            {
+                "scheme": {"clients": 4, "clients_per_rank": 2, "client_order": "sequential"},
+                "checkpoint": {"every_steps": 5},
+            }
+        )
+
+
+def test_an_unsupported_scheme_is_refused_before_launch() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpisplit",
+            "train",
+            "configs/multihop-breast-cancer.yaml",
+            "scheme.clients_per_rank=3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "mpisplit: scheme.clients_per_rank: scheme multihop runs one client per rank "
+        "(clients_per_rank > 1: ushaped, vanilla)"
+    ]

@@ -99,8 +99,9 @@ def test_trace_and_pmpi_agree_on_every_link(vanilla) -> None:
 
 
 def test_message_spans_record_what_travelled(vanilla) -> None:
-    """Every cut message of training carries peer, tag, kind, bytes, dtype, shape, step and
-    microbatch, equal to what the cut width, batch size and step count imply."""
+    """Every cut message of training carries peer, tag, kind, bytes, dtype, shape, step,
+    microbatch and the client it belongs to, equal to what the cut width, batch size and
+    step count imply."""
     run_dir, data = vanilla
     batch = load_config(VANILLA).data.batch_size
     shape, nbytes = [batch, cut_width(data)], batch * cut_width(data) * 4
@@ -122,12 +123,26 @@ def test_message_spans_record_what_travelled(vanilla) -> None:
             e["args"] for e in messages(events, "send activation") if e["args"]["shape"] != [1]
         ]  # [1]: the end-of-evaluation markers
         assert activations == [
-            {**cut, "peer": 0, "step": step, "kind": "ACTIVATION", "tag": Kind.ACTIVATION.value}
+            {
+                **cut,
+                "peer": 0,
+                "step": step,
+                "kind": "ACTIVATION",
+                "tag": Kind.ACTIVATION.value,
+                "client": client - 1,
+            }
             for step in range(STEPS)
         ]
         gradients = [e["args"] for e in messages(events, "recv gradient")]
         assert gradients == [
-            {**cut, "peer": 0, "step": step, "kind": "GRADIENT", "tag": Kind.GRADIENT.value}
+            {
+                **cut,
+                "peer": 0,
+                "step": step,
+                "kind": "GRADIENT",
+                "tag": Kind.GRADIENT.value,
+                "client": client - 1,
+            }
             for step in range(STEPS)
         ]
         labels = [e["args"] for e in messages(events, "send labels")]
@@ -142,6 +157,7 @@ def test_message_spans_record_what_travelled(vanilla) -> None:
         sent = [e["args"] for e in messages(server, "send gradient") if e["args"]["peer"] == client]
         assert sum(a["bytes"] for a in sent) == STEPS * nbytes
         assert [a["step"] for a in sent] == list(range(STEPS))
+        assert {a["client"] for a in sent} == {client - 1}  # the gradient names its client
     waits = messages(server, "wait activation")
     assert {e["cat"] for e in waits} == {"wait"}
     assert {e["args"]["peer"] for e in waits} == {1, 2}  # the actual source, not "any"

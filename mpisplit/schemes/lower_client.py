@@ -45,7 +45,7 @@ def train_lower_client(
             ctx.build_segment(0, turns.part_steps),
             hops,
             tests,
-            list(labels) if labels is not None else [_same] * len(hops),
+            list(labels) if labels is not None else [unchanged] * len(hops),
             after_step,
         )
         report = run_client_turns(ctx, turns, client, reader, hops)
@@ -144,5 +144,6 @@ class LowerClient:
             )
 
 
-def _same(labels: torch.Tensor) -> torch.Tensor:
+def unchanged(labels: torch.Tensor) -> torch.Tensor:
+    """The labels a server scores as they are (not a multitask head's mapping)."""
     return labels

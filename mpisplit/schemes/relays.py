@@ -10,7 +10,6 @@ from mpisplit.engine import RankContext
 from mpisplit.protocol import Flag, Kind
 from mpisplit.schemes.evaluation import evaluating
 from mpisplit.segment import Segment
-from mpisplit.topology import Role
 from mpisplit.transport import ANY_SOURCE, Message, Transport
 
 
@@ -42,9 +41,10 @@ class Relay:
 
     def run(self) -> int:
         self.driver.restore(Parts([self.segment]))
-        remaining, source = len(self.ctx.topology.ranks(Role.CLIENT)), ANY_SOURCE
+        remaining, source = len(self.ctx.topology.client_ranks()), ANY_SOURCE
         while remaining:
             activation, message = recv_forward(self.transport, source, device=self.ctx.device)
+            self.transport.client = message.client  # what goes back names its client
             dest = message.source if self.next_hop is None else self.next_hop
             if message.flags & (Flag.LAST | Flag.DONE):
                 if self.next_hop is not None:

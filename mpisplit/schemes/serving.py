@@ -108,8 +108,9 @@ class Server:
     ) -> None:
         self.ctx, self.upper, self.task, self.after_done = ctx, upper, task, after_done
         self.transport = ctx.transport
-        self.clients = ctx.topology.ranks(Role.CLIENT)
-        self.client_index = {rank: k for k, rank in enumerate(self.clients)}
+        self.client_rank = ctx.topology.client_ranks()
+        """The rank of each logical client (a rank may host several)."""
+        self.hosted = {p.rank: p.clients for p in ctx.topology.placements if p.role == Role.CLIENT}
         self.last_relay = ctx.topology.ranks(Role.RELAY)[-1:]
         self.round_size = order.round_size if order else 1
         self.report = ServeReport(steps=ctx.checkpoints.resume_step * self.round_size)
@@ -119,8 +120,9 @@ class Server:
         self.driver.restore(Parts(upper.owned))
         self.senders = iter((order.senders if order else ())[self.report.steps :])
         self.expected = next(self.senders, ANY_SOURCE)
-        self.active = set(range(len(self.clients)))
+        self.active = set(range(len(self.client_rank)))
         self.finished: set[int] = set()  # past their DONE marker, their last message to come
+        self.feeders = self._feeders()
         self.tallies: dict[int, EvalTally] = {}
         watched = ctx.config.scheme.client_order == "parallel" and not self.last_relay
         self.liveness = Liveness.of(self.transport, dropping, watched=watched)
@@ -134,7 +136,7 @@ class Server:
 
     def _receive(self) -> tuple[torch.Tensor, Message] | None:
         """The next message from a client still served (None: nothing to handle)."""
-        feeders = self.last_relay or sorted(self.clients[k] for k in self.active)
+        feeders = self.last_relay or self.feeders
         try:
             activation, message = recv_forward(
                 self.transport, self.expected, device=self.ctx.device, senders=feeders
@@ -151,7 +153,8 @@ class Server:
 
     def _handle(self, activation: torch.Tensor, message: Message) -> None:
         source = message.source
-        if self.client_index.get(source) in self.finished:
+        self.transport.client = message.client  # the gradient's header names its client
+        if self._client_of(message) in self.finished:
             self._take_last(activation, message)
             return
         if message.flags & (Flag.LAST | Flag.DONE):
@@ -188,9 +191,7 @@ class Server:
             self.upper.after_step(source)
         self.expected = next(self.senders, ANY_SOURCE)
         self.report.steps += 1
-        self.driver.record(
-            self.report.steps, float(loss.detach()), client=self.client_index.get(source)
-        )
+        self.driver.record(self.report.steps, float(loss.detach()), client=self._client_of(message))
         if self.report.steps % self.round_size == 0 and self.driver.meet(
             self.report.steps // self.round_size
         ):
@@ -206,7 +207,7 @@ class Server:
                 self.report.final_evals.append(result)
         if message.flags & Flag.DONE:
             if self.after_done is None:
-                self.active.discard(client)
+                self._retire([client])
             else:
                 self.finished.add(client)
 
@@ -218,9 +219,7 @@ class Server:
         except PeerTimeout as err:
             self._stalled(err, [message.source], in_step=False)
             return
-        index = self.client_index[message.source]
-        self.finished.discard(index)
-        self.active.discard(index)
+        self._retire([self._client_of(message)])
 
     def _stalled(self, err: PeerTimeout, ranks: Sequence[int], *, in_step: bool) -> None:
         """A wait on ``ranks`` timed out: they leave the run if clients may be dropped
@@ -234,6 +233,20 @@ class Server:
 
     def _forget(self, ranks: Sequence[int]) -> None:
         for rank in ranks:
-            self.active.discard(self.client_index[rank])
-            self.finished.discard(self.client_index[rank])
+            self._retire(self.hosted[rank])
             self.tallies.pop(rank, None)
+
+    def _retire(self, clients: Sequence[int | None]) -> None:
+        """``clients`` are through: the feeders are those of the clients still active,
+        worked out here and not on every message (hundreds of logical clients)."""
+        self.active.difference_update(clients)
+        self.finished.difference_update(clients)
+        self.feeders = self._feeders()
+
+    def _feeders(self) -> list[int]:
+        return sorted({self.client_rank[k] for k in self.active})
+
+    def _client_of(self, message: Message) -> int | None:
+        """The logical client a message is from (None behind a relay: the source is not
+        a client)."""
+        return message.client if message.source in self.hosted else None

@@ -22,13 +22,27 @@ from mpisplit.transport import Transport
 
 def clients_total_steps(ctx: RankContext) -> int:
     """A non-client rank's side of the step-budget exchange: every client's steps, summed."""
-    return int(exchange_step_budgets(ctx, 0, 0)[:, 0].sum())
+    return int(_exchange(ctx, [])[:, :, 0].sum())
 
 
 def exchange_step_budgets(ctx: RankContext, steps: int, epoch_length: int) -> np.ndarray:
     """Every rank's (step budget, batches per epoch); raw-buffer Allgather, once per run."""
-    mine = np.array([steps, epoch_length], np.int64)
-    everyone = np.zeros((ctx.comm.Get_size(), 2), np.int64)
+    return _exchange(ctx, [(steps, epoch_length)])[:, 0]
+
+
+def client_budgets(ctx: RankContext, plans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Every logical client's (step budget, batches per epoch), in client order, from the
+    ``plans`` of the clients each rank hosts (``exchange_step_budgets``' one Allgather)."""
+    return _exchange(ctx, plans)[ctx.topology.ranks(Role.CLIENT)].reshape(-1, 2)
+
+
+def _exchange(ctx: RankContext, plans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Every rank's ``plans``, one row per client it hosts (zeros where it has none)."""
+    width = ctx.topology.clients_per_rank
+    mine = np.zeros((width, 2), np.int64)
+    if plans:
+        mine[: len(plans)] = plans
+    everyone = np.zeros((ctx.comm.Get_size(), width, 2), np.int64)
     ctx.transport.complete(ctx.comm.Iallgather(mine, everyone), "exchange of step plans")
     return everyone
 
@@ -100,20 +114,24 @@ class ClientTurns:
 
 def agree_turns(ctx: RankContext, reader: ShardReader) -> ClientTurns:
     """Exchanges step budgets (collective) and derives this client's turns."""
-    cfg, me = ctx.config, ctx.me
-    budgets = exchange_step_budgets(ctx, step_budget(len(reader), cfg.train), len(reader))
-    clients = ctx.topology.ranks(Role.CLIENT)
-    steps = [int(budgets[rank, 0]) for rank in clients]
+    return hosted_turns(ctx, [reader])[0]
+
+
+def hosted_turns(ctx: RankContext, readers: Sequence[ShardReader]) -> list[ClientTurns]:
+    """Exchanges step budgets (collective) and derives the turns of each logical client
+    this rank hosts (``ctx.me.clients``, one reader each)."""
+    cfg = ctx.config
+    budgets = client_budgets(ctx, [(step_budget(len(r), cfg.train), len(r)) for r in readers])
+    steps = [int(n) for n in budgets[:, 0]]
     if cfg.scheme.client_order == "sequential":
-        lengths = [cfg.scheme.options.turn_steps or int(budgets[rank, 1]) for rank in clients]
-        return ClientTurns(round_robin_turns(steps, lengths), me.index, sum(steps), sum(steps))
-    return ClientTurns(
-        [(me.index, steps[me.index])],
-        me.index,
-        steps[me.index],
-        min(steps),
-        evaluator=me.index in evaluating_clients(cfg.train, len(clients)),
-    )
+        lengths = [cfg.scheme.options.turn_steps or int(n) for n in budgets[:, 1]]
+        turns = round_robin_turns(steps, lengths)
+        return [ClientTurns(turns, k, sum(steps), sum(steps)) for k in ctx.me.clients]
+    evaluators = evaluating_clients(cfg.train, len(steps))
+    return [
+        ClientTurns([(k, steps[k])], k, steps[k], min(steps), evaluator=k in evaluators)
+        for k in ctx.me.clients
+    ]
 
 
 def evaluating_clients(train: TrainConfig, clients: int) -> list[int]:

@@ -4,8 +4,8 @@
 Forward goes client → server → client, gradients client → server → client. The server reads
 no data and its transport policy has no LABELS route at all. Clients evaluate themselves
 (they hold the labels): test activations go through the middle without autograd and come
-back flagged EVAL. ``client_order`` works as in vanilla; in sequential order both client
-segments are handed over.
+back flagged EVAL. ``client_order`` and ``clients_per_rank`` work as in vanilla; in
+sequential order both client segments are handed over.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
 from mpisplit.protocol import Flag
 from mpisplit.schemes.evaluation import EvalTally, evaluating, record_eval
+from mpisplit.schemes.hosting import train_hosted_clients
 from mpisplit.schemes.instrumentation import record_traffic_by_kind
 from mpisplit.schemes.microbatches import Microbatch, microbatches
 from mpisplit.schemes.readers import client_reader, test_reader
@@ -40,6 +41,14 @@ def serve(ctx: RankContext) -> RankResult:
 
 
 def train_client(ctx: RankContext) -> RankResult:
+    if ctx.me.hosted > 1:
+        return train_hosted_clients(
+            ctx,
+            ctx.topology.ranks(Role.SERVER)[0],
+            [0, 2],
+            lambda c, parts, tests: UShapedClient(c, *parts, tests),
+            lambda client: _joined(client.head, client.tail),
+        )
     reader = client_reader(ctx)
     with reader, test_reader(ctx) as tests:
         turns = agree_turns(ctx, reader)

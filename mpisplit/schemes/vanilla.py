@@ -5,12 +5,15 @@ cut activation; the server holds the rest and the loss.
 hands its lower layers (weights, optimizer and schedule state) peer-to-peer to the next.
 ``client_order: parallel`` runs every client at once, each with its own lower layers; the
 server serves cut activations in arrival order, so a slow client never blocks the others.
+A client rank may host several logical clients (``scheme.clients_per_rank``,
+``mpisplit.schemes.hosting``).
 """
 
 from __future__ import annotations
 
 from mpisplit.engine import RankContext, RankResult
-from mpisplit.schemes.lower_client import train_lower_client
+from mpisplit.schemes.hosting import train_hosted_clients
+from mpisplit.schemes.lower_client import LowerClient, train_lower_client, unchanged
 from mpisplit.schemes.serving import serve_with
 from mpisplit.schemes.turns import clients_total_steps
 from mpisplit.topology import Role
@@ -22,4 +25,13 @@ def serve(ctx: RankContext) -> RankResult:
 
 
 def train_client(ctx: RankContext) -> RankResult:
-    return train_lower_client(ctx, ctx.topology.ranks(Role.SERVER)[0])
+    server = ctx.topology.ranks(Role.SERVER)[0]
+    if ctx.me.hosted > 1:
+        return train_hosted_clients(
+            ctx,
+            server,
+            [0],
+            lambda c, parts, tests: LowerClient(c, parts[0], [server], tests, [unchanged], None),
+            lambda client: client.segment,
+        )
+    return train_lower_client(ctx, server)

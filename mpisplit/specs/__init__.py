@@ -187,6 +187,8 @@ class SchemeSpec:
     tuple_cuts: bool = False
     """Its cut exchange carries a tuple of tensors where several values cross a cut (hidden
     states and an attention mask): float ones get gradients back, others travel forward."""
+    hosts_clients: bool = False
+    """A client rank may host several logical clients (``scheme.clients_per_rank``)."""
     ignores_other_options: bool = False
     """Accepts other schemes' options and ignores them: a baseline that every scheme's
     config is switched to with ``scheme.name=...`` for a comparison."""
@@ -242,7 +244,7 @@ def _imported(found: Callable[..., Any] | str) -> Callable[..., Any]:
     return found
 
 
-_COMMON = {"name", "clients", "client_order", "options"}
+_COMMON = {"name", "clients", "client_order", "clients_per_rank", "options"}
 _REGISTERED: dict[str, SchemeSpec] = {}
 
 
@@ -273,9 +275,38 @@ def owners(option: str) -> list[str]:
     return [name for name in names() if option in get(name).option_names()]
 
 
+def check_hosting(scheme: SchemeConfig) -> None:
+    """``scheme.clients_per_rank``: a scheme whose spec allows it, and client ranks that each
+    host the same number of logical clients (the arithmetic names every factor)."""
+    per_rank = scheme.clients_per_rank
+    require(per_rank >= 1, "scheme.clients_per_rank", f"must be >= 1, got {per_rank}")
+    if per_rank == 1:
+        return
+    hosting = [name for name in names() if get(name).hosts_clients]
+    require(
+        get(scheme.name).hosts_clients,
+        "scheme.clients_per_rank",
+        f"scheme {scheme.name} runs one client per rank (clients_per_rank > 1: "
+        f"{', '.join(hosting)})",
+    )
+    ranks, left = divmod(scheme.clients, per_rank)
+    require(
+        not left,
+        "scheme.clients_per_rank",
+        f"{scheme.clients} clients at {per_rank} per rank = {ranks} client rank(s) and "
+        f"{left} client(s) left over; set scheme.clients to a multiple of {per_rank}",
+    )
+
+
 def check_checkpointable(scheme: SchemeConfig) -> None:
     """Coordinated checkpoints need every rank to agree on what step N means, so the step
-    order must be deterministic."""
+    order must be deterministic; a rank's checkpoint holds one client's state."""
+    require(
+        scheme.clients_per_rank == 1,
+        "checkpoint.every_steps",
+        f"checkpoints hold one client per rank; scheme.clients_per_rank is "
+        f"{scheme.clients_per_rank} (set it to 1 or turn checkpoints off)",
+    )
     if get(scheme.name).checkpointable(scheme):
         return
     rules = "; ".join(

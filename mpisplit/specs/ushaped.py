@@ -29,4 +29,5 @@ SPEC = SchemeSpec(
     checkpointable=in_turns,
     checkpoint_rule="scheme.client_order: sequential",
     samples_evaluation=True,
+    hosts_clients=True,
 )

@@ -21,4 +21,5 @@ SPEC = SchemeSpec(
     checkpoint_rule="scheme.client_order: sequential",
     samples_evaluation=True,
     tuple_cuts=True,
+    hosts_clients=True,
 )

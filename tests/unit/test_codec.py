@@ -33,12 +33,14 @@ def _through_the_wire(tensor: torch.Tensor, limit: int | None) -> torch.Tensor:
     """``tensor`` packed as a message (header, then its payload inline or in parts) and
     decoded from those bytes alone."""
     message = MessageBuffer()
-    nbytes, inline = pack_header(message.view, tensor, 3, 7, 5, 11, 2)
+    nbytes, inline = pack_header(message.view, tensor, 3, 7, 5, 11, 2, 499)
     payload = b"".join(bytes(part[0]) for part in buffer_parts(tensor.contiguous(), nbytes, limit))
     if inline:
         message.view[HEADER_BYTES : HEADER_BYTES + nbytes] = payload
-    kind, dtype, shape, flags, step, size, inline, aux, microbatch = unpack_header(message.view)
-    assert (kind, step, flags, aux, microbatch) == (3, 7, 5, 11, 2)
+    kind, dtype, shape, flags, step, size, inline, aux, microbatch, client = unpack_header(
+        message.view
+    )
+    assert (kind, step, flags, aux, microbatch, client) == (3, 7, 5, 11, 2, 499)
     assert (size, bool(inline)) == (tensor.nbytes, nbytes <= INLINE_LIMIT)
     data = bytes(message.view[HEADER_BYTES : HEADER_BYTES + nbytes]) if inline else payload
     out = torch.empty(shape, dtype=dtype)

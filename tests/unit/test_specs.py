@@ -70,6 +70,7 @@ def test_options_belong_to_their_scheme() -> None:
         "name": "splitfed",
         "clients": 1,
         "client_order": "parallel",
+        "clients_per_rank": 1,
         "fedavg_every": 4,
         "average_buffers": True,
         "fedavg_every_epochs": 0,
@@ -98,7 +99,8 @@ def test_options_belong_to_their_scheme() -> None:
     with pytest.raises(
         ConfigError,
         match=r"scheme\.bogus: unknown key \(valid keys in scheme: "
-        r"name, clients, client_order, turn_steps\)",
+        r"name, clients, client_order, clients_per_rank, "
+        r"turn_steps\)",
     ):
         config_from_dict({"scheme": {"bogus": 1}})
     # the comparison baseline takes any scheme's config

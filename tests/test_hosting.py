@@ -1,0 +1,219 @@
+"""Many logical clients on one rank (``scheme.clients_per_rank``) under real ``mpiexec``,
+checked against the single-process oracle and the audit."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from mpisplit.config import ModelConfig
+from tests.conftest import ROOT, run_mpi
+from tests.reference import train_parallel_reference, train_reference
+
+CONFIG = "configs/vanilla-breast-cancer.yaml"
+
+
+def _train(ranks: int, data: Path, run_dir: Path, *overrides: str) -> dict:
+    result = run_mpi(
+        ranks,
+        "train",
+        CONFIG,
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        "run.progress=none",
+        *overrides,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _part(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def _assert_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_parallel_clients_on_one_rank_equal_the_oracle(dataset, tmp_path: Path) -> None:
+    """Three clients on one rank take one step each per round, in client order: the server
+    serves them in that order, so each client's part and the server's equal a single
+    process that trains per-client lower layers and one upper part in that order."""
+    data = dataset("breast_cancer", clients=3)
+    summary = _train(
+        2,
+        data,
+        tmp_path,
+        "scheme.clients=3",
+        "scheme.clients_per_rank=3",
+        "train.max_steps=15",
+        "train.optimizer=adam",
+        "train.lr=0.01",
+        "train.eval_every=5",
+        "run.trace=true",
+    )
+    assert summary["roles"] == ["server", "clients0-2"]
+    assert summary["steps_per_rank"] == [45, 45]
+    assert sorted(e["client"] for e in summary["test_by_client"]) == [0, 1, 2]
+    upper, lowers = train_parallel_reference(
+        data,
+        ModelConfig(cuts=("fc2",)),
+        ("fc1", "relu1"),
+        [(k, 1) for _ in range(15) for k in range(3)],
+        clients=3,
+        optimizer="adam",
+        lr=0.01,
+        batch_size=16,
+        seed=0,
+    )
+    _assert_equal(_part(tmp_path / "model-rank0.pt"), upper)
+    for k, lower in enumerate(lowers):
+        _assert_equal(_part(tmp_path / f"model-rank1-client{k}.pt"), lower)
+    assert not torch.equal(lowers[0]["fc1.weight"], lowers[1]["fc1.weight"])
+    records = [
+        json.loads(line) for line in (tmp_path / "metrics-rank0.jsonl").read_text().splitlines()
+    ]
+    served = [r["client"] for r in records if "loss" in r and "event" not in r]
+    assert served == [0, 1, 2] * 15
+    spans = json.loads((tmp_path / "trace-rank0.json").read_text())["traceEvents"]
+    received = {e["args"]["client"] for e in spans if e.get("name") == "recv activation"}
+    assert received == {0, 1, 2}
+    assert run_mpi(1, "audit", str(tmp_path)).returncode == 0
+
+
+def test_sequential_turns_within_and_across_ranks_equal_the_oracle(dataset, tmp_path: Path) -> None:
+    """Four clients, two per rank, in round-robin turns: the part passes inside a rank
+    without a message and between ranks as with one client per rank."""
+    data = dataset("breast_cancer", clients=4)
+    summary = _train(
+        3,
+        data,
+        tmp_path,
+        "scheme.clients=4",
+        "scheme.clients_per_rank=2",
+        "scheme.client_order=sequential",
+        "scheme.turn_steps=3",
+        "train.max_steps=9",
+        "train.optimizer=adam",
+        "train.lr=0.01",
+    )
+    turns = [(k, 3) for _ in range(3) for k in range(4)]
+    expected = train_reference(
+        data, ModelConfig(cuts=("fc2",)), turns, optimizer="adam", lr=0.01, batch_size=16, seed=0
+    )
+    server = _part(tmp_path / "model-rank0.pt")
+    for rank, k in [(1, 0), (1, 1), (2, 2), (2, 3)]:
+        _assert_equal({**server, **_part(tmp_path / f"model-rank{rank}-client{k}.pt")}, expected)
+    assert summary["steps"] == 36 and summary["steps_per_rank"] == [36, 18, 18]
+    assert [e["client"] for e in summary["test_by_client"]] == [3]
+
+
+def test_parallel_clients_on_two_ranks(dataset, tmp_path: Path) -> None:
+    """Served in arrival order across ranks: every client's steps and evaluation arrive."""
+    data = dataset("breast_cancer", clients=4)
+    summary = _train(
+        3, data, tmp_path, "scheme.clients=4", "scheme.clients_per_rank=2", "train.max_steps=6"
+    )
+    assert summary["steps_per_rank"] == [24, 12, 12]
+    assert sorted(e["client"] for e in summary["test_by_client"]) == [0, 1, 2, 3]
+    records = [
+        json.loads(line) for line in (tmp_path / "metrics-rank2.jsonl").read_text().splitlines()
+    ]
+    assert sorted({r["client"] for r in records if "step" in r and "event" not in r}) == [2, 3]
+
+
+def test_readme_many_clients_commands_run_as_written(tmp_path: Path) -> None:
+    """README's "Many clients per rank" block (10 VGG clients on one rank), as written."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("### Many clients per rank")
+    (block,) = re.findall(
+        r"```bash\n(.*?)```", text[start : text.index("\n### ", start + 4)], flags=re.DOTALL
+    )
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    run = tmp_path / "runs" / "cifar-10"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["roles"] == ["server", "clients0-9"] and summary["steps"] == 20
+    assert (run / "profile.json").exists() and "1 clients0-9" in done.stdout
+
+
+USHAPED = ModelConfig(cuts=("fc2", "head"))
+
+
+def test_ushaped_parallel_clients_on_one_rank_equal_the_oracle(dataset, tmp_path: Path) -> None:
+    """Each hosted client keeps its own head and tail; the server's middle is shared."""
+    data = dataset("breast_cancer", clients=3)
+    summary = _train(
+        2,
+        data,
+        tmp_path,
+        "scheme.name=ushaped",
+        "model.cuts=[fc2, head]",
+        "scheme.clients=3",
+        "scheme.clients_per_rank=3",
+        "train.max_steps=10",
+        "train.optimizer=adam",
+        "train.lr=0.01",
+    )
+    assert sorted(e["client"] for e in summary["test_by_client"]) == [0, 1, 2]
+    middle, own = train_parallel_reference(
+        data,
+        USHAPED,
+        ("fc1", "relu1", "head"),
+        [(k, 1) for _ in range(10) for k in range(3)],
+        clients=3,
+        optimizer="adam",
+        lr=0.01,
+        batch_size=16,
+        seed=0,
+    )
+    _assert_equal(_part(tmp_path / "model-rank0.pt"), middle)
+    for k, layers in enumerate(own):
+        _assert_equal(_part(tmp_path / f"model-rank1-client{k}.pt"), layers)
+
+
+def test_ushaped_sequential_turns_equal_the_oracle(dataset, tmp_path: Path) -> None:
+    data = dataset("breast_cancer", clients=4)
+    summary = _train(
+        3,
+        data,
+        tmp_path,
+        "scheme.name=ushaped",
+        "model.cuts=[fc2, head]",
+        "scheme.clients=4",
+        "scheme.clients_per_rank=2",
+        "scheme.client_order=sequential",
+        "scheme.turn_steps=2",
+        "train.max_steps=4",
+        "train.optimizer=sgd",
+        "train.lr=0.05",
+    )
+    turns = [(k, 2) for _ in range(2) for k in range(4)]
+    expected = train_reference(
+        data, USHAPED, turns, optimizer="sgd", lr=0.05, momentum=0.9, batch_size=16, seed=0
+    )
+    middle = _part(tmp_path / "model-rank0.pt")
+    for rank, k in [(1, 0), (1, 1), (2, 2), (2, 3)]:
+        _assert_equal({**middle, **_part(tmp_path / f"model-rank{rank}-client{k}.pt")}, expected)
+    assert [e["client"] for e in summary["test_by_client"]] == [3]
