@@ -69,13 +69,14 @@ def test_a_rank_hosts_many_clients() -> None:
         (
             {"clients": 7, "clients_per_rank": 3},
             r"scheme\.clients_per_rank: 7 clients at 3 per rank "
-            r"= 2 client rank\(s\) and 1 client\(s\) left over; set scheme.clients to a multiple of 3",
+            r"= 2 client rank\(s\) and 1 client\(s\) left over; "
+            r"set scheme.clients to a multiple of 3",
         ),
         ({"clients": 4, "clients_per_rank": 0}, r"scheme\.clients_per_rank: must be >= 1, got 0"),
         (
             {"name": "splitfed", "clients": 4, "clients_per_rank": 2},
-            r"scheme\.clients_per_rank: scheme splitfed runs one client per rank \(clients_per_rank "
-            r"> 1: ushaped, vanilla\)",
+            r"scheme\.clients_per_rank: scheme splitfed runs one client per rank "
+            r"\(clients_per_rank > 1: ushaped, vanilla\)",
         ),
     ],
 )
