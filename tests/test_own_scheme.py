@@ -79,6 +79,7 @@ def test_options_and_layout_come_from_the_spec() -> None:
         "name": "capped",
         "clients": 2,
         "client_order": "parallel",
+        "clients_per_rank": 1,
         "steps": 3,
     }
     assert [p.label for p in plan(cfg).placements] == ["server", "client0", "client1"]
