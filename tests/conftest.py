@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -91,3 +92,29 @@ def overrides(**sections: dict[str, object]) -> Sequence[str]:
         for section, values in sections.items()
         for key, value in values.items()
     ]
+
+
+def run_readme_block(heading: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Runs the one bash block of README's section ``heading`` exactly as written, in ``cwd``
+    (which gets the checkout's configs), with the venv's commands first on PATH; fails the
+    test unless it exits 0."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(heading)
+    end = text.find("\n#", start + len(heading))
+    (block,) = re.findall(r"```bash\n(.*?)```", text[start : end if end > 0 else None], re.DOTALL)
+    (cwd / "configs").symlink_to(ROOT / "configs")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done

@@ -4,16 +4,12 @@ checked against the single-process oracle and the audit."""
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from mpisplit.config import ModelConfig
-from tests.conftest import ROOT, run_mpi
+from tests.conftest import run_mpi, run_readme_block
 from tests.reference import train_parallel_reference, train_reference
 
 CONFIG = "configs/vanilla-breast-cancer.yaml"
@@ -132,26 +128,7 @@ def test_parallel_clients_on_two_ranks(dataset, tmp_path: Path) -> None:
 
 def test_readme_many_clients_commands_run_as_written(tmp_path: Path) -> None:
     """README's "Many clients per rank" block (10 VGG clients on one rank), as written."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index("### Many clients per rank")
-    (block,) = re.findall(
-        r"```bash\n(.*?)```", text[start : text.index("\n### ", start + 4)], flags=re.DOTALL
-    )
-    (tmp_path / "configs").symlink_to(ROOT / "configs")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", block],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = run_readme_block("### Many clients per rank", tmp_path)
     run = tmp_path / "runs" / "cifar-10"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["roles"] == ["server", "clients0-9"] and summary["steps"] == 20

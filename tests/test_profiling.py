@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +16,7 @@ from mpisplit.prof import analysis, plots
 from mpisplit.prof import intervals as iv
 from mpisplit.prof.report import build, render
 from mpisplit.prof.trace import RankTrace, Span, Timeline, load
-from tests.conftest import ROOT, run_mpi
+from tests.conftest import ROOT, run_mpi, run_readme_block
 
 STEPS = 12
 
@@ -306,26 +304,7 @@ def test_capacity_of_an_unmodelled_scheme_is_one_line(profiled, tmp_path: Path) 
 def test_readme_capacity_commands_run_as_written(tmp_path: Path) -> None:
     """README, "Capacity planning": its three commands, exactly as written, in a directory
     holding the checkout's configs."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index("### Capacity planning")
-    (block,) = re.findall(
-        r"```bash\n(.*?)```", text[start : text.index("\n## ", start)], flags=re.DOTALL
-    )
-    (tmp_path / "configs").symlink_to(ROOT / "configs")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", block],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = run_readme_block("### Capacity planning", tmp_path)
     rows = [
         line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["100"], ["500"])
     ]
