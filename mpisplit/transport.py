@@ -50,7 +50,7 @@ from mpisplit.codec import (
     unpack_header,
 )
 from mpisplit.compression import Compressor
-from mpisplit.deadlines import ANY_SOURCE, Deadlines, PeerTimeout, poll
+from mpisplit.deadlines import ANY_SOURCE, Deadlines, PeerTimeout, node_oversubscribed, poll
 from mpisplit.mpilib import cuda_aware_mpi, large_counts, mpix_query_cuda_support
 from mpisplit.protocol import Flag, Kind
 from mpisplit.sendqueue import PendingSend, SendQueue
@@ -179,7 +179,9 @@ class Transport:
         self.traffic = Traffic(comm.Get_size())
         # The counters, bound once: the per-message updates skip a lookup and a call.
         self._sent, self._received = self.traffic.sent, self.traffic.received
-        self.deadlines = Deadlines(self.rank, self.roles, timeout_s)
+        self.deadlines = Deadlines(
+            self.rank, self.roles, timeout_s, shared_cores=node_oversubscribed(comm)
+        )
         staging = (
             PinnedStaging(self.device)
             if self.device.type == "cuda" and not self.cuda_aware
@@ -693,8 +695,9 @@ def _device_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` in contiguous host memory; copies only if it is on a device or strided."""
-    host = tensor.detach()
-    if host.is_cuda:
-        host = host.to("cpu")
-    return host if host.is_contiguous() else host.contiguous()
+    """``tensor``'s memory, contiguous and on the host; copies only if it is on a device or
+    strided (MPI reads the memory: the autograd graph does not matter, and a ``detach``
+    costs a microsecond on every message)."""
+    if tensor.is_cuda:
+        tensor = tensor.detach().to("cpu")
+    return tensor if tensor.is_contiguous() else tensor.detach().contiguous()

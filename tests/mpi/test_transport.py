@@ -5,6 +5,8 @@ They work at any N >= 2 (ranks beyond the first two take part in the any-source 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from mpi4py import MPI
@@ -346,4 +348,12 @@ def test_tuple_cut_exchange_matches_local_autograd(comm: MPI.Comm, compression: 
         assert not got_mask.requires_grad and message.flags == 0
         torch.nn.functional.cross_entropy(head(hidden, unused, got_mask, got_lengths), y).backward()
     transport.flush()
+    transport.close()
+
+
+def test_waits_share_cores_only_when_ranks_outnumber_them(comm: MPI.Comm) -> None:
+    """Every rank of this tier runs on one node, started unbound: they share its cores when
+    there are more of them than cores (3 ranks on CI's 2 cores), and only then."""
+    transport = make_transport(comm)
+    assert transport.deadlines.shared_cores == (comm.Get_size() > len(os.sched_getaffinity(0)))
     transport.close()

@@ -73,3 +73,15 @@ def test_every_wait_first_runs_the_hook_before_blocking() -> None:
         deadlines.wait(lambda: False, [0], "LABELS", "send")
     assert deadlines.wait(lambda: 7, [0], "LABELS", "send", bounded=False) == 7
     assert len(hooked) == 2
+
+
+@pytest.mark.parametrize("shared_cores", [True, False])
+def test_a_wait_yields_its_core_only_where_ranks_share_cores(monkeypatch, shared_cores) -> None:
+    """Oversubscribed ranks yield between polls so the rank they wait for runs; ranks with a
+    core each poll back to back (a large message's copy needs the sender's progress too)."""
+    yields = []
+    monkeypatch.setattr("os.sched_yield", lambda: yields.append(1))
+    attempt, calls = _succeeds_after(1000)
+    never = lambda: AssertionError("no timeout")  # noqa: E731
+    assert poll(attempt, None, never, clock=_Clock(1e-6), shared_cores=shared_cores)
+    assert len(yields) == (len(calls) - 201 if shared_cores else 0)
