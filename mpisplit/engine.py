@@ -14,6 +14,7 @@ import os
 import resource
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from mpi4py import MPI
+from torch import nn
 
 from mpisplit import rundir, specs
 from mpisplit.checkpoint import (
@@ -68,6 +70,9 @@ class RunPlan:
     """The parts' layer ranges in ``layers`` (empty with it)."""
     resume: Manifest | None = None
     """The committed checkpoint this run continues from."""
+    model_parts: Sequence[nn.Module] = ()
+    """The model's parts on the meta device (``torch.fx.GraphModule`` s), for the scheme's
+    structural checks (``SchemeSpec.check``)."""
 
     @property
     def parts(self) -> int:
@@ -131,7 +136,6 @@ def prepare(
             f"model.cuts: scheme {cfg.scheme.name} needs exactly {spec.cuts} cut(s), "
             f"got {len(cfg.model.cuts)}"
         )
-    spec.check_parts(cfg, parts)
     layers, bounds = [], []
     if cfg.model.name in ZOO or spec.zoo_layers:
         layers = layer_plan(cfg.model, meta["feature_shape"], meta["num_classes"])
@@ -146,6 +150,7 @@ def prepare(
         layers,
         bounds,
         find_resume_point(cfg, topology, resume, overwrite=overwrite),
+        parts,
     )
     spec.check_planned(run)
     return run

@@ -333,7 +333,7 @@ def test_cut_collectives_take_the_transport_compression(data: Path, tmp_path: Pa
 
 
 def test_structural_problem_is_one_line_before_launch(data: Path, tmp_path: Path) -> None:
-    """A party whose network is too shallow for the cut: found by the spec's check_plan in
+    """A party whose network is too shallow for the cut: found by the spec's check in
     ``engine.prepare`` on every rank, reported once, exit 2, no traceback, no training."""
     result = run_mpi(
         PARTIES + 1,

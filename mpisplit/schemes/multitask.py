@@ -13,13 +13,12 @@ Clients train in parallel; each evaluates on every task server, and the summary 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
-from mpisplit.config import Config, ConfigError
-from mpisplit.engine import RankContext, RankResult
+from mpisplit.config import ConfigError
+from mpisplit.engine import RankContext, RankResult, RunPlan
 from mpisplit.models import build_parts, model_factory
 from mpisplit.schemes.lower_client import train_lower_client
 from mpisplit.schemes.serving import serve_with
@@ -59,10 +58,11 @@ def task_segment(ctx: RankContext, task: int, total_steps: int) -> Segment:
     return Segment.create(module.to(ctx.device), cfg.train, total_steps)
 
 
-def check_heads(cfg: Config, parts: Sequence[nn.Module]) -> None:
+def check_heads(run: RunPlan) -> None:
     """Each task's head is sized by calling the factory with that task's ``num_classes``:
     a factory that takes none (or a fixed one in ``model.options``) would give every task
     the same head."""
+    cfg = run.config
     try:
         takes = "num_classes" in inspect.signature(model_factory(cfg.model.name)).parameters
     except (TypeError, ValueError):  # no signature to read

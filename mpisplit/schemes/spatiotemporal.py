@@ -49,18 +49,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpisplit.config import Config, ConfigError
+from mpisplit.config import ConfigError
 from mpisplit.cut import post_cut
 from mpisplit.data import Batch, ShardReader
 from mpisplit.driver import StepDriver, log
-from mpisplit.engine import EvalResult, RankContext, RankResult
+from mpisplit.engine import EvalResult, RankContext, RankResult, RunPlan
 from mpisplit.failure import check_loss
 from mpisplit.privacy import protect
 from mpisplit.protocol import Flag, Kind
@@ -85,12 +85,12 @@ def run(ctx: RankContext) -> RankResult:
 # --- validation ------------------------------------------------------------------------
 
 
-def check_site_part(cfg: Config, parts: Sequence[nn.Module]) -> None:
+def check_site_part(run: RunPlan) -> None:
     """The site part must be one weighted layer and its activation (after any parameterless
     reshaping such as flatten): the privacy-preserving layer the issue describes, and the
     only thing a site keeps. Checked by ``engine.prepare`` on every rank, before any traffic;
     the part's steps are its leaf modules and the functions the model's forward calls."""
-    site = parts[0]
+    site = run.model_parts[0]
     steps = [node for node in site.graph.nodes if node.op not in ("placeholder", "output")]
     weighted = [
         node.op == "get_attr"

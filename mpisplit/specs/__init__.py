@@ -149,12 +149,12 @@ class SchemeSpec:
     """Ranks per role, in rank order; raises ``ConfigError`` for a config it cannot lay out."""
     runners: Mapping[Role, Runner | str]
     """The function each role runs (``"module:function"``, imported when a rank runs)."""
-    check_plan: Runner | str | None = None
-    """Structural checks of the whole planned run, where the model's parts alone
-    (``check_model``) do not say enough (vertical: each party's part for its own feature
-    shape, the server's against the joined cut outputs): ``RunPlan -> None``, raising
-    ``ConfigError`` or ``DataError``; ``engine.prepare`` calls it on every rank before any
-    traffic, so a problem is one line and exit 2."""
+    check: Runner | str | None = None
+    """The scheme's own structural checks of the planned run (``RunPlan -> None``, raising
+    ``ConfigError`` or ``DataError``), for a scheme that constrains what a part holds or how
+    the model is built: its model's parts (``RunPlan.model_parts``, on the meta device), the
+    config, the dataset. ``engine.prepare`` calls it on every rank before any traffic, so a
+    problem is one line and exit 2."""
     routes: frozenset[Route] = frozenset()
     """(sender role, receiver role, kind) the transport lets through; nothing else leaves."""
     cuts: int | None = None
@@ -177,10 +177,6 @@ class SchemeSpec:
     """Rebuilds the zoo's layers per party or per task, so it needs a zoo model."""
     pools_shards: bool = False
     """May read every client shard as one pool (``data.pool``): a one-rank baseline."""
-    check_model: Callable[[Config, Any], None] | str | None = None
-    """Checks the model's parts (``torch.fx.GraphModule`` s on the meta device) in
-    ``engine.prepare``, before any rank talks, for a scheme that constrains what a part holds
-    or how the model is built (``"module:function"``, imported then)."""
     samples_evaluation: bool = False
     """Every client evaluates its own model in parallel order, so ``train.eval_clients`` may
     sample the ones that do."""
@@ -211,7 +207,7 @@ class SchemeSpec:
         for role in self.runners:
             if not isinstance(role, Role):
                 raise TypeError(f"scheme {self.name}: runner keys are Roles, got {role!r}")
-        for runner in (*self.runners.values(), self.check_plan, self.check_model):
+        for runner in (*self.runners.values(), self.check):
             if isinstance(runner, str) and runner.count(":") != 1:
                 raise ValueError(f"scheme {self.name}: runner {runner!r} is not module:function")
 
@@ -223,14 +219,9 @@ class SchemeSpec:
         return _imported(found)
 
     def check_planned(self, run: Any) -> None:
-        """Runs ``check_plan`` on a ``RunPlan``, if the scheme has one."""
-        if self.check_plan is not None:
-            _imported(self.check_plan)(run)
-
-    def check_parts(self, cfg: Config, parts: Any) -> None:
-        """Runs ``check_model``, if the scheme has one."""
-        if self.check_model is not None:
-            _imported(self.check_model)(cfg, parts)
+        """Runs ``check`` on a ``RunPlan``, if the scheme has one."""
+        if self.check is not None:
+            _imported(self.check)(run)
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]

@@ -66,5 +66,5 @@ SPEC = SchemeSpec(
     options=MultitaskOptions,
     tasks=tasks,
     samples_evaluation=True,
-    check_model="mpisplit.schemes.multitask:check_heads",
+    check="mpisplit.schemes.multitask:check_heads",
 )

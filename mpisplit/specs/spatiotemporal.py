@@ -70,5 +70,5 @@ SPEC = SchemeSpec(
     routes=LABELS_AT_SERVER | {("server", "client", Kind.CONTROL)},  # the roster
     cuts=1,
     options=SpatiotemporalOptions,
-    check_model="mpisplit.schemes.spatiotemporal:check_site_part",
+    check="mpisplit.schemes.spatiotemporal:check_site_part",
 )

@@ -66,7 +66,7 @@ SPEC = SchemeSpec(
         Role.SERVER: "mpisplit.schemes.vertical:run",
         Role.CLIENT: "mpisplit.schemes.vertical:run",
     },
-    check_plan="mpisplit.schemes.vertical_parts:check_plan",
+    check="mpisplit.schemes.vertical_parts:check_plan",
     routes=frozenset(
         {
             # The cut traffic itself is collective (Gatherv/Scatterv), accounted under these routes.
