@@ -150,9 +150,9 @@ def find(choice: str = "auto", srun_mpi: str | None = None) -> Launcher:
     if choice == "srun" or (choice == "auto" and srun and slurm):
         if srun is None:
             raise LaunchError("launcher srun: no srun on PATH")
-        if srun_mpi is None:
-            srun_mpi = os.environ.get("MPISPLIT_SRUN_MPI")
-        why = "set by MPISPLIT_SRUN_MPI or --srun-mpi"
+        why = "set by --srun-mpi"
+        if srun_mpi is None and "MPISPLIT_SRUN_MPI" in os.environ:
+            srun_mpi, why = os.environ["MPISPLIT_SRUN_MPI"], "set by MPISPLIT_SRUN_MPI"
         if srun_mpi is None:
             srun_mpi, why = choose_srun_mpi(_srun_offers(srun), library_version())
         return Launcher("srun", srun, flavor, version, srun_mpi, why, slurm)
