@@ -7,9 +7,10 @@
 #   mpisplit_args CFG "$@"            the script's arguments: [--resume] [CONFIG] overrides
 #   mpisplit_check_ntasks CFG ARGS..  `mpisplit topology --ntasks` must equal the job's tasks
 #   mpisplit_launch [LAUNCH OPTS] -- CMD...
-#                                     run CMD as one MPI job over the allocation, forwarding
-#                                     the pre-emption signal; then requeue, or say how to
-#                                     continue from a checkpoint; returns CMD's status
+#                                     run CMD as one MPI job over the allocation through
+#                                     `mpisplit launch [LAUNCH OPTS]` (e.g. --het-group=0,1),
+#                                     forwarding the pre-emption signal; then requeue, or say
+#                                     how to continue from a checkpoint; returns CMD's status
 # Executed per MPI rank (the launch line wraps each rank in it):
 #   common.sh task CMD...             MPISPLIT_NODE, GPU binding, threads; then exec CMD
 #
@@ -20,17 +21,18 @@
 # Settings (environment, all optional):
 #   MPISPLIT_LAUNCHER   srun | mpiexec (default srun; a heterogeneous job always uses srun)
 #   MPISPLIT_SRUN_MPI   srun's --mpi= type (empty: srun's own default, the site's MpiDefault).
-#                       Default: chosen by mpisplit_srun_mpi -- pmix when `srun --mpi=list`
+#                       Default: chosen by `mpisplit launch` -- pmix when `srun --mpi=list`
 #                       offers it and mpi4py's MPI library speaks PMIx (Open MPI, or an MPICH
 #                       configured with PMIx), else pmi2 when offered (MPICH, Intel MPI),
 #                       else srun's default.
-#   MPISPLIT_MPIEXEC    the mpiexec to use (default: mpiexec on PATH)
+#   MPISPLIT_MPIEXEC    the mpiexec to use (default: the one beside mpisplit's Python, else
+#                       mpiexec on PATH)
 #   MPISPLIT            how to run the CLI (default: `mpisplit` on PATH -- activate the venv
 #                       before sbatch, which passes PATH on -- else `$MPISPLIT_PYTHON -m
 #                       mpisplit` when that Python has mpisplit, MPISPLIT_PYTHON default
 #                       python3; else the job stops at once saying so)
-#   MPISPLIT_PYTHON     the Python with mpi4py, asked which MPI library it loads (default:
-#                       the interpreter of the `mpisplit` entry point, else python3)
+#   MPISPLIT_PYTHON     the Python that reads the config for the run's paths (default: the
+#                       interpreter of the `mpisplit` entry point, else python3)
 #   MPISPLIT_RUNS       base directory for run dirs that the scripts name (default runs)
 #   MPISPLIT_GPU_BIND   local (default): a rank that sees several GPUs in CUDA_VISIBLE_DEVICES
 #                       keeps the one at index (local rank mod count); none: leave as is.
@@ -254,108 +256,31 @@ _mpisplit_python() {
   else echo python3; fi
 }
 
-# The MPI library mpi4py loads: MPI.Get_library_version() without MPI_Init (empty if unknown).
-mpisplit_mpi_library() {
-  "$(_mpisplit_python)" -c 'import mpi4py; mpi4py.rc.initialize = False
-from mpi4py import MPI; print(MPI.Get_library_version())' 2>/dev/null
-}
-
-# srun's --mpi option (empty: srun's default); logs the choice and why. srun offering a type
-# does not mean the MPI library speaks it: Open MPI talks PMIx, MPICH and Intel MPI PMI-1/2
-# (PMIx only when built with it), and a listed pmix plugin may not even load.
-mpisplit_srun_mpi() {
-  local type why
-  if [ -n "${MPISPLIT_SRUN_MPI+x}" ]; then
-    type=$MPISPLIT_SRUN_MPI why="set by MPISPLIT_SRUN_MPI"
-  else
-    local offered library name
-    offered=$(srun --mpi=list 2>&1 | awk '/^[[:space:]]+[a-z0-9_]+$/ {print $1}' | tr '\n' ' ')
-    library=$(mpisplit_mpi_library)
-    name=$(printf '%s\n' "$library" | head -n 1 | tr -s ' \t' ' ')
-    if [[ " $offered " == *" pmix "* ]] \
-        && { [[ $library == *"Open MPI"* ]] || printf '%s' "$library" | grep -Eqi 'with-pmix|with-pmi=pmix'; }; then
-      type=pmix why="srun offers: ${offered% }; MPI library '$name' speaks PMIx"
-    elif [[ " $offered " == *" pmi2 "* ]]; then
-      type=pmi2 why="srun offers: ${offered% }; MPI library '${name:-(could not ask mpi4py)}' is not PMIx-based"
-    else
-      type= why="srun offers: ${offered% }; no pmi2, and no pmix that the MPI library speaks"
-    fi
-  fi
-  if [ -n "$type" ]; then
-    _mpisplit_log "launching with srun --mpi=$type ($why)"
-    echo "--mpi=$type"
-  else
-    _mpisplit_log "launching with srun's default MPI type, no --mpi ($why)"
-  fi
-}
-
-# Expand SLURM_JOB_NODELIST + SLURM_TASKS_PER_NODE ("2(x2),1") into hydra hostfile lines.
-mpisplit_hostfile() {
-  local out=$1 hosts counts spec c r i=0 h
-  mapfile -t hosts < <(scontrol show hostnames "${SLURM_JOB_NODELIST:?}")
-  counts=()
-  IFS=, read -r -a spec <<<"${SLURM_TASKS_PER_NODE:-}"
-  for c in "${spec[@]}"; do
-    if [[ $c =~ ^([0-9]+)\(x([0-9]+)\)$ ]]; then
-      for ((r = 0; r < BASH_REMATCH[2]; r++)); do counts+=("${BASH_REMATCH[1]}"); done
-    else
-      counts+=("$c")
-    fi
-  done
-  : >"$out"
-  if [[ ${SLURM_DISTRIBUTION:-} == cyclic* ]]; then
-    # One slot per node: hydra wraps around the list, rank r on node r mod #nodes --
-    # srun's cyclic distribution. (A host listed twice would count as two nodes.)
-    printf '%s:1\n' "${hosts[@]}" >"$out"
-    return 0
-  fi
-  for h in "${hosts[@]}"; do
-    echo "$h:${counts[$i]:-1}" >>"$out"
-    i=$((i + 1))
-  done
-}
-
-# mpisplit_launch [srun-only options, e.g. --het-group=0,1] -- CMD...
+# mpisplit_launch [`mpisplit launch` options, e.g. --het-group=0,1] -- CMD...
+# `mpisplit launch` (mpisplit/launch.py) builds the launch line: srun with the --mpi plugin
+# of the MPI library mpi4py loads, or mpiexec placing ranks on the allocation's nodes.
 mpisplit_launch() {
   local opts=() launcher=$MPISPLIT_LAUNCHER
   while [ $# -gt 0 ] && [ "$1" != -- ]; do opts+=("$1"); shift; done
   [ "${1:-}" = -- ] && shift
-  local task=("$MPISPLIT_JOBSCRIPTS/common.sh" task)
   if [ -n "${SLURM_HET_SIZE:-}" ] && [ "$launcher" != srun ]; then
     _mpisplit_log "a heterogeneous job launches with srun --het-group (not $launcher)"
     launcher=srun
   fi
-  local cmd
-  if [ "$launcher" = srun ]; then
-    local mpi
-    mpi=$(mpisplit_srun_mpi)
-    cmd=(srun $mpi --kill-on-bad-exit=1 "${opts[@]}")
-    # The batch shell runs in component 0 of a heterogeneous job and holds its GPUs: srun
-    # would hand that CUDA_VISIBLE_DEVICES to every rank. Slurm sets it itself for the ranks
-    # of components that request GPUs; the others must not inherit component 0's.
-    [ -n "${SLURM_HET_SIZE:-}" ] \
-      && cmd=(env -u CUDA_VISIBLE_DEVICES -u GPU_DEVICE_ORDINAL -u ROCR_VISIBLE_DEVICES "${cmd[@]}")
-    # Each component of a heterogeneous job keeps its own --cpus-per-task (one value here
-    # would be component 0's for all); a plain job passes its value on to the step.
-    [ -z "${SLURM_HET_SIZE:-}" ] && [ -n "${SLURM_CPUS_PER_TASK:-}" ] \
-      && cmd+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-  else
-    local hostfile=${TMPDIR:-/tmp}/mpisplit-hosts.${SLURM_JOB_ID:-$$}
-    mpisplit_hostfile "$hostfile"
-    cmd=("${MPISPLIT_MPIEXEC:-mpiexec}" -f "$hostfile" -n "${MPISPLIT_NTASKS:-$(mpisplit_job_ntasks)}")
-  fi
-  cmd+=("${task[@]}" "$@")
+  local cmd=($MPISPLIT launch --verbose --launcher "$launcher" "${opts[@]}")
+  [ "$launcher" = mpiexec ] && cmd+=(-n "${MPISPLIT_NTASKS:-$(mpisplit_job_ntasks)}")
+  cmd+=(-- "$MPISPLIT_JOBSCRIPTS/common.sh" task "$@")
   export MPISPLIT_LAUNCHER=$launcher  # the ranks' wrapper: which launcher started them
   local paths started
   paths=$(_mpisplit_run_paths "$@")
-  _mpisplit_log "launch: ${cmd[*]}"
   started=$(date +%s)
+  # `mpisplit launch` replaces itself with srun or mpiexec: the signals forwarded to this
+  # pid reach the launcher.
   "${cmd[@]}" &
   _MPISPLIT_STEP_PID=$!
   _MPISPLIT_STEP_LAUNCHER=$launcher
   _mpisplit_wait "$_MPISPLIT_STEP_PID"
   local rc=$?
-  [ "$launcher" = mpiexec ] && rm -f "$hostfile"
   _mpisplit_after_step "$rc" "$started" "${paths%%$'\n'*}" "${paths#*$'\n'}"
   return $rc
 }

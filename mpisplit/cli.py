@@ -80,12 +80,46 @@ def _parser() -> argparse.ArgumentParser:
         help="start a command on N local ranks (or srun ranks in a Slurm job) with "
         "the launcher and settings of the MPI that mpi4py loads",
     )
-    launch.add_argument("-n", "--ranks", type=int, required=True, help="number of ranks")
+    launch.add_argument(
+        "-n", "--ranks", type=int, help="number of ranks (srun: default the allocation's tasks)"
+    )
     launch.add_argument(
         "--launcher",
         default="auto",
         choices=("auto", "mpiexec", "srun"),
         help="auto: srun inside a Slurm allocation, else mpiexec",
+    )
+    launch.add_argument(
+        "--srun-mpi",
+        metavar="TYPE",
+        help="srun's --mpi plugin ('' for the site's default; default $MPISPLIT_SRUN_MPI, "
+        "else pmix for Open MPI, pmi2 for MPICH, when srun offers it)",
+    )
+    launch.add_argument(
+        "--het-group",
+        default="",
+        metavar="GROUPS",
+        help="srun: the components of a heterogeneous job to run on, e.g. 0,1",
+    )
+    launch.add_argument(
+        "--hostfile",
+        default="",
+        metavar="FILE",
+        help="mpiexec: where ranks run (default in a Slurm allocation: its nodes)",
+    )
+    launch.add_argument(
+        "--launcher-arg",
+        action="append",
+        default=[],
+        dest="extra",
+        metavar="ARG",
+        help="passed on to the launcher before the command (repeat; --launcher-arg=-x)",
+    )
+    launch.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="say on stderr which launcher, srun --mpi plugin (and why) and command line",
     )
     launch.add_argument(
         "--print",
@@ -365,7 +399,7 @@ def _reexec_with_pmpi(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     import shlex
 
-    from mpisplit.launch import LaunchError, run_command
+    from mpisplit.launch import LaunchError, find
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
@@ -375,20 +409,35 @@ def _launch(args: argparse.Namespace) -> int:
                 "mpisplit launch -n 4 -- mpisplit train CONFIG"
             )
         )
-    if args.ranks < 1:
+    if args.ranks is not None and args.ranks < 1:
         return _bad_input(ValueError(f"launch: -n must be at least 1, got {args.ranks}"))
     try:
-        argv, env = run_command(args.ranks, command, args.launcher)
+        launcher = find(args.launcher, args.srun_mpi)
+        options = {"het_group": args.het_group, "hostfile": args.hostfile, "extra": args.extra}
+        argv = launcher.command(args.ranks, command, **options)
     except LaunchError as err:
         return _bad_input(err)
+    env = launcher.environment(het_group=args.het_group)
+    added = [
+        f"{key}={shlex.quote(value)}" for key, value in env.items() if os.environ.get(key) != value
+    ]
+    removed = [f"-u {key}" for key in os.environ if key not in env]
+    line = " ".join([*(["env", *removed] if removed else []), *added, shlex.join(argv)])
     if args.dry_run:
-        added = [
-            f"{key}={shlex.quote(value)}"
-            for key, value in env.items()
-            if os.environ.get(key) != value
-        ]
-        print(shlex.join(argv) if not added else " ".join([*added, shlex.join(argv)]))
+        print(line)
         return 0
+    if args.verbose:
+        if launcher.kind == "srun":
+            plugin = (
+                f"srun --mpi={launcher.srun_mpi}"
+                if launcher.srun_mpi
+                else "srun's default MPI type, no --mpi"
+            )
+            print(
+                f"mpisplit launch: launching with {plugin} ({launcher.srun_mpi_why})",
+                file=sys.stderr,
+            )
+        print(f"mpisplit launch: {line}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os.execvpe(argv[0], argv, env)
 

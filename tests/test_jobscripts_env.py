@@ -183,3 +183,31 @@ def test_start_line_names_every_het_components_nodes() -> None:
         MPISPLIT="mpisplit",
     )
     assert " on g1 + n[1-3]: launcher srun" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("variables", "options", "launch"),
+    [
+        ({"MPISPLIT_LAUNCHER": "srun"}, "", "--launcher srun --"),
+        ({"MPISPLIT_LAUNCHER": "mpiexec", "SLURM_NTASKS": "4"}, "", "--launcher mpiexec -n 4 --"),
+        # A heterogeneous job launches with srun over its components, whatever was asked.
+        (
+            {"MPISPLIT_LAUNCHER": "mpiexec", "SLURM_HET_SIZE": "2"},
+            "--het-group=0,1",
+            "--launcher srun --het-group=0,1 --",
+        ),
+    ],
+)
+def test_the_job_step_starts_through_mpisplit_launch(
+    variables: dict[str, str], options: str, launch: str
+) -> None:
+    """mpisplit_launch hands the launch line to `mpisplit launch` (here `echo`, which prints
+    what it was asked), each rank wrapped in `common.sh task`."""
+    proc = job_shell(
+        f"mpisplit_launch {options} -- true run",
+        PATH=os.environ["PATH"],
+        MPISPLIT="echo",
+        **variables,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"launch --verbose {launch} {COMMON} task true run"

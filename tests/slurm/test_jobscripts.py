@@ -135,7 +135,7 @@ class Submitted:
 
     def assert_srun_mpi(self, expected: str) -> None:
         out = self.slurm.output(self.id)
-        assert f"mpisplit-job: launching with srun --mpi={expected} (" in out, out[-3000:]
+        assert f"mpisplit launch: launching with srun --mpi={expected} (" in out, out[-3000:]
 
 
 @pytest.fixture(scope="module")
