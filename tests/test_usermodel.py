@@ -245,6 +245,36 @@ def test_residual_cnn_multihop(dataset, tmp_path: Path) -> None:
     )
 
 
+WIDE_MLP = f"""
+scheme: {{name: vanilla, clients: 1}}
+model:
+  name: {ROOT / "tools/bench_model_memory.py"}:wide_mlp
+  cuts: ["8"]
+  options: {{width: 2048, layers: 16}}
+data: {{batch_size: 32}}
+train: {{max_steps: 2}}
+"""
+
+
+def test_a_rank_holds_its_part_of_the_memory_not_the_whole_models(dataset, tmp_path: Path) -> None:
+    """16 x Linear(2048, 2048) (256 MiB) cut in the middle: each rank's resident memory grows
+    by about half of what one process holding the whole model grows by (measured in the same
+    test by a centralized run), when it builds its part and over the run (gradients too)."""
+    data = dataset("synthetic", clients=1, shape=(2048,), classes=2, samples=96)
+    config = tmp_path / "wide.yaml"
+    config.write_text(WIDE_MLP)
+    split = _train(2, str(config), data, tmp_path / "split")["rss_mb_per_rank"]
+    whole = _train(1, str(config), data, tmp_path / "whole", "scheme.name=centralized")
+    (alone,) = whole["rss_mb_per_rank"]
+    params_mb = 16 * (2048 * 2048 + 2048) * 4 / 2**20
+    built = alone["model_built_peak"] - alone["before_model"]
+    assert 0.95 * params_mb < built < 1.2 * params_mb, alone
+    for rank in split:
+        assert rank["model_built_peak"] - rank["before_model"] < 0.65 * built, (split, alone)
+        ran = alone["run_peak"] - alone["before_model"]
+        assert rank["run_peak"] - rank["before_model"] < 0.65 * ran, (split, alone)
+
+
 def test_residual_cnn_ushaped_pipelined(dataset, tmp_path: Path) -> None:
     """M = 4 with BatchNorm: each microbatch is normalised by its own statistics (as in
     GPipe), so the reference accumulates over the same four row ranges."""
