@@ -578,7 +578,8 @@ def _by_task(evals: np.ndarray, tasks: tuple[str, ...]) -> list[dict[str, Any]]:
 
 def _rss(row: np.ndarray) -> dict[str, float | None]:
     """A rank's resident memory in MiB: before and right after building its part of the
-    model (None where it built none), and the peak of the whole run."""
+    model (None where the rank built none through ``RankContext.build_segment``: the
+    vertical and multitask schemes build their parts themselves), and the run's peak."""
     names = ("before_model", "model_built_peak", "run_peak")
     return {k: None if np.isnan(v) else round(float(v), 1) for k, v in zip(names, row, strict=True)}
 
