@@ -14,7 +14,7 @@ the job at once instead, as the CLI does).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ def train(
     config: str | Path | dict[str, Any] | Config,
     *,
     factory: Callable[..., Any] | None = None,
+    party_factories: Sequence[Callable[..., Any]] | None = None,
     comm: Any = None,
     resume: bool = False,
     **overrides: Any,
@@ -35,6 +36,9 @@ def train(
         config: a YAML file, a mapping of sections like the file's, or a ``Config``.
         factory: a Python callable returning the ``nn.Module``; it replaces ``model.name``
             (``model.options`` are its keyword arguments).
+        party_factories: vertical: one callable per party, each returning that party's
+            whole lower network (``scheme.party_models``; ``scheme.party_options[k]`` are
+            party k's keyword arguments); ``factory`` then gives the server's part.
         comm: the communicator of the run's ranks (default: ``MPI.COMM_WORLD``).
         resume: continue from the latest committed checkpoint.
         overrides: ``section={"key": value}`` or ``**{"section.key": value}``, validated
@@ -50,6 +54,9 @@ def train(
     sections = _sections(config)
     if factory is not None:
         overrides = {**overrides, "model.name": register_factory(factory)}
+    if party_factories is not None:
+        names = [register_factory(party) for party in party_factories]
+        overrides = {**overrides, "scheme.party_models": names}
     cfg = config_from_dict(_apply(sections, overrides))
     run = engine.prepare(cfg, comm.Get_size(), resume=resume, rank=comm.Get_rank())
     run = dataclasses.replace(run, resume=agree_on_resume_point(comm, run.resume))

@@ -396,16 +396,24 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
 
 
 def _factory_file_from(path: Path, data: dict[str, Any]) -> dict[str, Any]:
-    """A ``model.name`` of the form ``file.py:function`` is relative to the config file."""
-    model = data.get("model")
-    name = model.get("name") if isinstance(model, dict) else None
+    """A ``model.name`` (or vertical ``scheme.party_models`` entry) of the form
+    ``file.py:function`` is relative to the config file."""
+    model, scheme = data.get("model"), data.get("scheme")
+    if isinstance(model, dict) and "name" in model:
+        data = {**data, "model": {**model, "name": _relative_to(path, model["name"])}}
+    if isinstance(scheme, dict) and isinstance(scheme.get("party_models"), list):
+        names = [_relative_to(path, name) for name in scheme["party_models"]]
+        data = {**data, "scheme": {**scheme, "party_models": names}}
+    return data
+
+
+def _relative_to(path: Path, name: Any) -> Any:
     if not isinstance(name, str) or ".py:" not in name:
-        return data
+        return name
     file, _, function = name.rpartition(":")
     if Path(file).is_absolute():
-        return data
-    resolved = (path.parent / file).resolve()
-    return {**data, "model": {**model, "name": f"{resolved}:{function}"}}
+        return name
+    return f"{(path.parent / file).resolve()}:{function}"
 
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:

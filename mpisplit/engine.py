@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import socket
 import time
 from collections.abc import Sequence
@@ -45,7 +44,14 @@ from mpisplit.models import (
     layer_plan,
     segment_bounds,
 )
-from mpisplit.runlog import MetricsLog, setup_logging, write_resolved_config, write_summary
+from mpisplit.runlog import (
+    MetricsLog,
+    peak_resident_mb,
+    resident_mb,
+    setup_logging,
+    write_resolved_config,
+    write_summary,
+)
 from mpisplit.segment import Segment
 from mpisplit.split import check_cut_values, check_shared, split_model
 from mpisplit.topology import Placement, Role, Topology, check_world_size, plan
@@ -225,6 +231,9 @@ class RankContext:
     """The parts of ``_model`` already built into segments."""
     _optimised: set[int] = field(default_factory=set, init=False, repr=False)
     """The ids of the parameters those segments' optimizers update."""
+    memory: dict[str, float] = field(default_factory=dict, init=False)
+    """Resident MiB before the first model build (``before_model``) and the peak right after
+    the last one (``model_built_peak``), before any optimizer state or gradient."""
 
     @property
     def config(self) -> Config:
@@ -250,9 +259,11 @@ class RankContext:
         if self._model is None or wanted & self._handed_out or not wanted <= self._kept:
             keep = wanted.union(*(group for group in self._colocated if wanted & set(group)))
             meta = self.run.meta
+            self.memory.setdefault("before_model", resident_mb())
             self._model = build_parts(
                 self.config.model, meta["feature_shape"], meta["num_classes"], keep
             )
+            self.memory["model_built_peak"] = peak_resident_mb()
             self._kept, self._handed_out, self._optimised = set(keep), set(), set()
         self._handed_out |= wanted
         cuts = self.config.model.cuts
@@ -354,7 +365,7 @@ def _finish(
             "bytes_sent": traffic.total_sent,
             "bytes_received": traffic.total_received,
             "sent_routes": traffic.sent_routes(),
-            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "max_rss_mb": peak_resident_mb(),
         }
     )
     if ctx.config.run.save_model and result.segment is not None:
@@ -478,6 +489,9 @@ def _summarize(
             prior.samples,
             prior.bytes_sent,
             prior.bytes_received,
+            ctx.memory.get("before_model", np.nan),
+            ctx.memory.get("model_built_peak", np.nan),
+            peak_resident_mb(),
         ],
         np.float64,
     )
@@ -533,6 +547,7 @@ def _summarize(
         ],
         "test_by_task": _by_task(evals, specs.get(cfg.scheme.name).tasks(cfg.scheme)),
         "leakage_distance_correlation": _mean_or_none(all_counters[:, 5]),
+        "rss_mb_per_rank": [_rss(row) for row in all_counters[:, 9:12]],
     }
 
 
@@ -564,6 +579,14 @@ def _by_task(evals: np.ndarray, tasks: tuple[str, ...]) -> list[dict[str, Any]]:
                 }
             )
     return by_task
+
+
+def _rss(row: np.ndarray) -> dict[str, float | None]:
+    """A rank's resident memory in MiB: before and right after building its part of the
+    model (None where the rank built none through ``RankContext.build_segment``: the
+    vertical and multitask schemes build their parts themselves), and the run's peak."""
+    names = ("before_model", "model_built_peak", "run_peak")
+    return {k: None if np.isnan(v) else round(float(v), 1) for k, v in zip(names, row, strict=True)}
 
 
 def _mean_or_none(values: np.ndarray) -> float | None:

@@ -233,8 +233,14 @@ _PYTHON_FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 
 def register_factory(factory: Callable[..., nn.Module]) -> str:
     """Makes a Python callable usable as ``model.name`` (``mpisplit.train(factory=...)``);
-    returns the name it goes by (every rank of a script registers the same)."""
-    name = f"python:{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', '?')}"
+    returns the name it goes by (every rank of a script registers the same callables in the
+    same order, so they agree). Two callables of one qualified name (closures, lambdas) get
+    ``#2``, ``#3``... rather than replacing each other."""
+    base = f"python:{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', '?')}"
+    name, count = base, 1
+    while _PYTHON_FACTORIES.get(name, factory) is not factory:
+        count += 1
+        name = f"{base}#{count}"
     _PYTHON_FACTORIES[name] = factory
     return name
 

@@ -24,13 +24,16 @@ averages.
 
 * **split** (vanilla, sequential: one client trains a turn of one epoch, then hands its
   part to the next): per batch the client sends the cut activation and the labels (int64)
-  and receives the cut gradient, one message each. The K·E turns need K·E − 1 hand-overs,
-  and at the end the last client hands the final part to the K − 1 others, each the
-  client segment serialised as the engine sends it (weights, optimizer state and schedule,
-  ``Segment.state_bytes``): (K·E + K − 2)/K in and out per client on average. The client
-  computes its part only.
+  and receives the cut gradient, one message each. A cut that carries several tensors
+  (hidden states and a mask, say) sends one message per tensor, every dtype included, and
+  gets one back per float tensor (the others travel forward only). The K·E turns need
+  K·E − 1 hand-overs, and at the end the last client hands the final part to the K − 1
+  others, each the client segment serialised as the engine sends it (weights, optimizer
+  state and schedule, ``Segment.state_bytes``): (K·E + K − 2)/K in and out per client on
+  average. The client computes its part only.
 * **splitfed**: the same cut traffic; a averages of the client part's parameters with an
   Allreduce among the clients (no averaging server). The client computes its part only.
+  SplitFed sends one tensor per cut, so a cut that carries several has no splitfed row.
 * **fedavg**: a averages of the whole model's parameters (Allreduce), plus one Allreduce of
   the sample count (8 bytes) for the weights. The client computes the whole model.
 * **syncsgd** (large-batch synchronous SGD): every step one Allreduce of the gradients with
@@ -53,9 +56,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mpisplit.codec import HEADER_BYTES
 from mpisplit.config import ConfigError, ModelConfig, TrainConfig, load_config
+from mpisplit.cut import differentiable, tensors
 from mpisplit.models import build_model
 from mpisplit.segment import Segment
-from mpisplit.split import cut_values, split_model
+from mpisplit.split import split_model
 
 LABEL_BYTES = 8
 SAMPLE_COUNT_BYTES = 8
@@ -98,13 +102,39 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class CutSize:
+    """Bytes of the tensors that cross the cut in one direction: per sample, plus what does
+    not grow with the batch (a tensor without a batch axis), in ``messages`` messages."""
+
+    per_sample: int
+    per_batch: int
+    messages: int
+
+    @classmethod
+    def of(cls, one: Sequence[torch.Tensor], two: Sequence[torch.Tensor]) -> CutSize:
+        """From the same tensors at batch sizes 1 and 2."""
+        small = sum(t.numel() * t.element_size() for t in one)
+        per_sample = sum(t.numel() * t.element_size() for t in two) - small
+        return cls(per_sample, small - per_sample, len(one))
+
+    def bytes(self, samples: float, batches: int) -> float:
+        """Payloads and headers of ``batches`` batches holding ``samples`` samples in all."""
+        return samples * self.per_sample + batches * (self.per_batch + self.messages * HEADER_BYTES)
+
+
+@dataclass(frozen=True)
 class ModelCosts:
     """Per-sample FLOPs and the sizes that set the traffic, from the model alone."""
 
     client_flops_per_sample: float
     model_flops_per_sample: float
     cut_bytes_per_sample: int
-    cut_shape: tuple[int, ...]
+    """Every tensor the cut carries, float or not (what the client sends per sample)."""
+    cut_shapes: tuple[tuple[int, ...], ...]
+    """Per-sample shape of each tensor the cut carries (one for a one-tensor cut)."""
+    activation: CutSize
+    gradient: CutSize
+    """The float tensors' gradients that come back."""
     handover_bytes: int
     client_param_bytes: int
     model_param_bytes: int
@@ -130,14 +160,12 @@ def model_parts(work: Workload) -> tuple[nn.Module, nn.Module]:
     """(client part, whole model), built on the meta device (no memory, no init cost)."""
     config = ModelConfig(name=work.model, cuts=(work.cut,), options=dict(work.options))
     whole = build_model(config, work.input_shape, work.classes, device="meta")
-    parts = split_model(whole, [work.cut], key="--cut")
-    values = cut_values(parts)[0]
-    if len(values) > 1:
-        raise ConfigError(
-            f"--cut: the cut before {work.cut!r} carries {len(values)} values "
-            f"({', '.join(values)}); the cost tables cover one-tensor cuts"
-        )
-    return parts[0], whole
+    return split_model(whole, [work.cut], key="--cut")[0], whole
+
+
+def cut_tensors(client: nn.Module, input_shape: Sequence[int], batch: int) -> list[torch.Tensor]:
+    """The tensors the client part sends for a batch (meta tensors: shapes and dtypes)."""
+    return list(tensors(client(torch.empty(batch, *input_shape, device="meta"))))
 
 
 def handover_bytes(work: Workload) -> int:
@@ -160,8 +188,8 @@ def train_flops(module: nn.Module, input_shape: Sequence[int], batch: int) -> fl
     lives where the parameters do (meta tensors for the estimates)."""
     x = torch.empty(batch, *input_shape, device=next(module.parameters()).device)
     with FlopCounterMode(display=False) as counter:
-        out = module(x)
-        out.backward(torch.ones_like(out))
+        floats = [t for t in tensors(module(x)) if differentiable(t) and t.requires_grad]
+        torch.autograd.backward(floats, [torch.ones_like(t) for t in floats])
     return float(counter.get_total_flops())
 
 
@@ -172,12 +200,16 @@ def param_bytes(module: nn.Module) -> int:
 def model_costs(work: Workload) -> ModelCosts:
     client, whole = model_parts(work)
     batch = work.batch_size
-    cut = client(torch.empty(1, *work.input_shape, device="meta"))
+    one, two = (cut_tensors(client, work.input_shape, size) for size in (1, 2))
+    activation = CutSize.of(one, two)
+    gradient = CutSize.of(*([t for t in ts if differentiable(t)] for ts in (one, two)))
     return ModelCosts(
         client_flops_per_sample=train_flops(client, work.input_shape, batch) / batch,
         model_flops_per_sample=train_flops(whole, work.input_shape, batch) / batch,
-        cut_bytes_per_sample=cut.numel() * cut.element_size(),
-        cut_shape=tuple(cut.shape[1:]),
+        cut_bytes_per_sample=activation.per_sample,
+        cut_shapes=tuple(tuple(t.shape[1:]) for t in one),
+        activation=activation,
+        gradient=gradient,
         handover_bytes=handover_bytes(work),
         client_param_bytes=param_bytes(client),
         model_param_bytes=param_bytes(whole),
@@ -191,9 +223,9 @@ def cut_traffic(work: Workload, costs: ModelCosts) -> dict[str, float]:
     """Bytes of the cut exchange per client over the run: one message per batch each."""
     n, b, epochs = work.samples_per_client, work.batches_per_epoch, work.epochs
     return {
-        "activations": epochs * (n * costs.cut_bytes_per_sample + b * HEADER_BYTES),
+        "activations": epochs * costs.activation.bytes(n, b),
         "labels": epochs * (n * LABEL_BYTES + b * HEADER_BYTES),
-        "gradients": epochs * (n * costs.cut_bytes_per_sample + b * HEADER_BYTES),
+        "gradients": epochs * costs.gradient.bytes(n, b),
     }
 
 
@@ -209,7 +241,7 @@ def per_client(work: Workload, costs: ModelCosts) -> list[ClientCost]:
     client_average = work.averages * costs.client_param_bytes
     model_average = work.averages * costs.model_param_bytes
     gradients = work.steps * (costs.model_param_bytes + costs.param_element_bytes)
-    return [
+    costs_of = [
         ClientCost(
             "split",
             client_flops,
@@ -243,6 +275,8 @@ def per_client(work: Workload, costs: ModelCosts) -> list[ClientCost]:
             {"allreduce_sent": gradients, "allreduce_received": gradients},
         ),
     ]
+    several = costs.activation.messages > 1  # splitfed sends one tensor per cut
+    return [cost for cost in costs_of if not (several and cost.scheme == "splitfed")]
 
 
 def estimate(work: Workload) -> dict[str, Any]:
@@ -268,7 +302,8 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"{work['model']} cut at {work['cut']}: {model['params'] / 1e6:.2f} M parameters, "
         f"client part {model['client_params'] / 1e6:.3f} M, cut activation "
-        f"{'x'.join(map(str, model['cut_shape']))} = {model['cut_bytes_per_sample']} B/sample; "
+        f"{' + '.join('x'.join(map(str, shape)) or '1' for shape in model['cut_shapes'])} = "
+        f"{model['cut_bytes_per_sample']} B/sample; "
         f"{work['clients']} clients x {work['samples'] / work['clients']:g} samples, "
         f"{work['epochs']} epoch(s), batch {work['batch_size']}",
         f"  {'scheme':<10}{'FLOPs/client':>14}{'bytes/client':>14}{'sent':>12}{'received':>12}",

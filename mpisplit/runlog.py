@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -80,7 +81,7 @@ class MetricsLog:
         self._pending += 1
         flush = self._pending >= self._flush_every
         if flush:
-            record = {**record, "rss_mb": round(_resident_mb(), 1)}
+            record = {**record, "rss_mb": round(resident_mb(), 1)}
         self._file.write(json.dumps({"time": round(self.elapsed(), 6), **record}) + "\n")
         if flush:
             self._file.flush()
@@ -96,13 +97,19 @@ class MetricsLog:
         self._file.close()
 
 
-def _resident_mb() -> float:
+def resident_mb() -> float:
     """Current resident set size (Linux /proc; 0 where it is not available)."""
     try:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return 0.0
+
+
+def peak_resident_mb() -> float:
+    """The largest resident set size of this process so far (``ru_maxrss`` is in KiB on
+    Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Progress:

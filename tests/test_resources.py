@@ -186,9 +186,9 @@ def test_more_clients_shrink_split_traffic_not_fedavg(literature) -> None:
 def test_model_sizes() -> None:
     resnet = model_costs(Workload("resnet50", "block2_1", (3, 32, 32), 100, 1000, 10, 1, 64))
     assert 23.5e6 < resnet.params < 23.9e6
-    assert resnet.cut_shape == (256, 32, 32)
+    assert resnet.cut_shapes == ((256, 32, 32),)
     vgg = model_costs(Workload("vgg", "block3", (3, 32, 32), 10, 1000, 10, 1, 64))
-    assert vgg.cut_shape == (128, 8, 8)
+    assert vgg.cut_shapes == ((128, 8, 8),)
     assert vgg.model_param_bytes == 4 * vgg.params
 
 

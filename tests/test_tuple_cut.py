@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from mpisplit.codec import HEADER_BYTES
 from mpisplit.config import ConfigError, ModelConfig, load_config
 from mpisplit.engine import prepare
 from mpisplit.prepare import write_arrays
+from mpisplit.resources import CutSize, Workload, model_costs, per_client
 from tests.conftest import ROOT, run_mpi
 from tests.reference import initial_model, merged_parts, train_reference
+from tests.test_resources import traced_client_costs
 
 MODEL = "tests.masked_model:masked_encoder"
 
@@ -97,33 +100,44 @@ def test_schemes_that_send_one_tensor_refuse_a_tuple_cut(
         prepare(config, 2)
 
 
-def test_cost_tables_refuse_a_tuple_cut_in_one_line() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mpisplit",
-            "resources",
-            "--model",
-            MODEL,
-            "--cut",
-            "block",
-            "--input-shape",
-            "8",
-            "--classes",
-            "3",
-            "--samples",
-            "100",
-            "--clients",
-            "1",
-        ],
+def test_cost_tables_count_every_tensor_of_a_tuple_cut(padded: Path, tmp_path: Path) -> None:
+    """Per sample the client sends the mask (8 bools), both embeddings (2 x 8 x 16 float32)
+    and the length (one int64), and gets the embeddings' gradients back; a traced vanilla
+    run (one epoch, so no hand-over) moves what `resources` predicts, and the CLI prints the
+    cut and no splitfed row (splitfed refuses such a cut)."""
+    work = Workload(MODEL, "block", (8,), 3, 192, 1, 1, 16)
+    costs = model_costs(work)
+    assert costs.cut_shapes == ((8,), (8, 16), (8, 16), ())
+    assert costs.activation == CutSize(per_sample=8 + 2 * 512 + 8, per_batch=0, messages=4)
+    assert costs.gradient == CutSize(per_sample=2 * 512, per_batch=0, messages=2)
+    result = run_mpi(
+        2,
+        "train",
+        str(_config(tmp_path, padded)),
+        "train.max_steps=0",
+        "train.epochs=1",
+        "train.eval_every=0",
+        "run.trace=true",
+        "run.count_flops=true",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trace = json.loads((tmp_path / "run/trace-rank1.json").read_text())["traceEvents"]
+    sent, received, _ = traced_client_costs(trace)
+    (split,) = [c for c in per_client(work, costs) if c.scheme == "split"]
+    assert received == split.bytes_received
+    assert sent == pytest.approx(split.bytes_sent, abs=HEADER_BYTES + 8)  # + the end marker
+    printed = subprocess.run(
+        [sys.executable, "-m", "mpisplit", "resources", "--model", MODEL, "--cut", "block"]
+        + ["--input-shape", "8", "--classes", "3", "--samples", "192", "--clients", "1"],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=ROOT,
     )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "mpisplit: --cut: the cut before 'block' carries 4 values (ne, expand, embed, sum_1); "
-        "the cost tables cover one-tensor cuts"
+    assert printed.returncode == 0, printed.stderr
+    assert "cut activation 8 + 8x16 + 8x16 + 1 = 1040 B/sample" in printed.stdout
+    assert [line.split()[0] for line in printed.stdout.splitlines()[2:]] == [
+        "split",
+        "fedavg",
+        "syncsgd",
     ]

@@ -68,14 +68,15 @@ def test_fresh_model_is_the_factory_under_the_seed() -> None:
 def test_a_rank_materialises_its_parts_bit_for_bit(name, cuts, shape, classes) -> None:
     config = ModelConfig(name=name, cuts=cuts, seed=4)
     whole = build_model(config, shape, classes).state_dict()
-    for keep in ([0, 2], [1]):
+    for keep in ([0], [0, 2], [1]):  # [0]: the draws after part 0's are skipped
         parts = split_model(build_parts(config, shape, classes, keep), cuts)
+        kept = {id(p) for index in keep for p in parts[index].parameters()}  # tied: both ends
         for index, part in enumerate(parts):
             for key, value in part.named_parameters():
                 if index in keep:
                     assert torch.equal(value, whole[key]), key
                 else:
-                    assert value.is_meta, key
+                    assert value.is_meta or id(value) in kept, key
             for key, value in part.named_buffers():
                 assert value.is_meta or torch.equal(value, whole[key]), key
 
@@ -242,6 +243,36 @@ def test_residual_cnn_multihop(dataset, tmp_path: Path) -> None:
     _assert_equal(
         merged_parts(tmp_path, [0, 1, 2]), expected, initial_model(data, model).state_dict()
     )
+
+
+WIDE_MLP = f"""
+scheme: {{name: vanilla, clients: 1}}
+model:
+  name: {ROOT / "tools/bench_model_memory.py"}:wide_mlp
+  cuts: ["8"]
+  options: {{width: 2048, layers: 16}}
+data: {{batch_size: 32}}
+train: {{max_steps: 2}}
+"""
+
+
+def test_a_rank_holds_its_part_of_the_memory_not_the_whole_models(dataset, tmp_path: Path) -> None:
+    """16 x Linear(2048, 2048) (256 MiB) cut in the middle: each rank's resident memory grows
+    by about half of what one process holding the whole model grows by (measured in the same
+    test by a centralized run), when it builds its part and over the run (gradients too)."""
+    data = dataset("synthetic", clients=1, shape=(2048,), classes=2, samples=96)
+    config = tmp_path / "wide.yaml"
+    config.write_text(WIDE_MLP)
+    split = _train(2, str(config), data, tmp_path / "split")["rss_mb_per_rank"]
+    whole = _train(1, str(config), data, tmp_path / "whole", "scheme.name=centralized")
+    (alone,) = whole["rss_mb_per_rank"]
+    params_mb = 16 * (2048 * 2048 + 2048) * 4 / 2**20
+    built = alone["model_built_peak"] - alone["before_model"]
+    assert 0.95 * params_mb < built < 1.2 * params_mb, alone
+    for rank in split:
+        assert rank["model_built_peak"] - rank["before_model"] < 0.65 * built, (split, alone)
+        ran = alone["run_peak"] - alone["before_model"]
+        assert rank["run_peak"] - rank["before_model"] < 0.65 * ran, (split, alone)
 
 
 def test_residual_cnn_ushaped_pipelined(dataset, tmp_path: Path) -> None:

@@ -235,6 +235,11 @@ def test_party_options_and_label_holder_are_checked(data: Path) -> None:
     shallow = {**base["scheme"], "party_options": [{}, {"hidden": [8]}, {}]}
     with pytest.raises(ConfigError, match=r"scheme\.party_options\[1\]: model\.cuts\[0\]"):
         Layout.of(prepare(config_from_dict({**base, "scheme": shallow}), PARTIES + 1))
+    with pytest.raises(ConfigError, match=r"scheme\.party_models: one model name per party: 3"):
+        config_from_dict({**base, "scheme": {**base["scheme"], "party_models": ["mlp"]}})
+    missing = {**base["scheme"], "party_models": ["mlp", "nowhere.py:net", "mlp"]}
+    with pytest.raises(ConfigError, match=r"scheme\.party_models\[1\]: model\.name: cannot"):
+        Layout.of(prepare(config_from_dict({**base, "scheme": missing}), PARTIES + 1))
 
 
 def test_smallest_run_two_digits_halves(dataset, tmp_path: Path) -> None:
@@ -356,10 +361,13 @@ from collections import OrderedDict
 from torch import nn
 
 
+def bottom(input_shape, width=16):
+    return nn.Sequential(nn.Linear(input_shape[0], width), nn.BatchNorm1d(width), nn.ReLU())
+
+
 def bottom_and_top(input_shape, num_classes, width=16, joined=48, hidden=32):
     return nn.Sequential(OrderedDict(
-        bottom=nn.Sequential(nn.Linear(input_shape[0], width), nn.BatchNorm1d(width),
-                             nn.ReLU()),
+        bottom=bottom(input_shape, width),
         top=nn.Sequential(nn.Linear(joined, hidden), nn.ReLU(),
                           nn.Linear(hidden, num_classes))))
 '''
@@ -385,10 +393,14 @@ def _user_config(tmp_path: Path, data: Path, widths: tuple[int, ...] = USER_WIDT
     return folder / "vertical.yaml"
 
 
-def _user_reference(folder: Path, data: Path) -> tuple[list[dict], dict]:
+def _user_reference(
+    folder: Path, data: Path, party_prefix: str = "bottom."
+) -> tuple[list[dict], dict]:
     """The user's unmodified factory in one process: party p's bottom from
     ``bottom_and_top(width=w_p)`` under seed + p, the server's top from
-    ``bottom_and_top(joined=48)`` (on the whole feature shape) under the seed."""
+    ``bottom_and_top(joined=48)`` (on the whole feature shape) under the seed; a party's
+    weights are named as its part of that model, or with ``party_prefix=""`` as the module
+    ``bottom(width=w_p)`` (the same weights: it is built first)."""
     namespace: dict = {}
     exec(compile((folder / "nets.py").read_text(), "nets.py", "exec"), namespace)
     factory = namespace["bottom_and_top"]
@@ -410,9 +422,19 @@ def _user_reference(folder: Path, data: Path) -> tuple[list[dict], dict]:
         nn.functional.cross_entropy(server(joined), labels.labels).backward()
         opt.step()
     return (
-        [{f"bottom.{k}": v for k, v in party.state_dict().items()} for party in parties],
+        [{f"{party_prefix}{k}": v for k, v in party.state_dict().items()} for party in parties],
         {f"top.{k}": v for k, v in server.state_dict().items()},
     )
+
+
+def _assert_user_parts(run_dir: Path, parties: list[dict], server: dict) -> None:
+    for rank, expected in enumerate([server, *parties]):
+        actual = torch.load(run_dir / f"model-rank{rank}.pt", weights_only=True)
+        assert actual.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(
+                actual[key], value, rtol=0, atol=1e-5, msg=f"rank {rank} {key}"
+            )
 
 
 def test_user_factories_equal_the_joined_model_in_one_process(data: Path, tmp_path: Path) -> None:
@@ -423,14 +445,7 @@ def test_user_factories_equal_the_joined_model_in_one_process(data: Path, tmp_pa
     config = _user_config(tmp_path, data)
     result = run_mpi(PARTIES + 1, "train", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
-    parties, server = _user_reference(config.parent, data)
-    for rank, expected in enumerate([server, *parties]):
-        actual = torch.load(tmp_path / "run" / f"model-rank{rank}.pt", weights_only=True)
-        assert actual.keys() == expected.keys()
-        for key, value in expected.items():
-            torch.testing.assert_close(
-                actual[key], value, rtol=0, atol=1e-5, msg=f"rank {rank} {key}"
-            )
+    _assert_user_parts(tmp_path / "run", *_user_reference(config.parent, data))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps_per_rank"] == [STEPS] * (PARTIES + 1)
     assert 0 < summary["leakage_distance_correlation"] <= 1
@@ -447,3 +462,57 @@ def test_user_factory_top_must_take_the_joined_width(data: Path, tmp_path: Path)
         r"model.options",
     ):
         prepare(cfg, PARTIES + 1)
+
+
+PARTY_SCRIPT = """
+import sys
+import mpisplit
+sys.path.insert(0, sys.argv[2])
+from nets import bottom, bottom_and_top
+
+
+def party(width):
+    def net(input_shape):
+        return bottom(input_shape, width)
+    return net
+
+
+mpisplit.train(sys.argv[1], factory=bottom_and_top,
+               party_factories=[party(16), party(8), party(24)],
+               scheme={"party_options": []}, run={"dir": sys.argv[3]})
+"""
+
+
+def test_party_factories_from_python_and_the_cli_equal_the_joined_model(
+    data: Path, tmp_path: Path
+) -> None:
+    """Each party its own factory (``scheme.party_models``): from a script as three Python
+    closures (``mpisplit.train(party_factories=...)``, the server's ``factory`` a function),
+    and from the CLI as ``nets.py:bottom`` per party with its width in ``party_options``;
+    both runs equal the joined model trained in one process at 1e-5, each party's weights
+    named as in its own module."""
+    config = _user_config(tmp_path, data)
+    (tmp_path / "script.py").write_text(PARTY_SCRIPT)
+    found = mpi_launcher()
+    script = [sys.executable, str(tmp_path / "script.py"), str(config), str(config.parent)]
+    result = subprocess.run(
+        found.command(PARTIES + 1, [*script, str(tmp_path / "api")]),
+        capture_output=True,
+        text=True,
+        env=found.environment({**os.environ, "OMP_NUM_THREADS": "1"}),
+        cwd=ROOT,
+        timeout=MPIEXEC_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    cli_config = config.with_name("parties.yaml")
+    cli_config.write_text(
+        config.read_text().replace(
+            "party_options:",
+            "party_models: [nets.py:bottom, nets.py:bottom, nets.py:bottom], party_options:",
+        )
+    )
+    cli = run_mpi(PARTIES + 1, "train", str(cli_config), f"run.dir={tmp_path / 'cli'}")
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    parties, server = _user_reference(config.parent, data, party_prefix="")
+    _assert_user_parts(tmp_path / "api", parties, server)
+    _assert_user_parts(tmp_path / "cli", parties, server)

@@ -1,9 +1,10 @@
 """Peak memory of building one rank's part of a large user model vs the whole model.
 
-Each measurement runs in a fresh process (peak RSS is per process): ``torch`` imported and
-nothing built (the floor), the whole model (``build_model``, what one process would hold),
-and each part alone (``build_parts``, what a rank of a run builds). The model is a stack of
-square linear layers cut in the middle (default 16 x 4096 x 4096 = 1.07 GB of float32).
+Each build runs in a fresh process (peak RSS is per process) and is measured as that
+process's peak RSS less its RSS just before the build (mpisplit and torch imported): the
+whole model (``build_model``, what one process would hold) and each part alone
+(``build_parts``, what a rank of a run builds). The model is a stack of square linear layers
+cut in the middle (default 16 x 4096 x 4096 = 1.07 GB of float32).
 
     python tools/bench_model_memory.py [--width 4096] [--layers 16] [--json FILE]
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -28,27 +28,24 @@ def wide_mlp(*, width: int, layers: int) -> nn.Sequential:
 def _measure(what: str, width: int, layers: int) -> dict[str, float]:
     from mpisplit.config import ModelConfig
     from mpisplit.models import build_model, build_parts
+    from mpisplit.runlog import peak_resident_mb, resident_mb
 
     config = ModelConfig(
         name=f"{Path(__file__).resolve()}:wide_mlp",
         cuts=(str(layers // 2),),
         options={"width": width, "layers": layers},
     )
+    before = resident_mb()
     if what == "whole":
         model = build_model(config, (width,), width)
-    elif what.startswith("part"):
-        model = build_parts(config, (width,), width, [int(what[4:])])
     else:
-        model = None
-    held = (
-        0
-        if model is None
-        else sum(t.numel() * t.element_size() for t in model.state_dict().values() if not t.is_meta)
-    )
+        model = build_parts(config, (width,), width, [int(what[4:])])
+    held = sum(t.numel() * t.element_size() for t in model.state_dict().values() if not t.is_meta)
     return {
         "what": what,
         "held_mb": held / 2**20,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "before_mb": before,
+        "peak_rss_mb": peak_resident_mb(),
     }
 
 
@@ -63,7 +60,7 @@ def main() -> None:
         print(json.dumps(_measure(args.measure, args.width, args.layers)))
         return
     rows = []
-    for what in ("floor", "whole", "part0", "part1"):
+    for what in ("whole", "part0", "part1"):
         out = subprocess.run(
             [
                 sys.executable,
@@ -80,22 +77,22 @@ def main() -> None:
             check=True,
             timeout=600,
         )
-        rows.append(json.loads(out.stdout.splitlines()[-1]))
+        row = json.loads(out.stdout.splitlines()[-1])
+        rows.append({**row, "grown_mb": row["peak_rss_mb"] - row["before_mb"]})
     model_mb = args.layers * (args.width + 1) * args.width * 4 / 2**20
-    whole = rows[1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]
     print(
         f"model: {args.layers} x Linear({args.width}, {args.width}) = {model_mb:.0f} MiB "
         f"float32, cut at layer {args.layers // 2}"
     )
     print(
-        f"{'build':<8}{'tensors held MiB':>18}{'peak RSS MiB':>14}{'above floor':>13}"
+        f"{'build':<8}{'tensors held MiB':>18}{'RSS before':>12}{'peak RSS':>10}{'grown':>8}"
         f"{'vs whole':>10}"
     )
     for row in rows:
-        above = row["peak_rss_mb"] - rows[0]["peak_rss_mb"]
         print(
-            f"{row['what']:<8}{row['held_mb']:>18.0f}{row['peak_rss_mb']:>14.0f}"
-            f"{above:>13.0f}{above / whole:>10.2f}"
+            f"{row['what']:<8}{row['held_mb']:>18.0f}{row['before_mb']:>12.0f}"
+            f"{row['peak_rss_mb']:>10.0f}{row['grown_mb']:>8.0f}"
+            f"{row['grown_mb'] / rows[0]['grown_mb']:>10.2f}"
         )
     if args.json is not None:
         args.json.write_text(json.dumps({"model_mb": model_mb, "rows": rows}, indent=1))

@@ -3,8 +3,8 @@
 Each party runs its own lower network on its own columns; the server joins the parties' cut
 outputs (``scheme.join``: concatenation along the feature/channel axis, sum, or mean) and runs
 the layers above the cut. How the parts are built, from a zoo model or from the user's own
-factory (``model.name: file.py:function``), per party with ``scheme.party_options``, is
-:mod:`mpisplit.schemes.vertical_parts`.
+factory (``model.name: file.py:function``), per party with ``scheme.party_options``, or from
+a factory per party (``scheme.party_models``), is :mod:`mpisplit.schemes.vertical_parts`.
 
 The cut is collective (:mod:`mpisplit.collective_cut`): on a communicator of the server and
 the parties split from ``ctx.comm``, one gather brings every party's defended cut output

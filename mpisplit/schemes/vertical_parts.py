@@ -9,7 +9,9 @@ factory (``model.name: path/to/file.py:function``) is called per party with its 
 and feature shape, and once for the server with ``model.options`` and the dataset's whole
 feature shape; the parties keep part 0 of the split at ``model.cuts``, the server part 1,
 which must take the joined cut outputs as the factory builds it (nothing is widened).
-Party p is seeded with ``model.seed + p``, the server with ``model.seed``.
+With ``scheme.party_models`` each party has a factory of its own, whose whole module is its
+lower network (options: its ``party_options`` entry alone), and ``model.name`` gives only the
+server's part. Party p is seeded with ``model.seed + p``, the server with ``model.seed``.
 """
 
 from __future__ import annotations
@@ -38,21 +40,29 @@ from mpisplit.split import split_model
 
 def party_model(cfg: Config, party: int) -> ModelConfig:
     """Party p's model: ``model.options`` overridden by its ``scheme.party_options`` entry,
-    seeded with ``model.seed + p`` (so parties differ)."""
+    or its own ``scheme.party_models`` factory with that entry alone; seeded with
+    ``model.seed + p`` (so parties differ)."""
     overrides = cfg.scheme.options.party_options
+    own = cfg.scheme.options.party_models
+    if own:
+        options = overrides[party] if overrides else {}
+        return replace(cfg.model, name=own[party], options=options, seed=cfg.model.seed + party)
     options = {**cfg.model.options, **overrides[party]} if overrides else cfg.model.options
     return replace(cfg.model, options=options, seed=cfg.model.seed + party)
 
 
 @contextlib.contextmanager
 def _as_party(cfg: Config, party: int) -> Iterator[None]:
-    """A problem with a party's part is reported against its ``scheme.party_options``."""
+    """A problem with a party's part is reported against its ``scheme.party_models`` or
+    ``scheme.party_options`` entry."""
     try:
         yield
     except ConfigError as err:
-        if not cfg.scheme.options.party_options:
+        options = cfg.scheme.options
+        key = "party_models" if options.party_models else "party_options"
+        if not getattr(options, key):
             raise
-        raise ConfigError(f"scheme.party_options[{party}]: {err}") from None
+        raise ConfigError(f"scheme.{key}[{party}]: {err}") from None
 
 
 def party_plan(cfg: Config, meta: dict, party: int) -> tuple[LayerPlan, int]:
@@ -78,17 +88,20 @@ def _factory_part(
 
 
 def party_part(cfg: Config, meta: dict, party: int, *, keep: bool = True) -> nn.Module:
-    """Party p's lower network: the zoo plan's layers below its cut, or part 0 of the
-    user's factory built with its options for its feature shape."""
-    if cfg.model.name in ZOO:
+    """Party p's lower network: the zoo plan's layers below its cut, part 0 of the user's
+    factory built with its options for its feature shape, or the whole module of its own
+    factory (``scheme.party_models``)."""
+    own = bool(cfg.scheme.options.party_models)
+    if cfg.model.name in ZOO and not own:
         plan, cut = party_plan(cfg, meta, party)
         seed = party_model(cfg, party).seed
         with torch.device("cpu" if keep else "meta"):
             return build_layers(plan, 0, cut, seed)
+    model, shape = party_model(cfg, party), meta["party_feature_shapes"][party]
     with _as_party(cfg, party):
-        return _factory_part(
-            party_model(cfg, party), meta, meta["party_feature_shapes"][party], 0, keep=keep
-        )
+        if own:
+            return build_model(model, shape, meta["num_classes"], device=None if keep else "meta")
+        return _factory_part(model, meta, shape, 0, keep=keep)
 
 
 def server_part(run: RunPlan, layout: Layout, *, keep: bool = True) -> nn.Module:

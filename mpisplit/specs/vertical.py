@@ -31,6 +31,12 @@ class VerticalOptions(SchemeOptions):
     (e.g. mlp [{hidden: [64, 32]}, {hidden: [16, 32]}]: widths 64 and 16 below the cut), so
     parties may differ in shape and size; only the layers below the cut are built from it.
     Empty = every party uses model.options."""
+    party_models: tuple[str, ...] = ()
+    """One model name per party (a factory, as model.name takes it; from Python,
+    mpisplit.train(party_factories=[...])): party k's lower network is that factory's whole
+    module, built for party k's features with scheme.party_options[k] alone as its options,
+    and model.name gives only the server's part. Empty = every party takes part 0 of
+    model.name's model, split at model.cuts."""
 
     def label_party(self, clients: int) -> int | None:
         """The party that holds the labels (``label_holder: party<k>``), or None."""
@@ -51,6 +57,12 @@ class VerticalOptions(SchemeOptions):
             "scheme.party_options",
             f"one mapping per party: {clients} for scheme.clients={clients}, "
             f"got {len(self.party_options)}",
+        )
+        require(
+            len(self.party_models) in (0, clients),
+            "scheme.party_models",
+            f"one model name per party: {clients} for scheme.clients={clients}, "
+            f"got {len(self.party_models)}",
         )
 
 
