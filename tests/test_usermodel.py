@@ -301,6 +301,15 @@ def test_residual_cnn_ushaped_pipelined(dataset, tmp_path: Path) -> None:
     _assert_equal(merged_parts(tmp_path, [0, 1]), expected, initial_model(data, model).state_dict())
 
 
+LM_SGD = ("train.optimizer=sgd", "train.lr=0.05", "train.momentum=0.9")
+"""The language model's equality tests train with SGD, not the examples' AdamW: the key part
+of each attention bias has a zero gradient in exact arithmetic (softmax ignores a shift
+shared by every key), so its computed gradient is rounding noise that Adam scales up to
+steps of lr of either sign; two correct runs that sum in another order (split or whole,
+microbatches or not, another CPU's kernels) then differ there by up to lr x steps."""
+LM_SGD_REFERENCE = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 16, "seed": 0}
+
+
 def test_transformer_vanilla(tokens: Path, tmp_path: Path) -> None:
     _train(
         2,
@@ -309,11 +318,10 @@ def test_transformer_vanilla(tokens: Path, tmp_path: Path) -> None:
         tmp_path,
         "train.max_steps=6",
         "data.batch_size=16",
+        *LM_SGD,
     )
     model = ModelConfig(name=LM, options={"dim": 64, "layers": 2, "heads": 4, "tie": False})
-    expected = train_reference(
-        tokens, model, [(0, 6)], optimizer="adamw", lr=0.003, batch_size=16, seed=0
-    )
+    expected = train_reference(tokens, model, [(0, 6)], **LM_SGD_REFERENCE)
     _assert_equal(
         merged_parts(tmp_path, [0, 1]), expected, initial_model(tokens, model).state_dict()
     )
@@ -357,11 +365,10 @@ def test_transformer_multihop(tokens: Path, tmp_path: Path) -> None:
         "model.cuts=[blocks.0, blocks.1]",
         "train.max_steps=6",
         "data.batch_size=16",
+        *LM_SGD,
     )
     model = ModelConfig(name=LM, options={"dim": 64, "layers": 2, "heads": 4, "tie": False})
-    expected = train_reference(
-        tokens, model, [(0, 6)], optimizer="adamw", lr=0.003, batch_size=16, seed=0
-    )
+    expected = train_reference(tokens, model, [(0, 6)], **LM_SGD_REFERENCE)
     _assert_equal(
         merged_parts(tmp_path, [0, 1, 2]), expected, initial_model(tokens, model).state_dict()
     )
@@ -371,11 +378,7 @@ def test_transformer_ushaped_pipelined_equals_whole_batch_and_exports(
     tokens: Path, tmp_path: Path
 ) -> None:
     """Tied embedding and LM head on the client, four microbatches, against whole batches of
-    the unmodified module; the export loads into it with strict=True.
-
-    SGD, not Adam: the attention's key bias has a zero gradient in exact arithmetic (softmax
-    ignores a shift), so its computed gradient is rounding noise that Adam would scale up to
-    a step of lr, differently for any other summation order (whole batch or microbatches)."""
+    the unmodified module; the export loads into it with strict=True."""
     run_dir = tmp_path / "run"
     _train(
         2,
@@ -384,14 +387,10 @@ def test_transformer_ushaped_pipelined_equals_whole_batch_and_exports(
         run_dir,
         "train.max_steps=6",
         "data.batch_size=16",
-        "train.optimizer=sgd",
-        "train.lr=0.05",
-        "train.momentum=0.9",
+        *LM_SGD,
     )
     model = ModelConfig(name=LM, options={"dim": 64, "layers": 2, "heads": 4, "tie": True})
-    expected = train_reference(
-        tokens, model, [(0, 6)], optimizer="sgd", lr=0.05, momentum=0.9, batch_size=16, seed=0
-    )
+    expected = train_reference(tokens, model, [(0, 6)], **LM_SGD_REFERENCE)
     _assert_equal(
         merged_parts(run_dir, [0, 1]), expected, initial_model(tokens, model).state_dict()
     )
