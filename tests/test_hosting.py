@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from mpisplit.config import ModelConfig
@@ -194,3 +195,56 @@ def test_ushaped_sequential_turns_equal_the_oracle(dataset, tmp_path: Path) -> N
     for rank, k in [(1, 0), (1, 1), (2, 2), (2, 3)]:
         _assert_equal({**middle, **_part(tmp_path / f"model-rank{rank}-client{k}.pt")}, expected)
     assert [e["client"] for e in summary["test_by_client"]] == [3]
+
+
+def _per_client_parts(run_dir: Path, summary: dict) -> list[dict[str, torch.Tensor]]:
+    """Every logical client's saved part, in client order, whether its rank hosts one
+    (``model-rank<R>.pt``) or several (``model-rank<R>-client<k>.pt``)."""
+    parts = []
+    for rank, role in enumerate(summary["roles"]):
+        if role.startswith("clients"):
+            first, last = map(int, role.removeprefix("clients").split("-"))
+            parts += [
+                _part(run_dir / f"model-rank{rank}-client{k}.pt") for k in range(first, last + 1)
+            ]
+        elif role.startswith("client"):
+            parts.append(_part(run_dir / f"model-rank{rank}.pt"))
+    return parts
+
+
+def _assert_same_run(hosted: Path, alone: Path, summaries: tuple[dict, dict]) -> None:
+    """Every client's part and the server's (rank 0, if the scheme has one) equal."""
+    parts = [_per_client_parts(d, s) for d, s in zip((hosted, alone), summaries, strict=True)]
+    assert len(parts[0]) == len(parts[1]) == 4
+    for mine, theirs in zip(*parts, strict=True):
+        _assert_equal(mine, theirs)
+    if summaries[1]["roles"][0] == "server":
+        _assert_equal(_part(hosted / "model-rank0.pt"), _part(alone / "model-rank0.pt"))
+    assert summaries[0]["steps"] == summaries[1]["steps"]
+    evals = [sorted((e["client"], e["accuracy"]) for e in s["test_by_client"]) for s in summaries]
+    assert evals[0] == evals[1]
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ("scheme.splitfed_variant=v1", "train.epochs=1", "scheme.fedavg_every=3"),
+        ("scheme.splitfed_variant=v2", "scheme.server_order=random", "train.max_steps=7"),
+    ],
+    ids=["v1", "v2-random"],
+)
+def test_splitfed_clients_on_two_ranks_equal_one_rank_per_client(
+    dataset, tmp_path: Path, variant: tuple[str, ...]
+) -> None:
+    """Four SplitFed clients, two per rank, against the same run with one rank per client:
+    each keeps its own lower part and optimizer, every average covers all four (v1: shards
+    of unequal length, so the last average comes after the longest), and v2's server order
+    (random, drawn from train.seed) is the order the hosted clients step in."""
+    data = dataset("breast_cancer", clients=4)
+    common = ("scheme.name=splitfed", "scheme.clients=4", "train.optimizer=adam", *variant)
+    summaries = (
+        _train(3, data, tmp_path / "hosted", *common, "scheme.clients_per_rank=2"),
+        _train(5, data, tmp_path / "alone", *common),
+    )
+    assert summaries[0]["roles"] == ["server", "clients0-1", "clients2-3"]
+    _assert_same_run(tmp_path / "hosted", tmp_path / "alone", summaries)

@@ -31,7 +31,7 @@ def run(ctx: RankContext) -> RankResult:
 
         def after_step(step: int) -> None:
             for _ in range(averaging.due(step, steps)):
-                average_parameters(ctx, comm, segment.module, weight, averaging, step - 1)
+                average_parameters(ctx, comm, [(segment.module, weight)], averaging, step - 1)
 
         model = WholeModel(ctx, segment, tests, after_step=after_step)
         samples, finals = train_whole_model(ctx, model, training_batches(reader, cfg.train), steps)

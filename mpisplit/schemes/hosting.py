@@ -1,17 +1,19 @@
 """Many logical clients on one rank (``scheme.clients_per_rank``): the process and the torch
-runtime are shared, nothing else. The scheme supplies each client's step role (vanilla's
-``LowerClient``, U-shaped's client) over that client's segments.
+runtime are shared, nothing else. The scheme supplies each client's step role (vanilla's and
+SplitFed's ``LowerClient``, U-shaped's client) over that client's segments.
 
 Each hosted client has its own context (``RankContext`` as that client: its shard, its
 random streams, its end markers), its own reader position, ``CutSender`` and step driver (its
 metrics records carry ``client``), and in parallel order its own lower part and optimizer.
 The rank runs them one at a time and tells the transport whose turn it is, so every header
-names the logical client and the server tells them apart.
+names the logical client and the server tells them apart. Federated averages over the
+clients (``HostedAverages``) sum the rank's clients first and join the collective once.
 
 Parallel order runs rounds: in each, every hosted client that still has steps takes one, in
-client order. Sequential order follows the round-robin turns of all clients; the lower part
-travels, so the clients of one rank share it (the hand-over inside a rank is no message) and
-it goes from rank to rank as with one client per rank.
+client order (or the steps follow a given service order: SplitFed v2's server order).
+Sequential order follows the round-robin turns of all clients; the lower part travels, so the
+clients of one rank share it (the hand-over inside a rank is no message) and it goes from
+rank to rank as with one client per rank.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Protocol
+
+from torch import nn
 
 from mpisplit.data import Batch, ShardReader
 from mpisplit.driver import StepDriver, StepRole
@@ -65,10 +69,13 @@ def train_hosted_clients(
     parts: Sequence[int],
     make_role: MakeRole,
     saved: Callable[[HostedRole], Segment],
+    *,
+    order: Sequence[int] | None = None,
 ) -> RankResult:
     """The clients this rank hosts, in parallel rounds or sequential turns: each trains model
     ``parts`` through ``make_role``'s role with ``server`` as its first hop; ``saved`` is
-    what its ``model-rank<R>-client<k>.pt`` holds."""
+    what its ``model-rank<R>-client<k>.pt`` holds. ``order``: in parallel order, the client
+    of each step the server takes (every client's), which this rank's steps follow."""
     contexts = [dataclasses.replace(ctx, me=ctx.me.as_client(k)) for k in ctx.me.clients]
     sequential = ctx.config.scheme.client_order == "sequential"
     evals: list[EvalResult] = []
@@ -89,7 +96,7 @@ def train_hosted_clients(
         hand_over = PartsHandOver(
             ctx.transport, ctx.topology.client_ranks(), hosted[0].role.segments
         )
-        for client, first, last in _schedule(ctx, hosted, hand_over):
+        for client, first, last in _schedule(ctx, hosted, hand_over, order):
             mine = hosted[client - ctx.me.clients[0]]
             ctx.transport.client = client
             mine.driver.train(mine.role, mine.batches, first, last, client=client)
@@ -125,14 +132,20 @@ def _host(ctx: RankContext, turns: ClientTurns, role: HostedRole, reader: ShardR
 
 
 def _schedule(
-    ctx: RankContext, hosted: list[Hosted], hand_over: PartsHandOver
+    ctx: RankContext, hosted: list[Hosted], hand_over: PartsHandOver, order: Sequence[int] | None
 ) -> Iterator[tuple[int, int, int]]:
     """``(client, first, last)`` of the steps this rank runs, in order: sequential turns
     (receiving the travelling part from the previous turn's rank, sending it to the next
-    one's, around them), or parallel rounds of one step per client."""
+    one's, around them), or parallel steps in ``order`` (default: rounds of one step per
+    client, in client order)."""
     if ctx.config.scheme.client_order == "parallel":
-        for step in range(1, max(m.turns.my_steps for m in hosted) + 1):
-            yield from ((m.index, step, step) for m in hosted if step <= m.turns.my_steps)
+        if order is None:
+            rounds = max(m.turns.my_steps for m in hosted)
+            order = [m.index for step in range(rounds) for m in hosted if step < m.turns.my_steps]
+        taken = {m.index: 0 for m in hosted}
+        for client in (k for k in order if k in taken):
+            taken[client] += 1
+            yield client, taken[client], taken[client]
         return
     ranks = ctx.topology.client_ranks()
     spans = list(hosted[0].turns.spans())
@@ -159,3 +172,31 @@ def _share_final(ctx: RankContext, hand_over: PartsHandOver, turns: ClientTurns)
     for placement in ctx.topology.placements:
         if placement.role == Role.CLIENT and placement.rank != final_rank:
             hand_over.send(placement.clients[0], turns.part_steps)
+
+
+Member = tuple[nn.Module, float]
+"""A module in a federated average and its weight (its client's share of the samples)."""
+
+
+class HostedAverages:
+    """The federated averages of the logical clients one rank hosts (one or several).
+
+    Each client reaches its j-th average after one of its own steps (``join``); the rank
+    takes part in the j-th collective (``average(members, step)``) once every client it
+    hosts has joined it, with all of them as members. A client that joined takes no step
+    before that average runs (the periodic averages fall on the same step of every client,
+    which the hosted schedule reaches in one round; the last one follows a client's last
+    step), so its module is read only then, and already holds any earlier average.
+    """
+
+    def __init__(
+        self, clients: Sequence[int], average: Callable[[list[Member], int], None]
+    ) -> None:
+        self.average = average
+        self.waiting: dict[int, list[Member]] = {k: [] for k in clients}
+
+    def join(self, client: int, module: nn.Module, weight: float, step: int) -> None:
+        """Client ``client``'s next average, after its ``step``."""
+        self.waiting[client].append((module, weight))
+        while all(self.waiting.values()):
+            self.average([queue.pop(0) for queue in self.waiting.values()], step)
