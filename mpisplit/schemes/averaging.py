@@ -22,9 +22,10 @@ def client_comm(ctx: RankContext) -> MPI.Comm | None:
     return comm if is_client else None
 
 
-def sample_weight(ctx: RankContext, comm: MPI.Comm, samples: int) -> float:
-    """This member's share of all samples on ``comm``: its FedAvg weight."""
-    total = np.array([samples], np.float64)
+def sample_weights(ctx: RankContext, comm: MPI.Comm, samples: Sequence[int]) -> list[float]:
+    """The share of all samples on ``comm`` of each of this member's clients (``samples``:
+    theirs): their FedAvg weights."""
+    total = np.array([sum(samples)], np.float64)
     ctx.transport.complete(
         comm.Iallreduce(MPI.IN_PLACE, total, op=MPI.SUM),
         "sample count sum",
@@ -32,13 +33,17 @@ def sample_weight(ctx: RankContext, comm: MPI.Comm, samples: int) -> float:
         sent=total.nbytes,
         received=total.nbytes,
     )
-    return samples / total[0]
+    return [n / total[0] for n in samples]
+
+
+Member = tuple[nn.Module, float]
+"""A module in a federated average and its weight (its client's share of the samples)."""
 
 
 def average_parameters(
     ctx: RankContext,
     comm: MPI.Comm,
-    members: Sequence[tuple[nn.Module, float]],
+    members: Sequence[Member],
     points: AveragingPoints,
     step: int = 0,
 ) -> None:

@@ -7,7 +7,7 @@ random streams, its end markers), its own reader position, ``CutSender`` and ste
 metrics records carry ``client``), and in parallel order its own lower part and optimizer.
 The rank runs them one at a time and tells the transport whose turn it is, so every header
 names the logical client and the server tells them apart. Federated averages over the
-clients (``HostedAverages``) sum the rank's clients first and join the collective once.
+clients (``HostedCollective``) sum the rank's clients first and join the collective once.
 
 Parallel order runs rounds: in each, every hosted client that still has steps takes one, in
 client order (or the steps follow a given service order: SplitFed v2's server order).
@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Protocol
-
-from torch import nn
+from typing import Generic, Protocol, TypeVar
 
 from mpisplit.data import Batch, ShardReader
 from mpisplit.driver import StepDriver, StepRole
@@ -76,7 +74,7 @@ def train_hosted_clients(
     ``parts`` through ``make_role``'s role with ``server`` as its first hop; ``saved`` is
     what its ``model-rank<R>-client<k>.pt`` holds. ``order``: in parallel order, the client
     of each step the server takes (every client's), which this rank's steps follow."""
-    contexts = [dataclasses.replace(ctx, me=ctx.me.as_client(k)) for k in ctx.me.clients]
+    contexts = hosted_contexts(ctx)
     sequential = ctx.config.scheme.client_order == "sequential"
     evals: list[EvalResult] = []
     with ExitStack() as stack:
@@ -139,13 +137,7 @@ def _schedule(
     one's, around them), or parallel steps in ``order`` (default: rounds of one step per
     client, in client order)."""
     if ctx.config.scheme.client_order == "parallel":
-        if order is None:
-            rounds = max(m.turns.my_steps for m in hosted)
-            order = [m.index for step in range(rounds) for m in hosted if step < m.turns.my_steps]
-        taken = {m.index: 0 for m in hosted}
-        for client in (k for k in order if k in taken):
-            taken[client] += 1
-            yield client, taken[client], taken[client]
+        yield from parallel_steps({m.index: m.turns.my_steps for m in hosted}, order)
         return
     ranks = ctx.topology.client_ranks()
     spans = list(hosted[0].turns.spans())
@@ -174,29 +166,47 @@ def _share_final(ctx: RankContext, hand_over: PartsHandOver, turns: ClientTurns)
             hand_over.send(placement.clients[0], turns.part_steps)
 
 
-Member = tuple[nn.Module, float]
-"""A module in a federated average and its weight (its client's share of the samples)."""
+T = TypeVar("T")
 
 
-class HostedAverages:
-    """The federated averages of the logical clients one rank hosts (one or several).
+class HostedCollective(Generic[T]):
+    """A collective over all logical clients (a federated average, a synchronous gradient
+    average) that the clients one rank hosts (one or several) reach one at a time.
 
-    Each client reaches its j-th average after one of its own steps (``join``); the rank
-    takes part in the j-th collective (``average(members, step)``) once every client it
-    hosts has joined it, with all of them as members. A client that joined takes no step
-    before that average runs (the periodic averages fall on the same step of every client,
-    which the hosted schedule reaches in one round; the last one follows a client's last
-    step), so its module is read only then, and already holds any earlier average.
+    Each client joins its j-th collective after one of its own steps (``join``, with what it
+    brings: its module and weight, say); the rank takes part in the j-th collective
+    (``collective(items)``, the hosted clients' items in client order) once every client it
+    hosts has joined it. A client that joined takes no step before the collective runs (in
+    the hosted rounds the collectives fall on the same step of every client, or after a
+    client's last step), so its module is read only then and holds every earlier result.
     """
 
-    def __init__(
-        self, clients: Sequence[int], average: Callable[[list[Member], int], None]
-    ) -> None:
-        self.average = average
-        self.waiting: dict[int, list[Member]] = {k: [] for k in clients}
+    def __init__(self, clients: Sequence[int], collective: Callable[[list[T]], None]) -> None:
+        self.collective = collective
+        self.waiting: dict[int, list[T]] = {k: [] for k in clients}
 
-    def join(self, client: int, module: nn.Module, weight: float, step: int) -> None:
-        """Client ``client``'s next average, after its ``step``."""
-        self.waiting[client].append((module, weight))
+    def join(self, client: int, item: T) -> None:
+        """Client ``client``'s next collective."""
+        self.waiting[client].append(item)
         while all(self.waiting.values()):
-            self.average([queue.pop(0) for queue in self.waiting.values()], step)
+            self.collective([queue.pop(0) for queue in self.waiting.values()])
+
+
+def hosted_contexts(ctx: RankContext) -> list[RankContext]:
+    """This rank as each logical client it hosts (its shard, streams and markers)."""
+    return [dataclasses.replace(ctx, me=ctx.me.as_client(k)) for k in ctx.me.clients]
+
+
+def parallel_steps(
+    steps: Mapping[int, int], order: Sequence[int] | None = None
+) -> Iterator[tuple[int, int, int]]:
+    """``(client, step, step)`` for each step of the hosted clients (``steps``: each one's
+    budget) in parallel order: in ``order`` (the client of each step of every client, of
+    which this rank takes its own), by default rounds of one step per client in client
+    order."""
+    if order is None:
+        order = [k for step in range(max(steps.values())) for k in steps if step < steps[k]]
+    taken = dict.fromkeys(steps, 0)
+    for client in (k for k in order if k in taken):
+        taken[client] += 1
+        yield client, taken[client], taken[client]

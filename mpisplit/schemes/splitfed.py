@@ -24,11 +24,12 @@ from mpisplit.driver import step_budget
 from mpisplit.engine import RankContext, RankResult
 from mpisplit.schemes.averaging import (
     AveragingPoints,
+    Member,
     average_parameters,
     averaged_tensors,
     client_comm,
 )
-from mpisplit.schemes.hosting import HostedAverages
+from mpisplit.schemes.hosting import HostedCollective
 from mpisplit.schemes.lower_client import train_lower_clients
 from mpisplit.schemes.serving import ServeOrder, Upper, serve_clients
 from mpisplit.schemes.turns import exchange_step_budgets
@@ -53,13 +54,13 @@ def run(ctx: RankContext) -> RankResult:
         averaging = dataclasses.replace(averaging, lockstep=False)  # others wait a period
     if ctx.me.role == Role.SERVER:
         return _serve(ctx, steps, weights, averaging)
-    averages = HostedAverages(
-        ctx.me.clients, lambda members, _step: average_parameters(ctx, comm, members, averaging)
+    averages = HostedCollective[Member](
+        ctx.me.clients, lambda members: average_parameters(ctx, comm, members, averaging)
     )
 
     def after_step(client: int, segment: Segment, step: int) -> None:
         for _ in range(averaging.due(step, steps[client])):
-            averages.join(client, segment.module, weights[client], step)
+            averages.join(client, (segment.module, weights[client]))
 
     v2 = scheme.splitfed_variant == "v2"
     result = train_lower_clients(
