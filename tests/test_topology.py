@@ -85,20 +85,6 @@ def test_hosting_many_clients_is_checked_with_the_layout(scheme: dict, expected:
         config_from_dict({"scheme": scheme})
 
 
-def test_checkpoints_refuse_many_clients_per_rank() -> None:
-    with pytest.raises(
-        ConfigError,
-        match=r"checkpoint\.every_steps: checkpoints hold one "
-        r"client per rank; scheme\.clients_per_rank is 2",
-    ):
-        config_from_dict(
-            {
-                "scheme": {"clients": 4, "clients_per_rank": 2, "client_order": "sequential"},
-                "checkpoint": {"every_steps": 5},
-            }
-        )
-
-
 def test_an_unsupported_scheme_is_refused_before_launch() -> None:
     result = subprocess.run(
         [

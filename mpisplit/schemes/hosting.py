@@ -23,8 +23,11 @@ import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
+import torch
+
+from mpisplit.checkpoint import pack, unpack
 from mpisplit.data import Batch, ShardReader
 from mpisplit.driver import StepDriver, StepRole
 from mpisplit.engine import EvalResult, RankContext, RankResult
@@ -82,15 +85,20 @@ def train_hosted_clients(
         tests = stack.enter_context(test_reader(ctx))
         turns = hosted_turns(ctx, readers)
         shared = [ctx.build_segment(i, turns[0].part_steps) for i in parts] if sequential else None
-        hosted = [
+        state = HostedState()
+        state.hosted += [
             _host(
                 c,
                 t,
                 make_role(c, shared or [c.build_segment(i, t.part_steps) for i in parts], tests),
                 r,
+                state,
+                meets=sequential or t.me == ctx.me.clients[-1],
             )
             for c, t, r in zip(contexts, turns, readers, strict=True)
         ]
+        hosted = state.hosted
+        state.restore(ctx)
         hand_over = PartsHandOver(
             ctx.transport, ctx.topology.client_ranks(), hosted[0].role.segments
         )
@@ -117,16 +125,57 @@ def train_hosted_clients(
     )
 
 
-def _host(ctx: RankContext, turns: ClientTurns, role: HostedRole, reader: ShardReader) -> Hosted:
-    """Logical client ``turns.me`` as ``ctx`` (that client's context) sees it."""
+def _host(
+    ctx: RankContext,
+    turns: ClientTurns,
+    role: HostedRole,
+    reader: ShardReader,
+    state: HostedState,
+    *,
+    meets: bool,
+) -> Hosted:
+    """Logical client ``turns.me`` as ``ctx`` (that client's context) sees it. Its driver
+    ``meets`` for the rank's checkpoints (with the rank's ``state``) after its steps: each
+    client in sequential order, and in parallel order only the rank's last client, whose
+    step ends the round in which every hosted client took that step. A resumed run skips
+    the batches it trained on."""
     driver = StepDriver(
         ctx,
         turns.part_steps,
-        until=0,
+        until=turns.until,
+        meets=meets,
         evaluation=turns.evaluation(ctx.config.train),
         progress=False,
+        state=state.pack,
     )
-    return Hosted(turns, role, driver.batches(reader, skip=0), driver)
+    skip = turns.my_steps_through(driver.resumed)
+    return Hosted(turns, role, driver.batches(reader, skip=skip), driver)
+
+
+@dataclass
+class HostedState:
+    """What a hosting rank's checkpoints hold: every hosted client's segments (sequential
+    order's travelling ones once), random generators and samples count."""
+
+    hosted: list[Hosted] = dataclasses.field(default_factory=list)
+
+    def _segments(self) -> list[Segment]:
+        return list({id(s): s for m in self.hosted for s in m.role.segments}.values())
+
+    def _generators(self) -> list[torch.Generator]:
+        return [g for m in self.hosted for g in m.role.generators]
+
+    def pack(self) -> dict[str, Any]:
+        counters = {f"samples{m.index}": m.driver.samples for m in self.hosted}
+        return pack(self._segments(), self._generators(), **counters)
+
+    def restore(self, ctx: RankContext) -> None:
+        """Loads the checkpoint a resumed run starts from (and torch's random state)."""
+        saved = ctx.checkpoints.restore()
+        if saved is not None:
+            counters = unpack(saved, self._segments(), self._generators())
+            for m in self.hosted:
+                m.driver.samples = counters[f"samples{m.index}"]
 
 
 def _schedule(
@@ -139,12 +188,15 @@ def _schedule(
     if ctx.config.scheme.client_order == "parallel":
         yield from parallel_steps({m.index: m.turns.my_steps for m in hosted}, order)
         return
-    ranks = ctx.topology.client_ranks()
+    ranks, resumed = ctx.topology.client_ranks(), ctx.checkpoints.resume_step
     spans = list(hosted[0].turns.spans())
     for turn, (client, first, last) in enumerate(spans):
         if ranks[client] != ctx.me.rank:
+            hosted[0].driver.sit_out(first, last)
             continue
-        if turn > 0 and ranks[spans[turn - 1][0]] != ctx.me.rank:
+        if last < resumed:
+            continue
+        if turn > 0 and first > resumed and ranks[spans[turn - 1][0]] != ctx.me.rank:
             hand_over.receive(spans[turn - 1][0])
         yield client, first, last
         if turn + 1 < len(spans) and ranks[spans[turn + 1][0]] != ctx.me.rank:
