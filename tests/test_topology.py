@@ -76,7 +76,7 @@ def test_a_rank_hosts_many_clients() -> None:
         (
             {"name": "multihop", "clients": 4, "clients_per_rank": 2},
             r"scheme\.clients_per_rank: scheme multihop runs one client per rank "
-            r"\(clients_per_rank > 1: fedavg, splitfed, syncsgd, ushaped, vanilla\)",
+            r"\(clients_per_rank > 1: fedavg, multitask, splitfed, syncsgd, ushaped, vanilla\)",
         ),
     ],
 )
@@ -103,5 +103,5 @@ def test_an_unsupported_scheme_is_refused_before_launch() -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "mpisplit: scheme.clients_per_rank: scheme multihop runs one client per rank "
-        "(clients_per_rank > 1: fedavg, splitfed, syncsgd, ushaped, vanilla)"
+        "(clients_per_rank > 1: fedavg, multitask, splitfed, syncsgd, ushaped, vanilla)"
     ]

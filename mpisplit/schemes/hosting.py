@@ -66,7 +66,7 @@ class Hosted:
 
 def train_hosted_clients(
     ctx: RankContext,
-    server: int,
+    first_hop: int | Sequence[int],
     parts: Sequence[int],
     make_role: MakeRole,
     saved: Callable[[HostedRole], Segment],
@@ -74,12 +74,12 @@ def train_hosted_clients(
     order: Sequence[int] | None = None,
 ) -> RankResult:
     """The clients this rank hosts, in parallel rounds or sequential turns: each trains model
-    ``parts`` through ``make_role``'s role with ``server`` as its first hop; ``saved`` is
+    ``parts`` through ``make_role``'s role with ``first_hop`` as its first hop (each, when
+    several: multi-task's task servers); ``saved`` is
     what its ``model-rank<R>-client<k>.pt`` holds. ``order``: in parallel order, the client
     of each step the server takes (every client's), which this rank's steps follow."""
     contexts = hosted_contexts(ctx)
     sequential = ctx.config.scheme.client_order == "sequential"
-    evals: list[EvalResult] = []
     with ExitStack() as stack:
         readers = [stack.enter_context(client_reader(c)) for c in contexts]
         tests = stack.enter_context(test_reader(ctx))
@@ -106,13 +106,7 @@ def train_hosted_clients(
             mine = hosted[client - ctx.me.clients[0]]
             ctx.transport.client = client
             mine.driver.train(mine.role, mine.batches, first, last, client=client)
-        for mine in hosted:
-            ctx.transport.client = mine.index
-            if mine.turns.evaluates_final:
-                result = mine.role.evaluate(mine.turns.part_steps, True)
-                evals += [] if result is None else [result]
-            else:
-                send_marker(mine.driver.ctx, server, mine.turns.part_steps, Flag.DONE)
+        evals = _finish(ctx, hosted, first_hop)
         if sequential:
             _share_final(ctx, hand_over, hosted[0].turns)
     leakages = [m.role.sender.leakage for m in hosted if m.role.sender.leakage is not None]
@@ -123,6 +117,23 @@ def train_hosted_clients(
         client_parts={m.index: saved(m.role) for m in hosted},
         leakage=statistics.fmean(leakages) if leakages else None,
     )
+
+
+def _finish(
+    ctx: RankContext, hosted: list[Hosted], first_hop: int | Sequence[int]
+) -> list[EvalResult]:
+    """Each client's end: its final evaluation if it makes one (which tells the hops it is
+    done), else a done marker to each hop. Returns the evaluations made here."""
+    evals: list[EvalResult] = []
+    for mine in hosted:
+        ctx.transport.client = mine.index
+        if mine.turns.evaluates_final:
+            result = mine.role.evaluate(mine.turns.part_steps, True)
+            evals += [] if result is None else [result]
+        else:
+            for hop in [first_hop] if isinstance(first_hop, int) else first_hop:
+                send_marker(mine.driver.ctx, hop, mine.turns.part_steps, Flag.DONE)
+    return evals
 
 
 def _host(

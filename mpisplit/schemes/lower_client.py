@@ -26,20 +26,23 @@ AfterStep = Callable[[int, Segment, int], None]
 
 def train_lower_clients(
     ctx: RankContext,
-    server: int,
+    first_hop: int | Sequence[int],
     after_step: AfterStep | None = None,
     *,
+    labels: Sequence[LabelMap] | None = None,
     order: Sequence[int] | None = None,
 ) -> RankResult:
     """The lower clients this rank is (one, or several with ``scheme.clients_per_rank``,
-    hosted in ``order``: see ``train_hosted_clients``), each sending to ``server``."""
+    hosted in ``order``: see ``train_hosted_clients``); see ``train_lower_client``."""
     if ctx.me.hosted == 1:
-        return train_lower_client(ctx, server, after_step)
+        return train_lower_client(ctx, first_hop, after_step, labels=labels)
+    hops = [first_hop] if isinstance(first_hop, int) else list(first_hop)
+    maps = list(labels) if labels is not None else [unchanged] * len(hops)
     return train_hosted_clients(
         ctx,
-        server,
+        hops,
         [0],
-        lambda c, parts, tests: LowerClient(c, parts[0], [server], tests, [unchanged], after_step),
+        lambda c, parts, tests: LowerClient(c, parts[0], hops, tests, maps, after_step),
         lambda client: client.segment,
         order=order,
     )
