@@ -109,7 +109,11 @@ class StepDriver:
     ``evaluation``: when ``train`` evaluates; ``progress``: whether this rank shows progress
     (``done``: steps taken before this process started, default the resume point;
     ``epochs``: see ``make_progress``); ``traffic``: whether step records carry the byte
-    counters.
+    counters; ``state``: what the rank's checkpoints hold, where the rank is more than this
+    driver's role (a rank hosting several clients: ``hosting.HostedState``; default
+    ``StepDriver.state``, after ``restore``); ``meets``: whether it takes the rank's
+    checkpoint meetings at all (False: another driver of the rank takes them, and a stop
+    signal waits for that one's next meeting).
     """
 
     def __init__(
@@ -123,6 +127,8 @@ class StepDriver:
         done: int | None = None,
         epochs: int | None = None,
         traffic: bool = True,
+        state: Callable[[], dict[str, Any]] | None = None,
+        meets: bool = True,
     ) -> None:
         self.ctx = ctx
         self.until = total if until is None else until
@@ -136,6 +142,8 @@ class StepDriver:
             else None
         )
         self._role: Checkpointable = Parts(())
+        self._state = state or self.state
+        self._meets = meets
 
     def restore(self, role: Checkpointable) -> None:
         """Loads ``role``'s state from the checkpoint a resumed run starts from (and
@@ -172,7 +180,9 @@ class StepDriver:
     def meet(self, step: int, *, idle: bool = False) -> bool:
         """The checkpoint meeting after ``step`` (if it is one); see ``Checkpointer.reached``.
         Raises ``Preempted`` after the checkpoint when a rank got a stop signal."""
-        return self.ctx.checkpoints.reached(step, self.state, self.until, idle=idle)
+        if not self._meets:
+            return False
+        return self.ctx.checkpoints.reached(step, self._state, self.until, idle=idle)
 
     def sit_out(self, first: int, last: int) -> None:
         """The meetings of steps ``first..last``, which other ranks take (a client waiting

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from mpisplit.config import ModelConfig
@@ -15,11 +16,11 @@ from tests.reference import train_parallel_reference, train_reference
 CONFIG = "configs/vanilla-breast-cancer.yaml"
 
 
-def _train(ranks: int, data: Path, run_dir: Path, *overrides: str) -> dict:
+def _train(ranks: int, data: Path, run_dir: Path, *overrides: str, config: str = CONFIG) -> dict:
     result = run_mpi(
         ranks,
         "train",
-        CONFIG,
+        config,
         f"data.path={data}",
         f"run.dir={run_dir}",
         "run.progress=none",
@@ -194,3 +195,84 @@ def test_ushaped_sequential_turns_equal_the_oracle(dataset, tmp_path: Path) -> N
     for rank, k in [(1, 0), (1, 1), (2, 2), (2, 3)]:
         _assert_equal({**middle, **_part(tmp_path / f"model-rank{rank}-client{k}.pt")}, expected)
     assert [e["client"] for e in summary["test_by_client"]] == [3]
+
+
+def _per_client_parts(run_dir: Path, summary: dict) -> list[dict[str, torch.Tensor]]:
+    """Every logical client's saved part, in client order, whether its rank hosts one
+    (``model-rank<R>.pt``) or several (``model-rank<R>-client<k>.pt``)."""
+    parts = []
+    for rank, role in enumerate(summary["roles"]):
+        if role.startswith("clients"):
+            first, last = map(int, role.removeprefix("clients").split("-"))
+            parts += [
+                _part(run_dir / f"model-rank{rank}-client{k}.pt") for k in range(first, last + 1)
+            ]
+        elif role.startswith("client"):
+            parts.append(_part(run_dir / f"model-rank{rank}.pt"))
+    return parts
+
+
+def _assert_same_run(hosted: Path, alone: Path, summaries: tuple[dict, dict]) -> None:
+    """Every client's part and the server's (rank 0, if the scheme has one) equal, and so
+    do the steps (a hosting rank counts its clients'), samples and final evaluations."""
+    parts = [_per_client_parts(d, s) for d, s in zip((hosted, alone), summaries, strict=True)]
+    assert len(parts[0]) == len(parts[1]) == 4
+    for mine, theirs in zip(*parts, strict=True):
+        _assert_equal(mine, theirs)
+    if summaries[1]["roles"][0] == "server":
+        _assert_equal(_part(hosted / "model-rank0.pt"), _part(alone / "model-rank0.pt"))
+    assert sum(summaries[0]["steps_per_rank"]) == sum(summaries[1]["steps_per_rank"])
+    assert summaries[0]["train_samples"] == summaries[1]["train_samples"]
+    evals = [sorted((e["client"], e["accuracy"]) for e in s["test_by_client"]) for s in summaries]
+    assert evals[0] == evals[1]
+
+
+UNEQUAL = {"partition": "dirichlet"}
+"""Four breast-cancer shards of 323, 38, 80 and 14 samples: 21, 3, 5 and 1 batches an epoch."""
+
+
+@pytest.mark.parametrize(
+    ("partition", "variant"),
+    [
+        (UNEQUAL, ("scheme.splitfed_variant=v1", "train.epochs=2", "scheme.fedavg_every=1")),
+        ({}, ("scheme.splitfed_variant=v2", "scheme.server_order=random", "train.max_steps=7")),
+    ],
+    ids=["v1", "v2-random"],
+)
+def test_splitfed_clients_on_two_ranks_equal_one_rank_per_client(
+    dataset, tmp_path: Path, partition: dict, variant: tuple[str, ...]
+) -> None:
+    """Four SplitFed clients, two per rank, against the same run with one rank per client:
+    each keeps its own lower part and optimizer, every average covers all four (v1: shards
+    of unequal length, so the periodic averages stop at the shortest client's last step
+    and the last one comes after the longest's), and v2's server order (random, drawn from
+    train.seed) is the order the hosted clients step in."""
+    data = dataset("breast_cancer", clients=4, **partition)
+    common = ("scheme.name=splitfed", "scheme.clients=4", "train.optimizer=adam", *variant)
+    common += ("scheme.fedavg_every=3",) if not partition else ()
+    summaries = (
+        _train(3, data, tmp_path / "hosted", *common, "scheme.clients_per_rank=2"),
+        _train(5, data, tmp_path / "alone", *common),
+    )
+    assert summaries[0]["roles"] == ["server", "clients0-1", "clients2-3"]
+    _assert_same_run(tmp_path / "hosted", tmp_path / "alone", summaries)
+
+
+@pytest.mark.parametrize("scheme", ["fedavg", "syncsgd"])
+def test_baselines_clients_on_two_ranks_equal_one_rank_per_client(
+    dataset, tmp_path: Path, scheme: str
+) -> None:
+    """FedAvg and sync SGD, four clients at two per rank, two epochs of unequal shards
+    (FedAvg's last average after the longest; sync SGD's short clients step without data)
+    against one rank per client: a rank sums its clients' weighted parts or gradients
+    before the Allreduce."""
+    data = dataset("breast_cancer", clients=4, **UNEQUAL)
+    config = f"configs/{scheme}-breast-cancer.yaml"
+    common = (f"scheme.name={scheme}", "scheme.clients=4", "train.epochs=2")
+    common += ("scheme.fedavg_every=1",) if scheme == "fedavg" else ()
+    summaries = (
+        _train(2, data, tmp_path / "hosted", *common, "scheme.clients_per_rank=2", config=config),
+        _train(4, data, tmp_path / "alone", *common, config=config),
+    )
+    assert summaries[0]["roles"] == ["clients0-1", "clients2-3"]
+    _assert_same_run(tmp_path / "hosted", tmp_path / "alone", summaries)

@@ -35,31 +35,41 @@ def _train(ranks: int, data: Path, run_dir: Path, *overrides: str) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def _reference(data: Path, heads: dict[str, int]) -> list[dict[str, torch.Tensor]]:
-    """Lower part and one head per task, trained in one process: per batch, the tasks'
-    cross-entropies are summed before a single backward (labels mapped here, on their own)."""
+def _reference(
+    data: Path, heads: dict[str, int], clients: int = 1
+) -> list[dict[str, torch.Tensor]]:
+    """Each client's lower part and one head per task, trained in one process: per batch,
+    the tasks' cross-entropies are summed before a single backward (labels mapped here, on
+    their own); several clients take one step each per round, in client order, each on its
+    own lower part (and its own optimizer), the heads shared."""
     meta = read_meta(data)
     cut = cut_indices(layer_plan(MODEL, meta["feature_shape"], 10), MODEL.cuts)[0]
-    lower = build_layers(layer_plan(MODEL, meta["feature_shape"], 10), 0, cut, MODEL.seed)
+    lowers = [
+        build_layers(layer_plan(MODEL, meta["feature_shape"], 10), 0, cut, MODEL.seed)
+        for _ in range(clients)
+    ]
     uppers = []
     for classes in heads.values():
         plan = layer_plan(MODEL, meta["feature_shape"], classes)
         uppers.append(build_layers(plan, cut, len(plan), MODEL.seed))
-    params = [p for net in (lower, *uppers) for p in net.parameters()]
-    opt = torch.optim.Adam(params, lr=LR)
+    opts = [torch.optim.Adam(net.parameters(), lr=LR) for net in (*lowers, *uppers)]
     targets = {"class": lambda y: y, "parity": lambda y: y % 2}
-    batches, _ = client_batches(data, 0, batch_size=32, seed=0)
+    streams = [client_batches(data, k, batch_size=32, seed=0)[0] for k in range(clients)]
     for _ in range(STEPS):
-        batch = next(batches)
-        opt.zero_grad()
-        cut_output = lower(batch.features)
-        loss = sum(
-            torch.nn.functional.cross_entropy(upper(cut_output), targets[task](batch.labels))
-            for task, upper in zip(heads, uppers, strict=True)
-        )
-        loss.backward()
-        opt.step()
-    return [lower.state_dict(), *(upper.state_dict() for upper in uppers)]
+        for k, (lower, batches) in enumerate(zip(lowers, streams, strict=True)):
+            batch = next(batches)
+            mine = [opts[k], *opts[clients:]]
+            for opt in mine:
+                opt.zero_grad()
+            cut_output = lower(batch.features)
+            loss = sum(
+                torch.nn.functional.cross_entropy(upper(cut_output), targets[task](batch.labels))
+                for task, upper in zip(heads, uppers, strict=True)
+            )
+            loss.backward()
+            for opt in mine:
+                opt.step()
+    return [net.state_dict() for net in (*lowers, *uppers)]
 
 
 def test_two_heads_equal_single_process_sum_of_losses(dataset, tmp_path: Path) -> None:
@@ -98,3 +108,32 @@ def test_summary_reports_each_task(dataset, tmp_path: Path) -> None:
     ]
     accuracies = [e["accuracy"] for e in summary["test_by_task"]]
     assert min(accuracies) <= summary["test_accuracy"] <= max(accuracies)
+
+
+def test_clients_on_one_rank_equal_the_oracle(dataset, tmp_path: Path) -> None:
+    """Two clients hosted on one rank (``scheme.clients_per_rank: 2``): each keeps its own
+    lower part, and both task servers serve them in client order, round by round."""
+    data = dataset("digits", clients=2)
+    summary = _train(
+        3,
+        data,
+        tmp_path,
+        "scheme.clients=2",
+        "scheme.clients_per_rank=2",
+        f"train.max_steps={STEPS}",
+    )
+    assert summary["roles"] == ["server", "server1", "clients0-1"]
+    assert sorted((e["task"], e["client"]) for e in summary["test_by_client"]) == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+    ]
+    *lowers, upper0, upper1 = _reference(data, {"class": 10, "parity": 2}, clients=2)
+    saved = [f"model-rank2-client{k}.pt" for k in range(2)] + ["model-rank0.pt", "model-rank1.pt"]
+    for name, want in zip(saved, [*lowers, upper0, upper1], strict=True):
+        actual = torch.load(tmp_path / name, weights_only=True)
+        assert actual.keys() == want.keys()
+        for key, value in want.items():
+            torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-5, msg=f"{name} {key}")
+    assert not torch.equal(lowers[0]["conv1.weight"], lowers[1]["conv1.weight"])

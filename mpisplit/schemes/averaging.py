@@ -22,9 +22,10 @@ def client_comm(ctx: RankContext) -> MPI.Comm | None:
     return comm if is_client else None
 
 
-def sample_weight(ctx: RankContext, comm: MPI.Comm, samples: int) -> float:
-    """This member's share of all samples on ``comm``: its FedAvg weight."""
-    total = np.array([samples], np.float64)
+def sample_weights(ctx: RankContext, comm: MPI.Comm, samples: Sequence[int]) -> list[float]:
+    """The share of all samples on ``comm`` of each of this member's clients (``samples``:
+    theirs): their FedAvg weights."""
+    total = np.array([sum(samples)], np.float64)
     ctx.transport.complete(
         comm.Iallreduce(MPI.IN_PLACE, total, op=MPI.SUM),
         "sample count sum",
@@ -32,25 +33,35 @@ def sample_weight(ctx: RankContext, comm: MPI.Comm, samples: int) -> float:
         sent=total.nbytes,
         received=total.nbytes,
     )
-    return samples / total[0]
+    return [n / total[0] for n in samples]
+
+
+Member = tuple[nn.Module, float]
+"""A module in a federated average and its weight (its client's share of the samples)."""
 
 
 def average_parameters(
     ctx: RankContext,
     comm: MPI.Comm,
-    module: nn.Module,
-    weight: float,
+    members: Sequence[Member],
     points: AveragingPoints,
     step: int = 0,
 ) -> None:
     """Replaces the parameters (and, with ``scheme.average_buffers``, the floating-point
-    buffers) by their ``weight``-ed sum over ``comm`` (one raw Allreduce in the parameters'
-    own dtype: one model's bytes in and out per member). ``step`` (the index of the step it
-    follows) labels the trace span."""
-    tensors = averaged_tensors(module, ctx.config.scheme.options.average_buffers)
+    buffers) of this rank's ``members`` (each a module and its weight: one per logical
+    client it hosts) by the weighted sum over every member on ``comm`` (the rank's members
+    summed first, then one raw Allreduce in the parameters' own dtype: one model's bytes in
+    and out per rank). ``step`` (the index of the step it follows) labels the trace span."""
+    buffers = ctx.config.scheme.options.average_buffers
+    tensors = [averaged_tensors(module, buffers) for module, _ in members]
     with torch.no_grad():
-        flat = (torch.cat([t.reshape(-1) for t in tensors]) * weight).to("cpu")
-        buffer = flat.numpy()
+        flat = torch.stack(
+            [
+                torch.cat([t.reshape(-1) for t in own]) * weight
+                for own, (_, weight) in zip(tensors, members, strict=True)
+            ]
+        ).sum(0)
+        buffer = flat.to("cpu").numpy()
         ctx.transport.complete(
             ctx.transport.iallreduce(comm, buffer),
             "weight average",
@@ -61,8 +72,9 @@ def average_parameters(
             step=step,
         )
         averaged = torch.from_numpy(buffer)
-        for tensor, part in zip(tensors, averaged.split([t.numel() for t in tensors]), strict=True):
-            tensor.copy_(part.view_as(tensor))
+        for own in tensors:
+            for tensor, part in zip(own, averaged.split([t.numel() for t in own]), strict=True):
+                tensor.copy_(part.view_as(tensor))
 
 
 def averaged_tensors(module: nn.Module, buffers: bool) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ from mpisplit import schedules
 from mpisplit.data import Batch, ShardReader
 from mpisplit.engine import RankContext, RankResult
 from mpisplit.protocol import Kind
+from mpisplit.schemes.hosting import train_hosted_clients
 from mpisplit.schemes.instrumentation import compute_span
 from mpisplit.schemes.microbatches import Microbatch, microbatches
 from mpisplit.schemes.readers import client_reader, test_reader
@@ -19,18 +20,43 @@ from mpisplit.segment import Segment
 from mpisplit.transport import PendingSend
 
 LabelMap = Callable[[torch.Tensor], torch.Tensor]
+AfterStep = Callable[[int, Segment, int], None]
+"""What runs after each of a client's steps: ``(logical client, its segment, model step)``."""
+
+
+def train_lower_clients(
+    ctx: RankContext,
+    first_hop: int | Sequence[int],
+    after_step: AfterStep | None = None,
+    *,
+    labels: Sequence[LabelMap] | None = None,
+    order: Sequence[int] | None = None,
+) -> RankResult:
+    """The lower clients this rank is (one, or several with ``scheme.clients_per_rank``,
+    hosted in ``order``: see ``train_hosted_clients``); see ``train_lower_client``."""
+    if ctx.me.hosted == 1:
+        return train_lower_client(ctx, first_hop, after_step, labels=labels)
+    hops = [first_hop] if isinstance(first_hop, int) else list(first_hop)
+    maps = list(labels) if labels is not None else [unchanged] * len(hops)
+    return train_hosted_clients(
+        ctx,
+        hops,
+        [0],
+        lambda c, parts, tests: LowerClient(c, parts[0], hops, tests, maps, after_step),
+        lambda client: client.segment,
+        order=order,
+    )
 
 
 def train_lower_client(
     ctx: RankContext,
     first_hop: int | Sequence[int],
-    after_step: Callable[[Segment, int], None] | None = None,
+    after_step: AfterStep | None = None,
     *,
     labels: Sequence[LabelMap] | None = None,
 ) -> RankResult:
     """A client that holds segment 0 and sends cut activations with labels to ``first_hop``
-    (the server, or the first relay); ``after_step(segment, model_step)`` runs after each
-    step.
+    (the server, or the first relay); ``after_step`` runs after each step.
 
     Several ``first_hop`` ranks (multitask heads) each get the same cut activation, with the
     labels mapped by ``labels[i]`` for hop i; each microbatch back-propagates the sum of their
@@ -68,7 +94,7 @@ class LowerClient:
         hops: list[int],
         tests: ShardReader,
         label_maps: list[LabelMap],
-        after_step: Callable[[Segment, int], None] | None,
+        after_step: AfterStep | None,
     ) -> None:
         self.ctx, self.segment, self.hops, self.tests = ctx, segment, hops, tests
         self.label_maps, self.after_step = label_maps, after_step
@@ -98,7 +124,7 @@ class LowerClient:
         with self.ctx.tracer.span("optimizer", step=index):
             self.segment.step()
         if self.after_step is not None:
-            self.after_step(self.segment, index + 1)
+            self.after_step(self.ctx.me.index, self.segment, index + 1)
 
     def _forward(
         self,

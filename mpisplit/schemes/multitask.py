@@ -6,8 +6,8 @@ and that task's labels to every task server, and back-propagates the sum of the 
 gradients in one pass: one optimizer step on the summed losses (two or more tasks; the
 config refuses fewer). Every task is derived from the dataset's one label set
 (``task_target``), on the client that holds the labels, so any prepared dataset serves.
-Clients train in parallel; each evaluates on every task server, and the summary has
-``test_by_task``.
+Clients train in parallel (a rank may host several: ``scheme.clients_per_rank``); each
+evaluates on every task server, and the summary has ``test_by_task``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from mpisplit.config import ConfigError
 from mpisplit.engine import RankContext, RankResult, RunPlan
 from mpisplit.models import build_parts, model_factory
-from mpisplit.schemes.lower_client import train_lower_client
+from mpisplit.schemes.lower_client import train_lower_clients
 from mpisplit.schemes.serving import serve_with
 from mpisplit.schemes.turns import clients_total_steps
 from mpisplit.segment import Segment
@@ -78,4 +78,4 @@ def check_heads(run: RunPlan) -> None:
 def train_client(ctx: RankContext) -> RankResult:
     num_classes = ctx.run.meta["num_classes"]
     maps = [task_target(task, num_classes)[0] for task in ctx.config.scheme.options.tasks]
-    return train_lower_client(ctx, ctx.topology.ranks(Role.SERVER), labels=maps)
+    return train_lower_clients(ctx, ctx.topology.ranks(Role.SERVER), labels=maps)

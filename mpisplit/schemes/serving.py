@@ -9,7 +9,7 @@ a ``ServeOrder``; clients that fall silent are the ``Liveness``' business.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,8 +32,8 @@ AfterDone = Callable[[torch.Tensor, Message], None]
 
 @dataclass(frozen=True)
 class Upper:
-    """What the server trains: the segment that serves each sender rank, the segments its
-    checkpoints keep, and ``after_step(source)`` after each optimizer step."""
+    """What the server trains: the segment that serves each logical client, the segments
+    its checkpoints keep, and ``after_step(client)`` after each optimizer step."""
 
     segment_for: Callable[[int], Segment]
     owned: Sequence[Segment]
@@ -45,8 +45,8 @@ class Upper:
         return cls(lambda _source: segment, [segment])
 
     @classmethod
-    def per_client(cls, copies: Mapping[int, Segment], after_step: Callable[[int], None]) -> Upper:
-        """One copy per client rank (splitfed v1; not checkpointable)."""
+    def per_client(cls, copies: Sequence[Segment], after_step: Callable[[int], None]) -> Upper:
+        """One copy per logical client (splitfed v1; not checkpointable)."""
         return cls(copies.__getitem__, [], after_step)
 
 
@@ -166,7 +166,7 @@ class Server:
             self._stalled(err, [source], in_step=True)
             return
         if message.flags & Flag.EVAL:
-            module = self.upper.segment_for(source).module
+            module = self.upper.segment_for(message.client).module
             with evaluating(module):
                 self.tallies.setdefault(source, EvalTally()).add(module(activation), labels)
             return
@@ -175,7 +175,7 @@ class Server:
     def _train(self, activation: torch.Tensor, labels: torch.Tensor, message: Message) -> None:
         """One microbatch; after a step's last, the update, the record and the meeting."""
         source, step, tracer = message.source, self.report.steps, self.ctx.tracer
-        segment = self.upper.segment_for(source)
+        segment = self.upper.segment_for(message.client)
         with tracer.span("forward", step=step):
             loss = check_loss(
                 nn.functional.cross_entropy(segment.module(activation), labels), step + 1
@@ -188,7 +188,7 @@ class Server:
         with tracer.span("optimizer", step=step):
             segment.step()
         if self.upper.after_step is not None:
-            self.upper.after_step(source)
+            self.upper.after_step(message.client)
         self.expected = next(self.senders, ANY_SOURCE)
         self.report.steps += 1
         self.driver.record(self.report.steps, float(loss.detach()), client=self._client_of(message))
@@ -228,7 +228,8 @@ class Server:
         self.liveness.lose(ranks, err)
         self._forget(ranks)
         if in_step:
-            self.upper.segment_for(ranks[0]).module.zero_grad(set_to_none=True)
+            # the client whose message came last: the one mid-step
+            self.upper.segment_for(self.transport.client).module.zero_grad(set_to_none=True)
         self.expected = ANY_SOURCE
 
     def _forget(self, ranks: Sequence[int]) -> None:

@@ -24,11 +24,13 @@ from mpisplit.driver import step_budget
 from mpisplit.engine import RankContext, RankResult
 from mpisplit.schemes.averaging import (
     AveragingPoints,
+    Member,
     average_parameters,
     averaged_tensors,
     client_comm,
 )
-from mpisplit.schemes.lower_client import train_lower_client
+from mpisplit.schemes.hosting import HostedCollective
+from mpisplit.schemes.lower_client import train_lower_clients
 from mpisplit.schemes.serving import ServeOrder, Upper, serve_clients
 from mpisplit.schemes.turns import exchange_step_budgets
 from mpisplit.segment import Segment
@@ -52,12 +54,23 @@ def run(ctx: RankContext) -> RankResult:
         averaging = dataclasses.replace(averaging, lockstep=False)  # others wait a period
     if ctx.me.role == Role.SERVER:
         return _serve(ctx, steps, weights, averaging)
+    averages = HostedCollective[Member](
+        ctx.me.clients, lambda members: average_parameters(ctx, comm, members, averaging)
+    )
 
-    def after_step(segment: Segment, step: int) -> None:
-        for _ in range(averaging.due(step, steps[ctx.me.index])):
-            average_parameters(ctx, comm, segment.module, weights[ctx.me.index], averaging)
+    def after_step(client: int, segment: Segment, step: int) -> None:
+        for _ in range(averaging.due(step, steps[client])):
+            averages.join(client, (segment.module, weights[client]))
 
-    result = train_lower_client(ctx, ctx.topology.ranks(Role.SERVER)[0], after_step)
+    v2 = scheme.splitfed_variant == "v2"
+    result = train_lower_clients(
+        ctx,
+        ctx.topology.ranks(Role.SERVER)[0],
+        after_step,
+        order=server_order(steps, every, scheme.server_order, ctx.config.train.seed)
+        if v2
+        else None,
+    )
     comm.Free()
     return result
 
@@ -72,7 +85,7 @@ def _serve(
     ctx: RankContext, steps: list[int], weights: list[float], averaging: AveragingPoints
 ) -> RankResult:
     exchange_step_budgets(ctx, 0, 0)
-    cfg, clients, total = ctx.config, ctx.topology.ranks(Role.CLIENT), sum(steps)
+    cfg, clients, total = ctx.config, ctx.topology.client_ranks(), sum(steps)
     options = cfg.scheme.options
     if options.splitfed_variant == "v2":
         shared = ctx.build_segment(1, total)
@@ -80,32 +93,27 @@ def _serve(
         served = ServeOrder([clients[k] for k in order], len(clients), min(steps))
         report = serve_clients(ctx, Upper.shared(shared), total, order=served)
         return RankResult(steps=report.steps, final_evals=report.final_evals, segment=shared)
-    copies = {rank: ctx.build_segment(1, steps[k]) for k, rank in enumerate(clients)}
-    done = {rank: 0 for rank in clients}
+    copies = [ctx.build_segment(1, n) for n in steps]
+    done = [0] * len(steps)
 
-    def after_step(source: int) -> None:
-        done[source] += 1
-        for _ in range(_copies_due(averaging, done, clients, steps)):
-            _average_copies(list(copies.values()), weights, cfg.scheme.options.average_buffers)
+    def after_step(client: int) -> None:
+        done[client] += 1
+        for _ in range(_copies_due(averaging, done, steps)):
+            _average_copies(copies, weights, cfg.scheme.options.average_buffers)
 
     report = serve_clients(ctx, Upper.per_client(copies, after_step), total)
-    return RankResult(
-        steps=report.steps, final_evals=report.final_evals, segment=copies[clients[0]]
-    )
+    return RankResult(steps=report.steps, final_evals=report.final_evals, segment=copies[0])
 
 
-def _copies_due(
-    averaging: AveragingPoints, done: dict[int, int], clients: list[int], steps: list[int]
-) -> int:
-    """Averages due now that the server has served ``done``: the periodic one when every
-    client reached the same step, the final one when every client is through."""
-    step = done[clients[0]]
+def _copies_due(averaging: AveragingPoints, done: list[int], steps: list[int]) -> int:
+    """Averages due now that the server has served ``done`` steps of each client: the
+    periodic one when every client reached the same step, the final one when every client is
+    through."""
+    step = done[0]
     periodic = (
-        all(done[r] == step for r in clients)
-        and step <= averaging.common
-        and step % averaging.every == 0
+        all(n == step for n in done) and step <= averaging.common and step % averaging.every == 0
     )
-    finished = all(done[r] == steps[k] for k, r in enumerate(clients))
+    finished = done == steps
     return int(periodic) + int(averaging.at_end and finished)
 
 

@@ -12,8 +12,7 @@ A client rank may host several logical clients (``scheme.clients_per_rank``,
 from __future__ import annotations
 
 from mpisplit.engine import RankContext, RankResult
-from mpisplit.schemes.hosting import train_hosted_clients
-from mpisplit.schemes.lower_client import LowerClient, train_lower_client, unchanged
+from mpisplit.schemes.lower_client import train_lower_clients
 from mpisplit.schemes.serving import serve_with
 from mpisplit.schemes.turns import clients_total_steps
 from mpisplit.topology import Role
@@ -25,13 +24,4 @@ def serve(ctx: RankContext) -> RankResult:
 
 
 def train_client(ctx: RankContext) -> RankResult:
-    server = ctx.topology.ranks(Role.SERVER)[0]
-    if ctx.me.hosted > 1:
-        return train_hosted_clients(
-            ctx,
-            server,
-            [0],
-            lambda c, parts, tests: LowerClient(c, parts[0], [server], tests, [unchanged], None),
-            lambda client: client.segment,
-        )
-    return train_lower_client(ctx, server)
+    return train_lower_clients(ctx, ctx.topology.ranks(Role.SERVER)[0])

@@ -1,17 +1,19 @@
-"""Local training of a whole model on one rank: the baselines' role on the step driver."""
+"""Local training of whole models on one rank (one per client it hosts): the baselines'
+role on the step driver."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from mpisplit.data import Batch, ShardReader
 from mpisplit.driver import EvalSchedule, StepDriver
-from mpisplit.engine import EvalResult, RankContext
+from mpisplit.engine import EvalResult, RankContext, RankResult
 from mpisplit.failure import check_loss
 from mpisplit.schemes.evaluation import evaluate_locally
+from mpisplit.schemes.hosting import parallel_steps
 from mpisplit.schemes.instrumentation import compute_span
 from mpisplit.segment import Segment
 
@@ -29,10 +31,15 @@ def whole_model_gradients(ctx: RankContext, segment: Segment, batch: Batch, step
     return float(loss.detach())
 
 
+Update = Callable[["WholeModel", int, int], None]
+"""``(model, batch size, step index)``: a synchronous baseline's update after the gradients
+(the gradient average, which then steps the model: ``WholeModel.step``)."""
+
+
 class WholeModel:
-    """A rank that holds the whole model: gradients on its batch, ``exchange(batch size,
-    step index)`` before the update (a synchronous baseline's gradient average),
-    ``after_step(step)`` after it (a federated average); evaluation on its test reader."""
+    """A client that holds the whole model: gradients on its batch, then the update (its
+    optimizer step, or ``update``'s), ``after_step(step)`` after it (a federated average);
+    evaluation on its test reader."""
 
     def __init__(
         self,
@@ -40,16 +47,16 @@ class WholeModel:
         segment: Segment,
         tests: ShardReader,
         *,
-        exchange: Callable[[int, int], None] | None = None,
+        update: Update | None = None,
         after_step: Callable[[int], None] | None = None,
     ) -> None:
         self.ctx, self.segment, self.tests = ctx, segment, tests
-        self.exchange, self.after_step = exchange, after_step
+        self.update, self.after_step = update, after_step
         self.segments = [segment]
         self.generators: list[torch.Generator] = []
 
     def train_step(self, batch: Batch | None, index: int) -> float:
-        """``batch`` None: this rank's shard is used up; it contributes zero gradients."""
+        """``batch`` None: this client's shard is used up; it contributes zero gradients."""
         if batch is None:
             size, loss = 0, float("nan")
             for param in self.segment.module.parameters():
@@ -59,27 +66,51 @@ class WholeModel:
                 len(batch.labels),
                 whole_model_gradients(self.ctx, self.segment, batch, index),
             )
-        if self.exchange is not None:
-            self.exchange(size, index)
-        with self.ctx.tracer.span("optimizer", step=index):
-            self.segment.step()
+        if self.update is None:
+            self.step(index)
+        else:
+            self.update(self, size, index)
         if self.after_step is not None:
             self.after_step(index + 1)
         return loss
+
+    def step(self, index: int) -> None:
+        """The optimizer step on the gradients the model holds."""
+        with self.ctx.tracer.span("optimizer", step=index):
+            self.segment.step()
 
     def evaluate(self, step: int, final: bool) -> EvalResult:
         return evaluate_locally(self.ctx, self.segment.module, self.tests, step, client=0)
 
 
-def train_whole_model(
-    ctx: RankContext, model: WholeModel, batches: Iterator[Batch | None], steps: int
-) -> tuple[int, list[EvalResult]]:
-    """``steps`` steps of one of several whole-model ranks (the federated baselines);
-    client 0 shows the progress and evaluates. Returns the samples trained on and the final
-    evaluation (client 0's)."""
-    first = ctx.me.index == 0
-    driver = StepDriver(
-        ctx, steps, evaluation=EvalSchedule.of(ctx.config.train, steps, first), progress=first
+def train_whole_models(
+    ctx: RankContext,
+    models: Sequence[WholeModel],
+    batches: Sequence[Iterator[Batch | None]],
+    steps: Sequence[int],
+) -> RankResult:
+    """``steps[i]`` steps of ``models[i]`` on ``batches[i]``: the clients this rank hosts
+    (one, or several: ``scheme.clients_per_rank``), in parallel rounds. Client 0 shows the
+    progress, evaluates and reports the final evaluation."""
+    first = [m.ctx.me.index == 0 for m in models]
+    drivers = [
+        StepDriver(m.ctx, n, evaluation=EvalSchedule.of(ctx.config.train, n, shows), progress=shows)
+        for m, n, shows in zip(models, steps, first, strict=True)
+    ]
+    hosted = dict(zip(ctx.me.clients, range(len(models)), strict=True))
+    label = ctx.me.hosted > 1  # a hosting rank's records name their client
+    for client, step, _ in parallel_steps(dict(zip(hosted, steps, strict=True))):
+        mine = hosted[client]
+        ctx.transport.client = client
+        drivers[mine].train(
+            models[mine], batches[mine], step, step, **({"client": client} if label else {})
+        )
+    return RankResult(
+        steps=sum(steps),
+        samples=sum(d.samples for d in drivers),
+        final_evals=[
+            m.evaluate(n, True) for m, n, f in zip(models, steps, first, strict=True) if f
+        ],
+        segment=None if label else models[0].segment,
+        client_parts={m.ctx.me.index: m.segment for m in models} if label else {},
     )
-    driver.train(model, batches, 1, steps)
-    return driver.samples, [model.evaluate(steps, True)] if first else []

@@ -11,4 +11,5 @@ SPEC = SchemeSpec(
     layout=clients_only,
     runners={Role.CLIENT: "mpisplit.schemes.fedavg:run"},
     options=AveragingOptions,
+    hosts_clients=True,
 )

@@ -67,4 +67,5 @@ SPEC = SchemeSpec(
     tasks=tasks,
     samples_evaluation=True,
     check="mpisplit.schemes.multitask:check_heads",
+    hosts_clients=True,
 )

@@ -71,4 +71,5 @@ SPEC = SchemeSpec(
     checkpointable=deterministic,
     checkpoint_rule="splitfed_variant: v2 and server_order: fixed",
     samples_evaluation=True,
+    hosts_clients=True,
 )

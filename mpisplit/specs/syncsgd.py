@@ -10,4 +10,5 @@ SPEC = SchemeSpec(
     name="syncsgd",
     layout=clients_only,
     runners={Role.CLIENT: "mpisplit.schemes.syncsgd:run"},
+    hosts_clients=True,
 )
