@@ -133,7 +133,9 @@ def prepare(
         )
     spec.check_parts(cfg, parts)
     layers, bounds = [], []
-    if cfg.model.name in ZOO or spec.zoo_layers:
+    if (cfg.model.name in ZOO and spec.vertical) or spec.zoo_layers:
+        # Only these rebuild the plan's top-level layers per party or task; every other
+        # scheme cuts at any module the split finds (the zoo VGG at block1.3 too).
         layers = layer_plan(cfg.model, meta["feature_shape"], meta["num_classes"])
         bounds = segment_bounds(len(layers), cut_indices(layers, cfg.model.cuts))
     if rank is not None:
