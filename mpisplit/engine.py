@@ -9,6 +9,7 @@ rank 0 in between: ``mpisplit.rundir``), hands a ``RankContext`` to the scheme, 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
@@ -79,6 +80,27 @@ class RunPlan:
     model_parts: Sequence[nn.Module] = ()
     """The model's parts on the meta device (``torch.fx.GraphModule`` s), for the scheme's
     structural checks (``SchemeSpec.check``)."""
+    fresh_models: dict[tuple[int, ...], torch.nn.Module | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    """Per set of materialised parts this process has built: None after the first build,
+    then a pristine model kept from the second on, so that later requests (hosted clients'
+    own copies, splitfed's server copies) are copies, not the whole model's initialisation
+    drawn again (250 ResNet-50 clients on a rank took minutes), while a rank that builds its
+    parts once holds them once."""
+
+    def fresh_model(self, keep: set[int]) -> torch.nn.Module:
+        """A new model built with parts ``keep`` materialised (a copy from the third time)."""
+        key = tuple(sorted(keep))
+        if self.fresh_models.get(key) is not None:
+            return copy.deepcopy(self.fresh_models[key])
+        meta = self.meta
+        model = build_parts(self.config.model, meta["feature_shape"], meta["num_classes"], keep)
+        if key not in self.fresh_models:
+            self.fresh_models[key] = None
+            return model
+        self.fresh_models[key] = model
+        return copy.deepcopy(model)
 
     @property
     def parts(self) -> int:
@@ -143,7 +165,9 @@ def prepare(
             f"got {len(cfg.model.cuts)}"
         )
     layers, bounds = [], []
-    if cfg.model.name in ZOO or spec.zoo_layers:
+    if (cfg.model.name in ZOO and spec.vertical) or spec.zoo_layers:
+        # Only these rebuild the plan's top-level layers per party or task; every other
+        # scheme cuts at any module the split finds (the zoo VGG at block1.3 too).
         layers = layer_plan(cfg.model, meta["feature_shape"], meta["num_classes"])
         bounds = segment_bounds(len(layers), cut_indices(layers, cfg.model.cuts))
     if rank is not None:
@@ -258,11 +282,8 @@ class RankContext:
         wanted = set(range(index, last + 1))
         if self._model is None or wanted & self._handed_out or not wanted <= self._kept:
             keep = wanted.union(*(group for group in self._colocated if wanted & set(group)))
-            meta = self.run.meta
             self.memory.setdefault("before_model", resident_mb())
-            self._model = build_parts(
-                self.config.model, meta["feature_shape"], meta["num_classes"], keep
-            )
+            self._model = self.run.fresh_model(keep)
             self.memory["model_built_peak"] = peak_resident_mb()
             self._kept, self._handed_out, self._optimised = set(keep), set(), set()
         self._handed_out |= wanted

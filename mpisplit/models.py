@@ -158,7 +158,9 @@ def vgg(
     blocks: Sequence[Sequence[int]] = VGG16,
 ) -> LayerPlan:
     """VGG-style network for 32×32 images (VGG-16 by default, CIFAR variant: one linear head
-    on the 1×1×512 output); every pooled block is a cuttable layer ``block1..block5``."""
+    on the 1×1×512 output); the pooled blocks are layers ``block1..block5``, and a cut may
+    also name a module inside one (``block1.3``: the client holds the first convolution, its
+    BatchNorm and ReLU)."""
     in_channels, height, width = input_shape
     plan: LayerPlan = []
     for i, widths in enumerate(blocks, start=1):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from mpisplit.models import ZOO, build_layers
 from mpisplit.prof.commands import add_resources_arguments
 from mpisplit.resources import Workload, model_costs, per_client, train_flops
 from mpisplit.transport import HEADER_BYTES
-from tests.conftest import run_mpi
+from tests.conftest import MPIEXEC_TIMEOUT_S, ROOT, run_mpi
 
 EPOCHS, BATCH = 2, 16
 
@@ -222,3 +224,36 @@ def test_cli_writes_json(tmp_path: Path, capsys) -> None:
     results = json.loads(out.read_text())
     assert [r["workload"]["clients"] for r in results] == [2, 5]
     assert "split" in capsys.readouterr().out
+
+
+def test_scale_tool_measures_what_resources_predicts(tmp_path: Path) -> None:
+    """``tools/bench_scale.py measured`` on a small VGG (client = its first convolution),
+    4 clients on 2 ranks: the per-client FLOPs and bytes it measures agree with `resources`
+    within 5 %, for the run and scaled to a full epoch; the FLOPs equal a count by hand."""
+    out = tmp_path / "measured.json"
+    result = subprocess.run(
+        [
+            *(sys.executable, "tools/bench_scale.py", "measured", "--models", "vgg"),
+            *("--clients", "4", "--client-ranks", "2", "--batch", "2"),
+            *("--options", '{"blocks": [[8, 8], [16]]}'),
+            *("--work", str(tmp_path), "--json", str(out)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=MPIEXEC_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    compared = [r for r in rows if "predicted" in r]
+    assert {r["scope"] for r in compared} == {"this run", "1 epoch(s) of 50000"}
+    quantities = {"flops", "bytes", "bytes_activation", "bytes_labels", "bytes_gradient"}
+    assert {r["quantity"] for r in compared} == quantities
+    for row in compared:
+        assert abs(row["relative_difference"]) < 0.05, row
+    # one step of 2 samples: the 3->8 3x3 convolution at 32x32, forward + weight gradient
+    flops = next(r for r in compared if r["scope"] == "this run" and r["quantity"] == "flops")
+    assert flops["measured"] == 2 * 2 * (2 * 27 * 8 * 32 * 32)
+    evaluation, counts = [r for r in rows if "predicted" not in r]
+    assert evaluation["measured"] > 0  # one client evaluated: left out of the comparison
+    assert counts["measured"] == counts["counted"] > 0  # trace spans = transport counters

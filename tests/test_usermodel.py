@@ -85,6 +85,37 @@ def test_zoo_vgg_keeps_only_the_first_convolution_on_the_client() -> None:
     vgg = build_model(ModelConfig(name="vgg"), (3, 32, 32), 10, device="meta")
     client, _ = split_model(vgg, ["block1.1"])
     assert list(client.state_dict()) == ["block1.0.weight"]
+    client, _ = split_model(vgg, ["block1.3"])  # the first convolution, its BatchNorm, ReLU
+    assert {key.rsplit(".", 1)[0] for key in client.state_dict()} == {"block1.0", "block1.1"}
+    resnet50 = build_model(ModelConfig(name="resnet50"), (3, 32, 32), 100, device="meta")
+    client, _ = split_model(resnet50, ["block1_1"])
+    assert {key.split(".")[0] for key in client.state_dict()} == {"stem", "stem_bn"}
+
+
+def test_zoo_vgg_trains_cut_after_its_first_convolution(dataset, tmp_path: Path) -> None:
+    """A zoo model cut inside a top-level block (``block1.3``) trains like the whole model."""
+    data = dataset("synthetic", clients=1, shape=(3, 32, 32), classes=4, samples=80)
+    options = "{blocks: [[8, 8], [16]]}"
+    _train(
+        2,
+        "configs/vanilla-cifar-many-clients.yaml",
+        data,
+        tmp_path,
+        "scheme.clients=1",
+        "scheme.clients_per_rank=1",
+        "model.cuts=[block1.3]",
+        f"model.options={options}",
+        "train.max_steps=3",
+        "data.batch_size=16",
+    )
+    model = ModelConfig(name="vgg", cuts=("block1.3",), options={"blocks": [[8, 8], [16]]})
+    expected = train_reference(
+        data, model, [(0, 3)], optimizer="sgd", lr=0.01, batch_size=16, seed=0, momentum=0.9
+    )
+    client = torch.load(tmp_path / "model-rank1.pt", weights_only=True)
+    assert {key.rsplit(".", 1)[0] for key in client} >= {"block1.0", "block1.1"}
+    assert not any(key.startswith("block1.3") for key in client)
+    _assert_equal(merged_parts(tmp_path, [0, 1]), expected, initial_model(data, model).state_dict())
 
 
 def test_errors_name_the_crossing_value_and_the_modules() -> None:
