@@ -230,21 +230,7 @@ def test_scale_tool_measures_what_resources_predicts(tmp_path: Path) -> None:
     """``tools/bench_scale.py measured`` on a small VGG (client = its first convolution),
     4 clients on 2 ranks: the per-client FLOPs and bytes it measures agree with `resources`
     within 5 %, for the run and scaled to a full epoch; the FLOPs equal a count by hand."""
-    out = tmp_path / "measured.json"
-    result = subprocess.run(
-        [
-            *(sys.executable, "tools/bench_scale.py", "measured", "--models", "vgg"),
-            *("--clients", "4", "--client-ranks", "2", "--batch", "2"),
-            *("--options", '{"blocks": [[8, 8], [16]]}'),
-            *("--work", str(tmp_path), "--json", str(out)),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=MPIEXEC_TIMEOUT_S,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(out.read_text())["results"]
+    rows = _scale_tool(tmp_path, "vanilla")
     compared = [r for r in rows if "predicted" in r]
     assert {r["scope"] for r in compared} == {"this run", "1 epoch(s) of 50000"}
     quantities = {"flops", "bytes", "bytes_activation", "bytes_labels", "bytes_gradient"}
@@ -257,3 +243,36 @@ def test_scale_tool_measures_what_resources_predicts(tmp_path: Path) -> None:
     evaluation, counts = [r for r in rows if "predicted" not in r]
     assert evaluation["measured"] > 0  # one client evaluated: left out of the comparison
     assert counts["measured"] == counts["counted"] > 0  # trace spans = transport counters
+
+
+@pytest.mark.parametrize("scheme", ["splitfed", "fedavg", "syncsgd"])
+def test_scale_tool_measures_averaging_schemes_hosting_two_clients_a_rank(
+    tmp_path: Path, scheme: str
+) -> None:
+    """The same for the schemes with Allreduces: a rank hosting two clients joins each one
+    once for both (a client's share is half of the one-client-per-rank figure), and a full
+    epoch has as many as ``resources`` counts (SplitFed, FedAvg: one per average; sync SGD:
+    one per step)."""
+    compared = [r for r in _scale_tool(tmp_path, scheme) if "predicted" in r]
+    assert {r["quantity"] for r in compared} >= {"flops", "bytes"}
+    for row in compared:
+        assert abs(row["relative_difference"]) < 0.05, row
+
+
+def _scale_tool(work: Path, scheme: str) -> list[dict]:
+    """``tools/bench_scale.py measured`` for ``scheme`` on a small VGG, 4 clients on 2 ranks."""
+    out = work / "measured.json"
+    result = subprocess.run(
+        [
+            *(sys.executable, "tools/bench_scale.py", "measured", "--models", "vgg"),
+            *("--scheme", scheme, "--clients", "4", "--client-ranks", "2", "--batch", "2"),
+            *("--options", '{"blocks": [[8, 8], [16]]}'),
+            *("--work", str(work), "--json", str(out)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=MPIEXEC_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())["results"]

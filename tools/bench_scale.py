@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from mpisplit import specs
 from mpisplit.launch import run_command
 from mpisplit.prof import analysis, trace
 from mpisplit.prof.measured import compare, hosted_clients, measure, predicted, scaled
@@ -67,20 +68,37 @@ def prepare(work: Path, clients: int, per_client: int, shape: Sequence[int], cla
     return out
 
 
-def train(ranks: int, data: Path, run_dir: Path, overrides: Sequence[str]) -> Path:
-    """One traced training job under ``mpisplit launch``'s command."""
+def train(data: Path, run_dir: Path, overrides: Sequence[str]) -> Path:
+    """One traced training job on the ranks its topology needs, under ``mpisplit launch``'s
+    command; one client evaluates at the end (the config's ``train.eval_clients: 1``), or the
+    one evaluating rank of a scheme whose clients do not evaluate in parallel (FedAvg, sync
+    SGD)."""
+    scheme = next(
+        (o.split("=", 1)[1] for o in overrides if o.startswith("scheme.name=")), "vanilla"
+    )
+    if not specs.get(scheme).samples_evaluation:
+        overrides = [*overrides, "train.eval_clients=0"]
+    settings = [
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        "run.trace=true",
+        "run.progress=none",
+        "run.save_model=false",
+        "train.eval_every=0",
+        *overrides,
+    ]
+    ranks = subprocess.run(
+        [*(sys.executable, "-m", "mpisplit", "topology", "--ntasks", str(CONFIG)), *settings],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     argv, env = run_command(
-        ranks,
+        int(ranks),
         [
             *(sys.executable, "-m", "mpisplit", "train", "--overwrite", str(CONFIG)),
-            f"data.path={data}",
-            f"run.dir={run_dir}",
-            "run.trace=true",
-            "run.progress=none",
-            "run.save_model=false",
-            "train.eval_every=0",
-            "train.eval_clients=1",
-            *overrides,
+            *settings,
         ],
     )
     done = subprocess.run(
@@ -94,10 +112,6 @@ def train(ranks: int, data: Path, run_dir: Path, overrides: Sequence[str]) -> Pa
 def _clients(k: int, client_ranks: int) -> list[str]:
     per_rank = -(-k // client_ranks)
     return [f"scheme.clients={k}", f"scheme.clients_per_rank={per_rank}"]
-
-
-def _ranks(k: int, client_ranks: int) -> int:
-    return 1 + -(-k // -(-k // client_ranks))
 
 
 def server_figures(run_dir: Path) -> dict[str, float]:
@@ -130,7 +144,6 @@ def hosting(args: argparse.Namespace) -> list[dict]:
     for k in args.clients:
         data = prepare(args.work, k, args.steps * args.batch, CIFAR, 10)
         run_dir = train(
-            _ranks(k, args.client_ranks),
             data,
             args.work / f"vgg-{k}",
             [
@@ -156,7 +169,6 @@ def hosting(args: argparse.Namespace) -> list[dict]:
     for k in args.clients:
         data = prepare(args.work, k, args.mlp_samples, (30,), 2)
         run_dir = train(
-            _ranks(k, args.client_ranks),
             data,
             args.work / f"mlp-{k}",
             [*_clients(k, args.client_ranks), *MLP, "data.batch_size=16", "train.max_steps=0"],
@@ -191,7 +203,6 @@ def measured(args: argparse.Namespace) -> list[dict]:
         for k in args.clients:
             data = prepare(args.work, k, args.steps * args.batch, CIFAR, classes)
             run_dir = train(
-                _ranks(k, args.client_ranks),
                 data,
                 args.work / f"measured-{name}-{k}",
                 [
@@ -234,12 +245,15 @@ def compared(
             args.options,
         )
 
-    rows = []
+    rows, this_run = [], work(run.samples, args.batch, 1)
     for label, w in (
-        ("this run", work(run.samples, args.batch, 1)),
+        ("this run", this_run),
         (f"{args.epochs} epoch(s) of 50000", work(50_000, 64, args.epochs)),
     ):
-        for row in compare(scaled(run, w), predicted(w, args.scheme, handovers=handovers)):
+        prediction = predicted(
+            w, args.scheme, handovers=handovers, clients_per_rank=run.clients_per_rank
+        )
+        for row in compare(scaled(run, this_run, w, args.scheme), prediction):
             rows.append({"model": name, "clients": run.clients, "scope": label, **row})
     rows.append(
         {

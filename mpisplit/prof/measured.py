@@ -10,8 +10,11 @@ per logical client, counted the way ``mpisplit.resources`` counts its prediction
   is reported apart, since the prediction leaves evaluation out (so run with
   ``train.eval_every: 0``);
 * **collectives** of kind other than ``CONTROL`` (averages, gradient Allreduces): the
-  rank's contributed and received bytes, shared among the clients it hosts (``scaled``
-  scales them per step, as sync SGD's; an averaging scheme's averages per epoch do not);
+  rank's contributed and received bytes, shared among the clients it hosts: a rank that
+  hosts R clients sums theirs and joins each Allreduce once, so ``predicted`` gives a
+  client 1/R of ``mpisplit resources``' one-client-per-rank share; ``scaled`` scales them
+  by the number of Allreduces (sync SGD: one per step; SplitFed and FedAvg: one per
+  average, as ``Workload.averages`` counts them);
 * **FLOPs**: the client ranks' counted FLOPs of training phases (not ``eval``), shared
   among the clients they host (compute spans do not name the logical client).
 
@@ -53,6 +56,7 @@ class Measured:
     clients: int
     steps: int
     samples: int
+    client_ranks: int = 0
     flops: float = 0.0
     kinds: dict[str, Traffic] = field(default_factory=dict)
     collective_bytes: int = 0
@@ -69,6 +73,10 @@ class Measured:
 
     def per_client(self, value: float) -> float:
         return value / self.clients
+
+    @property
+    def clients_per_rank(self) -> float:
+        return self.clients / self.client_ranks
 
 
 def hosted_clients(role: str) -> list[int]:
@@ -106,6 +114,7 @@ def measure(run_dir: Path) -> Measured:
         steps, sent = _client_steps(run_dir, rank.rank, hosted)
         total.counted_sent += sent
         total.clients += len(hosted)
+        total.client_ranks += 1
         total.steps += sum(steps.values())
         for span in rank.spans:
             args = span.args
@@ -126,9 +135,10 @@ def measure(run_dir: Path) -> Measured:
     return total
 
 
-def scaled(measured: Measured, work: Workload) -> dict[str, float]:
+def scaled(measured: Measured, run: Workload, work: Workload, scheme: str) -> dict[str, float]:
     """The measured run's rates over ``work``'s epochs: per client FLOPs and bytes (and
-    bytes per cut kind) as if each client had trained ``work``'s samples and batches."""
+    bytes per cut kind) as if each client had trained ``work``'s samples and batches; the
+    collectives per Allreduce of ``scheme``, the measured run having made ``run``'s."""
     samples = work.samples_per_client * work.epochs
     steps = work.steps
     kinds = {
@@ -138,7 +148,10 @@ def scaled(measured: Measured, work: Workload) -> dict[str, float]:
     }
     return {
         "flops": measured.flops / measured.samples * samples,
-        "bytes": sum(kinds.values()) + measured.collective_bytes / measured.steps * steps,
+        "bytes": sum(kinds.values())
+        + measured.per_client(measured.collective_bytes)
+        / _allreduces(run, scheme)
+        * _allreduces(work, scheme),
         **{f"bytes_{kind.lower()}": value for kind, value in kinds.items()},
     }
 
@@ -147,15 +160,29 @@ SCHEMES = {"vanilla": "split", "splitfed": "splitfed", "fedavg": "fedavg", "sync
 """The ``mpisplit resources`` row that predicts each scheme."""
 
 
-def predicted(work: Workload, scheme: str, *, handovers: bool) -> dict[str, float]:
+def _allreduces(work: Workload, scheme: str) -> int:
+    """Allreduces a client joins over ``work``: sync SGD every step, SplitFed and FedAvg
+    every average."""
+    return work.steps if scheme == "syncsgd" else work.averages
+
+
+_SHARED = ("average_sent", "average_received", "allreduce_sent", "allreduce_received")
+"""``mpisplit resources``' collective bytes per client, which a hosting rank shares."""
+
+
+def predicted(
+    work: Workload, scheme: str, *, handovers: bool, clients_per_rank: float = 1
+) -> dict[str, float]:
     """``mpisplit resources``' per-client FLOPs and bytes of ``scheme`` for ``work``;
     without ``handovers`` (parallel split learning: every client keeps its part) the
-    sequential hand-overs are left out of the split row."""
+    sequential hand-overs are left out of the split row; with ``clients_per_rank`` R a
+    client's share of the collectives is 1/R of the one-client-per-rank figure."""
     cost = estimate(work)["per_client"][SCHEMES[scheme]]
     detail = cost["detail"]
     out = {"flops": cost["flops"], "bytes": cost["bytes"]}
     if scheme == "vanilla" and not handovers:
         out["bytes"] -= detail["handover_in"] + detail["handover_out"]
+    out["bytes"] -= sum(detail.get(key, 0) for key in _SHARED) * (1 - 1 / clients_per_rank)
     for kind, key in zip(CUT_KINDS, ("activations", "labels", "gradients"), strict=True):
         if key in detail:
             out[f"bytes_{kind.lower()}"] = detail[key]
