@@ -214,6 +214,7 @@ def measured(args: argparse.Namespace) -> list[dict]:
                     f"data.batch_size={args.batch}",
                     f"train.max_steps={args.steps}",
                     "run.count_flops=true",
+                    *args.set,
                 ],
             )
             rows += compared(run_dir, args, name, cut, classes)
@@ -293,6 +294,13 @@ def main() -> None:
         "--options", type=json.loads, default={}, help="measured: model.options as JSON"
     )
     parser.add_argument("--epochs", type=int, default=1, help="measured: epochs to scale to")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="measured: a config override (e.g. scheme.splitfed_variant=v2), repeatable",
+    )
     parser.add_argument("--work", type=Path, default=None, help="scratch directory")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
