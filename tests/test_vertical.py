@@ -105,13 +105,7 @@ def _assert_parts(
     run_dir: Path, data: Path, join: str, widths: tuple[int, ...] = (64,) * PARTIES
 ) -> None:
     parties, server = _reference(data, join, widths)
-    for rank, expected in enumerate([server, *parties]):
-        actual = torch.load(run_dir / f"model-rank{rank}.pt", weights_only=True)
-        assert actual.keys() == expected.keys()
-        for key, value in expected.items():
-            torch.testing.assert_close(
-                actual[key], value, rtol=0, atol=1e-5, msg=f"rank {rank} {key}"
-            )
+    _assert_user_parts(run_dir, parties, server)
 
 
 def run_with_server_data(

@@ -30,6 +30,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench_training import report
+
 from mpisplit import specs
 from mpisplit.launch import run_command
 from mpisplit.prof import analysis, trace
@@ -310,14 +312,7 @@ def main() -> None:
         args.work = args.work or Path(scratch)
         args.work.mkdir(parents=True, exist_ok=True)
         rows = hosting(args) if args.name == "hosting" else measured(args)
-    for row in rows:
-        print(
-            "  ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-            )
-        )
-    if args.json:
-        args.json.write_text(json.dumps({"benchmark": args.name, "results": rows}, indent=2))
+    report(args.name, rows, args.json)
 
 
 if __name__ == "__main__":

@@ -479,14 +479,19 @@ def main() -> None:
         args.work = args.work or Path(scratch)
         args.work.mkdir(parents=True, exist_ok=True)
         rows = BENCHMARKS[args.name](args)
+    report(args.name, rows, args.json)
+
+
+def report(name: str, rows: list[dict], json_path: Path | None) -> None:
+    """Prints a benchmark's rows (one ``key=value`` line each) and writes them as JSON."""
     for row in rows:
         print(
             "  ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
             )
         )
-    if args.json:
-        args.json.write_text(json.dumps({"benchmark": args.name, "results": rows}, indent=2))
+    if json_path:
+        json_path.write_text(json.dumps({"benchmark": name, "results": rows}, indent=2))
 
 
 if __name__ == "__main__":
