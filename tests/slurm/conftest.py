@@ -54,16 +54,6 @@ START_TIMEOUT_S = 90
 STOP_TIMEOUT_S = 120
 NODES = 4
 """CPU nodes n1..n4 in partition ``debug``; the GPU node g1 (partition ``gpu``) comes on top."""
-JOB_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi"}
-"""What every job of the test cluster gets (sbatch passes the submitting environment on).
-
-MPICH's default UCX netmod puts its address ("business card") into srun's PMI key space as
-about ten PMI-1 ``put`` requests per node of 640-860 bytes each (measured on this cluster);
-Slurm's pmi2 plugin reads a request with one ``read`` of at most 1024 bytes and fails one
-that does not end there ("mpi/pmi2: value not properly terminated in client request", MPICH
-issue #7957), and multi-node ``srun --mpi=pmi2`` jobs then hang in ``MPI_Init``. The OFI
-netmod's card (a libfabric tcp address) is one 72-byte request per node. Open MPI ignores
-the variable."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -158,7 +148,6 @@ class Cluster:
             **os.environ,
             "SLURM_CONF": str(self.conf),
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            **JOB_ENV,
         }
         # What a user's `sbatch` would not carry in from a test run.
         for name in ("SLURM_JOB_ID", "SLURM_JOBID", "PYTEST_CURRENT_TEST"):

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.conftest import JOB_ENV
-
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "jobscripts" / "README.md"
 TIMEOUT_S = 900
@@ -104,7 +102,6 @@ def test_every_command_of_the_jobscripts_readme(slurm_installed: None, tmp_path:
     checkout = fresh_checkout(tmp_path / "checkout")
     venv_bin = str(Path(sys.prefix) / "bin")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "MPISPLIT"))}
-    env |= JOB_ENV  # the test cluster's MPI setting (conftest.JOB_ENV: why)
     env["PATH"] = os.pathsep.join(
         p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin
     )  # the README activates it
