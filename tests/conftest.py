@@ -103,6 +103,14 @@ def run_readme_block(heading: str, cwd: Path) -> subprocess.CompletedProcess[str
     end = text.find("\n#", start + len(heading))
     (block,) = re.findall(r"```bash\n(.*?)```", text[start : end if end > 0 else None], re.DOTALL)
     (cwd / "configs").symlink_to(ROOT / "configs")
+    return run_bash_block(block, cwd)
+
+
+def run_bash_block(
+    block: str, cwd: Path, timeout_s: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Runs a doc's bash ``block`` as written in ``cwd``, with the venv's commands first on
+    PATH and one torch thread; fails the test unless it exits 0."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -114,7 +122,7 @@ def run_readme_block(heading: str, cwd: Path) -> subprocess.CompletedProcess[str
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout_s,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done

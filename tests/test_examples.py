@@ -4,13 +4,12 @@ imports, real assembly, real mpiexec training on the examples/ files)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_bash_block
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = ("### Your data", "**Private alignment of vertical ids**")
@@ -38,20 +37,7 @@ def test_the_section_has_the_three_examples() -> None:
 )
 def test_readme_example_runs_as_written(index: int, minimum: float, tmp_path: Path) -> None:
     (tmp_path / "examples").symlink_to(ROOT / "examples")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", readme_blocks()[index]],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = run_bash_block(readme_blocks()[index], tmp_path, timeout_s=400)
     (summary,) = tmp_path.glob("runs/*/summary.json")
     assert json.loads(summary.read_text())["test_accuracy"] >= minimum
     if index == 1:  # aligned privately: the server reports the common ids it never saw
