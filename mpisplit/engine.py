@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,9 +221,10 @@ class RankResult:
     final_evals: list[EvalResult] = field(default_factory=list)
     segment: Segment | None = None
     """The part this rank trained, saved as ``model-rank<R>.pt`` when ``run.save_model``."""
-    client_parts: dict[int, Segment] = field(default_factory=dict)
-    """The part of each logical client a rank hosts (``scheme.clients_per_rank`` > 1), saved
-    as ``model-rank<R>-client<k>.pt``."""
+    client_parts: dict[int, Callable[[], dict[str, torch.Tensor]]] = field(default_factory=dict)
+    """The state of the part of each logical client a rank hosts (``scheme.clients_per_rank``
+    > 1), saved as ``model-rank<R>-client<k>.pt``: made when saved, one client after another
+    (clients that share one model swap their own state in for it)."""
     leakage: float | None = None
     """Distance correlation between this client's test inputs and the cut activations that
     left for them (clients that send cut activations only)."""
@@ -392,9 +393,7 @@ def _finish(
     if ctx.config.run.save_model and result.segment is not None:
         torch.save(result.segment.module.state_dict(), ctx.run_dir / f"model-rank{ctx.me.rank}.pt")
     for client, part in result.client_parts.items() if ctx.config.run.save_model else ():
-        torch.save(
-            part.module.state_dict(), ctx.run_dir / f"model-rank{ctx.me.rank}-client{client}.pt"
-        )
+        torch.save(part(), ctx.run_dir / f"model-rank{ctx.me.rank}-client{client}.pt")
     summary = _summarize(ctx, result, wall, _node())
     if summary is not None:
         write_summary(ctx.run_dir, summary)

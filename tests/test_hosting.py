@@ -212,19 +212,34 @@ def _per_client_parts(run_dir: Path, summary: dict) -> list[dict[str, torch.Tens
     return parts
 
 
-def _assert_same_run(hosted: Path, alone: Path, summaries: tuple[dict, dict]) -> None:
+def _assert_same_run(
+    hosted: Path, alone: Path, summaries: tuple[dict, dict], *, steps_shared: bool = False
+) -> None:
     """Every client's part and the server's (rank 0, if the scheme has one) equal, and so
-    do the steps (a hosting rank counts its clients'), samples and final evaluations."""
+    do the steps, samples and final evaluations. A rank's steps are the optimizer steps it
+    takes: a hosting rank counts its clients' (``steps_shared``: its clients share one step,
+    sync SGD's, so every rank counts the run's steps)."""
     parts = [_per_client_parts(d, s) for d, s in zip((hosted, alone), summaries, strict=True)]
     assert len(parts[0]) == len(parts[1]) == 4
     for mine, theirs in zip(*parts, strict=True):
         _assert_equal(mine, theirs)
     if summaries[1]["roles"][0] == "server":
         _assert_equal(_part(hosted / "model-rank0.pt"), _part(alone / "model-rank0.pt"))
-    assert sum(summaries[0]["steps_per_rank"]) == sum(summaries[1]["steps_per_rank"])
+    steps = [s["steps_per_rank"] for s in summaries]
+    if steps_shared:
+        assert set(steps[0]) == set(steps[1]) == {summaries[1]["steps"]}
+    else:
+        assert sum(steps[0]) == sum(steps[1])
     assert summaries[0]["train_samples"] == summaries[1]["train_samples"]
     evals = [sorted((e["client"], e["accuracy"]) for e in s["test_by_client"]) for s in summaries]
     assert evals[0] == evals[1]
+
+
+def _evaluations(run_dir: Path) -> list[tuple[int, float, float]]:
+    """Rank 0's evaluation records: (step, loss, accuracy), periodic and final."""
+    lines = (run_dir / "metrics-rank0.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return [(r["step"], r["loss"], r["accuracy"]) for r in records if r.get("event") == "eval"]
 
 
 UNEQUAL = {"partition": "dirichlet"}
@@ -264,15 +279,58 @@ def test_baselines_clients_on_two_ranks_equal_one_rank_per_client(
 ) -> None:
     """FedAvg and sync SGD, four clients at two per rank, two epochs of unequal shards
     (FedAvg's last average after the longest; sync SGD's short clients step without data)
-    against one rank per client: a rank sums its clients' weighted parts or gradients
-    before the Allreduce."""
+    against one rank per client: a rank keeps one model for its clients and adds their
+    weighted parts or gradients up before the Allreduce. Client 0 evaluates after the
+    averages of its step, as on a rank of its own."""
     data = dataset("breast_cancer", clients=4, **UNEQUAL)
     config = f"configs/{scheme}-breast-cancer.yaml"
-    common = (f"scheme.name={scheme}", "scheme.clients=4", "train.epochs=2")
-    common += ("scheme.fedavg_every=1",) if scheme == "fedavg" else ()
+    common = (f"scheme.name={scheme}", "scheme.clients=4", "train.epochs=2", "train.eval_every=2")
+    common += ("scheme.fedavg_every=2",) if scheme == "fedavg" else ()
     summaries = (
         _train(2, data, tmp_path / "hosted", *common, "scheme.clients_per_rank=2", config=config),
         _train(4, data, tmp_path / "alone", *common, config=config),
     )
     assert summaries[0]["roles"] == ["clients0-1", "clients2-3"]
-    _assert_same_run(tmp_path / "hosted", tmp_path / "alone", summaries)
+    _assert_same_run(
+        tmp_path / "hosted", tmp_path / "alone", summaries, steps_shared=scheme == "syncsgd"
+    )
+    evaluations = [_evaluations(tmp_path / run) for run in ("hosted", "alone")]
+    assert len(evaluations[1]) > 2
+    for mine, theirs in zip(*evaluations, strict=True):
+        assert mine == pytest.approx(theirs, abs=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["fedavg", "syncsgd"])
+def test_baselines_with_batchnorm_keep_each_hosted_clients_statistics(
+    dataset, tmp_path: Path, scheme: str
+) -> None:
+    """A model with BatchNorm (resnet), four clients at two per rank on one shared model:
+    each client's running statistics are its own (FedAvg with ``average_buffers=false``,
+    FedBN; sync SGD, which averages gradients only), so its saved part equals the one a
+    rank of its own saves, and client 0 evaluates with its own statistics."""
+    data = dataset("digits", clients=4)
+    common = (
+        f"scheme.name={scheme}",
+        "scheme.clients=4",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "model.name=resnet",
+        "model.options={widths: [4, 8]}",
+    )
+    common += (
+        ("scheme.average_buffers=false", "scheme.fedavg_every=3") if scheme == "fedavg" else ()
+    )
+    config = f"configs/{scheme}-digits.yaml"
+    summaries = (
+        _train(2, data, tmp_path / "hosted", *common, "scheme.clients_per_rank=2", config=config),
+        _train(4, data, tmp_path / "alone", *common, config=config),
+    )
+    _assert_same_run(
+        tmp_path / "hosted", tmp_path / "alone", summaries, steps_shared=scheme == "syncsgd"
+    )
+    parts = _per_client_parts(tmp_path / "hosted", summaries[0])
+    assert not torch.equal(parts[0]["stem_bn.running_mean"], parts[1]["stem_bn.running_mean"])
+    evaluations = [_evaluations(tmp_path / run) for run in ("hosted", "alone")]
+    assert [e[0] for e in evaluations[0]] == [2, 4]
+    for mine, theirs in zip(*evaluations, strict=True):
+        assert mine == pytest.approx(theirs, abs=1e-6)

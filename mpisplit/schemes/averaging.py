@@ -50,31 +50,63 @@ def average_parameters(
     """Replaces the parameters (and, with ``scheme.average_buffers``, the floating-point
     buffers) of this rank's ``members`` (each a module and its weight: one per logical
     client it hosts) by the weighted sum over every member on ``comm`` (the rank's members
-    summed first, then one raw Allreduce in the parameters' own dtype: one model's bytes in
-    and out per rank). ``step`` (the index of the step it follows) labels the trace span."""
+    summed first, then one Allreduce: ``sum_over_ranks``). ``step`` (the index of the step
+    it follows) labels the trace span."""
     buffers = ctx.config.scheme.options.average_buffers
     tensors = [averaged_tensors(module, buffers) for module, _ in members]
     with torch.no_grad():
         flat = torch.stack(
-            [
-                torch.cat([t.reshape(-1) for t in own]) * weight
-                for own, (_, weight) in zip(tensors, members, strict=True)
-            ]
+            [flatten(own) * weight for own, (_, weight) in zip(tensors, members, strict=True)]
         ).sum(0)
-        buffer = flat.to("cpu").numpy()
-        ctx.transport.complete(
-            ctx.transport.iallreduce(comm, buffer),
+        sum_over_ranks(
+            ctx,
+            comm,
+            flat,
             "weight average",
-            deadline=points.lockstep,
             kind=Kind.WEIGHTS,
-            sent=buffer.nbytes,
-            received=buffer.nbytes,
             step=step,
+            deadline=points.lockstep,
         )
-        averaged = torch.from_numpy(buffer)
         for own in tensors:
-            for tensor, part in zip(own, averaged.split([t.numel() for t in own]), strict=True):
-                tensor.copy_(part.view_as(tensor))
+            unflatten(flat, own)
+
+
+def sum_over_ranks(
+    ctx: RankContext,
+    comm: MPI.Comm,
+    flat: torch.Tensor,
+    what: str,
+    *,
+    kind: Kind,
+    step: int,
+    deadline: bool = True,
+) -> None:
+    """``flat`` (this rank's sum) replaced by the sum over every rank on ``comm``: one raw
+    Allreduce in its own dtype, ``flat``'s bytes in and out per rank."""
+    buffer = flat.to("cpu").numpy()
+    ctx.transport.complete(
+        ctx.transport.iallreduce(comm, buffer),
+        what,
+        deadline=deadline,
+        kind=kind,
+        sent=buffer.nbytes,
+        received=buffer.nbytes,
+        step=step,
+    )
+    if flat.device.type != "cpu":
+        flat.copy_(torch.from_numpy(buffer))
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One new 1-D tensor of ``tensors``' values, in order."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """``tensors`` set from ``flat`` (as ``flatten`` laid them out)."""
+    with torch.no_grad():
+        for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+            tensor.copy_(part.view_as(tensor))
 
 
 def averaged_tensors(module: nn.Module, buffers: bool) -> list[torch.Tensor]:
@@ -105,6 +137,13 @@ class AveragingPoints:
     def of(cls, steps: Sequence[int], every: int) -> AveragingPoints:
         common = min(steps)
         return cls(every, common, max(steps) != common or common % every != 0, max(steps) == common)
+
+    def periods(self, last: int) -> list[tuple[int, int]]:
+        """The steps ``(first, last)`` a member whose last step is ``last`` takes before each
+        average, in order (``first > last``: it joins that average with no step since the
+        one before)."""
+        ends = list(range(self.every, self.common + 1, self.every)) + [last] * self.at_end
+        return [(start + 1, end) for start, end in zip([0, *ends], ends, strict=False)]
 
     def due(self, step: int, last: int) -> int:
         """How many averages follow ``step`` for a member whose last step is ``last``."""

@@ -114,7 +114,7 @@ def train_hosted_clients(
         steps=sum(m.turns.my_steps for m in hosted),
         samples=sum(m.driver.samples for m in hosted),
         final_evals=evals,
-        client_parts={m.index: saved(m.role) for m in hosted},
+        client_parts={m.index: saved(m.role).module.state_dict for m in hosted},
         leakage=statistics.fmean(leakages) if leakages else None,
     )
 

@@ -17,13 +17,17 @@ import torch
 from mpisplit.driver import step_budget, training_batches
 from mpisplit.engine import RankContext, RankResult
 from mpisplit.protocol import Kind
-from mpisplit.schemes.hosting import HostedCollective, hosted_contexts
+from mpisplit.schemes.averaging import sum_over_ranks
+from mpisplit.schemes.hosting import hosted_contexts
 from mpisplit.schemes.readers import client_reader, test_reader
 from mpisplit.schemes.turns import client_budgets
-from mpisplit.schemes.wholemodel import WholeModel, train_whole_models
-
-Contribution = tuple[WholeModel, int, int]
-"""A client's model holding its gradients, its batch size and the step index."""
+from mpisplit.schemes.wholemodel import (
+    SharedModel,
+    WholeModel,
+    evaluator_last,
+    train_whole_models,
+)
+from mpisplit.segment import Segment
 
 
 def run(ctx: RankContext) -> RankResult:
@@ -34,52 +38,52 @@ def run(ctx: RankContext) -> RankResult:
         tests = stack.enter_context(test_reader(ctx))
         plans = [(step_budget(len(r), cfg.train), len(r)) for r in readers]
         rounds = int(client_budgets(ctx, plans)[:, 0].max())
-        gradients = HostedCollective[Contribution](
-            ctx.me.clients, lambda members: _average_gradients(ctx, members)
-        )
-        models = [
-            WholeModel(
-                c,
-                c.build_segment(0, rounds, through=ctx.run.parts - 1),
-                tests,
-                update=lambda model, size, index: gradients.join(
-                    model.ctx.me.index, (model, size, index)
-                ),
-            )
-            for c in contexts
-        ]
+        segment = ctx.build_segment(0, rounds, through=ctx.run.parts - 1)
+        shared = SharedModel(segment, list(segment.module.buffers()))
+        gradients = GradientSum(ctx, segment, len(contexts))
+        models = [WholeModel(c, segment, tests, update=gradients.add) for c in contexts]
         # after its shard is used up, a client joins the remaining rounds without data
         batches = [
             itertools.chain(training_batches(r, cfg.train), itertools.repeat(None)) for r in readers
         ]
-        return train_whole_models(ctx, models, batches, [rounds] * len(models))
+        order = evaluator_last(ctx.me.clients)
+        blocks = ((k, step, step) for step in range(1, rounds + 1) for k in order)
+        return train_whole_models(ctx, shared, models, batches, [rounds] * len(models), blocks)
 
 
-def _average_gradients(ctx: RankContext, members: list[Contribution]) -> None:
-    """Batch-size-weighted mean of every client's gradients (this rank's ``members`` summed,
-    then one raw Allreduce in the parameters' dtype, the batch size as its last element),
-    set as each member's gradients; then each member steps."""
-    flats = []
-    for model, size, _ in members:
-        params = list(model.segment.module.parameters())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flats.append(torch.cat([*(g.reshape(-1) for g in grads), grads[0].new_ones(1)]) * size)
-    flat = torch.stack(flats).sum(0).cpu()
-    buffer = flat.numpy()
-    index = members[-1][2]
-    ctx.transport.complete(
-        ctx.transport.iallreduce(ctx.comm, buffer),
-        "gradient average",
-        kind=Kind.GRADIENT,
-        sent=buffer.nbytes,
-        received=buffer.nbytes,
-        step=index,
-    )
-    mean = flat[:-1] / flat[-1]
-    for model, _, _ in members:
-        offset = 0
-        for param in model.segment.module.parameters():
-            count = param.numel()
-            param.grad = mean[offset : offset + count].view_as(param).to(param)
-            offset += count
+class GradientSum:
+    """A rank's share of each step's gradient average: its ``hosted`` clients' gradients on
+    the shared ``segment``, weighted by batch size, are added up one client at a time; after
+    the last, one raw Allreduce (in the parameters' dtype, the batch sizes as its last
+    element) sums them over all clients, and the shared model steps once on the mean."""
+
+    def __init__(self, ctx: RankContext, segment: Segment, hosted: int) -> None:
+        self.ctx, self.segment, self.hosted = ctx, segment, hosted
+        self.params = list(segment.module.parameters())
+        self.sizes = [p.numel() for p in self.params]
+        self.sum = torch.zeros(
+            sum(self.sizes) + 1,
+            dtype=self.params[0].dtype,
+            device=self.params[0].device,
+        )
+        self.added = 0
+
+    def add(self, model: WholeModel, size: int, index: int) -> None:
+        """Client ``model``'s gradients of step ``index`` on a batch of ``size`` (0: none)."""
+        for part, param in zip(self.sum[:-1].split(self.sizes), self.params, strict=True):
+            if size and param.grad is not None:
+                part.add_(param.grad.reshape(-1), alpha=size)
+        self.sum[-1] += size
+        self.segment.optimizer.zero_grad(set_to_none=True)
+        self.added += 1
+        if self.added < self.hosted:
+            return
+        sum_over_ranks(
+            self.ctx, self.ctx.comm, self.sum, "gradient average", kind=Kind.GRADIENT, step=index
+        )
+        mean = self.sum[:-1] / self.sum[-1]
+        for part, param in zip(mean.split(self.sizes), self.params, strict=True):
+            param.grad = part.view_as(param).to(param)
         model.step(index)
+        self.sum.zero_()
+        self.added = 0
