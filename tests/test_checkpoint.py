@@ -404,6 +404,10 @@ HOSTED = {  # four clients at two per rank (server + 2 client ranks): config, ov
         "configs/splitfed-breast-cancer.yaml",
         ("scheme.splitfed_variant=v2", "scheme.fedavg_every=5", "train.epochs=12"),
     ),
+    "ushaped": (
+        "configs/ushaped-breast-cancer.yaml",
+        ("scheme.client_order=sequential", "train.optimizer=adam", "train.eval_every=10"),
+    ),
 }
 
 
@@ -414,9 +418,9 @@ def test_preempted_run_hosting_many_clients_resumes_identically(
     """``scheme.clients_per_rank: 2``: a hosting rank's checkpoint holds every client it
     hosts (parts, optimizers, noise streams, samples; the readers resume at each client's
     position), so a run stopped by SIGUSR1 after a checkpoint and resumed ends bit-identical
-    to the uninterrupted run, every client's part and the server's. Vanilla in sequential
-    turns (the part passes inside and between ranks), SplitFed v2 in rounds (the rank meets
-    once the round's last hosted client stepped)."""
+    to the uninterrupted run, every client's part and the server's. Vanilla and U-shaped in
+    sequential turns (the part, U-shaped's head and tail, passes inside and between ranks),
+    SplitFed v2 in rounds (the rank meets once the round's last hosted client stepped)."""
     config, extra = HOSTED[scheme]
     data = dataset("breast_cancer", clients=4)
     args = [config, f"data.path={data}", f"checkpoint.every_steps={EVERY}", *QUICK, *extra]
