@@ -14,8 +14,9 @@ counted), counted the way a trace counts it, so a traced run can be compared wit
 * a point-to-point message costs its payload plus H = ``HEADER_BYTES`` (the transport's
   header), as in the bytes matrix of ``mpisplit prof report``;
 * a collective costs the bytes a rank contributes and the bytes it gets back (its own
-  buffers, no header): an averaging Allreduce is one copy of the averaged parameters sent
-  and one received per member, whatever the MPI library's algorithm puts on the wire.
+  buffers, no header): an averaging Allreduce is one copy of the averaged parameters (and
+  floating-point buffers, BatchNorm statistics, unless ``average_buffers`` is off) sent and
+  one received per member, whatever the MPI library's algorithm puts on the wire.
 
 Per client: n = samples / clients samples per epoch, b = ceil(n / batch) batches per
 epoch, E epochs, s = b·E steps, K clients; an averaging point every ``average_every`` steps
@@ -83,6 +84,8 @@ class Workload:
     """SGD momentum (``train.momentum``): a momentum buffer is handed over too."""
     options: dict[str, Any] = field(default_factory=dict)
     """The model factory's keyword arguments (``model.options``)."""
+    average_buffers: bool = True
+    """Averages carry the floating-point buffers too (``scheme.average_buffers``)."""
 
     @property
     def samples_per_client(self) -> float:
@@ -136,8 +139,11 @@ class ModelCosts:
     gradient: CutSize
     """The float tensors' gradients that come back."""
     handover_bytes: int
-    client_param_bytes: int
     model_param_bytes: int
+    client_averaged_bytes: int
+    model_averaged_bytes: int
+    """What an average carries: the parameters, and the floating-point buffers (BatchNorm
+    statistics) unless the workload keeps them local."""
     param_element_bytes: int
     params: int
     client_params: int
@@ -197,6 +203,13 @@ def param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def averaged_bytes(module: nn.Module, buffers: bool) -> int:
+    """The bytes a federated average of ``module`` carries (``buffers``: with its
+    floating-point buffers, as ``scheme.average_buffers`` has it)."""
+    floats = [b for b in module.buffers() if b.is_floating_point()] if buffers else []
+    return param_bytes(module) + sum(b.numel() * b.element_size() for b in floats)
+
+
 def model_costs(work: Workload) -> ModelCosts:
     client, whole = model_parts(work)
     batch = work.batch_size
@@ -211,8 +224,9 @@ def model_costs(work: Workload) -> ModelCosts:
         activation=activation,
         gradient=gradient,
         handover_bytes=handover_bytes(work),
-        client_param_bytes=param_bytes(client),
         model_param_bytes=param_bytes(whole),
+        client_averaged_bytes=averaged_bytes(client, work.average_buffers),
+        model_averaged_bytes=averaged_bytes(whole, work.average_buffers),
         param_element_bytes=next(whole.parameters()).element_size(),
         params=sum(p.numel() for p in whole.parameters()),
         client_params=sum(p.numel() for p in client.parameters()),
@@ -238,8 +252,8 @@ def per_client(work: Workload, costs: ModelCosts) -> list[ClientCost]:
     up = cut["activations"] + cut["labels"]
     handovers = (work.clients * work.epochs + work.clients - 2) / work.clients
     handover = handovers * (costs.handover_bytes + HEADER_BYTES)
-    client_average = work.averages * costs.client_param_bytes
-    model_average = work.averages * costs.model_param_bytes
+    client_average = work.averages * costs.client_averaged_bytes
+    model_average = work.averages * costs.model_averaged_bytes
     gradients = work.steps * (costs.model_param_bytes + costs.param_element_bytes)
     costs_of = [
         ClientCost(

@@ -308,5 +308,9 @@ def test_readme_capacity_commands_run_as_written(tmp_path: Path) -> None:
     rows = [
         line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["100"], ["500"])
     ]
-    assert [(r[0], r[1], r[2]) for r in rows] == [("100", "8", "101"), ("500", "8", "501")]
-    assert all(float(r[3]) > 0 and float(r[6]) > 0 for r in rows), done.stdout
+    assert [tuple(r[:4]) for r in rows] == [
+        ("100", "1", "8", "101"),
+        ("500", "1", "8", "501"),
+        ("500", "50", "1", "11"),
+    ]
+    assert all(float(r[4]) > 0 and float(r[7]) > 0 for r in rows), done.stdout

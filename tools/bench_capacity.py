@@ -1,13 +1,15 @@
 """Capacity planning checked: predicted round time against measured runs of 1..7 clients.
 
     python tools/bench_capacity.py [--clients 1 2 3 4 5 6 7] [--steps 150] [--json out.json]
+    python tools/bench_capacity.py --clients 2 4 8 16 --clients-per-rank 16   # one client rank
 
 One traced run with ``--measure`` clients (default 2) of vanilla split learning on the digits
 CNN (``configs/vanilla-digits.yaml``) gives the costs ``mpisplit prof capacity`` predicts
 from; then every client count runs for real (traced, ``--steps`` steps per client) and its
 round time -- the run window from the first training step to the end (``mpisplit prof``'s
 window) over the steps per client -- is compared with the prediction for this machine's
-cores. The ratio predicted / measured is printed per client count (1.0: exact); repeats
+cores (``--clients-per-rank R``: each client rank hosts R of them). The ratio predicted /
+measured is printed per client count (1.0: exact); repeats
 take turns so a drift of the machine's speed touches every count alike, and the median
 ratio is kept.
 """
@@ -31,8 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "vanilla-digits.yaml"
 
 
-def traced_run(clients: int, steps: int, data: Path, run_dir: Path) -> float:
-    """Runs ``clients`` clients for ``steps`` steps each; its measured round time (s)."""
+def traced_run(clients: int, steps: int, data: Path, run_dir: Path, per_rank: int = 1) -> float:
+    """Runs ``clients`` clients (``per_rank`` a client rank) for ``steps`` steps each; its
+    measured round time (s)."""
+    per_rank = min(per_rank, clients)
     command = [
         sys.executable,
         "-m",
@@ -42,6 +46,7 @@ def traced_run(clients: int, steps: int, data: Path, run_dir: Path) -> float:
         f"data.path={data}",
         f"run.dir={run_dir}",
         f"scheme.clients={clients}",
+        f"scheme.clients_per_rank={per_rank}",
         "run.trace=true",
         "run.progress=none",
         "run.save_model=false",
@@ -49,7 +54,7 @@ def traced_run(clients: int, steps: int, data: Path, run_dir: Path) -> float:
         "train.eval_every=0",
         "--overwrite",
     ]
-    argv, env = run_command(clients + 1, command)
+    argv, env = run_command(-(-clients // per_rank) + 1, command)
     done = subprocess.run(
         argv, capture_output=True, text=True, timeout=900, env={**env, "OMP_NUM_THREADS": "1"}
     )
@@ -87,6 +92,9 @@ def main() -> None:
     parser.add_argument("--measure", type=int, default=2, help="clients of the measured run")
     parser.add_argument("--steps", type=int, default=150, help="steps per client per run")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--clients-per-rank", type=int, default=1, help="clients a client rank hosts"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     cores = os.cpu_count() or 1
@@ -98,7 +106,9 @@ def main() -> None:
         measured: dict[int, list[float]] = {k: [] for k in args.clients}
         for _ in range(args.repeats):
             for k in args.clients:
-                measured[k].append(traced_run(k, args.steps, data[k], out / f"run-{k}"))
+                measured[k].append(
+                    traced_run(k, args.steps, data[k], out / f"run-{k}", args.clients_per_rank)
+                )
     rows = []
     print(
         f"capacity model vs measured runs ({cores} cores, digits CNN, {args.steps} steps "
@@ -108,11 +118,12 @@ def main() -> None:
         f"{'clients':>8} {'ranks':>6} {'predicted ms':>13} {'measured ms':>12} {'ratio':>7}  bound"
     )
     for k in args.clients:
-        prediction = predict(costs, k, 1, cores)
+        prediction = predict(costs, k, 1, cores, clients_per_rank=args.clients_per_rank)
         actual = statistics.median(measured[k])
         rows.append(
             {
                 "clients": k,
+                "ranks": prediction.ranks,
                 "predicted_round_s": prediction.round_s,
                 "measured_round_s": actual,
                 "ratio": prediction.round_s / actual,
@@ -121,7 +132,7 @@ def main() -> None:
             }
         )
         print(
-            f"{k:>8} {k + 1:>6} {prediction.round_s * 1e3:>13.2f} {actual * 1e3:>12.2f} "
+            f"{k:>8} {prediction.ranks:>6} {prediction.round_s * 1e3:>13.2f} {actual * 1e3:>12.2f} "
             f"{prediction.round_s / actual:>7.2f}  {prediction.bound}"
         )
     if args.json is not None:

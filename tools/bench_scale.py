@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
 from bench_training import report
 
 from mpisplit import specs
@@ -231,6 +232,7 @@ def compared(
     if run.samples != run.clients * args.steps * args.batch:
         raise SystemExit(f"{run_dir}: {run.samples} samples trained, not K x steps x batch")
     handovers = False  # parallel order: every client keeps its part
+    train = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
 
     def work(samples: int, batch: int, epochs: int) -> Workload:
         return Workload(
@@ -243,8 +245,8 @@ def compared(
             epochs,
             batch,
             0,
-            "sgd",
-            0.9,
+            train["optimizer"],
+            train["momentum"],
             args.options,
         )
 

@@ -9,10 +9,14 @@ One client step then costs ``cycle = c + s + messages·L + bytes/B`` end to end.
 client one step) takes:
 
 * sequential order: ``K · cycle`` (one client works at a time);
-* parallel order: the largest of ``cycle`` (one client's own chain), ``K · s`` (the server
-  serves clients one after another), ``K · bytes / B`` (every byte passes the server's
-  link) and ``K · (c + s) / cores`` (all the compute shares the job's cores: this is what
-  binds when ranks outnumber cores).
+* parallel order: the largest of ``R · cycle`` (a client rank's chain: the R clients it
+  hosts, ``scheme.clients_per_rank``, take their steps one after another), ``K · s`` (the
+  server serves clients one after another), ``K · bytes / B`` (every byte passes the
+  server's link) and ``K · (c + s) / cores`` (all the compute shares the job's cores: this
+  is what binds when ranks outnumber cores).
+
+A measured run may host several clients per rank too: a rank's compute per step is then
+shared by the clients it hosts.
 
 Wall time = start-up (the measured run's, from its first span to its first training step) +
 rounds · round time, with ``epochs · ⌈samples / (K · batch)⌉`` rounds. Not modelled:
@@ -35,6 +39,7 @@ from typing import Any
 import yaml
 
 from mpisplit.config import ConfigError
+from mpisplit.prof.measured import hosted_clients
 from mpisplit.prof.trace import RankTrace, Timeline, load
 
 MODELLED = ("vanilla", "ushaped")
@@ -64,6 +69,7 @@ class Costs:
 class Prediction:
     clients: int
     nodes: int
+    clients_per_rank: int
     ranks: int
     round_s: float
     bound: str
@@ -101,7 +107,11 @@ def measure(run_dir: Path) -> Costs:
         batch_size=int(config["data"]["batch_size"]),
         samples=int(summary["train_samples"]),
         epochs=int(config["train"]["epochs"]),
-        client_compute_s=statistics.fmean(t for r in clients for t in compute_per_step(r).values()),
+        client_compute_s=statistics.fmean(
+            t / len(hosted_clients(roles[r.rank]))
+            for r in clients
+            for t in compute_per_step(r).values()
+        ),
         server_compute_s=_training_compute(timeline.ranks[server]) / client_steps,
         messages_per_step=messages / client_steps,
         bytes_per_step=moved / client_steps,
@@ -146,18 +156,23 @@ def predict(
     cores_per_node: int,
     latency_s: float | None = None,
     bandwidth: float | None = None,
+    clients_per_rank: int = 1,
 ) -> Prediction:
-    """Round time and wall time of ``clients`` clients on ``nodes`` nodes (module docstring)."""
+    """Round time and wall time of ``clients`` clients on ``nodes`` nodes, at most
+    ``clients_per_rank`` on a client rank (module docstring)."""
     latency = costs.latency_s if latency_s is None else latency_s
     bandwidth = costs.bandwidth_bytes_per_s if bandwidth is None else bandwidth
     c, s = costs.client_compute_s, costs.server_compute_s
     cycle = c + s + costs.messages_per_step * latency + costs.bytes_per_step / bandwidth
+    hosted = min(clients_per_rank, clients)
+    ranks = math.ceil(clients / hosted) + 1
     if costs.order == "sequential":
         bounds = {"sequential turns": clients * cycle}
     else:
-        cores = min(nodes * cores_per_node, clients + 1)
+        cores = min(nodes * cores_per_node, ranks)
         bounds = {
-            "client chain": cycle,
+            "client chain" if hosted == 1 else f"client rank ({hosted} clients in turn)": hosted
+            * cycle,
             "server compute": clients * s,
             "server link": clients * costs.bytes_per_step / bandwidth,
             "cores": clients * (c + s) / cores,
@@ -167,7 +182,8 @@ def predict(
     return Prediction(
         clients,
         nodes,
-        clients + 1,
+        hosted,
+        ranks,
         round_s,
         bound,
         clients * costs.batch_size / round_s,
@@ -183,12 +199,14 @@ def render(costs: Costs, predictions: list[Prediction]) -> str:
         f"{costs.server_compute_s * 1e3:.2f} ms per client step, "
         f"{costs.bytes_per_step / 1e3:.1f} kB in {costs.messages_per_step:.1f} messages "
         f"per client step, start-up {costs.startup_s:.2f} s",
-        f"{'clients':>8} {'nodes':>6} {'ranks':>6} {'round ms':>10} {'samples/s':>10} "
+        f"{'clients':>8} {'per rank':>8} {'nodes':>6} {'ranks':>6} {'round ms':>10} "
+        f"{'samples/s':>10} "
         f"{'steps':>7} {'wall s':>9}  bound",
     ]
     for p in predictions:
         lines.append(
-            f"{p.clients:>8} {p.nodes:>6} {p.ranks:>6} {p.round_s * 1e3:>10.2f} "
+            f"{p.clients:>8} {p.clients_per_rank:>8} {p.nodes:>6} {p.ranks:>6} "
+            f"{p.round_s * 1e3:>10.2f} "
             f"{p.samples_per_s:>10.1f} {p.steps_per_client:>7} {p.wall_s:>9.1f}  "
             f"{p.bound}"
         )
@@ -204,7 +222,10 @@ def main(args: argparse.Namespace) -> int:
     latency = None if args.latency_us is None else args.latency_us * 1e-6
     bandwidth = None if args.bandwidth_gbs is None else args.bandwidth_gbs * 1e9
     predictions = [
-        predict(costs, k, args.nodes, args.cores_per_node, latency, bandwidth) for k in args.clients
+        predict(
+            costs, k, args.nodes, args.cores_per_node, latency, bandwidth, args.clients_per_rank
+        )
+        for k in args.clients
     ]
     print(render(costs, predictions))
     if args.json is not None:

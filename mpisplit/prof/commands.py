@@ -85,6 +85,12 @@ def add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
         "--cores-per-node", type=int, required=True, help="cores a node gives the job's ranks"
     )
     parser.add_argument(
+        "--clients-per-rank",
+        type=int,
+        default=1,
+        help="logical clients a client rank hosts (scheme.clients_per_rank; default 1)",
+    )
+    parser.add_argument(
         "--latency-us",
         type=float,
         default=None,

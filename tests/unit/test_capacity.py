@@ -56,3 +56,13 @@ def test_sequential_clients_take_turns() -> None:
     sequential = dataclasses.replace(COSTS, order="sequential")
     p = predict(sequential, 10, 4, 64)
     assert (p.bound, p.round_s) == ("sequential turns", pytest.approx(10 * CYCLE))
+
+
+def test_a_hosting_rank_runs_its_clients_in_turn() -> None:
+    """500 clients at 250 per client rank: 3 ranks, and a rank's 250 chains one after
+    another bind (the server's compute alone would take 500 · s, less than 250 cycles)."""
+    p = predict(COSTS, 500, 1, 64, clients_per_rank=250)
+    assert p.ranks == 3 and p.clients_per_rank == 250
+    assert (p.bound, p.round_s) == ("client rank (250 clients in turn)", pytest.approx(250 * CYCLE))
+    few = predict(COSTS, 4, 1, 64, clients_per_rank=250)  # fewer clients than a rank holds
+    assert (few.ranks, few.clients_per_rank, few.round_s) == (2, 4, pytest.approx(4 * CYCLE))
