@@ -1,17 +1,17 @@
 """Capacity planning checked: predicted round time against measured runs of 1..7 clients.
 
     python tools/bench_capacity.py [--clients 1 2 3 4 5 6 7] [--steps 150] [--json out.json]
-    python tools/bench_capacity.py --clients 2 4 8 16 --clients-per-rank 16   # one client rank
+    python tools/bench_capacity.py --clients 1 2 4 8 16 --clients-per-rank 16  # 1 client rank
 
-One traced run with ``--measure`` clients (default 2) of vanilla split learning on the digits
-CNN (``configs/vanilla-digits.yaml``) gives the costs ``mpisplit prof capacity`` predicts
-from; then every client count runs for real (traced, ``--steps`` steps per client) and its
-round time -- the run window from the first training step to the end (``mpisplit prof``'s
-window) over the steps per client -- is compared with the prediction for this machine's
-cores (``--clients-per-rank R``: each client rank hosts R of them). The ratio predicted /
-measured is printed per client count (1.0: exact); repeats
-take turns so a drift of the machine's speed touches every count alike, and the median
-ratio is kept.
+One traced run with ``--measure`` clients (default 1: its ranks have a core each) of vanilla
+split learning on the digits CNN (``configs/vanilla-digits.yaml``) gives the costs
+``mpisplit prof capacity`` predicts from; then every client count runs for real (traced,
+``--steps`` steps per client) and its round time -- the run window from the first training
+step to the end (``mpisplit prof``'s window) over the steps per client -- is compared with
+the prediction for this machine's cores (``--clients-per-rank R``: each client rank hosts R
+of them, the measured run too). The ratio predicted / measured is printed per client count
+(1.0: exact); repeats take turns so a drift of the machine's speed touches every count
+alike, and the median ratio is kept.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def traced_run(clients: int, steps: int, data: Path, run_dir: Path, per_rank: in
         "run.trace=true",
         "run.progress=none",
         "run.save_model=false",
+        "train.epochs=1000",  # as many epochs as it takes: every client takes ``steps`` steps
         f"train.max_steps={steps}",
         "train.eval_every=0",
         "--overwrite",
@@ -89,7 +90,7 @@ def prepare(clients: int, out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7])
-    parser.add_argument("--measure", type=int, default=2, help="clients of the measured run")
+    parser.add_argument("--measure", type=int, default=1, help="clients of the measured run")
     parser.add_argument("--steps", type=int, default=150, help="steps per client per run")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
@@ -101,7 +102,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         data = {k: prepare(k, out) for k in {*args.clients, args.measure}}
-        traced_run(args.measure, args.steps, data[args.measure], out / "measured")
+        traced_run(
+            args.measure, args.steps, data[args.measure], out / "measured", args.clients_per_rank
+        )
         costs = measure(out / "measured")
         measured: dict[int, list[float]] = {k: [] for k in args.clients}
         for _ in range(args.repeats):

@@ -1,11 +1,13 @@
 """Capacity planning: from a short traced run, predict the step time, throughput and wall
 time of the same workload with K clients on N nodes, before a large job is submitted.
 
-The model (split learning with one server: ``vanilla`` or ``ushaped``) takes four costs
+The model (split learning with one server: ``vanilla`` or ``ushaped``) takes the costs
 measured in the short run -- a client's mean compute per step ``c``, the server's compute per
-served client step ``s``, the bytes and messages a client step moves -- and a link (latency
-``L``, bandwidth ``B``: measured in the same run unless the target network's are given).
-One client step then costs ``cycle = c + s + messages·L + bytes/B`` end to end. A round (each
+served client step ``s``, of which ``t`` comes before it sends the gradient back (its
+optimizer step follows the send, while the client goes on), the bytes and messages a client
+step moves -- and a link (latency ``L``, bandwidth ``B``: measured in the same run unless the
+target network's are given). One client step then costs ``cycle = c + t + messages·L +
+bytes/B`` end to end. A round (each
 client one step) takes:
 
 * sequential order: ``K · cycle`` (one client works at a time);
@@ -58,6 +60,9 @@ class Costs:
     epochs: int
     client_compute_s: float
     server_compute_s: float
+    server_turnaround_s: float
+    """The part of ``server_compute_s`` before the gradient goes back (all but the
+    optimizer step)."""
     messages_per_step: float
     bytes_per_step: float
     latency_s: float
@@ -76,6 +81,9 @@ class Prediction:
     samples_per_s: float
     steps_per_client: int
     wall_s: float
+    oversubscribed: bool
+    """More ranks than cores: the run is slower than predicted (ranks waiting for a message
+    take core time from those computing), so the figures are a lower bound."""
 
 
 def measure(run_dir: Path) -> Costs:
@@ -113,6 +121,7 @@ def measure(run_dir: Path) -> Costs:
             for t in compute_per_step(r).values()
         ),
         server_compute_s=_training_compute(timeline.ranks[server]) / client_steps,
+        server_turnaround_s=_training_compute(timeline.ranks[server], "optimizer") / client_steps,
         messages_per_step=messages / client_steps,
         bytes_per_step=moved / client_steps,
         latency_s=latency,
@@ -130,17 +139,22 @@ def compute_per_step(rank: RankTrace) -> dict[int, float]:
     return dict(per_step)
 
 
-def _training_compute(rank: RankTrace) -> float:
-    return sum(s.end - s.start for s in rank.spans if s.cat == "compute" and s.name != "eval")
+def _training_compute(rank: RankTrace, *leaving: str) -> float:
+    """Seconds of training compute on ``rank`` (less the spans named in ``leaving``)."""
+    left = {"eval", *leaving}
+    return sum(s.end - s.start for s in rank.spans if s.cat == "compute" and s.name not in left)
 
 
 def link(timeline: Timeline) -> tuple[float, float]:
-    """(latency s, bandwidth bytes/s) of the run's messages: the median time of a small
-    message's transfer, and the bytes of the larger ones over their transfer time."""
+    """(latency s, bandwidth bytes/s) of the run's messages: the median transfer time of a
+    small message, and the bytes of the larger ones over their transfer times. A transfer
+    takes from the moment both ends are at it (the later of the send's and the receive's
+    start, on the aligned clocks) to the receive's end: time a receiver spends waiting for
+    its peer to compute is not the link's."""
     small, large_bytes, large_s = [], 0, 0.0
     for match in timeline.matches:
         nbytes = match.recv.args.get("bytes", 0)
-        seconds = match.recv.end - match.recv.start
+        seconds = max(match.recv.end - max(match.send.start, match.recv.start), 0.0)
         if nbytes <= SMALL_MESSAGE_BYTES:
             small.append(seconds)
         else:
@@ -163,7 +177,8 @@ def predict(
     latency = costs.latency_s if latency_s is None else latency_s
     bandwidth = costs.bandwidth_bytes_per_s if bandwidth is None else bandwidth
     c, s = costs.client_compute_s, costs.server_compute_s
-    cycle = c + s + costs.messages_per_step * latency + costs.bytes_per_step / bandwidth
+    link_s = costs.messages_per_step * latency + costs.bytes_per_step / bandwidth
+    cycle = c + costs.server_turnaround_s + link_s
     hosted = min(clients_per_rank, clients)
     ranks = math.ceil(clients / hosted) + 1
     if costs.order == "sequential":
@@ -189,6 +204,7 @@ def predict(
         clients * costs.batch_size / round_s,
         steps,
         costs.startup_s + steps * round_s,
+        ranks > nodes * cores_per_node,
     )
 
 
@@ -196,7 +212,8 @@ def render(costs: Costs, predictions: list[Prediction]) -> str:
     lines = [
         f"measured ({costs.scheme}, {costs.order}): client compute "
         f"{costs.client_compute_s * 1e3:.2f} ms/step, server "
-        f"{costs.server_compute_s * 1e3:.2f} ms per client step, "
+        f"{costs.server_compute_s * 1e3:.2f} ms per client step "
+        f"({costs.server_turnaround_s * 1e3:.2f} before the gradient goes back), "
         f"{costs.bytes_per_step / 1e3:.1f} kB in {costs.messages_per_step:.1f} messages "
         f"per client step, start-up {costs.startup_s:.2f} s",
         f"{'clients':>8} {'per rank':>8} {'nodes':>6} {'ranks':>6} {'round ms':>10} "
@@ -208,7 +225,12 @@ def render(costs: Costs, predictions: list[Prediction]) -> str:
             f"{p.clients:>8} {p.clients_per_rank:>8} {p.nodes:>6} {p.ranks:>6} "
             f"{p.round_s * 1e3:>10.2f} "
             f"{p.samples_per_s:>10.1f} {p.steps_per_client:>7} {p.wall_s:>9.1f}  "
-            f"{p.bound}"
+            f"{p.bound}{' *' if p.oversubscribed else ''}"
+        )
+    if any(p.oversubscribed for p in predictions):
+        lines.append(
+            "* more ranks than cores: a lower bound (ranks waiting for a message take core "
+            "time from those computing); host clients on fewer ranks (--clients-per-rank)"
         )
     return "\n".join(lines)
 

@@ -16,13 +16,14 @@ COSTS = Costs(
     epochs=2,
     client_compute_s=0.010,
     server_compute_s=0.002,
+    server_turnaround_s=0.0015,
     messages_per_step=4,
     bytes_per_step=1e6,
     latency_s=1e-5,
     bandwidth_bytes_per_s=1e9,
     startup_s=3.0,
 )
-CYCLE = 0.010 + 0.002 + 4 * 1e-5 + 1e6 / 1e9
+CYCLE = 0.010 + 0.0015 + 4 * 1e-5 + 1e6 / 1e9
 
 
 def test_one_client_is_its_own_chain() -> None:
