@@ -40,6 +40,21 @@ def test_averaging_points() -> None:
     assert [uneven.due(step, 4) for step in range(1, 5)] == [0, 1, 0, 2]
 
 
+def test_averaging_periods_match_the_points() -> None:
+    """FedAvg's hosted turns: a member's steps before each average, the same number of
+    averages for every member; a member whose steps ended at the previous average joins
+    the last one without steps (``due`` counts both at its last step)."""
+    even = AveragingPoints.of([6, 6], every=3)
+    assert even.periods(6) == [(1, 3), (4, 6)]
+    uneven = AveragingPoints.of([7, 4], every=2)
+    assert uneven.periods(7) == [(1, 2), (3, 4), (5, 7)]
+    assert uneven.periods(4) == [(1, 2), (3, 4), (5, 4)]
+    for last in (7, 4):
+        ends = [end for first, end in uneven.periods(last) for _ in range(first <= end)]
+        assert sum(uneven.due(step, last) for step in range(1, last + 1)) == 3
+        assert ends == [step for step in range(1, last + 1) if uneven.due(step, last)]
+
+
 class _Clock:
     def __init__(self) -> None:
         self.now = 100.0
