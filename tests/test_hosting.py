@@ -140,7 +140,8 @@ USHAPED = ModelConfig(cuts=("fc2", "head"))
 
 
 def test_ushaped_parallel_clients_on_one_rank_equal_the_oracle(dataset, tmp_path: Path) -> None:
-    """Each hosted client keeps its own head and tail; the server's middle is shared."""
+    """Each hosted client keeps its own head and tail; the server's middle is shared, and its
+    step records name the client each step served (the same round order as the oracle's)."""
     data = dataset("breast_cancer", clients=3)
     summary = _train(
         2,
@@ -169,6 +170,9 @@ def test_ushaped_parallel_clients_on_one_rank_equal_the_oracle(dataset, tmp_path
     _assert_equal(_part(tmp_path / "model-rank0.pt"), middle)
     for k, layers in enumerate(own):
         _assert_equal(_part(tmp_path / f"model-rank1-client{k}.pt"), layers)
+    records = map(json.loads, (tmp_path / "metrics-rank0.jsonl").read_text().splitlines())
+    served = [r["client"] for r in records if "step" in r and "event" not in r]
+    assert served == [k for _ in range(10) for k in range(3)]
 
 
 def test_ushaped_sequential_turns_equal_the_oracle(dataset, tmp_path: Path) -> None:
