@@ -90,7 +90,9 @@ class RunPlan:
     parts once holds them once."""
 
     def fresh_model(self, keep: set[int]) -> torch.nn.Module:
-        """A new model built with parts ``keep`` materialised (a copy from the third time)."""
+        """A new model built with parts ``keep`` materialised (a copy from the third time;
+        built every time where the model cannot be deep-copied: a user's module holding a
+        lock or an open file, say)."""
         key = tuple(sorted(keep))
         if self.fresh_models.get(key) is not None:
             return copy.deepcopy(self.fresh_models[key])
@@ -99,8 +101,12 @@ class RunPlan:
         if key not in self.fresh_models:
             self.fresh_models[key] = None
             return model
+        try:
+            copied = copy.deepcopy(model)
+        except (TypeError, RuntimeError, copy.Error):
+            return model
         self.fresh_models[key] = model
-        return copy.deepcopy(model)
+        return copied
 
     @property
     def parts(self) -> int:

@@ -57,6 +57,40 @@ def test_fresh_model_is_the_factory_under_the_seed() -> None:
     assert all(torch.equal(actual[k], v) for k, v in expected.items())
 
 
+UNCOPYABLE_NET = """
+import threading
+from torch import nn
+
+
+def net(*, input_shape, num_classes):
+    model = nn.Sequential(nn.Linear(input_shape[0], 8), nn.ReLU(), nn.Linear(8, num_classes))
+    model.lock = threading.Lock()  # what deepcopy refuses
+    return model
+"""
+
+
+def test_a_model_that_cannot_be_copied_is_built_again(dataset, tmp_path: Path) -> None:
+    """A rank asks for the same parts many times (hosted clients, SplitFed v1's server
+    copies) and copies a kept model from the third request; a user's model that deepcopy
+    refuses is built again each time instead, every one the factory under the seed."""
+    (tmp_path / "net.py").write_text(UNCOPYABLE_NET)
+    cfg = load_config(
+        "configs/vanilla-breast-cancer.yaml",
+        [
+            f"data.path={dataset('breast_cancer', clients=3)}",
+            f"model.name={tmp_path / 'net.py'}:net",
+            "model.cuts=[1]",
+            "model.options={}",
+        ],
+    )
+    run = prepare(cfg, 4)
+    models = [run.fresh_model({0, 1}) for _ in range(4)]
+    assert len({id(m) for m in models}) == 4
+    first = models[0].state_dict()
+    for model in models[1:]:
+        assert all(torch.equal(value, first[key]) for key, value in model.state_dict().items())
+
+
 @pytest.mark.parametrize(
     ("name", "cuts", "shape", "classes"),
     [
