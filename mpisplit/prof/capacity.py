@@ -6,16 +6,16 @@ measured in the short run -- a client's mean compute per step ``c``, the server'
 served client step ``s``, of which ``t`` comes before it sends the gradient back (its
 optimizer step follows the send, while the client goes on), the bytes and messages a client
 step moves -- and a link (latency ``L``, bandwidth ``B``: measured in the same run unless the
-target network's are given). One client step then costs ``cycle = c + t + messages·L +
-bytes/B`` end to end. A round (each
-client one step) takes:
+target network's are given). One client step then costs ``cycle = f·(c + t) + messages·L +
+bytes/B`` end to end, where ``f = max(1, ranks / cores)``: where ranks outnumber the cores,
+every rank, computing or waiting (a waiting rank polls), takes an equal share of them, so
+compute runs f times slower. A round (each client one step) takes:
 
 * sequential order: ``K · cycle`` (one client works at a time);
 * parallel order: the largest of ``R · cycle`` (a client rank's chain: the R clients it
-  hosts, ``scheme.clients_per_rank``, take their steps one after another), ``K · s`` (the
-  server serves clients one after another), ``K · bytes / B`` (every byte passes the
-  server's link) and ``K · (c + s) / cores`` (all the compute shares the job's cores: this
-  is what binds when ranks outnumber cores).
+  hosts, ``scheme.clients_per_rank``, take their steps one after another), ``f · K · s``
+  (the server serves clients one after another), ``K · bytes / B`` (every byte passes the
+  server's link) and ``K · (c + s) / cores`` (all the compute shares the job's cores).
 
 A measured run may host several clients per rank too: a rank's compute per step is then
 shared by the clients it hosts.
@@ -82,8 +82,8 @@ class Prediction:
     steps_per_client: int
     wall_s: float
     oversubscribed: bool
-    """More ranks than cores: the run is slower than predicted (ranks waiting for a message
-    take core time from those computing), so the figures are a lower bound."""
+    """More ranks than cores: the run is slower than predicted (taking turns on the cores
+    costs more than the ranks' shares of them), so the figures are a lower bound."""
 
 
 def measure(run_dir: Path) -> Costs:
@@ -177,10 +177,11 @@ def predict(
     latency = costs.latency_s if latency_s is None else latency_s
     bandwidth = costs.bandwidth_bytes_per_s if bandwidth is None else bandwidth
     c, s = costs.client_compute_s, costs.server_compute_s
-    link_s = costs.messages_per_step * latency + costs.bytes_per_step / bandwidth
-    cycle = c + costs.server_turnaround_s + link_s
     hosted = min(clients_per_rank, clients)
     ranks = math.ceil(clients / hosted) + 1
+    share = max(1.0, ranks / (nodes * cores_per_node))  # f: a rank's slowdown
+    link_s = costs.messages_per_step * latency + costs.bytes_per_step / bandwidth
+    cycle = share * (c + costs.server_turnaround_s) + link_s
     if costs.order == "sequential":
         bounds = {"sequential turns": clients * cycle}
     else:
@@ -188,7 +189,7 @@ def predict(
         bounds = {
             "client chain" if hosted == 1 else f"client rank ({hosted} clients in turn)": hosted
             * cycle,
-            "server compute": clients * s,
+            "server compute": share * clients * s,
             "server link": clients * costs.bytes_per_step / bandwidth,
             "cores": clients * (c + s) / cores,
         }
@@ -229,8 +230,9 @@ def render(costs: Costs, predictions: list[Prediction]) -> str:
         )
     if any(p.oversubscribed for p in predictions):
         lines.append(
-            "* more ranks than cores: a lower bound (ranks waiting for a message take core "
-            "time from those computing); host clients on fewer ranks (--clients-per-rank)"
+            "* more ranks than cores: each rank computes at its share of them, and a run is "
+            "slower still (the ranks take turns): a lower bound; host clients on fewer ranks "
+            "(--clients-per-rank)"
         )
     return "\n".join(lines)
 

@@ -38,7 +38,7 @@ def test_one_client_is_its_own_chain() -> None:
     ("clients", "nodes", "cores", "bound", "round_s"),
     [
         (100, 50, 64, "server compute", 100 * 0.002),  # cores to spare: the server serialises
-        (7, 1, 2, "cores", 7 * 0.012 / 2),  # 8 ranks on 2 cores share them
+        (7, 1, 2, "server compute", 4 * 7 * 0.002),  # 8 ranks on 2 cores: a quarter each
         (4, 1, 64, "client chain", CYCLE),  # few clients, many cores
     ],
 )
