@@ -54,6 +54,14 @@ START_TIMEOUT_S = 90
 STOP_TIMEOUT_S = 120
 NODES = 4
 """CPU nodes n1..n4 in partition ``debug``; the GPU node g1 (partition ``gpu``) comes on top."""
+PMI2_GARBLED = "mpi/pmi2: value not properly terminated in client request"
+"""What slurmstepd says when a rank's PMI-2 request reaches it garbled. On this one-VM
+cluster under load, PyPI MPICH's start-up exchange through srun's pmi2 plugin sometimes
+breaks this way (slurmstepd reads part of a request; the ranks then get a corrupt UCX
+address and abort in MPI_Init, before mpisplit starts): a start-up race between Slurm and
+MPICH, not mpisplit's: in both CI pre-checks of one session, one job each. Such a job runs
+again, up to ``GARBLED_RERUNS`` times."""
+GARBLED_RERUNS = 2
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.slurm.conftest import GARBLED_RERUNS, PMI2_GARBLED
+
 ROOT = Path(__file__).resolve().parents[2]
 
 JOBSCRIPTS = ROOT / "jobscripts"
@@ -33,12 +35,6 @@ CONFIGS = ROOT / "configs"
 VANILLA = "configs/vanilla-breast-cancer.yaml"
 SEQUENTIAL = "configs/vanilla-sequential-breast-cancer.yaml"
 JOB_TIMEOUT_S = 420
-PMI2_GARBLED = "mpi/pmi2: value not properly terminated in client request"
-"""What slurmstepd says when a rank's PMI-2 request reaches it garbled. On this one-VM
-cluster under load, PyPI MPICH's start-up exchange through srun's pmi2 plugin sometimes
-breaks this way (slurmstepd reads part of a request; the ranks then get a corrupt UCX
-address and abort in MPI_Init, before mpisplit starts): a start-up race between Slurm and
-MPICH, not mpisplit's, seen in some CI runs under load."""
 TINY = ("train.epochs=1", "train.eval_every=0", "run.log_every=1000")
 RANK_LINE = re.compile(
     r"mpisplit-job: rank (\d+) on (\S+) \(local (\S+)\): "
@@ -89,7 +85,7 @@ class Submitted:
         self.args, self.options = args, options
         self.id = self._submit()
         self.garbled: str | None = None
-        """The first job's id, where its PMI-2 start-up was garbled and it ran again."""
+        """The last garbled job's id, where a PMI-2 start-up was garbled and it ran again."""
         self._state: str | None = None
 
     def _submit(self) -> str:
@@ -103,11 +99,13 @@ class Submitted:
 
     def wait(self, timeout: float = JOB_TIMEOUT_S) -> str:
         """The job's final state. A job whose ranks died in MPI start-up because srun's
-        pmi2 plugin got a garbled request (``PMI2_GARBLED``) runs once more: nothing of it
-        had started."""
+        pmi2 plugin got a garbled request (``PMI2_GARBLED``) runs again: nothing of it had
+        started."""
         if self._state is None:
             self._state = self.slurm.wait(self.id, timeout=timeout)
-            if self._state == "FAILED" and PMI2_GARBLED in self.slurm.output(self.id):
+            for _ in range(GARBLED_RERUNS):
+                if self._state != "FAILED" or PMI2_GARBLED not in self.slurm.output(self.id):
+                    break
                 self.garbled, self.id = self.id, self._submit()
                 self._state = self.slurm.wait(self.id, timeout=timeout)
         return self._state
