@@ -314,3 +314,19 @@ def test_readme_capacity_commands_run_as_written(tmp_path: Path) -> None:
         ("500", "50", "1", "11"),
     ]
     assert all(float(r[4]) > 0 and float(r[7]) > 0 for r in rows), done.stdout
+
+
+def test_capacity_refuses_a_count_below_one(tmp_path: Path) -> None:
+    """A zero count (clients per rank here) is one line naming the option, before any read."""
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "mpisplit", "prof", "capacity", str(tmp_path)),
+            *("--clients", "5", "--clients-per-rank", "0", "--cores-per-node", "2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--clients-per-rank must be at least 1" in result.stderr

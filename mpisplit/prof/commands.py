@@ -125,9 +125,10 @@ def _capacity(args: argparse.Namespace) -> int:
     from mpisplit.config import ConfigError
     from mpisplit.prof.capacity import main
 
-    for name in ("clients", "nodes", "cores_per_node", "epochs", "samples"):
+    for name in ("clients", "clients_per_rank", "nodes", "cores_per_node", "epochs", "samples"):
         values = getattr(args, name)
-        if any(v < 1 for v in (values if isinstance(values, list) else [values or 1])):
+        given = values if isinstance(values, list) else [] if values is None else [values]
+        if any(v < 1 for v in given):
             print(f"mpisplit: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
     try:
