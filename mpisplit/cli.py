@@ -302,12 +302,13 @@ def _bad_input(err: Exception, rank: int = 0) -> int:
 def _train(args: argparse.Namespace) -> int:
     if args.pmpi and PMPI_ACTIVE not in os.environ:
         return _reexec_with_pmpi(args)
-    from mpi4py import MPI
+    from mpisplit.startup import start_mpi
+
+    comm = start_mpi().COMM_WORLD  # MPI_Init, under its deadline
 
     from mpisplit import engine, supervise
     from mpisplit.failure import Preempted, abort_on_failure
 
-    comm = MPI.COMM_WORLD
     run = _agreed_run(args, comm)
     if run is None:
         return EXIT_BAD_INPUT

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import MPIEXEC_TIMEOUT_S, run_mpi, start_mpi
+from tests.conftest import MPIEXEC_TIMEOUT_S, ROOT, run_mpi, start_mpi
 
 CONFIG = "configs/vanilla-breast-cancer.yaml"
 LIMIT_S = 30
@@ -272,3 +273,43 @@ def test_preemption_signal_stops_every_rank_cleanly(dataset, tmp_path: Path) -> 
     for rank in range(4):
         last = (tmp_path / f"metrics-rank{rank}.jsonl").read_text().splitlines()[-1]
         assert json.loads(last)["event"] == "preempted"
+
+
+STALLED_MPI = "import time\ntime.sleep(120)  # an MPI_Init whose launcher exchange never ends\n"
+
+
+def test_a_rank_stuck_in_mpi_start_up_exits_at_its_deadline(tmp_path: Path) -> None:
+    """``mpisplit train`` initialises MPI under ``MPISPLIT_START_TIMEOUT_S``: a rank whose
+    start-up never finishes (here an ``mpi4py.MPI`` whose import blocks, as MPI_Init does
+    when the PMI exchange stalls) prints where it waited and exits 1, so the launcher ends
+    the job instead of hanging."""
+    (tmp_path / "mpi4py").mkdir()
+    (tmp_path / "mpi4py" / "__init__.py").write_text("")
+    (tmp_path / "mpi4py" / "MPI.py").write_text(STALLED_MPI)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "MPISPLIT_START_TIMEOUT_S": "2"}
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "mpisplit", "train", "configs/vanilla-breast-cancer.yaml"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert time.monotonic() - start < 30
+    assert "Timeout (0:00:02)" in done.stderr and "start_mpi" in done.stderr, done.stderr
+
+
+def test_a_start_timeout_that_is_no_number_is_one_line() -> None:
+    env = {**os.environ, "MPISPLIT_START_TIMEOUT_S": "soon"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mpisplit", "train", "configs/vanilla-breast-cancer.yaml"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "MPISPLIT_START_TIMEOUT_S: expected seconds above 0, got 'soon'" in done.stderr

@@ -1,0 +1,45 @@
+"""MPI start-up under a deadline.
+
+``MPI_Init`` waits for the launcher's process-management exchange (PMI, PMIx). When that
+exchange breaks -- a request garbled under load, a peer that never starts -- every rank
+waits there forever, before any of mpisplit's own deadlines exists. ``start_mpi`` imports
+mpi4py (which initialises MPI) under a watchdog that runs outside Python
+(``faulthandler``: the blocked call holds the interpreter), so a rank that has not started
+within ``MPISPLIT_START_TIMEOUT_S`` seconds (default 180) prints where it waits and exits
+with status 1, and the launcher ends the job.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+from types import ModuleType
+
+START_TIMEOUT = "MPISPLIT_START_TIMEOUT_S"
+DEFAULT_START_TIMEOUT_S = 180.0
+
+
+def start_timeout_s() -> float:
+    """The start-up deadline from ``MPISPLIT_START_TIMEOUT_S`` (one line and exit 2 when it
+    is no number of seconds above 0)."""
+    text = os.environ.get(START_TIMEOUT, str(DEFAULT_START_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        sys.stderr.write(f"mpisplit: {START_TIMEOUT}: expected seconds above 0, got {text!r}\n")
+        raise SystemExit(2)
+    return seconds
+
+
+def start_mpi() -> ModuleType:
+    """mpi4py's ``MPI`` module, MPI initialised within the start-up deadline."""
+    timeout = start_timeout_s()
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    try:
+        from mpi4py import MPI
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    return MPI
