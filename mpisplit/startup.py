@@ -34,10 +34,19 @@ def start_timeout_s() -> float:
     return seconds
 
 
+def _stderr_fd() -> int:
+    """The descriptor the watchdog writes to: the process's standard error, also where
+    ``sys.stderr`` is a Python object without one (a caller capturing output in-process)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return 2
+
+
 def start_mpi() -> ModuleType:
     """mpi4py's ``MPI`` module, MPI initialised within the start-up deadline."""
     timeout = start_timeout_s()
-    faulthandler.dump_traceback_later(timeout, exit=True)
+    faulthandler.dump_traceback_later(timeout, exit=True, file=_stderr_fd())
     try:
         from mpi4py import MPI
     finally:
