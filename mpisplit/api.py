@@ -44,13 +44,14 @@ def train(
         overrides: ``section={"key": value}`` or ``**{"section.key": value}``, validated
             like the file.
     """
-    from mpi4py import MPI
+    from mpisplit.startup import start_mpi
+
+    comm = start_mpi().COMM_WORLD if comm is None else comm  # MPI_Init, under its deadline
 
     from mpisplit import engine, rundir
     from mpisplit.checkpoint import agree_on_resume_point, checkpoint_dir
     from mpisplit.models import register_factory
 
-    comm = MPI.COMM_WORLD if comm is None else comm
     sections = _sections(config)
     if factory is not None:
         overrides = {**overrides, "model.name": register_factory(factory)}

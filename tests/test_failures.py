@@ -278,18 +278,28 @@ def test_preemption_signal_stops_every_rank_cleanly(dataset, tmp_path: Path) -> 
 STALLED_MPI = "import time\ntime.sleep(120)  # an MPI_Init whose launcher exchange never ends\n"
 
 
-def test_a_rank_stuck_in_mpi_start_up_exits_at_its_deadline(tmp_path: Path) -> None:
-    """``mpisplit train`` initialises MPI under ``MPISPLIT_START_TIMEOUT_S``: a rank whose
-    start-up never finishes (here an ``mpi4py.MPI`` whose import blocks, as MPI_Init does
-    when the PMI exchange stalls) prints where it waited and exits 1, so the launcher ends
-    the job instead of hanging."""
+API_TRAIN = "import mpisplit\nmpisplit.train('configs/vanilla-breast-cancer.yaml')\n"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["-m", "mpisplit", "train", "configs/vanilla-breast-cancer.yaml"], ["-c", API_TRAIN]],
+    ids=["cli", "python-api"],
+)
+def test_a_rank_stuck_in_mpi_start_up_exits_at_its_deadline(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """``mpisplit train`` and ``mpisplit.train`` initialise MPI under
+    ``MPISPLIT_START_TIMEOUT_S``: a rank whose start-up never finishes (here an
+    ``mpi4py.MPI`` whose import blocks, as MPI_Init does when the PMI exchange stalls)
+    prints where it waited and exits 1, so the launcher ends the job instead of hanging."""
     (tmp_path / "mpi4py").mkdir()
     (tmp_path / "mpi4py" / "__init__.py").write_text("")
     (tmp_path / "mpi4py" / "MPI.py").write_text(STALLED_MPI)
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "MPISPLIT_START_TIMEOUT_S": "2"}
     start = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "mpisplit", "train", "configs/vanilla-breast-cancer.yaml"],
+        [sys.executable, *command],
         cwd=ROOT,
         env=env,
         capture_output=True,
