@@ -271,6 +271,12 @@ def test_capacity_from_the_traced_run(profiled, tmp_path: Path) -> None:
         assert p["wall_s"] == pytest.approx(costs["startup_s"] + rounds * p["round_s"])
 
 
+def _capacity(run_dir: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """``mpisplit prof capacity RUN_DIR OPTIONS...`` from the checkout."""
+    command = [sys.executable, "-m", "mpisplit", "prof", "capacity", str(run_dir), *options]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
 def test_capacity_of_an_unmodelled_scheme_is_one_line(profiled, tmp_path: Path) -> None:
     run_dir, _, _ = profiled
     copy = tmp_path / "run"
@@ -279,24 +285,7 @@ def test_capacity_of_an_unmodelled_scheme_is_one_line(profiled, tmp_path: Path) 
         (copy / name).write_text((run_dir / name).read_text())
     config = (run_dir / "config.yaml").read_text().replace("name: vanilla", "name: fedavg")
     (copy / "config.yaml").write_text(config)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mpisplit",
-            "prof",
-            "capacity",
-            str(copy),
-            "--clients",
-            "4",
-            "--cores-per-node",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
+    result = _capacity(copy, "--clients", "4", "--cores-per-node", "2")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "scheme fedavg is not modelled" in result.stderr
 
@@ -318,15 +307,8 @@ def test_readme_capacity_commands_run_as_written(tmp_path: Path) -> None:
 
 def test_capacity_refuses_a_count_below_one(tmp_path: Path) -> None:
     """A zero count (clients per rank here) is one line naming the option, before any read."""
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "mpisplit", "prof", "capacity", str(tmp_path)),
-            *("--clients", "5", "--clients-per-rank", "0", "--cores-per-node", "2"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
+    result = _capacity(
+        tmp_path, "--clients", "5", "--clients-per-rank", "0", "--cores-per-node", "2"
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "--clients-per-rank must be at least 1" in result.stderr
