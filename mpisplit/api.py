@@ -50,6 +50,7 @@ def train(
 
     from mpisplit import engine, rundir
     from mpisplit.checkpoint import agree_on_resume_point, checkpoint_dir
+    from mpisplit.failure import callers_signal_handlers
     from mpisplit.models import register_factory
 
     sections = _sections(config)
@@ -70,7 +71,8 @@ def train(
             world_size=comm.Get_size(),
         )
     comm.Barrier()  # the directory is claimed before any rank writes into it
-    return engine.train(run, comm)
+    with callers_signal_handlers():
+        return engine.train(run, comm)
 
 
 def _sections(config: str | Path | dict[str, Any] | Config) -> dict[str, Any]:

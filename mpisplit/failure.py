@@ -103,6 +103,19 @@ def preemptible(defer: Callable[[int], None] | None = None) -> Iterator[None]:
         signal.signal(sig, _ignore_after_training)
 
 
+@contextlib.contextmanager
+def callers_signal_handlers() -> Iterator[None]:
+    """The caller's SIGUSR1 and SIGTERM handlers back when the body ends: a script that
+    calls ``mpisplit.train`` goes on after it, and decides itself what those signals do
+    then (``preemptible`` leaves them ignored for the CLI, which only reports and exits)."""
+    previous = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _ignore_after_training(signum: int, _frame: object) -> None:
     logging.getLogger("mpisplit").warning(
         "%s after training had finished: ignored", signal.Signals(signum).name

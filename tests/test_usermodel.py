@@ -710,7 +710,7 @@ def test_readme_your_model_commands_run_as_written(tmp_path: Path) -> None:
 
 
 API_SCRIPT = """
-import json, sys
+import json, signal, sys
 import mpisplit
 from mpisplit.config import ConfigError
 sys.path.insert(0, sys.argv[3])
@@ -721,13 +721,16 @@ config = {"scheme": {"name": "vanilla", "clients": 1},
           "data": {"path": sys.argv[1], "batch_size": 16}}
 summary = mpisplit.train(config, factory=residual_cnn, run={"dir": sys.argv[2],
                          "progress": "none"}, **{"train.max_steps": 3})
+signals = (signal.SIGUSR1, signal.SIGTERM)
+default_signals = all(signal.getsignal(s) is signal.SIG_DFL for s in signals)
 raised = None
 try:
     mpisplit.train(config, factory=residual_cnn, **{"model.cuts": ["layer1.0.conv2"]})
 except ConfigError as err:
     raised = str(err).split(":")[0]
 from mpi4py import MPI  # rank 0 prints every rank's outcome: the ranks' output may interleave
-outcomes = MPI.COMM_WORLD.gather([raised, None if summary is None else summary["steps_per_rank"]])
+steps = None if summary is None else summary["steps_per_rank"]
+outcomes = MPI.COMM_WORLD.gather([raised, steps, default_signals])
 if MPI.COMM_WORLD.Get_rank() == 0:
     print(json.dumps(outcomes))
 """
@@ -757,4 +760,6 @@ def test_python_api_returns_the_summary_on_rank_0_and_raises(dataset, tmp_path: 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     outcomes = json.loads(result.stdout.strip().splitlines()[-1])
-    assert outcomes == [["model.cuts[0]", [3, 3]], ["model.cuts[0]", None]], result.stdout
+    assert outcomes == [["model.cuts[0]", [3, 3], True], ["model.cuts[0]", None, True]], (
+        result.stdout
+    )
