@@ -9,12 +9,13 @@ rank 0 in between: ``mpisplit.rundir``), hands a ``RankContext`` to the scheme, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,6 +279,13 @@ class RankContext:
     def _colocated(self) -> tuple[tuple[int, ...], ...]:
         return specs.get(self.config.scheme.name).colocated
 
+    @contextlib.contextmanager
+    def building_model(self) -> Iterator[None]:
+        """Wraps every build of a model (or of a part of one) on this rank, for ``memory``."""
+        self.memory.setdefault("before_model", resident_mb())
+        yield
+        self.memory["model_built_peak"] = peak_resident_mb()
+
     def build_segment(self, index: int, total_steps: int, *, through: int | None = None) -> Segment:
         """Part ``index`` (or parts ``index..through`` joined) with its optimizer.
 
@@ -289,9 +297,8 @@ class RankContext:
         wanted = set(range(index, last + 1))
         if self._model is None or wanted & self._handed_out or not wanted <= self._kept:
             keep = wanted.union(*(group for group in self._colocated if wanted & set(group)))
-            self.memory.setdefault("before_model", resident_mb())
-            self._model = self.run.fresh_model(keep)
-            self.memory["model_built_peak"] = peak_resident_mb()
+            with self.building_model():
+                self._model = self.run.fresh_model(keep)
             self._kept, self._handed_out, self._optimised = set(keep), set(), set()
         self._handed_out |= wanted
         cuts = self.config.model.cuts
@@ -609,8 +616,8 @@ def _by_task(evals: np.ndarray, tasks: tuple[str, ...]) -> list[dict[str, Any]]:
 
 def _rss(row: np.ndarray) -> dict[str, float | None]:
     """A rank's resident memory in MiB: before and right after building its part of the
-    model (None where the rank built none through ``RankContext.build_segment``: the
-    vertical and multitask schemes build their parts themselves), and the run's peak."""
+    model (None where the rank built none: ``RankContext.building_model`` records them),
+    and the run's peak."""
     names = ("before_model", "model_built_peak", "run_peak")
     return {k: None if np.isnan(v) else round(float(v), 1) for k, v in zip(names, row, strict=True)}
 

@@ -108,6 +108,8 @@ def test_summary_reports_each_task(dataset, tmp_path: Path) -> None:
     ]
     accuracies = [e["accuracy"] for e in summary["test_by_task"]]
     assert min(accuracies) <= summary["test_accuracy"] <= max(accuracies)
+    for rss in summary["rss_mb_per_rank"]:  # the task servers build their heads themselves
+        assert 0 < rss["before_model"] <= rss["model_built_peak"] <= rss["run_peak"], rss
 
 
 def test_clients_on_one_rank_equal_the_oracle(dataset, tmp_path: Path) -> None:

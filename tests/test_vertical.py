@@ -191,6 +191,8 @@ def test_labels_stay_at_party0(data: Path, tmp_path: Path) -> None:
     assert set(routes["2"]) == {"GRADIENT"}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test_accuracy"] is not None
+    for rss in summary["rss_mb_per_rank"]:  # the server and parties build their parts
+        assert 0 < rss["before_model"] <= rss["model_built_peak"] <= rss["run_peak"], rss
 
 
 def test_parties_of_different_widths_with_labels_at_party1(data: Path, tmp_path: Path) -> None:

@@ -53,7 +53,8 @@ def task_segment(ctx: RankContext, task: int, total_steps: int) -> Segment:
     (its ``num_classes``), under the model seed, as a reference rebuilds it."""
     cfg, meta = ctx.config, ctx.run.meta
     _, classes = task_target(cfg.scheme.options.tasks[task], meta["num_classes"])
-    model = build_parts(cfg.model, meta["feature_shape"], classes, [1])
+    with ctx.building_model():
+        model = build_parts(cfg.model, meta["feature_shape"], classes, [1])
     module = split_model(model, cfg.model.cuts)[1]
     return Segment.create(module.to(ctx.device), cfg.train, total_steps)
 

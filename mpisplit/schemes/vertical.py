@@ -308,7 +308,8 @@ def _evaluate(
 class _Server:
     def __init__(self, ctx: RankContext, layout: Layout, cut: CollectiveCut, steps: int):
         self.ctx, self.layout, self.cut = ctx, layout, cut
-        module = server_part(ctx.run, layout)
+        with ctx.building_model():
+            module = server_part(ctx.run, layout)
         self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
         self.generators: list[torch.Generator] = []
         self.leakage = None
@@ -376,7 +377,8 @@ class _Party:
     def __init__(self, ctx: RankContext, layout: Layout, cut: CollectiveCut, steps: int):
         self.ctx, self.layout, self.cut = ctx, layout, cut
         party = ctx.me.index
-        module = party_part(ctx.config, ctx.run.meta, party)
+        with ctx.building_model():
+            module = party_part(ctx.config, ctx.run.meta, party)
         self.segment = Segment.create(module.to(ctx.device), ctx.config.train, steps)
         self.server = ctx.topology.ranks(Role.SERVER)[0]
         self.defence = CutDefence(ctx.config.privacy, party)
