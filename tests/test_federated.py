@@ -7,6 +7,7 @@ import copy
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -42,11 +43,17 @@ def _assert_every_rank_holds(run_dir: Path, expected: dict) -> None:
             torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-5, msg=f"{rank} {key}")
 
 
-def _fedavg_reference(data: Path, every: int) -> dict:
+def _fedavg_reference(data: Path, every: int, *, reset: bool = False) -> dict:
+    """Every client's own model and optimizer, the average loaded into each; ``reset``: a
+    fresh optimizer after each average (scheme.local_optimizer: reset)."""
     streams = [client_batches(data, k, batch_size=16, seed=0) for k in range(CLIENTS)]
     weights = [n / sum(n for _, n in streams) for _, n in streams]
     nets = [initial_model(data, MODEL) for _ in range(CLIENTS)]
-    opts = [torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM) for net in nets]
+
+    def optimizers() -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM) for net in nets]
+
+    opts = optimizers()
     for step in range(1, STEPS + 1):
         for net, opt, (batches, _) in zip(nets, opts, streams, strict=True):
             batch = next(batches)
@@ -61,16 +68,28 @@ def _fedavg_reference(data: Path, every: int) -> dict:
             }
             for net in nets:
                 net.load_state_dict(copy.deepcopy(average))
+            opts = optimizers() if reset else opts
     return nets[0].state_dict()
 
 
-def test_fedavg_equals_single_process(dataset, tmp_path: Path) -> None:
+@pytest.mark.parametrize("local_optimizer", ["keep", "reset"])
+def test_fedavg_equals_single_process(dataset, tmp_path: Path, local_optimizer: str) -> None:
     data = dataset("breast_cancer", clients=CLIENTS)
-    summary = _train("fedavg", data, tmp_path, "scheme.fedavg_every=5")
+    summary = _train(
+        "fedavg",
+        data,
+        tmp_path,
+        "scheme.fedavg_every=5",
+        f"scheme.local_optimizer={local_optimizer}",
+    )
     assert summary["roles"] == ["client0", "client1", "client2"]
     assert summary["steps_per_rank"] == [STEPS] * CLIENTS
     assert [e["client"] for e in summary["test_by_client"]] == [0]
-    _assert_every_rank_holds(tmp_path, _fedavg_reference(data, every=5))
+    expected = _fedavg_reference(data, every=5, reset=local_optimizer == "reset")
+    _assert_every_rank_holds(tmp_path, expected)
+    if local_optimizer == "reset":  # momentum matters: the two runs' weights differ
+        other = _fedavg_reference(data, every=5)
+        assert any(not torch.allclose(expected[k], other[k], atol=1e-4) for k in expected)
 
 
 def test_syncsgd_equals_one_large_batch(dataset, tmp_path: Path) -> None:

@@ -277,19 +277,28 @@ def test_splitfed_clients_on_two_ranks_equal_one_rank_per_client(
     _assert_same_run(tmp_path / "hosted", tmp_path / "alone", summaries)
 
 
-@pytest.mark.parametrize("scheme", ["fedavg", "syncsgd"])
+@pytest.mark.parametrize(
+    ("scheme", "options"),
+    [
+        ("fedavg", ("scheme.fedavg_every=2",)),
+        ("fedavg", ("scheme.fedavg_every=2", "scheme.local_optimizer=reset")),
+        ("syncsgd", ()),
+    ],
+    ids=["fedavg", "fedavg-reset", "syncsgd"],
+)
 def test_baselines_clients_on_two_ranks_equal_one_rank_per_client(
-    dataset, tmp_path: Path, scheme: str
+    dataset, tmp_path: Path, scheme: str, options: tuple[str, ...]
 ) -> None:
     """FedAvg and sync SGD, four clients at two per rank, two epochs of unequal shards
     (FedAvg's last average after the longest; sync SGD's short clients step without data)
     against one rank per client: a rank keeps one model for its clients and adds their
-    weighted parts or gradients up before the Allreduce. Client 0 evaluates after the
-    averages of its step, as on a rank of its own."""
+    weighted parts or gradients up before the Allreduce (FedAvg: each client's optimizer
+    state its own, or fresh each period). Client 0 evaluates after the averages of its
+    step, as on a rank of its own."""
     data = dataset("breast_cancer", clients=4, **UNEQUAL)
     config = f"configs/{scheme}-breast-cancer.yaml"
     common = (f"scheme.name={scheme}", "scheme.clients=4", "train.epochs=2", "train.eval_every=2")
-    common += ("scheme.fedavg_every=2",) if scheme == "fedavg" else ()
+    common += options
     summaries = (
         _train(2, data, tmp_path / "hosted", *common, "scheme.clients_per_rank=2", config=config),
         _train(4, data, tmp_path / "alone", *common, config=config),

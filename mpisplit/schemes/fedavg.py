@@ -8,11 +8,14 @@ A rank trains its clients on one shared model, period by period: in each period 
 averages every hosted client in turn starts from the last average, takes its steps of the
 period and adds its weighted parameters to the rank's sum, and the rank joins the Allreduce
 once all of them have. Each client keeps its own optimizer state and schedule (and the
-buffers no average replaces), so the result is that of one rank per client.
+buffers no average replaces), so the result is that of one rank per client; with
+``scheme.local_optimizer: reset`` every period starts with a fresh optimizer instead, and
+the rank keeps none per client.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 
@@ -56,18 +59,22 @@ def run(ctx: RankContext) -> RankResult:
         weights = sample_weights(ctx, comm, [r.num_samples for r in readers])
         segment = ctx.build_segment(0, max(steps), through=ctx.run.parts - 1)
         first = ctx.me.clients[0]
-        averaged = averaged_tensors(segment.module, cfg.scheme.options.average_buffers)
+        options = cfg.scheme.options
+        averaged = averaged_tensors(segment.module, options.average_buffers)
+        keep = options.local_optimizer == "keep"
         shared = SharedModel(
             segment,
             [b for b in segment.module.buffers() if all(b is not t for t in averaged)],
             schedules=lambda k: make_scheduler(segment.optimizer, cfg.train, steps[k - first]),
+            keep_optimizer=keep,
         )
         periods = Periods(
             ctx,
             comm,
             averaged,
-            AveragingPoints.of(budgets[:, 0].tolist(), cfg.scheme.options.fedavg_every),
+            AveragingPoints.of(budgets[:, 0].tolist(), options.fedavg_every),
             dict(zip(ctx.me.clients, zip(weights, steps, strict=True), strict=True)),
+            reset=None if keep else segment.optimizer,
         )
         models = [
             WholeModel(c, segment, tests, after_step=lambda s, k=c.me.index: periods.ended(k, s))
@@ -84,7 +91,8 @@ class Periods:
     between the averages (``blocks``), and the rank's part in each average.
 
     ``tensors``: what the averages replace (the shared model's); ``clients``: each hosted
-    client's (weight, last step)."""
+    client's (weight, last step); ``reset``: the optimizer whose state each average
+    discards (``scheme.local_optimizer: reset``)."""
 
     def __init__(
         self,
@@ -93,9 +101,11 @@ class Periods:
         tensors: Sequence[torch.Tensor],
         points: AveragingPoints,
         clients: Mapping[int, tuple[float, int]],
+        *,
+        reset: torch.optim.Optimizer | None = None,
     ) -> None:
         self.ctx, self.comm, self.tensors, self.points = ctx, comm, list(tensors), points
-        self.clients = clients
+        self.clients, self.reset = clients, reset
         self.average = flatten(self.tensors)
         """The last average (at first, the model every client starts from)."""
         self.sum = torch.zeros_like(self.average)
@@ -140,3 +150,5 @@ class Periods:
             )
             self.average, self.sum, self.joined = self.sum, self.average.zero_(), 0
             unflatten(self.average, self.tensors)
+            if self.reset is not None:
+                self.reset.state = defaultdict(dict)

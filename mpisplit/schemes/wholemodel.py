@@ -57,9 +57,11 @@ class SharedModel:
     ``own_buffers``: the module's buffers whose values are each client's own (those no
     average replaces). ``schedules``: where clients step apart (FedAvg between averages),
     each client's fresh schedule (``schedules(client)``, on the segment's optimizer); they
-    then also keep their own optimizer state. None: every client takes the same step (sync
-    SGD), so they share both. ``use(client)`` swaps that client's values in; every client
-    starts from the buffers the model has when this is made."""
+    then also keep their own optimizer state, unless ``keep_optimizer`` is false: then a
+    client's turn starts with a fresh one (the caller also resets it where a period starts
+    without a swap). None: every client takes the same step (sync SGD), so they share
+    both. ``use(client)`` swaps that client's values in; every client starts from the
+    buffers the model has when this is made."""
 
     def __init__(
         self,
@@ -67,8 +69,10 @@ class SharedModel:
         own_buffers: Sequence[torch.Tensor],
         *,
         schedules: Callable[[int], LRScheduler] | None = None,
+        keep_optimizer: bool = True,
     ) -> None:
         self.segment, self.own_buffers, self.schedules = segment, list(own_buffers), schedules
+        self.keep_optimizer = keep_optimizer
         self._initial = [b.clone() for b in self.own_buffers]
         self._saved: dict[int, _Own] = {}
         self.current: int | None = None
@@ -97,13 +101,15 @@ class SharedModel:
             return _Own(self._initial)
         self.segment.scheduler = self.schedules(client)
         rates = [g["lr"] for g in self.segment.optimizer.param_groups]
-        return _Own(self._initial, defaultdict(dict), (self.segment.scheduler.state_dict(), rates))
+        schedule = (self.segment.scheduler.state_dict(), rates)
+        return _Own(self._initial, defaultdict(dict) if self.keep_optimizer else None, schedule)
 
     def _take(self) -> _Own:
         own = _Own([b.clone() for b in self.own_buffers])
         if self.steps_apart:
             optimizer = self.segment.optimizer
-            own.optimizer, optimizer.state = optimizer.state, defaultdict(dict)
+            kept, optimizer.state = optimizer.state, defaultdict(dict)
+            own.optimizer = kept if self.keep_optimizer else None
             own.schedule = (
                 self.segment.scheduler.state_dict(),
                 [g["lr"] for g in optimizer.param_groups],
@@ -114,9 +120,10 @@ class SharedModel:
         with torch.no_grad():
             for buffer, value in zip(self.own_buffers, own.buffers, strict=True):
                 buffer.copy_(value)
-        if own.optimizer is not None and own.schedule is not None:
+        if own.schedule is not None:
             optimizer = self.segment.optimizer
-            optimizer.state = own.optimizer  # type: ignore[assignment]
+            if own.optimizer is not None:
+                optimizer.state = own.optimizer  # type: ignore[assignment]
             schedule, rates = own.schedule
             self.segment.scheduler.load_state_dict(schedule)
             for group, rate in zip(optimizer.param_groups, rates, strict=True):
