@@ -99,13 +99,14 @@ class Submitted:
 
     def wait(self, timeout: float = JOB_TIMEOUT_S) -> str:
         """The job's final state. A job whose ranks died in MPI start-up because srun's
-        pmi2 plugin got a garbled request (``PMI2_GARBLED``) runs again: nothing of it had
-        started."""
+        pmi2 plugin got a garbled request (``PMI2_GARBLED``) runs again, alone on the
+        cluster: nothing of it had started."""
         if self._state is None:
             self._state = self.slurm.wait(self.id, timeout=timeout)
             for _ in range(GARBLED_RERUNS):
                 if self._state != "FAILED" or PMI2_GARBLED not in self.slurm.output(self.id):
                     break
+                self.slurm.wait_until_empty(timeout)
                 self.garbled, self.id = self.id, self._submit()
                 self._state = self.slurm.wait(self.id, timeout=timeout)
         return self._state
