@@ -279,6 +279,15 @@ def compared(
             "counted": run.counted_sent,
         }
     )
+    rows.append(
+        {
+            "model": name,
+            "clients": run.clients,
+            "scope": "this run, not predicted",
+            "quantity": "peak RSS MB per rank, largest",
+            "measured": max(mb for _, mb in peak_rss(run_dir)),
+        }
+    )
     return rows
 
 
