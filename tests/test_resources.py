@@ -240,9 +240,10 @@ def test_scale_tool_measures_what_resources_predicts(tmp_path: Path) -> None:
     # one step of 2 samples: the 3->8 3x3 convolution at 32x32, forward + weight gradient
     flops = next(r for r in compared if r["scope"] == "this run" and r["quantity"] == "flops")
     assert flops["measured"] == 2 * 2 * (2 * 27 * 8 * 32 * 32)
-    evaluation, counts = [r for r in rows if "predicted" not in r]
+    evaluation, counts, memory = [r for r in rows if "predicted" not in r]
     assert evaluation["measured"] > 0  # one client evaluated: left out of the comparison
     assert counts["measured"] == counts["counted"] > 0  # trace spans = transport counters
+    assert memory["quantity"] == "peak RSS MB per rank, largest" and memory["measured"] > 100
 
 
 @pytest.mark.parametrize("scheme", ["splitfed", "fedavg", "syncsgd"])
