@@ -280,7 +280,7 @@ def test_splitfed_clients_on_two_ranks_equal_one_rank_per_client(
 @pytest.mark.parametrize(
     ("scheme", "options"),
     [
-        ("fedavg", ("scheme.fedavg_every=2",)),
+        ("fedavg", ("scheme.fedavg_every=2", "train.schedule=cosine")),
         ("fedavg", ("scheme.fedavg_every=2", "scheme.local_optimizer=reset")),
         ("syncsgd", ()),
     ],
@@ -293,8 +293,8 @@ def test_baselines_clients_on_two_ranks_equal_one_rank_per_client(
     (FedAvg's last average after the longest; sync SGD's short clients step without data)
     against one rank per client: a rank keeps one model for its clients and adds their
     weighted parts or gradients up before the Allreduce (FedAvg: each client's optimizer
-    state its own, or fresh each period). Client 0 evaluates after the averages of its
-    step, as on a rank of its own."""
+    state and learning-rate schedule its own, or the state fresh each period). Client 0
+    evaluates after the averages of its step, as on a rank of its own."""
     data = dataset("breast_cancer", clients=4, **UNEQUAL)
     config = f"configs/{scheme}-breast-cancer.yaml"
     common = (f"scheme.name={scheme}", "scheme.clients=4", "train.epochs=2", "train.eval_every=2")

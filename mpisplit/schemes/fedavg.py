@@ -74,7 +74,7 @@ def run(ctx: RankContext) -> RankResult:
             averaged,
             AveragingPoints.of(budgets[:, 0].tolist(), options.fedavg_every),
             dict(zip(ctx.me.clients, zip(weights, steps, strict=True), strict=True)),
-            reset=None if keep else segment.optimizer,
+            reset_optimizer=None if keep else segment.optimizer,
         )
         models = [
             WholeModel(c, segment, tests, after_step=lambda s, k=c.me.index: periods.ended(k, s))
@@ -91,8 +91,8 @@ class Periods:
     between the averages (``blocks``), and the rank's part in each average.
 
     ``tensors``: what the averages replace (the shared model's); ``clients``: each hosted
-    client's (weight, last step); ``reset``: the optimizer whose state each average
-    discards (``scheme.local_optimizer: reset``)."""
+    client's (weight, last step); ``reset_optimizer``: the optimizer whose state each
+    average discards (``scheme.local_optimizer: reset``)."""
 
     def __init__(
         self,
@@ -102,10 +102,10 @@ class Periods:
         points: AveragingPoints,
         clients: Mapping[int, tuple[float, int]],
         *,
-        reset: torch.optim.Optimizer | None = None,
+        reset_optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         self.ctx, self.comm, self.tensors, self.points = ctx, comm, list(tensors), points
-        self.clients, self.reset = clients, reset
+        self.clients, self.reset_optimizer = clients, reset_optimizer
         self.average = flatten(self.tensors)
         """The last average (at first, the model every client starts from)."""
         self.sum = torch.zeros_like(self.average)
@@ -150,5 +150,5 @@ class Periods:
             )
             self.average, self.sum, self.joined = self.sum, self.average.zero_(), 0
             unflatten(self.average, self.tensors)
-            if self.reset is not None:
-                self.reset.state = defaultdict(dict)
+            if self.reset_optimizer is not None:
+                self.reset_optimizer.state = defaultdict(dict)

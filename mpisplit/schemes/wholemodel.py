@@ -58,9 +58,9 @@ class SharedModel:
     average replaces). ``schedules``: where clients step apart (FedAvg between averages),
     each client's fresh schedule (``schedules(client)``, on the segment's optimizer); they
     then also keep their own optimizer state, unless ``keep_optimizer`` is false: then a
-    client's turn starts with a fresh one (the caller also resets it where a period starts
-    without a swap). None: every client takes the same step (sync SGD), so they share
-    both. ``use(client)`` swaps that client's values in; every client starts from the
+    client's turn starts with a fresh one (and the caller resets it at each average, for a
+    period that starts without a swap). None: every client takes the same step (sync SGD),
+    so they share both. ``use(client)`` swaps that client's values in; every client starts from the
     buffers the model has when this is made."""
 
     def __init__(
@@ -99,6 +99,10 @@ class SharedModel:
     def _start(self, client: int) -> _Own:
         if self.schedules is None:
             return _Own(self._initial)
+        for group in self.segment.optimizer.param_groups:
+            # a schedule starts from the rate it finds (cosine, step): the configured one,
+            # not the previous client's decayed rate
+            group["lr"] = group.get("initial_lr", group["lr"])
         self.segment.scheduler = self.schedules(client)
         rates = [g["lr"] for g in self.segment.optimizer.param_groups]
         schedule = (self.segment.scheduler.state_dict(), rates)
