@@ -304,7 +304,10 @@ def _train(args: argparse.Namespace) -> int:
         return _reexec_with_pmpi(args)
     from mpisplit.startup import start_mpi
 
-    comm = start_mpi().COMM_WORLD  # MPI_Init, under its deadline
+    try:
+        comm = start_mpi().COMM_WORLD  # MPI_Init, under its deadline
+    except ConfigError as err:
+        return _bad_input(err)
 
     from mpisplit import engine, supervise
     from mpisplit.failure import Preempted, abort_on_failure

@@ -113,7 +113,8 @@ def callers_signal_handlers() -> Iterator[None]:
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: installed outside Python, not ours to restore
+                signal.signal(sig, handler)
 
 
 def _ignore_after_training(signum: int, _frame: object) -> None:

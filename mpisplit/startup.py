@@ -16,21 +16,22 @@ import os
 import sys
 from types import ModuleType
 
+from mpisplit.config import ConfigError
+
 START_TIMEOUT = "MPISPLIT_START_TIMEOUT_S"
 DEFAULT_START_TIMEOUT_S = 180.0
 
 
 def start_timeout_s() -> float:
-    """The start-up deadline from ``MPISPLIT_START_TIMEOUT_S`` (one line and exit 2 when it
-    is no number of seconds above 0)."""
+    """The start-up deadline from ``MPISPLIT_START_TIMEOUT_S`` (``ConfigError`` when it is
+    no number of seconds above 0)."""
     text = os.environ.get(START_TIMEOUT, str(DEFAULT_START_TIMEOUT_S))
     try:
         seconds = float(text)
     except ValueError:
         seconds = float("nan")
     if not seconds > 0:
-        sys.stderr.write(f"mpisplit: {START_TIMEOUT}: expected seconds above 0, got {text!r}\n")
-        raise SystemExit(2)
+        raise ConfigError(f"{START_TIMEOUT}: expected seconds above 0, got {text!r}")
     return seconds
 
 
@@ -44,7 +45,11 @@ def _stderr_fd() -> int:
 
 
 def start_mpi() -> ModuleType:
-    """mpi4py's ``MPI`` module, MPI initialised within the start-up deadline."""
+    """mpi4py's ``MPI`` module, MPI initialised within the start-up deadline (none where
+    the caller has imported it already: MPI has started, and a watchdog of the caller's
+    own stays as it is)."""
+    if "mpi4py.MPI" in sys.modules:
+        return sys.modules["mpi4py.MPI"]
     timeout = start_timeout_s()
     faulthandler.dump_traceback_later(timeout, exit=True, file=_stderr_fd())
     try:
