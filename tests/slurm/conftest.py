@@ -61,9 +61,10 @@ way (slurmstepd then reads bytes of the rank's heap as the next request; the ran
 corrupt UCX address and abort in MPI_Init, before mpisplit starts): MPICH's or Slurm's, not
 mpisplit's. It comes in bursts while several jobs start on the nodes together (CI: three
 jobs within 10 s, the immediate rerun among them; never in 17 jobs started one after
-another). Such a job runs again once the cluster has no other job, up to
-``GARBLED_RERUNS`` times."""
+another). Such a job runs again once the cluster has no other job (or after
+``QUIET_WAIT_S``), up to ``GARBLED_RERUNS`` times."""
 GARBLED_RERUNS = 3
+QUIET_WAIT_S = 60
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -232,11 +233,12 @@ class Cluster:
                 )
             time.sleep(0.5)
 
-    def wait_until_empty(self, timeout: float) -> None:
-        """Waits (at most ``timeout``) until the cluster has no job queued or running."""
+    def wait_until_empty(self, timeout: float = QUIET_WAIT_S) -> None:
+        """Waits (at most ``timeout``, then says so) until no job is queued or running."""
         deadline = time.monotonic() + timeout
-        while self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
+        while jobs := self.run("squeue", "-h", "-o", "%i", check=False).stdout.split():
             if time.monotonic() > deadline:
+                print(f"cluster not empty after {timeout:.0f}s: {jobs}", file=sys.stderr)
                 return
             time.sleep(1)
 

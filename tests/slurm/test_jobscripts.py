@@ -35,6 +35,7 @@ CONFIGS = ROOT / "configs"
 VANILLA = "configs/vanilla-breast-cancer.yaml"
 SEQUENTIAL = "configs/vanilla-sequential-breast-cancer.yaml"
 JOB_TIMEOUT_S = 420
+pytestmark = pytest.mark.timeout(900)  # a garbled start-up's reruns come on top of a job
 TINY = ("train.epochs=1", "train.eval_every=0", "run.log_every=1000")
 RANK_LINE = re.compile(
     r"mpisplit-job: rank (\d+) on (\S+) \(local (\S+)\): "
@@ -106,7 +107,7 @@ class Submitted:
             for _ in range(GARBLED_RERUNS):
                 if self._state != "FAILED" or PMI2_GARBLED not in self.slurm.output(self.id):
                     break
-                self.slurm.wait_until_empty(timeout)
+                self.slurm.wait_until_empty()
                 self.garbled, self.id = self.id, self._submit()
                 self._state = self.slurm.wait(self.id, timeout=timeout)
         return self._state
