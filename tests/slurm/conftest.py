@@ -59,10 +59,11 @@ PMI2_GARBLED = "mpi/pmi2: value not properly terminated in client request"
 cluster, PyPI MPICH's start-up exchange through srun's pmi2 plugin sometimes breaks this
 way (slurmstepd then reads bytes of the rank's heap as the next request; the ranks get a
 corrupt UCX address and abort in MPI_Init, before mpisplit starts): MPICH's or Slurm's, not
-mpisplit's. It comes in bursts while several jobs start on the nodes together (CI: three
-jobs within 10 s, the immediate rerun among them; never in 17 jobs started one after
-another). Such a job runs again once the cluster has no other job (or after
-``QUIET_WAIT_S``), up to ``GARBLED_RERUNS`` times."""
+mpisplit's. Seen in the multi-node jobs only, in bursts, and only while other test runs
+shared the machine with the tier (then the same job garbled up to four times in a row);
+never when the tier ran alone, nor in 20 jobs started by hand with or without CPU load or
+other MPI jobs beside them. Such a job runs again once the cluster has no other job (or
+after ``QUIET_WAIT_S``), up to ``GARBLED_RERUNS`` times."""
 GARBLED_RERUNS = 3
 QUIET_WAIT_S = 60
 
