@@ -15,7 +15,6 @@ the rank keeps none per client.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 
@@ -61,12 +60,11 @@ def run(ctx: RankContext) -> RankResult:
         first = ctx.me.clients[0]
         options = cfg.scheme.options
         averaged = averaged_tensors(segment.module, options.average_buffers)
-        keep = options.local_optimizer == "keep"
         shared = SharedModel(
             segment,
             [b for b in segment.module.buffers() if all(b is not t for t in averaged)],
             schedules=lambda k: make_scheduler(segment.optimizer, cfg.train, steps[k - first]),
-            keep_optimizer=keep,
+            keep_optimizer=options.local_optimizer == "keep",
         )
         periods = Periods(
             ctx,
@@ -74,7 +72,6 @@ def run(ctx: RankContext) -> RankResult:
             averaged,
             AveragingPoints.of(budgets[:, 0].tolist(), options.fedavg_every),
             dict(zip(ctx.me.clients, zip(weights, steps, strict=True), strict=True)),
-            reset_optimizer=None if keep else segment.optimizer,
         )
         models = [
             WholeModel(c, segment, tests, after_step=lambda s, k=c.me.index: periods.ended(k, s))
@@ -91,8 +88,8 @@ class Periods:
     between the averages (``blocks``), and the rank's part in each average.
 
     ``tensors``: what the averages replace (the shared model's); ``clients``: each hosted
-    client's (weight, last step); ``reset_optimizer``: the optimizer whose state each
-    average discards (``scheme.local_optimizer: reset``)."""
+    client's (weight, last step). A block is one client's steps of one period, so a turn
+    on the shared model (``SharedModel.use``) never spans an average."""
 
     def __init__(
         self,
@@ -101,11 +98,9 @@ class Periods:
         tensors: Sequence[torch.Tensor],
         points: AveragingPoints,
         clients: Mapping[int, tuple[float, int]],
-        *,
-        reset_optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         self.ctx, self.comm, self.tensors, self.points = ctx, comm, list(tensors), points
-        self.clients, self.reset_optimizer = clients, reset_optimizer
+        self.clients = clients
         self.average = flatten(self.tensors)
         """The last average (at first, the model every client starts from)."""
         self.sum = torch.zeros_like(self.average)
@@ -150,5 +145,3 @@ class Periods:
             )
             self.average, self.sum, self.joined = self.sum, self.average.zero_(), 0
             unflatten(self.average, self.tensors)
-            if self.reset_optimizer is not None:
-                self.reset_optimizer.state = defaultdict(dict)

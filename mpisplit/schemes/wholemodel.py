@@ -57,11 +57,10 @@ class SharedModel:
     ``own_buffers``: the module's buffers whose values are each client's own (those no
     average replaces). ``schedules``: where clients step apart (FedAvg between averages),
     each client's fresh schedule (``schedules(client)``, on the segment's optimizer); they
-    then also keep their own optimizer state, unless ``keep_optimizer`` is false: then a
-    client's turn starts with a fresh one (and the caller resets it at each average, for a
-    period that starts without a swap). None: every client takes the same step (sync SGD),
-    so they share both. ``use(client)`` swaps that client's values in; every client starts from the
-    buffers the model has when this is made."""
+    then also keep their own optimizer state, unless ``keep_optimizer`` is false: then
+    every turn (``use``) starts with a fresh one. None: every client takes the same step
+    (sync SGD), so they share both. ``use(client)`` swaps that client's values in; every
+    client starts from the buffers the model has when this is made."""
 
     def __init__(
         self,
@@ -82,8 +81,10 @@ class SharedModel:
         return self.schedules is not None
 
     def use(self, client: int) -> None:
-        """Makes the model client ``client``'s: the current client's own values are kept
-        aside, ``client``'s loaded (its first time: the initial ones)."""
+        """Makes the model client ``client``'s for a turn: the current client's own values
+        are kept aside, ``client``'s loaded (its first time: the initial ones)."""
+        if not self.keep_optimizer:
+            self.segment.optimizer.state = defaultdict(dict)
         if client == self.current:
             return
         if self.current is not None:
@@ -112,8 +113,8 @@ class SharedModel:
         own = _Own([b.clone() for b in self.own_buffers])
         if self.steps_apart:
             optimizer = self.segment.optimizer
-            kept, optimizer.state = optimizer.state, defaultdict(dict)
-            own.optimizer = kept if self.keep_optimizer else None
+            if self.keep_optimizer:
+                own.optimizer, optimizer.state = optimizer.state, defaultdict(dict)
             own.schedule = (
                 self.segment.scheduler.state_dict(),
                 [g["lr"] for g in optimizer.param_groups],
